@@ -1,0 +1,37 @@
+# Bootstrap everything from a bare machine with Python 3.10+ and a C++ compiler.
+# torch is pinned to the CPU build found on the dev/CI machines *before* the project
+# is installed, so no install step can pull a multi-GB CUDA torch. On a GPU machine
+# set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0" from your CUDA index) instead.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: venv install build demo test bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel "pybind11>=2.12"
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+venv install: $(VENV)/.installed
+
+# Rebuild the C++ extension in place after editing csrc/.
+build: $(VENV)/.installed
+	$(PY) setup.py -q build_ext --inplace
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/megablocks-ablate demo --out demo_out
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/preprocess.py
+
+clean:
+	rm -rf build *.egg-info megablocks_ablate/*.so demo_out

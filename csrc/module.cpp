@@ -1,0 +1,7 @@
+// The megablocks_ablate._C extension: CPU helpers (OpenMP), no torch headers.
+#include "registry.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "megablocks-ablate C++ helpers (dataset index building, merge kernels)";
+  mba::register_dataset_index(m);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from megablocks_ablate.cli import main
+
+sys.exit(main())

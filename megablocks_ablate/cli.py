@@ -1,0 +1,54 @@
+"""The `megablocks-ablate` command. Thin: each subcommand lives in `commands/<name>.py`.
+
+A command module exposes ``register(subparsers)``, which adds its parser and sets
+``func`` (taking the parsed args, returning an exit code). Heavy imports happen
+inside ``func`` so ``megablocks-ablate --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megablocks_ablate import __version__
+from megablocks_ablate.errors import MBAError
+
+# Order is the order shown in --help.
+COMMAND_MODULES = [
+    "megablocks_ablate.commands.preprocess",
+    "megablocks_ablate.commands.tokenizer",
+    "megablocks_ablate.commands.index",
+    "megablocks_ablate.commands.demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megablocks-ablate",
+        description="Data-ablation studies by modular training and merging (Na et al. 2024).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except MBAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no partial outputs were kept", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of `megablocks-ablate`; one module each (see cli.py)."""

@@ -1,0 +1,136 @@
+"""Streaming JSONL reading: plain, .gz and .zst, with line numbers and a bad-line policy.
+
+Bad lines are invalid JSON, a non-object value, a missing/non-string text key, or
+bytes that are not UTF-8. With ``on_bad_line="error"`` the first one raises a
+:class:`DataFormatError` naming the file and line; with ``"skip"`` it is counted in
+:class:`BadLineCounter` and skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import IO, Iterator, Literal
+
+from megablocks_ablate.errors import DataFormatError
+
+OnBadLine = Literal["error", "skip"]
+
+
+def open_binary(path: str) -> IO[bytes]:
+    """Open a possibly compressed file for reading bytes (by extension)."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst") or path.endswith(".zstd"):
+        import zstandard
+
+        fh = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+def expand_inputs(patterns: list[str] | str) -> list[str]:
+    """Expand globs in order given, sorted within each glob; error on no match."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[str] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataFormatError(f"input {pat!r}: no such file")
+        files.extend(matches)
+    seen = set()
+    unique = []
+    for f in files:
+        if f not in seen:
+            seen.add(f)
+            unique.append(f)
+    return unique
+
+
+@dataclass
+class BadLineCounter:
+    """Counts skipped lines by reason (recorded in manifests)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def parse_line(raw: bytes, text_key: str) -> tuple[dict | None, str | None]:
+    """Parse one JSONL line. Returns (record, None) or (None, reason)."""
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    try:
+        rec = json.loads(s)
+    except json.JSONDecodeError:
+        return None, "invalid_json"
+    if not isinstance(rec, dict):
+        return None, "not_an_object"
+    text = rec.get(text_key)
+    if text is None:
+        return None, "missing_text"
+    if not isinstance(text, str):
+        return None, "text_not_a_string"
+    return rec, None
+
+
+_REASON_TEXT = {
+    "bad_utf8": "bytes are not valid UTF-8",
+    "invalid_json": "invalid JSON",
+    "not_an_object": "expected a JSON object",
+    "missing_text": "missing text key {key!r}",
+    "text_not_a_string": "text key {key!r} is not a string",
+}
+
+
+def bad_line_error(path: str, line_no: int, reason: str, text_key: str) -> DataFormatError:
+    msg = _REASON_TEXT.get(reason, reason).format(key=text_key)
+    return DataFormatError(f"{path}:{line_no}: {msg} (use --on-bad-line skip to skip such lines)")
+
+
+def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes without newline) for non-blank lines."""
+    with open_binary(path) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if raw.strip():
+                yield line_no, raw
+
+
+def iter_jsonl(
+    path: str,
+    text_key: str = "text",
+    on_bad_line: OnBadLine = "error",
+    bad_lines: BadLineCounter | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each good line of one JSONL file."""
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+    try:
+        for line_no, raw in iter_raw_lines(path):
+            rec, reason = parse_line(raw, text_key)
+            if reason is not None:
+                if on_bad_line == "error":
+                    raise bad_line_error(path, line_no, reason, text_key)
+                if bad_lines is not None:
+                    bad_lines.add(reason)
+                continue
+            yield line_no, rec
+    except (OSError, EOFError) as e:  # truncated gzip/zstd streams
+        if isinstance(e, FileNotFoundError):
+            raise DataFormatError(f"{path}: no such file") from None
+        raise DataFormatError(f"{path}: cannot read compressed stream: {e}") from None

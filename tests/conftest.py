@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny corpora and a tiny SentencePiece tokenizer (built once per run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MBA_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A 400-document JSONL corpus over 4 fields of study with years."""
+    from megablocks_ablate.data.synthetic import write_corpus
+
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    return write_corpus(str(path), n_docs=400, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory, tiny_corpus) -> str:
+    """A 512-piece BPE SentencePiece model trained on the tiny corpus (with EOS id 2)."""
+    import json
+
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    sample = d / "sample.txt"
+    with open(tiny_corpus, encoding="utf-8") as f, open(sample, "w", encoding="utf-8") as out:
+        for line in f:
+            out.write(json.loads(line)["text"].replace("\n", " ") + "\n")
+    prefix = str(d / "tok")
+    spm.SentencePieceTrainer.train(
+        input=str(sample), model_prefix=prefix, vocab_size=512, model_type="bpe",
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=2, byte_fallback=True,
+        num_threads=1, minloglevel=2,
+    )
+    return prefix + ".model"
