@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	# Megatron-LM's own IndexedDataset reads our files in a test; --no-deps keeps it from
+	# touching torch (it needs only numpy, packaging and torch, all present).
+	$(PIP) install -q --no-deps "megatron-core==0.16.1"
 	touch $@
 
 venv install: $(VENV)/.installed

@@ -13,12 +13,67 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Iterator, Literal
+
+import zstandard
 
 from megablocks_ablate.errors import DataFormatError
 
 OnBadLine = Literal["error", "skip"]
+
+# What a damaged compressed stream raises: EOFError (gzip/zstd cut short), zlib.error
+# (corrupt deflate data), ZstdError (corrupt zstd data); gzip.BadGzipFile is an OSError.
+_STREAM_ERRORS = (EOFError, zlib.error, zstandard.ZstdError)
+
+
+class _ZstdReader(io.RawIOBase):
+    """Multi-frame zstd decompression that raises EOFError on a truncated last frame.
+
+    ``ZstdDecompressor().stream_reader`` ends silently when the input stops in the
+    middle of a frame, which would turn a truncated corpus into a shorter one; here a
+    decompression object per frame tells us whether the frame was complete.
+    """
+
+    def __init__(self, fh: IO[bytes], chunk_size: int = 1 << 20):
+        self._fh = fh
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompression object of the current frame
+        self._buf = memoryview(b"")
+        self._chunk_size = chunk_size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            if not self._fill():
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def _fill(self) -> bool:
+        data = self._fh.read(self._chunk_size)
+        if not data:
+            if self._frame is not None and not self._frame.eof:
+                raise EOFError("zstd stream ended in the middle of a frame (truncated file)")
+            return False
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""
+        self._buf = memoryview(b"".join(out))
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fh.close()
+        super().close()
 
 
 def open_binary(path: str) -> IO[bytes]:
@@ -26,11 +81,7 @@ def open_binary(path: str) -> IO[bytes]:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst") or path.endswith(".zstd"):
-        import zstandard
-
-        fh = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdReader(open(path, "rb")), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 
@@ -130,7 +181,9 @@ def iter_jsonl(
                     bad_lines.add(reason)
                 continue
             yield line_no, rec
-    except (OSError, EOFError) as e:  # truncated gzip/zstd streams
-        if isinstance(e, FileNotFoundError):
-            raise DataFormatError(f"{path}: no such file") from None
-        raise DataFormatError(f"{path}: cannot read compressed stream: {e}") from None
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such file") from None
+    except _STREAM_ERRORS as e:
+        raise DataFormatError(f"{path}: truncated or corrupt compressed stream: {e}") from None
+    except OSError as e:  # includes gzip.BadGzipFile (not a gzip file / bad CRC)
+        raise DataFormatError(f"{path}: cannot read: {e}") from None

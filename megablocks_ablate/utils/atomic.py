@@ -14,7 +14,8 @@ import tempfile
 from typing import IO, Iterator
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync a directory so a rename inside it is durable."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -27,11 +28,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def tmp_path_for(path: str | os.PathLike) -> str:
     """A unique temporary name in the target's directory (same filesystem)."""
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    # mkstemp makes 0600 files; outputs get the usual umask-based mode (shared clusters)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return tmp
 
@@ -41,7 +50,7 @@ def commit_tmp(tmp: str, path: str | os.PathLike) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.fspath(path)) or ".")
+    fsync_dir(os.path.dirname(os.fspath(path)) or ".")
 
 
 @contextlib.contextmanager
@@ -57,7 +66,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.fspath(path)) or ".")
+        fsync_dir(os.path.dirname(os.fspath(path)) or ".")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

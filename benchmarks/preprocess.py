@@ -1,0 +1,156 @@
+"""Preprocess throughput and peak memory at 1 and 2 workers, and where the time goes.
+
+    python benchmarks/preprocess.py [--mb 200] [--workers 1 2] [--vocab 8000]
+
+Generates (once, cached under benchmarks/.cache/) a synthetic JSONL corpus of at least
+``--mb`` MB, trains a SentencePiece tokenizer on a sample of it, then runs
+``megablocks-ablate preprocess`` in a subprocess per worker count, sampling the RSS
+of the whole process tree. It also times the two halves of the work in isolation on
+one core, to state the split: (a) reading + JSON parsing only, (b) tokenization only.
+Prints a table and writes benchmarks/results/preprocess.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from megablocks_ablate.data.jsonl import iter_raw_lines, parse_line  # noqa: E402
+from megablocks_ablate.data.synthetic import iter_documents  # noqa: E402
+
+
+def make_corpus(path: str, mb: int) -> None:
+    if os.path.exists(path) and os.path.getsize(path) >= mb * 1e6:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        size, seed = 0, 0
+        while size < mb * 1e6:
+            for d in iter_documents(2000, seed=seed, mean_words=400):
+                line = json.dumps(d) + "\n"
+                f.write(line)
+                size += len(line)
+            seed += 1
+    os.replace(tmp, path)
+
+
+def peak_tree_rss(proc: psutil.Popen, interval: float = 0.1) -> tuple[int, list]:
+    """Run until exit, sampling the summed RSS of the process and its children."""
+    peak, peak_single = 0, 0
+    while proc.poll() is None:
+        try:
+            procs = [proc] + proc.children(recursive=True)
+            rss = [p.memory_info().rss for p in procs]
+            peak = max(peak, sum(rss))
+            peak_single = max(peak_single, max(rss))
+        except psutil.Error:
+            pass
+        time.sleep(interval)
+    return peak, peak_single
+
+
+def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
+    cmd = [sys.executable, "-m", "megablocks_ablate", "preprocess", "--input", corpus,
+           "--tokenizer", tok, "--partition-by", "fos", "--order-by", "year",
+           "--unit-tokens", "5M", "--heldout-fraction", "0.01", "--workers", str(workers),
+           "--out", out, "--overwrite"]
+    env = dict(os.environ, MBA_NO_PROGRESS="1")
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    box = {}
+    th = threading.Thread(target=lambda: box.update(zip(("peak", "peak_one"), peak_tree_rss(proc))))
+    th.start()
+    stdout, stderr = proc.communicate()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"preprocess failed:\n{stderr.decode()[-2000:]}")
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        m = json.load(f)
+    tokens = m["totals"]["tokens_train"]
+    return {"workers": workers, "wall_s": round(wall, 2), "tokens": tokens,
+            "tokens_per_s": round(tokens / wall), "stage_s": m["timing_s"],
+            "peak_rss_tree_mb": round(box.get("peak", 0) / 2**20, 1),
+            "peak_rss_one_process_mb": round(box.get("peak_one", 0) / 2**20, 1)}
+
+
+def time_halves(corpus: str, tok_path: str) -> dict:
+    """One core: (a) read+parse only, (b) tokenize only (texts already in memory)."""
+    from megablocks_ablate.data.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    texts = []
+    for _, raw in iter_raw_lines(corpus):
+        rec, _ = parse_line(raw, "text")
+        texts.append(rec["text"])
+    read_s = time.perf_counter() - t0
+    tok = load_tokenizer(tok_path)
+    t0 = time.perf_counter()
+    n = 0
+    for i in range(0, len(texts), 256):
+        n += sum(len(x) + 1 for x in tok.encode_batch(texts[i:i + 256]))
+    tok_s = time.perf_counter() - t0
+    return {"read_parse_s": round(read_s, 2), "tokenize_s": round(tok_s, 2), "tokens": n,
+            "tokenizer_only_tokens_per_s": round(n / tok_s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--vocab", type=int, default=8000)
+    args = ap.parse_args()
+    cache = os.path.join(HERE, ".cache")
+    os.makedirs(cache, exist_ok=True)
+    corpus = os.path.join(cache, f"corpus_{args.mb}mb.jsonl")
+    print(f"corpus: {corpus}", flush=True)
+    make_corpus(corpus, args.mb)
+    tok = os.path.join(cache, f"tok_{args.vocab}.model")
+    if not os.path.exists(tok):
+        from megablocks_ablate.data.tokenizer import train_sentencepiece
+
+        train_sentencepiece([corpus], tok[:-6], vocab_size=args.vocab, max_documents=20000)
+    runs = [run_preprocess(corpus, tok, os.path.join(cache, f"out_w{w}"), w)
+            for w in args.workers]
+    halves = time_halves(corpus, tok)
+    base = runs[0]["tokens_per_s"]
+    for r in runs:
+        r["speedup_vs_first"] = round(r["tokens_per_s"] / base, 3)
+    result = {
+        "benchmark": "preprocess",
+        "command": "python benchmarks/preprocess.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "corpus_bytes": os.path.getsize(corpus),
+        "tokenizer": {"kind": "sentencepiece-bpe", "vocab_size": args.vocab},
+        "runs": runs,
+        "split_one_core": halves,
+        "tokenize_share_of_1_worker_wall": round(halves["tokenize_s"] / runs[0]["wall_s"], 3),
+    }
+    print(f"{'workers':>7} {'wall s':>8} {'tokens/s':>12} {'speedup':>8} {'peak RSS tree MB':>17}")
+    for r in runs:
+        print(f"{r['workers']:>7} {r['wall_s']:>8} {r['tokens_per_s']:>12,} "
+              f"{r['speedup_vs_first']:>8} {r['peak_rss_tree_mb']:>17}")
+    print(f"one core: read+parse {halves['read_parse_s']} s, tokenize {halves['tokenize_s']} s "
+          f"({halves['tokenizer_only_tokens_per_s']:,} tokens/s tokenizer alone)")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", "preprocess.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ablation studies: study spec, runner, results store, analysis, report, demo."""

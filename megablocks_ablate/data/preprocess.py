@@ -1,0 +1,538 @@
+"""Preprocess: JSONL corpora -> per-unit indexed binaries + held-out JSONL + manifest.
+
+::
+
+    corpus/*.jsonl[.gz|.zst] ──read (main)──▶ batches of raw lines
+        ──workers: parse · partition · held-out hash · decontaminate · tokenize+EOD──▶
+    stage 1 (per input file, in input order): one shard .bin/.idx per partition
+        + order keys + held-out lines                       [.preprocess-tmp/files/NNNNN/]
+    stage 2 (per partition): order by --order-by, cut into base units of equal tokens,
+        copy documents into units/<partition>-NNNN.bin/.idx; heldout/<partition>.jsonl
+    manifest.json (written last: its presence means the output is complete)
+
+Resumable: stage 1 keeps finished input files, stage 2 keeps finished units; a rerun
+with the same settings continues, and one with different settings is refused unless
+``overwrite`` is set. Every file is written under a temporary name and renamed, so
+Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+
+from megablocks_ablate.config import Config, Count, doc
+from megablocks_ablate.data.jsonl import expand_inputs, iter_raw_lines
+from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
+from megablocks_ablate.data.partition import safe_name, split_units
+from megablocks_ablate.data.preprocess_worker import (BatchResult, WorkerSettings, init_worker,
+                                                      process_batch)
+from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json, sha256_file
+from megablocks_ablate.utils.progress import progress
+
+TMP_DIR = ".preprocess-tmp"
+# Settings that do not change the output; excluded from the config hash.
+_NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite")
+
+
+@dataclass
+class PreprocessConfig(Config):
+    """Settings of `megablocks-ablate preprocess`."""
+
+    input: list[str] = doc("input JSONL files or globs (.jsonl, .jsonl.gz, .jsonl.zst)",
+                           default_factory=list)
+    out: str = doc("output directory (units/, heldout/, manifest.json)", "")
+    tokenizer: str = doc("SentencePiece .model or HF tokenizer.json", "")
+    eod_token: Optional[str] = doc("end-of-document token (default: detected)", None)
+    text_key: str = doc("JSON key holding the document text", "text")
+    partition_by: list[str] = doc("metadata field(s) defining partitions (e.g. [fos])",
+                                  default_factory=list)
+    order_by: Optional[str] = doc("secondary key ordering documents into units (e.g. year)",
+                                  None)
+    unit_tokens: Optional[Count] = doc(
+        "tokens per base unit, e.g. 50M (EOD included); null = one unit per partition", None)
+    remainder: Literal["drop", "keep"] = doc(
+        "a partition's tail too small for a unit: drop it, or keep it as a partial unit",
+        "drop")
+    heldout_fraction: float = doc("fraction of documents held out per partition for eval", 0.0)
+    heldout_salt: int = doc("salt of the held-out document hash", 0)
+    eval: list[str] = doc("evaluation JSONL files to decontaminate against", default_factory=list)
+    decontam_min_words: int = doc("minimum words of a paragraph to count as contamination", 13)
+    bloom_error_rate: float = doc("Bloom filter false-positive rate", 1e-6)
+    on_bad_line: Literal["error", "skip"] = doc("invalid JSON / missing text / bad UTF-8", "error")
+    workers: int = doc("tokenization worker processes (1 = in the main process)", 1)
+    batch_size: int = doc("documents per worker task", 256)
+    overwrite: bool = doc("replace an existing output made with other settings", False)
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        if self.unit_tokens is not None and self.unit_tokens <= 0:
+            raise ConfigError(f"unit_tokens: must be positive, got {self.unit_tokens}")
+        if not 0.0 < self.bloom_error_rate < 1.0:
+            raise ConfigError(f"bloom_error_rate: must be in (0, 1), got {self.bloom_error_rate}")
+
+    def check_required(self) -> None:
+        for name in ("input", "out", "tokenizer"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required (e.g. --{name.replace('_', '-')} ...)")
+
+    def output_hash(self) -> str:
+        d = {k: v for k, v in self.to_dict().items() if k not in _NON_OUTPUT_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+class _Growable:
+    """An append-only numpy buffer (doubling), so per-document metadata stays compact."""
+
+    def __init__(self, dtype, capacity: int = 1024):
+        self._buf = np.empty(capacity, dtype=dtype)
+        self._n = 0
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, dtype=self._buf.dtype)
+        need = self._n + len(values)
+        if need > len(self._buf):
+            new = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
+            new[: self._n] = self._buf[: self._n]
+            self._buf = new
+        self._buf[self._n:need] = values
+        self._n = need
+
+    def array(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+
+class _FileStage:
+    """Stage-1 output for one input file: a shard and order keys per partition."""
+
+    def __init__(self, directory: str, dtype: np.dtype):
+        from megablocks_ablate.data.indexed import IndexedDatasetWriter
+
+        self._writer_cls = IndexedDatasetWriter
+        self.dir = directory
+        self.dtype = dtype
+        os.makedirs(directory, exist_ok=True)
+        self.parts: dict[str, dict] = {}
+        self.stats = {"documents_read": 0, "bad_lines": {}}
+
+    def _part(self, key: str) -> dict:
+        p = self.parts.get(key)
+        if p is None:
+            i = len(self.parts)
+            p = self.parts[key] = {
+                "index": i,
+                "writer": self._writer_cls(os.path.join(self.dir, f"p{i}"), self.dtype),
+                "cls": _Growable(np.int8), "num": _Growable(np.float64),
+                "strings": [], "string_codes": _Growable(np.int32), "string_ids": {},
+                "heldout": None, "heldout_docs": 0, "contaminated": 0,
+            }
+        return p
+
+    def add(self, res: BatchResult) -> int:
+        self.stats["documents_read"] += res.n_read
+        for reason, n in res.bad_lines.items():
+            self.stats["bad_lines"][reason] = self.stats["bad_lines"].get(reason, 0) + n
+        for key, n in res.contaminated.items():
+            self._part(key)["contaminated"] += n
+        for key, raw in res.heldout:
+            p = self._part(key)
+            if p["heldout"] is None:
+                p["heldout"] = open(os.path.join(self.dir, f"p{p['index']}.heldout.jsonl"), "wb")
+            p["heldout"].write(raw + b"\n")
+            p["heldout_docs"] += 1
+        offsets = np.concatenate([[0], np.cumsum(res.lengths)])
+        by_part: dict[str, list[int]] = {}
+        for j, key in enumerate(res.train_partition):
+            by_part.setdefault(key, []).append(j)
+        cls = np.asarray(res.order_class, dtype=np.int8)
+        num = np.asarray(res.order_number, dtype=np.float64)
+        for key, idx in by_part.items():
+            p = self._part(key)
+            write = p["writer"].add_document
+            for j in idx:
+                write(res.tokens[offsets[j]:offsets[j + 1]])
+            p["cls"].extend(cls[idx])
+            p["num"].extend(num[idx])
+            codes = []
+            for j in idx:
+                code = -1
+                if res.order_class[j] == 1:
+                    s = res.order_string[j]
+                    code = p["string_ids"].setdefault(s, len(p["strings"]))
+                    if code == len(p["strings"]):
+                        p["strings"].append(s)
+                codes.append(code)
+            p["string_codes"].extend(codes)
+        return int(offsets[-1])
+
+    def finish(self, source: str) -> dict:
+        """Finalize shards and write the file's record (its completion marker)."""
+        record = {"source": source, **self.stats, "partitions": {}}
+        for key, p in self.parts.items():
+            i = p["index"]
+            p["writer"].finalize()
+            if p["heldout"] is not None:
+                p["heldout"].close()
+            meta = os.path.join(self.dir, f"p{i}.keys.npz")
+            with atomic_open(meta, "wb") as f:
+                np.savez(f, cls=p["cls"].array(), num=p["num"].array(),
+                         codes=p["string_codes"].array())
+            record["partitions"][key] = {
+                "shard": f"p{i}", "strings": p["strings"], "contaminated": p["contaminated"],
+                "heldout_documents": p["heldout_docs"],
+                "heldout": f"p{i}.heldout.jsonl" if p["heldout"] is not None else None,
+            }
+        atomic_write_json(os.path.join(self.dir, "done.json"), record)
+        return record
+
+    def abort(self) -> None:
+        for p in self.parts.values():
+            p["writer"].abort()
+            if p["heldout"] is not None:
+                p["heldout"].close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _batches(path: str, batch_size: int) -> Iterator[tuple[str, list]]:
+    lines = []
+    for item in iter_raw_lines(path):
+        lines.append(item)
+        if len(lines) >= batch_size:
+            yield path, lines
+            lines = []
+    if lines:
+        yield path, lines
+
+
+def _ordered_map(pool, fn, tasks, max_pending: int):
+    """Like pool.imap but with at most ``max_pending`` tasks in flight (bounded memory)."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _stage1(cfg: PreprocessConfig, files: list[str], tmp: str, settings: WorkerSettings,
+            dtype: np.dtype) -> list[dict]:
+    """Tokenize every input file not yet done; return the per-file records in order."""
+    records: list[dict | None] = []
+    todo = []
+    for i, path in enumerate(files):
+        marker = os.path.join(tmp, "files", f"{i:05d}", "done.json")
+        if os.path.exists(marker):
+            with open(marker, encoding="utf-8") as f:
+                rec = json.load(f)
+            if rec.get("source") == os.path.abspath(path):
+                records.append(rec)
+                continue
+        records.append(None)
+        todo.append(i)
+    if not todo:
+        return records  # type: ignore[return-value]
+
+    pool = None
+    if cfg.workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_worker,
+                                             initargs=(settings,))
+    else:
+        init_worker(settings, ignore_sigint=False)
+
+    bar = progress(desc="tokenize", unit="doc")
+    tokens_done = 0
+    t0 = time.time()
+    stage = None
+    try:
+        for i in todo:
+            path = files[i]
+            d = os.path.join(tmp, "files", f"{i:05d}")
+            shutil.rmtree(d, ignore_errors=True)  # a partial earlier attempt
+            stage = _FileStage(d, dtype)
+            tasks = _batches(path, cfg.batch_size)
+            results = (_ordered_map(pool, process_batch, tasks, 2 * cfg.workers + 2)
+                       if pool is not None else map(process_batch, tasks))
+            for res in results:
+                tokens_done += stage.add(res)
+                bar.update(res.n_read)
+                bar.set_postfix(tok_per_s=f"{tokens_done / max(time.time() - t0, 1e-9):.3g}",
+                                refresh=False)
+            records[i] = stage.finish(os.path.abspath(path))
+            stage = None
+    except BaseException:
+        if stage is not None:
+            stage.abort()
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return records  # type: ignore[return-value]
+
+
+def _partition_plan(records: list[dict], tmp: str) -> dict[str, list[tuple[str, dict]]]:
+    """partition key -> [(file dir, file's partition record)] in input order."""
+    plan: dict[str, list] = {}
+    for i, rec in enumerate(records):
+        d = os.path.join(tmp, "files", f"{i:05d}")
+        for key, prec in rec["partitions"].items():
+            plan.setdefault(key, []).append((d, prec))
+    return dict(sorted(plan.items()))
+
+
+def _order_documents(pieces: list[tuple[str, dict]], order_by: str | None):
+    """Load shards of one partition; return (shards, shard id per doc, seq id, order)."""
+    from megablocks_ablate.data.indexed import IndexedDataset
+
+    shards, shard_of, seq_of, cls, num, srank, lengths = [], [], [], [], [], [], []
+    all_strings = sorted({s for _, prec in pieces for s in prec["strings"]})
+    rank_of = {s: r for r, s in enumerate(all_strings)}
+    for sid, (d, prec) in enumerate(pieces):
+        ds = IndexedDataset(os.path.join(d, prec["shard"]))
+        shards.append(ds)
+        n = len(ds)
+        shard_of.append(np.full(n, sid, dtype=np.int32))
+        seq_of.append(np.arange(n, dtype=np.int64))
+        lengths.append(np.asarray(ds.sequence_lengths, dtype=np.int64))
+        with np.load(os.path.join(d, prec["shard"] + ".keys.npz"), allow_pickle=False) as z:
+            cls.append(z["cls"])
+            num.append(z["num"])
+            table = np.array([rank_of[s] for s in prec["strings"]] + [-1], dtype=np.int64)
+            srank.append(table[z["codes"]])  # code -1 indexes the trailing -1
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt)  # noqa: E731
+    shard_of, seq_of = cat(shard_of, np.int32), cat(seq_of, np.int64)
+    lengths = cat(lengths, np.int64)
+    if order_by:
+        position = np.arange(len(lengths))
+        order = np.lexsort((position, cat(srank, np.int64), cat(num, np.float64),
+                            cat(cls, np.int8)))
+    else:
+        order = np.arange(len(lengths))
+    return shards, shard_of, seq_of, lengths, order
+
+
+def _order_label(pieces, order_by, shard_of, seq_of, pos) -> object:
+    if not order_by:
+        return None
+    d, prec = pieces[int(shard_of[pos])]
+    with np.load(os.path.join(d, prec["shard"] + ".keys.npz"), allow_pickle=False) as z:
+        c, v, code = int(z["cls"][seq_of[pos]]), float(z["num"][seq_of[pos]]), \
+            int(z["codes"][seq_of[pos]])
+    if c == 0:
+        return int(v) if v.is_integer() else v
+    return prec["strings"][code] if c == 1 else None
+
+
+def _write_unit(prefix: str, dtype, shards, shard_of, seq_of, positions) -> dict:
+    from megablocks_ablate.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(prefix, dtype) as w:
+        for pos in positions:
+            w.add_document(shards[int(shard_of[pos])][int(seq_of[pos])])
+    return {ext: {"bytes": os.path.getsize(f"{prefix}.{ext}"), "sha256": sha256_file(f"{prefix}.{ext}")}
+            for ext in ("bin", "idx")}
+
+
+def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tuple[dict, dict]:
+    out = cfg.out
+    os.makedirs(os.path.join(out, "units"), exist_ok=True)
+    unit_done_dir = os.path.join(tmp, "units")
+    os.makedirs(unit_done_dir, exist_ok=True)
+    plan = _partition_plan(records, tmp)
+    names_used: set[str] = set()
+    partitions, units = {}, {}
+    bar = progress(desc="units", unit="tok")
+    for key, pieces in plan.items():
+        name = safe_name(key)
+        base, k = name, 1
+        while name in names_used:
+            k += 1
+            name = f"{base}_{k}"
+        names_used.add(name)
+        shards, shard_of, seq_of, lengths, order = _order_documents(pieces, cfg.order_by)
+        ranges, left_docs, left_tokens = split_units(lengths[order], cfg.unit_tokens,
+                                                     keep_remainder=cfg.remainder == "keep")
+        unit_names = []
+        for ui, (a, b) in enumerate(ranges):
+            unit = f"{name}-{ui:04d}"
+            prefix_rel = f"units/{unit}"
+            prefix = os.path.join(out, prefix_rel)
+            positions = order[a:b]
+            marker = os.path.join(unit_done_dir, unit + ".json")
+            files = None
+            if os.path.exists(marker):  # finished in an earlier, interrupted run
+                with open(marker, encoding="utf-8") as f:
+                    files = json.load(f)
+                if not all(os.path.exists(f"{prefix}.{e}") and
+                           os.path.getsize(f"{prefix}.{e}") == files[e]["bytes"]
+                           for e in ("bin", "idx")):
+                    files = None
+            if files is None:
+                files = _write_unit(prefix, dtype, shards, shard_of, seq_of, positions)
+                atomic_write_json(marker, files)
+            n_tok = int(lengths[positions].sum())
+            bar.update(n_tok)
+            units[unit] = {
+                "partition": key, "index": ui, "prefix": prefix_rel,
+                "documents": int(b - a), "tokens": n_tok,
+                "order_first": _order_label(pieces, cfg.order_by, shard_of, seq_of, positions[0]),
+                "order_last": _order_label(pieces, cfg.order_by, shard_of, seq_of, positions[-1]),
+                "partial": bool(cfg.unit_tokens is not None and n_tok < cfg.unit_tokens),
+                **files,
+            }
+            unit_names.append(unit)
+        for ds in shards:
+            ds.close()
+        heldout = None
+        n_heldout = sum(prec["heldout_documents"] for _, prec in pieces)
+        if n_heldout:
+            rel = f"heldout/{name}.jsonl"
+            dest = os.path.join(out, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with atomic_open(dest, "wb") as f:
+                for d, prec in pieces:
+                    if prec["heldout"]:
+                        with open(os.path.join(d, prec["heldout"]), "rb") as src:
+                            shutil.copyfileobj(src, f, 1 << 20)
+            heldout = {"path": rel, "documents": n_heldout, "sha256": sha256_file(dest)}
+        partitions[key] = {
+            "name": name, "documents": int(len(lengths)), "tokens": int(lengths.sum()),
+            "contaminated": sum(prec["contaminated"] for _, prec in pieces),
+            "heldout": heldout, "units": unit_names,
+            "leftover_documents": int(left_docs), "leftover_tokens": int(left_tokens),
+        }
+    bar.close()
+    return partitions, units
+
+
+def run_preprocess(cfg: PreprocessConfig, log=print) -> Manifest:
+    """Run (or resume) preprocessing; returns the written manifest."""
+    cfg.check_required()
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    manifest_path = os.path.join(out, MANIFEST_NAME)
+    tmp = os.path.join(out, TMP_DIR)
+    h = cfg.output_hash()
+    if os.path.exists(manifest_path):
+        old = Manifest.load(manifest_path)
+        if old.data.get("config_hash") == h and not cfg.overwrite:
+            log(f"{manifest_path}: already complete with these settings; nothing to do")
+            return old
+        if not cfg.overwrite:
+            raise ConfigError(f"{out}: holds a manifest made with other settings; "
+                              "pass --overwrite to replace it or choose another --out")
+    state_path = os.path.join(tmp, "state.json")
+    if os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            if json.load(f).get("config_hash") != h:
+                if not cfg.overwrite:
+                    raise ConfigError(f"{out}: holds an unfinished run with other settings; "
+                                      "pass --overwrite to discard it")
+                shutil.rmtree(tmp)
+    if cfg.overwrite:
+        for sub in ("units", "heldout"):
+            shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+        if os.path.exists(manifest_path):
+            os.unlink(manifest_path)
+    os.makedirs(tmp, exist_ok=True)
+    atomic_write_json(state_path, {"config_hash": h})
+
+    from megablocks_ablate.data.indexed import best_dtype
+    from megablocks_ablate.data.tokenizer import load_tokenizer
+
+    files = expand_inputs(cfg.input)
+    tokenizer = load_tokenizer(cfg.tokenizer, eod_token=cfg.eod_token)
+    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+
+    decontam_stats, eval_files, bloom_path = None, [], None
+    if cfg.eval:
+        from megablocks_ablate.data.decontam import Decontaminator
+        from megablocks_ablate.data.jsonl import BadLineCounter
+
+        # Rebuilt on every (re)run: cheap next to tokenization, and never stale if the
+        # evaluation files changed between an interrupted run and its resumption.
+        eval_files = expand_inputs(cfg.eval)
+        bloom_path = os.path.join(tmp, "eval.bloom")
+        log(f"building decontamination filter from {len(eval_files)} evaluation file(s)")
+        eval_bad = BadLineCounter()
+        dec = Decontaminator.from_eval_files(
+            eval_files, text_key=cfg.text_key, min_words=cfg.decontam_min_words,
+            error_rate=cfg.bloom_error_rate, on_bad_line=cfg.on_bad_line, bad_lines=eval_bad)
+        dec.bloom.save(bloom_path)
+        decontam_stats = {"min_words": cfg.decontam_min_words, **dec.stats(),
+                          "eval_bad_lines": dict(eval_bad.counts)}
+
+    settings = WorkerSettings(
+        tokenizer=cfg.tokenizer, eod_token=cfg.eod_token, dtype=dtype.name,
+        text_key=cfg.text_key, partition_by=list(cfg.partition_by), order_by=cfg.order_by,
+        heldout_fraction=cfg.heldout_fraction, heldout_salt=cfg.heldout_salt,
+        on_bad_line=cfg.on_bad_line, bloom_path=bloom_path,
+        decontam_min_words=cfg.decontam_min_words, fingerprint=tokenizer.fingerprint)
+    t0 = time.time()
+    records = _stage1(cfg, files, tmp, settings, dtype)
+    t1 = time.time()
+    partitions, units = _stage2(cfg, records, tmp, dtype)
+    t2 = time.time()
+
+    bad: dict[str, int] = {}
+    for rec in records:
+        for reason, n in rec["bad_lines"].items():
+            bad[reason] = bad.get(reason, 0) + n
+    totals = {
+        "lines_read": sum(r["documents_read"] for r in records),
+        "documents_read": sum(r["documents_read"] for r in records) - sum(bad.values()),
+        "documents_train": sum(p["documents"] for p in partitions.values()),
+        "documents_heldout": sum(p["heldout"]["documents"] for p in partitions.values()
+                                 if p["heldout"]),
+        "documents_contaminated": sum(p["contaminated"] for p in partitions.values()),
+        "bad_lines": bad,
+        "tokens_train": sum(p["tokens"] for p in partitions.values()),
+        "tokens_in_units": sum(u["tokens"] for u in units.values()),
+        "tokens_leftover": sum(p["leftover_tokens"] for p in partitions.values()),
+    }
+    data = {
+        "format": MANIFEST_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(),
+        "config_hash": h,
+        "tokenizer": tokenizer.describe(),
+        "dtype": dtype.name,
+        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in files],
+        "eval_sets": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)}
+                      for p in eval_files],
+        "decontamination": decontam_stats,
+        "totals": totals,
+        "timing_s": {"tokenize": round(t1 - t0, 3), "units": round(t2 - t1, 3)},
+        "partitions": partitions,
+        "units": units,
+    }
+    manifest = Manifest(data=data, root=os.path.abspath(out))
+    manifest.save()
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
+        f"{totals['tokens_in_units']:,} tokens in units, "
+        f"{totals['documents_contaminated']} contaminated and "
+        f"{sum(bad.values())} bad lines dropped")
+    return manifest
+

@@ -1,0 +1,231 @@
+"""Preprocess end to end against a brute-force reference built from the same rules."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megablocks_ablate.cli import main as cli_main
+from megablocks_ablate.data import preprocess as pp
+from megablocks_ablate.data.indexed import IndexedDataset
+from megablocks_ablate.data.manifest import Manifest
+from megablocks_ablate.data.partition import is_heldout, order_value, partition_key, split_units
+from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
+from megablocks_ablate.data.synthetic import write_corpus
+from megablocks_ablate.data.tokenizer import load_tokenizer
+from megablocks_ablate.errors import ConfigError, DataFormatError
+
+UNIT_TOKENS = 3000
+PLANTED = ("the enzyme pathway of the membrane receptor is a signal for the immune host "
+           "and the viral genome sequence was not observed in these data")
+
+
+@pytest.fixture(scope="module")
+def corpus_with_plant(tmp_path_factory, tiny_corpus):
+    """tiny corpus + one document containing an evaluation paragraph, + an eval file."""
+    d = tmp_path_factory.mktemp("plant")
+    path = d / "corpus.jsonl"
+    lines = open(tiny_corpus, encoding="utf-8").read().splitlines()
+    planted = {"id": "planted", "fos": "biology", "year": 2000,
+               "text": "An innocent first paragraph.\n" + PLANTED.upper() + "\nA last line."}
+    short = {"id": "short-overlap", "fos": "biology", "year": 2001,
+             "text": "the enzyme pathway of the membrane"}  # < 13 words: kept
+    lines.insert(7, json.dumps(planted))
+    lines.insert(9, json.dumps(short))
+    path.write_text("\n".join(lines) + "\n")
+    eval_path = d / "eval.jsonl"
+    eval_path.write_text(json.dumps({"text": "Some eval intro.\n  " + PLANTED + "  \nend"}) + "\n")
+    return str(path), str(eval_path)
+
+
+def _config(corpus, out, tok, eval_path=None, **kw):
+    base = dict(input=[corpus], out=str(out), tokenizer=tok, partition_by=["fos"],
+                order_by="year", unit_tokens=UNIT_TOKENS, heldout_fraction=0.1,
+                eval=[eval_path] if eval_path else [], workers=1, batch_size=32)
+    base.update(kw)
+    return PreprocessConfig.from_dict(base)
+
+
+def _reference_units(corpus, tok_path, eval_dropped_ids):
+    """Brute force: apply partition/held-out/order/unit rules document by document."""
+    tok = load_tokenizer(tok_path)
+    parts: dict[str, list] = {}
+    heldout: dict[str, list] = {}
+    for pos, line in enumerate(open(corpus, encoding="utf-8")):
+        rec = json.loads(line)
+        key = partition_key(rec, ["fos"])
+        if is_heldout(rec["text"], 0.1, 0):
+            heldout.setdefault(key, []).append(rec["id"])
+            continue
+        if rec["id"] in eval_dropped_ids:
+            continue
+        parts.setdefault(key, []).append((order_value(rec, "year"), pos, rec))
+    units = {}
+    for key, docs in parts.items():
+        docs.sort(key=lambda t: (t[0], t[1]))
+        toks = [tok.encode_document(r["text"]) for _, _, r in docs]
+        ranges, _, _ = split_units(np.array([len(t) for t in toks]), UNIT_TOKENS)
+        for i, (a, b) in enumerate(ranges):
+            units[f"{key}-{i:04d}"] = toks[a:b]
+    return units, heldout
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, corpus_with_plant, sp_model_path):
+    corpus, eval_path = corpus_with_plant
+    out = tmp_path_factory.mktemp("pp") / "out"
+    m = run_preprocess(_config(corpus, out, sp_model_path, eval_path), log=lambda *_: None)
+    return m, corpus, eval_path, out
+
+
+def test_units_match_brute_force_reference(done, sp_model_path):
+    m, corpus, _, _ = done
+    ref_units, ref_heldout = _reference_units(corpus, sp_model_path, {"planted"})
+    assert sorted(m.units) == sorted(ref_units)
+    for name, docs in ref_units.items():
+        with IndexedDataset(m.unit_prefix(name)) as ds:
+            assert len(ds) == len(docs)
+            for i, d in enumerate(docs):
+                assert ds[i].tolist() == d
+        assert m.units[name]["tokens"] == sum(len(d) for d in docs)
+    for key, ids in ref_heldout.items():
+        path = m.heldout_path(key)
+        got = [json.loads(x)["id"] for x in open(path, encoding="utf-8")]
+        assert got == ids
+        assert m.partitions[key]["heldout"]["documents"] == len(ids)
+
+
+def test_units_have_equal_token_counts_and_year_order(done):
+    m, *_ = done
+    for key, units in m.partition_units().items():
+        prev_last = None
+        for u in units:
+            info = m.units[u]
+            with IndexedDataset(m.unit_prefix(u)) as ds:
+                assert UNIT_TOKENS <= info["tokens"] < UNIT_TOKENS + int(ds.sequence_lengths.max())
+                assert ds.num_tokens == info["tokens"]
+            assert info["order_first"] <= info["order_last"]
+            if prev_last is not None:
+                assert prev_last <= info["order_first"]
+            prev_last = info["order_last"]
+        assert m.partitions[key]["leftover_tokens"] < UNIT_TOKENS
+
+
+def test_manifest_records_drops_hashes_and_tokenizer(done, sp_model_path):
+    m, *_ = done
+    assert m.partitions["biology"]["contaminated"] == 1  # the planted document only
+    assert m.data["totals"]["documents_contaminated"] == 1
+    assert m.data["decontamination"]["eval_paragraphs"] >= 1
+    assert m.tokenizer_fingerprint == load_tokenizer(sp_model_path).fingerprint
+    assert m.data["dtype"] == "uint16"
+    m.verify(check_hashes=True)
+    t = m.data["totals"]
+    assert t["documents_read"] == 402
+    assert t["documents_read"] == t["documents_train"] + t["documents_heldout"] + 1
+    assert t["tokens_train"] == t["tokens_in_units"] + t["tokens_leftover"]
+    out = done[3]
+    assert not os.path.exists(os.path.join(out, pp.TMP_DIR))
+
+
+def test_two_workers_and_compressed_inputs_give_identical_units(done, tmp_path, sp_model_path):
+    m1, corpus, eval_path, _ = done
+    gz = str(tmp_path / "c.jsonl.gz")
+    zst = str(tmp_path / "c.jsonl.zst")
+    import gzip
+
+    import zstandard
+
+    raw = open(corpus, "rb").read()
+    with gzip.open(gz, "wb") as f:
+        f.write(raw)
+    with open(zst, "wb") as f:
+        f.write(zstandard.ZstdCompressor().compress(raw))
+    m2 = run_preprocess(_config(gz, tmp_path / "w2", sp_model_path, eval_path, workers=2),
+                        log=lambda *_: None)
+    m3 = run_preprocess(_config(zst, tmp_path / "z", sp_model_path, eval_path),
+                        log=lambda *_: None)
+    for m in (m2, m3):
+        assert sorted(m.units) == sorted(m1.units)
+        for u in m1.units:
+            assert m.units[u]["bin"] == m1.units[u]["bin"]
+            assert m.units[u]["idx"] == m1.units[u]["idx"]
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(done, sp_model_path):
+    m, corpus, eval_path, out = done
+    mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
+    again = run_preprocess(_config(corpus, out, sp_model_path, eval_path), log=lambda *_: None)
+    assert again.data == m.data
+    assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime
+    with pytest.raises(ConfigError, match="other settings"):
+        run_preprocess(_config(corpus, out, sp_model_path, eval_path, unit_tokens=999),
+                       log=lambda *_: None)
+
+
+def test_interrupted_run_resumes_keeping_finished_units(done, tmp_path, sp_model_path,
+                                                        monkeypatch):
+    m1, corpus, eval_path, _ = done
+    out = tmp_path / "resume"
+    cfg = _config(corpus, out, sp_model_path, eval_path)
+    real_write = pp._write_unit
+    calls = []
+
+    def flaky(prefix, *a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(prefix)
+        return real_write(prefix, *a, **k)
+
+    monkeypatch.setattr(pp, "_write_unit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(cfg, log=lambda *_: None)
+    assert not os.path.exists(out / "manifest.json")
+    # only complete units are present under their final names; no temp files there
+    present = sorted(os.listdir(out / "units"))
+    assert all(not f.startswith(".") for f in present) and len(present) == 4
+    first_mtime = os.path.getmtime(calls[0] + ".bin")
+    written = []
+    monkeypatch.setattr(pp, "_write_unit", lambda prefix, *a, **k: written.append(prefix)
+                        or real_write(prefix, *a, **k))
+    m2 = run_preprocess(cfg, log=lambda *_: None)
+    assert calls[0] not in written and calls[1] not in written  # kept, not redone
+    assert os.path.getmtime(calls[0] + ".bin") == first_mtime
+    assert {u: (v["bin"], v["idx"]) for u, v in m2.units.items()} == \
+        {u: (v["bin"], v["idx"]) for u, v in m1.units.items()}
+
+
+def test_bad_lines_error_names_file_and_line_or_are_counted(tmp_path, tiny_corpus, sp_model_path):
+    lines = open(tiny_corpus, encoding="utf-8").read().splitlines()[:50]
+    lines.insert(3, "{not json")
+    lines.insert(10, json.dumps({"title": "no text"}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe broken utf8\n")
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:4: invalid JSON"):
+        run_preprocess(_config(str(bad), tmp_path / "e", sp_model_path), log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "e" / "manifest.json")
+    m = run_preprocess(_config(str(bad), tmp_path / "s", sp_model_path, on_bad_line="skip",
+                               unit_tokens=None), log=lambda *_: None)
+    assert m.data["totals"]["bad_lines"] == {"invalid_json": 1, "missing_text": 1, "bad_utf8": 1}
+    assert m.data["totals"]["documents_read"] == 50
+    assert m.data["totals"]["lines_read"] == 53
+
+
+def test_cli_preprocess(tmp_path, tiny_corpus, sp_model_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path,
+                   "--partition-by", "fos", "--unit-tokens", "4k", "--out", str(out),
+                   "batch_size=64"])
+    assert rc == 0
+    m = Manifest.load(str(out))
+    assert m.data["config"]["unit_tokens"] == 4000 and m.data["config"]["batch_size"] == 64
+    assert set(m.partitions) == {"biology", "physics", "history", "economics"}
+    rc = cli_main(["preprocess", "--input", str(tmp_path / "missing*.jsonl"), "--tokenizer",
+                   sp_model_path, "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "no such file" in capsys.readouterr().err
+    rc = cli_main(["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path,
+                   "--out", str(tmp_path / "y"), "--workers", "0"])
+    assert rc == 2 and "workers: must be >= 1" in capsys.readouterr().err
