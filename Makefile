@@ -11,13 +11,13 @@ PYTEST_ARGS ?=
 
 .PHONY: venv install build demo test bench clean
 
+# megatron-core: Megatron-LM's own IndexedDataset reads our files in a test; --no-deps
+# keeps it from touching torch (it needs only numpy, packaging and torch, all present).
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
-	# Megatron-LM's own IndexedDataset reads our files in a test; --no-deps keeps it from
-	# touching torch (it needs only numpy, packaging and torch, all present).
 	$(PIP) install -q --no-deps "megatron-core==0.16.1"
 	touch $@
 
