@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ def make_corpus(path: str, mb: int) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         size, seed = 0, 0
         while size < mb * 1e6:
-            for d in iter_documents(2000, seed=seed, mean_words=400):
+            for d in iter_documents(2000, seed=seed, mean_words=400, rare_words=50_000):
                 line = json.dumps(d) + "\n"
                 f.write(line)
                 size += len(line)
@@ -67,6 +68,7 @@ def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
            "--unit-tokens", "5M", "--heldout-fraction", "0.01", "--workers", str(workers),
            "--out", out, "--overwrite"]
     env = dict(os.environ, MBA_NO_PROGRESS="1")
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     box = {}
@@ -75,6 +77,8 @@ def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
     stdout, stderr = proc.communicate()
     th.join()
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the joined pool workers
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"preprocess failed:\n{stderr.decode()[-2000:]}")
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
@@ -82,6 +86,7 @@ def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
     tokens = m["totals"]["tokens_train"]
     return {"workers": workers, "wall_s": round(wall, 2), "tokens": tokens,
             "tokens_per_s": round(tokens / wall), "stage_s": m["timing_s"],
+            "cpu_s": round(cpu, 2), "cpu_us_per_token": round(cpu / tokens * 1e6, 4),
             "peak_rss_tree_mb": round(box.get("peak", 0) / 2**20, 1),
             "peak_rss_one_process_mb": round(box.get("peak_one", 0) / 2**20, 1)}
 
@@ -139,10 +144,13 @@ def main() -> None:
         "split_one_core": halves,
         "tokenize_share_of_1_worker_wall": round(halves["tokenize_s"] / runs[0]["wall_s"], 3),
     }
-    print(f"{'workers':>7} {'wall s':>8} {'tokens/s':>12} {'speedup':>8} {'peak RSS tree MB':>17}")
+    result["load_average_after"] = os.getloadavg()
+    print(f"{'workers':>7} {'wall s':>8} {'cpu s':>8} {'tokens/s':>12} {'speedup':>8} "
+          f"{'peak RSS tree MB':>17}")
     for r in runs:
-        print(f"{r['workers']:>7} {r['wall_s']:>8} {r['tokens_per_s']:>12,} "
+        print(f"{r['workers']:>7} {r['wall_s']:>8} {r['cpu_s']:>8} {r['tokens_per_s']:>12,} "
               f"{r['speedup_vs_first']:>8} {r['peak_rss_tree_mb']:>17}")
+    print(f"load average after: {result['load_average_after']}")
     print(f"one core: read+parse {halves['read_parse_s']} s, tokenize {halves['tokenize_s']} s "
           f"({halves['tokenizer_only_tokens_per_s']:,} tokens/s tokenizer alone)")
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

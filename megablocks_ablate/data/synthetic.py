@@ -8,10 +8,13 @@ a merged model's perplexity actually depends on the mixture. Documents carry ``t
 
 from __future__ import annotations
 
+import bisect
 import gzip
+import itertools
 import json
 import os
 import random
+from functools import lru_cache
 from typing import Iterator
 
 FIELDS = {
@@ -28,10 +31,38 @@ FUNCTION_WORDS = ("the of and a to in is that for on with as by this we are from
                   "at which it these our was were not or have has can its results data").split()
 
 
-def _paragraph(rng: random.Random, topic: list[str], n_words: int) -> str:
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v",
+           "br", "ch", "cl", "dr", "gr", "pl", "pr", "sh", "st", "th", "tr"]
+_NUCLEI = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou"]
+_CODAS = ["", "", "n", "r", "s", "t", "l", "m", "x", "nd", "st"]
+
+
+@lru_cache(maxsize=4)
+def _lexicon(size: int, seed: int = 1234) -> tuple[list[str], list[float]]:
+    """``size`` distinct pseudo-words and Zipf(1.1) cumulative weights over them."""
+    rng = random.Random(seed)
+    words, seen = [], set()
+    while len(words) < size:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+                    for _ in range(rng.randint(1, 4)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    cum = list(itertools.accumulate(1.0 / (r + 1) ** 1.1 for r in range(size)))
+    return words, cum
+
+
+def _paragraph(rng: random.Random, topic: list[str], n_words: int, rare_words: int = 0) -> str:
+    lexicon = _lexicon(rare_words) if rare_words else None
     words = []
     for _ in range(n_words):
-        words.append(rng.choice(topic) if rng.random() < 0.45 else rng.choice(FUNCTION_WORDS))
+        u = rng.random()
+        if lexicon is not None and u < 0.3:  # long-tailed vocabulary, like real text
+            lex, cum = lexicon
+            words.append(lex[bisect.bisect_left(cum, rng.random() * cum[-1])])
+        else:
+            words.append(rng.choice(topic) if u < 0.45 or (lexicon is not None and u < 0.6)
+                         else rng.choice(FUNCTION_WORDS))
     words[0] = words[0].capitalize()
     return " ".join(words) + "."
 
@@ -42,8 +73,13 @@ def iter_documents(
     fields: list[str] | None = None,
     years: tuple[int, int] = (1990, 2022),
     mean_words: int = 120,
+    rare_words: int = 0,
 ) -> Iterator[dict]:
-    """Yield ``n_docs`` deterministic documents, cycling through ``fields``."""
+    """Yield ``n_docs`` deterministic documents, cycling through ``fields``.
+
+    ``rare_words > 0`` mixes in a Zipf-distributed lexicon of that many pseudo-words
+    (realistic tokenizer load for benchmarks); 0 keeps the small topical vocabulary.
+    """
     rng = random.Random(seed)
     fields = list(fields or FIELDS)
     for i in range(n_docs):
@@ -51,7 +87,8 @@ def iter_documents(
         topic = FIELDS[fos].split()
         n_par = rng.randint(1, 4)
         paragraphs = [
-            _paragraph(rng, topic, max(8, int(rng.expovariate(1.0) * mean_words / n_par) + 8))
+            _paragraph(rng, topic, max(8, int(rng.expovariate(1.0) * mean_words / n_par) + 8),
+                       rare_words)
             for _ in range(n_par)
         ]
         yield {

@@ -56,21 +56,33 @@ class Tokenizer(abc.ABC):
 
     kind: str
     path: str
+    # Set by subclasses' __init__ (which must accept ``(path, eod_token, _data=bytes)``).
+    _vocab_size: int
+    _eod_id: int
+    _fingerprint: str
+    _eod_token: str | None
+    _data: bytes
 
     @property
-    @abc.abstractmethod
     def vocab_size(self) -> int:
         """Size of the id space (largest id + 1); decides the index dtype."""
+        return self._vocab_size
 
     @property
-    @abc.abstractmethod
     def eod_id(self) -> int:
         """Id appended after every document."""
+        return self._eod_id
 
     @property
-    @abc.abstractmethod
     def fingerprint(self) -> str:
         """sha256 hex of the vocabulary and every setting that changes ids."""
+        return self._fingerprint
+
+    def __getstate__(self) -> dict:  # workers get the file's bytes, not a re-read of the path
+        return {"path": self.path, "eod_token": self._eod_token, "data": self._data}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["eod_token"], _data=state["data"])  # type: ignore[misc]
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -236,24 +248,6 @@ class SentencePieceTokenizer(Tokenizer):
         self._fingerprint = _sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
                                           "model": canonical, "eod_id": eod})
 
-    def __getstate__(self) -> dict:  # workers get the bytes, not a re-read of the path
-        return {"path": self.path, "eod_token": self._eod_token, "data": self._data}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["eod_token"], _data=state["data"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod_id(self) -> int:
-        return self._eod_id
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
 
@@ -345,24 +339,6 @@ class HFTokenizer(Tokenizer):
                                           "model": _hf_canonical(spec), "eod_id": self._eod_id})
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
         self._batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "eod_token": self._eod_token, "data": self._data}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["eod_token"], _data=state["data"])
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod_id(self) -> int:
-        return self._eod_id
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -229,3 +229,32 @@ def test_cli_preprocess(tmp_path, tiny_corpus, sp_model_path, capsys):
     rc = cli_main(["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path,
                    "--out", str(tmp_path / "y"), "--workers", "0"])
     assert rc == 2 and "workers: must be >= 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
+    """A real SIGINT mid-run: exit 130, no manifest, only complete files under final names."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus = write_corpus(str(tmp_path / "big.jsonl"), n_docs=30000, seed=5)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "megablocks_ablate", "preprocess", "--input", corpus,
+           "--tokenizer", sp_model_path, "--partition-by", "fos", "--unit-tokens", "20k",
+           "--out", str(out), "--workers", "2", "batch_size=64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / pp.TMP_DIR / "files").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-500:]
+    assert b"interrupted" in err
+    assert not (out / "manifest.json").exists()
+    for sub in ("units", "heldout"):
+        for f in (os.listdir(out / sub) if (out / sub).exists() else []):
+            assert not f.startswith("."), f"temporary file left under a final dir: {f}"
+    # the stage-1 directory of the interrupted input file was removed, not left partial
+    assert not any((out / pp.TMP_DIR / "files").glob("*/p0.bin"))
