@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("MBA_NO_PROGRESS", "1")
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. Must be set before any
+# kernel module is imported (triton.jit reads it at decoration time).
+if "TRITON_INTERPRET" not in os.environ and _no_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> str:
     """A 400-document JSONL corpus over 4 fields of study with years."""

@@ -1,0 +1,200 @@
+"""Model step throughput: ours vs transformers' CohereForCausalLM on the same config.
+
+CPU (always): the ``demo`` preset, a training step (forward, backward, AdamW) and a
+no-grad forward (inference, logits out), each for our model and for
+``CohereForCausalLM`` built from the exported config with the same weights, in the
+same process, measured in alternating rounds (the machine is shared; the median of
+the rounds is reported) and printed as a ratio.
+
+GPU (when CUDA is present): tokens/s and MFU of a bf16 training step for ``130m`` and
+``1.1b`` at sequence length 2048, MFU = flops_per_token * tokens/s / peak bf16 FLOP/s.
+
+    python benchmarks/model_step.py                 # JSON to benchmarks/results/
+    python benchmarks/model_step.py --update-docs   # also docs/benchmarks.md "## Model step"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megablocks_ablate.model import ModelConfig  # noqa: E402
+from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
+from megablocks_ablate.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def _hf_model(cfg: ModelConfig, ours: torch.nn.Module):
+    from transformers import CohereConfig, CohereForCausalLM
+
+    fields = {k: v for k, v in to_hf_config(cfg).items()
+              if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = CohereForCausalLM(CohereConfig(**fields, attn_implementation="sdpa"))
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    return hf
+
+
+def _train_step(model, opt, ids, labels, hf: bool):
+    out = model(ids, labels=labels)
+    loss = out.loss if hf else out
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _timed(fn, steps: int, sync=lambda: None) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_cpu(batch: int, seq: int, steps: int, rounds: int) -> dict:
+    cfg = ModelConfig.from_preset("demo", [f"max_seq_len={max(seq, 512)}"])
+    torch.manual_seed(0)
+    ours = cfg.build()
+    hf = _hf_model(cfg, ours)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    models = {"ours": ours, "transformers": hf}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    tokens = batch * seq
+    times: dict = {(k, mode): [] for k in models for mode in ("train", "infer")}
+
+    def step(name, mode):
+        m = models[name]
+        if mode == "train":
+            m.train()
+            return lambda: _train_step(m, opts[name], ids, labels, name == "transformers")
+        m.eval()
+
+        def infer():
+            with torch.no_grad():
+                out = m(ids)
+                return out if name == "ours" else out.logits
+        return infer
+
+    for name in models:  # warm-up (allocator, SDPA dispatch)
+        for mode in ("train", "infer"):
+            _timed(step(name, mode), 2)
+    for _ in range(rounds):  # alternate so both see the same machine load
+        for mode in ("train", "infer"):
+            for name in models:
+                times[(name, mode)].append(_timed(step(name, mode), steps) / steps)
+    out = {"preset": "demo", "batch": batch, "seq_len": seq, "params": cfg.num_params(),
+           "threads": torch.get_num_threads(), "steps_per_round": steps, "rounds": rounds}
+    for mode in ("train", "infer"):
+        for name in models:
+            out[f"{mode}_tokens_per_s_{name}"] = round(tokens / statistics.median(times[(name, mode)]), 1)
+        out[f"{mode}_ratio"] = round(out[f"{mode}_tokens_per_s_ours"] / out[f"{mode}_tokens_per_s_transformers"], 3)
+        # Best round of each: the least disturbed by other tenants of a shared machine.
+        out[f"{mode}_ratio_best"] = round(min(times[("transformers", mode)]) / min(times[("ours", mode)]), 3)
+    return out
+
+
+def bench_gpu(preset: str, batch: int, steps: int) -> dict:
+    seq = 2048
+    cfg = ModelConfig.from_preset(preset)
+    torch.manual_seed(0)
+    model = cfg.build(device="cuda", dtype=torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    labels = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
+    fn = lambda: _train_step(model, opt, ids, labels, False)  # noqa: E731
+    _timed(fn, 3, torch.cuda.synchronize)
+    dt = _timed(fn, steps, torch.cuda.synchronize) / steps
+    tps = batch * seq / dt
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return {"preset": preset, "device": name, "batch": batch, "seq_len": seq, "dtype": "bfloat16",
+            "tokens_per_s": round(tps, 1), "flops_per_token": cfg.flops_per_token(seq),
+            "mfu": round(cfg.flops_per_token(seq) * tps / peak, 4) if peak else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _docs_section(res: dict) -> str:
+    c = res["cpu"]
+    lines = [
+        "## Model step",
+        "",
+        f"`python benchmarks/model_step.py --update-docs` on {res['machine']} "
+        f"(torch {res['torch']}, transformers {res['transformers']}, {c['threads']} threads), "
+        f"`demo` preset ({c['params']:,} parameters), batch {c['batch']} x {c['seq_len']} tokens, "
+        f"fp32, {c['rounds']} alternating rounds of {c['steps_per_round']} steps "
+        "(tokens/s: median round; the machine is shared with other jobs, so the best-round ratio is shown too). "
+        "transformers runs `CohereForCausalLM` with the same config and weights (SDPA attention).",
+        "",
+        "| step | ours (tokens/s) | transformers (tokens/s) | ratio (median) | ratio (best rounds) |",
+        "|---|---:|---:|---:|---:|",
+        f"| train (fwd + bwd + AdamW) | {c['train_tokens_per_s_ours']:,.0f} | "
+        f"{c['train_tokens_per_s_transformers']:,.0f} | {c['train_ratio']:.2f}x | {c['train_ratio_best']:.2f}x |",
+        f"| inference (no-grad forward) | {c['infer_tokens_per_s_ours']:,.0f} | "
+        f"{c['infer_tokens_per_s_transformers']:,.0f} | {c['infer_ratio']:.2f}x | {c['infer_ratio_best']:.2f}x |",
+        "",
+    ]
+    if res.get("gpu"):
+        lines += ["| GPU preset | device | batch x seq | tokens/s | MFU | peak memory |", "|---|---|---|---:|---:|---:|"]
+        for g in res["gpu"]:
+            mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a"
+            lines.append(f"| {g['preset']} | {g['device']} | {g['batch']} x {g['seq_len']} | "
+                         f"{g['tokens_per_s']:,.0f} | {mfu} | {g['peak_memory_gib']} GiB |")
+    else:
+        lines.append("GPU rows (130m and 1.1b, bf16, sequence 2048, tokens/s and MFU) are produced "
+                     "when CUDA is present; none was available for this run.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def update_docs(section: str, path: str) -> None:
+    """Replace the ``## Model step`` section of ``path`` (or append it), leaving the rest."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+    start = text.find("## Model step")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    atomic_write_text(path, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "model_step.json"))
+    ap.add_argument("--update-docs", action="store_true", help="write the section in docs/benchmarks.md")
+    args = ap.parse_args()
+
+    import transformers
+
+    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+           "transformers": transformers.__version__,
+           "cpu": bench_cpu(args.batch, args.seq, args.steps, args.rounds), "gpu": []}
+    if torch.cuda.is_available():
+        res["gpu"].append(bench_gpu("130m", 8, 10))
+        res["gpu"].append(bench_gpu("1.1b", 4, 10))
+    atomic_write_json(args.out, res)
+    print(json.dumps(res, indent=2))
+    if args.update_docs:
+        update_docs(_docs_section(res), os.path.join(ROOT, "docs", "benchmarks.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

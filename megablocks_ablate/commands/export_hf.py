@@ -1,0 +1,45 @@
+"""`megablocks-ablate export-hf` / `import-hf`: checkpoints to and from Hugging Face Cohere.
+
+    megablocks-ablate export-hf runs/pool/merged_0001 hf/merged_0001
+    megablocks-ablate import-hf hf/merged_0001 runs/imported
+
+The exported directory loads with ``transformers.CohereForCausalLM.from_pretrained``
+(and so in lm-eval-harness and vLLM); import reads any Cohere safetensors directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face CohereForCausalLM directory",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory (model.safetensors + config.json + lineage.json)")
+    p.add_argument("out", help="output directory (replaced atomically if it exists)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file to include (.model or tokenizer .json); default: the one the "
+                        "checkpoint's lineage records, if it still exists")
+    p.set_defaults(func=run_export)
+
+    q = sub.add_parser("import-hf", help="read a Hugging Face Cohere directory into a checkpoint",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("hf_dir", help="directory with config.json and model.safetensors")
+    q.add_argument("out", help="output checkpoint directory (lineage kind 'imported')")
+    q.set_defaults(func=run_import)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from megablocks_ablate.model.hf import export_hf
+
+    export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+    print(f"wrote {args.out} (CohereForCausalLM)")
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from megablocks_ablate.model.hf import import_hf
+
+    import_hf(args.hf_dir, args.out)
+    print(f"wrote checkpoint {args.out}")
+    return 0

@@ -1,0 +1,184 @@
+"""The PaLM-style parallel-block decoder (maps one to one onto HF ``CohereForCausalLM``).
+
+Each block reads one normalised copy of the residual stream and adds attention and
+MLP in parallel::
+
+    h = Norm(x)
+    q, k, v, gate_up = split(h @ W_in.T)         # one fused input GEMM
+    a = Attn(RoPE(QKNorm(q)), RoPE(QKNorm(k)), v)
+    x = x + a @ W_attn_out.T + SwiGLU(gate_up) @ W_mlp_out.T
+
+No biases anywhere; LayerNorm without bias (or RMSNorm); interleaved RoPE;
+optional per-head QK-norm; optional tied embeddings; output projections initialised
+with std ``init_std / sqrt(2 * n_layers)``. Norm, RoPE, SwiGLU and the fused output
+projection + cross-entropy go through :mod:`megablocks_ablate.kernels.dispatch`
+(Triton on CUDA, PyTorch references elsewhere). A plain ``nn.Module``: no
+distributed code here.
+
+Parameter names (``state_dict``)::
+
+    embed.weight                  [padded_vocab, d_model]
+    layers.{i}.norm.weight        [d_model]
+    layers.{i}.in_proj.weight     [q_dim + 2*kv_dim + 2*mlp_hidden, d_model]  rows: q|k|v|gate|up
+    layers.{i}.qk_norm.weight     [n_heads + n_kv_heads, head_dim]            (qk_norm only)
+    layers.{i}.attn_out.weight    [d_model, q_dim]
+    layers.{i}.mlp_out.weight     [d_model, mlp_hidden]
+    norm.weight                   [d_model]
+    lm_head.weight                [padded_vocab, d_model]                     (untied only)
+
+Labels are aligned with the inputs (``labels[:, t]`` is the target at position ``t``;
+the data pipeline does the shift) and ``-100`` marks positions that do not count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.kernels import dispatch
+from megablocks_ablate.kernels.cross_entropy import IGNORE_INDEX
+from megablocks_ablate.kernels.rope import rope_tables
+from megablocks_ablate.model.config import ModelConfig
+
+
+class Norm(nn.Module):
+    """LayerNorm without bias, or RMSNorm, over the last dim; weight of shape ``shape``."""
+
+    def __init__(self, shape, eps: float, kind: str, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.eps, self.kind = eps, kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.norm(x, self.weight, self.eps, self.kind)
+
+
+class ParallelBlock(nn.Module):
+    """``x + Attn(Norm(x)) + MLP(Norm(x))`` with one fused input projection."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.norm = Norm(d, cfg.norm_eps, cfg.norm, device, dtype)
+        self.in_proj = nn.Linear(d, cfg.in_proj_dim, bias=False, device=device, dtype=dtype)
+        self.qk_norm = (Norm((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cfg.norm_eps, cfg.norm,
+                             device, dtype) if cfg.qk_norm else None)
+        self.attn_out = nn.Linear(cfg.q_dim, d, bias=False, device=device, dtype=dtype)
+        self.mlp_out = nn.Linear(cfg.mlp_hidden, d, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        h = self.norm(x)
+        # torch.split's backward is a single cat, cheaper than slicing three times.
+        qk, v, gate_up = self.in_proj(h).split(
+            [cfg.q_dim + cfg.kv_dim, cfg.kv_dim, 2 * cfg.mlp_hidden], dim=-1)
+        # q and k sit side by side: normalise and rotate them as one [.., H + KV, hd] tensor.
+        qk = qk.unflatten(-1, (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim))
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        q, k = dispatch.rope(qk, cos, sin).split([cfg.n_heads, cfg.n_kv_heads], dim=2)
+        a = dispatch.attention(q, k, v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)))
+        out = self.attn_out(a.flatten(-2)) + self.mlp_out(dispatch.swiglu(gate_up))
+        return x + out
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: embedding, ``n_layers`` parallel blocks, final norm, output projection."""
+
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(ParallelBlock(cfg, device, dtype) for _ in range(cfg.n_layers))
+        self.norm = Norm(cfg.d_model, cfg.norm_eps, cfg.norm, device, dtype)
+        self.lm_head = (None if cfg.tie_embeddings else
+                        nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False, device=device, dtype=dtype))
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset_parameters()
+        if cfg.compile:
+            for block in self.layers:
+                block.compile()
+
+    # ---- init ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2 n_layers)."""
+        cfg = self.cfg
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        for block in self.layers:
+            nn.init.normal_(block.in_proj.weight, std=cfg.init_std)
+            nn.init.normal_(block.attn_out.weight, std=out_std)
+            nn.init.normal_(block.mlp_out.weight, std=out_std)
+        for module in self.modules():
+            if isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+
+    # ---- pieces ----------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin ``[max_seq_len, head_dim/2]``, cached per device.
+
+        Not buffers: ``model.to(bfloat16)`` would round them, and they would clutter
+        the state dict that merges average.
+        """
+        tables = self._rope.get(device)
+        if tables is None:
+            tables = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+            self._rope[device] = tables
+        return tables
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[batch, seq, d_model]``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ConfigError(f"max_seq_len: sequence of {input_ids.shape[1]} tokens exceeds "
+                              f"the model's max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_tables(input_ids.device)
+        x = self.embed(input_ids)
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.layers:
+            if recompute:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self.norm(x)
+
+    # ---- API used by the trainer and the evaluator -------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``[batch, seq, padded_vocab]`` (scaled by ``logit_scale``), or, given
+        ``labels``, the mean cross-entropy over non-ignored positions through the
+        chunked fused output projection (the full logits are never built)."""
+        h = self.hidden_states(input_ids)
+        if labels is None:
+            logits = F.linear(h, self.output_weight)
+            return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
+        return dispatch.linear_cross_entropy(h.flatten(0, 1), self.output_weight, labels.flatten(),
+                                             logit_scale=self.cfg.logit_scale, reduction="mean")
+
+    def per_token_nll(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """fp32 negative log-likelihood ``[batch, seq]`` of ``labels`` (0 where ``-100``)."""
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        h = self.hidden_states(input_ids)
+        nll = dispatch.linear_cross_entropy(h.flatten(0, 1), self.output_weight, labels.flatten(),
+                                            logit_scale=self.cfg.logit_scale, reduction="none",
+                                            ignore_index=IGNORE_INDEX)
+        return nll.view(labels.shape)
+
+    def num_params(self) -> int:
+        """Distinct parameters of this module (tied weights once)."""
+        return sum(p.numel() for p in self.parameters())
