@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "megablocks_ablate.commands.preprocess",
     "megablocks_ablate.commands.tokenizer",
     "megablocks_ablate.commands.index",
+    "megablocks_ablate.commands.train",
     "megablocks_ablate.commands.export_hf",
     "megablocks_ablate.commands.demo",
 ]

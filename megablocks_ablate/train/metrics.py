@@ -1,0 +1,105 @@
+"""Training metrics: JSONL always; TensorBoard and W&B when installed, never required.
+
+One record per logged step::
+
+    {"step": 40, "loss": 5.12, "lr": 0.0006, "grad_norm": 0.83, "tokens": 163840,
+     "tokens_per_s": 51234.0, "tflops_per_device": 12.3, "mfu": 0.41, "elapsed_s": 3.2}
+
+``mfu`` is model FLOPs utilisation: ``flops_per_token(seq_len) * tokens/s`` over the
+peak of all devices; it is null when the peak is unknown (CPU, unlisted GPU) unless
+``logging.peak_tflops`` gives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+# dense bf16 peak TFLOP/s per device, by substring of torch.cuda.get_device_name()
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
+                    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
+                    "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
+
+
+def peak_tflops(device, configured: float | None) -> float | None:
+    """Peak TFLOP/s of one device: the configured value, a known GPU's, or None."""
+    if configured is not None:
+        return configured
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop records after ``last_step`` (a resumed run redoes those steps)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+    from megablocks_ablate.utils.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(keep))
+
+
+class MetricsLogger:
+    """Writes records to ``metrics.jsonl`` (+ TensorBoard, W&B); rank 0 only."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True,
+                 wandb_project: str | None = None, run_name: str = "", config: dict | None = None):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except ImportError:
+                pass  # tensorboard not installed: JSONL only
+        if wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=wandb_project, name=run_name or None,
+                                         config=config, dir=out_dir, resume="allow")
+            except ImportError:
+                warnings.warn("logging.wandb_project is set but wandb is not installed; "
+                              "logging to metrics.jsonl only")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and v is not None}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(f"train/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

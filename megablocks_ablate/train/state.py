@@ -1,0 +1,289 @@
+"""Resumable training checkpoints: model + optimizer + trainer state, no pickle anywhere.
+
+A run directory holds::
+
+    <out_dir>/
+      config.yaml                         # the resolved TrainConfig
+      metrics.jsonl                       # one JSON record per logged step
+      checkpoints/step_00000040/          # resumable; the newest `keep_last` are kept
+        model.safetensors config.json lineage.json   # a model checkpoint (checkpoint.py)
+        optimizer.safetensors             # AdamW moments/steps: "<param name>/<key>"
+        optimizer.json                    # param groups (params by name), non-tensor state
+        rng.safetensors                   # torch/CUDA/numpy RNG states of every rank
+        trainer_state.json                # step, consumed samples, data state, config, hashes
+      final/                              # the trained model (model checkpoint only)
+      COMPLETE.json                       # written last: training finished
+
+Each step directory is staged beside its final name and renamed into place, so a
+SIGKILL leaves either the complete checkpoint or none (a stale ``.step_*.tmp`` is
+deleted on the next start). ``trainer_state.json`` records the sha256 of the model and
+optimizer files, so a corrupted checkpoint is refused rather than silently resumed.
+
+Optimizer state is taken with ``torch.distributed.checkpoint.state_dict`` as a *full*
+state dict keyed by parameter name, which works the same for a plain module, DDP and
+FSDP2 (shards are gathered to rank 0; on load every rank reads the full state and
+keeps its shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+
+from megablocks_ablate.errors import DataFormatError
+from megablocks_ablate.train.checkpoint import (
+    MODEL_FILE,
+    Lineage,
+    load_model_checkpoint,
+    safetensors_header,
+    save_model_checkpoint,
+    staged_checkpoint_dir,
+)
+from megablocks_ablate.utils.atomic import atomic_write_json, sha256_file
+
+STATE_FORMAT = "megablocks-ablate/train-state@1"
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_JSON = "optimizer.json"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "COMPLETE.json"
+FINAL_DIR = "final"
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+# Config fields that define the loss trajectory: a checkpoint saved under other values
+# is refused on resume. Everything else (logging, checkpoint cadence, micro_batch,
+# devices, parallelism) may change between a run and its resumption.
+TRAJECTORY_FIELDS = ("kind", "model", "model_overrides", "data", "train_tokens", "seq_len",
+                     "global_batch_tokens", "optimizer", "schedule", "grad_clip",
+                     "init_from", "seed")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def step_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, CHECKPOINTS_DIR, f"step_{step:08d}")
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """``[(step, path)]`` of complete step checkpoints, oldest first."""
+    root = os.path.join(out_dir, CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_RE.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def remove_stale_staging(out_dir: str) -> None:
+    """Delete half-written step directories left by a killed run."""
+    root = os.path.join(out_dir, CHECKPOINTS_DIR)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            # staging names are ".step_N.<random>.tmp" (and nested "..step_N..." ones)
+            if name.startswith(".") and "step_" in name and name.endswith((".tmp", ".old")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def prune_checkpoints(out_dir: str, keep_last: int) -> None:
+    for _, path in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def is_complete(out_dir: str) -> bool:
+    """True once training finished (the final model and COMPLETE.json exist)."""
+    return os.path.isfile(os.path.join(out_dir, COMPLETE_FILE)) and \
+        os.path.isfile(os.path.join(out_dir, FINAL_DIR, MODEL_FILE))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def flatten_optimizer_state(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state dict -> (tensors, JSON-able rest).
+
+    ``osd["state"][name][key]`` tensors become ``"{name}/{key}"``; non-tensor values
+    and ``param_groups`` go to the JSON part.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, entry in osd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = []
+    for group in osd["param_groups"]:
+        g = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+        groups.append(g)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, Any]] = {}
+    for flat, t in tensors.items():
+        name, _, key = flat.rpartition("/")
+        state.setdefault(name, {})[key] = t
+    for name, entry in meta.get("scalars", {}).items():
+        state.setdefault(name, {}).update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """This process's RNG states: tensors + a JSON-able part."""
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(),
+               "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return {"tensors": tensors, "meta": meta}
+
+
+def set_rng_state(state: dict) -> None:
+    t, meta = state["tensors"], state["meta"]
+    torch.set_rng_state(t["torch"])
+    if "cuda" in t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(t["cuda"])
+    np_kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((np_kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    v, internal, gauss = meta["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_train_checkpoint(directory: str, *, model_state: dict[str, torch.Tensor], model_config: dict,
+                          lineage: Lineage, optim_state: dict, rng_states: list[dict],
+                          trainer_state: dict) -> None:
+    """Write one resumable checkpoint directory atomically (call on rank 0 only).
+
+    ``rng_states`` holds one :func:`rng_state` per rank; ``trainer_state`` the JSON
+    trainer fields (step, consumed_samples, tokens_seen, data, config, world_size).
+    """
+    from safetensors.torch import save_file
+
+    with staged_checkpoint_dir(directory) as tmp:
+        save_model_checkpoint(tmp, model_state, model_config, lineage)
+        tensors, meta = flatten_optimizer_state(optim_state)
+        save_file(tensors, os.path.join(tmp, OPTIM_TENSORS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, OPTIM_JSON), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        rng_tensors = {f"rank{r}/{k}": v.contiguous() for r, s in enumerate(rng_states)
+                       for k, v in s["tensors"].items()}
+        save_file(rng_tensors, os.path.join(tmp, RNG_FILE))
+        state = dict(trainer_state, format=STATE_FORMAT,
+                     rng=[s["meta"] for s in rng_states],
+                     sha256={name: sha256_file(os.path.join(tmp, name))
+                             for name in (MODEL_FILE, OPTIM_TENSORS)})
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f, indent=1)
+
+
+def save_final(out_dir: str, model_state: dict, model_config: dict, lineage: Lineage,
+               summary: dict) -> None:
+    """The trained model under ``final/``, then the COMPLETE.json marker."""
+    final = os.path.join(out_dir, FINAL_DIR)
+    save_model_checkpoint(final, model_state, model_config, lineage)
+    atomic_write_json(os.path.join(out_dir, COMPLETE_FILE),
+                      dict(summary, model_sha256=sha256_file(os.path.join(final, MODEL_FILE))))
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing checkpoint file")
+    safetensors_header(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own types
+        raise DataFormatError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: missing checkpoint file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_trainer_state(directory: str) -> dict:
+    """``trainer_state.json`` of a step checkpoint, format-checked."""
+    path = os.path.join(directory, STATE_FILE)
+    state = _read_json(path)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DataFormatError(f"{path}: not a megablocks-ablate trainer state "
+                              f"(expected format {STATE_FORMAT!r})")
+    for key in ("step", "consumed_samples", "tokens_seen", "config", "sha256", "rng"):
+        if key not in state:
+            raise DataFormatError(f"{path}: missing field {key!r}")
+    return state
+
+
+def check_compatible(saved_config: dict, config: dict, directory: str) -> None:
+    """Refuse to resume from a checkpoint whose trajectory-defining settings differ."""
+    diffs = [k for k in TRAJECTORY_FIELDS if saved_config.get(k) != config.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs now {config.get(k)!r}"
+                           for k in diffs)
+        raise DataFormatError(f"{directory}: checkpoint was written by a run with other "
+                              f"settings ({detail}); use another out_dir or the same settings")
+
+
+def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
+    """Read and validate a step checkpoint.
+
+    Returns ``{"trainer": trainer_state, "model": state_dict, "model_config": dict,
+    "lineage": Lineage, "optim": name-keyed optimizer state dict, "rng": [per-rank]}``.
+    """
+    state = read_trainer_state(directory)
+    if verify:
+        for name, digest in state["sha256"].items():
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise DataFormatError(f"{path}: missing checkpoint file")
+            if sha256_file(path) != digest:
+                raise DataFormatError(f"{path}: corrupt (sha256 differs from {STATE_FILE}); "
+                                      f"delete {directory} to resume from an earlier checkpoint")
+    model, model_config, lineage = load_model_checkpoint(directory)
+    optim = unflatten_optimizer_state(_load_tensors(os.path.join(directory, OPTIM_TENSORS)),
+                                      _read_json(os.path.join(directory, OPTIM_JSON)))
+    rng_tensors = _load_tensors(os.path.join(directory, RNG_FILE))
+    rng = []
+    for r, meta in enumerate(state["rng"]):
+        prefix = f"rank{r}/"
+        rng.append({"tensors": {k[len(prefix):]: v for k, v in rng_tensors.items()
+                                if k.startswith(prefix)}, "meta": meta})
+    return {"trainer": state, "model": model, "model_config": model_config, "lineage": lineage,
+            "optim": optim, "rng": rng}

@@ -1,0 +1,328 @@
+"""The training loop: seed, unit and seq models, single process or data parallel.
+
+::
+
+    from megablocks_ablate.train.config import TrainConfig
+    from megablocks_ablate.train.trainer import train
+
+    summary = train(TrainConfig.from_preset("demo_unit", ["data.unit=bio-0000", "out_dir=pool/{unit}"]))
+
+One optimizer step reads one global batch of ``global_batch`` sequences: each of the
+``W`` data-parallel ranks takes its contiguous slice in ``accum`` micro batches of
+``micro_batch`` sequences. Every micro batch's loss is a mean over its tokens and
+every micro batch has the same number of tokens, so scaling each by ``1/accum`` and
+letting DDP/FSDP average gradients over ranks gives exactly the gradient of the mean
+loss over the global batch, whatever ``W`` and ``accum`` are.
+
+Resumption is exact: the step, the data position (``consumed_samples``), model and
+optimizer state and the RNG states are restored, and the LR is a function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.train import state as st
+from megablocks_ablate.train.checkpoint import Lineage, load_model_checkpoint, model_hash
+from megablocks_ablate.train.config import TrainConfig
+from megablocks_ablate.train.data import build_mixture
+from megablocks_ablate.train.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+)
+from megablocks_ablate.train.metrics import MetricsLogger, peak_tflops, truncate_jsonl
+from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
+from megablocks_ablate.utils.atomic import atomic_write_text
+
+# Model-config fields that change how a model is run, not what it is.
+_RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "compile")
+# Testing hook: seconds to sleep after each step, so a test can kill a run mid-way.
+STEP_DELAY_ENV = "MBA_TRAIN_STEP_DELAY"
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume, or skip if complete) the training run ``cfg``; returns a summary."""
+    env = init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
+    try:
+        return Trainer(cfg, env, log=log).run()
+    finally:
+        destroy_distributed()
+
+
+def _same_model(a: dict, b: dict) -> list[str]:
+    keys = (set(a) | set(b)) - set(_RUNTIME_MODEL_FIELDS)
+    return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
+class Trainer:
+    """One run on one rank; :meth:`run` does everything."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
+        self.cfg, self.env = cfg, env
+        self.log = log if env.is_main else (lambda *a, **k: None)
+        self.out_dir = cfg.resolved_out_dir()
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _build_model(self):
+        from megablocks_ablate.model.config import ModelConfig
+
+        cfg = self.cfg
+        mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
+        if cfg.seq_len > mcfg.max_seq_len:
+            raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+        vocab = int(self.manifest.data["tokenizer"]["vocab_size"])
+        if vocab > mcfg.vocab_size:
+            raise ConfigError(f"model: the data's tokenizer has {vocab} tokens but model "
+                              f"{cfg.model!r} has vocab_size={mcfg.vocab_size} "
+                              f"(add model_overrides: [vocab_size={vocab}])")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        self.model_config = mcfg
+        return mcfg.build(device=self.env.device)
+
+    def _load_init(self, model) -> str | None:
+        """Weights of ``init_from`` (fresh optimizer); returns the seed hash."""
+        path = self.cfg.init_from
+        state, config, lineage = load_model_checkpoint(path)
+        diff = _same_model(config, self.model_config.to_dict())
+        if diff:
+            raise ConfigError(f"init_from {path}: its model config differs in {', '.join(diff)} "
+                              f"(checkpoint {[config.get(k) for k in diff]} vs "
+                              f"{[self.model_config.to_dict().get(k) for k in diff]})")
+        fp = lineage.tokenizer_fingerprint
+        if fp is not None and fp != self.manifest.tokenizer_fingerprint:
+            raise ConfigError(f"init_from {path}: trained with tokenizer {fp}, but "
+                              f"{self.cfg.data.manifest} uses {self.manifest.tokenizer_fingerprint}")
+        try:
+            model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()}, strict=True)
+        except RuntimeError as e:
+            raise DataFormatError(f"init_from {path}: weights do not fit the model ({e})") from None
+        return model_hash(path)
+
+    def _wrap(self, model):
+        env, par = self.env, self.cfg.distributed.parallel
+        if par == "fsdp" and env.distributed:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(env.device.type, (env.world_size,))
+            for block in model.layers:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            return DDP(model, device_ids=ids)
+        return model
+
+    def _latest_checkpoint(self) -> str | None:
+        found = st.list_checkpoints(self.out_dir)
+        policy = self.cfg.checkpoint.resume
+        if policy == "must" and not found:
+            raise ConfigError(f"checkpoint.resume=must but {self.out_dir} has no checkpoint")
+        if policy == "never" and found:
+            raise ConfigError(f"checkpoint.resume=never but {self.out_dir} already has checkpoints "
+                              f"(use another out_dir)")
+        return found[-1][1] if found else None
+
+    # ---- state --------------------------------------------------------------------------
+    def _full_states(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=opts),
+                get_optimizer_state_dict(model, optimizer, options=opts))
+
+    def _restore(self, model, optimizer, ckpt: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        try:
+            set_model_state_dict(model, ckpt["model"], options=opts)
+            set_optimizer_state_dict(model, optimizer, ckpt["optim"], options=opts)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise DataFormatError(f"{self.resume_dir}: checkpoint does not fit this model/"
+                                  f"optimizer ({e})") from None
+        rng = ckpt["rng"]
+        if len(rng) == self.env.world_size:
+            st.set_rng_state(rng[self.env.rank])
+
+    def _save(self, model, optimizer, step: int) -> None:
+        import torch.distributed as dist
+
+        model_sd, optim_sd = self._full_states(model, optimizer)
+        rng = [st.rng_state()]
+        if self.env.distributed:
+            gathered = [None] * self.env.world_size
+            dist.all_gather_object(gathered, rng[0])  # in-process only; files hold no pickle
+            rng = gathered
+        if self.env.is_main:
+            st.save_train_checkpoint(
+                st.step_dir(self.out_dir, step), model_state=model_sd,
+                model_config=self.model_config.to_dict(), lineage=self._lineage(step),
+                optim_state=optim_sd, rng_states=rng,
+                trainer_state={"step": step, "consumed_samples": self.mix.consumed_samples,
+                               "tokens_seen": self._tokens(step), "data": self.mix.state_dict(),
+                               "world_size": self.env.world_size, "config": self.cfg.to_dict()})
+            st.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
+        barrier()
+
+    def _tokens(self, step: int) -> int:
+        return step * self.cfg.global_batch * self.cfg.seq_len
+
+    def _lineage(self, step: int) -> Lineage:
+        return Lineage(kind=self.cfg.kind, seed_hash=self.seed_hash, units=list(self.weights),
+                       weights=[float(w) for w in self.weights.values()],
+                       tokens_seen=self._tokens(step),
+                       tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
+                       parents=[self.cfg.init_from] if self.cfg.init_from else [],
+                       extra={"steps": step, "seq_len": self.cfg.seq_len,
+                              "global_batch": self.cfg.global_batch})
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        if st.is_complete(self.out_dir):
+            self.log(f"{self.out_dir}: training already complete, nothing to do")
+            return {"out_dir": self.out_dir, "skipped": True}
+        if env.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            st.remove_stale_staging(self.out_dir)
+        barrier()
+        self.log(f"launcher {env.launcher}: {env.world_size} rank(s), {env.device}, "
+                 f"{cfg.distributed.parallel if env.distributed else 'single process'}")
+
+        self.mix, self.weights, self.manifest = build_mixture(cfg)
+        model = self._build_model()
+        self.resume_dir = self._latest_checkpoint()
+        ckpt = None
+        if self.resume_dir:
+            ckpt = st.load_train_checkpoint(self.resume_dir)
+            st.check_compatible(ckpt["trainer"]["config"], cfg.to_dict(), self.resume_dir)
+            self.seed_hash = ckpt["lineage"].seed_hash
+        elif cfg.init_from:
+            self.seed_hash = self._load_init(model)
+        else:
+            self.seed_hash = None
+
+        model = self._wrap(model)
+        optimizer = build_optimizer(model, cfg.optimizer, env.device)
+        start = 0
+        if ckpt is not None:
+            self._restore(model, optimizer, ckpt)
+            self.mix.load_state_dict(ckpt["trainer"]["data"])
+            start = int(ckpt["trainer"]["step"])
+            self.log(f"resuming {self.out_dir} from step {start} ({self.resume_dir})")
+            del ckpt
+        if env.is_main:
+            truncate_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), start)
+            atomic_write_text(os.path.join(self.out_dir, "config.yaml"), cfg.to_yaml())
+        return self._loop(model, optimizer, start)
+
+    def _loop(self, model, optimizer, start: int) -> dict:
+        from megablocks_ablate.utils.progress import progress
+
+        cfg, env = self.cfg, self.env
+        total, accum = cfg.train_steps, cfg.grad_accum_steps(env.world_size)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        is_ddp = hasattr(model, "no_sync")
+        is_fsdp = hasattr(model, "set_requires_gradient_sync")
+        params = [p for p in model.parameters() if p.requires_grad]
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        flops_tok = self.model_config.flops_per_token(cfg.seq_len)
+        peak = peak_tflops(env.device, cfg.logging.peak_tflops)
+        delay = float(os.environ.get(STEP_DELAY_ENV, 0) or 0)
+        metrics = MetricsLogger(self.out_dir, env.is_main, cfg.logging.tensorboard,
+                                cfg.logging.wandb_project, os.path.basename(self.out_dir),
+                                cfg.to_dict())
+        show = env.is_main and cfg.logging.progress
+        bar = progress(total=total, initial=start, desc=os.path.basename(self.out_dir) or "train",
+                       unit="step", disable=None if show else True)  # None: MBA_NO_PROGRESS decides
+        batches = self.mix.batches(cfg.global_batch, env.rank, env.world_size,
+                                   consumed_samples=self.mix.consumed_samples,
+                                   micro_batch=cfg.micro_batch)
+        model.train()
+        t_last, tokens_last, t0 = time.perf_counter(), 0, time.perf_counter()
+        loss_value = None
+        try:
+            for step in range(start, total):
+                set_lr(optimizer, lr_at(step, cfg))
+                loss_sum = torch.zeros((), device=env.device)
+                for micro in range(accum):
+                    batch = torch.from_numpy(next(batches)).to(env.device, non_blocking=True)
+                    last = micro == accum - 1
+                    if is_fsdp:
+                        model.set_requires_gradient_sync(last)
+                    sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+                    with sync, torch.autocast(env.device.type, torch.bfloat16, enabled=use_bf16):
+                        loss = model(batch[:, :-1], batch[:, 1:])
+                        (loss / accum).backward()
+                    loss_sum += loss.detach().float()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                bar.update(1)
+                if done % cfg.logging.every == 0 or done == total:
+                    loss_avg = all_reduce_mean(loss_sum / accum)
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor
+                        grad_norm = grad_norm.full_tensor()
+                    now = time.perf_counter()
+                    tokens = self._tokens(done) - self._tokens(start)
+                    tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, tokens
+                    loss_value = loss_avg.item()
+                    record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                              "grad_norm": float(grad_norm), "tokens": self._tokens(done),
+                              "tokens_per_s": round(tps, 1),
+                              "tflops_per_device": round(flops_tok * tps / env.world_size / 1e12, 4),
+                              "mfu": (round(flops_tok * tps / (peak * 1e12 * env.world_size), 4)
+                                      if peak else None),
+                              "elapsed_s": round(now - t0, 3)}
+                    metrics.log(record)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
+                    self._save(model, optimizer, done)
+                if delay:
+                    time.sleep(delay)
+            self._finish(model, optimizer, total, loss_value)
+        finally:
+            bar.close()
+            metrics.close()
+        return {"out_dir": self.out_dir, "steps": total, "start_step": start,
+                "tokens_seen": self._tokens(total), "final_loss": loss_value,
+                "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+    def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                        cpu_offload=True))
+        if self.env.is_main:
+            st.save_final(self.out_dir, model_sd, self.model_config.to_dict(), self._lineage(total),
+                          {"step": total, "tokens_seen": self._tokens(total), "final_loss": loss,
+                           "kind": self.cfg.kind, "units": list(self.weights)})
+            self.log(f"{self.out_dir}: done, {total} steps, {self._tokens(total)} tokens, "
+                     f"loss {loss}")
+        barrier()
