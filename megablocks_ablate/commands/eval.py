@@ -1,0 +1,116 @@
+"""`megablocks-ablate eval`: perplexity and bits per byte of checkpoints on evaluation domains.
+
+    megablocks-ablate eval --model runs/seed --eval-sets paloma/ --out results.json
+    megablocks-ablate eval --model a --model b --eval-sets data/ --tokenizer tok.model --out r.json
+    torchrun --nproc-per-node 8 -m megablocks_ablate eval --model runs/seed --eval-sets paloma/ --out r.json
+
+--eval-sets takes a directory of JSONL files (one domain per file), a preprocess output
+directory (its held-out files, one domain per partition), or files / globs / NAME=PATH.
+Documents are tokenized once per tokenizer and cached (--cache-dir). Several --model
+checkpoints are evaluated one after the other on the same in-memory data. Under torchrun,
+mpiexec or srun the documents are sharded over the ranks; rank 0 writes --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity / bits per byte of checkpoints on evaluation domains",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="CKPT",
+                   help="checkpoint directory (repeatable)")
+    p.add_argument("--eval-sets", nargs="+", required=True, metavar="PATH",
+                   help="directory of JSONL files, preprocess output directory, or files/globs/NAME=PATH")
+    p.add_argument("--out", required=True, help="results JSON (written atomically by rank 0)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file (default: the one the checkpoint's lineage records)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="labels scored per window after the first (default: max length, "
+                        "non-overlapping windows); smaller = sliding windows with more context")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass (default 16384)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tokenized eval cache (default $MBA_CACHE_DIR/eval, "
+                        "else ~/.cache/megablocks_ablate/eval)")
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--on-bad-line", choices=("error", "skip"), default="error",
+                   help="invalid JSONL lines: stop with file:line (default) or skip and count")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="default auto: this rank's GPU if CUDA is available, else cpu")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per model")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from megablocks_ablate.errors import ConfigError
+    from megablocks_ablate.train.distributed import destroy_distributed, init_distributed
+
+    for name in ("stride", "max_len", "batch_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    denv = init_distributed(device=args.device or "auto")
+    try:
+        return _run(args, denv)
+    finally:
+        if owns_group:
+            destroy_distributed()
+
+
+def _run(args: argparse.Namespace, denv) -> int:
+    import os
+
+    from megablocks_ablate.evaluate import EvalSuite, evaluate, results_table
+    from megablocks_ablate.evaluate.checkpoint import check_tokenizer, load_model, resolve_tokenizer
+    from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
+    from megablocks_ablate.train.checkpoint import read_checkpoint_meta
+    from megablocks_ablate.utils.atomic import atomic_write_json
+
+    rank, world, device = denv.rank, denv.world_size, denv.device
+
+    # Every checkpoint's lineage first: a tokenizer mismatch fails before any work.
+    metas = {ckpt: read_checkpoint_meta(ckpt)[1] for ckpt in args.model}
+    first = args.model[0]
+    tokenizer = resolve_tokenizer(metas[first], first, args.tokenizer)
+    for ckpt, lineage in metas.items():
+        check_tokenizer(lineage.tokenizer_fingerprint, tokenizer.fingerprint,
+                        f"tokenizer {tokenizer.path}", ckpt)
+
+    suite = EvalSuite.load(args.eval_sets, tokenizer, cache_dir=args.cache_dir,
+                           text_key=args.text_key, on_bad_line=args.on_bad_line)
+    out = {"format": "megablocks-ablate/eval@1",
+           "settings": {"stride": args.stride, "max_len": args.max_len,
+                        "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS,
+                        "world_size": world, "text_key": args.text_key,
+                        "on_bad_line": args.on_bad_line},
+           "tokenizer": tokenizer.describe(), "eval_sets": suite.describe(),
+           "skipped_domains": suite.skipped_domains, "models": {}}
+    for ckpt in args.model:
+        model, lineage = load_model(ckpt, device=device)
+        results = evaluate(model, suite, stride=args.stride, max_len=args.max_len,
+                           batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
+                           tokenizer_fingerprint=lineage.tokenizer_fingerprint,
+                           show_progress=args.progress and rank == 0)
+        out["models"][ckpt] = {"lineage": lineage.to_dict(), "max_len": model.cfg.max_seq_len
+                               if args.max_len is None else args.max_len,
+                               "results": {d: r.to_dict() for d, r in results.items()}}
+        if rank == 0:
+            print(f"{ckpt}:\n{results_table(results)}")
+        del model
+    if rank == 0:
+        parent = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(parent, exist_ok=True)
+        atomic_write_json(args.out, out)
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,92 @@
+"""`megablocks-ablate eval` and tools/eval_perplexity.py (commands/eval.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+
+from megablocks_ablate.cli import main
+from megablocks_ablate.evaluate import EvalSuite, evaluate
+from megablocks_ablate.evaluate.checkpoint import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_eval_command_writes_results(tiny_checkpoint, eval_dir, sp_model_path, tmp_path, capsys):
+    out = tmp_path / "res" / "results.json"
+    cache = str(tmp_path / "cache")
+    rc = main(["eval", "--model", tiny_checkpoint, "--eval-sets", eval_dir, "--out", str(out),
+               "--cache-dir", cache, "--stride", "16"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["format"] == "megablocks-ablate/eval@1"
+    assert data["settings"]["stride"] == 16 and data["settings"]["world_size"] == 1
+    got = data["models"][tiny_checkpoint]["results"]
+    # the same numbers as the library call with the lineage's tokenizer
+    model, _ = load_model(tiny_checkpoint)
+    ref = evaluate(model, EvalSuite.load(eval_dir, sp_model_path, cache_dir=cache), stride=16)
+    assert set(got) == {"bio", "cs", "mixed"}
+    for d, r in ref.items():
+        assert got[d]["perplexity"] == r.perplexity
+        assert got[d]["bits_per_byte"] == r.bits_per_byte
+        assert got[d]["tokens"] == r.tokens and got[d]["documents"] == r.documents
+    assert data["eval_sets"]["mixed"]["empty_documents"] == 1
+    assert "bio" in capsys.readouterr().out
+
+
+def test_tool_script_same_as_command(tiny_checkpoint, eval_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("eval_perplexity",
+                                                  os.path.join(ROOT, "tools", "eval_perplexity.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "r.json"
+    two = str(tmp_path / "second")
+    shutil.copytree(tiny_checkpoint, two)
+    rc = tool.main(["--model", tiny_checkpoint, "--model", two, "--eval-sets",
+                    f"{eval_dir}/bio.jsonl", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    assert rc == 0
+    models = json.loads(out.read_text())["models"]
+    assert models[tiny_checkpoint]["results"] == models[two]["results"]
+    assert list(models[two]["results"]) == ["bio"]
+
+
+def _with_lineage(src: str, dst: str, **changes) -> str:
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "lineage.json")
+    with open(path) as f:
+        lineage = json.load(f)
+    lineage.update(changes)
+    with open(path, "w") as f:
+        json.dump(lineage, f)
+    return dst
+
+
+def test_refuses_tokenizer_other_than_the_models(tiny_checkpoint, eval_dir, tmp_path, capsys):
+    other = _with_lineage(tiny_checkpoint, str(tmp_path / "other"), tokenizer_fingerprint="ab" * 32)
+    rc = main(["eval", "--model", other, "--eval-sets", eval_dir, "--out", str(tmp_path / "r.json"),
+               "--cache-dir", str(tmp_path / "c")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "tokenizer fingerprint" in err and "abababab" in err and other in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_tokenizer_and_bad_inputs_are_clear_errors(tiny_checkpoint, eval_dir, tmp_path, capsys):
+    none = _with_lineage(tiny_checkpoint, str(tmp_path / "none"), extra={})
+    out = str(tmp_path / "r.json")
+    assert main(["eval", "--model", none, "--eval-sets", eval_dir, "--out", out]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--eval-sets", eval_dir, "--out", out]) == 2
+    assert "checkpoint directory does not exist" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_checkpoint, "--eval-sets", str(tmp_path / "x.jsonl"),
+                 "--out", out, "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--model", tiny_checkpoint, "--eval-sets", eval_dir, "--out", out,
+                 "--stride", "0"]) == 2
+    assert "--stride" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--eval-sets", eval_dir, "--out", out])  # --model is required

@@ -1,0 +1,75 @@
+"""Distributed evaluation: 2 gloo ranks under torchrun and mpiexec equal 1 rank bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "_eval_worker.py")
+BIN = os.path.dirname(sys.executable)
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_",
+                                "SLURM_"))}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env.update(OMP_NUM_THREADS="1", MBA_NO_PROGRESS="1",
+               PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+@pytest.fixture(scope="module")
+def single(eval_dir, sp_model_path, tmp_path_factory):
+    """The one-process result, computed in this process with the same thread count."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(WORKER))
+    try:
+        from _eval_worker import run
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(eval_dir, sp_model_path, str(tmp_path_factory.mktemp("cache1")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check(out_dir, single):
+    results = []
+    for r in range(2):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            data = json.load(f)
+        assert data["world"] == 2
+        results.append(data["result"])
+    assert results[0] == results[1] == single
+
+
+def _run(cmd, timeout=120):
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_torchrun_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
+    # --standalone: the agent picks a free rendezvous port itself
+    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", WORKER, eval_dir,
+           sp_model_path, str(tmp_path / "cache"), str(tmp_path)]
+    _run(cmd)
+    _check(str(tmp_path), single)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None,
+                    reason="mpiexec not installed (pip install mpich)")
+def test_mpiexec_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
+    # rank 0 picks a free port and broadcasts it over MPI (train/distributed.py)
+    cmd = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, WORKER, eval_dir,
+           sp_model_path, str(tmp_path / "cache"), str(tmp_path)]
+    _run(cmd)
+    _check(str(tmp_path), single)
