@@ -1,0 +1,329 @@
+"""Mixtures of partitions, the proxies that score them, and what they cost.
+
+A **mixture** is a set of partitions; a partition is a group of base units (the
+paper's §2.2: partitions of interest ``P_i``, split into equal-size base units
+``B_j``). Every merged proxy is ONE weight vector over the mixture's unit models:
+
+=========  =============================================================  ==========
+proxy      definition                                                     needs
+=========  =============================================================  ==========
+macro      unit u of partition g gets ``(1/G)(1/|g|)``: average within    a merge
+           each partition, then across the G partitions (§5.2)
+micro      every unit ``1/n``: uniform over all the mixture's units       a merge
+merged     uniform over the mixture's component models. The pool holds    a merge
+           unit models only, so the components are the units and
+           ``merged == micro`` (and ``== macro`` when every partition is
+           one unit, as in the paper's §5.1). The paper's §5.2 "merged"
+           averages models trained on whole partitions for |g|x the
+           budget; those are not in a pool of unit models.
+mean_ind   mean of the components' own perplexities (no merge): each      unit evals
+           partition's mean unit-model perplexity, averaged over the
+           partitions (the macro weighting of perplexities; the plain
+           mean over units when partitions are units)
+ind_id     in-domain only (the paper's "ind ID"): on the held-out set     unit evals
+           of a training partition P of the mixture, the perplexity of
+           the component trained on P (mean over P's units); on the
+           mixture's own combined held-out set (:data:`ID_DOMAIN`), the
+           mean over components of each one's perplexity on its own
+           held-out set. Undefined (None) on every other domain: the
+           paper leaves it blank ("-") out of domain.
+=========  =============================================================  ==========
+
+The mixture's **in-domain** evaluation (the paper's "ID" rows) is the union of the
+held-out sets of its partitions; its perplexity is pooled from the per-domain results
+by summing NLL and tokens (:func:`pool`), so no extra evaluation pass is needed.
+
+Cost (§2.1.1): each unit model is trained once on ``unit_tokens``; a seq model for a
+mixture of n units trains on ``n * unit_tokens`` (:func:`seq_tokens`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from megablocks_ablate.data.mixture import partition_balanced_weights
+
+MERGE_PROXIES = ("merged", "macro", "micro")
+IND_PROXIES = ("mean_ind", "ind_id")
+PROXIES = MERGE_PROXIES + IND_PROXIES
+SEQ = "seq"          # the proxy name under which seq (truly trained) models are stored
+IND = "ind"          # single unit-model evaluations, the inputs of mean_ind and ind_id
+ID_DOMAIN = "ID"     # the mixture's own combined held-out set (pooled)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+@dataclass(frozen=True)
+class Mixture:
+    """A set of partitions, each a tuple of unit names; immutable and hashable.
+
+    Build with :meth:`of`, which sorts partitions and units so that the same set
+    always has the same :attr:`id`, whatever order it was written in.
+    """
+
+    groups: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @classmethod
+    def of(cls, partitions: Mapping[str, Sequence[str]]) -> "Mixture":
+        if not partitions:
+            raise ValueError("a mixture needs at least one partition")
+        groups = []
+        for name, units in partitions.items():
+            if not units:
+                raise ValueError(f"partition {name!r} of the mixture has no units")
+            groups.append((str(name), tuple(sorted(units))))
+        return cls(tuple(sorted(groups)))
+
+    @property
+    def partitions(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.groups)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Partition names, sorted."""
+        return tuple(g for g, _ in self.groups)
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        return tuple(u for _, us in self.groups for u in us)
+
+    @property
+    def k(self) -> int:
+        """Number of partitions (the paper's k)."""
+        return len(self.groups)
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.names)
+
+    @property
+    def id(self) -> str:
+        """Stable 16-hex id: a hash of the sorted partitions and their sorted units."""
+        canon = json.dumps([[g, list(us)] for g, us in self.groups], separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {"partitions": {g: list(us) for g, us in self.groups}}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "Mixture":
+        return cls.of(data["partitions"])
+
+
+def make_mixtures(names_list: Iterable[Sequence[str]],
+                  partitions: Mapping[str, Sequence[str]]) -> list[Mixture]:
+    """Mixtures from lists of partition names (looked up in ``partitions``)."""
+    return [Mixture.of({p: partitions[p] for p in names}) for names in names_list]
+
+
+def k_subsets(names: Sequence[str], k: int) -> list[tuple[str, ...]]:
+    """Every k-subset of the partitions, in lexicographic order of ``names``."""
+    _check_k(names, k)
+    return list(itertools.combinations(names, k))
+
+
+def random_subsets(names: Sequence[str], k: int, n: int, seed: int) -> list[tuple[str, ...]]:
+    """``n`` distinct k-subsets drawn uniformly without replacement (all if fewer exist).
+
+    Deterministic for (names, k, n, seed). Small spaces are enumerated and sampled by
+    index; large ones (e.g. 5-subsets of 128) by rejection of repeated draws.
+    """
+    _check_k(names, k)
+    if n < 1:
+        raise ValueError(f"random mixtures: n must be >= 1, got {n}")
+    total = math.comb(len(names), k)
+    rng = np.random.default_rng(seed)
+    if total <= 200_000:
+        combos = list(itertools.combinations(names, k))
+        if n >= total:
+            return combos
+        pick = np.sort(rng.choice(total, size=n, replace=False))
+        return [combos[i] for i in pick]
+    seen: dict[tuple[int, ...], None] = {}
+    while len(seen) < n:
+        seen.setdefault(tuple(sorted(int(i) for i in rng.choice(len(names), k, replace=False))))
+    return [tuple(names[i] for i in c) for c in seen]
+
+
+def leave_one_out(base: Sequence[str]) -> list[tuple[str, ...]]:
+    """The base mixture and each mixture missing one of its partitions."""
+    base = tuple(base)
+    if len(base) < 2:
+        raise ValueError("leave_one_out needs a base mixture of at least 2 partitions")
+    return [base] + [tuple(p for p in base if p != drop) for drop in base]
+
+
+def add_one(base: Sequence[str], names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The base mixture and the base plus each partition not in it."""
+    base = tuple(base)
+    extra = [p for p in names if p not in base]
+    if not extra:
+        raise ValueError("add_one: the base mixture already holds every partition")
+    return [base] + [base + (p,) for p in extra]
+
+
+def _check_k(names: Sequence[str], k: int) -> None:
+    if not 1 <= k <= len(names):
+        raise ValueError(f"k={k} must be between 1 and the number of partitions ({len(names)})")
+
+
+# ----------------------------------------------------------------------------- weights
+
+def proxy_weights(mixture: Mixture, proxy: str) -> dict[str, float]:
+    """The weight vector (unit -> weight, summing to 1) of a merged proxy."""
+    if proxy == "macro":
+        return partition_balanced_weights(mixture.partitions)
+    if proxy in ("micro", "merged"):
+        units = mixture.units
+        return {u: 1.0 / len(units) for u in units}
+    if proxy in IND_PROXIES:
+        raise ValueError(f"proxy {proxy!r} is not a merge: it averages unit-model perplexities "
+                         "(see mean_ind / ind_id)")
+    raise ValueError(f"unknown proxy {proxy!r} (known: {', '.join(PROXIES)})")
+
+
+def weights_key(weights: Mapping[str, float]) -> str:
+    """A canonical string for a weight vector (to evaluate identical merges once)."""
+    return json.dumps({u: round(w, 12) for u, w in sorted(weights.items())},
+                      separators=(",", ":"))
+
+
+def merge_plan(mixture: Mixture, proxies: Iterable[str]) -> list[tuple[dict[str, float], list[str]]]:
+    """Distinct merges a mixture needs: ``[(weights, [proxies sharing them]), ...]``.
+
+    ``merged`` and ``micro`` are always the same vector, and all three are when every
+    partition is one unit, so a runner evaluates one live model for all of them.
+    """
+    plan: dict[str, tuple[dict[str, float], list[str]]] = {}
+    for proxy in proxies:
+        if proxy not in MERGE_PROXIES:
+            continue
+        w = proxy_weights(mixture, proxy)
+        plan.setdefault(weights_key(w), (w, []))[1].append(proxy)
+    return list(plan.values())
+
+
+# ----------------------------------------------------------------------------- scores
+
+@dataclass(frozen=True)
+class Score:
+    """One evaluation: summed NLL (nats) over ``tokens`` predicted tokens of ``bytes`` bytes."""
+
+    nll_sum: float
+    tokens: int
+    bytes: int = 0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll_sum / math.log(2) / self.bytes if self.bytes else math.nan
+
+
+def pool(scores: Iterable[Score]) -> Score:
+    """The score of the union of the evaluated sets: NLL, tokens and bytes summed."""
+    scores = list(scores)
+    return Score(math.fsum(s.nll_sum for s in scores), sum(s.tokens for s in scores),
+                 sum(s.bytes for s in scores))
+
+
+def in_domain_sets(mixture: Mixture, domain_units: Mapping[str, Sequence[str]]) -> list[str]:
+    """Evaluation domains that are held-out sets of the mixture's training data.
+
+    ``domain_units`` maps a held-out domain to the units trained on its partition
+    (from :class:`~megablocks_ablate.ablate.spec.Study`).
+    """
+    units = set(mixture.units)
+    return sorted(d for d, us in domain_units.items() if set(us) & units)
+
+
+def mean_ind(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean over the mixture's partitions of their units' mean perplexity on ``domain``.
+
+    ``ind[unit][domain]`` is the unit model's perplexity (``ID_DOMAIN`` included when
+    the caller pooled it for this mixture). Missing evaluations raise KeyError.
+    """
+    return float(np.mean([np.mean([ind[u][domain] for u in us]) for _, us in mixture.groups]))
+
+
+def ind_id(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float]],
+           domain_units: Mapping[str, Sequence[str]]) -> float | None:
+    """The paper's "ind ID": in-domain perplexity of the components, else None.
+
+    * ``domain`` is the held-out set of a partition the mixture trains on: the mean
+      perplexity on it of the mixture's units trained on that partition;
+    * ``domain == ID_DOMAIN``: mean over the mixture's partitions of each component's
+      perplexity on its own held-out set(s) (``ind[u][d]`` for d in its in-domain sets);
+    * any other domain: None (undefined out of domain).
+    """
+    units = set(mixture.units)
+    if domain == ID_DOMAIN:
+        per_group = []
+        for _, us in mixture.groups:
+            vals = [ind[u][d] for u in us for d, dus in domain_units.items() if u in dus]
+            if not vals:
+                return None
+            per_group.append(np.mean(vals))
+        return float(np.mean(per_group))
+    trained = [u for u in domain_units.get(domain, ()) if u in units]
+    if not trained:
+        return None
+    return float(np.mean([ind[u][domain] for u in trained]))
+
+
+# ----------------------------------------------------------------------------- cost
+
+def seq_tokens(mixture: Mixture, unit_tokens: int) -> int:
+    """Token budget of the mixture's seq model: one unit budget per unit it holds."""
+    return len(mixture.units) * int(unit_tokens)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Training tokens of a study, modular (ours) vs one seq model per mixture (naive)."""
+
+    units_trained: int
+    unit_tokens: int
+    mixtures: int
+    seq_models: int
+    seq_validation_tokens: int   # seq models actually trained to validate the proxies
+    naive_tokens: int            # a seq model for every scored mixture
+
+    @property
+    def modular_tokens(self) -> int:
+        return self.units_trained * self.unit_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.modular_tokens + self.seq_validation_tokens
+
+    @property
+    def savings(self) -> float:
+        """naive / modular: how many times cheaper scoring by merging is."""
+        return self.naive_tokens / self.modular_tokens if self.modular_tokens else math.inf
+
+    def to_dict(self) -> dict:
+        return {"units_trained": self.units_trained, "unit_tokens": self.unit_tokens,
+                "modular_tokens": self.modular_tokens, "mixtures": self.mixtures,
+                "seq_models": self.seq_models, "seq_validation_tokens": self.seq_validation_tokens,
+                "naive_tokens": self.naive_tokens, "total_tokens": self.total_tokens,
+                "savings": self.savings}
+
+
+def study_cost(mixtures: Sequence[Mixture], validation: Sequence[Mixture],
+               unit_tokens: int) -> Cost:
+    """Cost of scoring ``mixtures`` by merging (every unit used trained once)."""
+    units = {u for m in mixtures for u in m.units}
+    return Cost(units_trained=len(units), unit_tokens=int(unit_tokens), mixtures=len(mixtures),
+                seq_models=len(validation),
+                seq_validation_tokens=sum(seq_tokens(m, unit_tokens) for m in validation),
+                naive_tokens=sum(seq_tokens(m, unit_tokens) for m in mixtures))

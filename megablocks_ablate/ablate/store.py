@@ -1,0 +1,279 @@
+"""The results store: one SQLite file per study, safe to kill, resume and share.
+
+Tables::
+
+    mixtures(id PK, label, members JSON, k, n_units)
+    results(mixture_id, proxy, domain, perplexity, bits_per_byte, nll_sum, tokens,
+            bytes, provenance JSON, created; PK (mixture_id, proxy, domain))
+    unit_results(unit, domain, perplexity, bits_per_byte, nll_sum, tokens, bytes,
+                 provenance JSON, created; PK (unit, domain))
+    meta(key PK, value JSON)
+
+``results`` holds the merged proxies (``merged``, ``macro``, ``micro``) and the seq
+models (proxy ``seq``); ``unit_results`` holds each unit model's own evaluations, from
+which ``mean_ind`` and ``ind_id`` are derived at analysis time (they are averages of
+perplexities, not models). NLL sums and token counts are kept so results on several
+domains can be pooled exactly (a mixture's own held-out sets, :mod:`.mixtures`).
+
+**Resume.** Rows are written with ``INSERT OR IGNORE`` on their key, a batch (e.g.
+all domains of one merge) per transaction: a run killed at any moment leaves whole
+batches, and its rerun skips what :meth:`ResultStore.done` reports, so nothing is
+lost or duplicated. A row offered again with a different evaluation-set fingerprint
+is refused rather than silently ignored.
+
+**Sharding.** Any number of processes (ranks) may open the same file and write
+concurrently: WAL journal (readers never block the writer) and a busy timeout
+serialise the short write transactions. WAL needs shared memory between the writers,
+so on a network filesystem (NFS, Lustre) pass ``wal=False`` (rollback journal).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+from megablocks_ablate.ablate.mixtures import Mixture, Score
+from megablocks_ablate.errors import MBAError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mixtures (
+    id TEXT PRIMARY KEY, label TEXT NOT NULL, members TEXT NOT NULL,
+    k INTEGER NOT NULL, n_units INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    mixture_id TEXT NOT NULL, proxy TEXT NOT NULL, domain TEXT NOT NULL,
+    perplexity REAL, bits_per_byte REAL, nll_sum REAL NOT NULL, tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, provenance TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (mixture_id, proxy, domain));
+CREATE TABLE IF NOT EXISTS unit_results (
+    unit TEXT NOT NULL, domain TEXT NOT NULL,
+    perplexity REAL, bits_per_byte REAL, nll_sum REAL NOT NULL, tokens INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, provenance TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (unit, domain));
+"""
+
+
+class StoreError(MBAError):
+    """The results store is unusable or was offered inconsistent results."""
+
+
+def code_version() -> str:
+    from megablocks_ablate import __version__
+
+    return __version__
+
+
+def make_provenance(*, unit_hashes: Mapping[str, str] | None = None,
+                    weights: Mapping[str, float] | None = None,
+                    eval_fingerprint: str | None = None, **extra: Any) -> dict:
+    """The provenance record of one evaluation (JSON-serialisable)."""
+    prov: dict[str, Any] = {"code_version": code_version(), "timestamp": time.time()}
+    if unit_hashes is not None:
+        prov["unit_hashes"] = dict(unit_hashes)
+    if weights is not None:
+        prov["weights"] = dict(weights)
+    if eval_fingerprint is not None:
+        prov["eval_fingerprint"] = eval_fingerprint
+    prov.update(extra)
+    return prov
+
+
+@dataclass(frozen=True)
+class Result:
+    """One (mixture, proxy, domain) row (or, in ``unit_results``, one (unit, domain))."""
+
+    subject: str          # mixture id, or unit name for unit results
+    proxy: str            # merged / macro / micro / seq, or "ind" for unit results
+    domain: str
+    score: Score
+    provenance: dict = field(default_factory=dict)
+    created: float = 0.0
+
+    @property
+    def perplexity(self) -> float:
+        return self.score.perplexity
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.score.bits_per_byte
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+class ResultStore:
+    """A study's results in one SQLite file (see the module docstring).
+
+    Use as a context manager, or call :meth:`close`. One instance per process.
+    """
+
+    def __init__(self, path: str, *, timeout_s: float = 120.0, wal: bool = True):
+        self.path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        try:
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a writer takes
+            # the write lock up front and waits (busy timeout) instead of failing midway.
+            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+            if wal:
+                self._set_wal(timeout_s)
+            self._db.execute("PRAGMA synchronous = NORMAL" if wal else "PRAGMA synchronous = FULL")
+            with self._write():
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(stmt)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                 (json.dumps(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: cannot open results store: {e}") from None
+        version = self.get_meta("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: results store schema {version}, this code reads "
+                             f"{SCHEMA_VERSION}")
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _set_wal(self, timeout_s: float) -> None:
+        """Switch to WAL. Changing the journal mode can fail with "database is locked"
+        without waiting on the busy handler when ranks open a new store at the same
+        moment, so retry until the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    class _Txn:
+        def __init__(self, db: sqlite3.Connection):
+            self.db = db
+
+        def __enter__(self):
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb):
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _write(self) -> "_Txn":
+        return ResultStore._Txn(self._db)
+
+    # -- meta ----------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    # -- mixtures ------------------------------------------------------------------------
+    def add_mixtures(self, mixtures: Iterable[Mixture]) -> int:
+        """Record mixtures (idempotent); returns how many were new."""
+        rows = [(m.id, m.label, json.dumps(m.to_json()), m.k, len(m.units)) for m in mixtures]
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO mixtures VALUES (?, ?, ?, ?, ?)", rows)
+            return db.total_changes - before
+
+    def mixtures(self) -> dict[str, Mixture]:
+        return {i: Mixture.from_json(json.loads(m))
+                for i, m in self._db.execute("SELECT id, members FROM mixtures ORDER BY rowid")}
+
+    # -- results -------------------------------------------------------------------------
+    def add_results(self, rows: Iterable[Result]) -> int:
+        """Insert mixture results in one transaction; returns how many were new.
+
+        A row whose key exists is ignored (resume), unless its provenance carries an
+        ``eval_fingerprint`` different from the stored one: then StoreError.
+        """
+        return self._insert("results", "mixture_id", rows)
+
+    def add_unit_results(self, rows: Iterable[Result]) -> int:
+        """Insert unit-model results (``subject`` = unit name); see :meth:`add_results`."""
+        return self._insert("unit_results", "unit", rows)
+
+    def _insert(self, table: str, key: str, rows: Iterable[Result]) -> int:
+        rows = list(rows)
+        new = 0
+        now = time.time()
+        with self._write() as db:
+            for r in rows:
+                s = r.score
+                values = [r.subject] + ([r.proxy] if table == "results" else []) + [
+                    r.domain, _num(s.perplexity), _num(s.bits_per_byte), float(s.nll_sum),
+                    int(s.tokens), int(s.bytes), json.dumps(r.provenance, sort_keys=True),
+                    r.created or now]
+                marks = ", ".join("?" * len(values))
+                cur = db.execute(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", values)
+                if cur.rowcount:
+                    new += 1
+                    continue
+                self._check_same_eval(db, table, key, r)
+        return new
+
+    def _check_same_eval(self, db, table: str, key: str, r: Result) -> None:
+        fp = r.provenance.get("eval_fingerprint")
+        if fp is None:
+            return
+        where = f"{key} = ? AND domain = ?" + (" AND proxy = ?" if table == "results" else "")
+        args = [r.subject, r.domain] + ([r.proxy] if table == "results" else [])
+        (prov,) = db.execute(f"SELECT provenance FROM {table} WHERE {where}", args).fetchone()
+        old = json.loads(prov).get("eval_fingerprint")
+        if old is not None and old != fp:
+            raise StoreError(
+                f"{self.path}: {table} already holds {r.subject}/{r.proxy}/{r.domain} evaluated "
+                f"on a different evaluation set (fingerprint {old} vs {fp}); use a new study "
+                "directory or delete the store")
+
+    def done(self, mixture_id: str, proxy: str, domains: Sequence[str]) -> bool:
+        """Whether every one of ``domains`` has a result for (mixture, proxy)."""
+        return set(domains) <= self.done_domains(mixture_id, proxy)
+
+    def done_domains(self, mixture_id: str, proxy: str) -> set[str]:
+        return {d for (d,) in self._db.execute(
+            "SELECT domain FROM results WHERE mixture_id = ? AND proxy = ?", (mixture_id, proxy))}
+
+    def unit_done(self, unit: str, domains: Sequence[str]) -> bool:
+        got = {d for (d,) in self._db.execute(
+            "SELECT domain FROM unit_results WHERE unit = ?", (unit,))}
+        return set(domains) <= got
+
+    def results(self, proxy: str | None = None) -> list[Result]:
+        sql = ("SELECT mixture_id, proxy, domain, nll_sum, tokens, bytes, provenance, created "
+               "FROM results")
+        args: tuple = ()
+        if proxy is not None:
+            sql, args = sql + " WHERE proxy = ?", (proxy,)
+        return [Result(m, p, d, Score(n, t, b), json.loads(pv), c)
+                for m, p, d, n, t, b, pv, c in self._db.execute(sql + " ORDER BY rowid", args)]
+
+    def unit_results(self) -> list[Result]:
+        return [Result(u, "ind", d, Score(n, t, b), json.loads(pv), c)
+                for u, d, n, t, b, pv, c in self._db.execute(
+                    "SELECT unit, domain, nll_sum, tokens, bytes, provenance, created "
+                    "FROM unit_results ORDER BY rowid")]
+
+    def count(self, table: str = "results") -> int:
+        if table not in ("results", "unit_results", "mixtures"):
+            raise ValueError(f"unknown table {table!r}")
+        return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]

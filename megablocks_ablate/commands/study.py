@@ -1,0 +1,84 @@
+"""`megablocks-ablate study`: plan a data-ablation study and report its results.
+
+    megablocks-ablate study plan configs/studies/demo.yaml [key=value ...]
+    megablocks-ablate study report --store runs/demo/results.sqlite [--out report/]
+    megablocks-ablate study report configs/studies/demo.yaml
+
+``plan`` checks the spec against the preprocessed data (every error names the spec
+field) and prints the partitions, every mixture, the seq validation mixtures, the
+evaluation domains and the training cost, before anything is trained. ``report``
+writes ``report/`` from a study's results store (see docs/studies.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="plan a data-ablation study, or report its results",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="study_command", metavar="ACTION")
+    actions.required = True
+
+    plan = actions.add_parser("plan", help="check a study spec and print the plan and its cost")
+    plan.add_argument("spec", help="study YAML (see configs/studies/)")
+    plan.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    plan.add_argument("--print-config", action="store_true",
+                      help="print the resolved spec as YAML and exit")
+    plan.set_defaults(func=run_plan)
+
+    report = actions.add_parser("report", help="write report/ from a study's results store")
+    report.add_argument("spec", nargs="?", help="study YAML (the store is <out_dir>/results.sqlite)")
+    report.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    report.add_argument("--store", help="results store (instead of a spec)")
+    report.add_argument("--out", help="report directory (default: report/ beside the store)")
+    report.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for confidence intervals (default 1000)")
+    report.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    report.add_argument("--top-k", type=int, default=3, help="k of the top-k agreement")
+    report.add_argument("--no-plots", action="store_true", help="skip the PNG scatter plots")
+    report.set_defaults(func=run_report)
+
+
+STORE_NAME = "results.sqlite"
+
+
+def store_path(out_dir: str) -> str:
+    """Where a study keeps its results store."""
+    return os.path.join(out_dir, STORE_NAME)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
+
+    spec = StudySpec.load(args.spec, args.overrides)
+    if args.print_config:
+        print(spec.to_yaml(), end="")
+        return 0
+    print(describe_plan(resolve(spec)))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.report import write_report
+    from megablocks_ablate.ablate.store import ResultStore
+    from megablocks_ablate.errors import ConfigError
+
+    if bool(args.spec) == bool(args.store):
+        raise ConfigError("study report: give a study spec or --store PATH (one of them)")
+    if args.spec:
+        from megablocks_ablate.ablate.spec import StudySpec
+
+        path = store_path(StudySpec.load(args.spec, args.overrides).out_dir)
+    else:
+        path = args.store
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no results store (run the study first)")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "report")
+    with ResultStore(path) as store:
+        summary = write_report(store, out, n_boot=args.bootstrap, seed=args.seed,
+                               top_k=args.top_k, plots=not args.no_plots)
+    print(summary.headline())
+    return 0
