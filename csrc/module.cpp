@@ -4,4 +4,5 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "megablocks-ablate C++ helpers (dataset index building, merge kernels)";
   mba::register_dataset_index(m);
+  mba::register_merge(m);
 }

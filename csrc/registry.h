@@ -5,4 +5,5 @@
 
 namespace mba {
 void register_dataset_index(pybind11::module_& m);
+void register_merge(pybind11::module_& m);
 }  // namespace mba

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "megablocks_ablate.commands.index",
     "megablocks_ablate.commands.train",
     "megablocks_ablate.commands.export_hf",
+    "megablocks_ablate.commands.merge",
     "megablocks_ablate.commands.eval",
     "megablocks_ablate.commands.study",
     "megablocks_ablate.commands.demo",
