@@ -59,16 +59,17 @@ def micro_weights(units: Sequence[str]) -> dict[str, float]:
 
 
 def macro_weights(partitions: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """Average within each partition, then across: unit u in g gets (1/G)(1/|g|)."""
-    if not partitions:
-        raise ConfigError("macro merge: no partitions")
-    out: dict[str, float] = {}
-    for name, units in partitions.items():
-        if not units:
-            raise ConfigError(f"macro merge: partition {name!r} has no units")
-        for u in units:
-            out[u] = out.get(u, 0.0) + 1.0 / (len(partitions) * len(units))
-    return out
+    """Average within each partition, then across: unit u in g gets (1/G)(1/|g|).
+
+    The same vector as the data side's equal-partition upsampling, so one function
+    (:func:`megablocks_ablate.data.mixture.partition_balanced_weights`) defines both.
+    """
+    from megablocks_ablate.data.mixture import partition_balanced_weights
+
+    try:
+        return partition_balanced_weights(partitions)
+    except ValueError as e:
+        raise ConfigError(f"macro merge: {e}") from None
 
 
 # ----------------------------------------------------------------------------- reduction
