@@ -1,92 +1,167 @@
-"""The built-in demo: the pipeline that exists today, end to end, on CPU, in seconds.
+"""The built-in demo: a complete data-ablation study on CPU, in minutes, no download.
 
-1. write a synthetic corpus (4 fields of study, years 1990-2022) and a separate
-   evaluation set that shares a few paragraphs with the corpus;
-2. train a SentencePiece tokenizer on it;
-3. preprocess: partitions by field of study, base units ordered by year, held-out
-   split, decontamination against the evaluation set;
-4. pack a mixture of two partitions with the paper's equal-partition weights into
-   training samples and read a global batch split over 2 data-parallel ranks.
+1. **corpus**: text of this machine's Python standard library
+   (:mod:`megablocks_ablate.data.stdlib_corpus`): 8 partitions (``docs`` and seven code
+   families) plus a separate seed corpus; or the user's JSONL (``--corpus``) with a
+   metadata field naming the partition;
+2. **tokenizer**: a 2,048-piece SentencePiece BPE trained on it;
+3. **preprocess**: partitions by domain, base units, a 2% held-out set per partition
+   (the evaluation domains);
+4. **study**: ``<out>/study.yaml`` (a normal study spec; rerun or edit it with
+   ``megablocks-ablate study run``): one base unit per partition, every k-subset of
+   the partitions as a mixture, ``n_seq`` of them validated by seq models;
+5. **run**: seed model, unit models, seq models, then every mixture scored by an
+   in-memory merge of its unit models (:mod:`.runner`);
+6. **report**: ``<out>/study/report/`` and the headline figures.
 
-Training unit models, merging and evaluating mixtures join the demo as those parts
-land (see the project's issues).
+Every step skips what is already done, so rerunning after a kill continues.
+Sizes (:class:`DemoSettings`) were chosen to finish in about 10 minutes on 2 busy CPU
+cores; measured figures are in the README and docs/user-guide.md.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import dataclass, field
 
-from megablocks_ablate.data.synthetic import iter_documents, write_corpus
+import yaml
 
-DEMO_DOCS = 4000
-DEMO_VOCAB = 1024
-DEMO_UNIT_TOKENS = 40_000
-DEMO_SEQ_LEN = 256
+from megablocks_ablate.errors import ConfigError
 
 
-def _write_eval_set(path: str, corpus: str, n_shared: int = 5) -> None:
-    """An evaluation set: fresh documents plus a few paragraphs copied from the corpus."""
-    with open(corpus, encoding="utf-8") as f:
-        leaked = [json.loads(next(f))["text"].split("\n\n")[0] for _ in range(n_shared)]
-    with open(path, "w", encoding="utf-8") as out:
-        for d in iter_documents(200, seed=99):
-            out.write(json.dumps({"text": d["text"]}) + "\n")
-        for text in leaked:
-            out.write(json.dumps({"text": text}) + "\n")
+@dataclass
+class DemoSettings:
+    out: str = "demo_out"
+    corpus: str | None = None          # user JSONL; default: the built-in stdlib corpus
+    seed_corpus: str | None = None     # JSONL for the seed; default: built-in "general", or
+                                       # with --corpus the whole corpus (natural proportions)
+    partition_by: str = "domain"
+    order_by: str | None = None
+    vocab_size: int = 2048
+    heldout_fraction: float = 0.005    # ~33K held-out tokens over the 8 stdlib partitions
+    unit_tokens: str = "160k"          # base unit size and unit-model budget
+    seed_tokens: str = "1.2M"
+    k: int = 3                         # mixtures: every k-subset of the partitions
+    n_seq: int = 6                     # seq validation models (k x unit budget each)
+    preset: str = "demo"               # configs/train/<preset>_{seed,unit,seq}.yaml
+    train_overrides: list[str] = field(default_factory=list)  # applied to every model
+    workers: int = 2
+    max_partitions: int | None = None  # keep the first N partitions (smaller demos)
 
 
-def run_demo(out: str, workers: int = 2) -> int:
-    from megablocks_ablate.data.manifest import Manifest
-    from megablocks_ablate.data.mixture import MixtureDataset, partition_balanced_weights
+def _step(i: int, n: int, msg: str, t0: float) -> None:
+    print(f"[{i}/{n}] {msg}  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
+    """Corpus, tokenizer, preprocess; returns (data dir, seed data dir)."""
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
     from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
 
-    t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    corpus = os.path.join(out, "corpus.jsonl")
-    eval_set = os.path.join(out, "eval", "paloma_like.jsonl")
-    if not os.path.exists(corpus):
-        write_corpus(corpus, n_docs=DEMO_DOCS, seed=0)
-    os.makedirs(os.path.dirname(eval_set), exist_ok=True)
-    _write_eval_set(eval_set, corpus)
-    print(f"[1/4] corpus: {corpus} ({DEMO_DOCS} documents, 4 fields of study)")
+    os.makedirs(s.out, exist_ok=True)
+    if s.corpus:
+        if not os.path.isfile(s.corpus):
+            raise ConfigError(f"--corpus: no such file: {s.corpus}")
+        corpus, seed_corpus = s.corpus, s.seed_corpus
+        _step(1, 6, f"corpus: {corpus} (partitions from field {s.partition_by!r})", t0)
+    else:
+        from megablocks_ablate.data.stdlib_corpus import SEED_DOMAIN, write_corpus
 
-    tok_path = os.path.join(out, "tokenizer.model")
-    if not os.path.exists(tok_path):
-        train_sentencepiece([corpus], tok_path[: -len(".model")], vocab_size=DEMO_VOCAB,
-                            num_threads=2)
+        corpus = os.path.join(s.out, "corpus.jsonl")
+        seed_corpus = s.seed_corpus or os.path.join(s.out, "seed.jsonl")
+        if not os.path.isfile(corpus):
+            write_corpus(corpus)
+        if not s.seed_corpus and not os.path.isfile(seed_corpus):
+            write_corpus(seed_corpus, [SEED_DOMAIN])
+        _step(1, 6, f"corpus: Python standard library -> {corpus} (8 partitions) + seed "
+                    f"corpus {seed_corpus}", t0)
+
+    tok_path = os.path.join(s.out, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        train_sentencepiece([corpus] + ([seed_corpus] if seed_corpus else []),
+                            tok_path, vocab_size=s.vocab_size, num_threads=2)
     tok = load_tokenizer(tok_path)
-    print(f"[2/4] tokenizer: {tok_path} (vocab {tok.vocab_size}, "
-          f"fingerprint {tok.fingerprint[:12]})")
+    _step(2, 6, f"tokenizer: {tok_path} ({tok.vocab_size} pieces)", t0)
 
-    cfg = PreprocessConfig.from_dict(dict(
-        input=[corpus], out=os.path.join(out, "data"), tokenizer=tok_path,
-        partition_by=["fos"], order_by="year", unit_tokens=DEMO_UNIT_TOKENS,
-        heldout_fraction=0.02, eval=[eval_set], workers=workers))
-    m = run_preprocess(cfg, log=lambda msg: print("      " + msg))
-    t = m.data["totals"]
-    print(f"[3/4] preprocess: {len(m.partitions)} partitions, {len(m.units)} base units of "
-          f"~{DEMO_UNIT_TOKENS:,} tokens; {t['documents_heldout']} held out, "
-          f"{t['documents_contaminated']} contaminated documents dropped")
-    for part, units in m.partition_units().items():
-        first, last = m.units[units[0]], m.units[units[-1]]
-        print(f"      {part:<10} {len(units)} units, years {first['order_first']}-"
-              f"{last['order_last']}")
+    log = lambda msg: print("      " + msg, flush=True)  # noqa: E731
+    data = os.path.join(s.out, "data")
+    run_preprocess(PreprocessConfig.from_dict(dict(
+        input=[corpus], out=data, tokenizer=tok_path, partition_by=[s.partition_by],
+        order_by=s.order_by or (None if s.corpus else "order"), unit_tokens=s.unit_tokens, heldout_fraction=s.heldout_fraction,
+        workers=s.workers)), log=log)
+    seed_data = data
+    if seed_corpus:
+        seed_data = os.path.join(s.out, "seed_data")
+        run_preprocess(PreprocessConfig.from_dict(dict(
+            input=[seed_corpus], out=seed_data, tokenizer=tok_path, partition_by=[s.partition_by],
+            workers=s.workers)), log=log)
+    _step(3, 6, f"preprocess: {data}" + (f", seed data {seed_data}" if seed_data != data else ""), t0)
+    return data, seed_data
 
-    parts = m.partition_units()
-    chosen = dict(list(parts.items())[:2])
-    chosen[list(chosen)[1]] = chosen[list(chosen)[1]][:1]  # uneven on purpose
-    weights = partition_balanced_weights(chosen)
-    mix = MixtureDataset({u: m.unit_prefix(u) for u in weights}, weights=weights,
-                         seq_len=DEMO_SEQ_LEN, cache_dir=os.path.join(out, "data", "cache"))
-    counts = dict(zip(weights, (int(c) for c in mix.counts)))
-    batch = next(iter(mix.batches(global_batch=8, dp_rank=0, dp_world=2)))
-    print(f"[4/4] mixture of {list(chosen)} with equal-partition weights "
-          f"{ {u: round(w, 3) for u, w in weights.items()} }")
-    print(f"      {len(mix)} samples of {DEMO_SEQ_LEN + 1} tokens, per unit {counts}; "
-          f"rank 0 of 2 gets a batch of shape {tuple(batch.shape)}")
-    print(f"demo finished in {time.time() - t0:.1f} s; outputs in {out}/ "
-          "(training, merging and the study report are not built yet)")
+
+def study_spec(s: DemoSettings, data: str, seed_data: str,
+               partitions: dict[str, list[str]] | None = None) -> dict:
+    """The demo's study spec (what ``<out>/study.yaml`` holds): one base unit per
+    partition (the first), or ``partitions`` as given."""
+    if partitions is None:
+        from megablocks_ablate.data.manifest import Manifest
+
+        units = Manifest.load(data).partition_units()
+        names = list(units)[: s.max_partitions] if s.max_partitions else list(units)
+        partitions = {p: [units[p][0]] for p in names}
+    if len(partitions) < s.k:
+        raise ConfigError(f"the corpus has {len(partitions)} partition(s) with a full base unit "
+                          f"of {s.unit_tokens} tokens, fewer than k={s.k}: use a larger corpus or "
+                          "a smaller --unit-tokens")
+    out = os.path.join(s.out, "study")
+    seed_dir = os.path.join(s.out, "seed")
+    over = list(s.train_overrides)
+    return {
+        "name": "stdlib-demo" if not s.corpus else f"demo-{os.path.basename(s.corpus)}",
+        "data": data, "out_dir": out,
+        "seed": {"config": f"{s.preset}_seed",
+                 "overrides": over + [f"data.manifest={seed_data}", f"out_dir={seed_dir}",
+                                      f"train_tokens={s.seed_tokens}"]},
+        "unit": {"config": f"{s.preset}_unit", "overrides": over + [f"train_tokens={s.unit_tokens}"]},
+        "partitions": partitions,
+        "mixtures": {"k_subsets": s.k},
+        "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
+        "eval": {"heldout": True, "extra": []},
+        "validation": {"n": s.n_seq, "seed": 0,
+                       "train": {"config": f"{s.preset}_seq", "overrides": list(over)}},
+    }
+
+
+def run_demo(s: DemoSettings) -> int:
+    from megablocks_ablate.ablate.report import write_report
+    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
+    from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
+    from megablocks_ablate.ablate.store import ResultStore
+    from megablocks_ablate.utils.atomic import atomic_write_text
+
+    t0 = time.time()
+    data, seed_data = build_data(s, t0)
+    spec_path = os.path.join(s.out, "study.yaml")
+    atomic_write_text(spec_path, yaml.safe_dump(study_spec(s, data, seed_data), sort_keys=False))
+    study = resolve(StudySpec.load(spec_path))
+    c = study.cost
+    _step(4, 6, f"study: {spec_path}: {len(study.partitions)} partitions (one unit each), "
+                f"{len(study.mixtures)} mixtures, {len(study.validation)} seq validations; "
+                f"training {c.modular_tokens + c.seq_validation_tokens:,} tokens after the seed "
+                f"(a seq model per mixture would be {c.naive_tokens:,})", t0)
+    print("\n".join("      " + line for line in describe_plan(study).splitlines()
+                    if not line.startswith("    ") or "[seq" in line), flush=True)
+
+    runner = StudyRunner(study, RunOptions())
+    plan = runner.train()
+    _step(5, 6, "seed, unit and seq models trained; evaluating", t0)
+    runner.evaluate(plan)
+    with ResultStore(os.path.join(study.spec.out_dir, "results.sqlite")) as store:
+        summary = write_report(store, os.path.join(study.spec.out_dir, "report"))
+        spent = store.get_meta("spent", {})
+    _step(6, 6, "report written", t0)
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; tokens trained: "
+          + ", ".join(f"{k} {v:,}" for k, v in spent.items()))
+    print(summary.headline())
     return 0

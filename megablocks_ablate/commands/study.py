@@ -1,12 +1,16 @@
-"""`megablocks-ablate study`: plan a data-ablation study and report its results.
+"""`megablocks-ablate study`: plan, run and report a data-ablation study.
 
     megablocks-ablate study plan configs/studies/demo.yaml [key=value ...]
+    megablocks-ablate study run configs/studies/demo.yaml [key=value ...] [--dry-run]
+    torchrun --nproc-per-node 8 -m megablocks_ablate study run study.yaml
     megablocks-ablate study report --store runs/demo/results.sqlite [--out report/]
     megablocks-ablate study report configs/studies/demo.yaml
 
 ``plan`` checks the spec against the preprocessed data (every error names the spec
 field) and prints the partitions, every mixture, the seq validation mixtures, the
-evaluation domains and the training cost, before anything is trained. ``report``
+evaluation domains and the training cost, before anything is trained. ``run`` trains
+the missing seed, unit and seq models, then scores every mixture by in-memory merges
+into ``<out_dir>/results.sqlite``; rerun it after a kill to continue. ``report``
 writes ``report/`` from a study's results store (see docs/studies.md).
 """
 
@@ -28,6 +32,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--print-config", action="store_true",
                       help="print the resolved spec as YAML and exit")
     plan.set_defaults(func=run_plan)
+
+    run = actions.add_parser("run", help="train missing models, merge-eval every mixture")
+    run.add_argument("spec", help="study YAML (see configs/studies/)")
+    run.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print what would be trained and evaluated, and the cost; do nothing")
+    run.add_argument("--registry", help="registry root holding pool/ and seq/ (default: the "
+                     "study's out_dir); share one between studies to reuse their models")
+    run.add_argument("--save-merged", action="store_true",
+                     help="also write every merged model to <out_dir>/merged/ (off: in memory)")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--batch-tokens", type=int, default=16384,
+                     help="evaluation: padded tokens per forward (default 16384)")
+    run.add_argument("--stride", type=int, default=None,
+                     help="evaluation: sliding-window stride (default: non-overlapping windows)")
+    run.add_argument("--report", action="store_true", help="write report/ when done")
+    run.set_defaults(func=run_run)
 
     report = actions.add_parser("report", help="write report/ from a study's results store")
     report.add_argument("spec", nargs="?", help="study YAML (the store is <out_dir>/results.sqlite)")
@@ -58,6 +79,23 @@ def run_plan(args: argparse.Namespace) -> int:
         print(spec.to_yaml(), end="")
         return 0
     print(describe_plan(resolve(spec)))
+    return 0
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.runner import RunOptions, run_study
+    from megablocks_ablate.ablate.spec import load_study
+
+    study = load_study(args.spec, args.overrides)   # every spec error before any work
+    opts = RunOptions(registry=args.registry, save_merged=args.save_merged, device=args.device,
+                      batch_tokens=args.batch_tokens, stride=args.stride)
+    runner = run_study(study, opts, dry_run=args.dry_run)
+    if args.report and not args.dry_run and runner.env.is_main:
+        from megablocks_ablate.ablate.report import write_report
+        from megablocks_ablate.ablate.store import ResultStore
+
+        with ResultStore(store_path(study.spec.out_dir)) as store:
+            print(write_report(store, os.path.join(study.spec.out_dir, "report")).headline())
     return 0
 
 

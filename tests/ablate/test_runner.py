@@ -1,0 +1,242 @@
+"""`study run` end to end on a tiny study: results, registry reuse, resume after kills.
+
+One tiny study (synthetic corpus, 3 partitions of one unit each, all pairs as mixtures,
+2 seq validations, tiny model) is run once uninterrupted; the other tests compare
+against its store: a merged row equals a merge made by hand from the checkpoints and
+evaluated directly, the report equals a recomputation from the store, and runs killed
+(SIGKILL) during training and during merge-eval, then rerun, end with exactly the same
+rows, none lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.demo import DemoSettings, build_data, study_spec
+from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, run_study
+from megablocks_ablate.ablate.spec import StudySpec, resolve
+from megablocks_ablate.ablate.store import ResultStore
+
+TINY = ["model_overrides=[vocab_size=384]", "checkpoint.every=2", "logging.every=2"]
+
+
+def tiny_settings(out: str, corpus: str) -> DemoSettings:
+    return DemoSettings(out=out, corpus=corpus, partition_by="fos", order_by="year",
+                        vocab_size=384, unit_tokens="6k", seed_tokens="8k", k=2, n_seq=2,
+                        preset="tiny", heldout_fraction=0.04, train_overrides=TINY, workers=1,
+                        max_partitions=3)
+
+
+def write_spec(path: str, spec: dict, **changes) -> str:
+    spec = dict(spec, **changes)
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(spec dict, data dir, finished runner) of the uninterrupted tiny study."""
+    from megablocks_ablate.data.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("study")
+    corpus = write_corpus(str(root / "corpus.jsonl"), n_docs=600, seed=3)
+    s = tiny_settings(str(root), corpus)
+    data, seed_data = build_data(s, time.time())
+    spec = study_spec(s, data, seed_data)
+    # fixed validation mixtures, so adding a partition later adds no seq model
+    names = list(spec["partitions"])
+    spec["validation"] = dict(spec["validation"], n=0,
+                              mixtures=[[names[0], names[1]], [names[1], names[2]]])
+    path = write_spec(str(root / "study.yaml"), spec)
+    runner = run_study(resolve(StudySpec.load(path)), RunOptions(log=lambda *a: None))
+    return spec, root, runner
+
+
+def rows(store_path: str) -> dict:
+    with ResultStore(store_path) as store:
+        out = {("r", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
+               for r in store.results()}
+        out.update({("u", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
+                    for r in store.unit_results()})
+        assert len(out) == store.count("results") + store.count("unit_results")
+    return out
+
+
+def test_store_holds_every_mixture_proxy_domain(base):
+    spec, root, runner = base
+    study = runner.study
+    path = os.path.join(spec["out_dir"], "results.sqlite")
+    got = rows(path)
+    domains = sorted(study.eval_sets)
+    assert len(domains) == 3 and len(study.mixtures) == 3
+    for m in study.mixtures:
+        for p in ("merged", "macro", "micro"):
+            assert sorted(d for (t, s, q, d) in got if t == "r" and s == m.id and q == p) == domains
+    seq = {s for (t, s, q, d) in got if q == mx.SEQ}
+    assert seq == {m.id for m in study.validation}
+    assert {s for (t, s, q, d) in got if t == "u"} == set(study.used_units)
+    assert len(got) == 3 * 3 * 3 + 2 * 3 + 3 * 3
+    with ResultStore(path) as store:
+        assert store.get_meta("study")["mixtures"] == [m.id for m in study.mixtures]
+        spent = store.get_meta("spent")
+    assert spent["unit-model tokens"] == 3 * 6144     # 6 steps of 1024 tokens each
+    assert spent["seq-model tokens"] == 2 * 12288
+
+
+def test_merged_row_equals_a_merge_evaluated_by_hand(base):
+    """The in-memory pool merge + evaluation equals averaging the checkpoints' tensors."""
+    from megablocks_ablate.evaluate import evaluate
+    from megablocks_ablate.evaluate.checkpoint import load_model
+    from megablocks_ablate.train.checkpoint import load_model_checkpoint
+
+    spec, root, runner = base
+    m = runner.study.mixtures[1]
+    plan = runner.plan()
+    dirs = {j.name: j.entry.model_dir for j in plan.units}
+    model, _ = load_model(dirs[m.units[0]])
+    states = [load_model_checkpoint(dirs[u])[0] for u in m.units]
+    avg = {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+    model.load_state_dict(avg, strict=True)
+    suite, _ = runner._suite()
+    direct = evaluate(model, suite)
+    with ResultStore(os.path.join(spec["out_dir"], "results.sqlite")) as store:
+        stored = {r.domain: r.score for r in store.results("merged") if r.subject == m.id}
+    for d, r in direct.items():
+        assert stored[d].tokens == r.tokens
+        assert math.isclose(stored[d].nll_sum, r.nll_sum, rel_tol=1e-5)
+
+
+def test_report_equals_recomputation_from_store(base, tmp_path):
+    from megablocks_ablate.ablate.report import write_report
+
+    spec, root, runner = base
+    with ResultStore(os.path.join(spec["out_dir"], "results.sqlite")) as store:
+        summary = write_report(store, str(tmp_path / "report"), n_boot=50, plots=False)
+        res = store.results()
+    ppl = {(r.subject, r.proxy, r.domain): r.perplexity for r in res}
+    seq_ids = sorted({r.subject for r in res if r.proxy == mx.SEQ})
+    pts = [(ppl[(m, "merged", d)], ppl[(m, mx.SEQ, d)]) for m in seq_ids
+           for d in runner.study.eval_sets]
+    x, y = np.array(pts).T
+    assert summary.pooled["merged"]["pearson"].n == len(pts) == 6
+    assert summary.pooled["merged"]["pearson"].r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_dry_run_and_one_new_unit_trains_one_model(base, tmp_path, capsys):
+    spec, root, runner = base
+    study = runner.study
+    run_study(study, RunOptions(), dry_run=True)
+    out = capsys.readouterr().out
+    assert "unit models: 3 exist, 0 to train" in out and "3 of 3 merges done" in out
+    # a fourth partition: its unit is the only model to train
+    from megablocks_ablate.data.manifest import Manifest
+
+    parts = Manifest.load(spec["data"]).partition_units()
+    new = [p for p in parts if p not in spec["partitions"]][0]
+    bigger = dict(spec["partitions"], **{new: [parts[new][0]]})
+    path = write_spec(str(tmp_path / "more.yaml"), spec, partitions=bigger)
+    plan = StudyRunner(resolve(StudySpec.load(path)), RunOptions(log=lambda *a: None)).plan()
+    assert [j.name for j in plan.missing()] == [parts[new][0]]
+
+
+def _cli(spec_path: str, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, MBA_NO_PROGRESS="1", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "megablocks_ablate", "study", "run", spec_path,
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            text=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the run never reached the kill point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("phase", ["training", "merge-eval"])
+def test_kill_and_rerun_loses_and_duplicates_nothing(base, tmp_path, phase):
+    spec, root, runner = base
+    out = str(tmp_path / "study")
+    seed_ckpt = os.path.join(str(root), "seed", "final")   # share the seed: kill the pool
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
+                      seed={"checkpoint": seed_ckpt})
+    store = os.path.join(out, "results.sqlite")
+    if phase == "training":
+        # killed once a unit model has written a step checkpoint (mid-run)
+        def ready():
+            pool = os.path.join(out, "pool")
+            return os.path.isdir(pool) and any(
+                os.path.isdir(os.path.join(pool, d, "checkpoints")) and
+                os.listdir(os.path.join(pool, d, "checkpoints")) for d in os.listdir(pool))
+        proc = _cli(path, env_extra={"MBA_TRAIN_STEP_DELAY": "0.3"})
+    else:
+        # models from the base study's registry: only evaluation runs; killed after 1 merge
+        def ready():
+            if not os.path.isfile(store):
+                return False
+            with ResultStore(store) as s:
+                return s.count("results") >= 3 * 3 + 2 * 3   # seq rows + one merge's rows
+        proc = _cli(path, "--registry", spec["out_dir"], env_extra={"MBA_MERGE_EVAL_DELAY": "3"})
+    _kill_when(proc, ready)
+    before = rows(store) if os.path.isfile(store) else {}
+    extra = ("--registry", spec["out_dir"]) if phase == "merge-eval" else ()
+    done = _cli(path, *extra)
+    log = done.communicate()[0]
+    assert done.returncode == 0, log
+    after = rows(store)
+    expected = rows(os.path.join(spec["out_dir"], "results.sqlite"))
+    assert set(before) <= set(after)                        # nothing lost
+    assert set(after) == set(expected)                      # nothing missing, no extra row
+    for k, (nll, tok) in expected.items():                  # bitwise the same models
+        assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
+    if phase == "merge-eval":
+        assert "training 0" in log and len(before) < len(expected)
+
+
+def test_spec_error_stops_before_any_work(base, tmp_path, capsys):
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    out = str(tmp_path / "never")
+    path = write_spec(str(tmp_path / "bad.yaml"), spec, out_dir=out,
+                      mixtures={"explicit": [[list(spec["partitions"])[0], "nonexistent"]]})
+    rc = main(["study", "run", path])
+    assert rc != 0
+    assert "mixtures.explicit[0]: unknown partition 'nonexistent'" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+
+def test_two_ranks_shard_the_evaluation_into_one_store(base, tmp_path):
+    """torchrun x 2 (gloo): mixtures split over ranks, the same rows as one process."""
+    spec, root, runner = base
+    out = str(tmp_path / "study")
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
+                      seed={"checkpoint": os.path.join(str(root), "seed", "final")})
+    env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path,
+                           "--registry", spec["out_dir"]], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after, expected = rows(os.path.join(out, "results.sqlite")), rows(
+        os.path.join(spec["out_dir"], "results.sqlite"))
+    assert set(after) == set(expected)
+    for k, (nll, tok) in expected.items():
+        assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
+    assert "evaluated on rank 0" in proc.stdout + proc.stderr
