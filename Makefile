@@ -34,7 +34,11 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/preprocess.py --update-docs
+	$(PY) benchmarks/model_step.py --update-docs
+	$(PY) benchmarks/train_throughput.py --update-docs
+	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/eval.py --update-docs
 
 clean:
 	rm -rf build *.egg-info megablocks_ablate/*.so demo_out

@@ -35,7 +35,7 @@ from megablocks_ablate.evaluate import EvalSet, EvalSuite, evaluate  # noqa: E40
 from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS, rank_plan  # noqa: E402
 from megablocks_ablate.model import ModelConfig  # noqa: E402
 from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
-from megablocks_ablate.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from megablocks_ablate.utils.atomic import atomic_write_json  # noqa: E402
 
 EOD = 2
 SECTION = "## Evaluation"
@@ -150,15 +150,9 @@ def docs_section(res: dict) -> str:
 
 
 def update_docs(section: str, path: str) -> None:
-    """Replace the ``## Evaluation`` section of ``path`` (or append it), leaving the rest."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    atomic_write_text(path, text)
+    from docs_section import replace_section
+
+    replace_section(section, path)
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megablocks_ablate.model import ModelConfig  # noqa: E402
 from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
-from megablocks_ablate.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from megablocks_ablate.utils.atomic import atomic_write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -160,15 +160,9 @@ def _docs_section(res: dict) -> str:
 
 
 def update_docs(section: str, path: str) -> None:
-    """Replace the ``## Model step`` section of ``path`` (or append it), leaving the rest."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    start = text.find("## Model step")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    atomic_write_text(path, text)
+    from docs_section import replace_section
+
+    replace_section(section, path)
 
 
 def main() -> int:

@@ -203,16 +203,16 @@ def update_docs(result: dict, command: str) -> None:
     else:
         lines += ["", "GPU rows (130m and 1.1b, bf16, sequence 2048: tokens/s and MFU) are produced "
                   "when CUDA is present; none was available for this run."]
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    from docs_section import replace_section
+
+    replace_section("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--update-docs", action="store_true", help="append the section to docs/benchmarks.md")
+    ap.add_argument("--update-docs", action="store_true", help="write the section in docs/benchmarks.md")
     args = ap.parse_args()
     result = {"cpu": cpu_benchmark(args.steps, args.rounds)}
     if torch.cuda.is_available():
