@@ -5,13 +5,17 @@
     torchrun --nproc-per-node 8 -m megablocks_ablate study run study.yaml
     megablocks-ablate study report --store runs/demo/results.sqlite [--out report/]
     megablocks-ablate study report configs/studies/demo.yaml
+    megablocks-ablate study export configs/studies/demo.yaml --mixture docs,core,gui
 
 ``plan`` checks the spec against the preprocessed data (every error names the spec
 field) and prints the partitions, every mixture, the seq validation mixtures, the
 evaluation domains and the training cost, before anything is trained. ``run`` trains
 the missing seed, unit and seq models, then scores every mixture by in-memory merges
 into ``<out_dir>/results.sqlite``; rerun it after a kill to continue. ``report``
-writes ``report/`` from a study's results store (see docs/studies.md).
+writes ``report/`` from a study's results store (see docs/studies.md). ``export``
+turns a chosen mixture (e.g. the report's recommendation) into training data: the
+``data`` section of a train config, or a Megatron-LM ``--data-path`` string, both with
+the paper's equal-partition weights.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--top-k", type=int, default=3, help="k of the top-k agreement")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG scatter plots")
     report.set_defaults(func=run_report)
+
+    export = actions.add_parser("export", help="a mixture as a training blend "
+                                "(train-config data section or Megatron --data-path)")
+    export.add_argument("spec", help="study YAML (see configs/studies/)")
+    export.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    export.add_argument("--mixture", required=True,
+                        help="comma-separated partitions of the study, e.g. docs,core,gui")
+    export.add_argument("--format", choices=["train", "megatron"], default="train",
+                        help="train: YAML data section for `megablocks-ablate train`; "
+                             "megatron: a --data-path value (default: train)")
+    export.set_defaults(func=run_export)
 
 
 STORE_NAME = "results.sqlite"
@@ -119,4 +134,28 @@ def run_report(args: argparse.Namespace) -> int:
         summary = write_report(store, out, n_boot=args.bootstrap, seed=args.seed,
                                top_k=args.top_k, plots=not args.no_plots)
     print(summary.headline())
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megablocks_ablate.ablate.mixtures import Mixture
+    from megablocks_ablate.ablate.search import megatron_data_path, training_blend
+    from megablocks_ablate.ablate.spec import load_study
+    from megablocks_ablate.errors import ConfigError
+
+    study = load_study(args.spec, args.overrides)
+    names = [n.strip() for n in args.mixture.split(",") if n.strip()]
+    unknown = [n for n in names if n not in study.partitions]
+    if not names or unknown:
+        raise ConfigError(f"--mixture: unknown partition {unknown[0]!r} (study partitions: "
+                          f"{', '.join(study.partitions)})" if unknown else
+                          "--mixture: give at least one partition")
+    mixture = Mixture.of({n: study.partitions[n] for n in names})
+    if args.format == "megatron":
+        print(megatron_data_path(mixture, study.unit_paths))
+    else:
+        print(yaml.safe_dump({"data": training_blend(mixture, study.manifest_dir)},
+                             sort_keys=False), end="")
     return 0

@@ -240,3 +240,26 @@ def test_two_ranks_shard_the_evaluation_into_one_store(base, tmp_path):
     for k, (nll, tok) in expected.items():
         assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
     assert "evaluated on rank 0" in proc.stdout + proc.stderr
+
+
+def test_export_mixture_as_train_blend_and_megatron_data_path(base, tmp_path, capsys):
+    from megablocks_ablate.cli import main
+    from megablocks_ablate.train.config import DataConfig
+
+    spec, root, runner = base
+    path = write_spec(str(tmp_path / "s.yaml"), spec)
+    a, b = list(spec["partitions"])[:2]
+    assert main(["study", "export", path, "--mixture", f"{a},{b}"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    weights = data["weights"]
+    units_a, units_b = runner.study.partitions[a], runner.study.partitions[b]
+    assert sum(weights[u] for u in units_a) == pytest.approx(0.5)
+    assert sum(weights[u] for u in units_b) == pytest.approx(0.5)
+    DataConfig.from_dict(data)  # a valid data section of a train config
+    assert main(["study", "export", path, "--mixture", f"{a},{b}", "--format", "megatron"]) == 0
+    fields = capsys.readouterr().out.split()
+    assert len(fields) == 2 * (len(units_a) + len(units_b))
+    assert sum(float(w) for w in fields[::2]) == pytest.approx(1.0)
+    assert all(os.path.exists(p + ".idx") for p in fields[1::2])
+    assert main(["study", "export", path, "--mixture", f"{a},nope"]) == 2
+    assert "unknown partition 'nope'" in capsys.readouterr().err
