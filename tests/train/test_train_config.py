@@ -48,7 +48,7 @@ def test_out_dir_unit_placeholder_needs_a_unit():
 
 def test_every_preset_loads_and_has_consistent_sizes():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(str(PRESET_DIR / "*.yaml")))
-    for model in ("tiny", "demo", "130m"):
+    for model in ("tiny", "demo", "130m", "1.1b"):
         for kind in ("seed", "unit", "seq"):
             assert f"{model}_{kind}" in names
     for name in names:
@@ -58,6 +58,9 @@ def test_every_preset_loads_and_has_consistent_sizes():
         if cfg.kind != "seed":
             assert cfg.init_from and cfg.schedule.warmup_start_lr > 0  # re-warming from the seed
     assert "{unit}" in TrainConfig.from_preset("demo_unit").out_dir
+    big = TrainConfig.from_preset("1.1b_unit")  # the large preset shards and recomputes
+    assert big.distributed.parallel == "fsdp"
+    assert "activation_checkpointing=true" in big.model_overrides
 
 
 def test_unit_weights_from_the_data_spec(train_manifest):
