@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Megatron-style entry point: same as `megablocks-ablate merge`.
+
+    python tools/merge_checkpoints.py --spec merge.yaml --out merged/ [--dtype bf16]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megablocks_ablate.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["merge", *sys.argv[1:]]))
