@@ -106,8 +106,22 @@ class StudyRunner:
         self.out_dir = study.spec.out_dir
         self.registry = Registry(self.opt.registry or self.out_dir)
         self.manifest = Manifest.load(study.manifest_dir)
+        import torch.distributed as dist
+
+        self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.env = init_distributed(self.opt.device)
         self.log = self.opt.log if self.env.is_main else (lambda *a, **k: None)
+
+    def close(self, clean: bool = True) -> None:
+        """Tear down the process group if this runner created it (after a barrier when
+        every rank finished cleanly: gloo aborts a process that leaves mid-collective)."""
+        import torch.distributed as dist
+
+        if self._owns_group and dist.is_available() and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+        self._owns_group = False
 
     # ------------------------------------------------------------------ configs and plan
     def _seed(self):
@@ -403,10 +417,15 @@ def _local_group(env):
 def run_study(study: Study, options: RunOptions | None = None, dry_run: bool = False) -> StudyRunner:
     """Plan (and unless ``dry_run``, train and evaluate) ``study``."""
     runner = StudyRunner(study, options)
-    if dry_run:
-        runner.log(runner.describe(runner.plan()))
-    else:
-        runner.run()
+    ok = False
+    try:
+        if dry_run:
+            runner.log(runner.describe(runner.plan()))
+        else:
+            runner.run()
+        ok = True
+    finally:
+        runner.close(clean=ok)
     return runner
 
 

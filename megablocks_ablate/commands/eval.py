@@ -50,22 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
     from megablocks_ablate.errors import ConfigError
-    from megablocks_ablate.train.distributed import destroy_distributed, init_distributed
+    from megablocks_ablate.train.distributed import distributed_session
 
     for name in ("stride", "max_len", "batch_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    denv = init_distributed(device=args.device or "auto")
-    try:
+    with distributed_session(device=args.device or "auto") as denv:
         return _run(args, denv)
-    finally:
-        if owns_group:
-            destroy_distributed()
 
 
 def _run(args: argparse.Namespace, denv) -> int:

@@ -19,11 +19,13 @@ Backend: NCCL on CUDA, gloo on CPU (``backend=`` to force one).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -153,6 +155,29 @@ def init_distributed(device: str = "auto", backend: str = "auto",
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistEnv(rank, world, local_rank, dev, launcher)
+
+
+@contextlib.contextmanager
+def distributed_session(device: str = "auto", backend: str = "auto",
+                        timeout_s: int = 1800) -> Iterator[DistEnv]:
+    """``with distributed_session() as env:`` -- init, and tear down what *this* call set up.
+
+    A group that already existed (a caller's) is left alone, so the trainer and the
+    evaluator can run inside a study runner's group. On success the ranks meet at a
+    barrier before the group is destroyed: a rank leaving while another is still in a
+    collective makes gloo abort the process at exit.
+    """
+    owns = not (dist.is_available() and dist.is_initialized())
+    env = init_distributed(device, backend, timeout_s)
+    ok = False
+    try:
+        yield env
+        ok = True
+    finally:
+        if owns and dist.is_available() and dist.is_initialized():
+            if ok:
+                barrier()
+            dist.destroy_process_group()
 
 
 def destroy_distributed() -> None:

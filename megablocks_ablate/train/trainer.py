@@ -37,8 +37,7 @@ from megablocks_ablate.train.distributed import (
     DistEnv,
     all_reduce_mean,
     barrier,
-    destroy_distributed,
-    init_distributed,
+    distributed_session,
 )
 from megablocks_ablate.train.metrics import MetricsLogger, peak_tflops, truncate_jsonl
 from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
@@ -52,11 +51,8 @@ STEP_DELAY_ENV = "MBA_TRAIN_STEP_DELAY"
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run (or resume, or skip if complete) the training run ``cfg``; returns a summary."""
-    env = init_distributed(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s)
-    try:
+    with distributed_session(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s) as env:
         return Trainer(cfg, env, log=log).run()
-    finally:
-        destroy_distributed()
 
 
 def _same_model(a: dict, b: dict) -> list[str]:

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from megablocks_ablate.evaluate import EvalSuite, evaluate
-from megablocks_ablate.train.distributed import init_distributed
+from megablocks_ablate.train.distributed import distributed_session
 from megablocks_ablate.model.config import ModelConfig
 
 TINY = ["vocab_size=512", "max_seq_len=32", "init_std=0.1"]
@@ -31,8 +31,7 @@ def run(eval_dir, tokenizer, cache_dir):
 
 if __name__ == "__main__":
     eval_dir, tokenizer, cache_dir, out_dir = sys.argv[1:5]
-    denv = init_distributed(device="cpu", backend="gloo")
-    rank, world = denv.rank, denv.world_size
-    result = run(eval_dir, tokenizer, cache_dir)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"world": world, "result": result}, f)
+    with distributed_session(device="cpu", backend="gloo") as denv:
+        result = run(eval_dir, tokenizer, cache_dir)
+        with open(os.path.join(out_dir, f"rank{denv.rank}.json"), "w") as f:
+            json.dump({"world": denv.world_size, "result": result}, f)
