@@ -263,3 +263,22 @@ def test_export_mixture_as_train_blend_and_megatron_data_path(base, tmp_path, ca
     assert all(os.path.exists(p + ".idx") for p in fields[1::2])
     assert main(["study", "export", path, "--mixture", f"{a},nope"]) == 2
     assert "unknown partition 'nope'" in capsys.readouterr().err
+
+
+def test_two_ranks_train_the_pool_with_ddp(base, tmp_path):
+    """torchrun x 2 trains unit and seq models data-parallel inside the runner's process
+    group (the trainer must not tear it down) and scores like one process."""
+    spec, root, runner = base
+    out = str(tmp_path / "study2")
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
+                      seed={"checkpoint": os.path.join(str(root), "seed", "final")})
+    env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after, expected = rows(os.path.join(out, "results.sqlite")), rows(
+        os.path.join(spec["out_dir"], "results.sqlite"))
+    assert set(after) == set(expected)
+    for k, (nll, tok) in expected.items():  # same global batch: DDP differs by rounding only
+        assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-4), k
