@@ -377,6 +377,60 @@ class StudyRunner:
             with ResultStore(path) as store:
                 store.set_meta("spent", spent_tokens(plan))
 
+    def search(self, k: int, proxy: str = "macro", domains: list[str] | None = None,
+               beam_width: int = 4):
+        """Beam search for the best ``k``-mixture of the study's partitions by ``proxy``
+        (geometric-mean perplexity over ``domains``), merging and evaluating lazily: a
+        mixture already in the store is read, any other is merged in memory, evaluated
+        and stored. Needs the unit models of every partition (``study run`` first).
+        Runs on one process. Returns :class:`~.search.SearchResult`."""
+        import math
+
+        from megablocks_ablate.ablate.mixtures import Mixture
+        from megablocks_ablate.ablate.search import beam_search
+        from megablocks_ablate.merge.pool import ModelPool
+        from megablocks_ablate.model.config import ModelConfig
+
+        if proxy not in ("merged", "macro", "micro"):
+            raise ConfigError(f"--proxy: search needs a merged proxy (merged, macro, micro), "
+                              f"got {proxy!r}")
+        all_domains = list(self.study.eval_sets)
+        domains = list(domains or all_domains)
+        unknown = [d for d in domains if d not in all_domains]
+        if unknown:
+            raise ConfigError(f"--domains: unknown evaluation domain {unknown[0]!r} "
+                              f"(known: {', '.join(all_domains)})")
+        plan = self.plan()
+        jobs = {j.name: j for j in plan.units}
+        missing = [u for u in self.study.units if u not in jobs or not jobs[u].entry.complete]
+        if missing:
+            raise ConfigError(f"unit model of {missing[0]!r} is not trained: search merges "
+                              "the models of every partition (run `study run` first, with "
+                              "mixtures covering every partition)")
+        pool = ModelPool.from_checkpoints({u: jobs[u].entry.model_dir for u in self.study.units},
+                                          device=self.env.device, show_progress=False)
+        model = ModelConfig.from_dict(pool.config).build(device=self.env.device)
+        suite, fp = self._suite()
+        path = os.path.join(self.out_dir, STORE_NAME)
+
+        def score(names: tuple[str, ...]) -> float:
+            m = Mixture.of({p: self.study.partitions[p] for p in names})
+            with ResultStore(path) as store:
+                if not store.done(m.id, proxy, domains):
+                    store.add_mixtures([m])
+                    (w, ps), = mx.merge_plan(m, [proxy])
+                    pool.merge_into(model, w)
+                    scores = self._evaluate(model, suite, None)
+                    prov = make_provenance(weights=w, eval_fingerprint=fp, proxies=ps,
+                                           search=True)
+                    store.add_results([Result(m.id, p, d, sc, prov) for p in ps
+                                       for d, sc in scores.items()])
+                ppl = {d: sc.perplexity for d, sc in store.scores(m.id, proxy).items()}
+            self.log(f"[search] {m.label}: " + ", ".join(f"{d} {ppl[d]:.2f}" for d in domains))
+            return math.exp(sum(math.log(ppl[d]) for d in domains) / len(domains))
+
+        return beam_search(list(self.study.partitions), k, score, beam_width=beam_width)
+
     def run(self) -> RunPlan:
         plan = self.train()
         self.evaluate(plan)

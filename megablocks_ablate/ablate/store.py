@@ -253,6 +253,12 @@ class ResultStore:
         return {d for (d,) in self._db.execute(
             "SELECT domain FROM results WHERE mixture_id = ? AND proxy = ?", (mixture_id, proxy))}
 
+    def scores(self, mixture_id: str, proxy: str) -> dict[str, Score]:
+        """domain -> score of one (mixture, proxy)."""
+        return {d: Score(n, t, b) for d, n, t, b in self._db.execute(
+            "SELECT domain, nll_sum, tokens, bytes FROM results WHERE mixture_id = ? AND "
+            "proxy = ?", (mixture_id, proxy))}
+
     def unit_done(self, unit: str, domains: Sequence[str]) -> bool:
         got = {d for (d,) in self._db.execute(
             "SELECT domain FROM unit_results WHERE unit = ?", (unit,))}

@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 -m megablocks_ablate study run study.yaml
     megablocks-ablate study report --store runs/demo/results.sqlite [--out report/]
     megablocks-ablate study report configs/studies/demo.yaml
+    megablocks-ablate study search configs/studies/demo.yaml --k 4 --domains docs,core
     megablocks-ablate study export configs/studies/demo.yaml --mixture docs,core,gui
 
 ``plan`` checks the spec against the preprocessed data (every error names the spec
@@ -12,7 +13,9 @@ field) and prints the partitions, every mixture, the seq validation mixtures, th
 evaluation domains and the training cost, before anything is trained. ``run`` trains
 the missing seed, unit and seq models, then scores every mixture by in-memory merges
 into ``<out_dir>/results.sqlite``; rerun it after a kill to continue. ``report``
-writes ``report/`` from a study's results store (see docs/studies.md). ``export``
+writes ``report/`` from a study's results store (see docs/studies.md). ``search``
+finds the best k-mixture for chosen domains by beam search over merged proxies,
+scoring new mixtures on the fly (into the same store); ``export``
 turns a chosen mixture (e.g. the report's recommendation) into training data: the
 ``data`` section of a train config, or a Megatron-LM ``--data-path`` string, both with
 the paper's equal-partition weights.
@@ -65,6 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--top-k", type=int, default=3, help="k of the top-k agreement")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG scatter plots")
     report.set_defaults(func=run_report)
+
+    search = actions.add_parser("search", help="beam search for the best k-mixture, merging "
+                                "and evaluating mixtures not yet scored")
+    search.add_argument("spec", help="study YAML (see configs/studies/)")
+    search.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+    search.add_argument("--k", type=int, required=True, help="partitions in the mixture")
+    search.add_argument("--proxy", default="macro", choices=["merged", "macro", "micro"])
+    search.add_argument("--domains", help="comma-separated evaluation domains to optimise "
+                        "(default: all; the score is their geometric-mean perplexity)")
+    search.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
+    search.set_defaults(func=run_search)
 
     export = actions.add_parser("export", help="a mixture as a training blend "
                                 "(train-config data section or Megatron --data-path)")
@@ -158,4 +172,23 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         print(yaml.safe_dump({"data": training_blend(mixture, study.manifest_dir)},
                              sort_keys=False), end="")
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
+    from megablocks_ablate.ablate.spec import load_study
+
+    study = load_study(args.spec, args.overrides)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    runner = StudyRunner(study, RunOptions())
+    try:
+        result = runner.search(args.k, proxy=args.proxy, domains=domains, beam_width=args.beam)
+    finally:
+        runner.close()
+    print(f"best {args.k}-mixture by {args.proxy}: {'+'.join(result.best)} "
+          f"(geometric-mean perplexity {result.score:.3f}; {result.evaluations} mixtures "
+          f"scored, of which new ones were merged and evaluated)")
+    for beam in result.beams:
+        print(f"  size {len(beam[0][0])}: " + "; ".join(f"{'+'.join(m)} {v:.3f}" for m, v in beam))
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -282,3 +283,36 @@ def test_two_ranks_train_the_pool_with_ddp(base, tmp_path):
     assert set(after) == set(expected)
     for k, (nll, tok) in expected.items():  # same global batch: DDP differs by rounding only
         assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-4), k
+
+
+def test_search_reads_scored_mixtures_and_scores_new_ones(base, tmp_path, capsys):
+    """Beam search over the tiny study: k=2 mixtures come from the store, the singletons
+    it needs on the way are merged and evaluated, stored, and read back on a rerun."""
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    out = str(tmp_path / "study")
+    shutil.copytree(spec["out_dir"], out)  # a finished study: pool, seq and store
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out)
+    store_path = os.path.join(out, "results.sqlite")
+    before = rows(store_path)
+    assert main(["study", "search", path, "--k", "2", "--proxy", "macro", "--beam", "2"]) == 0
+    text = capsys.readouterr().out
+    after = rows(store_path)
+    names = list(spec["partitions"])
+    assert set(before) < set(after)  # the 1-partition mixtures were added
+    singles = {k for k in set(after) - set(before)}
+    assert {k[1] for k in singles} == {
+        mx.Mixture.of({p: runner.study.partitions[p]}).id for p in names}
+    # the best pair is the k=2 mixture with the lowest geometric-mean macro perplexity
+    store = ResultStore(store_path)
+    domains = list(runner.study.eval_sets)
+    def gmean(m):
+        sc = store.scores(m.id, "macro")
+        return float(np.exp(np.mean([np.log(sc[d].perplexity) for d in domains])))
+    pairs = [m for m in runner.study.mixtures if m.k == 2]
+    best = min(pairs, key=gmean)
+    store.close()
+    assert f"best 2-mixture by macro: {best.label}" in text
+    assert main(["study", "search", path, "--k", "2", "--proxy", "macro", "--beam", "2"]) == 0
+    assert rows(store_path) == after  # nothing new to score
