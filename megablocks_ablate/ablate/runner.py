@@ -383,7 +383,8 @@ class StudyRunner:
         (geometric-mean perplexity over ``domains``), merging and evaluating lazily: a
         mixture already in the store is read, any other is merged in memory, evaluated
         and stored. Needs the unit models of every partition (``study run`` first).
-        Runs on one process. Returns :class:`~.search.SearchResult`."""
+        Runs on one process. Returns (:class:`~.search.SearchResult`, number of
+        mixtures merged and evaluated now)."""
         import math
 
         from megablocks_ablate.ablate.mixtures import Mixture
@@ -412,11 +413,13 @@ class StudyRunner:
         model = ModelConfig.from_dict(pool.config).build(device=self.env.device)
         suite, fp = self._suite()
         path = os.path.join(self.out_dir, STORE_NAME)
+        merged = []
 
         def score(names: tuple[str, ...]) -> float:
             m = Mixture.of({p: self.study.partitions[p] for p in names})
             with ResultStore(path) as store:
                 if not store.done(m.id, proxy, domains):
+                    merged.append(m.id)
                     store.add_mixtures([m])
                     (w, ps), = mx.merge_plan(m, [proxy])
                     pool.merge_into(model, w)
@@ -429,7 +432,8 @@ class StudyRunner:
             self.log(f"[search] {m.label}: " + ", ".join(f"{d} {ppl[d]:.2f}" for d in domains))
             return math.exp(sum(math.log(ppl[d]) for d in domains) / len(domains))
 
-        return beam_search(list(self.study.partitions), k, score, beam_width=beam_width)
+        result = beam_search(list(self.study.partitions), k, score, beam_width=beam_width)
+        return result, len(merged)
 
     def run(self) -> RunPlan:
         plan = self.train()

@@ -183,12 +183,13 @@ def run_search(args: argparse.Namespace) -> int:
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     runner = StudyRunner(study, RunOptions())
     try:
-        result = runner.search(args.k, proxy=args.proxy, domains=domains, beam_width=args.beam)
+        result, n_new = runner.search(args.k, proxy=args.proxy, domains=domains,
+                                      beam_width=args.beam)
     finally:
         runner.close()
     print(f"best {args.k}-mixture by {args.proxy}: {'+'.join(result.best)} "
           f"(geometric-mean perplexity {result.score:.3f}; {result.evaluations} mixtures "
-          f"scored, of which new ones were merged and evaluated)")
+          f"scored, {n_new} of them merged and evaluated now, the rest read from the store)")
     for beam in result.beams:
         print(f"  size {len(beam[0][0])}: " + "; ".join(f"{'+'.join(m)} {v:.3f}" for m, v in beam))
     return 0

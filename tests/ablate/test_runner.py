@@ -314,5 +314,6 @@ def test_search_reads_scored_mixtures_and_scores_new_ones(base, tmp_path, capsys
     best = min(pairs, key=gmean)
     store.close()
     assert f"best 2-mixture by macro: {best.label}" in text
+    assert f"6 mixtures scored, {len(names)} of them merged and evaluated now" in text
     assert main(["study", "search", path, "--k", "2", "--proxy", "macro", "--beam", "2"]) == 0
     assert rows(store_path) == after  # nothing new to score
