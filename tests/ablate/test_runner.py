@@ -223,18 +223,23 @@ def test_spec_error_stops_before_any_work(base, tmp_path, capsys):
 
 
 
+def _torchrun_study(path: str, *extra: str) -> subprocess.CompletedProcess:
+    """`study run` under torchrun x 2 (gloo, one thread each); asserts success."""
+    env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path,
+                           *extra], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_two_ranks_shard_the_evaluation_into_one_store(base, tmp_path):
     """torchrun x 2 (gloo): mixtures split over ranks, the same rows as one process."""
     spec, root, runner = base
     out = str(tmp_path / "study")
     path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
                       seed={"checkpoint": os.path.join(str(root), "seed", "final")})
-    env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path,
-                           "--registry", spec["out_dir"]], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _torchrun_study(path, "--registry", spec["out_dir"])
     after, expected = rows(os.path.join(out, "results.sqlite")), rows(
         os.path.join(spec["out_dir"], "results.sqlite"))
     assert set(after) == set(expected)
@@ -273,11 +278,7 @@ def test_two_ranks_train_the_pool_with_ddp(base, tmp_path):
     out = str(tmp_path / "study2")
     path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
                       seed={"checkpoint": os.path.join(str(root), "seed", "final")})
-    env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path],
-                          env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _torchrun_study(path)
     after, expected = rows(os.path.join(out, "results.sqlite")), rows(
         os.path.join(spec["out_dir"], "results.sqlite"))
     assert set(after) == set(expected)
