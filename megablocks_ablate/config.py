@@ -254,6 +254,20 @@ class Config:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
+    @classmethod
+    def load_preset(cls: type[C], preset_dir: str | os.PathLike, name: str | os.PathLike,
+                    overrides: Iterable[str] = (), what: str = "preset") -> C:
+        """``<preset_dir>/<name>.yaml`` (or ``name`` itself when it is a YAML path) plus
+        overrides; an unknown name lists the known presets."""
+        path = os.fspath(name)
+        if not path.endswith((".yaml", ".yml")):
+            path = os.path.join(os.fspath(preset_dir), f"{path}.yaml")
+            if not os.path.isfile(path):
+                known = sorted(f[:-5] for f in os.listdir(preset_dir) if f.endswith(".yaml"))
+                raise ConfigError(f"{what} {os.fspath(name)!r}: no {path} "
+                                  f"(known presets: {', '.join(known)})")
+        return cls.load(path, overrides)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

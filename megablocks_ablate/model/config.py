@@ -141,13 +141,7 @@ class ModelConfig(Config):
     @classmethod
     def from_preset(cls, name: str | os.PathLike, overrides: Iterable[str] = ()) -> "ModelConfig":
         """Load ``configs/model/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
-        path = Path(name)
-        if path.suffix not in (".yaml", ".yml"):
-            path = PRESET_DIR / f"{name}.yaml"
-            if not path.is_file():
-                known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-                raise ConfigError(f"model preset {name!r}: no {path} (known presets: {', '.join(known)})")
-        return cls.load(path, overrides)
+        return cls.load_preset(PRESET_DIR, name, overrides, what="model preset")
 
     def build(self, device=None, dtype=None) -> "Transformer":
         """Instantiate the model with freshly initialised weights."""

@@ -216,10 +216,4 @@ class TrainConfig(Config):
     @classmethod
     def from_preset(cls, name: str | os.PathLike, overrides=()) -> "TrainConfig":
         """``configs/train/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
-        path = Path(name)
-        if path.suffix not in (".yaml", ".yml"):
-            path = PRESET_DIR / f"{name}.yaml"
-            if not path.is_file():
-                known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-                raise ConfigError(f"train preset {name!r}: no {path} (known: {', '.join(known)})")
-        return cls.load(path, overrides)
+        return cls.load_preset(PRESET_DIR, name, overrides, what="train preset")
