@@ -137,7 +137,7 @@ def run_demo(s: DemoSettings) -> int:
     from megablocks_ablate.ablate.report import write_report
     from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
     from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
-    from megablocks_ablate.ablate.store import ResultStore
+    from megablocks_ablate.ablate.store import ResultStore, store_path
     from megablocks_ablate.utils.atomic import atomic_write_text
 
     t0 = time.time()
@@ -157,7 +157,7 @@ def run_demo(s: DemoSettings) -> int:
     plan = runner.train()
     _step(5, 6, "seed, unit and seq models trained; evaluating", t0)
     runner.evaluate(plan)
-    with ResultStore(os.path.join(study.spec.out_dir, "results.sqlite")) as store:
+    with ResultStore(store_path(study.spec.out_dir)) as store:
         summary = write_report(store, os.path.join(study.spec.out_dir, "report"))
         spent = store.get_meta("spent", {})
     _step(6, 6, "report written", t0)

@@ -23,22 +23,18 @@ change the trained model and are left out, as the trainer's resume check does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from megablocks_ablate.errors import MBAError
+from megablocks_ablate.utils.hashing import sha256_json
 
 from megablocks_ablate.train.state import TRAJECTORY_FIELDS
 
 KEY_CHARS = 12          # hex digits of the key in directory names
 RECORD = "registry.json"  # written beside a registered run's COMPLETE.json
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def data_fingerprint(manifest, weights: Mapping[str, float]) -> dict:
@@ -63,7 +59,7 @@ def run_key(cfg, manifest, weights: Mapping[str, float], seed_hash: str | None) 
     traj["data"] = {"balance": data.get("balance"), "seed": data.get("seed"),
                     "units": data_fingerprint(manifest, weights)}
     traj["seed_hash"] = seed_hash
-    return _sha(traj)
+    return sha256_json(traj)
 
 
 @dataclass(frozen=True)

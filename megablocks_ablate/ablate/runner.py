@@ -32,7 +32,6 @@ its own rows into the one SQLite store (WAL, busy timeout).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -43,11 +42,11 @@ from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Score
 from megablocks_ablate.ablate.registry import Entry, Registry, run_key
 from megablocks_ablate.ablate.spec import Study, describe_plan
-from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
+from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance, store_path
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.hashing import sha256_json
 from megablocks_ablate.utils.progress import progress
 
-STORE_NAME = "results.sqlite"
 # Testing hook: seconds to sleep after each committed merge, so a test can kill a run
 # in the middle of merge-eval (the trainer has MBA_TRAIN_STEP_DELAY for training).
 MERGE_DELAY_ENV = "MBA_MERGE_EVAL_DELAY"
@@ -89,10 +88,6 @@ class RunPlan:
 
     def missing(self) -> list[ModelJob]:
         return [j for j in self.units + self.seqs if not j.entry.complete]
-
-
-def _sha_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 class StudyRunner:
@@ -220,7 +215,7 @@ class StudyRunner:
                          "resume" if j.entry.started else "train")
                 lines.append(f"    {state:<6} {j.name:<20} {j.tokens:>12,} tok  {j.entry.out_dir}"
                              + (f"  ({labels[j.name]})" if j.name in labels else ""))
-        path = os.path.join(self.out_dir, STORE_NAME)
+        path = store_path(self.out_dir)
         n_merge = sum(len(mx.merge_plan(m, self.study.spec.proxies)) for m in self.study.mixtures)
         lines.append("evaluation:")
         lines.append(f"  {len(self.study.eval_sets)} domains; {n_merge} merged models over "
@@ -270,7 +265,7 @@ class StudyRunner:
         cache = self.opt.cache_dir or os.path.join(self.out_dir, "cache", "eval")
         suite = EvalSuite.load([f"{d}={p}" for d, p in self.study.eval_sets.items()], tok,
                                cache_dir=cache)
-        fp = _sha_json({"tokenizer": tok.fingerprint, "stride": self.opt.stride,
+        fp = sha256_json({"tokenizer": tok.fingerprint, "stride": self.opt.stride,
                         "max_len": self.opt.max_len,
                         "sets": {d: [s.num_documents, s.num_tokens, s.num_bytes]
                                  for d, s in suite.sets.items()}})
@@ -356,7 +351,7 @@ class StudyRunner:
     def evaluate(self, plan: RunPlan) -> None:
         from megablocks_ablate.train.distributed import barrier
 
-        path = os.path.join(self.out_dir, STORE_NAME)
+        path = store_path(self.out_dir)
         if self.env.is_main:
             with ResultStore(path) as store:
                 store.set_meta("study", self.study.to_meta())
@@ -412,7 +407,7 @@ class StudyRunner:
                                           device=self.env.device, show_progress=False)
         model = ModelConfig.from_dict(pool.config).build(device=self.env.device)
         suite, fp = self._suite()
-        path = os.path.join(self.out_dir, STORE_NAME)
+        path = store_path(self.out_dir)
         merged = []
 
         def score(names: tuple[str, ...]) -> float:

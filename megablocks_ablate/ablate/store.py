@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS unit_results (
 """
 
 
+STORE_NAME = "results.sqlite"
+
+
+def store_path(out_dir: str) -> str:
+    """Where a study keeps its results store: ``<out_dir>/results.sqlite``."""
+    return os.path.join(out_dir, STORE_NAME)
+
+
 class StoreError(MBAError):
     """The results store is unusable or was offered inconsistent results."""
 

@@ -92,14 +92,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=run_export)
 
 
-STORE_NAME = "results.sqlite"
-
-
-def store_path(out_dir: str) -> str:
-    """Where a study keeps its results store."""
-    return os.path.join(out_dir, STORE_NAME)
-
-
 def run_plan(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
 
@@ -121,7 +113,7 @@ def run_run(args: argparse.Namespace) -> int:
     runner = run_study(study, opts, dry_run=args.dry_run)
     if args.report and not args.dry_run and runner.env.is_main:
         from megablocks_ablate.ablate.report import write_report
-        from megablocks_ablate.ablate.store import ResultStore
+        from megablocks_ablate.ablate.store import ResultStore, store_path
 
         with ResultStore(store_path(study.spec.out_dir)) as store:
             print(write_report(store, os.path.join(study.spec.out_dir, "report")).headline())
@@ -130,7 +122,7 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.report import write_report
-    from megablocks_ablate.ablate.store import ResultStore
+    from megablocks_ablate.ablate.store import ResultStore, store_path
     from megablocks_ablate.errors import ConfigError
 
     if bool(args.spec) == bool(args.store):

@@ -30,7 +30,8 @@ import os
 from dataclasses import dataclass
 
 from megablocks_ablate.errors import DataFormatError
-from megablocks_ablate.utils.atomic import atomic_write_json, sha256_file
+from megablocks_ablate.utils.atomic import atomic_write_json
+from megablocks_ablate.utils.hashing import sha256_file
 
 MANIFEST_FORMAT = "megablocks-ablate/manifest@1"
 MANIFEST_NAME = "manifest.json"

@@ -18,7 +18,6 @@ Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``worker
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,8 +34,9 @@ from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Mani
 from megablocks_ablate.data.partition import safe_name, split_units
 from megablocks_ablate.data.preprocess_worker import (BatchResult, WorkerSettings, init_worker,
                                                       process_batch)
-from megablocks_ablate.errors import ConfigError, DataFormatError
-from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json, sha256_file
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
+from megablocks_ablate.utils.hashing import sha256_file, sha256_json
 from megablocks_ablate.utils.progress import progress
 
 TMP_DIR = ".preprocess-tmp"
@@ -92,7 +92,7 @@ class PreprocessConfig(Config):
 
     def output_hash(self) -> str:
         d = {k: v for k, v in self.to_dict().items() if k not in _NON_OUTPUT_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        return sha256_json(d)
 
 
 class _Growable:

@@ -18,7 +18,6 @@ Parallelism comes from the processes, which then scale cleanly.
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import tempfile
 from typing import Any, Iterable, Iterator, Sequence
 
 from megablocks_ablate.errors import DataFormatError, TokenizerError
+from megablocks_ablate.utils.hashing import sha256_json
 
 # Must be set before `tokenizers` first runs a batch: its rayon pool would otherwise
 # oversubscribe the cores already used by our worker processes (and warn on fork).
@@ -40,11 +40,6 @@ HF_EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot
 # SentencePiece ids used by `train_sentencepiece` (BOS is disabled: documents are
 # separated by EOD only, as in Megatron's GPT data pipeline).
 SP_PAD_ID, SP_UNK_ID, SP_EOS_ID = 0, 1, 2
-
-
-def _sha256_json(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("ascii")).hexdigest()
 
 
 class Tokenizer(abc.ABC):
@@ -245,7 +240,7 @@ class SentencePieceTokenizer(Tokenizer):
                                      f"(eos_id=-1); pass eod_token (--eod-token) naming the "
                                      f"piece that ends a document")
         self._eod_id = eod
-        self._fingerprint = _sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
+        self._fingerprint = sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
                                           "model": canonical, "eod_id": eod})
 
     def encode(self, text: str) -> list[int]:
@@ -335,7 +330,7 @@ class HFTokenizer(Tokenizer):
                     f"{', '.join(HF_EOD_CANDIDATES)}); pass eod_token (--eod-token) naming "
                     f"the token that ends a document")
         self._eod_id = int(vocab[eod_token])
-        self._fingerprint = _sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
+        self._fingerprint = sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
                                           "model": _hf_canonical(spec), "eod_id": self._eod_id})
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
         self._batch = getattr(tok, "encode_batch_fast", tok.encode_batch)

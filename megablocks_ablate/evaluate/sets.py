@@ -29,7 +29,6 @@ Everything is loaded into memory once and stays there across :func:`evaluate` ca
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -43,7 +42,8 @@ from megablocks_ablate.data.indexed import (IndexedDataset, IndexedDatasetWriter
                                             data_file_path)
 from megablocks_ablate.data.jsonl import BadLineCounter, OnBadLine, expand_inputs, iter_jsonl
 from megablocks_ablate.errors import DataFormatError, TokenizerError
-from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json, sha256_file
+from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
+from megablocks_ablate.utils.hashing import sha256_file, sha256_json
 
 CACHE_FORMAT = "megablocks-ablate/eval-cache@1"
 _SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".jsonl", ".json.gz", ".json")
@@ -189,7 +189,7 @@ def _cache_key(source: EvalSource, fingerprint: str, text_key: str, on_bad_line:
 
 
 def _cache_prefix(cache_dir: str, domain: str, key: dict) -> str:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    digest = sha256_json(key)[:20]
     return os.path.join(cache_dir, f"{_safe(domain)}.{digest}")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from megablocks_ablate.errors import DataFormatError
-from megablocks_ablate.utils.atomic import sha256_file
+from megablocks_ablate.utils.hashing import sha256_file
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -46,7 +46,8 @@ from megablocks_ablate.train.checkpoint import (
     save_model_checkpoint,
     staged_checkpoint_dir,
 )
-from megablocks_ablate.utils.atomic import atomic_write_json, sha256_file
+from megablocks_ablate.utils.atomic import atomic_write_json
+from megablocks_ablate.utils.hashing import sha256_file
 
 STATE_FORMAT = "megablocks-ablate/train-state@1"
 OPTIM_TENSORS = "optimizer.safetensors"

@@ -17,7 +17,7 @@ from megablocks_ablate.train.checkpoint import (
     read_checkpoint_meta,
     save_model_checkpoint,
 )
-from megablocks_ablate.utils.atomic import sha256_file
+from megablocks_ablate.utils.hashing import sha256_file
 
 
 def _state():
