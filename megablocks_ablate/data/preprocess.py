@@ -302,7 +302,8 @@ def _partition_plan(records: list[dict], tmp: str) -> dict[str, list[tuple[str, 
 
 
 def _order_documents(pieces: list[tuple[str, dict]], order_by: str | None):
-    """Load shards of one partition; return (shards, shard id per doc, seq id, order)."""
+    """Load shards of one partition; return (shards, shard id per doc, seq id, lengths,
+    order, label) where ``label(pos)`` is document ``pos``'s ``order_by`` value."""
     from megablocks_ablate.data.indexed import IndexedDataset
 
     shards, shard_of, seq_of, cls, num, srank, lengths = [], [], [], [], [], [], []
@@ -323,25 +324,21 @@ def _order_documents(pieces: list[tuple[str, dict]], order_by: str | None):
     cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt)  # noqa: E731
     shard_of, seq_of = cat(shard_of, np.int32), cat(seq_of, np.int64)
     lengths = cat(lengths, np.int64)
+    cls, num, srank = cat(cls, np.int8), cat(num, np.float64), cat(srank, np.int64)
     if order_by:
-        position = np.arange(len(lengths))
-        order = np.lexsort((position, cat(srank, np.int64), cat(num, np.float64),
-                            cat(cls, np.int8)))
+        order = np.lexsort((np.arange(len(lengths)), srank, num, cls))
     else:
         order = np.arange(len(lengths))
-    return shards, shard_of, seq_of, lengths, order
 
+    def label(pos: int) -> object:
+        if not order_by:
+            return None
+        c, v = int(cls[pos]), float(num[pos])
+        if c == 0:
+            return int(v) if v.is_integer() else v
+        return all_strings[int(srank[pos])] if c == 1 else None
 
-def _order_label(pieces, order_by, shard_of, seq_of, pos) -> object:
-    if not order_by:
-        return None
-    d, prec = pieces[int(shard_of[pos])]
-    with np.load(os.path.join(d, prec["shard"] + ".keys.npz"), allow_pickle=False) as z:
-        c, v, code = int(z["cls"][seq_of[pos]]), float(z["num"][seq_of[pos]]), \
-            int(z["codes"][seq_of[pos]])
-    if c == 0:
-        return int(v) if v.is_integer() else v
-    return prec["strings"][code] if c == 1 else None
+    return shards, shard_of, seq_of, lengths, order, label
 
 
 def _write_unit(prefix: str, dtype, shards, shard_of, seq_of, positions) -> dict:
@@ -370,7 +367,7 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
             k += 1
             name = f"{base}_{k}"
         names_used.add(name)
-        shards, shard_of, seq_of, lengths, order = _order_documents(pieces, cfg.order_by)
+        shards, shard_of, seq_of, lengths, order, label = _order_documents(pieces, cfg.order_by)
         ranges, left_docs, left_tokens = split_units(lengths[order], cfg.unit_tokens,
                                                      keep_remainder=cfg.remainder == "keep")
         unit_names = []
@@ -396,8 +393,8 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
             units[unit] = {
                 "partition": key, "index": ui, "prefix": prefix_rel,
                 "documents": int(b - a), "tokens": n_tok,
-                "order_first": _order_label(pieces, cfg.order_by, shard_of, seq_of, positions[0]),
-                "order_last": _order_label(pieces, cfg.order_by, shard_of, seq_of, positions[-1]),
+                "order_first": label(positions[0]),
+                "order_last": label(positions[-1]),
                 "partial": bool(cfg.unit_tokens is not None and n_tok < cfg.unit_tokens),
                 **files,
             }
