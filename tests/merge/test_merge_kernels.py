@@ -12,9 +12,7 @@ import sysconfig
 import pytest
 import torch
 
-GPU = torch.cuda.is_available()
-if not GPU:  # run Triton on CPU tensors: set before the Triton kernel is first imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+GPU = torch.cuda.is_available()  # without one, tests/conftest.py set TRITON_INTERPRET=1
 
 from megablocks_ablate import _ext
 from megablocks_ablate.kernels.dispatch import kernel_backend
@@ -143,7 +141,7 @@ def test_dispatch_by_env():
         assert select_backend(cpu) == ("cpp" if _ext.cpp is not None else "reference")
     if not GPU:
         with kernel_backend("triton"):
-            assert select_backend(cpu) == "triton"  # TRITON_INTERPRET=1 is set above
+            assert select_backend(cpu) == "triton"  # TRITON_INTERPRET=1 (tests/conftest.py)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
