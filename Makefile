@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: venv install build demo test bench clean
+.PHONY: venv install build demo test test-fast lint format bench clean
 
 # megatron-core: Megatron-LM's own IndexedDataset reads our files in a test; --no-deps
 # keeps it from touching torch (it needs only numpy, packaging and torch, all present).
@@ -30,8 +30,25 @@ build: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/megablocks-ablate demo --out demo_out
 
+# Both kinds of tests: unit (in-process) and integration (multi-process, kill, end to end).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Unit tests only: the quick loop while editing.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS) tests
+
+# Lint, format check and types (CI runs this before the tests).
+LINT_PATHS := megablocks_ablate tests tools benchmarks setup.py
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+# Apply the formatter and the safe lint fixes.
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/preprocess.py --update-docs

@@ -14,8 +14,8 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
 from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

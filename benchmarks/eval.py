@@ -50,16 +50,25 @@ def synthetic_suite(vocab: int, tokens: int, max_len: int, seed: int = 0) -> Eva
     ids = np.minimum(rng.zipf(1.2, sum(lengths)) + 2, vocab - 1).astype(np.int32)
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    docs = EvalSet(domain="synthetic", path="<synthetic>", tokens=ids, offsets=offsets,
-                   doc_bytes=np.asarray(lengths, np.int64) * 4, tokenizer_fingerprint="synthetic")
+    docs = EvalSet(
+        domain="synthetic",
+        path="<synthetic>",
+        tokens=ids,
+        offsets=offsets,
+        doc_bytes=np.asarray(lengths, np.int64) * 4,
+        tokenizer_fingerprint="synthetic",
+    )
     return EvalSuite(sets={"synthetic": docs}, tokenizer_fingerprint="synthetic", eod_id=EOD)
 
 
 def hf_model(cfg: ModelConfig, ours: torch.nn.Module, device, dtype):
     from transformers import CohereConfig, CohereForCausalLM
 
-    fields = {k: v for k, v in to_hf_config(cfg).items()
-              if k not in ("architectures", "model_type", "torch_dtype")}
+    fields = {
+        k: v
+        for k, v in to_hf_config(cfg).items()
+        if k not in ("architectures", "model_type", "torch_dtype")
+    }
     hf = CohereForCausalLM(CohereConfig(**fields, attn_implementation="sdpa"))
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     return hf.to(device=device, dtype=dtype).eval()
@@ -74,14 +83,21 @@ def hf_evaluate(hf, suite: EvalSuite, max_len: int, batch_tokens: int, device) -
         for batch in rp.batches:
             inputs, labels = batch.inputs_and_labels(device)
             logits = hf(input_ids=inputs).logits
-            total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                     reduction="sum").double()
+            total += F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"
+            ).double()
             count += batch.scored_tokens
     return float(total), count
 
 
-def bench(preset: str, device: torch.device, dtype: torch.dtype, tokens: int, rounds: int,
-          batch_tokens: int) -> dict:
+def bench(
+    preset: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    tokens: int,
+    rounds: int,
+    batch_tokens: int,
+) -> dict:
     cfg = ModelConfig.from_preset(preset)
     torch.manual_seed(0)
     ours = cfg.build(device=device, dtype=dtype).eval()
@@ -110,11 +126,19 @@ def bench(preset: str, device: torch.device, dtype: torch.dtype, tokens: int, ro
     (nll_ours, n), (nll_hf, n_hf) = results["ours"], results["transformers"]
     assert n == n_hf, (n, n_hf)
     rel = abs(nll_ours - nll_hf) / abs(nll_hf)
-    out = {"preset": preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "dtype": str(dtype).removeprefix("torch."), "params": cfg.num_params(), "max_len": L,
-           "documents": suite.sets["synthetic"].num_documents, "tokens": n,
-           "batch_tokens": batch_tokens, "rounds": rounds, "threads": torch.get_num_threads(),
-           "nll_rel_diff": rel}
+    out = {
+        "preset": preset,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": cfg.num_params(),
+        "max_len": L,
+        "documents": suite.sets["synthetic"].num_documents,
+        "tokens": n,
+        "batch_tokens": batch_tokens,
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+        "nll_rel_diff": rel,
+    }
     for name in runs:
         out[f"tokens_per_s_{name}"] = round(n / statistics.median(times[name]), 1)
     out["ratio"] = round(out["tokens_per_s_ours"] / out["tokens_per_s_transformers"], 3)
@@ -125,7 +149,8 @@ def bench(preset: str, device: torch.device, dtype: torch.dtype, tokens: int, ro
 def docs_section(res: dict) -> str:
     rows = res["runs"]
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"`python benchmarks/eval.py --update-docs` on {res['machine']} (torch {res['torch']}, "
         f"transformers {res['transformers']}). Synthetic documents (log-normal lengths, median half a "
         "window, some several windows long), non-overlapping windows, the same length-bucketed "
@@ -139,13 +164,18 @@ def docs_section(res: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['device']} ({r['threads']} threads) | {r['dtype']} | "
-                     f"{r['tokens']:,} | {r['tokens_per_s_ours']:,.0f} | "
-                     f"{r['tokens_per_s_transformers']:,.0f} | {r['ratio']:.2f}x | "
-                     f"{r['ratio_best']:.2f}x | {r['nll_rel_diff']:.1e} |")
+        lines.append(
+            f"| {r['preset']} | {r['device']} ({r['threads']} threads) | {r['dtype']} | "
+            f"{r['tokens']:,} | {r['tokens_per_s_ours']:,.0f} | "
+            f"{r['tokens_per_s_transformers']:,.0f} | {r['ratio']:.2f}x | "
+            f"{r['ratio_best']:.2f}x | {r['nll_rel_diff']:.1e} |"
+        )
     if not any(r["device"] != "cpu" for r in rows):
-        lines += ["", "GPU rows (130m and 1.1b, bf16, 2048-token windows) are produced when CUDA is "
-                  "present; none was available for this run."]
+        lines += [
+            "",
+            "GPU rows (130m and 1.1b, bf16, 2048-token windows) are produced when CUDA is "
+            "present; none was available for this run.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -156,26 +186,38 @@ def update_docs(section: str, path: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, default=24_000, help="CPU: tokens of synthetic documents")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS)
     ap.add_argument("--gpu-tokens", type=int, default=2_000_000)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "eval.json"))
-    ap.add_argument("--update-docs", action="store_true", help="write the section in docs/benchmarks.md")
+    ap.add_argument(
+        "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
+    )
     args = ap.parse_args()
 
     import transformers
 
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-           "transformers": transformers.__version__, "runs": []}
-    res["runs"].append(bench("demo", torch.device("cpu"), torch.float32, args.tokens, args.rounds,
-                             args.batch_tokens))
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "runs": [],
+    }
+    res["runs"].append(
+        bench(
+            "demo", torch.device("cpu"), torch.float32, args.tokens, args.rounds, args.batch_tokens
+        )
+    )
     print(res["runs"][-1])
     if torch.cuda.is_available():
         for preset in ("130m", "1.1b"):
-            res["runs"].append(bench(preset, torch.device("cuda"), torch.bfloat16, args.gpu_tokens,
-                                     3, 8 * 2048))
+            res["runs"].append(
+                bench(preset, torch.device("cuda"), torch.bfloat16, args.gpu_tokens, 3, 8 * 2048)
+            )
             print(res["runs"][-1])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_json(args.out, res)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -44,9 +45,15 @@ def shapes_130m(d=768, layers=12, vocab=50304, ffn=2048) -> dict[str, tuple[int,
     out: dict[str, tuple[int, ...]] = {"embed.weight": (vocab, d)}
     for i in range(layers):
         p = f"layers.{i}."
-        out.update({p + "norm.weight": (d,), p + "attn.qkv.weight": (3 * d, d),
-                    p + "attn.out.weight": (d, d), p + "mlp.gate_up.weight": (2 * ffn, d),
-                    p + "mlp.down.weight": (d, ffn)})
+        out.update(
+            {
+                p + "norm.weight": (d,),
+                p + "attn.qkv.weight": (3 * d, d),
+                p + "attn.out.weight": (d, d),
+                p + "mlp.gate_up.weight": (2 * ffn, d),
+                p + "mlp.down.weight": (d, ffn),
+            }
+        )
     out["final_norm.weight"] = (d,)
     return out
 
@@ -65,7 +72,7 @@ def views(row: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
     out, off = {}, 0
     for k, s in shapes.items():
         n = torch.Size(s).numel()
-        out[k] = row[off:off + n].view(s)
+        out[k] = row[off : off + n].view(s)
         off += n
     return out
 
@@ -98,8 +105,9 @@ class CopyProbe:
         return time.perf_counter() - t
 
 
-def bench_n(n: int, in_dtype: torch.dtype, shapes, reps: int, baselines: bool,
-            probe: CopyProbe) -> dict:
+def bench_n(
+    n: int, in_dtype: torch.dtype, shapes, reps: int, baselines: bool, probe: CopyProbe
+) -> dict:
     p = sum(torch.Size(s).numel() for s in shapes.values())
     # One allocation per unit model, as N loaded models are (a deepcopy of one model's
     # tensors then copies that model only; page-aligned separate allocations are also
@@ -116,13 +124,20 @@ def bench_n(n: int, in_dtype: torch.dtype, shapes, reps: int, baselines: bool,
     t_kernel, t_copy = float("inf"), float("inf")
     for _ in range(reps):  # interleaved, best of each
         t_copy = min(t_copy, probe.seconds())
-        t_kernel = min(t_kernel, best_time(lambda: merge_into(out, rows, ws), 1))
+        t_kernel = min(t_kernel, best_time(functools.partial(merge_into, out, rows, ws), 1))
     nbytes = n * p * in_dtype.itemsize + p * 4
     copy_gbps = probe.nbytes / t_copy / 1e9
-    res = {"n": n, "input_dtype": str(in_dtype).replace("torch.", ""), "output_dtype": "float32",
-           "params": p, "bytes_per_merge": nbytes, "kernel_s": t_kernel,
-           "kernel_gbps": nbytes / t_kernel / 1e9, "copy_gbps_adjacent": copy_gbps,
-           "fraction_of_copy_bw": nbytes / t_kernel / 1e9 / copy_gbps}
+    res = {
+        "n": n,
+        "input_dtype": str(in_dtype).replace("torch.", ""),
+        "output_dtype": "float32",
+        "params": p,
+        "bytes_per_merge": nbytes,
+        "kernel_s": t_kernel,
+        "kernel_gbps": nbytes / t_kernel / 1e9,
+        "copy_gbps_adjacent": copy_gbps,
+        "fraction_of_copy_bw": nbytes / t_kernel / 1e9 / copy_gbps,
+    }
     if baselines:
         sds = [views(rows[i], shapes) for i in range(n)]
 
@@ -150,7 +165,7 @@ def bench_n(n: int, in_dtype: torch.dtype, shapes, reps: int, baselines: bool,
 
 
 def bench_file_merge(n: int, shapes, workdir: str) -> dict:
-    from megablocks_ablate.train.checkpoint import Lineage, save_model_checkpoint
+    from megablocks_ablate.checkpoint import Lineage, save_model_checkpoint
 
     p = sum(torch.Size(s).numel() for s in shapes.values())
     row = torch.rand(p)
@@ -158,8 +173,12 @@ def bench_file_merge(n: int, shapes, workdir: str) -> dict:
     for i in range(n):
         d = os.path.join(workdir, "pool", f"u{i}")
         row.add_(1e-3)
-        save_model_checkpoint(d, views(row, shapes), {"preset": "130m"}, Lineage(
-            kind="unit", seed_hash="0" * 64, units=[f"u{i}"], weights=[1.0], tokens_seen=1))
+        save_model_checkpoint(
+            d,
+            views(row, shapes),
+            {"preset": "130m"},
+            Lineage(kind="unit", seed_hash="0" * 64, units=[f"u{i}"], weights=[1.0], tokens_seen=1),
+        )
         units[f"u{i}"] = d
     del row
     spec = os.path.join(workdir, "merge.yaml")
@@ -169,15 +188,25 @@ def bench_file_merge(n: int, shapes, workdir: str) -> dict:
     env = dict(os.environ, MBA_NO_PROGRESS="1")
     # Each child reports its own peak RSS as its last line: VmHWM of its own address
     # space (ru_maxrss would also count the pages of the forked parent before exec).
-    report = ("print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
-              "if l.startswith('VmHWM')][0])")
+    report = (
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+        "if l.startswith('VmHWM')][0])"
+    )
     idle = f"import torch, megablocks_ablate.merge.file_merge; {report}"
-    merge = ("import sys; from megablocks_ablate.cli import main; "
-             f"rc = main(['merge', '--spec', {spec!r}, '--out', {out!r}]); {report}; sys.exit(rc)")
+    merge = (
+        "import sys; from megablocks_ablate.cli import main; "
+        f"rc = main(['merge', '--spec', {spec!r}, '--out', {out!r}]); {report}; sys.exit(rc)"
+    )
 
     def child(code: str) -> int:
-        r = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         return int(r.stdout.strip().splitlines()[-1])
 
     base_rss = child(idle)
@@ -185,11 +214,18 @@ def bench_file_merge(n: int, shapes, workdir: str) -> dict:
     peak = child(merge)
     wall = time.perf_counter() - t
     model_bytes = p * 4
-    return {"n": n, "dtype": "float32", "params": p, "model_bytes": model_bytes, "wall_s": wall,
-            "peak_rss_bytes": peak, "peak_rss_over_model": peak / model_bytes,
-            "idle_process_rss_bytes": base_rss,
-            "read_write_gbps": (n + 1) * model_bytes / wall / 1e9,
-            "note": "inputs just written, so read from the page cache"}
+    return {
+        "n": n,
+        "dtype": "float32",
+        "params": p,
+        "model_bytes": model_bytes,
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+        "peak_rss_over_model": peak / model_bytes,
+        "idle_process_rss_bytes": base_rss,
+        "read_write_gbps": (n + 1) * model_bytes / wall / 1e9,
+        "note": "inputs just written, so read from the page cache",
+    }
 
 
 def main() -> int:
@@ -206,21 +242,33 @@ def main() -> int:
     p = sum(torch.Size(s).numel() for s in shapes.values())
     t0 = time.perf_counter()
     probe = CopyProbe(p)
-    kernel = [bench_n(n, torch.float32 if n <= 8 else torch.bfloat16, shapes, args.reps, True,
-                      probe) for n in args.ns]
+    kernel = [
+        bench_n(n, torch.float32 if n <= 8 else torch.bfloat16, shapes, args.reps, True, probe)
+        for n in args.ns
+    ]
     copy_gbps = max(r["copy_gbps_adjacent"] for r in kernel)
     del probe
     workdir = tempfile.mkdtemp(prefix="mba-bench-merge-", dir=args.workdir)
     try:
-        file_merge = bench_file_merge(args.file_merge_n, shapes, workdir) if args.file_merge_n else None
+        file_merge = (
+            bench_file_merge(args.file_merge_n, shapes, workdir) if args.file_merge_n else None
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "benchmark": "merge", "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "backend": select_backend(torch.device("cpu")), "params": p,
-        "copy_gbps": copy_gbps, "kernel": kernel, "file_merge": file_merge,
+        "benchmark": "merge",
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "backend": select_backend(torch.device("cpu")),
+        "params": p,
+        "copy_gbps": copy_gbps,
+        "kernel": kernel,
+        "file_merge": file_merge,
         "total_s": time.perf_counter() - t0,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -228,20 +276,28 @@ def main() -> int:
         json.dump(result, f, indent=2)
         f.write("\n")
 
-    print(f"params {p / 1e6:.1f}M, backend {result['backend']}, best copy bandwidth "
-          f"{copy_gbps:.2f} GB/s")
-    print(f"{'N':>3} {'inputs':>8} {'kernel s':>9} {'GB/s':>6} {'copy GB/s':>9} {'of copy':>8} "
-          f"{'naive s':>8} {'x naive':>8} {'deepcopy s':>10} {'x deepcopy':>10}")
+    print(
+        f"params {p / 1e6:.1f}M, backend {result['backend']}, best copy bandwidth "
+        f"{copy_gbps:.2f} GB/s"
+    )
+    print(
+        f"{'N':>3} {'inputs':>8} {'kernel s':>9} {'GB/s':>6} {'copy GB/s':>9} {'of copy':>8} "
+        f"{'naive s':>8} {'x naive':>8} {'deepcopy s':>10} {'x deepcopy':>10}"
+    )
     for r in kernel:
-        print(f"{r['n']:>3} {r['input_dtype']:>8} {r['kernel_s']:>9.3f} {r['kernel_gbps']:>6.2f} "
-              f"{r['copy_gbps_adjacent']:>9.2f} {r['fraction_of_copy_bw']:>8.0%} {r['naive_s']:>8.3f} {r['speedup_vs_naive']:>8.1f} "
-              f"{r['deepcopy_s']:>10.3f} {r['speedup_vs_deepcopy']:>10.1f}")
+        print(
+            f"{r['n']:>3} {r['input_dtype']:>8} {r['kernel_s']:>9.3f} {r['kernel_gbps']:>6.2f} "
+            f"{r['copy_gbps_adjacent']:>9.2f} {r['fraction_of_copy_bw']:>8.0%} {r['naive_s']:>8.3f} {r['speedup_vs_naive']:>8.1f} "
+            f"{r['deepcopy_s']:>10.3f} {r['speedup_vs_deepcopy']:>10.1f}"
+        )
     if file_merge:
-        print(f"file merge N={file_merge['n']}: {file_merge['wall_s']:.2f} s, peak RSS "
-              f"{file_merge['peak_rss_bytes'] / 2**20:.0f} MiB = "
-              f"{file_merge['peak_rss_over_model']:.2f} x one model "
-              f"({file_merge['model_bytes'] / 2**20:.0f} MiB); idle process "
-              f"{file_merge['idle_process_rss_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"file merge N={file_merge['n']}: {file_merge['wall_s']:.2f} s, peak RSS "
+            f"{file_merge['peak_rss_bytes'] / 2**20:.0f} MiB = "
+            f"{file_merge['peak_rss_over_model']:.2f} x one model "
+            f"({file_merge['model_bytes'] / 2**20:.0f} MiB); idle process "
+            f"{file_merge['idle_process_rss_bytes'] / 2**20:.0f} MiB"
+        )
     print(f"wrote {args.out} ({result['total_s']:.0f} s)")
     return 0
 

@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megablocks_ablate.model import ModelConfig  # noqa: E402
-from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
-from megablocks_ablate.utils.atomic import atomic_write_json  # noqa: E402
+from megablocks_ablate.model import ModelConfig
+from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict
+from megablocks_ablate.utils.atomic import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -38,8 +38,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 def _hf_model(cfg: ModelConfig, ours: torch.nn.Module):
     from transformers import CohereConfig, CohereForCausalLM
 
-    fields = {k: v for k, v in to_hf_config(cfg).items()
-              if k not in ("architectures", "model_type", "torch_dtype")}
+    fields = {
+        k: v
+        for k, v in to_hf_config(cfg).items()
+        if k not in ("architectures", "model_type", "torch_dtype")
+    }
     hf = CohereForCausalLM(CohereConfig(**fields, attn_implementation="sdpa"))
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     return hf
@@ -86,6 +89,7 @@ def bench_cpu(batch: int, seq: int, steps: int, rounds: int) -> dict:
             with torch.no_grad():
                 out = m(ids)
                 return out if name == "ours" else out.logits
+
         return infer
 
     for name in models:  # warm-up (allocator, SDPA dispatch)
@@ -95,14 +99,27 @@ def bench_cpu(batch: int, seq: int, steps: int, rounds: int) -> dict:
         for mode in ("train", "infer"):
             for name in models:
                 times[(name, mode)].append(_timed(step(name, mode), steps) / steps)
-    out = {"preset": "demo", "batch": batch, "seq_len": seq, "params": cfg.num_params(),
-           "threads": torch.get_num_threads(), "steps_per_round": steps, "rounds": rounds}
+    out = {
+        "preset": "demo",
+        "batch": batch,
+        "seq_len": seq,
+        "params": cfg.num_params(),
+        "threads": torch.get_num_threads(),
+        "steps_per_round": steps,
+        "rounds": rounds,
+    }
     for mode in ("train", "infer"):
         for name in models:
-            out[f"{mode}_tokens_per_s_{name}"] = round(tokens / statistics.median(times[(name, mode)]), 1)
-        out[f"{mode}_ratio"] = round(out[f"{mode}_tokens_per_s_ours"] / out[f"{mode}_tokens_per_s_transformers"], 3)
+            out[f"{mode}_tokens_per_s_{name}"] = round(
+                tokens / statistics.median(times[(name, mode)]), 1
+            )
+        out[f"{mode}_ratio"] = round(
+            out[f"{mode}_tokens_per_s_ours"] / out[f"{mode}_tokens_per_s_transformers"], 3
+        )
         # Best round of each: the least disturbed by other tenants of a shared machine.
-        out[f"{mode}_ratio_best"] = round(min(times[("transformers", mode)]) / min(times[("ours", mode)]), 3)
+        out[f"{mode}_ratio_best"] = round(
+            min(times[("transformers", mode)]) / min(times[("ours", mode)]), 3
+        )
     return out
 
 
@@ -114,16 +131,23 @@ def bench_gpu(preset: str, batch: int, steps: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
     labels = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
-    fn = lambda: _train_step(model, opt, ids, labels, False)  # noqa: E731
+    fn = lambda: _train_step(model, opt, ids, labels, False)
     _timed(fn, 3, torch.cuda.synchronize)
     dt = _timed(fn, steps, torch.cuda.synchronize) / steps
     tps = batch * seq / dt
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return {"preset": preset, "device": name, "batch": batch, "seq_len": seq, "dtype": "bfloat16",
-            "tokens_per_s": round(tps, 1), "flops_per_token": cfg.flops_per_token(seq),
-            "mfu": round(cfg.flops_per_token(seq) * tps / peak, 4) if peak else None,
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return {
+        "preset": preset,
+        "device": name,
+        "batch": batch,
+        "seq_len": seq,
+        "dtype": "bfloat16",
+        "tokens_per_s": round(tps, 1),
+        "flops_per_token": cfg.flops_per_token(seq),
+        "mfu": round(cfg.flops_per_token(seq) * tps / peak, 4) if peak else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    }
 
 
 def _docs_section(res: dict) -> str:
@@ -147,14 +171,21 @@ def _docs_section(res: dict) -> str:
         "",
     ]
     if res.get("gpu"):
-        lines += ["| GPU preset | device | batch x seq | tokens/s | MFU | peak memory |", "|---|---|---|---:|---:|---:|"]
+        lines += [
+            "| GPU preset | device | batch x seq | tokens/s | MFU | peak memory |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for g in res["gpu"]:
             mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a"
-            lines.append(f"| {g['preset']} | {g['device']} | {g['batch']} x {g['seq_len']} | "
-                         f"{g['tokens_per_s']:,.0f} | {mfu} | {g['peak_memory_gib']} GiB |")
+            lines.append(
+                f"| {g['preset']} | {g['device']} | {g['batch']} x {g['seq_len']} | "
+                f"{g['tokens_per_s']:,.0f} | {mfu} | {g['peak_memory_gib']} GiB |"
+            )
     else:
-        lines.append("GPU rows (130m and 1.1b, bf16, sequence 2048, tokens/s and MFU) are produced "
-                     "when CUDA is present; none was available for this run.")
+        lines.append(
+            "GPU rows (130m and 1.1b, bf16, sequence 2048, tokens/s and MFU) are produced "
+            "when CUDA is present; none was available for this run."
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -166,20 +197,28 @@ def update_docs(section: str, path: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "model_step.json"))
-    ap.add_argument("--update-docs", action="store_true", help="write the section in docs/benchmarks.md")
+    ap.add_argument(
+        "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
+    )
     args = ap.parse_args()
 
     import transformers
 
-    res = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-           "transformers": transformers.__version__,
-           "cpu": bench_cpu(args.batch, args.seq, args.steps, args.rounds), "gpu": []}
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": bench_cpu(args.batch, args.seq, args.steps, args.rounds),
+        "gpu": [],
+    }
     if torch.cuda.is_available():
         res["gpu"].append(bench_gpu("130m", 8, 10))
         res["gpu"].append(bench_gpu("1.1b", 4, 10))

@@ -63,10 +63,29 @@ def peak_tree_rss(proc: psutil.Popen, interval: float = 0.1) -> tuple[int, list]
 
 
 def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "megablocks_ablate", "preprocess", "--input", corpus,
-           "--tokenizer", tok, "--partition-by", "fos", "--order-by", "year",
-           "--unit-tokens", "5M", "--heldout-fraction", "0.01", "--workers", str(workers),
-           "--out", out, "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megablocks_ablate",
+        "preprocess",
+        "--input",
+        corpus,
+        "--tokenizer",
+        tok,
+        "--partition-by",
+        "fos",
+        "--order-by",
+        "year",
+        "--unit-tokens",
+        "5M",
+        "--heldout-fraction",
+        "0.01",
+        "--workers",
+        str(workers),
+        "--out",
+        out,
+        "--overwrite",
+    ]
     env = dict(os.environ, MBA_NO_PROGRESS="1")
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -74,7 +93,7 @@ def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
     box = {}
     th = threading.Thread(target=lambda: box.update(zip(("peak", "peak_one"), peak_tree_rss(proc))))
     th.start()
-    stdout, stderr = proc.communicate()
+    _stdout, stderr = proc.communicate()
     th.join()
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the joined pool workers
@@ -84,11 +103,17 @@ def run_preprocess(corpus: str, tok: str, out: str, workers: int) -> dict:
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
         m = json.load(f)
     tokens = m["totals"]["tokens_train"]
-    return {"workers": workers, "wall_s": round(wall, 2), "tokens": tokens,
-            "tokens_per_s": round(tokens / wall), "stage_s": m["timing_s"],
-            "cpu_s": round(cpu, 2), "cpu_us_per_token": round(cpu / tokens * 1e6, 4),
-            "peak_rss_tree_mb": round(box.get("peak", 0) / 2**20, 1),
-            "peak_rss_one_process_mb": round(box.get("peak_one", 0) / 2**20, 1)}
+    return {
+        "workers": workers,
+        "wall_s": round(wall, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall),
+        "stage_s": m["timing_s"],
+        "cpu_s": round(cpu, 2),
+        "cpu_us_per_token": round(cpu / tokens * 1e6, 4),
+        "peak_rss_tree_mb": round(box.get("peak", 0) / 2**20, 1),
+        "peak_rss_one_process_mb": round(box.get("peak_one", 0) / 2**20, 1),
+    }
 
 
 def time_halves(corpus: str, tok_path: str) -> dict:
@@ -105,10 +130,14 @@ def time_halves(corpus: str, tok_path: str) -> dict:
     t0 = time.perf_counter()
     n = 0
     for i in range(0, len(texts), 256):
-        n += sum(len(x) + 1 for x in tok.encode_batch(texts[i:i + 256]))
+        n += sum(len(x) + 1 for x in tok.encode_batch(texts[i : i + 256]))
     tok_s = time.perf_counter() - t0
-    return {"read_parse_s": round(read_s, 2), "tokenize_s": round(tok_s, 2), "tokens": n,
-            "tokenizer_only_tokens_per_s": round(n / tok_s)}
+    return {
+        "read_parse_s": round(read_s, 2),
+        "tokenize_s": round(tok_s, 2),
+        "tokens": n,
+        "tokenizer_only_tokens_per_s": round(n / tok_s),
+    }
 
 
 def docs_section(r: dict) -> str:
@@ -116,35 +145,41 @@ def docs_section(r: dict) -> str:
     r1, r2 = r["runs"][0], r["runs"][-1]
     h = r["split_one_core"]
     ours = r1["wall_s"] - h["tokenize_s"] - h["read_parse_s"]
-    return f"""## Preprocess
+    return (
+        f"""## Preprocess
 
-`{r['command'].strip()}` on x86_64, {r['machine']['cpus']} cores (Python {r['machine']['python']}),
-load average {r['load_average_after'][0]:.2f} right after the run (the benchmark itself included).
-Corpus: {r['corpus_bytes'] / 1e6:.0f} MB of synthetic JSONL (`megablocks_ablate.data.synthetic`,
+`{r["command"].strip()}` on x86_64, {r["machine"]["cpus"]} cores (Python {r["machine"]["python"]}),
+load average {r["load_average_after"][0]:.2f} right after the run (the benchmark itself included).
+Corpus: {r["corpus_bytes"] / 1e6:.0f} MB of synthetic JSONL (`megablocks_ablate.data.synthetic`,
 50,000-word Zipf lexicon, 4 fields of study, years), SentencePiece BPE with
-{r['tokenizer']['vocab_size']:,} pieces; `preprocess --partition-by fos --order-by year
+{r["tokenizer"]["vocab_size"]:,} pieces; `preprocess --partition-by fos --order-by year
 --unit-tokens 5M --heldout-fraction 0.01`, run in a subprocess whose whole process tree is
 sampled for RSS every 0.1 s. CPU seconds are the tree's user+sys.
 
 | workers | wall s | CPU s | tokens/s | speedup | peak RSS, process tree |
 |---:|---:|---:|---:|---:|---:|
-""" + "".join(
-        f"| {x['workers']} | {x['wall_s']} | {x['cpu_s']} | {x['tokens_per_s']:,} | "
-        f"{x['speedup_vs_first']:.2f}x | {x['peak_rss_tree_mb']} MB |\n" for x in r["runs"]) + f"""
-Targets: >= 1.8x from 1 to 2 workers ({r2['speedup_vs_first']:.2f}x); peak RSS under 1 GB
-({r2['peak_rss_tree_mb']:.0f} MB for main + {r2['workers']} workers). Memory does not grow with the
+"""
+        + "".join(
+            f"| {x['workers']} | {x['wall_s']} | {x['cpu_s']} | {x['tokens_per_s']:,} | "
+            f"{x['speedup_vs_first']:.2f}x | {x['peak_rss_tree_mb']} MB |\n"
+            for x in r["runs"]
+        )
+        + f"""
+Targets: >= 1.8x from 1 to 2 workers ({r2["speedup_vs_first"]:.2f}x); peak RSS under 1 GB
+({r2["peak_rss_tree_mb"]:.0f} MB for main + {r2["workers"]} workers). Memory does not grow with the
 corpus by construction: at most `2 x workers + 2` batches of `batch_size` documents are in
 flight, shards and units are streamed to disk, and per-document metadata is 13 bytes
 while tokenizing.
 
 **Where the time goes** (1 worker, same corpus, each half timed alone on one core): the
-tokenizer alone takes {h['tokenize_s']} s ({h['tokenizer_only_tokens_per_s']:,} tokens/s), reading and JSON
-parsing {h['read_parse_s']} s, of the pipeline's {r1['wall_s']} s wall; the remaining ~{ours:.1f} s
-({ours / r1['wall_s'] * 100:.0f}%) is ours: partition, hash and decontamination checks, writing
-shards, and cutting units ({r1['stage_s']['units']} s). Throughput is limited by the tokenizer
-({h['tokenize_s'] / r1['wall_s'] * 100:.0f}% of wall), not by I/O ({h['read_parse_s'] / r1['wall_s'] * 100:.1f}%).
+tokenizer alone takes {h["tokenize_s"]} s ({h["tokenizer_only_tokens_per_s"]:,} tokens/s), reading and JSON
+parsing {h["read_parse_s"]} s, of the pipeline's {r1["wall_s"]} s wall; the remaining ~{ours:.1f} s
+({ours / r1["wall_s"] * 100:.0f}%) is ours: partition, hash and decontamination checks, writing
+shards, and cutting units ({r1["stage_s"]["units"]} s). Throughput is limited by the tokenizer
+({h["tokenize_s"] / r1["wall_s"] * 100:.0f}% of wall), not by I/O ({h["read_parse_s"] / r1["wall_s"] * 100:.1f}%).
 Raw figures: `benchmarks/results/preprocess.json`.
 """
+    )
 
 
 def main() -> None:
@@ -152,8 +187,9 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--update-docs", action="store_true",
-                    help="write the section in docs/benchmarks.md")
+    ap.add_argument(
+        "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
+    )
     args = ap.parse_args()
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
@@ -165,8 +201,7 @@ def main() -> None:
         from megablocks_ablate.data.tokenizer import train_sentencepiece
 
         train_sentencepiece([corpus], tok[:-6], vocab_size=args.vocab, max_documents=20000)
-    runs = [run_preprocess(corpus, tok, os.path.join(cache, f"out_w{w}"), w)
-            for w in args.workers]
+    runs = [run_preprocess(corpus, tok, os.path.join(cache, f"out_w{w}"), w) for w in args.workers]
     halves = time_halves(corpus, tok)
     base = runs[0]["tokens_per_s"]
     for r in runs:
@@ -174,8 +209,11 @@ def main() -> None:
     result = {
         "benchmark": "preprocess",
         "command": "python benchmarks/preprocess.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "corpus_bytes": os.path.getsize(corpus),
         "tokenizer": {"kind": "sentencepiece-bpe", "vocab_size": args.vocab},
         "runs": runs,
@@ -183,14 +221,20 @@ def main() -> None:
         "tokenize_share_of_1_worker_wall": round(halves["tokenize_s"] / runs[0]["wall_s"], 3),
     }
     result["load_average_after"] = os.getloadavg()
-    print(f"{'workers':>7} {'wall s':>8} {'cpu s':>8} {'tokens/s':>12} {'speedup':>8} "
-          f"{'peak RSS tree MB':>17}")
+    print(
+        f"{'workers':>7} {'wall s':>8} {'cpu s':>8} {'tokens/s':>12} {'speedup':>8} "
+        f"{'peak RSS tree MB':>17}"
+    )
     for r in runs:
-        print(f"{r['workers']:>7} {r['wall_s']:>8} {r['cpu_s']:>8} {r['tokens_per_s']:>12,} "
-              f"{r['speedup_vs_first']:>8} {r['peak_rss_tree_mb']:>17}")
+        print(
+            f"{r['workers']:>7} {r['wall_s']:>8} {r['cpu_s']:>8} {r['tokens_per_s']:>12,} "
+            f"{r['speedup_vs_first']:>8} {r['peak_rss_tree_mb']:>17}"
+        )
     print(f"load average after: {result['load_average_after']}")
-    print(f"one core: read+parse {halves['read_parse_s']} s, tokenize {halves['tokenize_s']} s "
-          f"({halves['tokenizer_only_tokens_per_s']:,} tokens/s tokenizer alone)")
+    print(
+        f"one core: read+parse {halves['read_parse_s']} s, tokenize {halves['tokenize_s']} s "
+        f"({halves['tokenizer_only_tokens_per_s']:,} tokens/s tokenizer alone)"
+    )
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", "preprocess.json")
     with open(path, "w", encoding="utf-8") as f:

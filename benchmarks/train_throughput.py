@@ -49,22 +49,49 @@ def make_data() -> str:
     write_corpus(corpus, n_docs=2000, seed=0)
     tok = os.path.join(CACHE, "tok")
     train_sentencepiece([corpus], tok, vocab_size=1024, num_threads=2)  # the demo vocabulary
-    run_preprocess(PreprocessConfig.from_dict(dict(
-        input=[corpus], out=data, tokenizer=tok + ".model", partition_by=["fos"], order_by="year",
-        unit_tokens=20000, heldout_fraction=0.0, workers=1)), log=lambda *_: None)
+    run_preprocess(
+        PreprocessConfig.from_dict(
+            dict(
+                input=[corpus],
+                out=data,
+                tokenizer=tok + ".model",
+                partition_by=["fos"],
+                order_by="year",
+                unit_tokens=20000,
+                heldout_fraction=0.0,
+                workers=1,
+            )
+        )
+    )
     return data
 
 
-def config(data: str, out: str, steps: int, model: str, seq_len: int, batch: int, micro: int,
-           device: str):
+def config(
+    data: str, out: str, steps: int, model: str, seq_len: int, batch: int, micro: int, device: str
+):
     from megablocks_ablate.train.config import TrainConfig
 
-    return TrainConfig.load(None, [
-        "kind=seq", f"model={model}", f"out_dir={out}", f"data.manifest={data}", "data.mixture=['*']",
-        f"seq_len={seq_len}", f"global_batch_tokens={seq_len * batch}", f"micro_batch={micro}",
-        f"train_tokens={seq_len * batch * steps}", "schedule.warmup_steps=1", f"device={device}",
-        "logging.every=1", "logging.progress=false", "logging.tensorboard=false",
-        "checkpoint.every=0", "checkpoint.resume=never"])
+    return TrainConfig.load(
+        None,
+        [
+            "kind=seq",
+            f"model={model}",
+            f"out_dir={out}",
+            f"data.manifest={data}",
+            "data.mixture=['*']",
+            f"seq_len={seq_len}",
+            f"global_batch_tokens={seq_len * batch}",
+            f"micro_batch={micro}",
+            f"train_tokens={seq_len * batch * steps}",
+            "schedule.warmup_steps=1",
+            f"device={device}",
+            "logging.every=1",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            "checkpoint.every=0",
+            "checkpoint.resume=never",
+        ],
+    )
 
 
 def steady_tps(elapsed: list[float], tokens_per_step: int, skip: int = 2) -> float:
@@ -76,7 +103,7 @@ def run_trainer(cfg) -> float:
     from megablocks_ablate.train.trainer import train
 
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
-    train(cfg, log=lambda *_: None)
+    train(cfg)
     with open(os.path.join(cfg.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         elapsed = [json.loads(line)["elapsed_s"] for line in f]
     return steady_tps(elapsed, cfg.global_batch_tokens)
@@ -98,7 +125,7 @@ def run_plain(cfg, tokens: torch.Tensor, device: torch.device) -> float:
         loss_sum = torch.zeros((), device=device)
         for m in range(accum):
             start = (step * accum + m) * cfg.micro_batch
-            batch = tokens[start:start + cfg.micro_batch]
+            batch = tokens[start : start + cfg.micro_batch]
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 loss = model(batch[:, :-1], batch[:, 1:])
                 (loss / accum).backward()
@@ -140,8 +167,13 @@ def cpu_benchmark(steps: int, rounds: int) -> dict:
     ratios = [t / p for t, p in zip(trainer, plain)]
     step_s = cfg.global_batch_tokens / statistics.median(plain)
     return {
-        "preset": "demo", "device": "cpu", "threads": torch.get_num_threads(),
-        "seq_len": seq_len, "global_batch": batch, "micro_batch": micro, "steps": steps,
+        "preset": "demo",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "seq_len": seq_len,
+        "global_batch": batch,
+        "micro_batch": micro,
+        "steps": steps,
         "rounds": rounds,
         "trainer_tokens_per_s": [round(x, 1) for x in trainer],
         "plain_tokens_per_s": [round(x, 1) for x in plain],
@@ -158,33 +190,44 @@ def gpu_benchmark(steps: int) -> list[dict]:
     out = []
     for preset, micro in (("130m", 16), ("1.1b", 8)):
         data = make_data()
-        cfg = config(data, os.path.join(CACHE, f"run-{preset}"), steps, preset, 2048, micro, micro,
-                     "cuda")
+        cfg = config(
+            data, os.path.join(CACHE, f"run-{preset}"), steps, preset, 2048, micro, micro, "cuda"
+        )
         run_trainer(cfg)
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f][2:]
-        out.append({"preset": preset, "device": torch.cuda.get_device_name(),
-                    "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
-                    "mfu": statistics.median(r["mfu"] for r in rows) if rows[0]["mfu"] else None})
+        out.append(
+            {
+                "preset": preset,
+                "device": torch.cuda.get_device_name(),
+                "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows), 1),
+                "mfu": statistics.median(r["mfu"] for r in rows) if rows[0]["mfu"] else None,
+            }
+        )
     return out
 
 
 def update_docs(result: dict, command: str) -> None:
     c = result["cpu"]
     lines = [
-        "", "## Training throughput", "",
+        "",
+        "## Training throughput",
+        "",
         f"`{command}` on {platform.machine()} {os.cpu_count()} cores (torch {torch.__version__}, "
         f"{c['threads']} threads), `demo` preset, sequence {c['seq_len']}, global batch "
         f"{c['global_batch']} x micro {c['micro_batch']}, fp32, {c['steps']} steps per run "
         f"(steady state from step 2), {c['rounds']} alternating rounds. The trainer reads a "
         "partition-balanced mixture of every base unit (packed samples, blending, DP slicing, "
         "metrics); the plain loop slices one in-memory tensor. The machine is shared with other "
-        "jobs, so the data path is also timed alone.", "",
-        "| loop | tokens/s (median) | per round |", "|---|---:|---|",
+        "jobs, so the data path is also timed alone.",
+        "",
+        "| loop | tokens/s (median) | per round |",
+        "|---|---:|---|",
         f"| trainer (`train()`, data loading included) | {c['trainer_median']:,.0f} | "
         f"{', '.join(f'{x:,.0f}' for x in c['trainer_tokens_per_s'])} |",
         f"| plain loop, in-memory tensor | {c['plain_median']:,.0f} | "
-        f"{', '.join(f'{x:,.0f}' for x in c['plain_tokens_per_s'])} |", "",
+        f"{', '.join(f'{x:,.0f}' for x in c['plain_tokens_per_s'])} |",
+        "",
         f"Overhead of the trainer over the plain loop: {100 * c['overhead_median_ratio']:.1f} % "
         f"(median of per-round ratios; {100 * c['overhead_best_round']:.1f} % in the best round). "
         f"The data path alone costs {c['loader_ms_per_step']:.2f} ms per step, "
@@ -193,26 +236,37 @@ def update_docs(result: dict, command: str) -> None:
     runs = c["trainer_tokens_per_s"] + c["plain_tokens_per_s"]
     spread = max(runs) / min(runs)
     if spread > 1.2:  # other jobs on the machine: the ratio measures them, not the loader
-        lines[-1] += (f" Runs of the same loop varied {spread:.1f}x between rounds here, far more "
-                      "than the effect sought, so the end-to-end ratio is noise on this machine "
-                      "and the direct timing of the data path is the figure to trust.")
+        lines[-1] += (
+            f" Runs of the same loop varied {spread:.1f}x between rounds here, far more "
+            "than the effect sought, so the end-to-end ratio is noise on this machine "
+            "and the direct timing of the data path is the figure to trust."
+        )
     if result.get("gpu"):
         lines += ["", "| preset | device | tokens/s | MFU |", "|---|---|---:|---:|"]
-        lines += [f"| {g['preset']} | {g['device']} | {g['tokens_per_s']:,.0f} | {g['mfu']} |"
-                  for g in result["gpu"]]
+        lines += [
+            f"| {g['preset']} | {g['device']} | {g['tokens_per_s']:,.0f} | {g['mfu']} |"
+            for g in result["gpu"]
+        ]
     else:
-        lines += ["", "GPU rows (130m and 1.1b, bf16, sequence 2048: tokens/s and MFU) are produced "
-                  "when CUDA is present; none was available for this run."]
+        lines += [
+            "",
+            "GPU rows (130m and 1.1b, bf16, sequence 2048: tokens/s and MFU) are produced "
+            "when CUDA is present; none was available for this run.",
+        ]
     from docs_section import replace_section
 
     replace_section("\n".join(lines))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--update-docs", action="store_true", help="write the section in docs/benchmarks.md")
+    ap.add_argument(
+        "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
+    )
     args = ap.parse_args()
     result = {"cpu": cpu_benchmark(args.steps, args.rounds)}
     if torch.cuda.is_available():

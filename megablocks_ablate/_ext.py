@@ -17,8 +17,9 @@ if os.environ.get("MBA_DISABLE_CPP") != "1":
     try:
         from megablocks_ablate import _C as cpp  # type: ignore[no-redef]
     except ImportError as e:  # not built: numpy fallbacks are used
-        warnings.warn(f"megablocks_ablate._C not available ({e}); using NumPy fallbacks",
-                      stacklevel=2)
+        warnings.warn(
+            f"megablocks_ablate._C not available ({e}); using NumPy fallbacks", stacklevel=2
+        )
     try:
         from megablocks_ablate import _C_cuda as cuda  # type: ignore[no-redef]
     except ImportError:
@@ -27,5 +28,7 @@ if os.environ.get("MBA_DISABLE_CPP") != "1":
 
 def require_cpp():
     if cpp is None:
-        raise RuntimeError("megablocks_ablate._C is not built; run `make install` (pip install -e .)")
+        raise RuntimeError(
+            "megablocks_ablate._C is not built; run `make install` (pip install -e .)"
+        )
     return cpp

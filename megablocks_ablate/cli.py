@@ -13,6 +13,7 @@ import sys
 
 from megablocks_ablate import __version__
 from megablocks_ablate.errors import MBAError
+from megablocks_ablate.utils.log import setup_logging
 
 # Order is the order shown in --help.
 COMMAND_MODULES = [
@@ -25,6 +26,7 @@ COMMAND_MODULES = [
     "megablocks_ablate.commands.eval",
     "megablocks_ablate.commands.study",
     "megablocks_ablate.commands.demo",
+    "megablocks_ablate.commands.config",
 ]
 
 
@@ -34,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data-ablation studies by modular training and merging (Na et al. 2024).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="DEBUG, INFO (default, or $MBA_LOG_LEVEL), WARNING or ERROR",
+    )
+    parser.add_argument(
+        "--log-ranks",
+        default=None,
+        metavar="RANKS",
+        help="ranks whose info lines are shown: 0 (default, or $MBA_LOG_RANKS), "
+        "all, or a list like 0,3; warnings show from every rank",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -44,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        setup_logging(args.log_level, args.log_ranks)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         rc = args.func(args)
     except MBAError as e:

@@ -11,6 +11,10 @@ came from a file, the file::
 
 Supported field types: bool, int, float, str, Optional[T], list[T], tuple[T, ...],
 dict[str, T], Literal[...], Enum subclasses and nested Config dataclasses.
+
+A config file may start from another one: ``base: <preset name or YAML path>`` (see
+:meth:`Config.load_preset`), and :meth:`Config.to_commented_yaml` writes a config
+back with every field's doc as a comment (``--print-config``, ``config show``).
 """
 
 from __future__ import annotations
@@ -21,11 +25,21 @@ import os
 import re
 import types
 import typing
-from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
+from collections.abc import Iterable
+from typing import (
+    Any,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import yaml
 
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.utils.atomic import atomic_write_text
 
 C = TypeVar("C", bound="Config")
@@ -114,7 +128,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
-        return tp.from_dict(value, _path=path)
+        return tp.from_dict(value, _path=path)  # type: ignore[attr-defined]  # a Config
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:
             return tp(value)
@@ -193,9 +207,211 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
+# ---- files, presets and `base:` inheritance --------------------------------------------
+
+BASE_KEY = "base"  # a config file's "start from this other file" key (see Config.load_preset)
+
+
+def known_presets(preset_dir: str | os.PathLike) -> list[str]:
+    """Preset names in ``preset_dir``; ``_``-prefixed files are shared bases, not presets."""
+    try:
+        names = os.listdir(preset_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(f[:-5] for f in names if f.endswith(".yaml") and not f.startswith("_"))
+
+
+def _read_mapping(path: str) -> dict:
+    """The top-level mapping of one YAML file (errors name the file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level")
+    return data
+
+
+def merge_dicts(base: dict, delta: dict) -> dict:
+    """``delta`` over ``base`` (a new dict): mappings merge key by key, recursively;
+    anything else, lists and null included, replaces the base value."""
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _find_base(name: Any, referrer: str, preset_dir: str | None) -> str:
+    """The file a ``base:`` value names: a YAML path (relative to the file naming it), or
+    a preset name looked up beside that file, then in ``preset_dir``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"{referrer}: {BASE_KEY}: expected a preset name or a YAML path, got {name!r}"
+        )
+    here = os.path.dirname(os.path.abspath(referrer))
+    if name.endswith((".yaml", ".yml")):
+        candidates = [os.path.join(here, os.path.expanduser(name))]
+    else:
+        dirs = [here] + ([preset_dir] if preset_dir else [])
+        candidates = list(dict.fromkeys(os.path.join(d, f"{name}.yaml") for d in dirs))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    known = f" (known presets: {', '.join(known_presets(preset_dir))})" if preset_dir else ""
+    raise ConfigError(f"{referrer}: {BASE_KEY} {name!r}: no {' or '.join(candidates)}{known}")
+
+
+def read_config_file(
+    path: str | os.PathLike,
+    preset_dir: str | os.PathLike | None = None,
+    base_key: str | None = BASE_KEY,
+    _chain: tuple[str, ...] = (),
+) -> dict:
+    """A config file's plain data with its ``base:`` chain merged in, base first.
+
+    The chain is followed recursively; a file met twice is a cycle, an error naming the
+    file and the chain. ``base_key=None`` reads the file as it is.
+    """
+    path = os.fspath(path)
+    real = os.path.realpath(path)
+    if real in _chain:
+        cycle = " -> ".join(os.path.basename(p) for p in (*_chain[_chain.index(real) :], real))
+        raise ConfigError(f"{path}: {BASE_KEY} cycle: {cycle}")
+    data = _read_mapping(path)
+    if base_key is None or base_key not in data:
+        return data
+    pdir = os.fspath(preset_dir) if preset_dir is not None else None
+    base_path = _find_base(data.pop(base_key), path, pdir)
+    return merge_dicts(read_config_file(base_path, pdir, base_key, (*_chain, real)), data)
+
+
+# ---- describing and printing -------------------------------------------------------------
+
+
+class FieldDoc(NamedTuple):
+    """One row of :meth:`Config.describe`."""
+
+    name: str  # dotted path, e.g. optimizer.lr
+    type: str  # readable type, e.g. "int | null"
+    default: str  # the default as inline YAML; "(required)"; "" for a section
+    help: str  # the field's doc (a section without one: its class docstring)
+
+
+def _inline(value: Any) -> str:
+    """``value`` as one line of flow-style YAML (``null``, ``[0.9, 0.95]``, ``auto``)."""
+    text = yaml.safe_dump([_to_plain(value)], default_flow_style=True, width=float("inf"))
+    return text.strip()[1:-1]
+
+
+def _readable_type(tp: Any) -> str:
+    """A short type name for people: ``int | null``, ``seed|unit|seq``, ``list[str]``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        return " | ".join("null" if a is type(None) else _readable_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"list[{_readable_type(args[0]) if args else 'any'}]"
+    if origin is dict:
+        return f"dict[str, {_readable_type(args[1]) if len(args) == 2 else 'any'}]"
+    return _type_name(tp)
+
+
+def _field_help(f: dataclasses.Field, tp: Any) -> str:
+    """A field's doc; an undocumented nested config falls back to its class docstring."""
+    text = f.metadata.get("help", "")
+    if not text and isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        text = (tp.__doc__ or "").strip().split("\n\n")[0]
+        text = "" if text.startswith(f"{tp.__name__}(") else " ".join(text.split())
+    return text
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _comment(text: str, indent: str, width: int = 88) -> list[str]:
+    """``text`` as ``# `` comment lines wrapped to ``width`` columns."""
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(indent) + 2 + len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    if line:
+        lines.append(line)
+    return [f"{indent}# {ln}" for ln in lines]
+
+
+def _dump_field(name: str, value: Any) -> list[str]:
+    """``name: value`` as YAML lines: a short collection on one line (flow style)."""
+    plain = _to_plain(value)
+    if isinstance(plain, (list, dict)):
+        line = f"{name}: {_inline(plain)}"
+        if len(line) <= 88 or not plain:
+            return [line]
+    text = yaml.safe_dump(
+        {name: plain},
+        sort_keys=False,
+        default_flow_style=False,
+        width=float("inf"),
+        allow_unicode=True,
+    )
+    return text.rstrip("\n").split("\n")
+
+
+def _commented_lines(cfg: Config, indent: str, trailing: bool = False) -> list[str]:
+    """YAML lines of ``cfg``, each field's doc a comment above it (``trailing``: after
+    it), followed by the configs ``cfg`` refers to (commented, never read back)."""
+    hints = typing.get_type_hints(type(cfg))
+    lines: list[str] = []
+    refs, ref_error = cfg._safe_references()
+    after_section = False
+    for f in dataclasses.fields(cfg):
+        value, text = getattr(cfg, f.name), _field_help(f, hints[f.name])
+        section = isinstance(value, Config) and bool(dataclasses.fields(value))
+        if not trailing and lines and (section or after_section):
+            lines.append("")  # a blank line around each section
+        after_section = section
+        if section:
+            body = _commented_lines(value, indent + "  ", trailing)
+            head = [f"{indent}{f.name}:"]
+        else:
+            body, head = [], [indent + ln for ln in _dump_field(f.name, value)]
+        if trailing and text:
+            head[0] = f"{head[0].ljust(len(indent) + 24)}  # {text}"
+        elif text:
+            lines.extend(_comment(text, indent))
+        lines.extend(head + body)
+        if f.name in refs:
+            title, ref = refs[f.name]
+            lines.extend(_comment(title, indent))
+            lines.extend(
+                f"{indent}#   {ln[len(indent) :]}"
+                for ln in _commented_lines(ref, indent, trailing=True)
+            )
+    if ref_error:
+        lines.extend(_comment(f"(referenced configs not resolved: {ref_error})", indent))
+    return lines
+
+
 @dataclasses.dataclass
 class Config:
     """Base of all configs: typed loading, YAML round trip, overrides."""
+
+    # where ``base: <name>`` also looks for presets (a subclass with presets sets it)
+    preset_dir: ClassVar[str | os.PathLike | None] = None
 
     @classmethod
     def from_dict(cls: type[C], data: dict, _path: str = "") -> C:
@@ -235,19 +451,26 @@ class Config:
         return type(self).from_dict(apply_overrides(self.to_dict(), overrides))
 
     @classmethod
-    def load(cls: type[C], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> C:
-        """Load from a YAML file (or defaults when ``path`` is None) plus overrides."""
+    def load(
+        cls: type[C],
+        path: str | os.PathLike | None = None,
+        overrides: Iterable[str] = (),
+        preset_dir: str | os.PathLike | None = None,
+    ) -> C:
+        """Load from a YAML file (or defaults when ``path`` is None) plus overrides.
+
+        The file's ``base:`` chain is merged in first (see :meth:`load_preset`); a base
+        given by name is looked up beside the file, then in ``preset_dir`` (default: the
+        class's :attr:`preset_dir`), so a YAML of one's own may start from a preset.
+        """
         data: dict = {}
         if path is not None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    data = yaml.safe_load(f) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: config file not found") from None
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: expected a mapping at top level")
+            own = {f.name for f in dataclasses.fields(cls)}
+            data = read_config_file(
+                path,
+                preset_dir if preset_dir is not None else cls.preset_dir,
+                base_key=None if BASE_KEY in own else BASE_KEY,
+            )
         apply_overrides(data, overrides)
         try:
             return cls.from_dict(data)
@@ -255,18 +478,35 @@ class Config:
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
     @classmethod
-    def load_preset(cls: type[C], preset_dir: str | os.PathLike, name: str | os.PathLike,
-                    overrides: Iterable[str] = (), what: str = "preset") -> C:
+    def load_preset(
+        cls: type[C],
+        preset_dir: str | os.PathLike,
+        name: str | os.PathLike,
+        overrides: Iterable[str] = (),
+        what: str = "preset",
+    ) -> C:
         """``<preset_dir>/<name>.yaml`` (or ``name`` itself when it is a YAML path) plus
-        overrides; an unknown name lists the known presets."""
+        overrides; an unknown name lists the known presets.
+
+        Presets derive from one another: ``base: <preset name or YAML path>`` at the top
+        of a file starts it from that file's resolved data, and the file says only what
+        differs. Resolved recursively (cycles are an error naming the file); nested
+        mappings merge key by key, lists and scalars replace (``null`` too), and
+        ``key=value`` overrides apply last, to the merged result. Decision for
+        ``configs/train/``: ``_common.yaml`` holds what every preset shares (``_`` files
+        are bases only, never listed); ``<model>_seed`` is ``base: _common`` plus the
+        model's recipe, ``<model>_unit`` is ``base: <model>_seed`` plus the continued-
+        pretraining deltas, ``<model>_seq`` is ``base: <model>_unit`` plus the mixture.
+        """
         path = os.fspath(name)
         if not path.endswith((".yaml", ".yml")):
             path = os.path.join(os.fspath(preset_dir), f"{path}.yaml")
             if not os.path.isfile(path):
-                known = sorted(f[:-5] for f in os.listdir(preset_dir) if f.endswith(".yaml"))
-                raise ConfigError(f"{what} {os.fspath(name)!r}: no {path} "
-                                  f"(known presets: {', '.join(known)})")
-        return cls.load(path, overrides)
+                raise ConfigError(
+                    f"{what} {os.fspath(name)!r}: no {path} "
+                    f"(known presets: {', '.join(known_presets(preset_dir))})"
+                )
+        return cls.load(path, overrides, preset_dir=preset_dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -274,16 +514,41 @@ class Config:
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.to_yaml())
 
+    def references(self) -> dict[str, tuple[str, Config]]:
+        """Configs this one names rather than holds (a train config's model preset), to
+        show resolved after a field: ``{field: (title, config)}``; none by default."""
+        return {}
+
+    def _safe_references(self) -> tuple[dict[str, tuple[str, Config]], str]:
+        """:meth:`references`, or ``({}, why)`` when one does not resolve: printing a
+        config must not fail on, say, a model YAML that is not there yet."""
+        try:
+            return self.references(), ""
+        except MBAError as e:
+            return {}, str(e)
+
+    def to_commented_yaml(self) -> str:
+        """YAML with each field's doc as a comment above it; loads back to an equal config.
+
+        :meth:`references` follow their field as a commented block, resolved: shown to be
+        read by people, never read back (the config keeps its preset name).
+        """
+        return "\n".join(_commented_lines(self, "")) + "\n"
+
     @classmethod
-    def describe(cls, _prefix: str = "") -> list[tuple[str, str, str]]:
-        """(dotted name, type, help) for every field, nested configs flattened."""
-        out = []
+    def describe(cls, _prefix: str = "") -> list[FieldDoc]:
+        """(dotted name, type, default, help) of every field; a nested config is a
+        section row (empty default) followed by its own fields."""
+        out: list[FieldDoc] = []
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            name = _prefix + f.name
+            tp, name = hints[f.name], _prefix + f.name
+            text = _field_help(f, tp)
             if isinstance(tp, type) and dataclasses.is_dataclass(tp) and issubclass(tp, Config):
+                out.append(FieldDoc(name, tp.__name__, "", text))
                 out.extend(tp.describe(name + "."))
-            else:
-                out.append((name, _type_name(tp), f.metadata.get("help", "")))
+                continue
+            default = _default_of(f)
+            shown = "(required)" if default is dataclasses.MISSING else _inline(default)
+            out.append(FieldDoc(name, _readable_type(tp), shown, text))
         return out

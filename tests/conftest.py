@@ -21,6 +21,14 @@ if "TRITON_INTERPRET" not in os.environ and _no_cuda():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test is ``unit`` unless marked ``integration`` (multi-process, kill/signal,
+    compiler, end-to-end study): ``make test-fast`` runs ``-m unit``, ``make test`` both."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> str:
     """A 400-document JSONL corpus over 4 fields of study with years."""
@@ -44,8 +52,16 @@ def sp_model_path(tmp_path_factory, tiny_corpus) -> str:
             out.write(json.loads(line)["text"].replace("\n", " ") + "\n")
     prefix = str(d / "tok")
     spm.SentencePieceTrainer.train(
-        input=str(sample), model_prefix=prefix, vocab_size=512, model_type="bpe",
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=2, byte_fallback=True,
-        num_threads=1, minloglevel=2,
+        input=str(sample),
+        model_prefix=prefix,
+        vocab_size=512,
+        model_type="bpe",
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        byte_fallback=True,
+        num_threads=1,
+        minloglevel=2,
     )
     return prefix + ".model"

@@ -15,14 +15,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megablocks_ablate.errors import MBAError  # noqa: E402
+from megablocks_ablate.errors import MBAError
 
 
 def main(argv: list[str] | None = None) -> int:
     from megablocks_ablate.commands import eval as eval_command
 
-    parser = argparse.ArgumentParser(description=eval_command.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=eval_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     eval_command.add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Megatron-style entry point: same as `megablocks-ablate merge`.
 
-    python tools/merge_checkpoints.py --spec merge.yaml --out merged/ [--dtype bf16]
+python tools/merge_checkpoints.py --spec merge.yaml --out merged/ [--dtype bf16]
 """
 
 import os
@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megablocks_ablate.cli import main  # noqa: E402
+from megablocks_ablate.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["merge", *sys.argv[1:]]))

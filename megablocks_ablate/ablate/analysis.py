@@ -19,14 +19,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN, SEQ, Mixture, Score
+
+# 1-D numbers: a list or a NumPy array (the statistics convert with np.asarray)
+Values = Sequence[float] | np.ndarray
 
 MEAN_ROW = "mean"
 POOLED_ROW = "pooled"
@@ -34,43 +38,48 @@ POOLED_ROW = "pooled"
 
 # ----------------------------------------------------------------------------- statistics
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+
+def pearson(x: Values, y: Values) -> float:
     """Pearson's r; NaN with fewer than 2 points or a constant input."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"pearson: expected two 1-D arrays of one length, got {x.shape}, {y.shape}")
-    if len(x) < 2:
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise ValueError(
+            f"pearson: expected two 1-D arrays of one length, got {xa.shape}, {ya.shape}"
+        )
+    if len(xa) < 2:
         return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
+    dx, dy = xa - xa.mean(), ya - ya.mean()
     denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
     if denom == 0.0:
         return math.nan
     return float(np.clip((dx @ dy) / denom, -1.0, 1.0))
 
 
-def rankdata(x: Sequence[float]) -> np.ndarray:
+def rankdata(x: Values) -> np.ndarray:
     """1-based ranks, ties sharing the average of their positions (e.g. [1, 2.5, 2.5, 4])."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
+    xa = np.asarray(x, dtype=np.float64)
+    order = np.argsort(xa, kind="mergesort")
+    sorted_x = xa[order]
+    ranks = np.empty(len(xa), dtype=np.float64)
     i = 0
-    while i < len(x):
+    while i < len(xa):
         j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+        while j + 1 < len(xa) and sorted_x[j + 1] == sorted_x[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+def spearman(x: Values, y: Values) -> float:
     """Spearman's rho: Pearson's r of the average ranks."""
     return pearson(rankdata(x), rankdata(y))
 
 
-CORRELATIONS: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
-    "pearson": pearson, "spearman": spearman}
+CORRELATIONS: dict[str, Callable[[Values, Values], float]] = {
+    "pearson": pearson,
+    "spearman": spearman,
+}
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,16 @@ class Corr:
         return f"{self.r:.3f}"
 
 
-def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "pearson", *,
-                 clusters: Sequence | None = None, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> Corr:
+def bootstrap_ci(
+    x: Values,
+    y: Values,
+    method: str = "pearson",
+    *,
+    clusters: Sequence | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Corr:
     """The coefficient with a percentile bootstrap interval.
 
     Points are resampled by cluster (default: each point its own cluster); pass the
@@ -102,28 +118,29 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], method: str = "pearson"
     input) are dropped; the interval is NaN when fewer than half remain.
     """
     fn = CORRELATIONS[method]
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    keys = np.arange(len(x)) if clusters is None else np.asarray(clusters)
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keys = np.arange(len(xa)) if clusters is None else np.asarray(clusters)
     uniq, inverse = np.unique(keys, return_inverse=True)
-    r = fn(x, y)
+    r = fn(xa, ya)
     if math.isnan(r) or len(uniq) < 3 or n_boot <= 0:
-        return Corr(r, n=len(x), mixtures=len(uniq))
+        return Corr(r, n=len(xa), mixtures=len(uniq))
     members = [np.flatnonzero(inverse == c) for c in range(len(uniq))]
     rng = np.random.default_rng(seed)
     stats = []
     for _ in range(n_boot):
         idx = np.concatenate([members[c] for c in rng.integers(0, len(uniq), len(uniq))])
-        v = fn(x[idx], y[idx])
+        v = fn(xa[idx], ya[idx])
         if not math.isnan(v):
             stats.append(v)
     if len(stats) < n_boot / 2:
-        return Corr(r, n=len(x), mixtures=len(uniq))
+        return Corr(r, n=len(xa), mixtures=len(uniq))
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(stats, [a, 1.0 - a])
-    return Corr(r, float(lo), float(hi), len(x), len(uniq))
+    return Corr(r, float(lo), float(hi), len(xa), len(uniq))
 
 
 # ----------------------------------------------------------------------------- table
+
 
 @dataclass
 class ResultTable:
@@ -131,8 +148,8 @@ class ResultTable:
 
     values: dict[str, dict[str, dict[str, float]]]
     mixtures: dict[str, Mixture]
-    domains: list[str]                      # individual evaluation domains
-    proxies: list[str]                      # proxies present (seq excluded)
+    domains: list[str]  # individual evaluation domains
+    proxies: list[str]  # proxies present (seq excluded)
     domain_units: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -173,7 +190,7 @@ def build_table(store, proxies: Iterable[str] | None = None) -> ResultTable:
     wanted = list(proxies if proxies is not None else meta.get("proxies", mx.PROXIES))
     mixtures = store.mixtures()
 
-    raw: dict[tuple[str, str], dict[str, Score]] = {}   # (mixture, proxy) -> domain -> score
+    raw: dict[tuple[str, str], dict[str, Score]] = {}  # (mixture, proxy) -> domain -> score
     domains: list[str] = list(meta.get("eval_sets", {}))
     for r in store.results():
         raw.setdefault((r.subject, r.proxy), {})[r.domain] = r.score
@@ -206,15 +223,15 @@ def build_table(store, proxies: Iterable[str] | None = None) -> ResultTable:
             if "mean_ind" in wanted and all(d in ppl[u] for u in m.units):
                 _put(values, "mean_ind", d, mid, mx.mean_ind(m, d, ppl))
             if "ind_id" in wanted:
-                try:
+                # KeyError: a unit's own held-out set was not evaluated
+                with contextlib.suppress(KeyError):
                     _put(values, "ind_id", d, mid, mx.ind_id(m, d, ppl, domain_units))
-                except KeyError:   # a unit's own held-out set was not evaluated
-                    pass
     present = [p for p in wanted if p in values]
     return ResultTable(values, mixtures, domains, present, domain_units)
 
 
 # ----------------------------------------------------------------------------- correlations
+
 
 @dataclass
 class CorrelationTable:
@@ -226,22 +243,35 @@ class CorrelationTable:
     cells: dict[str, dict[str, Corr]]
 
 
-def correlate(table: ResultTable, proxy: str, domain: str, method: str = "pearson", *,
-              n_boot: int = 1000, seed: int = 0) -> Corr:
+def correlate(
+    table: ResultTable,
+    proxy: str,
+    domain: str,
+    method: str = "pearson",
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Corr:
     """Proxy vs seq across the mixtures with both, on one domain."""
     _, p, s = table.paired(proxy, domain)
     return bootstrap_ci(p, s, method, n_boot=n_boot, seed=seed)
 
 
-def pooled_correlation(table: ResultTable, proxy: str, method: str = "pearson", *,
-                       domains: Sequence[str] | None = None, n_boot: int = 1000,
-                       seed: int = 0) -> Corr:
+def pooled_correlation(
+    table: ResultTable,
+    proxy: str,
+    method: str = "pearson",
+    *,
+    domains: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Corr:
     """One coefficient over every (mixture, domain) point of the individual domains.
 
     Bootstrap resamples mixtures, keeping each mixture's points together.
     """
     xs, ys, groups = [], [], []
-    for d in (domains if domains is not None else table.domains):
+    for d in domains if domains is not None else table.domains:
         ids, p, s = table.paired(proxy, d)
         xs += list(p)
         ys += list(s)
@@ -249,9 +279,14 @@ def pooled_correlation(table: ResultTable, proxy: str, method: str = "pearson", 
     return bootstrap_ci(xs, ys, method, clusters=groups, n_boot=n_boot, seed=seed)
 
 
-def correlation_table(table: ResultTable, method: str = "pearson", *,
-                      proxies: Sequence[str] | None = None, n_boot: int = 1000,
-                      seed: int = 0) -> CorrelationTable:
+def correlation_table(
+    table: ResultTable,
+    method: str = "pearson",
+    *,
+    proxies: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> CorrelationTable:
     proxies = list(proxies if proxies is not None else table.proxies)
     rows = table.all_domains + [MEAN_ROW, POOLED_ROW]
     cells: dict[str, dict[str, Corr]] = {r: {} for r in rows}
@@ -262,14 +297,17 @@ def correlation_table(table: ResultTable, method: str = "pearson", *,
             cells[d][proxy] = c
             if d != ID_DOMAIN and not math.isnan(c.r):
                 per_domain.append(c.r)
-        cells[MEAN_ROW][proxy] = Corr(float(np.mean(per_domain)) if per_domain else math.nan,
-                                      n=len(per_domain))
-        cells[POOLED_ROW][proxy] = pooled_correlation(table, proxy, method, n_boot=n_boot,
-                                                      seed=seed)
+        cells[MEAN_ROW][proxy] = Corr(
+            float(np.mean(per_domain)) if per_domain else math.nan, n=len(per_domain)
+        )
+        cells[POOLED_ROW][proxy] = pooled_correlation(
+            table, proxy, method, n_boot=n_boot, seed=seed
+        )
     return CorrelationTable(method, rows, proxies, cells)
 
 
 # ----------------------------------------------------------------------------- rankings
+
 
 def rank_mixtures(table: ResultTable, proxy: str, domain: str) -> list[tuple[str, float]]:
     """All mixtures scored by ``proxy`` on ``domain``, best (lowest perplexity) first."""
@@ -277,8 +315,9 @@ def rank_mixtures(table: ResultTable, proxy: str, domain: str) -> list[tuple[str
     return sorted(vals.items(), key=lambda kv: (kv[1], kv[0]))
 
 
-def recommend(table: ResultTable, proxy: str, domains: Sequence[str] | None = None
-              ) -> tuple[str, float] | None:
+def recommend(
+    table: ResultTable, proxy: str, domains: Sequence[str] | None = None
+) -> tuple[str, float] | None:
     """The mixture with the lowest proxy perplexity (over several domains: geometric mean).
 
     The geometric mean (mean log-perplexity) keeps high-perplexity domains from
@@ -288,8 +327,9 @@ def recommend(table: ResultTable, proxy: str, domains: Sequence[str] | None = No
     scored = []
     for mid in table.mixtures:
         vals = [table.get(proxy, d).get(mid) for d in domains]
-        if vals and all(v is not None for v in vals):
-            scored.append((float(np.exp(np.mean(np.log(vals)))), mid))
+        known = [v for v in vals if v is not None]
+        if vals and len(known) == len(vals):
+            scored.append((float(np.exp(np.mean(np.log(known)))), mid))
     if not scored:
         return None
     v, mid = min(scored)
@@ -299,7 +339,7 @@ def recommend(table: ResultTable, proxy: str, domains: Sequence[str] | None = No
 def top_k_agreement(table: ResultTable, proxy: str, domain: str, k: int) -> float:
     """|top-k by proxy ∩ top-k by seq| / k over the mixtures with both (NaN if fewer than k)."""
     ids, p, s = table.paired(proxy, domain)
-    if len(ids) < k or k < 1 or np.all(p == p[0]):   # all tied: no ranking to compare
+    if len(ids) < k or k < 1 or np.all(p == p[0]):  # all tied: no ranking to compare
         return math.nan
     top_p = {ids[i] for i in np.argsort(p, kind="mergesort")[:k]}
     top_s = {ids[i] for i in np.argsort(s, kind="mergesort")[:k]}
@@ -316,6 +356,7 @@ def best_true_rank(table: ResultTable, proxy: str, domain: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------- influence
+
 
 def partition_influence(table: ResultTable, proxy: str, domain: str) -> dict[str, float]:
     """Mean perplexity drop from adding each partition, over scored pairs (A, A + p).
@@ -335,6 +376,7 @@ def partition_influence(table: ResultTable, proxy: str, domain: str) -> dict[str
 
 
 # ----------------------------------------------------------------------------- cost
+
 
 def cost_rows(cost: mx.Cost) -> list[tuple[str, str]]:
     """(item, value) rows of the cost table."""

@@ -21,6 +21,7 @@ cores; measured figures are in the README and docs/user-guide.md.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,29 +30,31 @@ import yaml
 
 from megablocks_ablate.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class DemoSettings:
     out: str = "demo_out"
-    corpus: str | None = None          # user JSONL; default: the built-in stdlib corpus
-    seed_corpus: str | None = None     # JSONL for the seed; default: built-in "general", or
-                                       # with --corpus the whole corpus (natural proportions)
+    corpus: str | None = None  # user JSONL; default: the built-in stdlib corpus
+    seed_corpus: str | None = None  # JSONL for the seed; default: built-in "general", or
+    # with --corpus the whole corpus (natural proportions)
     partition_by: str = "domain"
     order_by: str | None = None
     vocab_size: int = 2048
-    heldout_fraction: float = 0.005    # ~33K held-out tokens over the 8 stdlib partitions
-    unit_tokens: str = "160k"          # base unit size and unit-model budget
+    heldout_fraction: float = 0.005  # ~33K held-out tokens over the 8 stdlib partitions
+    unit_tokens: str = "160k"  # base unit size and unit-model budget
     seed_tokens: str = "1.2M"
-    k: int = 3                         # mixtures: every k-subset of the partitions
-    n_seq: int = 6                     # seq validation models (k x unit budget each)
-    preset: str = "demo"               # configs/train/<preset>_{seed,unit,seq}.yaml
+    k: int = 3  # mixtures: every k-subset of the partitions
+    n_seq: int = 6  # seq validation models (k x unit budget each)
+    preset: str = "demo"  # configs/train/<preset>_{seed,unit,seq}.yaml
     train_overrides: list[str] = field(default_factory=list)  # applied to every model
     workers: int = 2
     max_partitions: int | None = None  # keep the first N partitions (smaller demos)
 
 
 def _step(i: int, n: int, msg: str, t0: float) -> None:
-    print(f"[{i}/{n}] {msg}  ({time.time() - t0:.0f} s)", flush=True)
+    logger.info("[%d/%d] %s  (%.0f s)", i, n, msg, time.time() - t0)
 
 
 def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
@@ -74,34 +77,63 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
             write_corpus(corpus)
         if not s.seed_corpus and not os.path.isfile(seed_corpus):
             write_corpus(seed_corpus, [SEED_DOMAIN])
-        _step(1, 6, f"corpus: Python standard library -> {corpus} (8 partitions) + seed "
-                    f"corpus {seed_corpus}", t0)
+        _step(
+            1,
+            6,
+            f"corpus: Python standard library -> {corpus} (8 partitions) + seed "
+            f"corpus {seed_corpus}",
+            t0,
+        )
 
     tok_path = os.path.join(s.out, "tokenizer.model")
     if not os.path.isfile(tok_path):
-        train_sentencepiece([corpus] + ([seed_corpus] if seed_corpus else []),
-                            tok_path, vocab_size=s.vocab_size, num_threads=2)
+        train_sentencepiece(
+            [corpus] + ([seed_corpus] if seed_corpus else []),
+            tok_path,
+            vocab_size=s.vocab_size,
+            num_threads=2,
+        )
     tok = load_tokenizer(tok_path)
     _step(2, 6, f"tokenizer: {tok_path} ({tok.vocab_size} pieces)", t0)
 
-    log = lambda msg: print("      " + msg, flush=True)  # noqa: E731
     data = os.path.join(s.out, "data")
-    run_preprocess(PreprocessConfig.from_dict(dict(
-        input=[corpus], out=data, tokenizer=tok_path, partition_by=[s.partition_by],
-        order_by=s.order_by or (None if s.corpus else "order"), unit_tokens=s.unit_tokens, heldout_fraction=s.heldout_fraction,
-        workers=s.workers)), log=log)
+    run_preprocess(
+        PreprocessConfig.from_dict(
+            dict(
+                input=[corpus],
+                out=data,
+                tokenizer=tok_path,
+                partition_by=[s.partition_by],
+                order_by=s.order_by or (None if s.corpus else "order"),
+                unit_tokens=s.unit_tokens,
+                heldout_fraction=s.heldout_fraction,
+                workers=s.workers,
+            )
+        )
+    )
     seed_data = data
     if seed_corpus:
         seed_data = os.path.join(s.out, "seed_data")
-        run_preprocess(PreprocessConfig.from_dict(dict(
-            input=[seed_corpus], out=seed_data, tokenizer=tok_path, partition_by=[s.partition_by],
-            workers=s.workers)), log=log)
-    _step(3, 6, f"preprocess: {data}" + (f", seed data {seed_data}" if seed_data != data else ""), t0)
+        run_preprocess(
+            PreprocessConfig.from_dict(
+                dict(
+                    input=[seed_corpus],
+                    out=seed_data,
+                    tokenizer=tok_path,
+                    partition_by=[s.partition_by],
+                    workers=s.workers,
+                )
+            )
+        )
+    _step(
+        3, 6, f"preprocess: {data}" + (f", seed data {seed_data}" if seed_data != data else ""), t0
+    )
     return data, seed_data
 
 
-def study_spec(s: DemoSettings, data: str, seed_data: str,
-               partitions: dict[str, list[str]] | None = None) -> dict:
+def study_spec(
+    s: DemoSettings, data: str, seed_data: str, partitions: dict[str, list[str]] | None = None
+) -> dict:
     """The demo's study spec (what ``<out>/study.yaml`` holds): one base unit per
     partition (the first), or ``partitions`` as given."""
     if partitions is None:
@@ -111,32 +143,47 @@ def study_spec(s: DemoSettings, data: str, seed_data: str,
         names = list(units)[: s.max_partitions] if s.max_partitions else list(units)
         partitions = {p: [units[p][0]] for p in names}
     if len(partitions) < s.k:
-        raise ConfigError(f"the corpus has {len(partitions)} partition(s) with a full base unit "
-                          f"of {s.unit_tokens} tokens, fewer than k={s.k}: use a larger corpus or "
-                          "a smaller --unit-tokens")
+        raise ConfigError(
+            f"the corpus has {len(partitions)} partition(s) with a full base unit "
+            f"of {s.unit_tokens} tokens, fewer than k={s.k}: use a larger corpus or "
+            "a smaller --unit-tokens"
+        )
     out = os.path.join(s.out, "study")
     seed_dir = os.path.join(s.out, "seed")
     over = list(s.train_overrides)
     return {
         "name": "stdlib-demo" if not s.corpus else f"demo-{os.path.basename(s.corpus)}",
-        "data": data, "out_dir": out,
-        "seed": {"config": f"{s.preset}_seed",
-                 "overrides": over + [f"data.manifest={seed_data}", f"out_dir={seed_dir}",
-                                      f"train_tokens={s.seed_tokens}"]},
-        "unit": {"config": f"{s.preset}_unit", "overrides": over + [f"train_tokens={s.unit_tokens}"]},
+        "data": data,
+        "out_dir": out,
+        "seed": {
+            "config": f"{s.preset}_seed",
+            "overrides": over
+            + [
+                f"data.manifest={seed_data}",
+                f"out_dir={seed_dir}",
+                f"train_tokens={s.seed_tokens}",
+            ],
+        },
+        "unit": {
+            "config": f"{s.preset}_unit",
+            "overrides": over + [f"train_tokens={s.unit_tokens}"],
+        },
         "partitions": partitions,
         "mixtures": {"k_subsets": s.k},
         "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
         "eval": {"heldout": True, "extra": []},
-        "validation": {"n": s.n_seq, "seed": 0,
-                       "train": {"config": f"{s.preset}_seq", "overrides": list(over)}},
+        "validation": {
+            "n": s.n_seq,
+            "seed": 0,
+            "train": {"config": f"{s.preset}_seq", "overrides": list(over)},
+        },
     }
 
 
 def run_demo(s: DemoSettings) -> int:
     from megablocks_ablate.ablate.report import write_report
-    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
-    from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
+    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, resolve
+    from megablocks_ablate.ablate.spec import StudySpec, describe_plan
     from megablocks_ablate.ablate.store import ResultStore, store_path
     from megablocks_ablate.utils.atomic import atomic_write_text
 
@@ -146,12 +193,23 @@ def run_demo(s: DemoSettings) -> int:
     atomic_write_text(spec_path, yaml.safe_dump(study_spec(s, data, seed_data), sort_keys=False))
     study = resolve(StudySpec.load(spec_path))
     c = study.cost
-    _step(4, 6, f"study: {spec_path}: {len(study.partitions)} partitions (one unit each), "
-                f"{len(study.mixtures)} mixtures, {len(study.validation)} seq validations; "
-                f"training {c.modular_tokens + c.seq_validation_tokens:,} tokens after the seed "
-                f"(a seq model per mixture would be {c.naive_tokens:,})", t0)
-    print("\n".join("      " + line for line in describe_plan(study).splitlines()
-                    if not line.startswith("    ") or "[seq" in line), flush=True)
+    _step(
+        4,
+        6,
+        f"study: {spec_path}: {len(study.partitions)} partitions (one unit each), "
+        f"{len(study.mixtures)} mixtures, {len(study.validation)} seq validations; "
+        f"training {c.modular_tokens + c.seq_validation_tokens:,} tokens after the seed "
+        f"(a seq model per mixture would be {c.naive_tokens:,})",
+        t0,
+    )
+    logger.info(
+        "%s",
+        "\n".join(
+            "      " + line
+            for line in describe_plan(study).splitlines()
+            if not line.startswith("    ") or "[seq" in line
+        ),
+    )
 
     runner = StudyRunner(study, RunOptions())
     plan = runner.train()
@@ -161,7 +219,10 @@ def run_demo(s: DemoSettings) -> int:
         summary = write_report(store, os.path.join(study.spec.out_dir, "report"))
         spent = store.get_meta("spent", {})
     _step(6, 6, "report written", t0)
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; tokens trained: "
-          + ", ".join(f"{k} {v:,}" for k, v in spent.items()))
-    print(summary.headline())
+    logger.info(
+        "demo finished in %.0f s; tokens trained: %s",
+        time.time() - t0,
+        ", ".join(f"{k} {v:,}" for k, v in spent.items()),
+    )
+    print(summary.headline())  # the result, on stdout
     return 0

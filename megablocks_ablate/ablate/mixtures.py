@@ -43,8 +43,8 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -53,12 +53,13 @@ from megablocks_ablate.data.mixture import partition_balanced_weights
 MERGE_PROXIES = ("merged", "macro", "micro")
 IND_PROXIES = ("mean_ind", "ind_id")
 PROXIES = MERGE_PROXIES + IND_PROXIES
-SEQ = "seq"          # the proxy name under which seq (truly trained) models are stored
-IND = "ind"          # single unit-model evaluations, the inputs of mean_ind and ind_id
-ID_DOMAIN = "ID"     # the mixture's own combined held-out set (pooled)
+SEQ = "seq"  # the proxy name under which seq (truly trained) models are stored
+IND = "ind"  # single unit-model evaluations, the inputs of mean_ind and ind_id
+ID_DOMAIN = "ID"  # the mixture's own combined held-out set (pooled)
 
 
 # ----------------------------------------------------------------------------- mixtures
+
 
 @dataclass(frozen=True)
 class Mixture:
@@ -71,7 +72,7 @@ class Mixture:
     groups: tuple[tuple[str, tuple[str, ...]], ...]
 
     @classmethod
-    def of(cls, partitions: Mapping[str, Sequence[str]]) -> "Mixture":
+    def of(cls, partitions: Mapping[str, Sequence[str]]) -> Mixture:
         if not partitions:
             raise ValueError("a mixture needs at least one partition")
         groups = []
@@ -113,12 +114,13 @@ class Mixture:
         return {"partitions": {g: list(us) for g, us in self.groups}}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Mixture":
+    def from_json(cls, data: Mapping) -> Mixture:
         return cls.of(data["partitions"])
 
 
-def make_mixtures(names_list: Iterable[Sequence[str]],
-                  partitions: Mapping[str, Sequence[str]]) -> list[Mixture]:
+def make_mixtures(
+    names_list: Iterable[Sequence[str]], partitions: Mapping[str, Sequence[str]]
+) -> list[Mixture]:
     """Mixtures from lists of partition names (looked up in ``partitions``)."""
     return [Mixture.of({p: partitions[p] for p in names}) for names in names_list]
 
@@ -176,6 +178,7 @@ def _check_k(names: Sequence[str], k: int) -> None:
 
 # ----------------------------------------------------------------------------- weights
 
+
 def proxy_weights(mixture: Mixture, proxy: str) -> dict[str, float]:
     """The weight vector (unit -> weight, summing to 1) of a merged proxy."""
     if proxy == "macro":
@@ -184,18 +187,21 @@ def proxy_weights(mixture: Mixture, proxy: str) -> dict[str, float]:
         units = mixture.units
         return {u: 1.0 / len(units) for u in units}
     if proxy in IND_PROXIES:
-        raise ValueError(f"proxy {proxy!r} is not a merge: it averages unit-model perplexities "
-                         "(see mean_ind / ind_id)")
+        raise ValueError(
+            f"proxy {proxy!r} is not a merge: it averages unit-model perplexities "
+            "(see mean_ind / ind_id)"
+        )
     raise ValueError(f"unknown proxy {proxy!r} (known: {', '.join(PROXIES)})")
 
 
 def weights_key(weights: Mapping[str, float]) -> str:
     """A canonical string for a weight vector (to evaluate identical merges once)."""
-    return json.dumps({u: round(w, 12) for u, w in sorted(weights.items())},
-                      separators=(",", ":"))
+    return json.dumps({u: round(w, 12) for u, w in sorted(weights.items())}, separators=(",", ":"))
 
 
-def merge_plan(mixture: Mixture, proxies: Iterable[str]) -> list[tuple[dict[str, float], list[str]]]:
+def merge_plan(
+    mixture: Mixture, proxies: Iterable[str]
+) -> list[tuple[dict[str, float], list[str]]]:
     """Distinct merges a mixture needs: ``[(weights, [proxies sharing them]), ...]``.
 
     ``merged`` and ``micro`` are always the same vector, and all three are when every
@@ -211,6 +217,7 @@ def merge_plan(mixture: Mixture, proxies: Iterable[str]) -> list[tuple[dict[str,
 
 
 # ----------------------------------------------------------------------------- scores
+
 
 @dataclass(frozen=True)
 class Score:
@@ -232,8 +239,11 @@ class Score:
 def pool(scores: Iterable[Score]) -> Score:
     """The score of the union of the evaluated sets: NLL, tokens and bytes summed."""
     scores = list(scores)
-    return Score(math.fsum(s.nll_sum for s in scores), sum(s.tokens for s in scores),
-                 sum(s.bytes for s in scores))
+    return Score(
+        math.fsum(s.nll_sum for s in scores),
+        sum(s.tokens for s in scores),
+        sum(s.bytes for s in scores),
+    )
 
 
 def in_domain_sets(mixture: Mixture, domain_units: Mapping[str, Sequence[str]]) -> list[str]:
@@ -255,8 +265,12 @@ def mean_ind(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float
     return float(np.mean([np.mean([ind[u][domain] for u in us]) for _, us in mixture.groups]))
 
 
-def ind_id(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float]],
-           domain_units: Mapping[str, Sequence[str]]) -> float | None:
+def ind_id(
+    mixture: Mixture,
+    domain: str,
+    ind: Mapping[str, Mapping[str, float]],
+    domain_units: Mapping[str, Sequence[str]],
+) -> float | None:
     """The paper's "ind ID": in-domain perplexity of the components, else None.
 
     * ``domain`` is the held-out set of a partition the mixture trains on: the mean
@@ -282,6 +296,7 @@ def ind_id(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float]]
 
 # ----------------------------------------------------------------------------- cost
 
+
 def seq_tokens(mixture: Mixture, unit_tokens: int) -> int:
     """Token budget of the mixture's seq model: one unit budget per unit it holds."""
     return len(mixture.units) * int(unit_tokens)
@@ -295,8 +310,8 @@ class Cost:
     unit_tokens: int
     mixtures: int
     seq_models: int
-    seq_validation_tokens: int   # seq models actually trained to validate the proxies
-    naive_tokens: int            # a seq model for every scored mixture
+    seq_validation_tokens: int  # seq models actually trained to validate the proxies
+    naive_tokens: int  # a seq model for every scored mixture
 
     @property
     def modular_tokens(self) -> int:
@@ -312,18 +327,29 @@ class Cost:
         return self.naive_tokens / self.modular_tokens if self.modular_tokens else math.inf
 
     def to_dict(self) -> dict:
-        return {"units_trained": self.units_trained, "unit_tokens": self.unit_tokens,
-                "modular_tokens": self.modular_tokens, "mixtures": self.mixtures,
-                "seq_models": self.seq_models, "seq_validation_tokens": self.seq_validation_tokens,
-                "naive_tokens": self.naive_tokens, "total_tokens": self.total_tokens,
-                "savings": self.savings}
+        return {
+            "units_trained": self.units_trained,
+            "unit_tokens": self.unit_tokens,
+            "modular_tokens": self.modular_tokens,
+            "mixtures": self.mixtures,
+            "seq_models": self.seq_models,
+            "seq_validation_tokens": self.seq_validation_tokens,
+            "naive_tokens": self.naive_tokens,
+            "total_tokens": self.total_tokens,
+            "savings": self.savings,
+        }
 
 
-def study_cost(mixtures: Sequence[Mixture], validation: Sequence[Mixture],
-               unit_tokens: int) -> Cost:
+def study_cost(
+    mixtures: Sequence[Mixture], validation: Sequence[Mixture], unit_tokens: int
+) -> Cost:
     """Cost of scoring ``mixtures`` by merging (every unit used trained once)."""
     units = {u for m in mixtures for u in m.units}
-    return Cost(units_trained=len(units), unit_tokens=int(unit_tokens), mixtures=len(mixtures),
-                seq_models=len(validation),
-                seq_validation_tokens=sum(seq_tokens(m, unit_tokens) for m in validation),
-                naive_tokens=sum(seq_tokens(m, unit_tokens) for m in mixtures))
+    return Cost(
+        units_trained=len(units),
+        unit_tokens=int(unit_tokens),
+        mixtures=len(mixtures),
+        seq_models=len(validation),
+        seq_validation_tokens=sum(seq_tokens(m, unit_tokens) for m in validation),
+        naive_tokens=sum(seq_tokens(m, unit_tokens) for m in mixtures),
+    )

@@ -18,8 +18,8 @@ equal-partition upsampling) or :func:`megatron_data_path` (``--data-path w1 p1 .
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ Scorer = Callable[[tuple[str, ...]], float]
 class SearchResult:
     best: tuple[str, ...]
     score: float
-    scored: dict[tuple[str, ...], float] = field(default_factory=dict)   # in scoring order
+    scored: dict[tuple[str, ...], float] = field(default_factory=dict)  # in scoring order
     beams: list[list[tuple[tuple[str, ...], float]]] = field(default_factory=list)  # per size
 
     @property
@@ -41,8 +41,14 @@ class SearchResult:
         return len(self.scored)
 
 
-def beam_search(partitions: Sequence[str], k: int, score: Scorer, *, beam_width: int = 4,
-                start: Sequence[str] = ()) -> SearchResult:
+def beam_search(
+    partitions: Sequence[str],
+    k: int,
+    score: Scorer,
+    *,
+    beam_width: int = 4,
+    start: Sequence[str] = (),
+) -> SearchResult:
     """Best mixture of ``k`` partitions (containing ``start``) by beam search.
 
     Scores ``sum over sizes of beam_width * (remaining partitions)`` mixtures at most,
@@ -56,8 +62,10 @@ def beam_search(partitions: Sequence[str], k: int, score: Scorer, *, beam_width:
     if unknown:
         raise ValueError(f"start: unknown partition {unknown[0]!r}")
     if not len(start_t) <= k <= len(names) or k < 1:
-        raise ValueError(f"k={k} must be between max(1, len(start)={len(start_t)}) and the "
-                         f"number of partitions ({len(names)})")
+        raise ValueError(
+            f"k={k} must be between max(1, len(start)={len(start_t)}) and the "
+            f"number of partitions ({len(names)})"
+        )
     cache: dict[tuple[str, ...], float] = {}
 
     def scored(m: tuple[str, ...]) -> float:
@@ -66,7 +74,9 @@ def beam_search(partitions: Sequence[str], k: int, score: Scorer, *, beam_width:
             cache[m] = v if not math.isnan(v) else math.inf
         return cache[m]
 
-    beam: list[tuple[tuple[str, ...], float]] = [(start_t, scored(start_t) if start_t else math.inf)]
+    beam: list[tuple[tuple[str, ...], float]] = [
+        (start_t, scored(start_t) if start_t else math.inf)
+    ]
     result = SearchResult(start_t, beam[0][1])
     for _size in range(len(start_t), k):
         candidates = {tuple(sorted(m + (p,))) for m, _ in beam for p in names if p not in m}
@@ -78,14 +88,20 @@ def beam_search(partitions: Sequence[str], k: int, score: Scorer, *, beam_width:
     return result
 
 
-def greedy_search(partitions: Sequence[str], k: int, score: Scorer, *,
-                  start: Sequence[str] = ()) -> SearchResult:
+def greedy_search(
+    partitions: Sequence[str], k: int, score: Scorer, *, start: Sequence[str] = ()
+) -> SearchResult:
     """Add, k times, the partition whose addition scores best (beam width 1)."""
     return beam_search(partitions, k, score, beam_width=1, start=start)
 
 
-def table_scorer(table, proxy: str, partitions: Mapping[str, Sequence[str]],
-                 domains: Sequence[str] | None = None, missing: str = "raise") -> Scorer:
+def table_scorer(
+    table,
+    proxy: str,
+    partitions: Mapping[str, Sequence[str]],
+    domains: Sequence[str] | None = None,
+    missing: str = "raise",
+) -> Scorer:
     """Score mixtures from an :class:`~.analysis.ResultTable`: geometric-mean perplexity
     of ``proxy`` over ``domains`` (default: the table's individual domains).
 
@@ -103,14 +119,16 @@ def table_scorer(table, proxy: str, partitions: Mapping[str, Sequence[str]],
         if any(v is None for v in vals):
             if missing == "inf":
                 return math.inf
-            raise LookupError(f"mixture {m.label} ({m.id}) has no {proxy} score on every "
-                              f"domain of {domains}")
+            raise LookupError(
+                f"mixture {m.label} ({m.id}) has no {proxy} score on every domain of {domains}"
+            )
         return float(np.exp(np.mean(np.log(vals))))
 
     return score
 
 
 # ----------------------------------------------------------------------------- export
+
 
 def blend_weights(mixture: Mixture) -> dict[str, float]:
     """Partition-balanced unit weights: every partition 1/G, split equally inside."""

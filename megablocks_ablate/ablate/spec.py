@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import numpy as np
 
@@ -32,6 +32,7 @@ ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id"]
 
 # ----------------------------------------------------------------------------- the file
 
+
 @dataclass
 class TrainRef(Config):
     """A training config: a YAML path or a preset name (configs/train/<name>.yaml)."""
@@ -44,8 +45,8 @@ class TrainRef(Config):
 class SeedSpec(Config):
     """The seed model every unit and seq model continues from."""
 
-    checkpoint: Optional[str] = doc("an existing seed checkpoint directory", None)
-    config: Optional[str] = doc("or a seed train config (path or preset) to train it", None)
+    checkpoint: str | None = doc("an existing seed checkpoint directory", None)
+    config: str | None = doc("or a seed train config (path or preset) to train it", None)
     overrides: list[str] = doc("key=value overrides of the seed train config", default_factory=list)
 
     def validate(self) -> None:
@@ -65,41 +66,56 @@ class MixturesSpec(Config):
     """Candidate mixtures; every form given is used, duplicates are scored once."""
 
     explicit: list[list[str]] = doc("mixtures as lists of partition names", default_factory=list)
-    k_subsets: Optional[int] = doc("every k-subset of the partitions", None)
-    random: Optional[RandomMixtures] = doc("a seeded sample of n k-subsets", None)
-    leave_one_out: list[str] = doc("a base mixture and each one-partition-less mixture",
-                                   default_factory=list)
-    add_one: list[str] = doc("a base mixture and the base plus each other partition",
-                             default_factory=list)
+    k_subsets: int | None = doc("every k-subset of the partitions", None)
+    random: RandomMixtures | None = doc("a seeded sample of n k-subsets", None)
+    leave_one_out: list[str] = doc(
+        "a base mixture and each one-partition-less mixture", default_factory=list
+    )
+    add_one: list[str] = doc(
+        "a base mixture and the base plus each other partition", default_factory=list
+    )
 
     @property
     def empty(self) -> bool:
-        return not (self.explicit or self.k_subsets is not None or self.random is not None
-                    or self.leave_one_out or self.add_one)
+        return not (
+            self.explicit
+            or self.k_subsets is not None
+            or self.random is not None
+            or self.leave_one_out
+            or self.add_one
+        )
 
 
 @dataclass
 class EvalSpec(Config):
     """Evaluation domains: held-out sets of the data's partitions plus other JSONL sets."""
 
-    heldout: Union[bool, list[str]] = doc(
+    heldout: bool | list[str] = doc(
         "true: the held-out set of every partition the study trains on; or a list of "
-        "manifest partitions; false: none", True)
-    extra: list[str] = doc("other JSONL files or directories (domain = file stem; "
-                           "NAME=PATH to name one)", default_factory=list)
+        "manifest partitions; false: none",
+        True,
+    )
+    extra: list[str] = doc(
+        "other JSONL files or directories (domain = file stem; NAME=PATH to name one)",
+        default_factory=list,
+    )
 
 
 @dataclass
 class ValidationSpec(Config):
     """Mixtures that also get a seq model trained on their union, to validate the proxies."""
 
-    mixtures: list[list[str]] = doc("explicit validation mixtures (each among the study's)",
-                                    default_factory=list)
+    mixtures: list[list[str]] = doc(
+        "explicit validation mixtures (each among the study's)", default_factory=list
+    )
     n: int = doc("plus this many more drawn at random from the study's mixtures", 0)
     seed: int = doc("seed of that draw", 0)
     train: TrainRef = field(default_factory=TrainRef)
-    model: Optional[str] = doc("model preset for seq models if it differs from the unit "
-                               "models' (e.g. 1.1b seq vs 130m units, paper §5.4)", None)
+    model: str | None = doc(
+        "model preset for seq models if it differs from the unit "
+        "models' (e.g. 1.1b seq vs 130m units, paper §5.4)",
+        None,
+    )
 
     def validate(self) -> None:
         if self.n < 0:
@@ -113,17 +129,19 @@ class StudySpec(Config):
     name: str = doc("study name (shown in the report)", "study")
     data: str = doc("preprocess output directory (or its manifest.json)", "")
     out_dir: str = doc("study directory: pool/, seq/, results.sqlite, report/", "")
-    seed: SeedSpec = doc("seed checkpoint or seed train config (required)",
-                         default_factory=SeedSpec)
-    unit: TrainRef = doc("unit-model train config (data.unit is set per unit)",
-                         default_factory=TrainRef)
+    seed: SeedSpec = doc(
+        "seed checkpoint or seed train config (required)", default_factory=SeedSpec
+    )
+    unit: TrainRef = doc(
+        "unit-model train config (data.unit is set per unit)", default_factory=TrainRef
+    )
     partitions: dict[str, list[str]] = doc(
         "partition -> units or manifest partitions (default: the manifest's partitions)",
-        default_factory=dict)
+        default_factory=dict,
+    )
     unit_partitions: bool = doc("treat every base unit as its own partition (paper §5.1)", False)
     mixtures: MixturesSpec = doc("candidate mixtures (required)", default_factory=MixturesSpec)
-    proxies: list[ProxyName] = doc("proxies to compute",
-                                   default_factory=lambda: list(mx.PROXIES))
+    proxies: list[ProxyName] = doc("proxies to compute", default_factory=lambda: list(mx.PROXIES))
     eval: EvalSpec = field(default_factory=EvalSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
 
@@ -135,8 +153,9 @@ class StudySpec(Config):
         if not (self.seed.checkpoint or self.seed.config):
             raise ConfigError("seed: required (seed.checkpoint or seed.config)")
         if self.mixtures.empty:
-            raise ConfigError("mixtures: give at least one of explicit, k_subsets, random, "
-                              "leave_one_out, add_one")
+            raise ConfigError(
+                "mixtures: give at least one of explicit, k_subsets, random, leave_one_out, add_one"
+            )
         if not self.unit.config:
             raise ConfigError("unit.config: required (the unit-model train config)")
         if not self.proxies:
@@ -144,11 +163,14 @@ class StudySpec(Config):
         if len(set(self.proxies)) != len(self.proxies):
             raise ConfigError(f"proxies: listed twice in {self.proxies}")
         if (self.validation.mixtures or self.validation.n) and not self.validation.train.config:
-            raise ConfigError("validation.train.config: required when validation mixtures are "
-                              "given (the seq-model train config)")
+            raise ConfigError(
+                "validation.train.config: required when validation mixtures are "
+                "given (the seq-model train config)"
+            )
 
 
 # ----------------------------------------------------------------------------- resolved
+
 
 @dataclass
 class Study:
@@ -156,11 +178,11 @@ class Study:
 
     spec: StudySpec
     manifest_dir: str
-    partitions: dict[str, list[str]]          # study partition -> its units
+    partitions: dict[str, list[str]]  # study partition -> its units
     mixtures: list[Mixture]
     validation: list[Mixture]
-    eval_sets: dict[str, str]                 # domain -> JSONL path
-    domain_units: dict[str, list[str]]        # held-out domain -> study units trained on it
+    eval_sets: dict[str, str]  # domain -> JSONL path
+    domain_units: dict[str, list[str]]  # held-out domain -> study units trained on it
     unit_tokens: int
     unit_paths: dict[str, str] = field(default_factory=dict)  # unit -> indexed-data prefix
 
@@ -183,29 +205,26 @@ class Study:
 
     def to_meta(self) -> dict:
         """What a results store keeps so that `study report` needs nothing else."""
-        return {"name": self.spec.name, "proxies": list(self.spec.proxies),
-                "partitions": self.partitions, "domain_units": self.domain_units,
-                "eval_sets": self.eval_sets, "unit_tokens": self.unit_tokens,
-                "mixtures": [m.id for m in self.mixtures],
-                "validation": [m.id for m in self.validation],
-                "spec": self.spec.to_dict()}
-
-
-def _load_train_config(ref_field: str, config: str, overrides: list[str]):
-    from megablocks_ablate.train.config import TrainConfig
-
-    try:
-        return TrainConfig.from_preset(config, overrides)
-    except MBAError as e:
-        raise ConfigError(f"{ref_field}: {e}") from None
+        return {
+            "name": self.spec.name,
+            "proxies": list(self.spec.proxies),
+            "partitions": self.partitions,
+            "domain_units": self.domain_units,
+            "eval_sets": self.eval_sets,
+            "unit_tokens": self.unit_tokens,
+            "mixtures": [m.id for m in self.mixtures],
+            "validation": [m.id for m in self.validation],
+            "spec": self.spec.to_dict(),
+        }
 
 
 def _resolve_partitions(spec: StudySpec, manifest) -> dict[str, list[str]]:
     by_manifest = manifest.partition_units()
+    parts: dict[str, list[str]] = {}
     if not spec.partitions:
         parts = {p: list(us) for p, us in by_manifest.items()}
     else:
-        parts, owner = {}, {}
+        owner: dict[str, str] = {}  # unit -> the partition listing it
         for name, entries in spec.partitions.items():
             if not entries:
                 raise ConfigError(f"partitions.{name}: empty (list units or manifest partitions)")
@@ -219,7 +238,8 @@ def _resolve_partitions(spec: StudySpec, manifest) -> dict[str, list[str]]:
                     raise ConfigError(
                         f"partitions.{name}: unknown unit or partition {entry!r} (manifest "
                         f"partitions: {', '.join(sorted(by_manifest))}; units are named like "
-                        f"{next(iter(manifest.units), '?')!r})")
+                        f"{next(iter(manifest.units), '?')!r})"
+                    )
                 for u in new:
                     if u in owner:
                         where = "twice in" if owner[u] == name else f"in both {owner[u]} and"
@@ -243,8 +263,9 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, .
             raise ConfigError(f"{field_name}: empty mixture")
         for p in members:
             if p not in known:
-                raise ConfigError(f"{field_name}: unknown partition {p!r} "
-                                  f"(partitions: {', '.join(names)})")
+                raise ConfigError(
+                    f"{field_name}: unknown partition {p!r} (partitions: {', '.join(names)})"
+                )
         if len(set(members)) != len(members):
             raise ConfigError(f"{field_name}: partition listed twice in {list(members)}")
         return members
@@ -253,8 +274,10 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, .
         if k < 1:
             raise ConfigError(f"{field_name}: k must be >= 1, got {k}")
         if k > len(names):
-            raise ConfigError(f"{field_name}: k={k} is larger than the number of partitions "
-                              f"({len(names)}: {', '.join(names)})")
+            raise ConfigError(
+                f"{field_name}: k={k} is larger than the number of partitions "
+                f"({len(names)}: {', '.join(names)})"
+            )
 
     out: list[tuple[str, ...]] = []
     for i, m in enumerate(spec.explicit):
@@ -285,21 +308,28 @@ def _resolve_eval(spec: EvalSpec, manifest, study_units: set[str]):
     eval_sets: dict[str, str] = {}
     domain_units: dict[str, list[str]] = {}
     if spec.heldout is True:
-        chosen = [p for p, us in by_manifest.items() if set(us) & study_units
-                  and manifest.partitions[p].get("heldout")]
+        chosen = [
+            p
+            for p, us in by_manifest.items()
+            if set(us) & study_units and manifest.partitions[p].get("heldout")
+        ]
     elif spec.heldout is False:
         chosen = []
     else:
         chosen = list(spec.heldout)
         for p in chosen:
             if p not in manifest.partitions:
-                raise ConfigError(f"eval.heldout: unknown partition {p!r} (manifest partitions: "
-                                  f"{', '.join(sorted(manifest.partitions))})")
+                raise ConfigError(
+                    f"eval.heldout: unknown partition {p!r} (manifest partitions: "
+                    f"{', '.join(sorted(manifest.partitions))})"
+                )
     for p in chosen:
         path = manifest.heldout_path(p)
         if path is None:
-            raise ConfigError(f"eval.heldout: partition {p!r} has no held-out set "
-                              "(preprocess with --heldout-fraction > 0)")
+            raise ConfigError(
+                f"eval.heldout: partition {p!r} has no held-out set "
+                "(preprocess with --heldout-fraction > 0)"
+            )
         if not os.path.isfile(path):
             raise ConfigError(f"eval.heldout: held-out file of partition {p!r} is missing: {path}")
         eval_sets[p] = path
@@ -316,44 +346,59 @@ def _resolve_eval(spec: EvalSpec, manifest, study_units: set[str]):
             raise ConfigError(f"eval.extra[{i}]: {e}") from None
         for s in sources:
             if s.domain in eval_sets:
-                raise ConfigError(f"eval.extra[{i}]: domain {s.domain!r} is already taken (by "
-                                  f"{eval_sets[s.domain]}); name it with NAME=PATH")
+                raise ConfigError(
+                    f"eval.extra[{i}]: domain {s.domain!r} is already taken (by "
+                    f"{eval_sets[s.domain]}); name it with NAME=PATH"
+                )
             if s.domain == mx.ID_DOMAIN:
-                raise ConfigError(f"eval.extra[{i}]: domain name {mx.ID_DOMAIN!r} is reserved for "
-                                  "each mixture's own held-out set; name it with NAME=PATH")
+                raise ConfigError(
+                    f"eval.extra[{i}]: domain name {mx.ID_DOMAIN!r} is reserved for "
+                    "each mixture's own held-out set; name it with NAME=PATH"
+                )
             eval_sets[s.domain] = s.path
     if not eval_sets:
         raise ConfigError("eval: no evaluation domain (set eval.heldout or eval.extra)")
     return eval_sets, domain_units
 
 
-def _resolve_validation(spec: ValidationSpec, mixtures: list[Mixture],
-                        parts: dict[str, list[str]]) -> list[Mixture]:
+def _resolve_validation(
+    spec: ValidationSpec, mixtures: list[Mixture], parts: dict[str, list[str]]
+) -> list[Mixture]:
     by_id = {m.id: m for m in mixtures}
     chosen: list[Mixture] = []
     for i, names in enumerate(spec.mixtures):
         unknown = [p for p in names if p not in parts]
         if unknown or not names:
-            raise ConfigError(f"validation.mixtures[{i}]: {list(names)} is not among the study's "
-                              "mixtures" + (f" (unknown partition {unknown[0]!r})" if unknown else ""))
+            raise ConfigError(
+                f"validation.mixtures[{i}]: {list(names)} is not among the study's "
+                "mixtures" + (f" (unknown partition {unknown[0]!r})" if unknown else "")
+            )
         m = Mixture.of({p: parts[p] for p in names})
         if m.id not in by_id:
-            raise ConfigError(f"validation.mixtures[{i}]: {list(names)} is not among the study's "
-                              "mixtures")
+            raise ConfigError(
+                f"validation.mixtures[{i}]: {list(names)} is not among the study's mixtures"
+            )
         if m not in chosen:
             chosen.append(m)
     rest = [m for m in mixtures if m not in chosen]
     if spec.n > len(rest):
-        raise ConfigError(f"validation.n: {spec.n} more validation mixtures asked for, but only "
-                          f"{len(rest)} other mixtures exist")
+        raise ConfigError(
+            f"validation.n: {spec.n} more validation mixtures asked for, but only "
+            f"{len(rest)} other mixtures exist"
+        )
     if spec.n:
         rng = np.random.default_rng(spec.seed)
         chosen += [rest[i] for i in sorted(rng.choice(len(rest), size=spec.n, replace=False))]
     return chosen
 
 
-def resolve(spec: StudySpec) -> Study:
-    """Check ``spec`` against its data and enumerate the study; raises ConfigError."""
+def resolve_data(spec: StudySpec, unit_tokens: int) -> Study:
+    """Check ``spec`` against its data and enumerate the study; raises ConfigError.
+
+    The train configs it names are resolved by the study runner's plan step
+    (:func:`megablocks_ablate.ablate.runner.plan.resolve`), which gives ``unit_tokens``:
+    this module knows studies, not training.
+    """
     from megablocks_ablate.data.manifest import Manifest
 
     try:
@@ -372,45 +417,46 @@ def resolve(spec: StudySpec) -> Study:
     validation = _resolve_validation(spec.validation, mixtures, parts)
     study_units = {u for us in parts.values() for u in us}
     eval_sets, domain_units = _resolve_eval(spec.eval, manifest, study_units)
-
     if spec.seed.checkpoint and not os.path.isdir(spec.seed.checkpoint):
         raise ConfigError(f"seed.checkpoint: no such directory: {spec.seed.checkpoint}")
-    if spec.seed.config:
-        _load_train_config("seed.config", spec.seed.config, spec.seed.overrides)
-    unit_cfg = _load_train_config("unit.config", spec.unit.config, spec.unit.overrides)
-    if validation:
-        over = list(spec.validation.train.overrides)
-        if spec.validation.model:
-            over.append(f"model={spec.validation.model}")
-        _load_train_config("validation.train.config", spec.validation.train.config, over)
-    return Study(spec=spec, manifest_dir=manifest.root, partitions=parts, mixtures=mixtures,
-                 validation=validation, eval_sets=eval_sets, domain_units=domain_units,
-                 unit_tokens=int(unit_cfg.train_tokens),
-                 unit_paths={u: manifest.unit_prefix(u) for u in study_units})
-
-
-def load_study(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
-    """Load a study YAML (plus ``key=value`` overrides) and resolve it."""
-    return resolve(StudySpec.load(path, overrides))
+    return Study(
+        spec=spec,
+        manifest_dir=manifest.root,
+        partitions=parts,
+        mixtures=mixtures,
+        validation=validation,
+        eval_sets=eval_sets,
+        domain_units=domain_units,
+        unit_tokens=unit_tokens,
+        unit_paths={u: manifest.unit_prefix(u) for u in study_units},
+    )
 
 
 def describe_plan(study: Study) -> str:
     """A human-readable plan: partitions, mixtures, validation, evaluation, cost."""
     c = study.cost
-    lines = [f"study {study.spec.name!r}: data {study.manifest_dir}",
-             f"  partitions: {len(study.partitions)}, units: {len(study.units)} "
-             f"({len(study.used_units)} used), unit budget {study.unit_tokens:,} tokens"]
+    lines = [
+        f"study {study.spec.name!r}: data {study.manifest_dir}",
+        f"  partitions: {len(study.partitions)}, units: {len(study.units)} "
+        f"({len(study.used_units)} used), unit budget {study.unit_tokens:,} tokens",
+    ]
     for p, us in study.partitions.items():
-        lines.append(f"    {p}: {len(us)} unit(s)" + (f" ({', '.join(us)})" if len(us) <= 4 else ""))
+        lines.append(
+            f"    {p}: {len(us)} unit(s)" + (f" ({', '.join(us)})" if len(us) <= 4 else "")
+        )
     lines.append(f"  mixtures: {len(study.mixtures)}; proxies: {', '.join(study.spec.proxies)}")
     val_ids = {m.id for m in study.validation}
     for m in study.mixtures:
         tag = "  [seq validation]" if m.id in val_ids else ""
         lines.append(f"    {m.id}  k={m.k} units={len(m.units)}  {m.label}{tag}")
-    lines.append(f"  evaluation domains: {len(study.eval_sets)} ({', '.join(study.eval_sets)})"
-                 f" + {mx.ID_DOMAIN} (each mixture's own held-out sets, pooled)")
-    lines.append(f"  cost: {c.units_trained} unit models x {c.unit_tokens:,} = "
-                 f"{c.modular_tokens:,} tokens; {c.seq_models} seq validation models = "
-                 f"{c.seq_validation_tokens:,} tokens; a seq model per mixture would be "
-                 f"{c.naive_tokens:,} tokens ({c.savings:.1f}x the unit models)")
+    lines.append(
+        f"  evaluation domains: {len(study.eval_sets)} ({', '.join(study.eval_sets)})"
+        f" + {mx.ID_DOMAIN} (each mixture's own held-out sets, pooled)"
+    )
+    lines.append(
+        f"  cost: {c.units_trained} unit models x {c.unit_tokens:,} = "
+        f"{c.modular_tokens:,} tokens; {c.seq_models} seq validation models = "
+        f"{c.seq_validation_tokens:,} tokens; a seq model per mixture would be "
+        f"{c.naive_tokens:,} tokens ({c.savings:.1f}x the unit models)"
+    )
     return "\n".join(lines)

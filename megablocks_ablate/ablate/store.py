@@ -34,8 +34,9 @@ import math
 import os
 import sqlite3
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score
 from megablocks_ablate.errors import MBAError
@@ -78,9 +79,13 @@ def code_version() -> str:
     return __version__
 
 
-def make_provenance(*, unit_hashes: Mapping[str, str] | None = None,
-                    weights: Mapping[str, float] | None = None,
-                    eval_fingerprint: str | None = None, **extra: Any) -> dict:
+def make_provenance(
+    *,
+    unit_hashes: Mapping[str, str | None] | None = None,
+    weights: Mapping[str, float] | None = None,
+    eval_fingerprint: str | None = None,
+    **extra: Any,
+) -> dict:
     """The provenance record of one evaluation (JSON-serialisable)."""
     prov: dict[str, Any] = {"code_version": code_version(), "timestamp": time.time()}
     if unit_hashes is not None:
@@ -97,8 +102,8 @@ def make_provenance(*, unit_hashes: Mapping[str, str] | None = None,
 class Result:
     """One (mixture, proxy, domain) row (or, in ``unit_results``, one (unit, domain))."""
 
-    subject: str          # mixture id, or unit name for unit results
-    proxy: str            # merged / macro / micro / seq, or "ind" for unit results
+    subject: str  # mixture id, or unit name for unit results
+    proxy: str  # merged / macro / micro / seq, or "ind" for unit results
     domain: str
     score: Score
     provenance: dict = field(default_factory=dict)
@@ -138,14 +143,17 @@ class ResultStore:
             with self._write():
                 for stmt in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(stmt)
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                                 (json.dumps(SCHEMA_VERSION),))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (json.dumps(SCHEMA_VERSION),),
+                )
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: cannot open results store: {e}") from None
         version = self.get_meta("schema_version")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: results store schema {version}, this code reads "
-                             f"{SCHEMA_VERSION}")
+            raise StoreError(
+                f"{self.path}: results store schema {version}, this code reads {SCHEMA_VERSION}"
+            )
 
     # -- plumbing ------------------------------------------------------------------------
     def _set_wal(self, timeout_s: float) -> None:
@@ -165,7 +173,7 @@ class ResultStore:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "ResultStore":
+    def __enter__(self) -> ResultStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,7 +190,7 @@ class ResultStore:
         def __exit__(self, exc_type, exc, tb):
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
 
-    def _write(self) -> "_Txn":
+    def _write(self) -> _Txn:
         return ResultStore._Txn(self._db)
 
     # -- meta ----------------------------------------------------------------------------
@@ -204,8 +212,10 @@ class ResultStore:
             return db.total_changes - before
 
     def mixtures(self) -> dict[str, Mixture]:
-        return {i: Mixture.from_json(json.loads(m))
-                for i, m in self._db.execute("SELECT id, members FROM mixtures ORDER BY rowid")}
+        return {
+            i: Mixture.from_json(json.loads(m))
+            for i, m in self._db.execute("SELECT id, members FROM mixtures ORDER BY rowid")
+        }
 
     # -- results -------------------------------------------------------------------------
     def add_results(self, rows: Iterable[Result]) -> int:
@@ -227,10 +237,20 @@ class ResultStore:
         with self._write() as db:
             for r in rows:
                 s = r.score
-                values = [r.subject] + ([r.proxy] if table == "results" else []) + [
-                    r.domain, _num(s.perplexity), _num(s.bits_per_byte), float(s.nll_sum),
-                    int(s.tokens), int(s.bytes), json.dumps(r.provenance, sort_keys=True),
-                    r.created or now]
+                values = (
+                    [r.subject]
+                    + ([r.proxy] if table == "results" else [])
+                    + [
+                        r.domain,
+                        _num(s.perplexity),
+                        _num(s.bits_per_byte),
+                        float(s.nll_sum),
+                        int(s.tokens),
+                        int(s.bytes),
+                        json.dumps(r.provenance, sort_keys=True),
+                        r.created or now,
+                    ]
+                )
                 marks = ", ".join("?" * len(values))
                 cur = db.execute(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", values)
                 if cur.rowcount:
@@ -251,41 +271,60 @@ class ResultStore:
             raise StoreError(
                 f"{self.path}: {table} already holds {r.subject}/{r.proxy}/{r.domain} evaluated "
                 f"on a different evaluation set (fingerprint {old} vs {fp}); use a new study "
-                "directory or delete the store")
+                "directory or delete the store"
+            )
 
     def done(self, mixture_id: str, proxy: str, domains: Sequence[str]) -> bool:
         """Whether every one of ``domains`` has a result for (mixture, proxy)."""
         return set(domains) <= self.done_domains(mixture_id, proxy)
 
     def done_domains(self, mixture_id: str, proxy: str) -> set[str]:
-        return {d for (d,) in self._db.execute(
-            "SELECT domain FROM results WHERE mixture_id = ? AND proxy = ?", (mixture_id, proxy))}
+        return {
+            d
+            for (d,) in self._db.execute(
+                "SELECT domain FROM results WHERE mixture_id = ? AND proxy = ?", (mixture_id, proxy)
+            )
+        }
 
     def scores(self, mixture_id: str, proxy: str) -> dict[str, Score]:
         """domain -> score of one (mixture, proxy)."""
-        return {d: Score(n, t, b) for d, n, t, b in self._db.execute(
-            "SELECT domain, nll_sum, tokens, bytes FROM results WHERE mixture_id = ? AND "
-            "proxy = ?", (mixture_id, proxy))}
+        return {
+            d: Score(n, t, b)
+            for d, n, t, b in self._db.execute(
+                "SELECT domain, nll_sum, tokens, bytes FROM results WHERE mixture_id = ? AND "
+                "proxy = ?",
+                (mixture_id, proxy),
+            )
+        }
 
     def unit_done(self, unit: str, domains: Sequence[str]) -> bool:
-        got = {d for (d,) in self._db.execute(
-            "SELECT domain FROM unit_results WHERE unit = ?", (unit,))}
+        got = {
+            d
+            for (d,) in self._db.execute("SELECT domain FROM unit_results WHERE unit = ?", (unit,))
+        }
         return set(domains) <= got
 
     def results(self, proxy: str | None = None) -> list[Result]:
-        sql = ("SELECT mixture_id, proxy, domain, nll_sum, tokens, bytes, provenance, created "
-               "FROM results")
+        sql = (
+            "SELECT mixture_id, proxy, domain, nll_sum, tokens, bytes, provenance, created "
+            "FROM results"
+        )
         args: tuple = ()
         if proxy is not None:
             sql, args = sql + " WHERE proxy = ?", (proxy,)
-        return [Result(m, p, d, Score(n, t, b), json.loads(pv), c)
-                for m, p, d, n, t, b, pv, c in self._db.execute(sql + " ORDER BY rowid", args)]
+        return [
+            Result(m, p, d, Score(n, t, b), json.loads(pv), c)
+            for m, p, d, n, t, b, pv, c in self._db.execute(sql + " ORDER BY rowid", args)
+        ]
 
     def unit_results(self) -> list[Result]:
-        return [Result(u, "ind", d, Score(n, t, b), json.loads(pv), c)
-                for u, d, n, t, b, pv, c in self._db.execute(
-                    "SELECT unit, domain, nll_sum, tokens, bytes, provenance, created "
-                    "FROM unit_results ORDER BY rowid")]
+        return [
+            Result(u, "ind", d, Score(n, t, b), json.loads(pv), c)
+            for u, d, n, t, b, pv, c in self._db.execute(
+                "SELECT unit, domain, nll_sum, tokens, bytes, provenance, created "
+                "FROM unit_results ORDER BY rowid"
+            )
+        ]
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "unit_results", "mixtures"):

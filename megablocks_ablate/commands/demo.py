@@ -18,47 +18,95 @@ def register(sub: argparse._SubParsersAction) -> None:
     from megablocks_ablate.ablate.demo import DemoSettings
 
     d = DemoSettings()
-    p = sub.add_parser("demo", help="run the built-in demo study (stdlib corpus, CPU, ~10 min)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="run the built-in demo study (stdlib corpus, CPU, ~10 min)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
-    p.add_argument("--corpus", help="your JSONL corpus (.jsonl/.gz/.zst) with a metadata field "
-                   "naming each document's partition, instead of the built-in one")
-    p.add_argument("--partition-by", default=d.partition_by,
-                   help=f"metadata field defining partitions (default: {d.partition_by})")
-    p.add_argument("--order-by", default=None,
-                   help="field ordering documents into base units (built-in corpus: order)")
-    p.add_argument("--seed-corpus", help="JSONL for the seed model (default: the built-in "
-                   "'general' text; with --corpus: the whole corpus)")
-    p.add_argument("--unit-tokens", default=d.unit_tokens,
-                   help=f"base unit size = unit-model budget (default: {d.unit_tokens})")
-    p.add_argument("--seed-tokens", default=d.seed_tokens,
-                   help=f"seed-model budget (default: {d.seed_tokens})")
+    p.add_argument(
+        "--corpus",
+        help="your JSONL corpus (.jsonl/.gz/.zst) with a metadata field "
+        "naming each document's partition, instead of the built-in one",
+    )
+    p.add_argument(
+        "--partition-by",
+        default=d.partition_by,
+        help=f"metadata field defining partitions (default: {d.partition_by})",
+    )
+    p.add_argument(
+        "--order-by",
+        default=None,
+        help="field ordering documents into base units (built-in corpus: order)",
+    )
+    p.add_argument(
+        "--seed-corpus",
+        help="JSONL for the seed model (default: the built-in "
+        "'general' text; with --corpus: the whole corpus)",
+    )
+    p.add_argument(
+        "--unit-tokens",
+        default=d.unit_tokens,
+        help=f"base unit size = unit-model budget (default: {d.unit_tokens})",
+    )
+    p.add_argument(
+        "--seed-tokens", default=d.seed_tokens, help=f"seed-model budget (default: {d.seed_tokens})"
+    )
     p.add_argument("--k", type=int, default=d.k, help=f"partitions per mixture (default: {d.k})")
-    p.add_argument("--n-seq", type=int, default=d.n_seq,
-                   help=f"seq validation models (default: {d.n_seq})")
-    p.add_argument("--max-partitions", type=int, default=None,
-                   help="use only the first N partitions (a smaller, faster study)")
-    p.add_argument("--preset", default=d.preset,
-                   help=f"train presets configs/train/<preset>_{{seed,unit,seq}}.yaml "
-                        f"(default: {d.preset})")
-    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
-                   help=f"documents held out per partition as its evaluation domain (default: "
-                        f"{d.heldout_fraction}; raise it for a small corpus)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help=f"tokenizer pieces (default: {d.vocab_size})")
+    p.add_argument(
+        "--n-seq", type=int, default=d.n_seq, help=f"seq validation models (default: {d.n_seq})"
+    )
+    p.add_argument(
+        "--max-partitions",
+        type=int,
+        default=None,
+        help="use only the first N partitions (a smaller, faster study)",
+    )
+    p.add_argument(
+        "--preset",
+        default=d.preset,
+        help=f"train presets configs/train/<preset>_{{seed,unit,seq}}.yaml (default: {d.preset})",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=d.heldout_fraction,
+        help=f"documents held out per partition as its evaluation domain (default: "
+        f"{d.heldout_fraction}; raise it for a small corpus)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=d.vocab_size,
+        help=f"tokenizer pieces (default: {d.vocab_size})",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="preprocess worker processes")
-    p.add_argument("overrides", nargs="*",
-                   help="key=value overrides of every train config (e.g. seq_len=128)")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides of every train config (e.g. seq_len=128)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.demo import DemoSettings, run_demo
 
-    return run_demo(DemoSettings(
-        out=args.out, corpus=args.corpus, seed_corpus=args.seed_corpus,
-        partition_by=args.partition_by, order_by=args.order_by, vocab_size=args.vocab_size,
-        heldout_fraction=args.heldout_fraction,
-        unit_tokens=args.unit_tokens, seed_tokens=args.seed_tokens, k=args.k, n_seq=args.n_seq,
-        preset=args.preset, train_overrides=list(args.overrides), workers=args.workers,
-        max_partitions=args.max_partitions))
+    return run_demo(
+        DemoSettings(
+            out=args.out,
+            corpus=args.corpus,
+            seed_corpus=args.seed_corpus,
+            partition_by=args.partition_by,
+            order_by=args.order_by,
+            vocab_size=args.vocab_size,
+            heldout_fraction=args.heldout_fraction,
+            unit_tokens=args.unit_tokens,
+            seed_tokens=args.seed_tokens,
+            k=args.k,
+            n_seq=args.n_seq,
+            preset=args.preset,
+            train_overrides=list(args.overrides),
+            workers=args.workers,
+            max_partitions=args.max_partitions,
+        )
+    )

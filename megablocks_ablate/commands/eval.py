@@ -17,35 +17,72 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity / bits per byte of checkpoints on evaluation domains",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="perplexity / bits per byte of checkpoints on evaluation domains",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", action="append", required=True, metavar="CKPT",
-                   help="checkpoint directory (repeatable)")
-    p.add_argument("--eval-sets", nargs="+", required=True, metavar="PATH",
-                   help="directory of JSONL files, preprocess output directory, or files/globs/NAME=PATH")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint directory (repeatable)",
+    )
+    p.add_argument(
+        "--eval-sets",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="directory of JSONL files, preprocess output directory, or files/globs/NAME=PATH",
+    )
     p.add_argument("--out", required=True, help="results JSON (written atomically by rank 0)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer file (default: the one the checkpoint's lineage records)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="labels scored per window after the first (default: max length, "
-                        "non-overlapping windows); smaller = sliding windows with more context")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="window length (default: the model's max_seq_len)")
-    p.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per forward pass (default 16384)")
-    p.add_argument("--cache-dir", default=None,
-                   help="tokenized eval cache (default $MBA_CACHE_DIR/eval, "
-                        "else ~/.cache/megablocks_ablate/eval)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer file (default: the one the checkpoint's lineage records)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="labels scored per window after the first (default: max length, "
+        "non-overlapping windows); smaller = sliding windows with more context",
+    )
+    p.add_argument(
+        "--max-len", type=int, default=None, help="window length (default: the model's max_seq_len)"
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward pass (default 16384)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="tokenized eval cache (default $MBA_CACHE_DIR/eval, "
+        "else ~/.cache/megablocks_ablate/eval)",
+    )
     p.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
-    p.add_argument("--on-bad-line", choices=("error", "skip"), default="error",
-                   help="invalid JSONL lines: stop with file:line (default) or skip and count")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                   help="default auto: this rank's GPU if CUDA is available, else cpu")
+    p.add_argument(
+        "--on-bad-line",
+        choices=("error", "skip"),
+        default="error",
+        help="invalid JSONL lines: stop with file:line (default) or skip and count",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("auto", "cpu", "cuda"),
+        help="default auto: this rank's GPU if CUDA is available, else cpu",
+    )
     p.add_argument("--progress", action="store_true", help="show a progress bar per model")
 
 
@@ -64,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, denv) -> int:
     import os
 
+    from megablocks_ablate.checkpoint import read_checkpoint_meta
     from megablocks_ablate.evaluate import EvalSuite, evaluate, results_table
-    from megablocks_ablate.evaluate.checkpoint import check_tokenizer, load_model, resolve_tokenizer
     from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
-    from megablocks_ablate.train.checkpoint import read_checkpoint_meta
+    from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer, resolve_tokenizer
+    from megablocks_ablate.model.loading import load_model
     from megablocks_ablate.utils.atomic import atomic_write_json
 
     rank, world, device = denv.rank, denv.world_size, denv.device
@@ -77,27 +115,51 @@ def _run(args: argparse.Namespace, denv) -> int:
     first = args.model[0]
     tokenizer = resolve_tokenizer(metas[first], first, args.tokenizer)
     for ckpt, lineage in metas.items():
-        check_tokenizer(lineage.tokenizer_fingerprint, tokenizer.fingerprint,
-                        f"tokenizer {tokenizer.path}", ckpt)
+        check_tokenizer(
+            lineage.tokenizer_fingerprint,
+            tokenizer.fingerprint,
+            f"tokenizer {tokenizer.path}",
+            ckpt,
+        )
 
-    suite = EvalSuite.load(args.eval_sets, tokenizer, cache_dir=args.cache_dir,
-                           text_key=args.text_key, on_bad_line=args.on_bad_line)
-    out = {"format": "megablocks-ablate/eval@1",
-           "settings": {"stride": args.stride, "max_len": args.max_len,
-                        "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS,
-                        "world_size": world, "text_key": args.text_key,
-                        "on_bad_line": args.on_bad_line},
-           "tokenizer": tokenizer.describe(), "eval_sets": suite.describe(),
-           "skipped_domains": suite.skipped_domains, "models": {}}
+    suite = EvalSuite.load(
+        args.eval_sets,
+        tokenizer,
+        cache_dir=args.cache_dir,
+        text_key=args.text_key,
+        on_bad_line=args.on_bad_line,
+    )
+    out = {
+        "format": "megablocks-ablate/eval@1",
+        "settings": {
+            "stride": args.stride,
+            "max_len": args.max_len,
+            "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS,
+            "world_size": world,
+            "text_key": args.text_key,
+            "on_bad_line": args.on_bad_line,
+        },
+        "tokenizer": tokenizer.describe(),
+        "eval_sets": suite.describe(),
+        "skipped_domains": suite.skipped_domains,
+        "models": {},
+    }
     for ckpt in args.model:
         model, lineage = load_model(ckpt, device=device)
-        results = evaluate(model, suite, stride=args.stride, max_len=args.max_len,
-                           batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
-                           tokenizer_fingerprint=lineage.tokenizer_fingerprint,
-                           show_progress=args.progress and rank == 0)
-        out["models"][ckpt] = {"lineage": lineage.to_dict(), "max_len": model.cfg.max_seq_len
-                               if args.max_len is None else args.max_len,
-                               "results": {d: r.to_dict() for d, r in results.items()}}
+        results = evaluate(
+            model,
+            suite,
+            stride=args.stride,
+            max_len=args.max_len,
+            batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
+            tokenizer_fingerprint=lineage.tokenizer_fingerprint,
+            show_progress=args.progress and rank == 0,
+        )
+        out["models"][ckpt] = {
+            "lineage": lineage.to_dict(),
+            "max_len": model.cfg.max_seq_len if args.max_len is None else args.max_len,
+            "results": {d: r.to_dict() for d, r in results.items()},
+        }
         if rank == 0:
             print(f"{ckpt}:\n{results_table(results)}")
         del model

@@ -13,17 +13,30 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face CohereForCausalLM directory",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint directory (model.safetensors + config.json + lineage.json)")
+    p = sub.add_parser(
+        "export-hf",
+        help="write a checkpoint as a Hugging Face CohereForCausalLM directory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", help="checkpoint directory (model.safetensors + config.json + lineage.json)"
+    )
     p.add_argument("out", help="output directory (replaced atomically if it exists)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer file to include (.model or tokenizer .json); default: the one the "
-                        "checkpoint's lineage records, if it still exists")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer file to include (.model or tokenizer .json); default: the one the "
+        "checkpoint's lineage records, if it still exists",
+    )
     p.set_defaults(func=run_export)
 
-    q = sub.add_parser("import-hf", help="read a Hugging Face Cohere directory into a checkpoint",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "import-hf",
+        help="read a Hugging Face Cohere directory into a checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("hf_dir", help="directory with config.json and model.safetensors")
     q.add_argument("out", help="output checkpoint directory (lineage kind 'imported')")
     q.set_defaults(func=run_import)

@@ -15,8 +15,12 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="inspect, validate and concatenate indexed datasets (.bin/.idx)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "index",
+        help="inspect, validate and concatenate indexed datasets (.bin/.idx)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     isub = p.add_subparsers(dest="index_command", metavar="ACTION")
     isub.required = True
 
@@ -75,8 +79,10 @@ def run_validate(args: argparse.Namespace) -> int:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
             continue
-        print(f"ok {prefix}: {s['sequences']} sequences, {s['documents']} documents, "
-              f"{s['tokens']} tokens, {s['dtype']}")
+        print(
+            f"ok {prefix}: {s['sequences']} sequences, {s['documents']} documents, "
+            f"{s['tokens']} tokens, {s['dtype']}"
+        )
     if failed:
         print(f"{failed} of {len(args.prefixes)} datasets invalid", file=sys.stderr)
         return 2
@@ -89,6 +95,8 @@ def run_concat(args: argparse.Namespace) -> int:
     out = strip_suffix(args.out)
     concat_indexed([strip_suffix(p) for p in args.prefixes], out)
     s = validate_indexed(out)
-    print(f"wrote {out}.bin/.idx: {s['sequences']} sequences, {s['documents']} documents, "
-          f"{s['tokens']} tokens, {s['dtype']}")
+    print(
+        f"wrote {out}.bin/.idx: {s['sequences']} sequences, {s['documents']} documents, "
+        f"{s['tokens']} tokens, {s['dtype']}"
+    )
     return 0

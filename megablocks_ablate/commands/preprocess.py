@@ -31,15 +31,21 @@ _FLAGS = [
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preprocess", help="tokenize corpora into partitions and base units",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "preprocess",
+        help="tokenize corpora into partitions and base units",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML file with preprocess settings")
     for flag, _field, kind, help_ in _FLAGS:
         if kind == "list":
             p.add_argument(flag, action="append", help=help_)
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), help=help_)
-    p.add_argument("--overwrite", action="store_true", help="replace output made with other settings")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output made with other settings"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)

@@ -1,8 +1,8 @@
 """`megablocks-ablate tokenizer`: train a SentencePiece model, inspect or try a tokenizer.
 
-  megablocks-ablate tokenizer train --input 'corpus/*.jsonl.gz' --vocab-size 32000 --out tok
-  megablocks-ablate tokenizer info tok.model
-  megablocks-ablate tokenizer encode tok.model "some text"
+megablocks-ablate tokenizer train --input 'corpus/*.jsonl.gz' --vocab-size 32000 --out tok
+megablocks-ablate tokenizer info tok.model
+megablocks-ablate tokenizer encode tok.model "some text"
 """
 
 from __future__ import annotations
@@ -22,24 +22,42 @@ def _count(value: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train, inspect or try a tokenizer",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "tokenizer",
+        help="train, inspect or try a tokenizer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     tsub.required = True
 
     t = tsub.add_parser("train", help="train a SentencePiece model on a corpus sample")
-    t.add_argument("--input", nargs="+", required=True, metavar="GLOB",
-                   help="JSONL files (.gz/.zst ok) or plain .txt files; globs are expanded")
+    t.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="GLOB",
+        help="JSONL files (.gz/.zst ok) or plain .txt files; globs are expanded",
+    )
     t.add_argument("--vocab-size", type=_count, required=True, help="pieces, e.g. 32000 or 32k")
-    t.add_argument("--out", required=True, metavar="PREFIX",
-                   help="writes PREFIX.model and PREFIX.vocab")
+    t.add_argument(
+        "--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab"
+    )
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
-    t.add_argument("--max-documents", type=_count, default=200_000,
-                   help="documents in the training sample (default 200000; 0 = all)")
+    t.add_argument(
+        "--max-documents",
+        type=_count,
+        default=200_000,
+        help="documents in the training sample (default 200000; 0 = all)",
+    )
     t.add_argument("--character-coverage", type=float, default=0.9999)
-    t.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
-                   help="map unknown characters to <unk> instead of UTF-8 byte pieces")
+    t.add_argument(
+        "--no-byte-fallback",
+        dest="byte_fallback",
+        action="store_false",
+        help="map unknown characters to <unk> instead of UTF-8 byte pieces",
+    )
     t.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=run_train)
@@ -61,10 +79,16 @@ def run_train(args: argparse.Namespace) -> int:
     from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
 
     model = train_sentencepiece(
-        args.input, args.out, args.vocab_size, model_type=args.model_type,
-        text_key=args.text_key, max_documents=args.max_documents or None,
-        character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
-        num_threads=args.threads, seed=args.seed,
+        args.input,
+        args.out,
+        args.vocab_size,
+        model_type=args.model_type,
+        text_key=args.text_key,
+        max_documents=args.max_documents or None,
+        character_coverage=args.character_coverage,
+        byte_fallback=args.byte_fallback,
+        num_threads=args.threads,
+        seed=args.seed,
     )
     tok = load_tokenizer(model)
     print(model)

@@ -8,8 +8,10 @@
     megablocks-ablate train-pool --config unit.yaml --devices auto
 
 Settings: the YAML, then trailing ``key=value`` overrides (``optimizer.lr=3e-4``).
-Every field is documented in ``megablocks_ablate/train/config.py`` (``--print-config``
-shows the resolved values).
+Every field is documented in ``megablocks_ablate/train/config.py``: ``--print-config``
+shows the resolved values with each field's doc as a comment (the model preset resolved
+too), as YAML that loads back to the same config; ``megablocks-ablate config describe
+train`` lists every field, its type and default.
 """
 
 from __future__ import annotations
@@ -18,21 +20,42 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a seed, unit or seq model (resumes automatically)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="train YAML (e.g. configs/train/demo_unit.yaml) or a preset "
-                   "name (demo_unit); default: the built-in defaults")
-    p.add_argument("--unit-index", type=int, help="train the i-th base unit of the manifest "
-                   "(sets data.unit; for Slurm job arrays)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = sub.add_parser(
+        "train",
+        help="train a seed, unit or seq model (resumes automatically)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="train YAML (e.g. configs/train/demo_unit.yaml) or a preset "
+        "name (demo_unit); default: the built-in defaults",
+    )
+    p.add_argument(
+        "--unit-index",
+        type=int,
+        help="train the i-th base unit of the manifest (sets data.unit; for Slurm job arrays)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, documented, as YAML and exit",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
 
-    q = sub.add_parser("train-pool", help="train every unit model on this machine's devices",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = sub.add_parser(
+        "train-pool",
+        help="train every unit model on this machine's devices",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--config", required=True, help="unit-model YAML whose out_dir contains {unit}")
-    q.add_argument("--devices", default="auto", help="auto (every GPU, else one CPU slot), "
-                   "GPU indices like 0,1,2, or cpu:N (N CPU slots)")
+    q.add_argument(
+        "--devices",
+        default="auto",
+        help="auto (every GPU, else one CPU slot), GPU indices like 0,1,2, or cpu:N (N CPU slots)",
+    )
     q.add_argument("--units", help="comma-separated units (default: every unit of the manifest)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     q.set_defaults(func=run_pool)
@@ -49,12 +72,14 @@ def load_config(config: str, overrides: list[str], unit_index: int | None = None
     cfg = load()
     if unit_index is not None:
         from megablocks_ablate.data.manifest import Manifest
-        from megablocks_ablate.train.pool import pool_units
+        from megablocks_ablate.train.launcher import pool_units
 
         units = pool_units(Manifest.load(cfg.data.manifest))
         if not 0 <= unit_index < len(units):
-            raise ConfigError(f"--unit-index {unit_index}: the manifest has {len(units)} units "
-                              f"(0..{len(units) - 1})")
+            raise ConfigError(
+                f"--unit-index {unit_index}: the manifest has {len(units)} units "
+                f"(0..{len(units) - 1})"
+            )
         cfg = load([f"data.unit={units[unit_index]}"])
     return cfg
 
@@ -62,7 +87,7 @@ def load_config(config: str, overrides: list[str], unit_index: int | None = None
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, args.unit_index)
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print(cfg.to_commented_yaml(), end="")
         return 0
     from megablocks_ablate.train.trainer import train
 
@@ -71,11 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_pool(args: argparse.Namespace) -> int:
-    from megablocks_ablate.train.pool import parse_slots, run_pool as pool
+    from megablocks_ablate.train.launcher import parse_slots
+    from megablocks_ablate.train.launcher import run_pool as pool
 
     units = [u for u in args.units.split(",") if u] if args.units else None
     result = pool(args.config, args.overrides, parse_slots(args.devices), units)
     failed = {u: r for u, r in result.items() if r.startswith("failed")}
-    print(f"pool: {sum(r == 'done' for r in result.values())} trained, "
-          f"{sum(r == 'skipped' for r in result.values())} already complete, {len(failed)} failed")
+    print(
+        f"pool: {sum(r == 'done' for r in result.values())} trained, "
+        f"{sum(r == 'skipped' for r in result.values())} already complete, {len(failed)} failed"
+    )
     return 1 if failed else 0

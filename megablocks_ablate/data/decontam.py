@@ -45,7 +45,7 @@ import math
 import os
 import struct
 import unicodedata
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -127,8 +127,15 @@ class BloomFilter:
             raise ValueError(f"error_rate must be in (0, 1), got {error_rate!r}")
         capacity = max(1, int(capacity))
         m = optimal_num_bits(capacity, error_rate)
-        self._init(m, optimal_num_hashes(m, capacity), 0, capacity, error_rate,
-                   np.zeros((m + 7) // 8, dtype=np.uint8), path=None)
+        self._init(
+            m,
+            optimal_num_hashes(m, capacity),
+            0,
+            capacity,
+            error_rate,
+            np.zeros((m + 7) // 8, dtype=np.uint8),
+            path=None,
+        )
 
     def _init(self, m, k, count, capacity, error_rate, bits: np.ndarray, path: str | None):
         self._m = int(m)
@@ -141,7 +148,7 @@ class BloomFilter:
         self._path = path  # set when the bits are a read-only map of this file
 
     @classmethod
-    def for_items(cls, n: int, error_rate: float = 1e-6) -> "BloomFilter":
+    def for_items(cls, n: int, error_rate: float = 1e-6) -> BloomFilter:
         """A filter sized for ``n`` items (at least 1) at ``error_rate``."""
         return cls(max(1, int(n)), error_rate)
 
@@ -166,8 +173,10 @@ class BloomFilter:
     # -- membership
     def add(self, item: str) -> None:
         if self._path is not None:
-            raise ValueError(f"Bloom filter {self._path} is mapped read-only; "
-                             "load it with mmap=False to add items")
+            raise ValueError(
+                f"Bloom filter {self._path} is mapped read-only; "
+                "load it with mmap=False to add items"
+            )
         m, bits, new = self._m, self._view, False
         x, y = _digest(item, m)
         for i in range(1, self._k + 1):
@@ -205,20 +214,30 @@ class BloomFilter:
         """Fraction of bits set (reads the whole array; for reports, not hot loops)."""
         set_bits = 0
         for start in range(0, len(self.bits), 1 << 22):  # bounded temporary memory
-            set_bits += int(_POPCOUNT[self.bits[start:start + (1 << 22)]].sum(dtype=np.int64))
+            set_bits += int(_POPCOUNT[self.bits[start : start + (1 << 22)]].sum(dtype=np.int64))
         return set_bits / self._m
 
     # -- file I/O
     def save(self, path: str) -> None:
         """Write header + bits atomically (temp file, fsync, rename)."""
-        header = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, self._m, self._k, 0, self._count,
-                              self.capacity, self.error_rate, HASH_SCHEME)
+        header = _HEADER.pack(
+            MAGIC,
+            VERSION,
+            HEADER_SIZE,
+            self._m,
+            self._k,
+            0,
+            self._count,
+            self.capacity,
+            self.error_rate,
+            HASH_SCHEME,
+        )
         with atomic_open(path, "wb") as f:
             f.write(header)
             f.write(self._view)
 
     @classmethod
-    def load(cls, path: str, mmap: bool = True) -> "BloomFilter":
+    def load(cls, path: str, mmap: bool = True) -> BloomFilter:
         """Read a filter written by :meth:`save`; with ``mmap`` the bits map read-only."""
         try:
             size = os.path.getsize(path)
@@ -227,27 +246,37 @@ class BloomFilter:
         except FileNotFoundError:
             raise DataFormatError(f"Bloom filter {path}: no such file") from None
         if len(raw) < HEADER_SIZE:
-            raise DataFormatError(f"Bloom filter {path}: {len(raw)} bytes, shorter than the "
-                                  f"{HEADER_SIZE}-byte header (truncated or not a filter)")
-        magic, version, header_size, m, k, _, count, capacity, error_rate, scheme = \
-            _HEADER.unpack(raw)
+            raise DataFormatError(
+                f"Bloom filter {path}: {len(raw)} bytes, shorter than the "
+                f"{HEADER_SIZE}-byte header (truncated or not a filter)"
+            )
+        magic, version, header_size, m, k, _, count, capacity, error_rate, scheme = _HEADER.unpack(
+            raw
+        )
         if magic != MAGIC:
             raise DataFormatError(f"Bloom filter {path}: bad magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION or header_size != HEADER_SIZE:
-            raise DataFormatError(f"Bloom filter {path}: unsupported version {version} "
-                                  f"(header size {header_size}); this code reads version "
-                                  f"{VERSION} ({HEADER_SIZE} bytes)")
+            raise DataFormatError(
+                f"Bloom filter {path}: unsupported version {version} "
+                f"(header size {header_size}); this code reads version "
+                f"{VERSION} ({HEADER_SIZE} bytes)"
+            )
         if scheme.rstrip(b"\0") != HASH_SCHEME:
-            raise DataFormatError(f"Bloom filter {path}: unknown hash scheme {scheme!r}, "
-                                  f"expected {HASH_SCHEME!r}")
+            raise DataFormatError(
+                f"Bloom filter {path}: unknown hash scheme {scheme!r}, expected {HASH_SCHEME!r}"
+            )
         if m < 1 or not 1 <= k <= MAX_HASHES:
-            raise DataFormatError(f"Bloom filter {path}: invalid sizes num_bits={m} "
-                                  f"num_hashes={k} (need num_bits >= 1, 1 <= k <= {MAX_HASHES})")
+            raise DataFormatError(
+                f"Bloom filter {path}: invalid sizes num_bits={m} "
+                f"num_hashes={k} (need num_bits >= 1, 1 <= k <= {MAX_HASHES})"
+            )
         nbytes = (m + 7) // 8
         if size != HEADER_SIZE + nbytes:
-            raise DataFormatError(f"Bloom filter {path}: file is {size} bytes, expected "
-                                  f"{HEADER_SIZE + nbytes} ({HEADER_SIZE} header + {nbytes} "
-                                  f"bytes for {m} bits); truncated or corrupt")
+            raise DataFormatError(
+                f"Bloom filter {path}: file is {size} bytes, expected "
+                f"{HEADER_SIZE + nbytes} ({HEADER_SIZE} header + {nbytes} "
+                f"bytes for {m} bits); truncated or corrupt"
+            )
         if mmap:
             bits = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE, shape=(nbytes,))
         else:
@@ -262,19 +291,24 @@ class BloomFilter:
         # files on disk: saved filters use the header format above).
         if self._path is not None:
             return (BloomFilter.load, (self._path, True))
-        return (_from_state, (self._m, self._k, self._count, self.capacity, self.error_rate,
-                              self.bits.tobytes()))
+        return (
+            _from_state,
+            (self._m, self._k, self._count, self.capacity, self.error_rate, self.bits.tobytes()),
+        )
 
     def __repr__(self) -> str:
         where = f", file={self._path!r}" if self._path else ""
-        return (f"BloomFilter(num_bits={self._m}, num_hashes={self._k}, count={self._count}, "
-                f"expected_fpr={self.expected_false_positive_rate():.3g}{where})")
+        return (
+            f"BloomFilter(num_bits={self._m}, num_hashes={self._k}, count={self._count}, "
+            f"expected_fpr={self.expected_false_positive_rate():.3g}{where})"
+        )
 
 
 def _from_state(m, k, count, capacity, error_rate, data: bytes) -> BloomFilter:
     self = BloomFilter.__new__(BloomFilter)
-    self._init(m, k, count, capacity, error_rate,
-               np.frombuffer(bytearray(data), dtype=np.uint8), path=None)
+    self._init(
+        m, k, count, capacity, error_rate, np.frombuffer(bytearray(data), dtype=np.uint8), path=None
+    )
     return self
 
 
@@ -299,7 +333,7 @@ class Decontaminator:
         error_rate: float = 1e-6,
         on_bad_line: OnBadLine = "error",
         bad_lines: BadLineCounter | None = None,
-    ) -> "Decontaminator":
+    ) -> Decontaminator:
         """Build the filter from JSONL evaluation sets (plain, .gz, .zst).
 
         Two streaming passes keep memory at the filter's size: the first counts
@@ -326,10 +360,7 @@ class Decontaminator:
     def is_contaminated(self, text: str) -> bool:
         """True when a paragraph of ``text`` with >= ``min_words`` words is in the filter."""
         bloom = self.bloom
-        for p in _iter_paragraphs(text, self.min_words):
-            if p in bloom:
-                return True
-        return False
+        return any(p in bloom for p in _iter_paragraphs(text, self.min_words))
 
     def stats(self) -> dict:
         """Figures for the manifest: filter size and its expected false-positive rate."""

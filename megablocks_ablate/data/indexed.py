@@ -27,7 +27,7 @@ import mmap
 import operator
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -116,23 +116,23 @@ class _Spool:
 
     def extend(self, values: np.ndarray) -> None:
         for start in range(0, len(values), self._buf.size):
-            part = np.asarray(values[start:start + self._buf.size], dtype=self.dtype)
+            part = np.asarray(values[start : start + self._buf.size], dtype=self.dtype)
             room = self._buf.size - self._n
             head = part[:room]
-            self._buf[self._n:self._n + head.size] = head
+            self._buf[self._n : self._n + head.size] = head
             self._n += head.size
             if self._n == self._buf.size:
                 self._flush()
             tail = part[room:]
             if tail.size:
-                self._buf[:tail.size] = tail
+                self._buf[: tail.size] = tail
                 self._n = tail.size
 
     def _flush(self) -> None:
         if self._spill is None:
             self.spill_path = tmp_path_for(self._spill_name)
             self._spill = open(self.spill_path, "wb")
-        self._spill.write(self._buf[:self._n].data)
+        self._spill.write(self._buf[: self._n].data)
         self._spilled += self._n
         self._n = 0
 
@@ -146,7 +146,7 @@ class _Spool:
                         break
                     yield part
         if self._n:
-            yield self._buf[:self._n]
+            yield self._buf[: self._n]
 
     def remove(self) -> None:
         if self._spill is not None:
@@ -174,7 +174,9 @@ class IndexedDatasetWriter:
         self.dtype = _token_dtype(dtype)
         self._code = CODE_OF_DTYPE[self.dtype]
         kind = self.dtype.kind
-        self._limits = (np.iinfo(self.dtype).min, np.iinfo(self.dtype).max) if kind in "iu" else None
+        self._limits = (
+            (np.iinfo(self.dtype).min, np.iinfo(self.dtype).max) if kind in "iu" else None
+        )
         self._safe_cast: dict[np.dtype, bool] = {self.dtype: True}
         d = os.path.dirname(prefix)
         if d:
@@ -210,7 +212,8 @@ class IndexedDatasetWriter:
         if arr.ndim != 1:
             raise DataFormatError(
                 f"{data_file_path(self.prefix)}: sequence {self._num_sequences} has shape "
-                f"{arr.shape}; expected a 1-D sequence of token ids")
+                f"{arr.shape}; expected a 1-D sequence of token ids"
+            )
         if arr.dtype is not self.dtype and arr.dtype != self.dtype:
             safe = self._safe_cast.get(arr.dtype)
             if safe is None:
@@ -229,7 +232,8 @@ class IndexedDatasetWriter:
             return
         if arr.dtype.kind not in "biu":
             raise DataFormatError(
-                f"{where} has dtype {arr.dtype}; expected integer token ids for {self.dtype.name}")
+                f"{where} has dtype {arr.dtype}; expected integer token ids for {self.dtype.name}"
+            )
         if self._limits[0] == 0:
             # Unsigned target: all values lie in [0, 2**bits) iff their bitwise OR does (a
             # negative value sets the sign bit). One reduction, ~2x cheaper than min + max.
@@ -239,11 +243,15 @@ class IndexedDatasetWriter:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < self._limits[0] or hi > self._limits[1]:
             bad = lo if lo < self._limits[0] else hi
-            hint = " (use int32 for vocabularies of 65500 ids or more)" if hi > self._limits[1] \
-                and self.dtype.itemsize < 4 else ""
+            hint = (
+                " (use int32 for vocabularies of 65500 ids or more)"
+                if hi > self._limits[1] and self.dtype.itemsize < 4
+                else ""
+            )
             raise DataFormatError(
                 f"{where} has token id {bad} outside the {self.dtype.name} range "
-                f"[{self._limits[0]}, {self._limits[1]}]{hint}")
+                f"[{self._limits[0]}, {self._limits[1]}]{hint}"
+            )
 
     def add_item(self, tokens) -> None:
         """Append one sequence to the current document (close it with :meth:`end_document`)."""
@@ -262,8 +270,10 @@ class IndexedDatasetWriter:
     def add_document(self, tokens) -> None:
         """Append one sequence that is a whole document (the preprocessing case)."""
         if self._open_items:
-            raise RuntimeError(f"{self.prefix}: add_document() while a document from "
-                               "add_item() is open; call end_document() first")
+            raise RuntimeError(
+                f"{self.prefix}: add_document() while a document from "
+                "add_item() is open; call end_document() first"
+            )
         arr = self._as_tokens(tokens)
         self._bin.write(arr.data if arr.flags.c_contiguous else arr.tobytes())
         self._lengths.append(arr.size)
@@ -274,21 +284,24 @@ class IndexedDatasetWriter:
     def add_index(self, prefix: str) -> None:
         """Append every sequence and document of the dataset at ``prefix`` (same dtype)."""
         if self._open_items:
-            raise RuntimeError(f"{self.prefix}: add_index() while a document from "
-                               "add_item() is open; call end_document() first")
+            raise RuntimeError(
+                f"{self.prefix}: add_index() while a document from "
+                "add_item() is open; call end_document() first"
+            )
         with IndexedDataset(prefix) as other:
             if other.dtype != self.dtype:
                 raise DataFormatError(
                     f"{index_file_path(prefix)} has dtype {other.dtype.name}; expected "
-                    f"{self.dtype.name} to append it to {self.prefix}")
+                    f"{self.dtype.name} to append it to {self.prefix}"
+                )
             nbytes = other.num_tokens * self.dtype.itemsize
             with open(data_file_path(prefix), "rb") as src:
                 _copy_exact(src, self._bin, nbytes)
             for start in range(0, len(other), _BLOCK):
-                self._lengths.extend(other.sequence_lengths[start:start + _BLOCK])
+                self._lengths.extend(other.sequence_lengths[start : start + _BLOCK])
             docs = other.document_indices
             for start in range(1, len(docs), _BLOCK):
-                self._doc_starts.extend(docs[start:start + _BLOCK] + self._num_sequences)
+                self._doc_starts.extend(docs[start : start + _BLOCK] + self._num_sequences)
             self._num_sequences += len(other)
             self._num_tokens += other.num_tokens
 
@@ -308,8 +321,11 @@ class IndexedDatasetWriter:
             self._bin.close()
             self._idx_tmp = idx_tmp = tmp_path_for(index_file_path(self.prefix))
             with open(idx_tmp, "wb", buffering=1 << 20) as f:
-                f.write(_HEADER.pack(MAGIC, VERSION, self._code,
-                                     self._num_sequences, len(self._doc_starts)))
+                f.write(
+                    _HEADER.pack(
+                        MAGIC, VERSION, self._code, self._num_sequences, len(self._doc_starts)
+                    )
+                )
                 for block in self._lengths.blocks():
                     f.write(block.data)
                 carry = 0
@@ -352,7 +368,7 @@ class IndexedDatasetWriter:
         self._lengths.remove()
         self._doc_starts.remove()
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -380,31 +396,37 @@ def _read_header(idx_path: str) -> tuple[np.dtype, int, int]:
     size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         head = f.read(HEADER_SIZE)
-    if head[:len(MAGIC)] != MAGIC and not (len(head) < len(MAGIC) and MAGIC.startswith(head)):
+    if head[: len(MAGIC)] != MAGIC and not (len(head) < len(MAGIC) and MAGIC.startswith(head)):
         raise DataFormatError(
-            f"index file {idx_path} has bad magic {head[:len(MAGIC)]!r}; expected {MAGIC!r} "
-            "(not a Megatron indexed dataset .idx)")
+            f"index file {idx_path} has bad magic {head[: len(MAGIC)]!r}; expected {MAGIC!r} "
+            "(not a Megatron indexed dataset .idx)"
+        )
     if len(head) < HEADER_SIZE:
         raise DataFormatError(
             f"index file {idx_path} is truncated: {size} bytes, shorter than the "
-            f"{HEADER_SIZE}-byte header")
-    magic, version, code, n, d = _HEADER.unpack(head)
+            f"{HEADER_SIZE}-byte header"
+        )
+    _magic, version, code, n, d = _HEADER.unpack(head)
     if version != VERSION:
         raise DataFormatError(
-            f"index file {idx_path} has unsupported version {version}; expected {VERSION}")
+            f"index file {idx_path} has unsupported version {version}; expected {VERSION}"
+        )
     if code not in DTYPE_CODES:
         codes = ", ".join(f"{c}={dt.name}" for c, dt in DTYPE_CODES.items())
         raise DataFormatError(
-            f"index file {idx_path} has unknown dtype code {code}; expected one of {codes}")
+            f"index file {idx_path} has unknown dtype code {code}; expected one of {codes}"
+        )
     expected = HEADER_SIZE + 12 * n + 8 * d
     if size < expected:
         raise DataFormatError(
             f"index file {idx_path} is truncated: it declares {n} sequences and {d} document "
-            f"indices, which need {expected} bytes, but the file has {size} bytes")
+            f"indices, which need {expected} bytes, but the file has {size} bytes"
+        )
     if size > expected:
         raise DataFormatError(
             f"index file {idx_path} has {size - expected} trailing bytes: it declares {n} "
-            f"sequences and {d} document indices, which need exactly {expected} bytes")
+            f"sequences and {d} document indices, which need exactly {expected} bytes"
+        )
     return DTYPE_CODES[code], n, d
 
 
@@ -431,7 +453,8 @@ class IndexedDataset:
             if not os.path.isfile(path):
                 raise DataFormatError(
                     f"{what} file {path} not found: an indexed dataset needs both "
-                    f"{idx_path} and {bin_path}")
+                    f"{idx_path} and {bin_path}"
+                )
         self.dtype, n, d = _read_header(idx_path)
         self._idx_mmap = _open_mmap(idx_path)
         off = HEADER_SIZE
@@ -448,54 +471,68 @@ class IndexedDataset:
             state = "truncated" if size < expected else "longer than its index"
             raise DataFormatError(
                 f"data file {bin_path} has {size} bytes; expected {expected} "
-                f"({self.num_tokens} {self.dtype.name} tokens per {idx_path}): the .bin is {state}")
+                f"({self.num_tokens} {self.dtype.name} tokens per {idx_path}): the .bin is {state}"
+            )
         self._bin_mmap = _open_mmap(bin_path)
-        self._tokens = (np.frombuffer(self._bin_mmap, self.dtype) if self._bin_mmap is not None
-                        else np.empty(0, self.dtype))
+        self._tokens = (
+            np.frombuffer(self._bin_mmap, self.dtype)
+            if self._bin_mmap is not None
+            else np.empty(0, self.dtype)
+        )
         self._tokens.flags.writeable = False
 
     def _check_arrays(self, idx_path: str) -> int:
         """Vectorised consistency checks; returns the total token count."""
-        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        lengths, pointers, docs = (
+            self.sequence_lengths,
+            self.sequence_pointers,
+            self.document_indices,
+        )
         n = len(lengths)
         if len(docs) == 0:
             raise DataFormatError(
-                f"index file {idx_path} has no document indices; expected at least [0, {n}]")
+                f"index file {idx_path} has no document indices; expected at least [0, {n}]"
+            )
         if docs[0] != 0:
             raise DataFormatError(
-                f"index file {idx_path}: document indices start at {docs[0]}; expected 0")
+                f"index file {idx_path}: document indices start at {docs[0]}; expected 0"
+            )
         if docs[-1] != n:
             raise DataFormatError(
                 f"index file {idx_path}: document indices end at {docs[-1]}; expected {n} "
-                "(the sequence count)")
+                "(the sequence count)"
+            )
         for start in range(0, len(docs) - 1, _BLOCK):
-            part = docs[start:start + _BLOCK + 1]
+            part = docs[start : start + _BLOCK + 1]
             bad = np.flatnonzero(part[1:] < part[:-1])
             if bad.size:
                 i = start + int(bad[0])
                 raise DataFormatError(
                     f"index file {idx_path}: document indices decrease at position {i + 1} "
-                    f"({docs[i]} then {docs[i + 1]}); expected a non-decreasing sequence")
+                    f"({docs[i]} then {docs[i + 1]}); expected a non-decreasing sequence"
+                )
         itemsize = self.dtype.itemsize
         carry = 0  # byte offset where the next block's first sequence must start
         for start in range(0, n, _BLOCK):
-            lens = lengths[start:start + _BLOCK]
+            lens = lengths[start : start + _BLOCK]
             neg = np.flatnonzero(lens < 0)
             if neg.size:
                 i = start + int(neg[0])
                 raise DataFormatError(
-                    f"index file {idx_path}: sequence {i} has negative length {lengths[i]}")
+                    f"index file {idx_path}: sequence {i} has negative length {lengths[i]}"
+                )
             nbytes = lens.astype(np.int64) * itemsize
             expected = np.cumsum(nbytes)
             expected -= nbytes
             expected += carry
-            bad = np.flatnonzero(pointers[start:start + _BLOCK] != expected)
+            bad = np.flatnonzero(pointers[start : start + _BLOCK] != expected)
             if bad.size:
                 j = int(bad[0])
                 raise DataFormatError(
                     f"index file {idx_path}: sequence {start + j} has pointer "
                     f"{pointers[start + j]}; expected byte offset {expected[j]} (the sum of "
-                    "the lengths before it times the item size)")
+                    "the lengths before it times the item size)"
+                )
             carry += int(nbytes.sum())
         return carry // itemsize
 
@@ -511,7 +548,7 @@ class IndexedDataset:
         if not 0 <= i < n:
             raise IndexError(f"sequence {i} out of range for {self.prefix} ({n} sequences)")
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return self._tokens[start:start + int(self.sequence_lengths[i])]
+        return self._tokens[start : start + int(self.sequence_lengths[i])]
 
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens ``[offset, offset + length)`` of sequence ``i`` (to its end if no length)."""
@@ -521,9 +558,10 @@ class IndexedDataset:
         if length is None:
             return seq[offset:]
         if length < 0 or offset + length > seq.size:
-            raise IndexError(f"offset {offset} + length {length} exceeds sequence {i} "
-                             f"of length {seq.size}")
-        return seq[offset:offset + length]
+            raise IndexError(
+                f"offset {offset} + length {length} exceeds sequence {i} of length {seq.size}"
+            )
+        return seq[offset : offset + length]
 
     @property
     def num_documents(self) -> int:
@@ -542,7 +580,7 @@ class IndexedDataset:
                     mm.close()
         self._idx_mmap = self._bin_mmap = None
 
-    def __enter__(self) -> "IndexedDataset":
+    def __enter__(self) -> IndexedDataset:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -553,9 +591,11 @@ class IndexedDataset:
         return (type(self), (self.prefix,))
 
     def __repr__(self) -> str:
-        return (f"IndexedDataset({self.prefix!r}, sequences={len(self)}, "
-                f"documents={self.num_documents}, tokens={self.num_tokens}, "
-                f"dtype={self.dtype.name})")
+        return (
+            f"IndexedDataset({self.prefix!r}, sequences={len(self)}, "
+            f"documents={self.num_documents}, tokens={self.num_tokens}, "
+            f"dtype={self.dtype.name})"
+        )
 
 
 def concat_indexed(prefixes: list[str], out_prefix: str) -> None:
@@ -568,7 +608,8 @@ def concat_indexed(prefixes: list[str], out_prefix: str) -> None:
         if name != dtypes[0]:
             raise DataFormatError(
                 f"{index_file_path(p)} has dtype {name}; expected {dtypes[0]} like "
-                f"{index_file_path(prefixes[0])} (all inputs of a concatenation share one dtype)")
+                f"{index_file_path(prefixes[0])} (all inputs of a concatenation share one dtype)"
+            )
     dtype = np.dtype(dtypes[0])
     with IndexedDatasetWriter(out_prefix, dtype) as w:
         for p in prefixes:
@@ -584,4 +625,3 @@ def validate_indexed(prefix: str) -> dict:
             "tokens": ds.num_tokens,
             "dtype": ds.dtype.name,
         }
-

@@ -14,8 +14,9 @@ import io
 import json
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Literal
+from typing import IO, Literal
 
 import zstandard
 

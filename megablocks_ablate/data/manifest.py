@@ -45,14 +45,16 @@ class Manifest:
     root: str
 
     @classmethod
-    def load(cls, path: str) -> "Manifest":
+    def load(cls, path: str) -> Manifest:
         if os.path.isdir(path):
             path = os.path.join(path, MANIFEST_NAME)
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except FileNotFoundError:
-            raise DataFormatError(f"{path}: manifest not found (run `megablocks-ablate preprocess`)") from None
+            raise DataFormatError(
+                f"{path}: manifest not found (run `megablocks-ablate preprocess`)"
+            ) from None
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{path}: invalid JSON: {e}") from None
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
@@ -89,8 +91,10 @@ class Manifest:
             rel = self.units[unit]["prefix"]
         except KeyError:
             known = ", ".join(sorted(self.units)[:10])
-            raise DataFormatError(f"unknown unit {unit!r} in {self.root}/{MANIFEST_NAME} "
-                                  f"(known: {known}{', ...' if len(self.units) > 10 else ''})") from None
+            raise DataFormatError(
+                f"unknown unit {unit!r} in {self.root}/{MANIFEST_NAME} "
+                f"(known: {known}{', ...' if len(self.units) > 10 else ''})"
+            ) from None
         return os.path.join(self.root, rel)
 
     def heldout_path(self, partition: str) -> str | None:
@@ -107,6 +111,7 @@ class Manifest:
                 size = os.path.getsize(path)
                 if size != info[ext]["bytes"]:
                     raise DataFormatError(
-                        f"{path}: {size} bytes, manifest records {info[ext]['bytes']}")
+                        f"{path}: {size} bytes, manifest records {info[ext]['bytes']}"
+                    )
                 if check_hashes and sha256_file(path) != info[ext]["sha256"]:
                     raise DataFormatError(f"{path}: sha256 differs from the manifest")

@@ -69,8 +69,9 @@ def token_weighted(units_tokens: Mapping[str, int]) -> dict[str, float]:
 def _name_of(source, i: int) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.path.basename(os.fspath(source))
-    prefix = getattr(source, "prefix", None) or getattr(getattr(source, "dataset", None),
-                                                          "prefix", None)
+    prefix = getattr(source, "prefix", None) or getattr(
+        getattr(source, "dataset", None), "prefix", None
+    )
     return os.path.basename(prefix) if prefix else f"component{i}"
 
 
@@ -91,8 +92,15 @@ class MixtureDataset:
         cache_dir: where unit indices are cached (default beside each unit's data).
     """
 
-    def __init__(self, components, weights=None, size: int | None = None,
-                 seq_len: int | None = None, seed: int = 1234, cache_dir: str | None = None):
+    def __init__(
+        self,
+        components,
+        weights=None,
+        size: int | None = None,
+        seq_len: int | None = None,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+    ):
         if isinstance(components, Mapping):
             names, sources = list(components.keys()), list(components.values())
         else:
@@ -115,7 +123,8 @@ class MixtureDataset:
         self.size = size
 
         self.dataset_index, self.dataset_sample_index = si.build_blending_indices(
-            self.weights, size)
+            self.weights, size
+        )
         self.counts = np.bincount(self.dataset_index, minlength=len(sources)).astype(np.int64)
         self.components: list[PackedDataset | None] = [
             self._component(src, name, int(n), cache_dir) if n > 0 else None
@@ -129,13 +138,15 @@ class MixtureDataset:
         packed = {s.seq_len for s in sources if isinstance(s, PackedDataset)}
         if seq_len is None:
             if len(packed) != 1:
-                raise ValueError("seq_len is required unless every component is a "
-                                 "PackedDataset of one seq_len")
+                raise ValueError(
+                    "seq_len is required unless every component is a PackedDataset of one seq_len"
+                )
             seq_len = packed.pop()
         seq_len = si.check_seq_len(seq_len)
         if packed - {seq_len}:
-            raise ValueError(f"component seq_len {sorted(packed)} differs from the mixture's "
-                             f"{seq_len}")
+            raise ValueError(
+                f"component seq_len {sorted(packed)} differs from the mixture's {seq_len}"
+            )
         return seq_len
 
     def _weight_vector(self, weights) -> list[float]:
@@ -145,8 +156,10 @@ class MixtureDataset:
             missing = [n for n in self.names if n not in weights]
             extra = [n for n in weights if n not in self.names]
             if missing or extra:
-                raise ValueError(f"mixture weights must name every component exactly: "
-                                 f"missing {missing}, unknown {extra}")
+                raise ValueError(
+                    f"mixture weights must name every component exactly: "
+                    f"missing {missing}, unknown {extra}"
+                )
             return [float(weights[n]) for n in self.names]
         w = list(weights)
         if len(w) != len(self.names):
@@ -157,19 +170,23 @@ class MixtureDataset:
         total = 0
         for src, w in zip(sources, self.weights):
             if w > 0:
-                tokens = (src.tokens_per_epoch if isinstance(src, PackedDataset)
-                          else int(np.asarray(_open_lengths(src)).sum(dtype=np.int64)))
+                tokens = (
+                    src.tokens_per_epoch
+                    if isinstance(src, PackedDataset)
+                    else int(np.asarray(_open_lengths(src)).sum(dtype=np.int64))
+                )
                 total += si.samples_per_epoch(tokens, self.seq_len)
         return total
 
     def _component(self, src, name: str, n: int, cache_dir) -> PackedDataset:
         if isinstance(src, PackedDataset):
             if len(src) < n:
-                raise ValueError(f"component {name!r} holds {len(src)} samples; the mixture "
-                                 f"takes {n} from it (build it with num_samples >= {n})")
+                raise ValueError(
+                    f"component {name!r} holds {len(src)} samples; the mixture "
+                    f"takes {n} from it (build it with num_samples >= {n})"
+                )
             return src
-        return PackedDataset(src, self.seq_len, num_samples=n, seed=self.seed,
-                             cache_dir=cache_dir)
+        return PackedDataset(src, self.seq_len, num_samples=n, seed=self.seed, cache_dir=cache_dir)
 
     # -- random access -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -185,9 +202,14 @@ class MixtureDataset:
         return self.components[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
 
     # -- iteration with exact resume ---------------------------------------------------
-    def batches(self, global_batch: int, dp_rank: int = 0, dp_world: int = 1,
-                consumed_samples: int | None = None,
-                micro_batch: int | None = None) -> Iterator[np.ndarray]:
+    def batches(
+        self,
+        global_batch: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        consumed_samples: int | None = None,
+        micro_batch: int | None = None,
+    ) -> Iterator[np.ndarray]:
         """This rank's ``[micro_batch, seq_len + 1]`` int64 arrays, global batch by batch.
 
         Each global batch of ``global_batch`` consecutive samples starts at
@@ -205,17 +227,19 @@ class MixtureDataset:
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank {dp_rank} out of range for dp_world {dp_world}")
         if global_batch % dp_world:
-            raise ValueError(f"global_batch {global_batch} is not divisible by dp_world "
-                             f"{dp_world}")
+            raise ValueError(f"global_batch {global_batch} is not divisible by dp_world {dp_world}")
         per_rank = global_batch // dp_world
         micro = per_rank if micro_batch is None else operator.index(micro_batch)
         if micro <= 0 or per_rank % micro:
-            raise ValueError(f"micro_batch {micro_batch} must be positive and divide the "
-                             f"per-rank batch {per_rank}")
+            raise ValueError(
+                f"micro_batch {micro_batch} must be positive and divide the "
+                f"per-rank batch {per_rank}"
+            )
         start = self.consumed_samples if consumed_samples is None else consumed_samples
         if not 0 <= start <= self.size:
-            raise ValueError(f"consumed_samples {start} out of range for a mixture of "
-                             f"{self.size} samples")
+            raise ValueError(
+                f"consumed_samples {start} out of range for a mixture of {self.size} samples"
+            )
         for step_start in range(start, self.size - global_batch + 1, global_batch):
             first = step_start + dp_rank * per_rank
             for m in range(0, per_rank, micro):
@@ -227,8 +251,9 @@ class MixtureDataset:
     def fingerprint(self) -> str:
         """Hash of what defines the blended stream (units, weights, size, seq_len, seed)."""
         h = hashlib.sha256()
-        h.update(f"mba-mixture-v{si.BUILDER_VERSION}|{self.size}|{self.seq_len}|{self.seed}|"
-                 .encode())
+        h.update(
+            f"mba-mixture-v{si.BUILDER_VERSION}|{self.size}|{self.seq_len}|{self.seed}|".encode()
+        )
         h.update("\x00".join(self.names).encode())
         h.update(self.weights.tobytes())
         return h.hexdigest()[:16]
@@ -241,11 +266,14 @@ class MixtureDataset:
         if state.get("fingerprint") not in (None, self.fingerprint):
             raise DataFormatError(
                 f"data state was saved for mixture {state.get('fingerprint')}, but this "
-                f"mixture is {self.fingerprint} (units, weights, size, seq_len or seed differ)")
+                f"mixture is {self.fingerprint} (units, weights, size, seq_len or seed differ)"
+            )
         consumed = operator.index(state["consumed_samples"])
         if not 0 <= consumed <= self.size:
-            raise DataFormatError(f"data state consumed_samples {consumed} out of range for a "
-                                  f"mixture of {self.size} samples")
+            raise DataFormatError(
+                f"data state consumed_samples {consumed} out of range for a "
+                f"mixture of {self.size} samples"
+            )
         self.consumed_samples = consumed
 
     def __repr__(self) -> str:

@@ -41,8 +41,14 @@ class PackedDataset:
             for an in-memory dataset without a prefix).
     """
 
-    def __init__(self, prefix_or_dataset, seq_len: int, num_samples: int | None = None,
-                 seed: int = 1234, cache_dir: str | None = None):
+    def __init__(
+        self,
+        prefix_or_dataset,
+        seq_len: int,
+        num_samples: int | None = None,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+    ):
         self.dataset = _open(prefix_or_dataset)
         self.seq_len = si.check_seq_len(seq_len)
         self.seed = int(seed)
@@ -53,14 +59,17 @@ class PackedDataset:
         sizes = np.asarray(self.dataset.sequence_lengths)
         self.tokens_per_epoch = int(sizes.sum(dtype=np.int64))
         if sizes.size == 0 or self.tokens_per_epoch == 0:
-            raise DataFormatError(f"{where} is empty ({sizes.size} sequences, "
-                                  f"{self.tokens_per_epoch} tokens): nothing to pack")
+            raise DataFormatError(
+                f"{where} is empty ({sizes.size} sequences, "
+                f"{self.tokens_per_epoch} tokens): nothing to pack"
+            )
         if num_samples is None:
             num_samples = si.samples_per_epoch(self.tokens_per_epoch, self.seq_len)
             if num_samples == 0:
                 raise DataFormatError(
                     f"{where} has {self.tokens_per_epoch} tokens, fewer than one sample of "
-                    f"seq_len + 1 = {self.seq_len + 1}; pass num_samples to repeat it")
+                    f"seq_len + 1 = {self.seq_len + 1}; pass num_samples to repeat it"
+                )
         num_samples = operator.index(num_samples)
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -69,9 +78,15 @@ class PackedDataset:
         if cache_dir is None and prefix:
             cache_dir = os.path.dirname(os.path.abspath(prefix))
         self.cache_dir = cache_dir
-        indices = si.load_or_build(sizes, self.seq_len, num_samples, self.seed, name=self.name,
-                                   cache_dir=cache_dir,
-                                   document_bounds=getattr(self.dataset, "document_indices", None))
+        indices = si.load_or_build(
+            sizes,
+            self.seq_len,
+            num_samples,
+            self.seed,
+            name=self.name,
+            cache_dir=cache_dir,
+            document_bounds=getattr(self.dataset, "document_indices", None),
+        )
         self.document_index = indices.document_index
         self.sample_index = indices.sample_index
         self.shuffle_index = indices.shuffle_index
@@ -100,11 +115,15 @@ class PackedDataset:
         parts.append(ds.get(int(docs[j1]), 0, int(o1 + 1)))
         out = np.concatenate(parts).astype(np.int64)
         if out.size != self.seq_len + 1:  # only a corrupt cache can get here
-            raise DataFormatError(f"packed sample {s} of {self.name} has {out.size} tokens, "
-                                  f"expected {self.seq_len + 1}: the index cache is stale")
+            raise DataFormatError(
+                f"packed sample {s} of {self.name} has {out.size} tokens, "
+                f"expected {self.seq_len + 1}: the index cache is stale"
+            )
         return out
 
     def __repr__(self) -> str:
-        return (f"PackedDataset({self.name!r}, seq_len={self.seq_len}, "
-                f"num_samples={self.num_samples}, num_epochs={self.num_epochs}, "
-                f"seed={self.seed})")
+        return (
+            f"PackedDataset({self.name!r}, seq_len={self.seq_len}, "
+            f"num_samples={self.num_samples}, num_epochs={self.num_epochs}, "
+            f"seed={self.seed})"
+        )

@@ -82,8 +82,9 @@ def is_heldout(text: str, fraction: float, salt: int = 0) -> bool:
     return int.from_bytes(h, "little") / 2.0**64 < fraction
 
 
-def split_units(lengths: np.ndarray, unit_tokens: int | None, keep_remainder: bool = False
-                ) -> tuple[list[tuple[int, int]], int, int]:
+def split_units(
+    lengths: np.ndarray, unit_tokens: int | None, keep_remainder: bool = False
+) -> tuple[list[tuple[int, int]], int, int]:
     """Cut an ordered sequence of document lengths into base units.
 
     Returns ``(ranges, leftover_docs, leftover_tokens)`` where ranges are half-open

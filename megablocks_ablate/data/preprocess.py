@@ -19,12 +19,14 @@ Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``worker
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -32,12 +34,19 @@ from megablocks_ablate.config import Config, Count, doc
 from megablocks_ablate.data.jsonl import expand_inputs, iter_raw_lines
 from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
 from megablocks_ablate.data.partition import safe_name, split_units
-from megablocks_ablate.data.preprocess_worker import (BatchResult, WorkerSettings, init_worker,
-                                                      process_batch)
+from megablocks_ablate.data.preprocess_order import OrderedDocs, order_documents
+from megablocks_ablate.data.preprocess_worker import (
+    BatchResult,
+    WorkerSettings,
+    init_worker,
+    process_batch,
+)
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
 from megablocks_ablate.utils.progress import progress
+
+logger = logging.getLogger(__name__)
 
 TMP_DIR = ".preprocess-tmp"
 # Settings that do not change the output; excluded from the config hash.
@@ -48,21 +57,23 @@ _NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite")
 class PreprocessConfig(Config):
     """Settings of `megablocks-ablate preprocess`."""
 
-    input: list[str] = doc("input JSONL files or globs (.jsonl, .jsonl.gz, .jsonl.zst)",
-                           default_factory=list)
+    input: list[str] = doc(
+        "input JSONL files or globs (.jsonl, .jsonl.gz, .jsonl.zst)", default_factory=list
+    )
     out: str = doc("output directory (units/, heldout/, manifest.json)", "")
     tokenizer: str = doc("SentencePiece .model or HF tokenizer.json", "")
-    eod_token: Optional[str] = doc("end-of-document token (default: detected)", None)
+    eod_token: str | None = doc("end-of-document token (default: detected)", None)
     text_key: str = doc("JSON key holding the document text", "text")
-    partition_by: list[str] = doc("metadata field(s) defining partitions (e.g. [fos])",
-                                  default_factory=list)
-    order_by: Optional[str] = doc("secondary key ordering documents into units (e.g. year)",
-                                  None)
-    unit_tokens: Optional[Count] = doc(
-        "tokens per base unit, e.g. 50M (EOD included); null = one unit per partition", None)
+    partition_by: list[str] = doc(
+        "metadata field(s) defining partitions (e.g. [fos])", default_factory=list
+    )
+    order_by: str | None = doc("secondary key ordering documents into units (e.g. year)", None)
+    unit_tokens: Count | None = doc(
+        "tokens per base unit, e.g. 50M (EOD included); null = one unit per partition", None
+    )
     remainder: Literal["drop", "keep"] = doc(
-        "a partition's tail too small for a unit: drop it, or keep it as a partial unit",
-        "drop")
+        "a partition's tail too small for a unit: drop it, or keep it as a partial unit", "drop"
+    )
     heldout_fraction: float = doc("fraction of documents held out per partition for eval", 0.0)
     heldout_salt: int = doc("salt of the held-out document hash", 0)
     eval: list[str] = doc("evaluation JSONL files to decontaminate against", default_factory=list)
@@ -109,7 +120,7 @@ class _Growable:
             new = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
             new[: self._n] = self._buf[: self._n]
             self._buf = new
-        self._buf[self._n:need] = values
+        self._buf[self._n : need] = values
         self._n = need
 
     def array(self) -> np.ndarray:
@@ -136,9 +147,14 @@ class _FileStage:
             p = self.parts[key] = {
                 "index": i,
                 "writer": self._writer_cls(os.path.join(self.dir, f"p{i}"), self.dtype),
-                "cls": _Growable(np.int8), "num": _Growable(np.float64),
-                "strings": [], "string_codes": _Growable(np.int32), "string_ids": {},
-                "heldout": None, "heldout_docs": 0, "contaminated": 0,
+                "cls": _Growable(np.int8),
+                "num": _Growable(np.float64),
+                "strings": [],
+                "string_codes": _Growable(np.int32),
+                "string_ids": {},
+                "heldout": None,
+                "heldout_docs": 0,
+                "contaminated": 0,
             }
         return p
 
@@ -164,7 +180,7 @@ class _FileStage:
             p = self._part(key)
             write = p["writer"].add_document
             for j in idx:
-                write(res.tokens[offsets[j]:offsets[j + 1]])
+                write(res.tokens[offsets[j] : offsets[j + 1]])
             p["cls"].extend(cls[idx])
             p["num"].extend(num[idx])
             codes = []
@@ -189,10 +205,13 @@ class _FileStage:
                 p["heldout"].close()
             meta = os.path.join(self.dir, f"p{i}.keys.npz")
             with atomic_open(meta, "wb") as f:
-                np.savez(f, cls=p["cls"].array(), num=p["num"].array(),
-                         codes=p["string_codes"].array())
+                np.savez(
+                    f, cls=p["cls"].array(), num=p["num"].array(), codes=p["string_codes"].array()
+                )
             record["partitions"][key] = {
-                "shard": f"p{i}", "strings": p["strings"], "contaminated": p["contaminated"],
+                "shard": f"p{i}",
+                "strings": p["strings"],
+                "contaminated": p["contaminated"],
                 "heldout_documents": p["heldout_docs"],
                 "heldout": f"p{i}.heldout.jsonl" if p["heldout"] is not None else None,
             }
@@ -229,13 +248,17 @@ def _ordered_map(pool, fn, tasks, max_pending: int):
         yield pending.popleft().get()
 
 
-def _stage1(cfg: PreprocessConfig, files: list[str], tmp: str, settings: WorkerSettings,
-            dtype: np.dtype) -> list[dict]:
-    """Tokenize every input file not yet done; return the per-file records in order."""
+def _file_dir(tmp: str, i: int) -> str:
+    """The stage-1 directory of input file ``i``."""
+    return os.path.join(tmp, "files", f"{i:05d}")
+
+
+def _finished_records(files: list[str], tmp: str) -> tuple[list[dict | None], list[int]]:
+    """Records of input files an earlier run finished (None elsewhere), and the rest's indices."""
     records: list[dict | None] = []
     todo = []
     for i, path in enumerate(files):
-        marker = os.path.join(tmp, "files", f"{i:05d}", "done.json")
+        marker = os.path.join(_file_dir(tmp, i), "done.json")
         if os.path.exists(marker):
             with open(marker, encoding="utf-8") as f:
                 rec = json.load(f)
@@ -244,41 +267,74 @@ def _stage1(cfg: PreprocessConfig, files: list[str], tmp: str, settings: WorkerS
                 continue
         records.append(None)
         todo.append(i)
-    if not todo:
-        return records  # type: ignore[return-value]
+    return records, todo
 
-    pool = None
+
+def _start_workers(cfg: PreprocessConfig, settings: WorkerSettings):
+    """A spawn pool of ``cfg.workers`` workers, or None after setting up this process as one."""
     if cfg.workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_worker,
-                                             initargs=(settings,))
-    else:
-        init_worker(settings, ignore_sigint=False)
+        return mp.get_context("spawn").Pool(
+            cfg.workers, initializer=init_worker, initargs=(settings,)
+        )
+    init_worker(settings, ignore_sigint=False)
+    return None
 
+
+class _Throughput:
+    """Counts documents on the tokenize progress bar, with tokens per second as postfix."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.tokens = 0
+        self.t0 = time.time()
+
+    def add(self, documents: int, tokens: int) -> None:
+        """Count one batch of ``documents`` documents holding ``tokens`` tokens."""
+        self.tokens += tokens
+        self.bar.update(documents)
+        self.bar.set_postfix(
+            tok_per_s=f"{self.tokens / max(time.time() - self.t0, 1e-9):.3g}", refresh=False
+        )
+
+
+def _tokenize_file(
+    cfg: PreprocessConfig, pool, path: str, d: str, dtype: np.dtype, meter: _Throughput
+) -> dict:
+    """Tokenize one input file into stage directory ``d``; return its record."""
+    shutil.rmtree(d, ignore_errors=True)  # a partial earlier attempt
+    stage = _FileStage(d, dtype)
+    try:
+        tasks = _batches(path, cfg.batch_size)
+        results = (
+            _ordered_map(pool, process_batch, tasks, 2 * cfg.workers + 2)
+            if pool is not None
+            else map(process_batch, tasks)
+        )
+        for res in results:
+            meter.add(res.n_read, stage.add(res))
+        return stage.finish(os.path.abspath(path))
+    except BaseException:
+        stage.abort()
+        raise
+
+
+def _stage1(
+    cfg: PreprocessConfig, files: list[str], tmp: str, settings: WorkerSettings, dtype: np.dtype
+) -> list[dict]:
+    """Tokenize every input file not yet done; return the per-file records in order."""
+    records, todo = _finished_records(files, tmp)
+    if not todo:
+        return records  # type: ignore[return-value]
+
+    pool = _start_workers(cfg, settings)
     bar = progress(desc="tokenize", unit="doc")
-    tokens_done = 0
-    t0 = time.time()
-    stage = None
+    meter = _Throughput(bar)
     try:
         for i in todo:
-            path = files[i]
-            d = os.path.join(tmp, "files", f"{i:05d}")
-            shutil.rmtree(d, ignore_errors=True)  # a partial earlier attempt
-            stage = _FileStage(d, dtype)
-            tasks = _batches(path, cfg.batch_size)
-            results = (_ordered_map(pool, process_batch, tasks, 2 * cfg.workers + 2)
-                       if pool is not None else map(process_batch, tasks))
-            for res in results:
-                tokens_done += stage.add(res)
-                bar.update(res.n_read)
-                bar.set_postfix(tok_per_s=f"{tokens_done / max(time.time() - t0, 1e-9):.3g}",
-                                refresh=False)
-            records[i] = stage.finish(os.path.abspath(path))
-            stage = None
+            records[i] = _tokenize_file(cfg, pool, files[i], _file_dir(tmp, i), dtype, meter)
     except BaseException:
-        if stage is not None:
-            stage.abort()
         if pool is not None:
             pool.terminate()
             pool = None
@@ -295,63 +351,140 @@ def _partition_plan(records: list[dict], tmp: str) -> dict[str, list[tuple[str, 
     """partition key -> [(file dir, file's partition record)] in input order."""
     plan: dict[str, list] = {}
     for i, rec in enumerate(records):
-        d = os.path.join(tmp, "files", f"{i:05d}")
+        d = _file_dir(tmp, i)
         for key, prec in rec["partitions"].items():
             plan.setdefault(key, []).append((d, prec))
     return dict(sorted(plan.items()))
 
 
-def _order_documents(pieces: list[tuple[str, dict]], order_by: str | None):
-    """Load shards of one partition; return (shards, shard id per doc, seq id, lengths,
-    order, label) where ``label(pos)`` is document ``pos``'s ``order_by`` value."""
-    from megablocks_ablate.data.indexed import IndexedDataset
-
-    shards, shard_of, seq_of, cls, num, srank, lengths = [], [], [], [], [], [], []
-    all_strings = sorted({s for _, prec in pieces for s in prec["strings"]})
-    rank_of = {s: r for r, s in enumerate(all_strings)}
-    for sid, (d, prec) in enumerate(pieces):
-        ds = IndexedDataset(os.path.join(d, prec["shard"]))
-        shards.append(ds)
-        n = len(ds)
-        shard_of.append(np.full(n, sid, dtype=np.int32))
-        seq_of.append(np.arange(n, dtype=np.int64))
-        lengths.append(np.asarray(ds.sequence_lengths, dtype=np.int64))
-        with np.load(os.path.join(d, prec["shard"] + ".keys.npz"), allow_pickle=False) as z:
-            cls.append(z["cls"])
-            num.append(z["num"])
-            table = np.array([rank_of[s] for s in prec["strings"]] + [-1], dtype=np.int64)
-            srank.append(table[z["codes"]])  # code -1 indexes the trailing -1
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt)  # noqa: E731
-    shard_of, seq_of = cat(shard_of, np.int32), cat(seq_of, np.int64)
-    lengths = cat(lengths, np.int64)
-    cls, num, srank = cat(cls, np.int8), cat(num, np.float64), cat(srank, np.int64)
-    if order_by:
-        order = np.lexsort((np.arange(len(lengths)), srank, num, cls))
-    else:
-        order = np.arange(len(lengths))
-
-    def label(pos: int) -> object:
-        if not order_by:
-            return None
-        c, v = int(cls[pos]), float(num[pos])
-        if c == 0:
-            return int(v) if v.is_integer() else v
-        return all_strings[int(srank[pos])] if c == 1 else None
-
-    return shards, shard_of, seq_of, lengths, order, label
-
-
 def _write_unit(prefix: str, dtype, shards, shard_of, seq_of, positions) -> dict:
+    """Copy documents ``positions`` into unit ``prefix``; return its files' sizes and hashes."""
     from megablocks_ablate.data.indexed import IndexedDatasetWriter
 
     with IndexedDatasetWriter(prefix, dtype) as w:
         for pos in positions:
             w.add_document(shards[int(shard_of[pos])][int(seq_of[pos])])
-    return {ext: {"bytes": os.path.getsize(f"{prefix}.{ext}"), "sha256": sha256_file(f"{prefix}.{ext}")}
-            for ext in ("bin", "idx")}
+    return {
+        ext: {"bytes": os.path.getsize(f"{prefix}.{ext}"), "sha256": sha256_file(f"{prefix}.{ext}")}
+        for ext in ("bin", "idx")
+    }
+
+
+def _unique_name(key: str, names_used: set[str]) -> str:
+    """A file-safe name for partition ``key``, suffixed ``_2``, ``_3``... if already taken."""
+    name = safe_name(key)
+    base, k = name, 1
+    while name in names_used:
+        k += 1
+        name = f"{base}_{k}"
+    names_used.add(name)
+    return name
+
+
+def _unit_files(prefix: str, marker: str, dtype, docs: OrderedDocs, positions) -> dict:
+    """Reuse a unit an earlier, interrupted run finished intact, or write it now."""
+    files = None
+    if os.path.exists(marker):  # finished in an earlier, interrupted run
+        with open(marker, encoding="utf-8") as f:
+            files = json.load(f)
+        if not all(
+            os.path.exists(f"{prefix}.{e}")
+            and os.path.getsize(f"{prefix}.{e}") == files[e]["bytes"]
+            for e in ("bin", "idx")
+        ):
+            files = None
+    if files is None:
+        files = _write_unit(prefix, dtype, docs.shards, docs.shard_of, docs.seq_of, positions)
+        atomic_write_json(marker, files)
+    return files
+
+
+def _stage2_unit(
+    cfg: PreprocessConfig,
+    unit_done_dir: str,
+    dtype,
+    docs: OrderedDocs,
+    key: str,
+    ui: int,
+    unit: str,
+    a: int,
+    b: int,
+) -> dict:
+    """Write (or keep) unit ``unit``, ordered documents ``[a, b)``; return its manifest entry."""
+    prefix_rel = f"units/{unit}"
+    prefix = os.path.join(cfg.out, prefix_rel)
+    positions = docs.order[a:b]
+    files = _unit_files(prefix, os.path.join(unit_done_dir, unit + ".json"), dtype, docs, positions)
+    n_tok = int(docs.lengths[positions].sum())
+    return {
+        "partition": key,
+        "index": ui,
+        "prefix": prefix_rel,
+        "documents": int(b - a),
+        "tokens": n_tok,
+        "order_first": docs.label(positions[0]),
+        "order_last": docs.label(positions[-1]),
+        "partial": bool(cfg.unit_tokens is not None and n_tok < cfg.unit_tokens),
+        **files,
+    }
+
+
+def _stage2_heldout(out: str, name: str, pieces: list[tuple[str, dict]]) -> dict | None:
+    """Concatenate a partition's held-out lines into ``heldout/<name>.jsonl`` (None if none)."""
+    n_heldout = sum(prec["heldout_documents"] for _, prec in pieces)
+    if not n_heldout:
+        return None
+    rel = f"heldout/{name}.jsonl"
+    dest = os.path.join(out, rel)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with atomic_open(dest, "wb") as f:
+        for d, prec in pieces:
+            if prec["heldout"]:
+                with open(os.path.join(d, prec["heldout"]), "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+    return {"path": rel, "documents": n_heldout, "sha256": sha256_file(dest)}
+
+
+def _stage2_partition(
+    cfg: PreprocessConfig,
+    key: str,
+    name: str,
+    pieces: list[tuple[str, dict]],
+    unit_done_dir: str,
+    dtype,
+    units: dict,
+    bar,
+) -> dict:
+    """Order one partition, write its units into ``units`` and its held-out file; return
+    the partition's manifest entry."""
+    docs = order_documents(pieces, cfg.order_by)
+    ranges, left_docs, left_tokens = split_units(
+        docs.lengths[docs.order], cfg.unit_tokens, keep_remainder=cfg.remainder == "keep"
+    )
+    unit_names = []
+    for ui, (a, b) in enumerate(ranges):
+        unit = f"{name}-{ui:04d}"
+        units[unit] = _stage2_unit(cfg, unit_done_dir, dtype, docs, key, ui, unit, a, b)
+        bar.update(units[unit]["tokens"])
+        unit_names.append(unit)
+    for ds in docs.shards:
+        ds.close()
+    heldout = _stage2_heldout(cfg.out, name, pieces)
+    lengths = docs.lengths
+    return {
+        "name": name,
+        "documents": len(lengths),
+        "tokens": int(lengths.sum()),
+        "contaminated": sum(prec["contaminated"] for _, prec in pieces),
+        "heldout": heldout,
+        "units": unit_names,
+        "leftover_documents": int(left_docs),
+        "leftover_tokens": int(left_tokens),
+    }
 
 
 def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tuple[dict, dict]:
+    """Cut every partition into units and gather its held-out lines: (partitions, units)."""
     out = cfg.out
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
     unit_done_dir = os.path.join(tmp, "units")
@@ -361,154 +494,139 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
     partitions, units = {}, {}
     bar = progress(desc="units", unit="tok")
     for key, pieces in plan.items():
-        name = safe_name(key)
-        base, k = name, 1
-        while name in names_used:
-            k += 1
-            name = f"{base}_{k}"
-        names_used.add(name)
-        shards, shard_of, seq_of, lengths, order, label = _order_documents(pieces, cfg.order_by)
-        ranges, left_docs, left_tokens = split_units(lengths[order], cfg.unit_tokens,
-                                                     keep_remainder=cfg.remainder == "keep")
-        unit_names = []
-        for ui, (a, b) in enumerate(ranges):
-            unit = f"{name}-{ui:04d}"
-            prefix_rel = f"units/{unit}"
-            prefix = os.path.join(out, prefix_rel)
-            positions = order[a:b]
-            marker = os.path.join(unit_done_dir, unit + ".json")
-            files = None
-            if os.path.exists(marker):  # finished in an earlier, interrupted run
-                with open(marker, encoding="utf-8") as f:
-                    files = json.load(f)
-                if not all(os.path.exists(f"{prefix}.{e}") and
-                           os.path.getsize(f"{prefix}.{e}") == files[e]["bytes"]
-                           for e in ("bin", "idx")):
-                    files = None
-            if files is None:
-                files = _write_unit(prefix, dtype, shards, shard_of, seq_of, positions)
-                atomic_write_json(marker, files)
-            n_tok = int(lengths[positions].sum())
-            bar.update(n_tok)
-            units[unit] = {
-                "partition": key, "index": ui, "prefix": prefix_rel,
-                "documents": int(b - a), "tokens": n_tok,
-                "order_first": label(positions[0]),
-                "order_last": label(positions[-1]),
-                "partial": bool(cfg.unit_tokens is not None and n_tok < cfg.unit_tokens),
-                **files,
-            }
-            unit_names.append(unit)
-        for ds in shards:
-            ds.close()
-        heldout = None
-        n_heldout = sum(prec["heldout_documents"] for _, prec in pieces)
-        if n_heldout:
-            rel = f"heldout/{name}.jsonl"
-            dest = os.path.join(out, rel)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with atomic_open(dest, "wb") as f:
-                for d, prec in pieces:
-                    if prec["heldout"]:
-                        with open(os.path.join(d, prec["heldout"]), "rb") as src:
-                            shutil.copyfileobj(src, f, 1 << 20)
-            heldout = {"path": rel, "documents": n_heldout, "sha256": sha256_file(dest)}
-        partitions[key] = {
-            "name": name, "documents": int(len(lengths)), "tokens": int(lengths.sum()),
-            "contaminated": sum(prec["contaminated"] for _, prec in pieces),
-            "heldout": heldout, "units": unit_names,
-            "leftover_documents": int(left_docs), "leftover_tokens": int(left_tokens),
-        }
+        name = _unique_name(key, names_used)
+        partitions[key] = _stage2_partition(
+            cfg, key, name, pieces, unit_done_dir, dtype, units, bar
+        )
     bar.close()
     return partitions, units
 
 
-def run_preprocess(cfg: PreprocessConfig, log=print) -> Manifest:
-    """Run (or resume) preprocessing; returns the written manifest."""
-    cfg.check_required()
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
-    manifest_path = os.path.join(out, MANIFEST_NAME)
-    tmp = os.path.join(out, TMP_DIR)
-    h = cfg.output_hash()
+def _existing_manifest(cfg: PreprocessConfig, manifest_path: str, h: str) -> Manifest | None:
+    """The finished manifest if it was made with these settings; refuse other settings
+    unless ``overwrite``."""
     if os.path.exists(manifest_path):
         old = Manifest.load(manifest_path)
         if old.data.get("config_hash") == h and not cfg.overwrite:
-            log(f"{manifest_path}: already complete with these settings; nothing to do")
+            logger.info("%s: already complete with these settings; nothing to do", manifest_path)
             return old
         if not cfg.overwrite:
-            raise ConfigError(f"{out}: holds a manifest made with other settings; "
-                              "pass --overwrite to replace it or choose another --out")
+            raise ConfigError(
+                f"{cfg.out}: holds a manifest made with other settings; "
+                "pass --overwrite to replace it or choose another --out"
+            )
+    return None
+
+
+def _prepare_tmp(cfg: PreprocessConfig, manifest_path: str, tmp: str, h: str) -> None:
+    """Check or discard an unfinished run's temp dir, clear old outputs on ``overwrite``,
+    and record this run's settings hash."""
     state_path = os.path.join(tmp, "state.json")
     if os.path.exists(state_path):
         with open(state_path, encoding="utf-8") as f:
             if json.load(f).get("config_hash") != h:
                 if not cfg.overwrite:
-                    raise ConfigError(f"{out}: holds an unfinished run with other settings; "
-                                      "pass --overwrite to discard it")
+                    raise ConfigError(
+                        f"{cfg.out}: holds an unfinished run with other settings; "
+                        "pass --overwrite to discard it"
+                    )
                 shutil.rmtree(tmp)
     if cfg.overwrite:
         for sub in ("units", "heldout"):
-            shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+            shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
         if os.path.exists(manifest_path):
             os.unlink(manifest_path)
     os.makedirs(tmp, exist_ok=True)
     atomic_write_json(state_path, {"config_hash": h})
 
-    from megablocks_ablate.data.indexed import best_dtype
-    from megablocks_ablate.data.tokenizer import load_tokenizer
 
-    files = expand_inputs(cfg.input)
-    tokenizer = load_tokenizer(cfg.tokenizer, eod_token=cfg.eod_token)
-    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+def _build_decontam(cfg: PreprocessConfig, tmp: str) -> tuple[dict | None, list[str], str | None]:
+    """Build and save the evaluation Bloom filter: (stats, eval files, filter path)."""
+    if not cfg.eval:
+        return None, [], None
+    from megablocks_ablate.data.decontam import Decontaminator
+    from megablocks_ablate.data.jsonl import BadLineCounter
 
-    decontam_stats, eval_files, bloom_path = None, [], None
-    if cfg.eval:
-        from megablocks_ablate.data.decontam import Decontaminator
-        from megablocks_ablate.data.jsonl import BadLineCounter
+    # Rebuilt on every (re)run: cheap next to tokenization, and never stale if the
+    # evaluation files changed between an interrupted run and its resumption.
+    eval_files = expand_inputs(cfg.eval)
+    bloom_path = os.path.join(tmp, "eval.bloom")
+    logger.info("building decontamination filter from %d evaluation file(s)", len(eval_files))
+    eval_bad = BadLineCounter()
+    dec = Decontaminator.from_eval_files(
+        eval_files,
+        text_key=cfg.text_key,
+        min_words=cfg.decontam_min_words,
+        error_rate=cfg.bloom_error_rate,
+        on_bad_line=cfg.on_bad_line,
+        bad_lines=eval_bad,
+    )
+    dec.bloom.save(bloom_path)
+    decontam_stats = {
+        "min_words": cfg.decontam_min_words,
+        **dec.stats(),
+        "eval_bad_lines": dict(eval_bad.counts),
+    }
+    return decontam_stats, eval_files, bloom_path
 
-        # Rebuilt on every (re)run: cheap next to tokenization, and never stale if the
-        # evaluation files changed between an interrupted run and its resumption.
-        eval_files = expand_inputs(cfg.eval)
-        bloom_path = os.path.join(tmp, "eval.bloom")
-        log(f"building decontamination filter from {len(eval_files)} evaluation file(s)")
-        eval_bad = BadLineCounter()
-        dec = Decontaminator.from_eval_files(
-            eval_files, text_key=cfg.text_key, min_words=cfg.decontam_min_words,
-            error_rate=cfg.bloom_error_rate, on_bad_line=cfg.on_bad_line, bad_lines=eval_bad)
-        dec.bloom.save(bloom_path)
-        decontam_stats = {"min_words": cfg.decontam_min_words, **dec.stats(),
-                          "eval_bad_lines": dict(eval_bad.counts)}
 
-    settings = WorkerSettings(
-        tokenizer=cfg.tokenizer, eod_token=cfg.eod_token, dtype=dtype.name,
-        text_key=cfg.text_key, partition_by=list(cfg.partition_by), order_by=cfg.order_by,
-        heldout_fraction=cfg.heldout_fraction, heldout_salt=cfg.heldout_salt,
-        on_bad_line=cfg.on_bad_line, bloom_path=bloom_path,
-        decontam_min_words=cfg.decontam_min_words, fingerprint=tokenizer.fingerprint)
-    t0 = time.time()
-    records = _stage1(cfg, files, tmp, settings, dtype)
-    t1 = time.time()
-    partitions, units = _stage2(cfg, records, tmp, dtype)
-    t2 = time.time()
+def _worker_settings(
+    cfg: PreprocessConfig, tokenizer, dtype: np.dtype, bloom_path: str | None
+) -> WorkerSettings:
+    """What every tokenization worker needs, picklable."""
+    return WorkerSettings(
+        tokenizer=cfg.tokenizer,
+        eod_token=cfg.eod_token,
+        dtype=dtype.name,
+        text_key=cfg.text_key,
+        partition_by=list(cfg.partition_by),
+        order_by=cfg.order_by,
+        heldout_fraction=cfg.heldout_fraction,
+        heldout_salt=cfg.heldout_salt,
+        on_bad_line=cfg.on_bad_line,
+        bloom_path=bloom_path,
+        decontam_min_words=cfg.decontam_min_words,
+        fingerprint=tokenizer.fingerprint,
+    )
 
+
+def _totals(records: list[dict], partitions: dict, units: dict) -> dict:
+    """The manifest's document and token totals over all files, partitions and units."""
     bad: dict[str, int] = {}
     for rec in records:
         for reason, n in rec["bad_lines"].items():
             bad[reason] = bad.get(reason, 0) + n
-    totals = {
+    return {
         "lines_read": sum(r["documents_read"] for r in records),
         "documents_read": sum(r["documents_read"] for r in records) - sum(bad.values()),
         "documents_train": sum(p["documents"] for p in partitions.values()),
-        "documents_heldout": sum(p["heldout"]["documents"] for p in partitions.values()
-                                 if p["heldout"]),
+        "documents_heldout": sum(
+            p["heldout"]["documents"] for p in partitions.values() if p["heldout"]
+        ),
         "documents_contaminated": sum(p["contaminated"] for p in partitions.values()),
         "bad_lines": bad,
         "tokens_train": sum(p["tokens"] for p in partitions.values()),
         "tokens_in_units": sum(u["tokens"] for u in units.values()),
         "tokens_leftover": sum(p["leftover_tokens"] for p in partitions.values()),
     }
-    data = {
+
+
+def _manifest_data(
+    cfg: PreprocessConfig,
+    h: str,
+    tokenizer,
+    dtype: np.dtype,
+    files: list[str],
+    eval_files: list[str],
+    decontam_stats: dict | None,
+    totals: dict,
+    timing: tuple[float, float, float],
+    partitions: dict,
+    units: dict,
+) -> dict:
+    """The manifest's contents; ``timing`` = (start, end of tokenizing, end of units)."""
+    t0, t1, t2 = timing
+    return {
         "format": MANIFEST_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
@@ -516,20 +634,65 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> Manifest:
         "tokenizer": tokenizer.describe(),
         "dtype": dtype.name,
         "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in files],
-        "eval_sets": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)}
-                      for p in eval_files],
+        "eval_sets": [
+            {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in eval_files
+        ],
         "decontamination": decontam_stats,
         "totals": totals,
         "timing_s": {"tokenize": round(t1 - t0, 3), "units": round(t2 - t1, 3)},
         "partitions": partitions,
         "units": units,
     }
+
+
+def run_preprocess(cfg: PreprocessConfig) -> Manifest:
+    """Run (or resume) preprocessing; returns the written manifest."""
+    cfg.check_required()
+    out = cfg.out
+    os.makedirs(out, exist_ok=True)
+    manifest_path = os.path.join(out, MANIFEST_NAME)
+    tmp = os.path.join(out, TMP_DIR)
+    h = cfg.output_hash()
+    old = _existing_manifest(cfg, manifest_path, h)
+    if old is not None:
+        return old
+    _prepare_tmp(cfg, manifest_path, tmp, h)
+
+    from megablocks_ablate.data.indexed import best_dtype
+    from megablocks_ablate.data.tokenizer import load_tokenizer
+
+    files = expand_inputs(cfg.input)
+    tokenizer = load_tokenizer(cfg.tokenizer, eod_token=cfg.eod_token)
+    dtype = np.dtype(best_dtype(tokenizer.vocab_size))
+    decontam_stats, eval_files, bloom_path = _build_decontam(cfg, tmp)
+    settings = _worker_settings(cfg, tokenizer, dtype, bloom_path)
+    t0 = time.time()
+    records = _stage1(cfg, files, tmp, settings, dtype)
+    t1 = time.time()
+    partitions, units = _stage2(cfg, records, tmp, dtype)
+    t2 = time.time()
+
+    totals = _totals(records, partitions, units)
+    data = _manifest_data(
+        cfg,
+        h,
+        tokenizer,
+        dtype,
+        files,
+        eval_files,
+        decontam_stats,
+        totals,
+        (t0, t1, t2),
+        partitions,
+        units,
+    )
     manifest = Manifest(data=data, root=os.path.abspath(out))
     manifest.save()
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
+    logger.info(
+        f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
         f"{totals['tokens_in_units']:,} tokens in units, "
         f"{totals['documents_contaminated']} contaminated and "
-        f"{sum(bad.values())} bad lines dropped")
+        f"{sum(totals['bad_lines'].values())} bad lines dropped"
+    )
     return manifest
-

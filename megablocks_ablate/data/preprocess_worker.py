@@ -23,12 +23,12 @@ class BatchResult:
 
     n_read: int = 0
     train_partition: list[str] = field(default_factory=list)
-    order_class: list[int] = field(default_factory=list)   # 0 number, 1 string, 2 missing
+    order_class: list[int] = field(default_factory=list)  # 0 number, 1 string, 2 missing
     order_number: list[float] = field(default_factory=list)
     order_string: list[str] = field(default_factory=list)
-    lengths: np.ndarray | None = None                       # int64 [n_train], EOD included
-    tokens: np.ndarray | None = None                        # concatenated, index dtype
-    heldout: list[tuple[str, bytes]] = field(default_factory=list)   # (partition, raw line)
+    lengths: np.ndarray | None = None  # int64 [n_train], EOD included
+    tokens: np.ndarray | None = None  # concatenated, index dtype
+    heldout: list[tuple[str, bytes]] = field(default_factory=list)  # (partition, raw line)
     contaminated: dict[str, int] = field(default_factory=dict)
     bad_lines: dict[str, int] = field(default_factory=dict)
 
@@ -48,7 +48,7 @@ class WorkerSettings:
     on_bad_line: str
     bloom_path: str | None
     decontam_min_words: int
-    fingerprint: str = ""   # the tokenizer the main process loaded; workers must match
+    fingerprint: str = ""  # the tokenizer the main process loaded; workers must match
 
 
 _STATE: dict = {}
@@ -65,8 +65,10 @@ def init_worker(settings: WorkerSettings, ignore_sigint: bool = True) -> None:
     if settings.fingerprint and tok.fingerprint != settings.fingerprint:
         from megablocks_ablate.errors import TokenizerError
 
-        raise TokenizerError(f"{settings.tokenizer}: changed while preprocessing "
-                             "(fingerprint differs from the one recorded at start)")
+        raise TokenizerError(
+            f"{settings.tokenizer}: changed while preprocessing "
+            "(fingerprint differs from the one recorded at start)"
+        )
     _STATE["tokenizer"] = tok
     _STATE["decontam"] = None
     if settings.bloom_path:
@@ -110,7 +112,7 @@ def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
     flat = np.empty(int(lengths.sum()), dtype=np.dtype(s.dtype))
     pos = 0
     for x, n in zip(ids, lengths.tolist()):
-        flat[pos:pos + n - 1] = x
+        flat[pos : pos + n - 1] = x
         flat[pos + n - 1] = eod
         pos += n
     res.lengths = lengths

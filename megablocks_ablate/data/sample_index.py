@@ -35,13 +35,15 @@ The three packed arrays are cached as ``.npy`` files (see :func:`load_or_build`)
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from megablocks_ablate.errors import DataFormatError
+
+logger = logging.getLogger(__name__)
 
 # Bump whenever the arrays built for the same inputs change: it is part of the cache key.
 BUILDER_VERSION = 1
@@ -53,6 +55,7 @@ _BACKEND_ENV = "MBA_SAMPLE_INDEX"
 # Backend dispatch
 # --------------------------------------------------------------------------------------
 
+
 def backend() -> str:
     """``"cpp"`` or ``"numpy"``: the builder used now (``MBA_SAMPLE_INDEX`` forces one)."""
     from megablocks_ablate import _ext
@@ -63,8 +66,10 @@ def backend() -> str:
         return "numpy"
     if forced == "cpp":
         if not has_cpp:
-            raise RuntimeError(f"{_BACKEND_ENV}=cpp but megablocks_ablate._C is not built "
-                               "(or lacks build_sample_index); run `make install`")
+            raise RuntimeError(
+                f"{_BACKEND_ENV}=cpp but megablocks_ablate._C is not built "
+                "(or lacks build_sample_index); run `make install`"
+            )
         return "cpp"
     if forced:
         raise ValueError(f"{_BACKEND_ENV} must be 'numpy' or 'cpp', got {forced!r}")
@@ -80,6 +85,7 @@ def _cpp():
 # --------------------------------------------------------------------------------------
 # Sizes: samples, epochs
 # --------------------------------------------------------------------------------------
+
 
 def check_seq_len(seq_len: int) -> int:
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len <= 0:
@@ -106,6 +112,7 @@ def num_epochs_for(num_samples: int, tokens_per_epoch: int, seq_len: int) -> int
 # Builders
 # --------------------------------------------------------------------------------------
 
+
 def build_document_index(num_docs: int, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
     """Document ids for ``num_epochs`` epochs, each epoch permuted separately (int32)."""
     if num_docs <= 0:
@@ -114,13 +121,18 @@ def build_document_index(num_docs: int, num_epochs: int, rng: np.random.RandomSt
         raise ValueError(f"{num_docs} documents exceed the int32 document index")
     out = np.empty(num_docs * num_epochs, dtype=np.int32)
     for e in range(num_epochs):
-        out[e * num_docs:(e + 1) * num_docs] = rng.permutation(num_docs)
+        out[e * num_docs : (e + 1) * num_docs] = rng.permutation(num_docs)
     return out
 
 
-def build_sample_index_numpy(sizes: np.ndarray, document_index: np.ndarray, seq_len: int,
-                             num_epochs: int, tokens_per_epoch: int,
-                             num_samples: int = -1) -> np.ndarray:
+def build_sample_index_numpy(
+    sizes: np.ndarray,
+    document_index: np.ndarray,
+    seq_len: int,
+    num_epochs: int,
+    tokens_per_epoch: int,
+    num_samples: int = -1,
+) -> np.ndarray:
     """NumPy twin of the C++ ``build_sample_index`` (same arguments, same result).
 
     ``num_samples=-1`` means every full sample of ``num_epochs * tokens_per_epoch``
@@ -138,8 +150,10 @@ def build_sample_index_numpy(sizes: np.ndarray, document_index: np.ndarray, seq_
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_len
     if ends.size == 0 or positions[-1] >= ends[-1]:
         total = int(ends[-1]) if ends.size else 0
-        raise ValueError(f"{num_samples} samples of {seq_len}+1 tokens need "
-                         f"{num_samples * seq_len + 1} tokens; the document index holds {total}")
+        raise ValueError(
+            f"{num_samples} samples of {seq_len}+1 tokens need "
+            f"{num_samples * seq_len + 1} tokens; the document index holds {total}"
+        )
     # The document holding token p is the first whose end is beyond p.
     doc = np.searchsorted(ends, positions, side="right")
     out = np.empty((num_samples + 1, 2), dtype=np.int64)
@@ -148,16 +162,29 @@ def build_sample_index_numpy(sizes: np.ndarray, document_index: np.ndarray, seq_
     return out
 
 
-def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_len: int,
-                       num_epochs: int, tokens_per_epoch: int, num_samples: int = -1) -> np.ndarray:
+def build_sample_index(
+    sizes: np.ndarray,
+    document_index: np.ndarray,
+    seq_len: int,
+    num_epochs: int,
+    tokens_per_epoch: int,
+    num_samples: int = -1,
+) -> np.ndarray:
     """Sample index ``[num_samples + 1, 2]`` by the C++ builder or its NumPy twin."""
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
     document_index = np.ascontiguousarray(document_index, dtype=np.int32)
     if backend() == "cpp":
-        return _cpp().build_sample_index(sizes, document_index, int(seq_len), int(num_epochs),
-                                         int(tokens_per_epoch), int(num_samples))
-    return build_sample_index_numpy(sizes, document_index, seq_len, num_epochs,
-                                    tokens_per_epoch, num_samples)
+        return _cpp().build_sample_index(
+            sizes,
+            document_index,
+            int(seq_len),
+            int(num_epochs),
+            int(tokens_per_epoch),
+            int(num_samples),
+        )
+    return build_sample_index_numpy(
+        sizes, document_index, seq_len, num_epochs, tokens_per_epoch, num_samples
+    )
 
 
 def normalize_weights(weights) -> np.ndarray:
@@ -225,6 +252,7 @@ def build_blending_indices(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
 # Packed indices: build + cache
 # --------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PackedIndices:
     """The three arrays of a packed dataset (possibly memory-mapped from the cache)."""
@@ -235,8 +263,9 @@ class PackedIndices:
     num_epochs: int
 
 
-def build_packed_indices(sizes: np.ndarray, seq_len: int, num_samples: int,
-                         seed: int) -> PackedIndices:
+def build_packed_indices(
+    sizes: np.ndarray, seq_len: int, num_samples: int, seed: int
+) -> PackedIndices:
     """Document, sample and shuffle index for ``num_samples`` samples (no caching)."""
     seq_len = check_seq_len(seq_len)
     sizes = np.ascontiguousarray(sizes, dtype=np.int32)
@@ -248,8 +277,9 @@ def build_packed_indices(sizes: np.ndarray, seq_len: int, num_samples: int,
     num_epochs = num_epochs_for(num_samples, tokens_per_epoch, seq_len)
     rng = np.random.RandomState(seed)
     document_index = build_document_index(sizes.size, num_epochs, rng)
-    sample_index = build_sample_index(sizes, document_index, seq_len, num_epochs,
-                                      tokens_per_epoch, num_samples)
+    sample_index = build_sample_index(
+        sizes, document_index, seq_len, num_epochs, tokens_per_epoch, num_samples
+    )
     shuffle_index = rng.permutation(num_samples).astype(np.int64)
     return PackedIndices(document_index, sample_index, shuffle_index, num_epochs)
 
@@ -257,8 +287,14 @@ def build_packed_indices(sizes: np.ndarray, seq_len: int, num_samples: int,
 _KINDS = ("document_index", "sample_index", "shuffle_index")
 
 
-def cache_key(name: str, sizes: np.ndarray, document_bounds: np.ndarray | None, seq_len: int,
-              num_samples: int, seed: int) -> str:
+def cache_key(
+    name: str,
+    sizes: np.ndarray,
+    document_bounds: np.ndarray | None,
+    seq_len: int,
+    num_samples: int,
+    seed: int,
+) -> str:
     """Hex digest naming a packed index: what it is built from, and the builder version.
 
     The data is identified by its sequence-length array (and document boundaries), which
@@ -266,8 +302,10 @@ def cache_key(name: str, sizes: np.ndarray, document_bounds: np.ndarray | None, 
     different units apart and readable, and survives moving the data directory.
     """
     h = hashlib.sha256()
-    h.update(f"mba-packed-v{BUILDER_VERSION}|{name}|{int(seq_len)}|{int(num_samples)}|"
-             f"{int(seed)}|".encode())
+    h.update(
+        f"mba-packed-v{BUILDER_VERSION}|{name}|{int(seq_len)}|{int(num_samples)}|"
+        f"{int(seed)}|".encode()
+    )
     h.update(np.ascontiguousarray(sizes, dtype=np.int32).tobytes())
     if document_bounds is not None:
         h.update(b"|docs|")
@@ -294,20 +332,37 @@ def _load_cache(paths: dict[str, str], num_samples: int):
     try:
         arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
     except (OSError, ValueError) as e:
-        raise DataFormatError(f"packed index cache {paths['sample_index']} is unreadable ({e}); "
-                              "delete the .packed-* files to rebuild") from e
+        raise DataFormatError(
+            f"packed index cache {paths['sample_index']} is unreadable ({e}); "
+            "delete the .packed-* files to rebuild"
+        ) from e
     d, s, sh = arrays["document_index"], arrays["sample_index"], arrays["shuffle_index"]
-    if (s.shape != (num_samples + 1, 2) or sh.shape != (num_samples,) or d.ndim != 1
-            or s.dtype != np.int64 or sh.dtype != np.int64 or d.dtype != np.int32):
-        raise DataFormatError(f"packed index cache {paths['sample_index']} has shapes "
-                              f"{d.shape}/{s.shape}/{sh.shape}, expected a sample index of "
-                              f"{num_samples + 1} rows; delete the .packed-* files to rebuild")
+    if (
+        s.shape != (num_samples + 1, 2)
+        or sh.shape != (num_samples,)
+        or d.ndim != 1
+        or s.dtype != np.int64
+        or sh.dtype != np.int64
+        or d.dtype != np.int32
+    ):
+        raise DataFormatError(
+            f"packed index cache {paths['sample_index']} has shapes "
+            f"{d.shape}/{s.shape}/{sh.shape}, expected a sample index of "
+            f"{num_samples + 1} rows; delete the .packed-* files to rebuild"
+        )
     return d, s, sh
 
 
-def load_or_build(sizes: np.ndarray, seq_len: int, num_samples: int, seed: int, *,
-                  name: str = "data", cache_dir: str | None = None,
-                  document_bounds: np.ndarray | None = None) -> PackedIndices:
+def load_or_build(
+    sizes: np.ndarray,
+    seq_len: int,
+    num_samples: int,
+    seed: int,
+    *,
+    name: str = "data",
+    cache_dir: str | None = None,
+    document_bounds: np.ndarray | None = None,
+) -> PackedIndices:
     """Load the packed indices from ``cache_dir``, or build (and cache) them.
 
     Cache files are written atomically (temp file, then rename), so concurrent ranks
@@ -322,8 +377,10 @@ def load_or_build(sizes: np.ndarray, seq_len: int, num_samples: int, seed: int, 
             d, s, sh = hit
             num_epochs = d.size // max(np.asarray(sizes).size, 1)
             if num_epochs != num_epochs_for(num_samples, tokens_per_epoch, seq_len):
-                raise DataFormatError(f"packed index cache {paths['document_index']} covers "
-                                      f"{num_epochs} epochs, inconsistent with its key")
+                raise DataFormatError(
+                    f"packed index cache {paths['document_index']} covers "
+                    f"{num_epochs} epochs, inconsistent with its key"
+                )
             return PackedIndices(d, s, sh, num_epochs)
     built = _build_indices(sizes, seq_len, num_samples, seed)
     if cache_dir is not None:
@@ -333,8 +390,9 @@ def load_or_build(sizes: np.ndarray, seq_len: int, num_samples: int, seed: int, 
                 _save_npy_atomic(paths[kind], getattr(built, kind))
         except OSError as e:
             # Files already renamed into place are complete, so nothing to clean up.
-            warnings.warn(f"cannot write the packed index cache in {cache_dir} ({e}); "
-                          "keeping it in memory", stacklevel=2)
+            logger.warning(
+                "cannot write the packed index cache in %s (%s); keeping it in memory", cache_dir, e
+            )
     return built
 
 

@@ -34,7 +34,7 @@ import json
 import os
 import sysconfig
 import tokenize
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from megablocks_ablate.utils.atomic import atomic_open
 
@@ -45,37 +45,201 @@ MAX_CHARS = 6000
 # Code domains: top-level modules or packages of the standard library (a package
 # includes all its subpackages). Everything not listed is left out, except `test`.
 CODE_DOMAINS: dict[str, tuple[str, ...]] = {
-    "networking": ("email", "http", "urllib", "xmlrpc", "wsgiref", "smtplib", "smtpd",
-                   "imaplib", "poplib", "ftplib", "nntplib", "telnetlib", "socket",
-                   "socketserver", "ssl", "mailbox", "mailcap", "netrc", "ipaddress",
-                   "webbrowser", "cgi", "cgitb", "asynchat", "asyncore", "uuid"),
-    "concurrency": ("asyncio", "concurrent", "multiprocessing", "threading", "queue",
-                    "selectors", "subprocess", "sched", "_threading_local", "contextvars",
-                    "signal"),
-    "formats": ("json", "xml", "html", "csv", "configparser", "tomllib", "plistlib", "pickle",
-                "pickletools", "copyreg", "_compat_pickle", "base64", "quopri", "uu",
-                "mimetypes", "tarfile", "zipfile", "gzip", "bz2", "lzma", "zipapp", "wave",
-                "aifc", "sunau", "chunk", "sndhdr", "imghdr", "shelve", "dbm", "sqlite3",
-                "_markupbase", "_compression", "xdrlib", "binhex"),
-    "testing": ("unittest", "doctest", "pdb", "bdb", "trace", "profile", "cProfile",
-                "pstats", "timeit", "tracemalloc", "tabnanny", "pydoc"),
+    "networking": (
+        "email",
+        "http",
+        "urllib",
+        "xmlrpc",
+        "wsgiref",
+        "smtplib",
+        "smtpd",
+        "imaplib",
+        "poplib",
+        "ftplib",
+        "nntplib",
+        "telnetlib",
+        "socket",
+        "socketserver",
+        "ssl",
+        "mailbox",
+        "mailcap",
+        "netrc",
+        "ipaddress",
+        "webbrowser",
+        "cgi",
+        "cgitb",
+        "asynchat",
+        "asyncore",
+        "uuid",
+    ),
+    "concurrency": (
+        "asyncio",
+        "concurrent",
+        "multiprocessing",
+        "threading",
+        "queue",
+        "selectors",
+        "subprocess",
+        "sched",
+        "_threading_local",
+        "contextvars",
+        "signal",
+    ),
+    "formats": (
+        "json",
+        "xml",
+        "html",
+        "csv",
+        "configparser",
+        "tomllib",
+        "plistlib",
+        "pickle",
+        "pickletools",
+        "copyreg",
+        "_compat_pickle",
+        "base64",
+        "quopri",
+        "uu",
+        "mimetypes",
+        "tarfile",
+        "zipfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "zipapp",
+        "wave",
+        "aifc",
+        "sunau",
+        "chunk",
+        "sndhdr",
+        "imghdr",
+        "shelve",
+        "dbm",
+        "sqlite3",
+        "_markupbase",
+        "_compression",
+        "xdrlib",
+        "binhex",
+    ),
+    "testing": (
+        "unittest",
+        "doctest",
+        "pdb",
+        "bdb",
+        "trace",
+        "profile",
+        "cProfile",
+        "pstats",
+        "timeit",
+        "tracemalloc",
+        "tabnanny",
+        "pydoc",
+    ),
     "gui": ("tkinter", "idlelib", "turtle", "turtledemo"),
-    "tooling": ("importlib", "lib2to3", "ast", "dis", "inspect", "tokenize", "token", "keyword",
-                "pyclbr", "symtable", "compileall", "py_compile", "code", "codeop",
-                "modulefinder", "runpy", "pkgutil", "zipimport", "opcode", "ensurepip", "venv",
-                "distutils", "sysconfig", "site", "imp", "_bootsubprocess", "_aix_support",
-                "_osx_support", "ctypes"),
-    "core": ("re", "sre_compile", "sre_parse", "sre_constants", "collections", "string",
-             "textwrap", "difflib", "pprint", "reprlib", "_pydecimal", "fractions", "statistics",
-             "numbers", "datetime", "_strptime", "calendar", "random", "heapq", "bisect",
-             "functools", "enum", "dataclasses", "typing", "argparse", "optparse", "getopt",
-             "gettext", "locale", "logging", "os", "posixpath", "ntpath", "genericpath",
-             "pathlib", "shutil", "glob", "fnmatch", "tempfile", "filecmp", "fileinput",
-             "linecache", "traceback", "warnings", "weakref", "_weakrefset", "copy", "abc",
-             "_py_abc", "_collections_abc", "types", "operator", "contextlib", "io", "_pyio",
-             "codecs", "stringprep", "struct", "hashlib", "hmac", "secrets", "colorsys",
-             "graphlib", "zoneinfo", "platform", "getpass", "shlex", "cmd", "rlcompleter",
-             "curses", "stat"),
+    "tooling": (
+        "importlib",
+        "lib2to3",
+        "ast",
+        "dis",
+        "inspect",
+        "tokenize",
+        "token",
+        "keyword",
+        "pyclbr",
+        "symtable",
+        "compileall",
+        "py_compile",
+        "code",
+        "codeop",
+        "modulefinder",
+        "runpy",
+        "pkgutil",
+        "zipimport",
+        "opcode",
+        "ensurepip",
+        "venv",
+        "distutils",
+        "sysconfig",
+        "site",
+        "imp",
+        "_bootsubprocess",
+        "_aix_support",
+        "_osx_support",
+        "ctypes",
+    ),
+    "core": (
+        "re",
+        "sre_compile",
+        "sre_parse",
+        "sre_constants",
+        "collections",
+        "string",
+        "textwrap",
+        "difflib",
+        "pprint",
+        "reprlib",
+        "_pydecimal",
+        "fractions",
+        "statistics",
+        "numbers",
+        "datetime",
+        "_strptime",
+        "calendar",
+        "random",
+        "heapq",
+        "bisect",
+        "functools",
+        "enum",
+        "dataclasses",
+        "typing",
+        "argparse",
+        "optparse",
+        "getopt",
+        "gettext",
+        "locale",
+        "logging",
+        "os",
+        "posixpath",
+        "ntpath",
+        "genericpath",
+        "pathlib",
+        "shutil",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "filecmp",
+        "fileinput",
+        "linecache",
+        "traceback",
+        "warnings",
+        "weakref",
+        "_weakrefset",
+        "copy",
+        "abc",
+        "_py_abc",
+        "_collections_abc",
+        "types",
+        "operator",
+        "contextlib",
+        "io",
+        "_pyio",
+        "codecs",
+        "stringprep",
+        "struct",
+        "hashlib",
+        "hmac",
+        "secrets",
+        "colorsys",
+        "graphlib",
+        "zoneinfo",
+        "platform",
+        "getpass",
+        "shlex",
+        "cmd",
+        "rlcompleter",
+        "curses",
+        "stat",
+    ),
 }
 DOMAINS = (DOCS_DOMAIN,) + tuple(CODE_DOMAINS)
 TEST_INFRASTRUCTURE = ("support", "libregrtest")  # test/ subpackages that go to "testing"
@@ -87,18 +251,22 @@ def stdlib_dir() -> str:
 
 # ----------------------------------------------------------------------------- files
 
+
 def _module_files(root: str, name: str) -> list[str]:
     """Source files of a top-level module or package, sorted (relative to root)."""
     if os.path.isfile(os.path.join(root, name + ".py")):
         return [name + ".py"]
     pkg = os.path.join(root, name)
     if not os.path.isdir(pkg):
-        return []   # absent on this Python version
+        return []  # absent on this Python version
     out = []
     for dirpath, dirnames, filenames in os.walk(pkg):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
-        out += [os.path.relpath(os.path.join(dirpath, f), root)
-                for f in sorted(filenames) if f.endswith(".py")]
+        out += [
+            os.path.relpath(os.path.join(dirpath, f), root)
+            for f in sorted(filenames)
+            if f.endswith(".py")
+        ]
     return sorted(out)
 
 
@@ -122,8 +290,11 @@ def _docstring_nodes(tree: ast.AST) -> Iterator[tuple[str, ast.Expr]]:
         body = getattr(node, "body", None)
         if isinstance(body, list) and body:
             first = body[0]
-            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                    and isinstance(first.value.value, str)):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 yield prefix, first
             for child in body:
                 if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -178,6 +349,7 @@ def chunks(text: str, max_chars: int = MAX_CHARS) -> list[str]:
 
 # ----------------------------------------------------------------------------- documents
 
+
 def test_domain(relpath: str) -> str | None:
     """The code domain whose tests a file of the ``test`` package holds, if any.
 
@@ -191,12 +363,15 @@ def test_domain(relpath: str) -> str | None:
         return "testing"
     if len(parts) < 2 or parts[0] != "test" or not parts[1].startswith("test_"):
         return None
-    name = parts[1][len("test_"):].removesuffix(".py")
+    name = parts[1][len("test_") :].removesuffix(".py")
     best, best_len = None, 0
     for domain, modules in CODE_DOMAINS.items():
         for m in modules:
-            if (name.startswith(m) and (len(name) == len(m) or not name[len(m)].isalpha())
-                    and len(m) > best_len):
+            if (
+                name.startswith(m)
+                and (len(name) == len(m) or not name[len(m)].isalpha())
+                and len(m) > best_len
+            ):
                 best, best_len = domain, len(m)
     return best
 
@@ -219,23 +394,31 @@ def _code_domain_files(root: str) -> dict[str, list[str]]:
     return out
 
 
-def iter_documents(domains: Sequence[str] | None = None, max_chars: int = MAX_CHARS,
-                   root: str | None = None) -> Iterator[dict]:
+def iter_documents(
+    domains: Sequence[str] | None = None, max_chars: int = MAX_CHARS, root: str | None = None
+) -> Iterator[dict]:
     """Documents of the chosen domains (default: :data:`DOMAINS`), in a fixed order."""
     root = root or stdlib_dir()
     domains = list(domains if domains is not None else DOMAINS)
     unknown = [d for d in domains if d not in DOMAINS and d != SEED_DOMAIN]
     if unknown:
-        raise ValueError(f"unknown stdlib corpus domain {unknown[0]!r} "
-                         f"(known: {', '.join(DOMAINS + (SEED_DOMAIN,))})")
+        raise ValueError(
+            f"unknown stdlib corpus domain {unknown[0]!r} "
+            f"(known: {', '.join(DOMAINS + (SEED_DOMAIN,))})"
+        )
     files = _code_domain_files(root)
     for domain in domains:
         order = 0
 
-        def emit(text: str, source: str, part: int) -> dict:
+        def emit(text: str, source: str, part: int, domain: str = domain) -> dict:
             nonlocal order
-            doc = {"id": f"{domain}/{source}#{part}", "text": text, "domain": domain,
-                   "order": order, "source": source}
+            doc = {
+                "id": f"{domain}/{source}#{part}",
+                "text": text,
+                "domain": domain,
+                "order": order,
+                "source": source,
+            }
             order += 1
             return doc
 
@@ -252,8 +435,9 @@ def iter_documents(domains: Sequence[str] | None = None, max_chars: int = MAX_CH
                     yield emit(t, f, i)
 
 
-def _docs_texts(root: str, files: dict[str, list[str]], max_chars: int
-                ) -> Iterator[tuple[str, int, str]]:
+def _docs_texts(
+    root: str, files: dict[str, list[str]], max_chars: int
+) -> Iterator[tuple[str, int, str]]:
     """(source, part, text): pydoc topics, then every code domain's docstrings."""
     from pydoc_data.topics import topics
 
@@ -263,7 +447,7 @@ def _docs_texts(root: str, files: dict[str, list[str]], max_chars: int
     for domain in CODE_DOMAINS:
         for f in files[domain]:
             if f.startswith("test" + os.sep):
-                continue   # test docstrings are about tests, not the library
+                continue  # test docstrings are about tests, not the library
             _, docs = split_source(_read_source(os.path.join(root, f)))
             module = f[:-3].replace(os.sep, ".").removesuffix(".__init__")
             text = "\n\n".join(f"{module}{'.' + n if n else ''}\n{d}" for n, d in docs)
@@ -271,8 +455,9 @@ def _docs_texts(root: str, files: dict[str, list[str]], max_chars: int
                 yield f, i, t
 
 
-def write_corpus(path: str, domains: Sequence[str] | None = None,
-                 max_chars: int = MAX_CHARS) -> dict[str, int]:
+def write_corpus(
+    path: str, domains: Sequence[str] | None = None, max_chars: int = MAX_CHARS
+) -> dict[str, int]:
     """Write the JSONL corpus atomically; returns documents per domain."""
     counts: dict[str, int] = {}
     with atomic_open(path, "w", encoding="utf-8") as f:
@@ -282,8 +467,9 @@ def write_corpus(path: str, domains: Sequence[str] | None = None,
     return counts
 
 
-def corpus_sizes(domains: Sequence[str] | None = None, tokenizer=None,
-                 max_chars: int = MAX_CHARS) -> dict[str, dict[str, int]]:
+def corpus_sizes(
+    domains: Sequence[str] | None = None, tokenizer=None, max_chars: int = MAX_CHARS
+) -> dict[str, dict[str, int]]:
     """{domain: {"documents", "chars", "bytes"[, "tokens"]}}; tokens (plus one EOD per
     document, as preprocess counts them) when a tokenizer with ``encode`` is given."""
     sizes: dict[str, dict[str, int]] = {}
@@ -296,8 +482,11 @@ def corpus_sizes(domains: Sequence[str] | None = None, tokenizer=None,
 
     for doc in iter_documents(domains, max_chars):
         d = doc["domain"]
-        s = sizes.setdefault(d, {"documents": 0, "chars": 0, "bytes": 0}
-                             | ({"tokens": 0} if tokenizer is not None else {}))
+        s = sizes.setdefault(
+            d,
+            {"documents": 0, "chars": 0, "bytes": 0}
+            | ({"tokens": 0} if tokenizer is not None else {}),
+        )
         s["documents"] += 1
         s["chars"] += len(doc["text"])
         s["bytes"] += len(doc["text"].encode("utf-8"))

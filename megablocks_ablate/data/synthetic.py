@@ -14,25 +14,86 @@ import itertools
 import json
 import os
 import random
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 FIELDS = {
     "biology": "cell gene protein enzyme tissue species organism membrane mutation cortex "
-               "neuron receptor pathway genome sequence bacteria viral host immune signal",
+    "neuron receptor pathway genome sequence bacteria viral host immune signal",
     "physics": "quantum particle energy field photon electron lattice spin momentum wave "
-               "plasma boson gravity thermal entropy vacuum laser magnetic crystal flux",
+    "plasma boson gravity thermal entropy vacuum laser magnetic crystal flux",
     "history": "empire war treaty dynasty king colonial revolution archive century trade "
-               "church peasant parliament city border army reform chronicle merchant siege",
+    "church peasant parliament city border army reform chronicle merchant siege",
     "economics": "market price demand supply labor capital inflation tariff wage bank "
-                 "credit firm household growth policy tax equilibrium auction risk asset",
+    "credit firm household growth policy tax equilibrium auction risk asset",
 }
-FUNCTION_WORDS = ("the of and a to in is that for on with as by this we are from be an "
-                  "at which it these our was were not or have has can its results data").split()
+FUNCTION_WORDS = [
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "this",
+    "we",
+    "are",
+    "from",
+    "be",
+    "an",
+    "at",
+    "which",
+    "it",
+    "these",
+    "our",
+    "was",
+    "were",
+    "not",
+    "or",
+    "have",
+    "has",
+    "can",
+    "its",
+    "results",
+    "data",
+]
 
 
-_ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v",
-           "br", "ch", "cl", "dr", "gr", "pl", "pr", "sh", "st", "th", "tr"]
+_ONSETS = [
+    "",
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "gr",
+    "pl",
+    "pr",
+    "sh",
+    "st",
+    "th",
+    "tr",
+]
 _NUCLEI = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou"]
 _CODAS = ["", "", "n", "r", "s", "t", "l", "m", "x", "nd", "st"]
 
@@ -43,8 +104,10 @@ def _lexicon(size: int, seed: int = 1234) -> tuple[list[str], list[float]]:
     rng = random.Random(seed)
     words, seen = [], set()
     while len(words) < size:
-        w = "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
-                    for _ in range(rng.randint(1, 4)))
+        w = "".join(
+            rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS)
+            for _ in range(rng.randint(1, 4))
+        )
         if w not in seen:
             seen.add(w)
             words.append(w)
@@ -61,8 +124,11 @@ def _paragraph(rng: random.Random, topic: list[str], n_words: int, rare_words: i
             lex, cum = lexicon
             words.append(lex[bisect.bisect_left(cum, rng.random() * cum[-1])])
         else:
-            words.append(rng.choice(topic) if u < 0.45 or (lexicon is not None and u < 0.6)
-                         else rng.choice(FUNCTION_WORDS))
+            words.append(
+                rng.choice(topic)
+                if u < 0.45 or (lexicon is not None and u < 0.6)
+                else rng.choice(FUNCTION_WORDS)
+            )
     words[0] = words[0].capitalize()
     return " ".join(words) + "."
 
@@ -87,8 +153,9 @@ def iter_documents(
         topic = FIELDS[fos].split()
         n_par = rng.randint(1, 4)
         paragraphs = [
-            _paragraph(rng, topic, max(8, int(rng.expovariate(1.0) * mean_words / n_par) + 8),
-                       rare_words)
+            _paragraph(
+                rng, topic, max(8, int(rng.expovariate(1.0) * mean_words / n_par) + 8), rare_words
+            )
             for _ in range(n_par)
         ]
         yield {

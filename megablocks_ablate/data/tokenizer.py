@@ -23,7 +23,8 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from megablocks_ablate.errors import DataFormatError, TokenizerError
 from megablocks_ablate.utils.hashing import sha256_json
@@ -108,8 +109,10 @@ class Tokenizer(abc.ABC):
         }
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
-                f"eod_id={self.eod_id}, fingerprint={self.fingerprint[:12]}...)")
+        return (
+            f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
+            f"eod_id={self.eod_id}, fingerprint={self.fingerprint[:12]}...)"
+        )
 
 
 # --------------------------------------------------------------------------- SentencePiece
@@ -121,13 +124,24 @@ _PIECE_TEXT, _PIECE_SCORE, _PIECE_TYPE = 1, 2, 3
 # TrainerSpec fields that the *encoder/decoder* reads (the rest only steer training):
 # model_type, split_digits, treat_whitespace_as_suffix, allow_whitespace_only_pieces,
 # byte_fallback, unk_surface, pretokenization_delimiter.
-_TRAINER_ENCODE_FIELDS = {3: "model_type", 25: "split_digits", 24: "treat_whitespace_as_suffix",
-                          26: "allow_whitespace_only_pieces", 35: "byte_fallback",
-                          44: "unk_surface", 53: "pretokenization_delimiter"}
+_TRAINER_ENCODE_FIELDS = {
+    3: "model_type",
+    25: "split_digits",
+    24: "treat_whitespace_as_suffix",
+    26: "allow_whitespace_only_pieces",
+    35: "byte_fallback",
+    44: "unk_surface",
+    53: "pretokenization_delimiter",
+}
 # NormalizerSpec: name, precompiled_charsmap, add_dummy_prefix, remove_extra_whitespaces,
 # escape_whitespaces (field 6, normalization_rule_tsv, is a training-time file path).
-_NORMALIZER_FIELDS = {1: "name", 2: "precompiled_charsmap", 3: "add_dummy_prefix",
-                      4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
+_NORMALIZER_FIELDS = {
+    1: "name",
+    2: "precompiled_charsmap",
+    3: "add_dummy_prefix",
+    4: "remove_extra_whitespaces",
+    5: "escape_whitespaces",
+}
 
 
 def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -154,12 +168,12 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
         if wire == 0:
             value, i = _read_varint(buf, i)
         elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+            value, i = buf[i : i + 8], i + 8
         elif wire == 2:
             n, i = _read_varint(buf, i)
-            value, i = buf[i:i + n], i + n
+            value, i = buf[i : i + n], i + n
         elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
+            value, i = buf[i : i + 4], i + 4
         else:
             raise ValueError(f"unsupported wire type {wire}")
         if i > len(buf) or field == 0:
@@ -200,8 +214,12 @@ def _sentencepiece_canonical(model_proto: bytes) -> dict:
                     target[_NORMALIZER_FIELDS[f]] = _proto_scalar(v)
     if not pieces:
         raise ValueError("no vocabulary pieces")
-    return {"pieces": pieces, "trainer": trainer, "normalizer": normalizer,
-            "denormalizer": denormalizer}
+    return {
+        "pieces": pieces,
+        "trainer": trainer,
+        "normalizer": normalizer,
+        "denormalizer": denormalizer,
+    }
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -231,17 +249,22 @@ class SentencePieceTokenizer(Tokenizer):
         if eod_token is not None:
             eod = int(self._sp.piece_to_id(eod_token))
             if self._sp.id_to_piece(eod) != eod_token:
-                raise TokenizerError(f"{self.path}: eod_token {eod_token!r} is not a piece of "
-                                     f"this SentencePiece model")
+                raise TokenizerError(
+                    f"{self.path}: eod_token {eod_token!r} is not a piece of "
+                    f"this SentencePiece model"
+                )
         else:
             eod = int(self._sp.eos_id())
             if eod < 0:
-                raise TokenizerError(f"{self.path}: this SentencePiece model has no EOS piece "
-                                     f"(eos_id=-1); pass eod_token (--eod-token) naming the "
-                                     f"piece that ends a document")
+                raise TokenizerError(
+                    f"{self.path}: this SentencePiece model has no EOS piece "
+                    f"(eos_id=-1); pass eod_token (--eod-token) naming the "
+                    f"piece that ends a document"
+                )
         self._eod_id = eod
-        self._fingerprint = sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
-                                          "model": canonical, "eod_id": eod})
+        self._fingerprint = sha256_json(
+            {"version": FINGERPRINT_VERSION, "kind": self.kind, "model": canonical, "eod_id": eod}
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
@@ -259,8 +282,7 @@ class SentencePieceTokenizer(Tokenizer):
 # tokenize whole documents); post_processor is not applied (no special tokens added);
 # the decoder only affects decode().
 _HF_ID_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
-_HF_ADDED_TOKEN_KEYS = ("id", "content", "special", "single_word", "lstrip", "rstrip",
-                        "normalized")
+_HF_ADDED_TOKEN_KEYS = ("id", "content", "special", "single_word", "lstrip", "rstrip", "normalized")
 
 
 def _hf_canonical(spec: dict) -> dict:
@@ -272,8 +294,9 @@ def _hf_canonical(spec: dict) -> dict:
     if isinstance(merges, list):
         model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
     out["model"] = model
-    out["added_tokens"] = [{k: t.get(k) for k in _HF_ADDED_TOKEN_KEYS}
-                           for t in (out["added_tokens"] or [])]
+    out["added_tokens"] = [
+        {k: t.get(k) for k in _HF_ADDED_TOKEN_KEYS} for t in (out["added_tokens"] or [])
+    ]
     return out
 
 
@@ -304,8 +327,10 @@ class HFTokenizer(Tokenizer):
         except json.JSONDecodeError as e:
             raise TokenizerError(f"{self.path}: not {what}: invalid JSON ({e})") from None
         if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
-            raise TokenizerError(f"{self.path}: not {what}: no 'model' object "
-                                 f"(tokenizer_config.json and vocab.json are not enough)")
+            raise TokenizerError(
+                f"{self.path}: not {what}: no 'model' object "
+                f"(tokenizer_config.json and vocab.json are not enough)"
+            )
         try:
             tok = _HFTok.from_str(text)
         except Exception as e:  # the Rust side raises a plain Exception
@@ -320,18 +345,26 @@ class HFTokenizer(Tokenizer):
 
         if eod_token is not None:
             if eod_token not in vocab:
-                raise TokenizerError(f"{self.path}: eod_token {eod_token!r} is not in the "
-                                     f"vocabulary")
+                raise TokenizerError(
+                    f"{self.path}: eod_token {eod_token!r} is not in the vocabulary"
+                )
         else:
             eod_token = next((t for t in HF_EOD_CANDIDATES if t in vocab), None)
             if eod_token is None:
                 raise TokenizerError(
                     f"{self.path}: no end-of-document token found (looked for "
                     f"{', '.join(HF_EOD_CANDIDATES)}); pass eod_token (--eod-token) naming "
-                    f"the token that ends a document")
+                    f"the token that ends a document"
+                )
         self._eod_id = int(vocab[eod_token])
-        self._fingerprint = sha256_json({"version": FINGERPRINT_VERSION, "kind": self.kind,
-                                          "model": _hf_canonical(spec), "eod_id": self._eod_id})
+        self._fingerprint = sha256_json(
+            {
+                "version": FINGERPRINT_VERSION,
+                "kind": self.kind,
+                "model": _hf_canonical(spec),
+                "eod_id": self._eod_id,
+            }
+        )
         # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
         self._batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
@@ -355,15 +388,18 @@ def load_tokenizer(path: str | os.PathLike, eod_token: str | None = None) -> Tok
     """Load ``*.model`` (SentencePiece), ``*.json`` (HF tokenizers), or a directory
     holding ``tokenizer.json`` (preferred) or ``tokenizer.model``."""
     path = os.fspath(path)
-    expected = ("expected a SentencePiece .model file, a Hugging Face tokenizer.json, "
-                "or a directory containing one")
+    expected = (
+        "expected a SentencePiece .model file, a Hugging Face tokenizer.json, "
+        "or a directory containing one"
+    )
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):
                 return load_tokenizer(candidate, eod_token)
-        raise TokenizerError(f"{path}: directory has no tokenizer.json or tokenizer.model; "
-                             f"{expected}")
+        raise TokenizerError(
+            f"{path}: directory has no tokenizer.json or tokenizer.model; {expected}"
+        )
     if not os.path.exists(path):
         raise TokenizerError(f"{path}: no such tokenizer file; {expected}")
     if path.endswith(".model"):
@@ -404,6 +440,75 @@ def _sample_sentences(text: str, max_bytes: int) -> Iterator[str]:
             yield line
 
 
+_MAX_SENTENCE_BYTES = 4096  # longer sample lines are cut (SentencePiece drops them)
+
+
+def _check_train_args(model_type: str, vocab_size: int) -> None:
+    """Refuse a model type other than bpe/unigram and a vocabulary under 8 pieces."""
+    if model_type not in ("bpe", "unigram"):
+        raise TokenizerError(f"model_type: expected 'bpe' or 'unigram', got {model_type!r}")
+    if vocab_size < 8:
+        raise TokenizerError(f"vocab_size: expected at least 8, got {vocab_size}")
+
+
+def _write_sample(files: list[str], text_key: str, max_documents: int | None, sample: str) -> int:
+    """Write the training sample, one sentence a line; return the documents it holds."""
+    n_docs = n_lines = 0
+    with open(sample, "w", encoding="utf-8") as out:
+        for text in _iter_sample_texts(files, text_key):
+            if max_documents is not None and n_docs >= max_documents:
+                break
+            n_docs += 1
+            for sentence in _sample_sentences(text, _MAX_SENTENCE_BYTES):
+                out.write(sentence + "\n")
+                n_lines += 1
+    if n_lines == 0:
+        raise DataFormatError(
+            f"{', '.join(files)}: no text to train a tokenizer on (text key {text_key!r})"
+        )
+    return n_docs
+
+
+def _run_trainer(
+    spm,
+    sample: str,
+    tmp_prefix: str,
+    *,
+    vocab_size: int,
+    model_type: str,
+    character_coverage: float,
+    byte_fallback: bool,
+    num_threads: int,
+    seed: int,
+    n_docs: int,
+) -> None:
+    """Train SentencePiece on ``sample`` into ``<tmp_prefix>.model/.vocab`` (seeded)."""
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=sample,
+            model_prefix=tmp_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            pad_id=SP_PAD_ID,
+            unk_id=SP_UNK_ID,
+            bos_id=-1,
+            eos_id=SP_EOS_ID,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise TokenizerError(
+            f"training a {vocab_size}-piece {model_type} SentencePiece "
+            f"model on {n_docs} documents failed: {e}"
+        ) from None
+
+
 def train_sentencepiece(
     inputs: list[str] | str,
     out_prefix: str,
@@ -424,49 +529,33 @@ def train_sentencepiece(
 
     from megablocks_ablate.data.jsonl import expand_inputs
 
-    if model_type not in ("bpe", "unigram"):
-        raise TokenizerError(f"model_type: expected 'bpe' or 'unigram', got {model_type!r}")
-    if vocab_size < 8:
-        raise TokenizerError(f"vocab_size: expected at least 8, got {vocab_size}")
+    _check_train_args(model_type, vocab_size)
     files = expand_inputs(inputs)
     out_prefix = os.fspath(out_prefix)
     if out_prefix.endswith(".model"):
         out_prefix = out_prefix[: -len(".model")]
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    max_sentence_bytes = 4096
 
     # Train inside a temp dir beside the output (same filesystem), then rename:
     # an interrupted run leaves no half-written model behind.
     work = tempfile.mkdtemp(prefix=".spm-train.", dir=out_dir)
     try:
         sample = os.path.join(work, "sample.txt")
-        n_docs = n_lines = 0
-        with open(sample, "w", encoding="utf-8") as out:
-            for text in _iter_sample_texts(files, text_key):
-                if max_documents is not None and n_docs >= max_documents:
-                    break
-                n_docs += 1
-                for sentence in _sample_sentences(text, max_sentence_bytes):
-                    out.write(sentence + "\n")
-                    n_lines += 1
-        if n_lines == 0:
-            raise DataFormatError(f"{', '.join(files)}: no text to train a tokenizer on "
-                                  f"(text key {text_key!r})")
-        spm.set_random_generator_seed(seed)
+        n_docs = _write_sample(files, text_key, max_documents, sample)
         tmp_prefix = os.path.join(work, "tok")
-        try:
-            spm.SentencePieceTrainer.train(
-                input=sample, model_prefix=tmp_prefix, vocab_size=vocab_size,
-                model_type=model_type, character_coverage=character_coverage,
-                byte_fallback=byte_fallback, pad_id=SP_PAD_ID, unk_id=SP_UNK_ID, bos_id=-1,
-                eos_id=SP_EOS_ID, input_sentence_size=0, shuffle_input_sentence=False,
-                max_sentence_length=max_sentence_bytes, num_threads=num_threads,
-                minloglevel=2,
-            )
-        except RuntimeError as e:
-            raise TokenizerError(f"training a {vocab_size}-piece {model_type} SentencePiece "
-                                 f"model on {n_docs} documents failed: {e}") from None
+        _run_trainer(
+            spm,
+            sample,
+            tmp_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            num_threads=num_threads,
+            seed=seed,
+            n_docs=n_docs,
+        )
         from megablocks_ablate.utils.atomic import commit_tmp
 
         commit_tmp(tmp_prefix + ".vocab", out_prefix + ".vocab")

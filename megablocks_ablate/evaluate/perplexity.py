@@ -29,8 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,14 @@ import torch.distributed as dist
 from megablocks_ablate.errors import ConfigError, TokenizerError
 from megablocks_ablate.evaluate.dist import comm_device, rank_and_world
 from megablocks_ablate.evaluate.sets import EvalSuite
-from megablocks_ablate.evaluate.windows import (IGNORE_INDEX, Batch, Plan, make_batch, make_plan,
-                                                validate_window_args)
+from megablocks_ablate.evaluate.windows import (
+    IGNORE_INDEX,
+    Batch,
+    Plan,
+    make_batch,
+    make_plan,
+    validate_window_args,
+)
 from megablocks_ablate.utils.progress import progress
 
 DEFAULT_BATCH_TOKENS = 16384
@@ -69,10 +75,16 @@ class DomainResult:
         return self.nll_sum / LN2 / self.bytes if self.bytes else math.nan
 
     def to_dict(self) -> dict:
-        return {"domain": self.domain, "perplexity": self.perplexity,
-                "bits_per_byte": self.bits_per_byte, "mean_nll": self.mean_nll,
-                "nll_sum": self.nll_sum, "tokens": self.tokens, "documents": self.documents,
-                "bytes": self.bytes}
+        return {
+            "domain": self.domain,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "mean_nll": self.mean_nll,
+            "nll_sum": self.nll_sum,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "bytes": self.bytes,
+        }
 
 
 @dataclass
@@ -84,8 +96,9 @@ class RankPlan:
     batches: list[Batch]
 
 
-def rank_plan(suite: EvalSuite, max_len: int, stride: int, batch_tokens: int,
-              rank: int = 0, world: int = 1) -> RankPlan:
+def rank_plan(
+    suite: EvalSuite, max_len: int, stride: int, batch_tokens: int, rank: int = 0, world: int = 1
+) -> RankPlan:
     """The batches rank ``rank`` of ``world`` scores (cached in the suite)."""
     key = (max_len, stride, batch_tokens, rank, world)
     cached = suite._plans.get(key)
@@ -96,8 +109,16 @@ def rank_plan(suite: EvalSuite, max_len: int, stride: int, batch_tokens: int,
         for i in ids:
             domain = plan.domains[int(plan.batch_domain[i])]
             s = suite.sets[domain]
-            batches.append(make_batch(domain, s.tokens, s.offsets, suite.eod_id,
-                                      plan.windows[domain], plan.batch_rows[i]))
+            batches.append(
+                make_batch(
+                    domain,
+                    s.tokens,
+                    s.offsets,
+                    suite.eod_id,
+                    plan.windows[domain],
+                    plan.batch_rows[i],
+                )
+            )
         cached = suite._plans[key] = RankPlan(plan, ids, batches)
     return cached
 
@@ -109,12 +130,117 @@ def _model_max_len(model) -> int:
     return int(cfg.max_seq_len)
 
 
-def evaluate(model: torch.nn.Module, eval_sets: EvalSuite | str | Sequence[str], *,
-             stride: int | None = None, max_len: int | None = None,
-             batch_tokens: int = DEFAULT_BATCH_TOKENS, tokenizer=None,
-             tokenizer_fingerprint: str | None = None, group=None,
-             autocast_dtype: torch.dtype | None = torch.bfloat16,
-             show_progress: bool = False) -> dict[str, DomainResult]:
+def _resolve_suite(
+    eval_sets: EvalSuite | str | Sequence[str], tokenizer, tokenizer_fingerprint: str | None, group
+) -> EvalSuite:
+    """The suite to score (loaded if given files), checked against the model's tokenizer."""
+    if not isinstance(eval_sets, EvalSuite):
+        if tokenizer is None:
+            raise ConfigError("evaluate: pass tokenizer= to evaluate files (or an EvalSuite)")
+        eval_sets = EvalSuite.load(eval_sets, tokenizer, group=group)
+    suite = eval_sets
+    if tokenizer_fingerprint is not None and tokenizer_fingerprint != suite.tokenizer_fingerprint:
+        raise TokenizerError(
+            f"eval sets were tokenized with tokenizer {suite.tokenizer_fingerprint[:16]}..., but the "
+            f"model was trained with {tokenizer_fingerprint[:16]}...: evaluate with the model's tokenizer"
+        )
+    return suite
+
+
+def _window_args(model, max_len: int | None, stride: int | None) -> tuple[int, int]:
+    """(max_len, stride) with defaults filled in from the model, checked."""
+    model_len = _model_max_len(model)
+    max_len = model_len if max_len is None else max_len
+    if max_len > model_len:
+        raise ConfigError(f"max_len: {max_len} exceeds the model's max_seq_len={model_len}")
+    return max_len, validate_window_args(max_len, stride)
+
+
+def _score_batches(
+    model: torch.nn.Module,
+    rp: RankPlan,
+    rank: int,
+    autocast_dtype: torch.dtype | None,
+    show_progress: bool,
+) -> torch.Tensor:
+    """This rank's rows of the ``[batches, 2]`` fp64 (NLL sum, predicted tokens) table."""
+    device = next(model.parameters()).device
+    autocast = (
+        torch.autocast("cuda", dtype=autocast_dtype)
+        if device.type == "cuda" and autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    table = torch.zeros(rp.plan.num_batches, 2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            autocast,
+            progress(
+                total=sum(b.scored_tokens for b in rp.batches),
+                desc=f"eval rank {rank}",
+                unit="tok",
+                disable=None if show_progress else True,
+            ) as bar,
+        ):
+            for i, batch in zip(rp.batch_ids, rp.batches):
+                inputs, labels = batch.inputs_and_labels(device)
+                nll = model.per_token_nll(inputs, labels)
+                valid = labels != IGNORE_INDEX
+                table[i, 0] = torch.where(valid, nll.float(), 0.0).sum(dtype=torch.float64)
+                table[i, 1] = valid.sum()
+                bar.update(batch.scored_tokens)
+    finally:
+        model.train(was_training)
+    return table
+
+
+def _reduce_table(table: torch.Tensor, plan: Plan, world: int, group) -> torch.Tensor:
+    """Sum the ranks' tables (CPU result), checking the token counts against the plan."""
+    if world > 1:
+        table = table.to(comm_device(group))
+        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    table = table.cpu()
+    counted = table[:, 1].to(torch.int64)
+    if not torch.equal(counted, torch.from_numpy(plan.scored_tokens)):
+        raise RuntimeError(
+            "evaluate: predicted-token counts differ from the batch plan "
+            "(did every rank pass the same eval sets and settings?)"
+        )
+    return table
+
+
+def _domain_results(table: torch.Tensor, plan: Plan, suite: EvalSuite) -> dict[str, DomainResult]:
+    """Per domain: the ``math.fsum`` of its batches' NLL, with tokens, documents and bytes."""
+    nll = table[:, 0].tolist()
+    results = {}
+    for d_index, domain in enumerate(plan.domains):
+        rows = (plan.batch_domain == d_index).nonzero()[0]
+        s = suite.sets[domain]
+        results[domain] = DomainResult(
+            domain=domain,
+            nll_sum=math.fsum(nll[r] for r in rows),
+            tokens=int(plan.scored_tokens[rows].sum()),
+            documents=s.num_documents,
+            bytes=s.num_bytes,
+        )
+    return results
+
+
+def evaluate(
+    model: torch.nn.Module,
+    eval_sets: EvalSuite | str | Sequence[str],
+    *,
+    stride: int | None = None,
+    max_len: int | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    tokenizer=None,
+    tokenizer_fingerprint: str | None = None,
+    group=None,
+    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    show_progress: bool = False,
+) -> dict[str, DomainResult]:
     """Score ``model`` on every domain: ``{domain: DomainResult}`` (same on every rank).
 
     eval_sets: an :class:`EvalSuite` (keep it across calls: data and batch plans stay in
@@ -129,68 +255,21 @@ def evaluate(model: torch.nn.Module, eval_sets: EvalSuite | str | Sequence[str],
         initialised); every rank of it must call this with the same arguments.
     autocast_dtype: autocast dtype on CUDA (None: run in the weights' dtype).
     """
-    if not isinstance(eval_sets, EvalSuite):
-        if tokenizer is None:
-            raise ConfigError("evaluate: pass tokenizer= to evaluate files (or an EvalSuite)")
-        eval_sets = EvalSuite.load(eval_sets, tokenizer, group=group)
-    suite = eval_sets
-    if tokenizer_fingerprint is not None and tokenizer_fingerprint != suite.tokenizer_fingerprint:
-        raise TokenizerError(
-            f"eval sets were tokenized with tokenizer {suite.tokenizer_fingerprint[:16]}..., but the "
-            f"model was trained with {tokenizer_fingerprint[:16]}...: evaluate with the model's tokenizer")
-    model_len = _model_max_len(model)
-    max_len = model_len if max_len is None else max_len
-    if max_len > model_len:
-        raise ConfigError(f"max_len: {max_len} exceeds the model's max_seq_len={model_len}")
-    stride = validate_window_args(max_len, stride)
+    suite = _resolve_suite(eval_sets, tokenizer, tokenizer_fingerprint, group)
+    max_len, stride = _window_args(model, max_len, stride)
     rank, world = rank_and_world(group)
     rp = rank_plan(suite, max_len, stride, batch_tokens, rank, world)
-    plan = rp.plan
-
-    device = next(model.parameters()).device
-    autocast = (torch.autocast("cuda", dtype=autocast_dtype)
-                if device.type == "cuda" and autocast_dtype is not None else contextlib.nullcontext())
-    table = torch.zeros(plan.num_batches, 2, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast, progress(
-                total=sum(b.scored_tokens for b in rp.batches), desc=f"eval rank {rank}",
-                unit="tok", disable=None if show_progress else True) as bar:
-            for i, batch in zip(rp.batch_ids, rp.batches):
-                inputs, labels = batch.inputs_and_labels(device)
-                nll = model.per_token_nll(inputs, labels)
-                valid = labels != IGNORE_INDEX
-                table[i, 0] = torch.where(valid, nll.float(), 0.0).sum(dtype=torch.float64)
-                table[i, 1] = valid.sum()
-                bar.update(batch.scored_tokens)
-    finally:
-        model.train(was_training)
-
-    if world > 1:
-        table = table.to(comm_device(group))
-        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
-    table = table.cpu()
-    counted = table[:, 1].to(torch.int64)
-    if not torch.equal(counted, torch.from_numpy(plan.scored_tokens)):
-        raise RuntimeError("evaluate: predicted-token counts differ from the batch plan "
-                           "(did every rank pass the same eval sets and settings?)")
-    nll = table[:, 0].tolist()
-    results = {}
-    for d_index, domain in enumerate(plan.domains):
-        rows = (plan.batch_domain == d_index).nonzero()[0]
-        s = suite.sets[domain]
-        results[domain] = DomainResult(
-            domain=domain, nll_sum=math.fsum(nll[r] for r in rows),
-            tokens=int(plan.scored_tokens[rows].sum()), documents=s.num_documents,
-            bytes=s.num_bytes)
-    return results
+    table = _score_batches(model, rp, rank, autocast_dtype, show_progress)
+    table = _reduce_table(table, rp.plan, world, group)
+    return _domain_results(table, rp.plan, suite)
 
 
 def results_table(results: dict[str, DomainResult]) -> str:
     """A plain-text table of results, one domain per line."""
     lines = [f"{'domain':<24} {'ppl':>10} {'bpb':>8} {'tokens':>12} {'docs':>8}"]
     for r in results.values():
-        lines.append(f"{r.domain:<24} {r.perplexity:>10.4f} {r.bits_per_byte:>8.4f} "
-                     f"{r.tokens:>12,d} {r.documents:>8,d}")
+        lines.append(
+            f"{r.domain:<24} {r.perplexity:>10.4f} {r.bits_per_byte:>8.4f} "
+            f"{r.tokens:>12,d} {r.documents:>8,d}"
+        )
     return os.linesep.join(lines)

@@ -30,20 +30,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
-import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from megablocks_ablate.data.indexed import (IndexedDataset, IndexedDatasetWriter, best_dtype,
-                                            data_file_path)
+from megablocks_ablate.data.indexed import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    best_dtype,
+    data_file_path,
+)
 from megablocks_ablate.data.jsonl import BadLineCounter, OnBadLine, expand_inputs, iter_jsonl
 from megablocks_ablate.errors import DataFormatError, TokenizerError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "megablocks-ablate/eval-cache@1"
 _SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".jsonl", ".json.gz", ".json")
@@ -52,8 +58,9 @@ _ENCODE_BATCH = 512
 
 def default_cache_dir() -> str:
     """``$MBA_CACHE_DIR/eval``, else ``~/.cache/megablocks_ablate/eval``."""
-    root = os.environ.get("MBA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "megablocks_ablate")
+    root = os.environ.get("MBA_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "megablocks_ablate"
+    )
     return os.path.join(root, "eval")
 
 
@@ -71,6 +78,7 @@ def _safe(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- sources
+
 
 @dataclass(frozen=True)
 class EvalSource:
@@ -97,16 +105,20 @@ def resolve_sources(eval_sets: str | Sequence[str]) -> list[EvalSource]:
         if sep and not os.path.exists(item) and name and "/" not in name:
             files = expand_inputs(path)
             if len(files) != 1:
-                raise DataFormatError(f"eval set {item!r}: {name}= must name exactly one file, "
-                                      f"{path!r} matches {len(files)}")
+                raise DataFormatError(
+                    f"eval set {item!r}: {name}= must name exactly one file, "
+                    f"{path!r} matches {len(files)}"
+                )
             sources.append(EvalSource(name, files[0]))
             continue
         sources.extend(EvalSource(domain_name(f), f) for f in expand_inputs(item))
     seen: dict[str, str] = {}
     for s in sources:
         if s.domain in seen:
-            raise DataFormatError(f"eval sets: domain {s.domain!r} comes from both {seen[s.domain]} "
-                                  f"and {s.path}; name them apart with NAME=PATH")
+            raise DataFormatError(
+                f"eval sets: domain {s.domain!r} comes from both {seen[s.domain]} "
+                f"and {s.path}; name them apart with NAME=PATH"
+            )
         seen[s.domain] = s.path
     return sources
 
@@ -114,11 +126,16 @@ def resolve_sources(eval_sets: str | Sequence[str]) -> list[EvalSource]:
 def _dir_sources(directory: str) -> list[EvalSource]:
     if os.path.isfile(os.path.join(directory, "manifest.json")):
         return manifest_sources(directory)
-    files = sorted(f for f in os.listdir(directory)
-                   if f.endswith(_SUFFIXES[:4]) and os.path.isfile(os.path.join(directory, f)))
+    files = sorted(
+        f
+        for f in os.listdir(directory)
+        if f.endswith(_SUFFIXES[:4]) and os.path.isfile(os.path.join(directory, f))
+    )
     if not files:
-        raise DataFormatError(f"{directory}: no evaluation files (*.jsonl, *.jsonl.gz, *.jsonl.zst) "
-                              "and no manifest.json")
+        raise DataFormatError(
+            f"{directory}: no evaluation files (*.jsonl, *.jsonl.gz, *.jsonl.zst) "
+            "and no manifest.json"
+        )
     return [EvalSource(domain_name(f), os.path.join(directory, f)) for f in files]
 
 
@@ -136,16 +153,21 @@ def manifest_sources(directory: str) -> list[EvalSource]:
         if path is None:
             continue
         if not os.path.isfile(path):
-            raise DataFormatError(f"{path}: held-out file of partition {partition!r} listed in "
-                                  f"{m.root}/manifest.json is missing")
+            raise DataFormatError(
+                f"{path}: held-out file of partition {partition!r} listed in "
+                f"{m.root}/manifest.json is missing"
+            )
         out.append(EvalSource(partition, path))
     if not out:
-        raise DataFormatError(f"{m.root}/manifest.json: no partition has a held-out file "
-                              "(preprocess with --heldout-fraction > 0)")
+        raise DataFormatError(
+            f"{m.root}/manifest.json: no partition has a held-out file "
+            "(preprocess with --heldout-fraction > 0)"
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- one set
+
 
 @dataclass
 class EvalSet:
@@ -177,15 +199,20 @@ class EvalSet:
         return int(self.doc_bytes.sum())
 
     def document(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
 
 def _cache_key(source: EvalSource, fingerprint: str, text_key: str, on_bad_line: str) -> dict:
-    return {"format": CACHE_FORMAT, "source_sha256": sha256_file(source.path),
-            "tokenizer_fingerprint": fingerprint, "text_key": text_key, "on_bad_line": on_bad_line}
+    return {
+        "format": CACHE_FORMAT,
+        "source_sha256": sha256_file(source.path),
+        "tokenizer_fingerprint": fingerprint,
+        "text_key": text_key,
+        "on_bad_line": on_bad_line,
+    }
 
 
 def _cache_prefix(cache_dir: str, domain: str, key: dict) -> str:
@@ -193,9 +220,12 @@ def _cache_prefix(cache_dir: str, domain: str, key: dict) -> str:
     return os.path.join(cache_dir, f"{_safe(domain)}.{digest}")
 
 
-def _iter_texts(source: EvalSource, text_key: str, on_bad_line: OnBadLine,
-                bad: BadLineCounter) -> Iterator[str]:
-    for _, rec in iter_jsonl(source.path, text_key=text_key, on_bad_line=on_bad_line, bad_lines=bad):
+def _iter_texts(
+    source: EvalSource, text_key: str, on_bad_line: OnBadLine, bad: BadLineCounter
+) -> Iterator[str]:
+    for _, rec in iter_jsonl(
+        source.path, text_key=text_key, on_bad_line=on_bad_line, bad_lines=bad
+    ):
         yield rec[text_key]
 
 
@@ -210,8 +240,9 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _build_cache(source: EvalSource, tokenizer, prefix: str, key: dict, text_key: str,
-                 on_bad_line: OnBadLine) -> None:
+def _build_cache(
+    source: EvalSource, tokenizer, prefix: str, key: dict, text_key: str, on_bad_line: OnBadLine
+) -> None:
     """Tokenize one file into ``prefix.{bin,idx,bytes.npy,json}`` (JSON last)."""
     bad = BadLineCounter()
     doc_bytes: list[int] = []
@@ -226,11 +257,20 @@ def _build_cache(source: EvalSource, tokenizer, prefix: str, key: dict, text_key
                 doc_bytes.append(len(text.encode("utf-8")))
     with atomic_open(prefix + ".bytes.npy", "wb") as f:
         np.save(f, np.asarray(doc_bytes, dtype=np.int64), allow_pickle=False)
-    atomic_write_json(prefix + ".json", {
-        **key, "domain": source.domain, "source": os.path.abspath(source.path),
-        "tokenizer": tokenizer.describe(), "documents": len(doc_bytes),
-        "tokens": int(writer.num_tokens), "bytes": int(sum(doc_bytes)),
-        "empty_documents": empty, "bad_lines": dict(bad.counts)})
+    atomic_write_json(
+        prefix + ".json",
+        {
+            **key,
+            "domain": source.domain,
+            "source": os.path.abspath(source.path),
+            "tokenizer": tokenizer.describe(),
+            "documents": len(doc_bytes),
+            "tokens": int(writer.num_tokens),
+            "bytes": int(sum(doc_bytes)),
+            "empty_documents": empty,
+            "bad_lines": dict(bad.counts),
+        },
+    )
 
 
 def _load_cache(source: EvalSource, prefix: str, key: dict) -> EvalSet | None:
@@ -253,18 +293,34 @@ def _load_cache(source: EvalSource, prefix: str, key: dict) -> EvalSet | None:
     # back. Read into memory (not mapped) so the set stays resident across calls.
     tokens = np.fromfile(data_file_path(prefix), dtype=dtype).astype(np.int32)
     doc_bytes = np.load(prefix + ".bytes.npy", allow_pickle=False)
-    if n != meta.get("documents") or doc_bytes.shape != (n,) or int(offsets[-1]) != meta.get("tokens"):
-        raise DataFormatError(f"{meta_path}: eval cache is inconsistent with {prefix}.idx / "
-                              f"{prefix}.bytes.npy; delete these files to rebuild")
-    return EvalSet(domain=source.domain, path=source.path, tokens=tokens, offsets=offsets,
-                   doc_bytes=doc_bytes.astype(np.int64),
-                   tokenizer_fingerprint=key["tokenizer_fingerprint"],
-                   bad_lines=dict(meta.get("bad_lines") or {}),
-                   empty_documents=int(meta.get("empty_documents", 0)))
+    if (
+        n != meta.get("documents")
+        or doc_bytes.shape != (n,)
+        or int(offsets[-1]) != meta.get("tokens")
+    ):
+        raise DataFormatError(
+            f"{meta_path}: eval cache is inconsistent with {prefix}.idx / "
+            f"{prefix}.bytes.npy; delete these files to rebuild"
+        )
+    return EvalSet(
+        domain=source.domain,
+        path=source.path,
+        tokens=tokens,
+        offsets=offsets,
+        doc_bytes=doc_bytes.astype(np.int64),
+        tokenizer_fingerprint=key["tokenizer_fingerprint"],
+        bad_lines=dict(meta.get("bad_lines") or {}),
+        empty_documents=int(meta.get("empty_documents", 0)),
+    )
 
 
-def load_eval_set(source: EvalSource, tokenizer, cache_dir: str, text_key: str = "text",
-                  on_bad_line: OnBadLine = "error") -> EvalSet:
+def load_eval_set(
+    source: EvalSource,
+    tokenizer,
+    cache_dir: str,
+    text_key: str = "text",
+    on_bad_line: OnBadLine = "error",
+) -> EvalSet:
     """Tokenize ``source`` with ``tokenizer`` (or reuse the cache) and load it into memory."""
     key = _cache_key(source, tokenizer.fingerprint, text_key, on_bad_line)
     prefix = _cache_prefix(cache_dir, source.domain, key)
@@ -275,12 +331,15 @@ def load_eval_set(source: EvalSource, tokenizer, cache_dir: str, text_key: str =
         loaded = _load_cache(source, prefix, key)
         assert loaded is not None
     if loaded.num_documents and int(loaded.tokens.max()) >= tokenizer.vocab_size:
-        raise TokenizerError(f"{prefix}.bin: token id {int(loaded.tokens.max())} is outside the "
-                             f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+        raise TokenizerError(
+            f"{prefix}.bin: token id {int(loaded.tokens.max())} is outside the "
+            f"tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
     return loaded
 
 
 # ----------------------------------------------------------------------------- the suite
+
 
 @dataclass
 class EvalSuite:
@@ -298,9 +357,16 @@ class EvalSuite:
     _plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def load(cls, eval_sets: str | Sequence[str], tokenizer, *, cache_dir: str | None = None,
-             text_key: str = "text", on_bad_line: OnBadLine = "error",
-             group=None) -> "EvalSuite":
+    def load(
+        cls,
+        eval_sets: str | Sequence[str],
+        tokenizer,
+        *,
+        cache_dir: str | None = None,
+        text_key: str = "text",
+        on_bad_line: OnBadLine = "error",
+        group=None,
+    ) -> EvalSuite:
         """Resolve, tokenize (cached) and load every domain of ``eval_sets``.
 
         ``tokenizer`` is a :class:`~megablocks_ablate.data.tokenizer.Tokenizer` or a
@@ -317,10 +383,12 @@ class EvalSuite:
         sources = resolve_sources(eval_sets)
 
         def load_all() -> dict[str, EvalSet]:
-            return {s.domain: load_eval_set(s, tokenizer, cache_dir, text_key, on_bad_line)
-                    for s in sources}
+            return {
+                s.domain: load_eval_set(s, tokenizer, cache_dir, text_key, on_bad_line)
+                for s in sources
+            }
 
-        from megablocks_ablate.evaluate.dist import rank_and_world, barrier
+        from megablocks_ablate.evaluate.dist import barrier, rank_and_world
 
         rank, world = rank_and_world(group)
         if world > 1 and rank != 0:
@@ -331,16 +399,23 @@ class EvalSuite:
         sets, skipped = {}, {}
         for domain, s in loaded.items():
             if s.num_documents == 0:
-                skipped[domain] = (f"{s.path}: no scorable document (bad lines skipped: "
-                                   f"{sum(s.bad_lines.values())}, empty documents: {s.empty_documents})")
-                warnings.warn(f"eval domain {domain!r} left out: {skipped[domain]}", stacklevel=2)
+                skipped[domain] = (
+                    f"{s.path}: no scorable document (bad lines skipped: "
+                    f"{sum(s.bad_lines.values())}, empty documents: {s.empty_documents})"
+                )
+                logger.warning("eval domain %r left out: %s", domain, skipped[domain])
                 continue
             sets[domain] = s
         if not sets:
-            raise DataFormatError("eval sets: no domain has a scorable document; "
-                                  + "; ".join(skipped.values()))
-        return cls(sets=sets, tokenizer_fingerprint=tokenizer.fingerprint, eod_id=tokenizer.eod_id,
-                   skipped_domains=skipped)
+            raise DataFormatError(
+                "eval sets: no domain has a scorable document; " + "; ".join(skipped.values())
+            )
+        return cls(
+            sets=sets,
+            tokenizer_fingerprint=tokenizer.fingerprint,
+            eod_id=tokenizer.eod_id,
+            skipped_domains=skipped,
+        )
 
     @property
     def domains(self) -> list[str]:
@@ -348,11 +423,19 @@ class EvalSuite:
 
     def describe(self) -> dict:
         """JSON-able summary: per domain, source file, documents, tokens, bytes."""
-        return {d: {"path": s.path, "documents": s.num_documents, "tokens": s.num_tokens,
-                    "bytes": s.num_bytes, "empty_documents": s.empty_documents,
-                    "bad_lines": s.bad_lines} for d, s in self.sets.items()}
+        return {
+            d: {
+                "path": s.path,
+                "documents": s.num_documents,
+                "tokens": s.num_tokens,
+                "bytes": s.num_bytes,
+                "empty_documents": s.empty_documents,
+                "bad_lines": s.bad_lines,
+            }
+            for d, s in self.sets.items()
+        }
 
-    def subset(self, domains: Iterable[str]) -> "EvalSuite":
+    def subset(self, domains: Iterable[str]) -> EvalSuite:
         """A suite of only these domains (sharing the loaded arrays)."""
         domains = list(domains)
         missing = [d for d in domains if d not in self.sets]

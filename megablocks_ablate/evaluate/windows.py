@@ -75,12 +75,19 @@ def plan_windows(doc_lengths: np.ndarray, max_len: int, stride: int) -> Windows:
     """Windows of every document (vectorised for the common one-window documents)."""
     lengths = np.asarray(doc_lengths, dtype=np.int64)
     short = lengths <= max_len
-    rows = [np.flatnonzero(short), np.zeros(int(short.sum()), np.int64),
-            np.zeros(int(short.sum()), np.int64), lengths[short]]
+    rows = [
+        np.flatnonzero(short),
+        np.zeros(int(short.sum()), np.int64),
+        np.zeros(int(short.sum()), np.int64),
+        lengths[short],
+    ]
     long_docs = np.flatnonzero(~short)
     if long_docs.size:
-        extra = [(d, c, a, b) for d in long_docs.tolist()
-                 for c, a, b in document_windows(int(lengths[d]), max_len, stride)]
+        extra = [
+            (d, c, a, b)
+            for d in long_docs.tolist()
+            for c, a, b in document_windows(int(lengths[d]), max_len, stride)
+        ]
         cols = np.asarray(extra, dtype=np.int64).T
         rows = [np.concatenate([r, col]) for r, col in zip(rows, cols)]
     order = np.lexsort((rows[2], rows[0]))  # document order, then position
@@ -112,8 +119,9 @@ class Batch:
         return inputs, labels
 
 
-def bucket_windows(lengths: np.ndarray, batch_tokens: int, max_rows: int | None = None
-                   ) -> list[np.ndarray]:
+def bucket_windows(
+    lengths: np.ndarray, batch_tokens: int, max_rows: int | None = None
+) -> list[np.ndarray]:
     """Window indices per batch: longest first, greedy, ``rows * longest <= batch_tokens``."""
     order = np.argsort(-lengths, kind="stable")
     batches, i, n = [], 0, len(order)
@@ -122,13 +130,19 @@ def bucket_windows(lengths: np.ndarray, batch_tokens: int, max_rows: int | None 
         rows = max(1, batch_tokens // max(longest, 1))
         if max_rows:
             rows = min(rows, max_rows)
-        batches.append(order[i:i + rows])
+        batches.append(order[i : i + rows])
         i += rows
     return batches
 
 
-def make_batch(domain: str, tokens: np.ndarray, offsets: np.ndarray, eod_id: int,
-               win: Windows, rows: np.ndarray) -> Batch:
+def make_batch(
+    domain: str,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    eod_id: int,
+    win: Windows,
+    rows: np.ndarray,
+) -> Batch:
     """Materialise the windows ``rows`` of one domain (see :class:`Batch`)."""
     lengths = win.lengths[rows]
     width = int(lengths.max()) + 1
@@ -138,12 +152,17 @@ def make_batch(domain: str, tokens: np.ndarray, offsets: np.ndarray, eod_id: int
         c, b = int(win.c[w]), int(win.b[w])
         # s[j] = t[j - 1] for j >= 1 and s[0] = EOD: s[c : b + 1] = EOD? + t[max(c-1, 0) : b]
         lo = max(c - 1, 0)
-        seg = tokens[doc_start + lo: doc_start + b]
-        out[r, 1 if c == 0 else 0: (1 if c == 0 else 0) + len(seg)] = seg
+        seg = tokens[doc_start + lo : doc_start + b]
+        out[r, 1 if c == 0 else 0 : (1 if c == 0 else 0) + len(seg)] = seg
     start = (win.a[rows] - win.c[rows]).astype(np.int64)
     end = lengths.astype(np.int64)
-    return Batch(domain=domain, tokens=torch.from_numpy(out), start=torch.from_numpy(start),
-                 end=torch.from_numpy(end), scored_tokens=int((end - start).sum()))
+    return Batch(
+        domain=domain,
+        tokens=torch.from_numpy(out),
+        start=torch.from_numpy(start),
+        end=torch.from_numpy(end),
+        scored_tokens=int((end - start).sum()),
+    )
 
 
 @dataclass
@@ -169,12 +188,15 @@ def validate_window_args(max_len: int, stride: int | None) -> int:
         raise ConfigError(f"max_len: must be positive, got {max_len}")
     stride = max_len if stride is None else stride
     if not 1 <= stride <= max_len:
-        raise ConfigError(f"stride: must be between 1 and the model's max length {max_len}, got {stride}")
+        raise ConfigError(
+            f"stride: must be between 1 and the model's max length {max_len}, got {stride}"
+        )
     return stride
 
 
-def make_plan(sets: dict, max_len: int, stride: int, batch_tokens: int,
-              max_rows: int | None = None) -> Plan:
+def make_plan(
+    sets: dict, max_len: int, stride: int, batch_tokens: int, max_rows: int | None = None
+) -> Plan:
     """Windows and batches of every domain of ``sets`` (``{domain: EvalSet}``)."""
     domains = list(sets)
     batch_domain, batch_rows, scored, windows = [], [], [], {}
@@ -186,5 +208,10 @@ def make_plan(sets: dict, max_len: int, stride: int, batch_tokens: int,
             batch_domain.append(d_index)
             batch_rows.append(rows)
             scored.append(int(win.scored[rows].sum()))
-    return Plan(domains=domains, batch_domain=np.asarray(batch_domain, np.int64),
-                batch_rows=batch_rows, windows=windows, scored_tokens=np.asarray(scored, np.int64))
+    return Plan(
+        domains=domains,
+        batch_domain=np.asarray(batch_domain, np.int64),
+        batch_rows=batch_rows,
+        windows=windows,
+        scored_tokens=np.asarray(scored, np.int64),
+    )

@@ -26,8 +26,6 @@ ever needed, recomputes the logits chunk by chunk.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -40,8 +38,14 @@ except ImportError:  # torch per-chunk step only
 IGNORE_INDEX = -100
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, logit_scale: float = 1.0,
-                                   ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
+def linear_cross_entropy_reference(
+    hidden,
+    weight,
+    labels,
+    logit_scale: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+):
     """``cross_entropy(logit_scale * hidden @ weight.T, labels)`` through full fp32 logits."""
     logits = (hidden @ weight.t()).float() * logit_scale
     nll = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
@@ -55,8 +59,10 @@ def linear_cross_entropy_reference(hidden, weight, labels, logit_scale: float = 
 
 # ---- per-chunk step: nll, and optionally dlogits written over the logits ----------------
 
-def _ce_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
-                    grad: bool) -> torch.Tensor:
+
+def _ce_chunk_torch(
+    logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, grad: bool
+) -> torch.Tensor:
     z = logits.float()
     if scale != 1.0:
         z = z * scale
@@ -77,8 +83,17 @@ def _ce_chunk_torch(logits: torch.Tensor, labels: torch.Tensor, scale: float, ig
 if triton is not None:
 
     @triton.jit
-    def _ce_chunk_kernel(Logits, Labels, Nll, V, stride_row, scale, ignore_index,
-                         GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    def _ce_chunk_kernel(
+        Logits,
+        Labels,
+        Nll,
+        V,
+        stride_row,
+        scale,
+        ignore_index,
+        GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         base = Logits + row.to(tl.int64) * stride_row
         label = tl.load(Labels + row)
@@ -110,8 +125,17 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
     n, v = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
-        _ce_chunk_kernel[(n,)](logits, labels, nll, v, logits.stride(0), scale, ignore_index,
-                               GRAD=grad, BLOCK=min(4096, triton.next_power_of_2(v)))
+        _ce_chunk_kernel[(n,)](
+            logits,
+            labels,
+            nll,
+            v,
+            logits.stride(0),
+            scale,
+            ignore_index,
+            GRAD=grad,
+            BLOCK=min(4096, triton.next_power_of_2(v)),
+        )
     return nll
 
 
@@ -134,12 +158,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_grad else None
         grad_w = torch.zeros_like(weight) if want_grad else None
         for start in range(0, n, chunk_rows):
-            h = hidden[start:start + chunk_rows]
+            h = hidden[start : start + chunk_rows]
             logits = h @ weight.t()
-            nll[start:start + chunk_rows] = step(logits, labels[start:start + chunk_rows], scale,
-                                                 ignore_index, want_grad)
+            nll[start : start + chunk_rows] = step(
+                logits, labels[start : start + chunk_rows], scale, ignore_index, want_grad
+            )
             if want_grad:  # logits now hold dloss/dlogits of the summed loss
-                torch.mm(logits, weight, out=grad_h[start:start + chunk_rows])
+                torch.mm(logits, weight, out=grad_h[start : start + chunk_rows])
                 grad_w.addmm_(logits.t(), h)
         ctx.scale, ctx.ignore_index, ctx.reduction = scale, ignore_index, reduction
         ctx.chunk_rows, ctx.impl = chunk_rows, impl
@@ -172,10 +197,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         logit_scale: float = 1.0, ignore_index: int = IGNORE_INDEX,
-                         reduction: str = "mean", chunk_rows: Optional[int] = None,
-                         impl: str = "torch") -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+    impl: str = "torch",
+) -> torch.Tensor:
     """Cross-entropy of ``logit_scale * hidden @ weight.T`` against ``labels`` without full logits.
 
     ``hidden`` ``[N, d]``, ``weight`` ``[V, d]``, ``labels`` ``[N]`` (``ignore_index``
@@ -187,9 +218,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if impl == "triton" and triton is None:
         raise RuntimeError("triton is not installed")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} vs hidden {tuple(hidden.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: labels {tuple(labels.shape)} vs hidden {tuple(hidden.shape)}"
+        )
     # The Function runs its GEMMs itself: under autocast, cast here (outside it) so
     # the casts stay differentiable and the chunks run in the autocast dtype.
     device_type = hidden.device.type
@@ -201,5 +236,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         weight = weight.to(hidden.dtype)
     rows = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, labels, float(logit_scale), int(ignore_index),
-                                         reduction, max(1, int(rows)), impl)
+        return _LinearCrossEntropy.apply(
+            hidden,
+            weight,
+            labels,
+            float(logit_scale),
+            int(ignore_index),
+            reduction,
+            max(1, int(rows)),
+            impl,
+        )

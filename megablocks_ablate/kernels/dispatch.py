@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from megablocks_ablate.kernels import rope as _rope
 from megablocks_ablate.kernels import swiglu as _swiglu
 
 BACKENDS = ("reference", "triton", "auto")
-_backend: Optional[str] = None
+_backend: str | None = None
 
 
 def _env_backend() -> str:
@@ -54,7 +54,7 @@ def configured_backend() -> str:
     return _backend
 
 
-def set_backend(name: Optional[str]) -> None:
+def set_backend(name: str | None) -> None:
     """Override ``MBA_KERNELS`` in this process; ``None`` re-reads the environment."""
     global _backend
     if name is not None and name not in BACKENDS:
@@ -83,8 +83,10 @@ def use_triton(t: torch.Tensor) -> bool:
     if not triton_available():
         raise ConfigError("MBA_KERNELS=triton but triton is not installed (pip install triton)")
     if not t.is_cuda and not interpret_mode():
-        raise ConfigError("MBA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
-                          "(set before megablocks_ablate is imported)")
+        raise ConfigError(
+            "MBA_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 "
+            "(set before megablocks_ablate is imported)"
+        )
     return True
 
 
@@ -96,6 +98,7 @@ def flash_attn_func():
         if importlib.util.find_spec("flash_attn") is not None:
             try:
                 from flash_attn import flash_attn_func as f
+
                 _flash = f
             except ImportError:  # installed but built for another torch/CUDA
                 _flash = None
@@ -108,7 +111,10 @@ _flash = _UNSET
 
 # ---- the ops the model calls -----------------------------------------------------------
 
-def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm") -> torch.Tensor:
+
+def norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm"
+) -> torch.Tensor:
     """LayerNorm (no bias) or RMSNorm over the last dim; see :mod:`.norm`."""
     if use_triton(x):
         return _norm.norm_triton(x, weight, eps, kind)
@@ -129,8 +135,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return _swiglu.swiglu_reference(gate_up)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         **kwargs) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs
+) -> torch.Tensor:
     """Chunked fused output projection + cross-entropy; see :mod:`.cross_entropy`."""
     impl = "triton" if use_triton(hidden) else "torch"
     return _ce.linear_cross_entropy(hidden, weight, labels, impl=impl, **kwargs)
@@ -143,10 +150,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     not ``reference``), else ``scaled_dot_product_attention`` (which picks its own
     flash/memory-efficient kernel on CUDA and a fused kernel on CPU).
     """
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and configured_backend() != "reference":
+    if (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and configured_backend() != "reference"
+    ):
         flash = flash_attn_func()
         if flash is not None:
             return flash(q, k, v, causal=True)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=k.shape[2] != q.shape[2])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=True,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
     return out.transpose(1, 2)

@@ -9,7 +9,7 @@ order, which is exactly what the compiled kernels do (barring FMA contraction).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,8 +17,9 @@ import torch
 CHUNK = 1 << 20
 
 
-def merge_into_reference(out: torch.Tensor, inputs: Sequence[torch.Tensor],
-                         weights: Sequence[float], chunk: int = CHUNK) -> torch.Tensor:
+def merge_into_reference(
+    out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float], chunk: int = CHUNK
+) -> torch.Tensor:
     """Write ``sum_i weights[i] * inputs[i]`` (fp32 accumulation) into 1-D ``out``.
 
     ``out`` may alias one of the inputs: each chunk is read in full before it is written.

@@ -8,7 +8,7 @@ input read once and the output written once. Tested on CPU under TRITON_INTERPRE
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,9 +32,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _merge_kernel(out_ptr, n,
-                      p32, w32, n32, pbf, wbf, nbf, p16, w16, n16,
-                      BLOCK: tl.constexpr):
+    def _merge_kernel(out_ptr, n, p32, w32, n32, pbf, wbf, nbf, p16, w16, n16, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -47,8 +45,9 @@ if triton is not None:
 _GROUPS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def merge_into_triton(out: torch.Tensor, inputs: Sequence[torch.Tensor],
-                      weights: Sequence[float]) -> torch.Tensor:
+def merge_into_triton(
+    out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
     """One launch over ``out`` (1-D, contiguous); inputs of mixed fp32/bf16/fp16.
 
     Inputs are summed grouped by dtype (fp32 first, then bf16, then fp16), so with
@@ -61,10 +60,12 @@ def merge_into_triton(out: torch.Tensor, inputs: Sequence[torch.Tensor],
     for dtype in _GROUPS:
         idx = [i for i, x in enumerate(inputs) if x.dtype == dtype]
         # Tables hold at least one entry so that every pointer argument is a real tensor.
-        ptrs = torch.tensor([inputs[i].data_ptr() for i in idx] or [0], dtype=torch.int64,
-                            device=device)
-        ws = torch.tensor([float(weights[i]) for i in idx] or [0.0], dtype=torch.float32,
-                          device=device)
+        ptrs = torch.tensor(
+            [inputs[i].data_ptr() for i in idx] or [0], dtype=torch.int64, device=device
+        )
+        ws = torch.tensor(
+            [float(weights[i]) for i in idx] or [0.0], dtype=torch.float32, device=device
+        )
         tables += [ptrs, ws, len(idx)]
     n = out.numel()
     if n:

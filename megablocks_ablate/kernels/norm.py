@@ -23,7 +23,9 @@ except ImportError:  # reference path only
 KINDS = ("layernorm", "rmsnorm")
 
 
-def norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm") -> torch.Tensor:
+def norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm"
+) -> torch.Tensor:
     """``(x - mean) * rsqrt(var + eps) * weight`` (layernorm) or ``x * rsqrt(mean(x^2) + eps) * weight``."""
     n = x.shape[-1]
     if kind not in KINDS:
@@ -39,8 +41,9 @@ def norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str 
 if triton is not None:
 
     @triton.jit
-    def _norm_fwd_kernel(X, W, Y, Mean, Rstd, N, w_rows, eps,
-                         IS_LN: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_fwd_kernel(
+        X, W, Y, Mean, Rstd, N, w_rows, eps, IS_LN: tl.constexpr, BLOCK: tl.constexpr
+    ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -58,8 +61,21 @@ if triton is not None:
         tl.store(Rstd + row, rstd)
 
     @triton.jit
-    def _norm_bwd_kernel(X, W, DY, DX, DW_partial, Mean, Rstd, n_rows, N, w_rows, n_programs,
-                         IS_LN: tl.constexpr, BLOCK: tl.constexpr):
+    def _norm_bwd_kernel(
+        X,
+        W,
+        DY,
+        DX,
+        DW_partial,
+        Mean,
+        Rstd,
+        n_rows,
+        N,
+        w_rows,
+        n_programs,
+        IS_LN: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # Program p handles rows p, p + n_programs, ...; n_programs is a multiple of
         # w_rows, so all its rows use weight row p % w_rows and it can accumulate that
         # row's dW in registers, written once to DW_partial[p].
@@ -87,7 +103,11 @@ if triton is not None:
 
 
 def _programs_for_dw(n_rows: int, w_rows: int, device: torch.device) -> int:
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    target = (
+        4 * torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 8
+    )
     k = max(1, min(target // w_rows, n_rows // w_rows))
     return k * w_rows
 
@@ -105,8 +125,9 @@ class _NormFunction(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         block = triton.next_power_of_2(n)
         if rows:
-            _norm_fwd_kernel[(rows,)](x2, w2, y, mean, rstd, n, w_rows, eps,
-                                      IS_LN=kind == "layernorm", BLOCK=block)
+            _norm_fwd_kernel[(rows,)](
+                x2, w2, y, mean, rstd, n, w_rows, eps, IS_LN=kind == "layernorm", BLOCK=block
+            )
         ctx.save_for_backward(x2, w2, mean, rstd)
         ctx.kind, ctx.w_shape, ctx.w_rows = kind, weight.shape, w_rows
         return y.view(x.shape)
@@ -120,19 +141,35 @@ class _NormFunction(torch.autograd.Function):
         programs = _programs_for_dw(rows, ctx.w_rows, x2.device)
         dw_partial = torch.zeros(programs, n, dtype=torch.float32, device=x2.device)
         if rows:
-            _norm_bwd_kernel[(programs,)](x2, w2, dy2, dx, dw_partial, mean, rstd, rows, n,
-                                          ctx.w_rows, programs, IS_LN=ctx.kind == "layernorm",
-                                          BLOCK=triton.next_power_of_2(n))
+            _norm_bwd_kernel[(programs,)](
+                x2,
+                w2,
+                dy2,
+                dx,
+                dw_partial,
+                mean,
+                rstd,
+                rows,
+                n,
+                ctx.w_rows,
+                programs,
+                IS_LN=ctx.kind == "layernorm",
+                BLOCK=triton.next_power_of_2(n),
+            )
         dw = dw_partial.view(-1, ctx.w_rows, n).sum(0).view(ctx.w_shape).to(w2.dtype)
         return dx.view(dy.shape), dw, None, None
 
 
-def norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm") -> torch.Tensor:
+def norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm"
+) -> torch.Tensor:
     """Triton LayerNorm/RMSNorm; ``weight`` is ``[N]`` or ``[rows, N]`` matching x's trailing dims."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if kind not in KINDS:
         raise ValueError(f"norm kind must be one of {KINDS}, got {kind!r}")
-    if tuple(weight.shape) != tuple(x.shape[x.dim() - weight.dim():]):
-        raise ValueError(f"norm weight shape {tuple(weight.shape)} does not match input {tuple(x.shape)}")
+    if tuple(weight.shape) != tuple(x.shape[x.dim() - weight.dim() :]):
+        raise ValueError(
+            f"norm weight shape {tuple(weight.shape)} does not match input {tuple(x.shape)}"
+        )
     return _NormFunction.apply(x, weight, eps, kind)

@@ -23,9 +23,13 @@ except ImportError:  # reference path only
     triton = None
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``cos, sin`` of shape ``[seq_len, head_dim // 2]``."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )
     angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -48,8 +52,21 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(X, Y, Cos, Sin, T, H, stride_b, stride_t, stride_h, sign,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rope_kernel(
+        X,
+        Y,
+        Cos,
+        Sin,
+        T,
+        H,
+        stride_b,
+        stride_t,
+        stride_h,
+        sign,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # One program per (batch, position): all heads of that token at once.
         # sign = +1 forward, -1 backward (rotation by -angle).
         pid = tl.program_id(0)
@@ -74,9 +91,21 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
         x = x.contiguous()
     y = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
     if y.numel():
-        _rope_kernel[(b * t,)](x, y, cos, sin, t, h, x.stride(0), x.stride(1), x.stride(2), sign,
-                               HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
-                               BLOCK_D=triton.next_power_of_2(d // 2))
+        _rope_kernel[(b * t,)](
+            x,
+            y,
+            cos,
+            sin,
+            t,
+            h,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            sign,
+            HALF=d // 2,
+            BLOCK_H=triton.next_power_of_2(h),
+            BLOCK_D=triton.next_power_of_2(d // 2),
+        )
     return y
 
 
@@ -96,7 +125,12 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """Triton interleaved RoPE on ``[batch, seq, heads, head_dim]`` (strided views allowed)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape[-1] * 2 != x.shape[-1] or cos.shape[0] < x.shape[1]:
+    if (
+        x.dim() != 4
+        or x.shape[-1] % 2
+        or cos.shape[-1] * 2 != x.shape[-1]
+        or cos.shape[0] < x.shape[1]
+    ):
         raise ValueError(f"rope: x {tuple(x.shape)} does not fit tables {tuple(cos.shape)}")
     cos = cos.float().contiguous()
     sin = sin.float().contiguous()

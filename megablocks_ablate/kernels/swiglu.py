@@ -87,7 +87,9 @@ class _SwigluFunction(torch.autograd.Function):
         dgu = torch.empty(rows, 2 * m, dtype=gu.dtype, device=gu.device)
         if dgu.numel():
             block = _block(m)
-            _swiglu_bwd_kernel[(rows, triton.cdiv(m, block))](gu, dout2, dgu, m, gu.stride(0), BLOCK=block)
+            _swiglu_bwd_kernel[(rows, triton.cdiv(m, block))](
+                gu, dout2, dgu, m, gu.stride(0), BLOCK=block
+            )
         return dgu.view(ctx.in_shape)
 
 

@@ -13,31 +13,30 @@ tensors' names and shapes, the model configs, the seed lineage (refused unless
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from megablocks_ablate.errors import ConfigError, DataFormatError
-from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
-from megablocks_ablate.merge.spec import MergeSpec
-from megablocks_ablate.train.checkpoint import (
+from megablocks_ablate.checkpoint import (
     CONFIG_FILE,
     LINEAGE_FILE,
     MODEL_FILE,
-    SAFETENSORS_DTYPES,
     Lineage,
     MappedSafetensors,
+    SafetensorsStreamWriter,
     model_file,
     model_hash,
     read_checkpoint_meta,
     staged_checkpoint_dir,
+    write_checkpoint_meta,
 )
+from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
+from megablocks_ablate.merge.spec import MergeSpec
 from megablocks_ablate.utils.progress import progress
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # Elements per kernel call: 1M (4 MiB of fp32 output); resident input pages are
 # released after every chunk, so the merge adds about (N + 1) chunks to the process.
@@ -76,22 +75,27 @@ def check_compatible(inputs: list[MergeInput], allow_different_seed: bool = Fals
     for inp in inputs[1:]:
         diff = _first_difference(first.config, inp.config)
         if diff:
-            raise ConfigError(f"{os.path.join(inp.path, CONFIG_FILE)}: model config differs from "
-                              f"{os.path.join(first.path, CONFIG_FILE)} ({diff})")
+            raise ConfigError(
+                f"{os.path.join(inp.path, CONFIG_FILE)}: model config differs from "
+                f"{os.path.join(first.path, CONFIG_FILE)} ({diff})"
+            )
         if inp.lineage.tokenizer_fingerprint != first.lineage.tokenizer_fingerprint:
             raise ConfigError(
                 f"{os.path.join(inp.path, LINEAGE_FILE)}: tokenizer fingerprint "
                 f"{inp.lineage.tokenizer_fingerprint!r} differs from "
                 f"{first.lineage.tokenizer_fingerprint!r} in {first.path}; models with "
-                "different tokenizers cannot be averaged")
+                "different tokenizers cannot be averaged"
+            )
     seeds = {inp.unit: _seed_identity(inp) for inp in inputs}
     distinct = set(seeds.values())
     if len(distinct) != 1 or None in distinct:
         if not allow_different_seed:
             shown = ", ".join(f"{u}: {(s or 'unknown')[:12]}" for u, s in seeds.items())
-            raise ConfigError(f"the checkpoints do not all continue from the same seed ({shown}); "
-                              "averaging models from different seeds is usually meaningless "
-                              "(pass --allow-different-seed to merge anyway)")
+            raise ConfigError(
+                f"the checkpoints do not all continue from the same seed ({shown}); "
+                "averaging models from different seeds is usually meaningless "
+                "(pass --allow-different-seed to merge anyway)"
+            )
         return None
     return distinct.pop()
 
@@ -105,21 +109,32 @@ def check_tensors(maps: list[MappedSafetensors]) -> None:
         other = set(m.names)
         if other != names:
             missing, extra = sorted(names - other), sorted(other - names)
-            what = (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}")
+            what = (
+                f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+            )
             raise DataFormatError(f"{m.path}: {what} (compared with {ref.path})")
         for name in ref.names:
             if m.shape(name) != ref.shape(name):
-                raise DataFormatError(f"{m.path}: tensor {name!r} has shape {m.shape(name)}, "
-                                      f"{ref.path} has {ref.shape(name)}")
+                raise DataFormatError(
+                    f"{m.path}: tensor {name!r} has shape {m.shape(name)}, "
+                    f"{ref.path} has {ref.shape(name)}"
+                )
             floating = m.dtype(name) in DTYPE_CODES
-            if floating != (ref.dtype(name) in DTYPE_CODES) or \
-                    (not floating and m.dtype(name) != ref.dtype(name)):
-                raise DataFormatError(f"{m.path}: tensor {name!r} has dtype {m.dtype(name)}, "
-                                      f"{ref.path} has {ref.dtype(name)}")
+            if floating != (ref.dtype(name) in DTYPE_CODES) or (
+                not floating and m.dtype(name) != ref.dtype(name)
+            ):
+                raise DataFormatError(
+                    f"{m.path}: tensor {name!r} has dtype {m.dtype(name)}, "
+                    f"{ref.path} has {ref.dtype(name)}"
+                )
         for name in ref.names:
-            if m.dtype(name) not in DTYPE_CODES and not torch.equal(m.tensor(name), ref.tensor(name)):
-                raise DataFormatError(f"{m.path}: non-float tensor {name!r} differs from {ref.path} "
-                                      "(only fp32/bf16/fp16 tensors are averaged; others must be identical)")
+            if m.dtype(name) not in DTYPE_CODES and not torch.equal(
+                m.tensor(name), ref.tensor(name)
+            ):
+                raise DataFormatError(
+                    f"{m.path}: non-float tensor {name!r} differs from {ref.path} "
+                    "(only fp32/bf16/fp16 tensors are averaged; others must be identical)"
+                )
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -127,83 +142,98 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % t.element_size() == 0 else t.clone()
 
 
-def _write_header(f, entries: list[tuple[str, torch.dtype, list[int]]]) -> None:
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype, shape in entries:
-        nbytes = dtype.itemsize
-        for s in shape:
-            nbytes *= s
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
+def _read_inputs(
+    spec: MergeSpec, allow_different_seed: bool
+) -> tuple[list[MergeInput], str | None]:
+    """The non-zero-weight inputs with their configs and lineages, checked compatible;
+    returns them and their common seed hash."""
+    metas = {u: read_checkpoint_meta(p) for u, p in spec.checkpoints.items()}
+    tokens = {u: lin.tokens_seen for u, (_, lin) in metas.items()}
+    weights = spec.weights(tokens if spec.needs_tokens() else None)
+    inputs = [
+        MergeInput(u, spec.checkpoints[u], w, *metas[u]) for u, w in weights.items() if w != 0.0
+    ]
+    return inputs, check_compatible(inputs, allow_different_seed)
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().view(torch.uint8).numpy())
+def _merged_lineage(
+    spec: MergeSpec, inputs: list[MergeInput], seed: str | None, dtype: str | None
+) -> Lineage:
+    return Lineage(
+        kind="merged",
+        seed_hash=seed,
+        units=[i.unit for i in inputs],
+        weights=[i.weight for i in inputs],
+        tokens_seen=sum(i.lineage.tokens_seen for i in inputs),
+        tokenizer_fingerprint=inputs[0].lineage.tokenizer_fingerprint,
+        parents=[os.path.abspath(i.path) for i in inputs],
+        extra={"merge_spec": spec.source, "normalize": spec.normalize, "dtype": dtype or "inputs"},
+    )
 
 
-def merge_checkpoints(spec: MergeSpec, out_dir: str, *, allow_different_seed: bool = False,
-                      dtype: str | None = None, chunk: int = CHUNK,
-                      show_progress: bool = True) -> Lineage:
+def _stream_merge(
+    f,
+    maps: list[MappedSafetensors],
+    ws: list[float],
+    out_dtype: dict[str, torch.dtype],
+    chunk: int,
+    show_progress: bool,
+) -> None:
+    """Write the weighted average of ``maps`` into ``f``, one chunk per kernel call,
+    releasing each consumed input chunk's pages right away."""
+    ref = maps[0]
+    writer = SafetensorsStreamWriter(f, [(n, out_dtype[n], ref.shape(n)) for n in ref.names])
+    buffers: dict[torch.dtype, torch.Tensor] = {}
+    total = sum(ref.numel(n) for n in ref.names)
+    with progress(
+        total=total, desc="merge", unit="param", disable=None if show_progress else True
+    ) as bar:
+        for name in writer.order:
+            n = ref.numel(name)
+            if out_dtype[name] not in DTYPE_CODES:  # integer buffers: identical, copied
+                writer.write(ref.tensor(name))
+                bar.update(n)
+                continue
+            for start in range(0, n, chunk):
+                count = min(chunk, n - start)
+                buf = buffers.get(out_dtype[name])
+                if buf is None or buf.numel() < count:
+                    buf = buffers[out_dtype[name]] = torch.empty(
+                        min(chunk, max(n, 1)), dtype=out_dtype[name]
+                    )
+                out = buf[:count]
+                merge_into(out, [_aligned(m.flat(name, start, count)) for m in maps], ws)
+                writer.write(out)
+                for m in maps:
+                    m.release(name, start, count)
+                bar.update(count)
+    writer.close()
+
+
+def merge_checkpoints(
+    spec: MergeSpec,
+    out_dir: str,
+    *,
+    allow_different_seed: bool = False,
+    dtype: str | None = None,
+    chunk: int = CHUNK,
+    show_progress: bool = True,
+) -> Lineage:
     """Merge the spec's checkpoints into ``out_dir``; returns the output's lineage."""
     dtype = dtype or spec.dtype
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ConfigError(f"--dtype: expected one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
-    metas = {u: read_checkpoint_meta(p) for u, p in spec.checkpoints.items()}
-    tokens = {u: lin.tokens_seen for u, (_, lin) in metas.items()}
-    weights = spec.weights(tokens if spec.needs_tokens() else None)
-    inputs = [MergeInput(u, spec.checkpoints[u], w, *metas[u])
-              for u, w in weights.items() if w != 0.0]
-    seed = check_compatible(inputs, allow_different_seed)
+    inputs, seed = _read_inputs(spec, allow_different_seed)
     maps = [MappedSafetensors(model_file(inp.path)) for inp in inputs]
     check_tensors(maps)
-
     ref = maps[0]
-    out_dtype = {n: (DTYPE_NAMES[dtype] if dtype and ref.dtype(n) in DTYPE_CODES else ref.dtype(n))
-                 for n in ref.names}
-    # Largest element size first (then name), as safetensors does, so every tensor is aligned.
-    order = sorted(ref.names, key=lambda n: (-out_dtype[n].itemsize, n))
-    ws = [inp.weight for inp in inputs]
-    total = sum(ref.numel(n) for n in order)
-    lineage = Lineage(
-        kind="merged", seed_hash=seed, units=[i.unit for i in inputs], weights=ws,
-        tokens_seen=sum(i.lineage.tokens_seen for i in inputs),
-        tokenizer_fingerprint=inputs[0].lineage.tokenizer_fingerprint,
-        parents=[os.path.abspath(i.path) for i in inputs],
-        extra={"merge_spec": spec.source, "normalize": spec.normalize,
-               "dtype": dtype or "inputs"})
-    buffers: dict[torch.dtype, torch.Tensor] = {}
+    out_dtype = {
+        n: (DTYPE_NAMES[dtype] if dtype and ref.dtype(n) in DTYPE_CODES else ref.dtype(n))
+        for n in ref.names
+    }
+    lineage = _merged_lineage(spec, inputs, seed, dtype)
     with staged_checkpoint_dir(out_dir) as tmp:
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f, \
-                progress(total=total, desc="merge", unit="param",
-                         disable=None if show_progress else True) as bar:
-            _write_header(f, [(n, out_dtype[n], ref.shape(n)) for n in order])
-            for name in order:
-                n = ref.numel(name)
-                if out_dtype[name] not in DTYPE_CODES:  # integer buffers: identical, copied
-                    f.write(_bytes(ref.tensor(name)))
-                    bar.update(n)
-                    continue
-                for start in range(0, n, chunk):
-                    count = min(chunk, n - start)
-                    buf = buffers.get(out_dtype[name])
-                    if buf is None or buf.numel() < count:
-                        buf = buffers[out_dtype[name]] = torch.empty(min(chunk, max(n, 1)),
-                                                                     dtype=out_dtype[name])
-                    out = buf[:count]
-                    merge_into(out, [_aligned(m.flat(name, start, count)) for m in maps], ws)
-                    f.write(_bytes(out))
-                    for m in maps:
-                        m.release(name, start, count)
-                    bar.update(count)
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(inputs[0].config, f, indent=2)
-            f.write("\n")
-        with open(os.path.join(tmp, LINEAGE_FILE), "w", encoding="utf-8") as f:
-            json.dump(lineage.to_dict(), f, indent=2)
-            f.write("\n")
+        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
+            _stream_merge(f, maps, [inp.weight for inp in inputs], out_dtype, chunk, show_progress)
+        write_checkpoint_meta(tmp, inputs[0].config, lineage)
     return lineage

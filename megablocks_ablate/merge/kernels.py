@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,8 +65,10 @@ def select_backend(device: torch.device) -> str:
         if not _triton_usable(device):
             from megablocks_ablate.errors import ConfigError
 
-            raise ConfigError("MBA_KERNELS=triton: triton is not installed, or the tensors "
-                              "are on CPU without TRITON_INTERPRET=1")
+            raise ConfigError(
+                "MBA_KERNELS=triton: triton is not installed, or the tensors "
+                "are on CPU without TRITON_INTERPRET=1"
+            )
         return "triton"
     if device.type == "cpu":
         return "cpp" if _ext.cpp is not None else "reference"
@@ -94,9 +96,13 @@ def _check(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: list[floa
             raise ValueError(f"merge_into: {name} is on {t.device}, out is on {out.device}")
 
 
-def merge_into(out: torch.Tensor, inputs: Sequence[torch.Tensor],
-               weights: Sequence[float] | torch.Tensor, *, backend: str | None = None
-               ) -> torch.Tensor:
+def merge_into(
+    out: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``out[:] = sum_i weights[i] * inputs[i]``, accumulated in fp32, written in out's dtype.
 
     ``backend`` forces one of ``reference``, ``triton``, ``cpp``, ``cuda`` (tests and
@@ -118,15 +124,25 @@ def merge_into(out: torch.Tensor, inputs: Sequence[torch.Tensor],
         raise ValueError(f"merge_into: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpp":
         _ext.require_cpp().merge_into(
-            flat.data_ptr(), DTYPE_CODES[flat.dtype], [x.data_ptr() for x in xs],
-            [DTYPE_CODES[x.dtype] for x in xs], ws, flat.numel())
+            flat.data_ptr(),
+            DTYPE_CODES[flat.dtype],
+            [x.data_ptr() for x in xs],
+            [DTYPE_CODES[x.dtype] for x in xs],
+            ws,
+            flat.numel(),
+        )
     elif backend == "cuda":
         if _ext.cuda is None:
             raise RuntimeError("merge_into: the CUDA extension _C_cuda is not built")
         _ext.cuda.merge_into(
-            flat.data_ptr(), DTYPE_CODES[flat.dtype], [x.data_ptr() for x in xs],
-            [DTYPE_CODES[x.dtype] for x in xs], ws, flat.numel(),
-            torch.cuda.current_stream(flat.device).cuda_stream)
+            flat.data_ptr(),
+            DTYPE_CODES[flat.dtype],
+            [x.data_ptr() for x in xs],
+            [DTYPE_CODES[x.dtype] for x in xs],
+            ws,
+            flat.numel(),
+            torch.cuda.current_stream(flat.device).cuda_stream,
+        )
     elif backend == "triton":
         from megablocks_ablate.kernels.merge_triton import merge_into_triton
 

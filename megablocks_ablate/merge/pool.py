@@ -22,20 +22,20 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
-from megablocks_ablate.errors import ConfigError
-from megablocks_ablate.merge.file_merge import MergeInput, check_compatible, check_tensors
-from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
-from megablocks_ablate.train.checkpoint import (
+from megablocks_ablate.checkpoint import (
     Lineage,
     MappedSafetensors,
     model_file,
     read_checkpoint_meta,
 )
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.merge.file_merge import MergeInput, check_compatible, check_tensors
+from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.utils.progress import progress
 
 
@@ -52,8 +52,14 @@ class Slot:
 class ModelPool:
     """Unit models as rows of one ``[N, P]`` buffer; see the module docstring."""
 
-    def __init__(self, units: Sequence[str], rows: torch.Tensor, slots: Sequence[Slot],
-                 config: dict, lineages: Sequence[Lineage]):
+    def __init__(
+        self,
+        units: Sequence[str],
+        rows: torch.Tensor,
+        slots: Sequence[Slot],
+        config: dict,
+        lineages: Sequence[Lineage],
+    ):
         if rows.dim() != 2 or rows.shape[0] != len(units):
             raise ValueError(f"rows must be [N={len(units)}, P], got {list(rows.shape)}")
         self.units = list(units)
@@ -66,10 +72,16 @@ class ModelPool:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Mapping[str, str], *, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu", storage_dir: str | None = None,
-                         allow_different_seed: bool = False, show_progress: bool = True
-                         ) -> "ModelPool":
+    def from_checkpoints(
+        cls,
+        checkpoints: Mapping[str, str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        storage_dir: str | None = None,
+        allow_different_seed: bool = False,
+        show_progress: bool = True,
+    ) -> ModelPool:
         """Load unit models (``{unit: checkpoint_dir}``) into one ``[N, P]`` buffer.
 
         Streaming: each checkpoint is memory-mapped and copied tensor by tensor into its
@@ -83,7 +95,9 @@ class ModelPool:
             raise ConfigError("a model pool needs at least one checkpoint")
         units = list(checkpoints)
         metas = [read_checkpoint_meta(checkpoints[u]) for u in units]
-        inputs = [MergeInput(u, checkpoints[u], 1.0, cfg, lin) for u, (cfg, lin) in zip(units, metas)]
+        inputs = [
+            MergeInput(u, checkpoints[u], 1.0, cfg, lin) for u, (cfg, lin) in zip(units, metas)
+        ]
         check_compatible(inputs, allow_different_seed)
         maps = [MappedSafetensors(model_file(checkpoints[u])) for u in units]
         check_tensors(maps)
@@ -95,24 +109,33 @@ class ModelPool:
                 slots.append(Slot(name, tuple(ref.shape(name)), offset, n))
                 offset += n
         rows = _allocate(len(units), offset, dtype, torch.device(device), storage_dir)
-        with progress(total=len(units) * offset, desc="load pool", unit="param",
-                      disable=None if show_progress else True) as bar:
+        with progress(
+            total=len(units) * offset,
+            desc="load pool",
+            unit="param",
+            disable=None if show_progress else True,
+        ) as bar:
             for i, m in enumerate(maps):
                 for s in slots:
-                    rows[i, s.offset:s.offset + s.numel].copy_(m.flat(s.name))
+                    rows[i, s.offset : s.offset + s.numel].copy_(m.flat(s.name))
                     m.release(s.name)
                     bar.update(s.numel)
         return cls(units, rows, slots, metas[0][0], [lin for _, lin in metas])
 
     @classmethod
-    def from_directory(cls, directory: str, **kwargs) -> "ModelPool":
+    def from_directory(cls, directory: str, **kwargs) -> ModelPool:
         """Every checkpoint directly under ``directory`` (unit name = subdirectory name)."""
         if not os.path.isdir(directory):
             raise ConfigError(f"{directory}: pool directory does not exist")
-        found = {d: os.path.join(directory, d) for d in sorted(os.listdir(directory))
-                 if os.path.isfile(os.path.join(directory, d, "model.safetensors"))}
+        found = {
+            d: os.path.join(directory, d)
+            for d in sorted(os.listdir(directory))
+            if os.path.isfile(os.path.join(directory, d, "model.safetensors"))
+        }
         if not found:
-            raise ConfigError(f"{directory}: no checkpoints (subdirectories with model.safetensors)")
+            raise ConfigError(
+                f"{directory}: no checkpoints (subdirectories with model.safetensors)"
+            )
         return cls.from_checkpoints(found, **kwargs)
 
     # ------------------------------------------------------------------ live model
@@ -125,12 +148,14 @@ class ModelPool:
         """Make ``model``'s parameters (and float buffers) views into one flat buffer
         laid out like a pool row; returns that buffer. The model's current values are
         kept. Every parameter must have a slot of the same shape."""
-        named = dict(model.named_parameters())
+        named: dict[str, torch.Tensor] = dict(model.named_parameters())
         named.update({k: v for k, v in model.named_buffers() if k in self.slots})
         dtypes = {t.dtype for t in named.values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_CODES:
-            raise ConfigError(f"the model's parameters must share one fp32/bf16/fp16 dtype, "
-                              f"got {sorted(map(str, dtypes))}")
+            raise ConfigError(
+                f"the model's parameters must share one fp32/bf16/fp16 dtype, "
+                f"got {sorted(map(str, dtypes))}"
+            )
         device = next(iter(named.values())).device
         flat = torch.zeros(self.num_params, dtype=next(iter(dtypes)), device=device)
         for name, t in named.items():
@@ -138,17 +163,20 @@ class ModelPool:
             if slot is None:
                 raise ConfigError(f"model parameter {name!r} is not in the pool's checkpoints")
             if tuple(t.shape) != slot.shape:
-                raise ConfigError(f"model parameter {name!r} has shape {list(t.shape)}, "
-                                  f"the pool has {list(slot.shape)}")
-            view = flat[slot.offset:slot.offset + slot.numel].view(slot.shape)
+                raise ConfigError(
+                    f"model parameter {name!r} has shape {list(t.shape)}, "
+                    f"the pool has {list(slot.shape)}"
+                )
+            view = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
             with torch.no_grad():
                 view.copy_(t)
             t.data = view  # rebinding keeps the Parameter object (and hooks) intact
         self._live[id(model)] = flat
         return flat
 
-    def weight_vector(self, weights: Mapping[str, float] | Sequence[float] | torch.Tensor
-                      ) -> list[float]:
+    def weight_vector(
+        self, weights: Mapping[str, float] | Sequence[float] | torch.Tensor
+    ) -> list[float]:
         """Weights over the pool's units, from ``{unit: w}`` (absent units 0) or a sequence."""
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(self.units))
@@ -156,8 +184,10 @@ class ModelPool:
                 raise ConfigError(f"weights name units not in the pool: {unknown}")
             ws = [float(weights.get(u, 0.0)) for u in self.units]
         else:
-            ws = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor)
-                                     else weights)]
+            ws = [
+                float(w)
+                for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+            ]
             if len(ws) != len(self.units):
                 raise ConfigError(f"expected {len(self.units)} weights, got {len(ws)}")
         bad = [u for u, w in zip(self.units, ws) if not math.isfinite(w)]
@@ -167,8 +197,9 @@ class ModelPool:
             raise ConfigError("all merge weights are zero")
         return ws
 
-    def merge_into(self, model: torch.nn.Module,
-                   weights: Mapping[str, float] | Sequence[float] | torch.Tensor) -> None:
+    def merge_into(
+        self, model: torch.nn.Module, weights: Mapping[str, float] | Sequence[float] | torch.Tensor
+    ) -> None:
         """Set ``model``'s parameters to ``sum_i w_i * unit_i``: one kernel call, no
         allocation of model size (binds the model first if needed)."""
         flat = self._live.get(id(model))
@@ -178,8 +209,9 @@ class ModelPool:
         merge_into(flat, [self.rows[i] for i in range(len(self.units))], ws)
 
 
-def _allocate(n: int, p: int, dtype: torch.dtype, device: torch.device,
-              storage_dir: str | None) -> torch.Tensor:
+def _allocate(
+    n: int, p: int, dtype: torch.dtype, device: torch.device, storage_dir: str | None
+) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty((n, p), dtype=dtype, device=device)
     fd, path = tempfile.mkstemp(prefix="mba-pool-", suffix=".bin", dir=storage_dir)

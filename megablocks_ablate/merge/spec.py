@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -77,11 +78,11 @@ def macro_weights(partitions: Mapping[str, Sequence[str]]) -> dict[str, float]:
 
 @dataclass
 class _Context:
-    units: Sequence[str]                     # known unit names (the checkpoints)
-    tokens: Mapping[str, int] | None         # tokens seen per unit, for by_tokens
+    units: Sequence[str]  # known unit names (the checkpoints)
+    tokens: Mapping[str, int] | None  # tokens seen per unit, for by_tokens
     normalize: bool
     allow_negative: bool
-    where: str                               # the spec file, for messages
+    where: str  # the spec file, for messages
 
 
 def _err(ctx: _Context, path: str, msg: str) -> ConfigError:
@@ -108,14 +109,15 @@ def _number(ctx: _Context, path: str, value: Any) -> float:
     return w
 
 
-def _combine(ctx: _Context, path: str, parts: list[tuple[dict[str, float], float]],
-             normalize: bool) -> dict[str, float]:
+def _combine(
+    ctx: _Context, path: str, parts: list[tuple[dict[str, float], float]], normalize: bool
+) -> dict[str, float]:
     """Weighted sum of child vectors; with ``normalize`` the child weights sum to 1."""
     total = sum(w for _, w in parts)
-    if normalize:
-        if total == 0 or not math.isfinite(total):
-            raise _err(ctx, path, f"weights sum to {total}; cannot normalise "
-                                  "(all-zero or cancelling weights)")
+    if normalize and (total == 0 or not math.isfinite(total)):
+        raise _err(
+            ctx, path, f"weights sum to {total}; cannot normalise (all-zero or cancelling weights)"
+        )
     out: dict[str, float] = {}
     for vec, w in parts:
         _add(out, vec, w / total if normalize else w)
@@ -145,62 +147,100 @@ def _reduce(ctx: _Context, path: str, node: Any) -> dict[str, float]:
             raise _err(ctx, path, f"unknown unit {node!r}; checkpoints are: {', '.join(ctx.units)}")
         return {node: 1.0}
     if not isinstance(node, dict) or len(node) != 1:
-        raise _err(ctx, path, "expected a unit name or a mapping with exactly one of "
-                              f"{', '.join(MIXTURE_KEYS[:5])}, got {node!r}")
-    (kind, value), = node.items()
-    here = _join(path, kind)
-    if kind == "uniform":
-        kids = _children(ctx, here, value)
-        return _combine(ctx, here, [(_reduce(ctx, f"{here}[{i}]", k), 1.0)
-                                    for i, k in enumerate(kids)], normalize=True)
-    if kind == "micro":
-        kids = _children(ctx, here, value)
-        units: list[str] = []
-        for i, k in enumerate(kids):
-            units += [u for u in _leaves(ctx, f"{here}[{i}]", k) if u not in units]
-        return micro_weights(units)
-    if kind == "macro":
-        if not isinstance(value, dict) or not value:
-            raise _err(ctx, here, f"expected a mapping partition -> [units], got {value!r}")
-        parts = []
-        for g, kids in value.items():
-            sub = _join(here, str(g))
-            kids = _children(ctx, sub, kids)
-            inner = _combine(ctx, sub, [(_reduce(ctx, f"{sub}[{i}]", k), 1.0)
-                                        for i, k in enumerate(kids)], normalize=True)
-            parts.append((inner, 1.0))
+        raise _err(
+            ctx,
+            path,
+            "expected a unit name or a mapping with exactly one of "
+            f"{', '.join(MIXTURE_KEYS[:5])}, got {node!r}",
+        )
+    ((kind, value),) = node.items()
+    reduce_kind = _KINDS.get(kind)
+    if reduce_kind is None:
+        raise _err(
+            ctx,
+            path,
+            f"unknown mixture kind {kind!r}; expected one of {', '.join(MIXTURE_KEYS[:5])}",
+        )
+    return reduce_kind(ctx, _join(path, kind), value)
+
+
+def _uniform(ctx: _Context, here: str, value: Any) -> dict[str, float]:
+    """Equal weight per child node."""
+    kids = _children(ctx, here, value)
+    return _combine(
+        ctx,
+        here,
+        [(_reduce(ctx, f"{here}[{i}]", k), 1.0) for i, k in enumerate(kids)],
+        normalize=True,
+    )
+
+
+def _micro(ctx: _Context, here: str, value: Any) -> dict[str, float]:
+    """Equal weight per unit, over all units below the children."""
+    kids = _children(ctx, here, value)
+    units: list[str] = []
+    for i, k in enumerate(kids):
+        units += [u for u in _leaves(ctx, f"{here}[{i}]", k) if u not in units]
+    return micro_weights(units)
+
+
+def _macro(ctx: _Context, here: str, value: Any) -> dict[str, float]:
+    """Equal weight per partition, split equally among its children."""
+    if not isinstance(value, dict) or not value:
+        raise _err(ctx, here, f"expected a mapping partition -> [units], got {value!r}")
+    parts = [(_uniform(ctx, _join(here, str(g)), kids), 1.0) for g, kids in value.items()]
+    return _combine(ctx, here, parts, normalize=True)
+
+
+def _weights(ctx: _Context, here: str, value: Any) -> dict[str, float]:
+    """Explicit weights: ``{unit: w}`` or a list of ``{node, weight}``."""
+    if isinstance(value, dict) and value:
+        items = [(k, v, _join(here, str(k))) for k, v in value.items()]
+    elif isinstance(value, list) and value:
+        items = []
+        for i, e in enumerate(value):
+            if not isinstance(e, dict) or set(e) != {"node", "weight"}:
+                raise _err(ctx, f"{here}[{i}]", f"expected {{node: ..., weight: ...}}, got {e!r}")
+            items.append((e["node"], e["weight"], f"{here}[{i}]"))
+    else:
+        raise _err(
+            ctx, here, f"expected {{unit: weight}} or a list of {{node, weight}}, got {value!r}"
+        )
+    parts = [(_reduce(ctx, p, k), _number(ctx, p, w)) for k, w, p in items]
+    return _combine(ctx, here, parts, normalize=ctx.normalize)
+
+
+def _by_tokens(ctx: _Context, here: str, value: Any) -> dict[str, float]:
+    """Weights proportional to token counts: given, or from the checkpoints' lineage."""
+    if isinstance(value, dict) and value:
+        parts = [
+            (_reduce(ctx, _join(here, str(k)), k), _number(ctx, _join(here, str(k)), v))
+            for k, v in value.items()
+        ]
         return _combine(ctx, here, parts, normalize=True)
-    if kind == "weights":
-        if isinstance(value, dict) and value:
-            items = [(k, v, _join(here, str(k))) for k, v in value.items()]
-        elif isinstance(value, list) and value:
-            items = []
-            for i, e in enumerate(value):
-                if not isinstance(e, dict) or set(e) != {"node", "weight"}:
-                    raise _err(ctx, f"{here}[{i}]", f"expected {{node: ..., weight: ...}}, got {e!r}")
-                items.append((e["node"], e["weight"], f"{here}[{i}]"))
-        else:
-            raise _err(ctx, here, f"expected {{unit: weight}} or a list of {{node, weight}}, "
-                                  f"got {value!r}")
-        parts = [(_reduce(ctx, p, k), _number(ctx, p, w)) for k, w, p in items]
-        return _combine(ctx, here, parts, normalize=ctx.normalize)
-    if kind == "by_tokens":
-        if isinstance(value, dict) and value:
-            parts = [(_reduce(ctx, _join(here, str(k)), k), _number(ctx, _join(here, str(k)), v))
-                     for k, v in value.items()]
-        else:
-            kids = _children(ctx, here, value)
-            parts = []
-            for i, k in enumerate(kids):
-                sub = f"{here}[{i}]"
-                vec = _reduce(ctx, sub, k)
-                if ctx.tokens is None:
-                    raise _err(ctx, sub, "by_tokens needs token counts (from the checkpoints' "
-                                         "lineage, or given as {unit: tokens})")
-                parts.append((vec, float(sum(ctx.tokens.get(u, 0) for u in vec))))
-        return _combine(ctx, here, parts, normalize=True)
-    raise _err(ctx, path, f"unknown mixture kind {kind!r}; expected one of "
-                          f"{', '.join(MIXTURE_KEYS[:5])}")
+    kids = _children(ctx, here, value)
+    parts = []
+    for i, k in enumerate(kids):
+        sub = f"{here}[{i}]"
+        vec = _reduce(ctx, sub, k)
+        if ctx.tokens is None:
+            raise _err(
+                ctx,
+                sub,
+                "by_tokens needs token counts (from the checkpoints' "
+                "lineage, or given as {unit: tokens})",
+            )
+        parts.append((vec, float(sum(ctx.tokens.get(u, 0) for u in vec))))
+    return _combine(ctx, here, parts, normalize=True)
+
+
+_KINDS = {
+    "uniform": _uniform,
+    "micro": _micro,
+    "macro": _macro,
+    "weights": _weights,
+    "by_tokens": _by_tokens,
+}
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -219,25 +259,34 @@ class MergeSpec:
     raw: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "merge spec", base_dir: str | None = None
-                  ) -> "MergeSpec":
+    def from_dict(
+        cls, d: Any, source: str = "merge spec", base_dir: str | None = None
+    ) -> MergeSpec:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
         unknown = sorted(set(d) - set(TOP_KEYS))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {', '.join(TOP_KEYS)}")
         ckpts = d.get("checkpoints")
-        if not isinstance(ckpts, dict) or not ckpts or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in ckpts.items()):
-            raise ConfigError(f"{source}: checkpoints: expected a non-empty mapping "
-                              f"unit name -> checkpoint directory, got {ckpts!r}")
+        if (
+            not isinstance(ckpts, dict)
+            or not ckpts
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in ckpts.items())
+        ):
+            raise ConfigError(
+                f"{source}: checkpoints: expected a non-empty mapping "
+                f"unit name -> checkpoint directory, got {ckpts!r}"
+            )
         if base_dir:
-            ckpts = {k: v if os.path.isabs(v) else os.path.join(base_dir, v)
-                     for k, v in ckpts.items()}
+            ckpts = {
+                k: v if os.path.isabs(v) else os.path.join(base_dir, v) for k, v in ckpts.items()
+            }
         kinds = [k for k in MIXTURE_KEYS if k in d]
         if len(kinds) != 1:
-            raise ConfigError(f"{source}: expected exactly one of {', '.join(MIXTURE_KEYS)}, "
-                              f"got {kinds or 'none'}")
+            raise ConfigError(
+                f"{source}: expected exactly one of {', '.join(MIXTURE_KEYS)}, "
+                f"got {kinds or 'none'}"
+            )
         kind = kinds[0]
         tree = d[kind] if kind == "tree" else {kind: d[kind]}
         flags = {}
@@ -248,15 +297,18 @@ class MergeSpec:
             flags[name] = v
         dtype = d.get("dtype")
         if dtype is not None and dtype not in DTYPES:
-            raise ConfigError(f"{source}: dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-        spec = cls(dict(ckpts), tree, flags["normalize"], flags["allow_negative"], dtype,
-                   source, dict(d))
+            raise ConfigError(
+                f"{source}: dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}"
+            )
+        spec = cls(
+            dict(ckpts), tree, flags["normalize"], flags["allow_negative"], dtype, source, dict(d)
+        )
         # Check structure and weights now; real token counts may only come later.
         spec._vector({u: 1 for u in spec.units} if spec.needs_tokens() else None)
         return spec
 
     @classmethod
-    def load(cls, path: str) -> "MergeSpec":
+    def load(cls, path: str) -> MergeSpec:
         """Read a YAML spec; relative checkpoint paths are relative to the file."""
         try:
             with open(path, encoding="utf-8") as f:
@@ -273,6 +325,7 @@ class MergeSpec:
 
     def needs_tokens(self) -> bool:
         """Whether :meth:`weights` needs token counts (a by_tokens node without counts)."""
+
         def walk(node: Any) -> bool:
             if isinstance(node, dict):
                 for k, v in node.items():
@@ -283,6 +336,7 @@ class MergeSpec:
             if isinstance(node, list):
                 return any(walk(x) for x in node)
             return False
+
         return walk(self.tree)
 
     def _vector(self, tokens: Mapping[str, int] | None) -> dict[str, float]:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 from megablocks_ablate.config import Config, doc
 from megablocks_ablate.errors import ConfigError
@@ -42,25 +43,38 @@ def _round_up(x: int, multiple: int) -> int:
 class ModelConfig(Config):
     """Shape and options of the PaLM-style parallel-block decoder (maps onto HF Cohere)."""
 
-    vocab_size: int = doc("tokenizer vocabulary size (padded up by vocab_multiple)", 50277)
-    vocab_multiple: int = doc("pad the embedding rows to a multiple of this", 128)
-    d_model: int = doc("residual stream width", 768)
-    n_layers: int = doc("number of parallel blocks", 12)
+    preset_dir = PRESET_DIR  # not a field: where `base: <name>` finds model presets
+
+    vocab_size: int = doc(
+        "tokenizer vocabulary size in tokens (padded up by vocab_multiple)", 50277
+    )
+    vocab_multiple: int = doc(
+        "pad the embedding rows (vocabulary entries) to a multiple of this", 128
+    )
+    d_model: int = doc("residual stream width (features per token)", 768)
+    n_layers: int = doc("number of parallel blocks (layers)", 12)
     n_heads: int = doc("attention (query) heads; head_dim = d_model // n_heads", 12)
-    n_kv_heads: Optional[int] = doc("key/value heads for grouped-query attention (default: n_heads)", None)
-    mlp_hidden: Optional[int] = doc("SwiGLU hidden width (default: 8/3*d_model rounded up to 128)", None)
-    max_seq_len: int = doc("longest sequence (RoPE positions)", 2048)
-    rope_theta: float = doc("RoPE base frequency", 10000.0)
-    qk_norm: bool = doc("normalise queries and keys per head before RoPE (Cohere use_qk_norm)", False)
+    n_kv_heads: int | None = doc(
+        "key/value heads for grouped-query attention (default: n_heads)", None
+    )
+    mlp_hidden: int | None = doc(
+        "SwiGLU hidden width in features (default: 8/3*d_model rounded up to 128)", None
+    )
+    max_seq_len: int = doc("longest sequence in tokens (RoPE positions)", 2048)
+    rope_theta: float = doc("RoPE base frequency (theta)", 10000.0)
+    qk_norm: bool = doc(
+        "normalise queries and keys per head before RoPE (Cohere use_qk_norm)", False
+    )
     tie_embeddings: bool = doc("share the input embedding and the output projection", True)
     norm: Literal["layernorm", "rmsnorm"] = doc(
-        "block norm: layernorm (no bias; exportable to HF Cohere) or rmsnorm", "layernorm")
-    norm_eps: float = doc("norm epsilon", 1e-5)
+        "block norm: layernorm (no bias; exportable to HF Cohere) or rmsnorm", "layernorm"
+    )
+    norm_eps: float = doc("norm epsilon (added to the variance)", 1e-5)
     init_std: float = doc("std of the normal init of embeddings and projections", 0.02)
     scaled_init: bool = doc("scale output projections' init by 1/sqrt(2*n_layers)", True)
     logit_scale: float = doc("multiply the logits by this (Cohere logit_scale)", 1.0)
     activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
-    compile: bool = doc("torch.compile each block", False)
+    compile: bool = doc("torch.compile each block (slower start, faster steps)", False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -70,16 +84,28 @@ class ModelConfig(Config):
         super().__post_init__()
 
     def validate(self) -> None:
-        for name in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads",
-                     "n_kv_heads", "mlp_hidden", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "vocab_multiple",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "mlp_hidden",
+            "max_seq_len",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"n_heads: must divide d_model={self.d_model}, got {self.n_heads}")
         if self.head_dim % 2:
-            raise ConfigError(f"n_heads: head_dim d_model/n_heads must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(
+                f"n_heads: head_dim d_model/n_heads must be even for RoPE, got {self.head_dim}"
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
+            raise ConfigError(
+                f"n_kv_heads: must divide n_heads={self.n_heads}, got {self.n_kv_heads}"
+            )
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ConfigError("norm_eps, init_std and rope_theta must be positive")
 
@@ -124,7 +150,7 @@ class ModelConfig(Config):
             return body
         return body + table * (1 if self.tie_embeddings else 2)
 
-    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+    def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token, forward + backward, attention included.
 
         ``6 * N_matmul + 12 * n_layers * q_dim * seq_len`` (PaLM, appendix B) where
@@ -139,11 +165,11 @@ class ModelConfig(Config):
 
     # ---- construction --------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str | os.PathLike, overrides: Iterable[str] = ()) -> "ModelConfig":
+    def from_preset(cls, name: str | os.PathLike, overrides: Iterable[str] = ()) -> ModelConfig:
         """Load ``configs/model/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
         return cls.load_preset(PRESET_DIR, name, overrides, what="model preset")
 
-    def build(self, device=None, dtype=None) -> "Transformer":
+    def build(self, device=None, dtype=None) -> Transformer:
         """Instantiate the model with freshly initialised weights."""
         from megablocks_ablate.model.transformer import Transformer
 

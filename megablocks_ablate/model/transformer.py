@@ -33,7 +33,7 @@ the data pipeline does the shift) and ``-100`` marks positions that do not count
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,9 @@ from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.kernels import dispatch
 from megablocks_ablate.kernels.cross_entropy import IGNORE_INDEX
 from megablocks_ablate.kernels.rope import rope_tables
-from megablocks_ablate.model.config import ModelConfig
+
+if TYPE_CHECKING:  # the config builds the model (ModelConfig.build), not the reverse
+    from megablocks_ablate.model.config import ModelConfig
 
 
 class Norm(nn.Module):
@@ -68,8 +70,13 @@ class ParallelBlock(nn.Module):
         d = cfg.d_model
         self.norm = Norm(d, cfg.norm_eps, cfg.norm, device, dtype)
         self.in_proj = nn.Linear(d, cfg.in_proj_dim, bias=False, device=device, dtype=dtype)
-        self.qk_norm = (Norm((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cfg.norm_eps, cfg.norm,
-                             device, dtype) if cfg.qk_norm else None)
+        self.qk_norm = (
+            Norm(
+                (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cfg.norm_eps, cfg.norm, device, dtype
+            )
+            if cfg.qk_norm
+            else None
+        )
         self.attn_out = nn.Linear(cfg.q_dim, d, bias=False, device=device, dtype=dtype)
         self.mlp_out = nn.Linear(cfg.mlp_hidden, d, bias=False, device=device, dtype=dtype)
 
@@ -78,7 +85,8 @@ class ParallelBlock(nn.Module):
         h = self.norm(x)
         # torch.split's backward is a single cat, cheaper than slicing three times.
         qk, v, gate_up = self.in_proj(h).split(
-            [cfg.q_dim + cfg.kv_dim, cfg.kv_dim, 2 * cfg.mlp_hidden], dim=-1)
+            [cfg.q_dim + cfg.kv_dim, cfg.kv_dim, 2 * cfg.mlp_hidden], dim=-1
+        )
         # q and k sit side by side: normalise and rotate them as one [.., H + KV, hd] tensor.
         qk = qk.unflatten(-1, (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim))
         if self.qk_norm is not None:
@@ -98,8 +106,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(ParallelBlock(cfg, device, dtype) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg.d_model, cfg.norm_eps, cfg.norm, device, dtype)
-        self.lm_head = (None if cfg.tie_embeddings else
-                        nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False, device=device, dtype=dtype))
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else nn.Linear(
+                cfg.d_model, cfg.padded_vocab_size, bias=False, device=device, dtype=dtype
+            )
+        )
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
         if cfg.compile:
@@ -136,7 +149,9 @@ class Transformer(nn.Module):
         """
         tables = self._rope.get(device)
         if tables is None:
-            tables = rope_tables(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device)
+            tables = rope_tables(
+                self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device
+            )
             self._rope[device] = tables
         return tables
 
@@ -145,8 +160,10 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.cfg.max_seq_len:
-            raise ConfigError(f"max_seq_len: sequence of {input_ids.shape[1]} tokens exceeds "
-                              f"the model's max_seq_len={self.cfg.max_seq_len}")
+            raise ConfigError(
+                f"max_seq_len: sequence of {input_ids.shape[1]} tokens exceeds "
+                f"the model's max_seq_len={self.cfg.max_seq_len}"
+            )
         cos, sin = self.rope_tables(input_ids.device)
         x = self.embed(input_ids)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -158,7 +175,7 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     # ---- API used by the trainer and the evaluator -------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[batch, seq, padded_vocab]`` (scaled by ``logit_scale``), or, given
         ``labels``, the mean cross-entropy over non-ignored positions through the
         chunked fused output projection (the full logits are never built)."""
@@ -166,17 +183,29 @@ class Transformer(nn.Module):
         if labels is None:
             logits = F.linear(h, self.output_weight)
             return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
-        return dispatch.linear_cross_entropy(h.flatten(0, 1), self.output_weight, labels.flatten(),
-                                             logit_scale=self.cfg.logit_scale, reduction="mean")
+        return dispatch.linear_cross_entropy(
+            h.flatten(0, 1),
+            self.output_weight,
+            labels.flatten(),
+            logit_scale=self.cfg.logit_scale,
+            reduction="mean",
+        )
 
     def per_token_nll(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """fp32 negative log-likelihood ``[batch, seq]`` of ``labels`` (0 where ``-100``)."""
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
         h = self.hidden_states(input_ids)
-        nll = dispatch.linear_cross_entropy(h.flatten(0, 1), self.output_weight, labels.flatten(),
-                                            logit_scale=self.cfg.logit_scale, reduction="none",
-                                            ignore_index=IGNORE_INDEX)
+        nll = dispatch.linear_cross_entropy(
+            h.flatten(0, 1),
+            self.output_weight,
+            labels.flatten(),
+            logit_scale=self.cfg.logit_scale,
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+        )
         return nll.view(labels.shape)
 
     def num_params(self) -> int:

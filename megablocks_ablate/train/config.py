@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from megablocks_ablate.config import Config, Count, doc
 from megablocks_ablate.errors import ConfigError
@@ -36,23 +36,31 @@ class DataConfig(Config):
     """What to train on: one base unit, weighted units, or a mixture of partitions/units."""
 
     manifest: str = doc("preprocessed data directory (or its manifest.json)", "")
-    unit: Optional[str] = doc("train on this one base unit (a unit model)", None)
-    weights: dict[str, float] = doc("explicit weight per unit (a weighted mixture)",
-                                    default_factory=dict)
+    unit: str | None = doc("train on this one base unit (a unit model)", None)
+    weights: dict[str, float] = doc(
+        "explicit weight per unit (a weighted mixture)", default_factory=dict
+    )
     mixture: list[str] = doc(
         "partitions and/or units to mix; '*' = every partition. Each partition gets an "
         "equal share, split equally among its listed units (the paper's upsampling)",
-        default_factory=list)
+        default_factory=list,
+    )
     balance: Literal["partition", "tokens", "uniform"] = doc(
         "mixture weighting: partition (equal per partition), tokens (natural), uniform "
-        "(equal per unit)", "partition")
-    seed: Optional[int] = doc("seed of the packed-sample shuffles (default: the run's seed)", None)
-    cache_dir: Optional[str] = doc("where packed-sample indices are cached (default: beside the data)",
-                                   None)
+        "(equal per unit)",
+        "partition",
+    )
+    seed: int | None = doc("seed of the packed-sample shuffles (default: the run's seed)", None)
+    cache_dir: str | None = doc(
+        "where packed-sample indices are cached (default: beside the data)", None
+    )
 
     def validate(self) -> None:
-        given = [n for n, v in (("unit", self.unit), ("weights", self.weights),
-                                ("mixture", self.mixture)) if v]
+        given = [
+            n
+            for n, v in (("unit", self.unit), ("weights", self.weights), ("mixture", self.mixture))
+            if v
+        ]
         if len(given) > 1:
             raise ConfigError(f"give one of unit, weights or mixture, not {' and '.join(given)}")
         for u, w in self.weights.items():
@@ -66,12 +74,15 @@ class DataConfig(Config):
 class OptimizerConfig(Config):
     """AdamW (torch fused on CUDA; apex FusedAdam when asked for and installed)."""
 
-    lr: float = doc("peak learning rate", 6e-4)
-    betas: tuple[float, ...] = doc("Adam betas", (0.9, 0.95))
-    eps: float = doc("Adam epsilon", 1e-8)
+    lr: float = doc("peak learning rate (reached at the end of warmup)", 6e-4)
+    betas: tuple[float, ...] = doc(
+        "Adam betas: decay rates of the first and second moments", (0.9, 0.95)
+    )
+    eps: float = doc("Adam epsilon (added to the second-moment root)", 1e-8)
     weight_decay: float = doc("decoupled weight decay (matrices and embeddings only)", 0.1)
     impl: Literal["auto", "torch", "apex"] = doc(
-        "auto: torch AdamW, fused on CUDA; apex: apex FusedAdam (must be installed)", "auto")
+        "auto: torch AdamW, fused on CUDA; apex: apex FusedAdam (must be installed)", "auto"
+    )
 
     def validate(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -88,28 +99,38 @@ class ScheduleConfig(Config):
     fresh warmup, optionally starting at the seed's final LR (``warmup_start_lr``).
     """
 
-    warmup_steps: Optional[int] = doc("warmup steps (default: warmup_fraction of the run)", None)
-    warmup_fraction: float = doc("warmup as a fraction of the steps, if warmup_steps is unset", 0.01)
+    warmup_steps: int | None = doc(
+        "warmup length in optimizer steps (default: warmup_fraction of the run)", None
+    )
+    warmup_fraction: float = doc(
+        "warmup as a fraction of the run's steps, if warmup_steps is unset", 0.01
+    )
     warmup_start_lr: float = doc("LR at step 0 of the warmup (re-warming starts above 0)", 0.0)
-    decay: Literal["cosine", "linear", "constant"] = doc("decay after warmup", "cosine")
+    decay: Literal["cosine", "linear", "constant"] = doc("LR decay shape after warmup", "cosine")
     min_lr: float = doc("LR reached at the last step", 6e-5)
 
     def validate(self) -> None:
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.warmup_fraction <= 1:
-            raise ConfigError(f"schedule.warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
+            raise ConfigError(
+                f"schedule.warmup_fraction: must be in [0, 1], got {self.warmup_fraction}"
+            )
         if self.min_lr < 0 or self.warmup_start_lr < 0:
             raise ConfigError("schedule: min_lr and warmup_start_lr must be >= 0")
 
 
 @dataclass
 class CheckpointConfig(Config):
-    every: int = doc("save a resumable checkpoint every this many steps (0: only at the end)", 1000)
+    every: int = doc(
+        "save a resumable checkpoint every this many optimizer steps (0: only at the end)", 1000
+    )
     keep_last: int = doc("keep this many resumable checkpoints (older ones are deleted)", 2)
     resume: Literal["auto", "never", "must"] = doc(
         "auto: resume from the latest checkpoint in out_dir if any; never: refuse a "
-        "non-empty out_dir; must: fail without one", "auto")
+        "non-empty out_dir; must: fail without one",
+        "auto",
+    )
 
     def validate(self) -> None:
         if self.every < 0 or self.keep_last < 1:
@@ -118,12 +139,13 @@ class CheckpointConfig(Config):
 
 @dataclass
 class LoggingConfig(Config):
-    every: int = doc("write a metrics record every this many steps", 10)
+    every: int = doc("write a metrics record every this many optimizer steps", 10)
     progress: bool = doc("show a progress bar with ETA (rank 0)", True)
     tensorboard: bool = doc("also log to TensorBoard under out_dir/tb when installed", True)
-    wandb_project: Optional[str] = doc("also log to this W&B project when wandb is installed", None)
-    peak_tflops: Optional[float] = doc(
-        "peak TFLOP/s of one device for the MFU estimate (default: known GPUs, none on CPU)", None)
+    wandb_project: str | None = doc("also log to this W&B project when wandb is installed", None)
+    peak_tflops: float | None = doc(
+        "peak TFLOP/s of one device for the MFU estimate (default: known GPUs, none on CPU)", None
+    )
 
     def validate(self) -> None:
         if self.every < 1:
@@ -132,8 +154,9 @@ class LoggingConfig(Config):
 
 @dataclass
 class DistributedConfig(Config):
-    parallel: Literal["ddp", "fsdp"] = doc("data parallelism: DDP, or FSDP2 (fully_shard) for big models",
-                                           "ddp")
+    parallel: Literal["ddp", "fsdp"] = doc(
+        "data parallelism: DDP, or FSDP2 (fully_shard) for big models", "ddp"
+    )
     backend: Literal["auto", "nccl", "gloo"] = doc("auto: NCCL on CUDA, gloo on CPU", "auto")
     timeout_s: int = doc("collective timeout in seconds", 1800)
 
@@ -142,36 +165,61 @@ class DistributedConfig(Config):
 class TrainConfig(Config):
     """One training run; see the module docstring for how sizes relate."""
 
-    kind: Literal["seed", "unit", "seq"] = doc("what this run trains (recorded in the lineage)", "unit")
+    preset_dir = PRESET_DIR  # not a field: where `base: <name>` finds train presets
+
+    kind: Literal["seed", "unit", "seq"] = doc(
+        "what this run trains (recorded in the lineage)", "unit"
+    )
     out_dir: str = doc("run directory: checkpoints/, final/, metrics.jsonl ('{unit}' allowed)", "")
     model: str = doc("model preset (configs/model/<name>.yaml) or a YAML path", "tiny")
-    model_overrides: list[str] = doc("key=value overrides of the model preset", default_factory=list)
-    data: DataConfig = field(default_factory=DataConfig)
-    train_tokens: Count = doc("token budget of the run (e.g. 50M)", 1_000_000)
+    model_overrides: list[str] = doc(
+        "key=value overrides of the model preset", default_factory=list
+    )
+    data: DataConfig = doc(
+        "what to train on: one base unit, weighted units, or a mixture", default_factory=DataConfig
+    )
+    train_tokens: Count = doc("token budget of the run, in tokens (e.g. 50M)", 1_000_000)
     seq_len: int = doc("tokens per training sequence", 2048)
-    global_batch_tokens: Count = doc("tokens per optimizer step over all ranks", 524288)
+    global_batch_tokens: Count = doc(
+        "tokens per optimizer step over all ranks (a multiple of seq_len)", 524288
+    )
     micro_batch: int = doc("sequences per rank per forward/backward", 8)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    grad_clip: float = doc("clip the global gradient norm to this (0: off)", 1.0)
+    optimizer: OptimizerConfig = doc("AdamW settings", default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = doc(
+        "learning-rate schedule: warmup, then decay", default_factory=ScheduleConfig
+    )
+    grad_clip: float = doc("clip the global gradient L2 norm to this (0: off)", 1.0)
     precision: Literal["auto", "fp32", "bf16"] = doc(
-        "auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast everywhere", "auto")
-    init_from: Optional[str] = doc("start from this model checkpoint's weights (fresh optimizer)", None)
+        "auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast everywhere", "auto"
+    )
+    init_from: str | None = doc(
+        "start from this model checkpoint's weights (fresh optimizer)", None
+    )
     seed: int = doc("random seed (model init, data shuffles unless data.seed)", 1234)
     device: Literal["auto", "cpu", "cuda"] = doc("auto: CUDA when available", "auto")
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = doc(
+        "resumable checkpoints in out_dir/checkpoints/", default_factory=CheckpointConfig
+    )
+    logging: LoggingConfig = doc(
+        "metrics, progress bar, TensorBoard and W&B", default_factory=LoggingConfig
+    )
+    distributed: DistributedConfig = doc(
+        "data parallelism over ranks (torchrun)", default_factory=DistributedConfig
+    )
 
     def validate(self) -> None:
         if self.seq_len <= 0 or self.micro_batch <= 0 or self.train_tokens <= 0:
             raise ConfigError("seq_len, micro_batch and train_tokens must be positive")
         if self.global_batch_tokens % self.seq_len:
-            raise ConfigError(f"global_batch_tokens: {self.global_batch_tokens} is not a multiple "
-                              f"of seq_len={self.seq_len}")
+            raise ConfigError(
+                f"global_batch_tokens: {self.global_batch_tokens} is not a multiple "
+                f"of seq_len={self.seq_len}"
+            )
         if self.global_batch % self.micro_batch:
-            raise ConfigError(f"micro_batch: {self.micro_batch} does not divide the global batch "
-                              f"of {self.global_batch} sequences")
+            raise ConfigError(
+                f"micro_batch: {self.micro_batch} does not divide the global batch "
+                f"of {self.global_batch} sequences"
+            )
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
         if self.kind == "unit" and self.data.mixture:
@@ -195,13 +243,19 @@ class TrainConfig(Config):
     def grad_accum_steps(self, dp_world: int) -> int:
         per_rank = self.micro_batch * dp_world
         if self.global_batch % per_rank:
-            raise ConfigError(f"global batch of {self.global_batch} sequences is not divisible by "
-                              f"micro_batch={self.micro_batch} x {dp_world} ranks")
+            raise ConfigError(
+                f"global batch of {self.global_batch} sequences is not divisible by "
+                f"micro_batch={self.micro_batch} x {dp_world} ranks"
+            )
         return self.global_batch // per_rank
 
     def warmup_steps(self) -> int:
         s = self.schedule
-        n = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_fraction * self.train_steps)
+        n = (
+            s.warmup_steps
+            if s.warmup_steps is not None
+            else round(s.warmup_fraction * self.train_steps)
+        )
         return min(n, self.train_steps)
 
     def resolved_out_dir(self) -> str:
@@ -209,11 +263,22 @@ class TrainConfig(Config):
             raise ConfigError("out_dir: required (the run directory)")
         if "{unit}" in self.out_dir:
             if not self.data.unit:
-                raise ConfigError(f"out_dir {self.out_dir!r} uses {{unit}} but data.unit is not set")
+                raise ConfigError(
+                    f"out_dir {self.out_dir!r} uses {{unit}} but data.unit is not set"
+                )
             return self.out_dir.replace("{unit}", self.data.unit)
         return self.out_dir
 
     @classmethod
-    def from_preset(cls, name: str | os.PathLike, overrides=()) -> "TrainConfig":
-        """``configs/train/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides."""
+    def from_preset(cls, name: str | os.PathLike, overrides=()) -> TrainConfig:
+        """``configs/train/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides;
+        presets derive from one another by ``base:`` (see :meth:`Config.load_preset`)."""
         return cls.load_preset(PRESET_DIR, name, overrides, what="train preset")
+
+    def references(self) -> dict[str, tuple[str, Config]]:
+        """The model preset, resolved, shown after ``model_overrides`` by ``--print-config``."""
+        from megablocks_ablate.model.config import ModelConfig
+
+        model = ModelConfig.from_preset(self.model, self.model_overrides)
+        title = f"model: {self.model!r} + model_overrides, resolved (shown here, not read back):"
+        return {"model_overrides": (title, model)}

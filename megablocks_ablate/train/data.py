@@ -10,7 +10,11 @@ is read partly.
 from __future__ import annotations
 
 from megablocks_ablate.data.manifest import Manifest
-from megablocks_ablate.data.mixture import MixtureDataset, partition_balanced_weights, token_weighted
+from megablocks_ablate.data.mixture import (
+    MixtureDataset,
+    partition_balanced_weights,
+    token_weighted,
+)
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.train.config import DataConfig, TrainConfig
 
@@ -35,14 +39,18 @@ def resolve_unit_weights(spec: DataConfig, manifest: Manifest) -> dict[str, floa
             for p, us in parts.items():
                 groups.setdefault(p, []).extend(u for u in us if u not in groups.get(p, []))
         elif item in parts:
-            groups.setdefault(item, []).extend(u for u in parts[item] if u not in groups.get(item, []))
+            groups.setdefault(item, []).extend(
+                u for u in parts[item] if u not in groups.get(item, [])
+            )
         elif item in unit_partition:
             g = groups.setdefault(unit_partition[item], [])
             if item not in g:
                 g.append(item)
         else:
-            raise ConfigError(f"data.mixture: {item!r} is neither a partition nor a unit of "
-                              f"{manifest.root} (partitions: {', '.join(sorted(parts))})")
+            raise ConfigError(
+                f"data.mixture: {item!r} is neither a partition nor a unit of "
+                f"{manifest.root} (partitions: {', '.join(sorted(parts))})"
+            )
     if spec.balance == "partition":
         return partition_balanced_weights(groups)
     units = [u for us in groups.values() for u in us]
@@ -51,14 +59,24 @@ def resolve_unit_weights(spec: DataConfig, manifest: Manifest) -> dict[str, floa
     return {u: 1.0 / len(units) for u in units}
 
 
-def build_mixture(cfg: TrainConfig, manifest: Manifest | None = None) -> tuple[MixtureDataset, dict[str, float], Manifest]:
+def build_mixture(
+    cfg: TrainConfig, manifest: Manifest | None = None
+) -> tuple[MixtureDataset, dict[str, float], Manifest]:
     """The run's :class:`MixtureDataset`, its unit weights, and the manifest."""
     if not cfg.data.manifest:
-        raise ConfigError("data.manifest: required (a directory written by `megablocks-ablate preprocess`)")
+        raise ConfigError(
+            "data.manifest: required (a directory written by `megablocks-ablate preprocess`)"
+        )
     manifest = manifest or Manifest.load(cfg.data.manifest)
     weights = resolve_unit_weights(cfg.data, manifest)
     live = {u: w for u, w in weights.items() if w > 0}
     seed = cfg.seed if cfg.data.seed is None else cfg.data.seed
-    mix = MixtureDataset({u: manifest.unit_prefix(u) for u in live}, live, size=cfg.train_samples,
-                         seq_len=cfg.seq_len, seed=seed, cache_dir=cfg.data.cache_dir)
+    mix = MixtureDataset(
+        {u: manifest.unit_prefix(u) for u in live},
+        live,
+        size=cfg.train_samples,
+        seq_len=cfg.seq_len,
+        seed=seed,
+        cache_dir=cfg.data.cache_dir,
+    )
     return mix, weights, manifest

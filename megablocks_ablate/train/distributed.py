@@ -24,16 +24,21 @@ import datetime
 import os
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from megablocks_ablate.errors import ConfigError
 
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
-                  "MV2_COMM_WORLD_SIZE")
+_MPI_SIZE_VARS = (
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_SIZE",
+    "MPI_LOCALNRANKS",
+    "MV2_COMM_WORLD_SIZE",
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class DistEnv:
 
 
 def detect_launcher(env=None) -> str:
-    """"torchrun", "mpi", "slurm" or "single", from the environment alone."""
+    """ "torchrun", "mpi", "slurm" or "single", from the environment alone."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torchrun"
@@ -89,8 +94,10 @@ def _mpi_rendezvous() -> tuple[int, int, int, str]:
     try:
         from mpi4py import MPI
     except ImportError:
-        raise ConfigError("launched by mpiexec/mpirun but mpi4py is not installed "
-                          "(pip install mpi4py, or launch with torchrun)") from None
+        raise ConfigError(
+            "launched by mpiexec/mpirun but mpi4py is not installed "
+            "(pip install mpi4py, or launch with torchrun)"
+        ) from None
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
@@ -117,8 +124,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto",
-                     timeout_s: int = 1800) -> DistEnv:
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Initialise torch.distributed for however this process was launched.
 
     Returns a :class:`DistEnv`; a single process gets world size 1 and no process group.
@@ -140,7 +146,10 @@ def init_distributed(device: str = "auto", backend: str = "auto",
         rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         host = os.environ.get("MASTER_ADDR") or first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
-        port = int(os.environ.get("MASTER_PORT", 0)) or 15000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000
+        port = (
+            int(os.environ.get("MASTER_PORT", 0))
+            or 15000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000
+        )
         init_method = f"tcp://{host}:{port}"
     else:
         return DistEnv(0, 1, 0, _pick_device(device, 0), launcher)
@@ -152,14 +161,21 @@ def init_distributed(device: str = "auto", backend: str = "auto",
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = dev
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
+        )
     return DistEnv(rank, world, local_rank, dev, launcher)
 
 
 @contextlib.contextmanager
-def distributed_session(device: str = "auto", backend: str = "auto",
-                        timeout_s: int = 1800) -> Iterator[DistEnv]:
+def distributed_session(
+    device: str = "auto", backend: str = "auto", timeout_s: int = 1800
+) -> Iterator[DistEnv]:
     """``with distributed_session() as env:`` -- init, and tear down what *this* call set up.
 
     A group that already existed (a caller's) is left alone, so the trainer and the

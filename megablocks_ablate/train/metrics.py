@@ -13,13 +13,26 @@ peak of all devices; it is null when the peak is unknown (CPU, unlisted GPU) unl
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
+import time
+
+logger = logging.getLogger(__name__)
 
 # dense bf16 peak TFLOP/s per device, by substring of torch.cuda.get_device_name()
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
-                    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L40": 181.0,
-                    "A10G": 70.0, "RTX 4090": 165.0, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+    "V100": 125.0,
+}
 
 
 def peak_tflops(device, configured: float | None) -> float | None:
@@ -34,6 +47,38 @@ def peak_tflops(device, configured: float | None) -> float | None:
             if key in name:
                 return value
     return None
+
+
+class ThroughputMeter:
+    """The record of a logged step: loss and learning rate with tokens/s, TFLOP/s per
+    device and MFU measured since the previous logged step."""
+
+    def __init__(
+        self, flops_per_token: float, peak: float | None, world_size: int, tokens_at_start: int
+    ):
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
+        self.tokens_at_start = tokens_at_start
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens_last = 0
+
+    def record(self, step: int, tokens: int, loss: float, lr: float, grad_norm: float) -> dict:
+        """``tokens``: total trained after ``step`` (the run's start included)."""
+        now = time.perf_counter()
+        done = tokens - self.tokens_at_start
+        tps = (done - self.tokens_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.tokens_last = now, done
+        flops = self.flops_per_token * tps
+        return {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "tokens_per_s": round(tps, 1),
+            "tflops_per_device": round(flops / self.world_size / 1e12, 4),
+            "mfu": (round(flops / (self.peak * 1e12 * self.world_size), 4) if self.peak else None),
+            "elapsed_s": round(now - self.t0, 3),
+        }
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
@@ -56,8 +101,15 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 class MetricsLogger:
     """Writes records to ``metrics.jsonl`` (+ TensorBoard, W&B); rank 0 only."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool = True,
-                 wandb_project: str | None = None, run_name: str = "", config: dict | None = None):
+    def __init__(
+        self,
+        out_dir: str,
+        enabled: bool,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        run_name: str = "",
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self._file = None
         self._tb = None
@@ -76,11 +128,18 @@ class MetricsLogger:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=wandb_project, name=run_name or None,
-                                         config=config, dir=out_dir, resume="allow")
+                self._wandb = wandb.init(
+                    project=wandb_project,
+                    name=run_name or None,
+                    config=config,
+                    dir=out_dir,
+                    resume="allow",
+                )
             except ImportError:
-                warnings.warn("logging.wandb_project is set but wandb is not installed; "
-                              "logging to metrics.jsonl only")
+                logger.warning(
+                    "logging.wandb_project is set but wandb is not installed; "
+                    "logging to metrics.jsonl only"
+                )
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -88,8 +147,11 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
-        scalars = {k: v for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and v is not None}
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and v is not None
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(f"train/{k}", v, step)

@@ -37,8 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megablocks_ablate.errors import DataFormatError
-from megablocks_ablate.train.checkpoint import (
+from megablocks_ablate.checkpoint import (
     MODEL_FILE,
     Lineage,
     load_model_checkpoint,
@@ -46,6 +45,7 @@ from megablocks_ablate.train.checkpoint import (
     save_model_checkpoint,
     staged_checkpoint_dir,
 )
+from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.utils.atomic import atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file
 
@@ -62,9 +62,20 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 # Config fields that define the loss trajectory: a checkpoint saved under other values
 # is refused on resume. Everything else (logging, checkpoint cadence, micro_batch,
 # devices, parallelism) may change between a run and its resumption.
-TRAJECTORY_FIELDS = ("kind", "model", "model_overrides", "data", "train_tokens", "seq_len",
-                     "global_batch_tokens", "optimizer", "schedule", "grad_clip",
-                     "init_from", "seed")
+TRAJECTORY_FIELDS = (
+    "kind",
+    "model",
+    "model_overrides",
+    "data",
+    "train_tokens",
+    "seq_len",
+    "global_batch_tokens",
+    "optimizer",
+    "schedule",
+    "grad_clip",
+    "init_from",
+    "seed",
+)
 
 
 # ----------------------------------------------------------------------------- layout
@@ -104,8 +115,9 @@ def prune_checkpoints(out_dir: str, keep_last: int) -> None:
 
 def is_complete(out_dir: str) -> bool:
     """True once training finished (the final model and COMPLETE.json exist)."""
-    return os.path.isfile(os.path.join(out_dir, COMPLETE_FILE)) and \
-        os.path.isfile(os.path.join(out_dir, FINAL_DIR, MODEL_FILE))
+    return os.path.isfile(os.path.join(out_dir, COMPLETE_FILE)) and os.path.isfile(
+        os.path.join(out_dir, FINAL_DIR, MODEL_FILE)
+    )
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -154,13 +166,17 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> d
 def rng_state() -> dict:
     """This process's RNG states: tensors + a JSON-able part."""
     np_state = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(),
-               "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))}
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda"] = torch.cuda.get_rng_state()
     py = random.getstate()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return {"tensors": tensors, "meta": meta}
 
 
@@ -170,7 +186,9 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in t and torch.cuda.is_available():
         torch.cuda.set_rng_state(t["cuda"])
     np_kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((np_kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state(
+        (np_kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
     v, internal, gauss = meta["python"]
     random.setstate((v, tuple(internal), gauss))
 
@@ -178,9 +196,16 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- save
 
 
-def save_train_checkpoint(directory: str, *, model_state: dict[str, torch.Tensor], model_config: dict,
-                          lineage: Lineage, optim_state: dict, rng_states: list[dict],
-                          trainer_state: dict) -> None:
+def save_train_checkpoint(
+    directory: str,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_config: dict,
+    lineage: Lineage,
+    optim_state: dict,
+    rng_states: list[dict],
+    trainer_state: dict,
+) -> None:
     """Write one resumable checkpoint directory atomically (call on rank 0 only).
 
     ``rng_states`` holds one :func:`rng_state` per rank; ``trainer_state`` the JSON
@@ -194,24 +219,34 @@ def save_train_checkpoint(directory: str, *, model_state: dict[str, torch.Tensor
         save_file(tensors, os.path.join(tmp, OPTIM_TENSORS), metadata={"format": "pt"})
         with open(os.path.join(tmp, OPTIM_JSON), "w", encoding="utf-8") as f:
             json.dump(meta, f)
-        rng_tensors = {f"rank{r}/{k}": v.contiguous() for r, s in enumerate(rng_states)
-                       for k, v in s["tensors"].items()}
+        rng_tensors = {
+            f"rank{r}/{k}": v.contiguous()
+            for r, s in enumerate(rng_states)
+            for k, v in s["tensors"].items()
+        }
         save_file(rng_tensors, os.path.join(tmp, RNG_FILE))
-        state = dict(trainer_state, format=STATE_FORMAT,
-                     rng=[s["meta"] for s in rng_states],
-                     sha256={name: sha256_file(os.path.join(tmp, name))
-                             for name in (MODEL_FILE, OPTIM_TENSORS)})
+        state = dict(
+            trainer_state,
+            format=STATE_FORMAT,
+            rng=[s["meta"] for s in rng_states],
+            sha256={
+                name: sha256_file(os.path.join(tmp, name)) for name in (MODEL_FILE, OPTIM_TENSORS)
+            },
+        )
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=1)
 
 
-def save_final(out_dir: str, model_state: dict, model_config: dict, lineage: Lineage,
-               summary: dict) -> None:
+def save_final(
+    out_dir: str, model_state: dict, model_config: dict, lineage: Lineage, summary: dict
+) -> None:
     """The trained model under ``final/``, then the COMPLETE.json marker."""
     final = os.path.join(out_dir, FINAL_DIR)
     save_model_checkpoint(final, model_state, model_config, lineage)
-    atomic_write_json(os.path.join(out_dir, COMPLETE_FILE),
-                      dict(summary, model_sha256=sha256_file(os.path.join(final, MODEL_FILE))))
+    atomic_write_json(
+        os.path.join(out_dir, COMPLETE_FILE),
+        dict(summary, model_sha256=sha256_file(os.path.join(final, MODEL_FILE))),
+    )
 
 
 # ----------------------------------------------------------------------------- load
@@ -244,8 +279,9 @@ def read_trainer_state(directory: str) -> dict:
     path = os.path.join(directory, STATE_FILE)
     state = _read_json(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise DataFormatError(f"{path}: not a megablocks-ablate trainer state "
-                              f"(expected format {STATE_FORMAT!r})")
+        raise DataFormatError(
+            f"{path}: not a megablocks-ablate trainer state (expected format {STATE_FORMAT!r})"
+        )
     for key in ("step", "consumed_samples", "tokens_seen", "config", "sha256", "rng"):
         if key not in state:
             raise DataFormatError(f"{path}: missing field {key!r}")
@@ -256,10 +292,13 @@ def check_compatible(saved_config: dict, config: dict, directory: str) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining settings differ."""
     diffs = [k for k in TRAJECTORY_FIELDS if saved_config.get(k) != config.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs now {config.get(k)!r}"
-                           for k in diffs)
-        raise DataFormatError(f"{directory}: checkpoint was written by a run with other "
-                              f"settings ({detail}); use another out_dir or the same settings")
+        detail = "; ".join(
+            f"{k}: checkpoint {saved_config.get(k)!r} vs now {config.get(k)!r}" for k in diffs
+        )
+        raise DataFormatError(
+            f"{directory}: checkpoint was written by a run with other "
+            f"settings ({detail}); use another out_dir or the same settings"
+        )
 
 
 def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
@@ -275,16 +314,32 @@ def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
             if not os.path.isfile(path):
                 raise DataFormatError(f"{path}: missing checkpoint file")
             if sha256_file(path) != digest:
-                raise DataFormatError(f"{path}: corrupt (sha256 differs from {STATE_FILE}); "
-                                      f"delete {directory} to resume from an earlier checkpoint")
+                raise DataFormatError(
+                    f"{path}: corrupt (sha256 differs from {STATE_FILE}); "
+                    f"delete {directory} to resume from an earlier checkpoint"
+                )
     model, model_config, lineage = load_model_checkpoint(directory)
-    optim = unflatten_optimizer_state(_load_tensors(os.path.join(directory, OPTIM_TENSORS)),
-                                      _read_json(os.path.join(directory, OPTIM_JSON)))
+    optim = unflatten_optimizer_state(
+        _load_tensors(os.path.join(directory, OPTIM_TENSORS)),
+        _read_json(os.path.join(directory, OPTIM_JSON)),
+    )
     rng_tensors = _load_tensors(os.path.join(directory, RNG_FILE))
     rng = []
     for r, meta in enumerate(state["rng"]):
         prefix = f"rank{r}/"
-        rng.append({"tensors": {k[len(prefix):]: v for k, v in rng_tensors.items()
-                                if k.startswith(prefix)}, "meta": meta})
-    return {"trainer": state, "model": model, "model_config": model_config, "lineage": lineage,
-            "optim": optim, "rng": rng}
+        rng.append(
+            {
+                "tensors": {
+                    k[len(prefix) :]: v for k, v in rng_tensors.items() if k.startswith(prefix)
+                },
+                "meta": meta,
+            }
+        )
+    return {
+        "trainer": state,
+        "model": model,
+        "model_config": model_config,
+        "lineage": lineage,
+        "optim": optim,
+        "rng": rng,
+    }

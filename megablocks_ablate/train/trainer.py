@@ -21,6 +21,7 @@ optimizer state and the RNG states are restored, and the LR is a function of the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import time
@@ -28,9 +29,9 @@ import time
 import numpy as np
 import torch
 
+from megablocks_ablate.checkpoint import Lineage, load_model_checkpoint, model_hash
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.train import state as st
-from megablocks_ablate.train.checkpoint import Lineage, load_model_checkpoint, model_hash
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.data import build_mixture
 from megablocks_ablate.train.distributed import (
@@ -39,9 +40,17 @@ from megablocks_ablate.train.distributed import (
     barrier,
     distributed_session,
 )
-from megablocks_ablate.train.metrics import MetricsLogger, peak_tflops, truncate_jsonl
+from megablocks_ablate.train.metrics import (
+    MetricsLogger,
+    ThroughputMeter,
+    peak_tflops,
+    truncate_jsonl,
+)
 from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
 from megablocks_ablate.utils.atomic import atomic_write_text
+from megablocks_ablate.utils.progress import progress
+
+logger = logging.getLogger(__name__)
 
 # Model-config fields that change how a model is run, not what it is.
 _RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "compile")
@@ -49,10 +58,10 @@ _RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "compile")
 STEP_DELAY_ENV = "MBA_TRAIN_STEP_DELAY"
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Run (or resume, or skip if complete) the training run ``cfg``; returns a summary."""
     with distributed_session(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s) as env:
-        return Trainer(cfg, env, log=log).run()
+        return Trainer(cfg, env).run()
 
 
 def _same_model(a: dict, b: dict) -> list[str]:
@@ -63,9 +72,8 @@ def _same_model(a: dict, b: dict) -> list[str]:
 class Trainer:
     """One run on one rank; :meth:`run` does everything."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
-        self.log = log if env.is_main else (lambda *a, **k: None)
         self.out_dir = cfg.resolved_out_dir()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -75,12 +83,16 @@ class Trainer:
         cfg = self.cfg
         mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
         if cfg.seq_len > mcfg.max_seq_len:
-            raise ConfigError(f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}")
+            raise ConfigError(
+                f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}"
+            )
         vocab = int(self.manifest.data["tokenizer"]["vocab_size"])
         if vocab > mcfg.vocab_size:
-            raise ConfigError(f"model: the data's tokenizer has {vocab} tokens but model "
-                              f"{cfg.model!r} has vocab_size={mcfg.vocab_size} "
-                              f"(add model_overrides: [vocab_size={vocab}])")
+            raise ConfigError(
+                f"model: the data's tokenizer has {vocab} tokens but model "
+                f"{cfg.model!r} has vocab_size={mcfg.vocab_size} "
+                f"(add model_overrides: [vocab_size={vocab}])"
+            )
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
@@ -93,13 +105,17 @@ class Trainer:
         state, config, lineage = load_model_checkpoint(path)
         diff = _same_model(config, self.model_config.to_dict())
         if diff:
-            raise ConfigError(f"init_from {path}: its model config differs in {', '.join(diff)} "
-                              f"(checkpoint {[config.get(k) for k in diff]} vs "
-                              f"{[self.model_config.to_dict().get(k) for k in diff]})")
+            raise ConfigError(
+                f"init_from {path}: its model config differs in {', '.join(diff)} "
+                f"(checkpoint {[config.get(k) for k in diff]} vs "
+                f"{[self.model_config.to_dict().get(k) for k in diff]})"
+            )
         fp = lineage.tokenizer_fingerprint
         if fp is not None and fp != self.manifest.tokenizer_fingerprint:
-            raise ConfigError(f"init_from {path}: trained with tokenizer {fp}, but "
-                              f"{self.cfg.data.manifest} uses {self.manifest.tokenizer_fingerprint}")
+            raise ConfigError(
+                f"init_from {path}: trained with tokenizer {fp}, but "
+                f"{self.cfg.data.manifest} uses {self.manifest.tokenizer_fingerprint}"
+            )
         try:
             model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()}, strict=True)
         except RuntimeError as e:
@@ -130,8 +146,10 @@ class Trainer:
         if policy == "must" and not found:
             raise ConfigError(f"checkpoint.resume=must but {self.out_dir} has no checkpoint")
         if policy == "never" and found:
-            raise ConfigError(f"checkpoint.resume=never but {self.out_dir} already has checkpoints "
-                              f"(use another out_dir)")
+            raise ConfigError(
+                f"checkpoint.resume=never but {self.out_dir} already has checkpoints "
+                f"(use another out_dir)"
+            )
         return found[-1][1] if found else None
 
     # ---- state --------------------------------------------------------------------------
@@ -143,8 +161,10 @@ class Trainer:
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=opts),
-                get_optimizer_state_dict(model, optimizer, options=opts))
+        return (
+            get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, optimizer, options=opts),
+        )
 
     def _restore(self, model, optimizer, ckpt: dict) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -158,8 +178,9 @@ class Trainer:
             set_model_state_dict(model, ckpt["model"], options=opts)
             set_optimizer_state_dict(model, optimizer, ckpt["optim"], options=opts)
         except (RuntimeError, KeyError, ValueError) as e:
-            raise DataFormatError(f"{self.resume_dir}: checkpoint does not fit this model/"
-                                  f"optimizer ({e})") from None
+            raise DataFormatError(
+                f"{self.resume_dir}: checkpoint does not fit this model/optimizer ({e})"
+            ) from None
         rng = ckpt["rng"]
         if len(rng) == self.env.world_size:
             st.set_rng_state(rng[self.env.rank])
@@ -175,12 +196,21 @@ class Trainer:
             rng = gathered
         if self.env.is_main:
             st.save_train_checkpoint(
-                st.step_dir(self.out_dir, step), model_state=model_sd,
-                model_config=self.model_config.to_dict(), lineage=self._lineage(step),
-                optim_state=optim_sd, rng_states=rng,
-                trainer_state={"step": step, "consumed_samples": self.mix.consumed_samples,
-                               "tokens_seen": self._tokens(step), "data": self.mix.state_dict(),
-                               "world_size": self.env.world_size, "config": self.cfg.to_dict()})
+                st.step_dir(self.out_dir, step),
+                model_state=model_sd,
+                model_config=self.model_config.to_dict(),
+                lineage=self._lineage(step),
+                optim_state=optim_sd,
+                rng_states=rng,
+                trainer_state={
+                    "step": step,
+                    "consumed_samples": self.mix.consumed_samples,
+                    "tokens_seen": self._tokens(step),
+                    "data": self.mix.state_dict(),
+                    "world_size": self.env.world_size,
+                    "config": self.cfg.to_dict(),
+                },
+            )
             st.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
         barrier()
 
@@ -188,26 +218,35 @@ class Trainer:
         return step * self.cfg.global_batch * self.cfg.seq_len
 
     def _lineage(self, step: int) -> Lineage:
-        return Lineage(kind=self.cfg.kind, seed_hash=self.seed_hash, units=list(self.weights),
-                       weights=[float(w) for w in self.weights.values()],
-                       tokens_seen=self._tokens(step),
-                       tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
-                       parents=[self.cfg.init_from] if self.cfg.init_from else [],
-                       extra={"steps": step, "seq_len": self.cfg.seq_len,
-                              "global_batch": self.cfg.global_batch})
+        return Lineage(
+            kind=self.cfg.kind,
+            seed_hash=self.seed_hash,
+            units=list(self.weights),
+            weights=[float(w) for w in self.weights.values()],
+            tokens_seen=self._tokens(step),
+            tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
+            parents=[self.cfg.init_from] if self.cfg.init_from else [],
+            extra={
+                "steps": step,
+                "seq_len": self.cfg.seq_len,
+                "global_batch": self.cfg.global_batch,
+            },
+        )
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
         if st.is_complete(self.out_dir):
-            self.log(f"{self.out_dir}: training already complete, nothing to do")
+            logger.info(f"{self.out_dir}: training already complete, nothing to do")
             return {"out_dir": self.out_dir, "skipped": True}
         if env.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             st.remove_stale_staging(self.out_dir)
         barrier()
-        self.log(f"launcher {env.launcher}: {env.world_size} rank(s), {env.device}, "
-                 f"{cfg.distributed.parallel if env.distributed else 'single process'}")
+        logger.info(
+            f"launcher {env.launcher}: {env.world_size} rank(s), {env.device}, "
+            f"{cfg.distributed.parallel if env.distributed else 'single process'}"
+        )
 
         self.mix, self.weights, self.manifest = build_mixture(cfg)
         model = self._build_model()
@@ -229,75 +268,108 @@ class Trainer:
             self._restore(model, optimizer, ckpt)
             self.mix.load_state_dict(ckpt["trainer"]["data"])
             start = int(ckpt["trainer"]["step"])
-            self.log(f"resuming {self.out_dir} from step {start} ({self.resume_dir})")
+            logger.info(f"resuming {self.out_dir} from step {start} ({self.resume_dir})")
             del ckpt
         if env.is_main:
             truncate_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), start)
             atomic_write_text(os.path.join(self.out_dir, "config.yaml"), cfg.to_yaml())
         return self._loop(model, optimizer, start)
 
-    def _loop(self, model, optimizer, start: int) -> dict:
-        from megablocks_ablate.utils.progress import progress
-
+    def _step_runner(self, model):
+        """A function running one optimizer step's forward/backward passes over
+        ``grad_accum`` micro-batches (gradient sync only on the last); returns the summed
+        loss and the clipped gradient norm."""
         cfg, env = self.cfg, self.env
-        total, accum = cfg.train_steps, cfg.grad_accum_steps(env.world_size)
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+        accum = cfg.grad_accum_steps(env.world_size)
+        use_bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and env.device.type == "cuda"
+        )
         is_ddp = hasattr(model, "no_sync")
         is_fsdp = hasattr(model, "set_requires_gradient_sync")
         params = [p for p in model.parameters() if p.requires_grad]
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        flops_tok = self.model_config.flops_per_token(cfg.seq_len)
-        peak = peak_tflops(env.device, cfg.logging.peak_tflops)
-        delay = float(os.environ.get(STEP_DELAY_ENV, 0) or 0)
-        metrics = MetricsLogger(self.out_dir, env.is_main, cfg.logging.tensorboard,
-                                cfg.logging.wandb_project, os.path.basename(self.out_dir),
-                                cfg.to_dict())
+
+        def run(batches, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+            loss_sum = torch.zeros((), device=env.device)
+            for micro in range(accum):
+                batch = torch.from_numpy(next(batches)).to(env.device, non_blocking=True)
+                last = micro == accum - 1
+                if is_fsdp:
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+                with sync, torch.autocast(env.device.type, torch.bfloat16, enabled=use_bf16):
+                    loss = model(batch[:, :-1], batch[:, 1:])
+                    (loss / accum).backward()
+                loss_sum += loss.detach().float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss_sum / accum, grad_norm
+
+        return run
+
+    def _open_metrics(self, start: int):
+        cfg, env = self.cfg, self.env
+        metrics = MetricsLogger(
+            self.out_dir,
+            env.is_main,
+            cfg.logging.tensorboard,
+            cfg.logging.wandb_project,
+            os.path.basename(self.out_dir),
+            cfg.to_dict(),
+        )
+        meter = ThroughputMeter(
+            self.model_config.flops_per_token(cfg.seq_len),
+            peak_tflops(env.device, cfg.logging.peak_tflops),
+            env.world_size,
+            self._tokens(start),
+        )
         show = env.is_main and cfg.logging.progress
-        bar = progress(total=total, initial=start, desc=os.path.basename(self.out_dir) or "train",
-                       unit="step", disable=None if show else True)  # None: MBA_NO_PROGRESS decides
-        batches = self.mix.batches(cfg.global_batch, env.rank, env.world_size,
-                                   consumed_samples=self.mix.consumed_samples,
-                                   micro_batch=cfg.micro_batch)
+        bar = progress(
+            total=cfg.train_steps,
+            initial=start,
+            desc=os.path.basename(self.out_dir) or "train",
+            unit="step",
+            disable=None if show else True,
+        )  # None: MBA_NO_PROGRESS decides
+        return metrics, meter, bar
+
+    def _loop(self, model, optimizer, start: int) -> dict:
+        cfg, env = self.cfg, self.env
+        total = cfg.train_steps
+        delay = float(os.environ.get(STEP_DELAY_ENV, 0) or 0)
+        step_fn = self._step_runner(model)
+        metrics, meter, bar = self._open_metrics(start)
+        batches = self.mix.batches(
+            cfg.global_batch,
+            env.rank,
+            env.world_size,
+            consumed_samples=self.mix.consumed_samples,
+            micro_batch=cfg.micro_batch,
+        )
         model.train()
-        t_last, tokens_last, t0 = time.perf_counter(), 0, time.perf_counter()
         loss_value = None
         try:
             for step in range(start, total):
                 set_lr(optimizer, lr_at(step, cfg))
-                loss_sum = torch.zeros((), device=env.device)
-                for micro in range(accum):
-                    batch = torch.from_numpy(next(batches)).to(env.device, non_blocking=True)
-                    last = micro == accum - 1
-                    if is_fsdp:
-                        model.set_requires_gradient_sync(last)
-                    sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
-                    with sync, torch.autocast(env.device.type, torch.bfloat16, enabled=use_bf16):
-                        loss = model(batch[:, :-1], batch[:, 1:])
-                        (loss / accum).backward()
-                    loss_sum += loss.detach().float()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss_mean, grad_norm = step_fn(batches, optimizer)
                 done = step + 1
                 bar.update(1)
                 if done % cfg.logging.every == 0 or done == total:
-                    loss_avg = all_reduce_mean(loss_sum / accum)
+                    loss_value = all_reduce_mean(loss_mean).item()
                     if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor
                         grad_norm = grad_norm.full_tensor()
-                    now = time.perf_counter()
-                    tokens = self._tokens(done) - self._tokens(start)
-                    tps = (tokens - tokens_last) / max(now - t_last, 1e-9)
-                    t_last, tokens_last = now, tokens
-                    loss_value = loss_avg.item()
-                    record = {"step": done, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                              "grad_norm": float(grad_norm), "tokens": self._tokens(done),
-                              "tokens_per_s": round(tps, 1),
-                              "tflops_per_device": round(flops_tok * tps / env.world_size / 1e12, 4),
-                              "mfu": (round(flops_tok * tps / (peak * 1e12 * env.world_size), 4)
-                                      if peak else None),
-                              "elapsed_s": round(now - t0, 3)}
+                    record = meter.record(
+                        done,
+                        self._tokens(done),
+                        loss_value,
+                        optimizer.param_groups[0]["lr"],
+                        float(grad_norm),
+                    )
                     metrics.log(record)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False
+                    )
                 if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
                     self._save(model, optimizer, done)
                 if delay:
@@ -306,19 +378,36 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
-        return {"out_dir": self.out_dir, "steps": total, "start_step": start,
-                "tokens_seen": self._tokens(total), "final_loss": loss_value,
-                "elapsed_s": round(time.perf_counter() - t0, 3)}
+        return {
+            "out_dir": self.out_dir,
+            "steps": total,
+            "start_step": start,
+            "tokens_seen": self._tokens(total),
+            "final_loss": loss_value,
+            "elapsed_s": round(time.perf_counter() - meter.t0, 3),
+        }
 
     def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                        cpu_offload=True))
+        model_sd = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if self.env.is_main:
-            st.save_final(self.out_dir, model_sd, self.model_config.to_dict(), self._lineage(total),
-                          {"step": total, "tokens_seen": self._tokens(total), "final_loss": loss,
-                           "kind": self.cfg.kind, "units": list(self.weights)})
-            self.log(f"{self.out_dir}: done, {total} steps, {self._tokens(total)} tokens, "
-                     f"loss {loss}")
+            st.save_final(
+                self.out_dir,
+                model_sd,
+                self.model_config.to_dict(),
+                self._lineage(total),
+                {
+                    "step": total,
+                    "tokens_seen": self._tokens(total),
+                    "final_loss": loss,
+                    "kind": self.cfg.kind,
+                    "units": list(self.weights),
+                },
+            )
+            logger.info(
+                f"{self.out_dir}: done, {total} steps, {self._tokens(total)} tokens, loss {loss}"
+            )
         barrier()

@@ -10,7 +10,8 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 
 def fsync_dir(path: str) -> None:

@@ -14,5 +14,12 @@ def progress(total=None, desc: str = "", unit: str = "it", disable: bool | None 
         disable = os.environ.get("MBA_NO_PROGRESS") == "1"
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
-                unit_scale=True, **kwargs)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        dynamic_ncols=True,
+        unit_scale=True,
+        **kwargs,
+    )

@@ -18,8 +18,14 @@ import numpy as np
 from megablocks_ablate.ablate.mixtures import Mixture, Score, proxy_weights
 from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
 
-PARTITIONS = {"a": ["a-0000"], "b": ["b-0000"], "c": ["c-0000", "c-0001"], "d": ["d-0000"],
-              "e": ["e-0000"], "f": ["f-0000"]}
+PARTITIONS = {
+    "a": ["a-0000"],
+    "b": ["b-0000"],
+    "c": ["c-0000", "c-0001"],
+    "d": ["d-0000"],
+    "e": ["e-0000"],
+    "f": ["f-0000"],
+}
 EXTRA = ["wiki", "code"]
 DOMAINS = list(PARTITIONS) + EXTRA
 TOKENS = 1000
@@ -37,11 +43,19 @@ def fill_store(path: str, seed: int = 0, n_seq: int = 8) -> tuple[ResultStore, l
     mixtures = [Mixture.of({p: PARTITIONS[p] for p in c}) for c in itertools.combinations(names, 2)]
     store = ResultStore(path)
     store.add_mixtures(mixtures)
-    store.set_meta("study", {
-        "name": "synthetic", "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
-        "partitions": PARTITIONS, "domain_units": {p: list(us) for p, us in PARTITIONS.items()},
-        "eval_sets": {d: f"/eval/{d}.jsonl" for d in DOMAINS}, "unit_tokens": 440_000,
-        "mixtures": [m.id for m in mixtures], "validation": [m.id for m in mixtures[:n_seq]]})
+    store.set_meta(
+        "study",
+        {
+            "name": "synthetic",
+            "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
+            "partitions": PARTITIONS,
+            "domain_units": {p: list(us) for p, us in PARTITIONS.items()},
+            "eval_sets": {d: f"/eval/{d}.jsonl" for d in DOMAINS},
+            "unit_tokens": 440_000,
+            "mixtures": [m.id for m in mixtures],
+            "validation": [m.id for m in mixtures[:n_seq]],
+        },
+    )
 
     def log_ppl(m: Mixture, d: str) -> float:
         return base[d] - float(np.mean([aff[p, d] for p in m.names]))
@@ -51,19 +65,39 @@ def fill_store(path: str, seed: int = 0, n_seq: int = 8) -> tuple[ResultStore, l
         for d in DOMAINS:
             lp = log_ppl(m, d)
             for proxy in ("merged", "macro", "micro"):
-                rows.append(Result(m.id, proxy, d, score(lp + 0.1 + rng.normal(0, 0.01)),
-                                   make_provenance(weights=proxy_weights(m, proxy),
-                                                   eval_fingerprint="fp")))
+                rows.append(
+                    Result(
+                        m.id,
+                        proxy,
+                        d,
+                        score(lp + 0.1 + rng.normal(0, 0.01)),
+                        make_provenance(weights=proxy_weights(m, proxy), eval_fingerprint="fp"),
+                    )
+                )
             if i < n_seq:
-                rows.append(Result(m.id, "seq", d, score(lp + rng.normal(0, 0.01)),
-                                   make_provenance(eval_fingerprint="fp")))
+                rows.append(
+                    Result(
+                        m.id,
+                        "seq",
+                        d,
+                        score(lp + rng.normal(0, 0.01)),
+                        make_provenance(eval_fingerprint="fp"),
+                    )
+                )
     store.add_results(rows)
     unit_rows = []
     for p, units in PARTITIONS.items():
         for u in units:
             for d in DOMAINS:
-                unit_rows.append(Result(u, "ind", d, score(base[d] - aff[p, d] + rng.normal(0, 0.05)),
-                                        make_provenance(eval_fingerprint="fp")))
+                unit_rows.append(
+                    Result(
+                        u,
+                        "ind",
+                        d,
+                        score(base[d] - aff[p, d] + rng.normal(0, 0.05)),
+                        make_provenance(eval_fingerprint="fp"),
+                    )
+                )
     store.add_unit_results(unit_rows)
     return store, mixtures
 

@@ -22,14 +22,14 @@ def test_pearson_spearman_known_values():
     assert list(an.rankdata([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
     # ranks [1,2,3,4,5] vs [1,2.5,4.5,2.5,4.5]: r = 7 / sqrt(10 * 9)
     assert an.spearman(x, y) == pytest.approx(7 / math.sqrt(90))
-    assert an.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)   # monotone
+    assert an.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone
 
 
 def test_against_scipy():
     stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
     for _ in range(5):
-        x = rng.integers(0, 6, 30).astype(float)        # many ties
+        x = rng.integers(0, 6, 30).astype(float)  # many ties
         y = x + rng.normal(0, 2, 30)
         assert an.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
         assert an.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
@@ -59,12 +59,14 @@ def test_build_table_derives_proxies_from_the_store(table):
     t, store, mixtures = table
     assert t.domains == DOMAINS and t.proxies == ["merged", "macro", "micro", "mean_ind", "ind_id"]
     assert ID_DOMAIN in t.all_domains and len(t.seq_mixtures) == 8
-    m = next(m for m in mixtures if m.names == ("c", "e"))      # c has two units
+    m = next(m for m in mixtures if m.names == ("c", "e"))  # c has two units
     # stored values come back as perplexities
     assert t.get("macro", "wiki")[m.id] == pytest.approx(ppl(store, m.id, "macro", "wiki"))
     # mean_ind: mean over partitions of the partition's mean unit perplexity
     c = (ppl(store, "c-0000", "ind", "wiki") + ppl(store, "c-0001", "ind", "wiki")) / 2
-    assert t.get("mean_ind", "wiki")[m.id] == pytest.approx((c + ppl(store, "e-0000", "ind", "wiki")) / 2)
+    assert t.get("mean_ind", "wiki")[m.id] == pytest.approx(
+        (c + ppl(store, "e-0000", "ind", "wiki")) / 2
+    )
     # ind_id: only on the mixture's own held-out sets; undefined elsewhere
     assert t.get("ind_id", "e")[m.id] == pytest.approx(ppl(store, "e-0000", "ind", "e"))
     assert m.id not in t.get("ind_id", "wiki") and m.id not in t.get("ind_id", "a")
@@ -95,9 +97,12 @@ def test_rank_recommend_topk_and_true_rank(table):
     best, score = an.recommend(t, "merged", ["a"])
     assert best == ranked[0][0] and score == pytest.approx(ranked[0][1])
     two = an.recommend(t, "merged", ["a", "wiki"])
-    expect = min(t.mixtures, key=lambda m: math.log(t.get("merged", "a")[m]) + math.log(t.get("merged", "wiki")[m]))
+    expect = min(
+        t.mixtures,
+        key=lambda m: math.log(t.get("merged", "a")[m]) + math.log(t.get("merged", "wiki")[m]),
+    )
     assert two[0] == expect
-    assert an.top_k_agreement(t, "seq", "a", 3) == 1.0        # seq agrees with itself
+    assert an.top_k_agreement(t, "seq", "a", 3) == 1.0  # seq agrees with itself
     assert an.best_true_rank(t, "seq", "a") == 1
     assert 0.0 <= an.top_k_agreement(t, "mean_ind", "wiki", 3) <= 1.0
     assert math.isnan(an.top_k_agreement(t, "merged", "a", 99))
@@ -106,9 +111,12 @@ def test_rank_recommend_topk_and_true_rank(table):
 def test_partition_influence_from_add_one_pairs():
     mix = {n: Mixture.of({p: [p + "0"] for p in n}) for n in ["ab", "abc", "abd", "a", "b"]}
     vals = {"ab": 10.0, "abc": 7.0, "abd": 12.0, "a": 15.0, "b": 11.0}
-    t = an.ResultTable(values={"merged": {"x": {mix[n].id: v for n, v in vals.items()}}},
-                       mixtures={m.id: m for m in mix.values()}, domains=["x"],
-                       proxies=["merged"])
+    t = an.ResultTable(
+        values={"merged": {"x": {mix[n].id: v for n, v in vals.items()}}},
+        mixtures={m.id: m for m in mix.values()},
+        domains=["x"],
+        proxies=["merged"],
+    )
     inf = an.partition_influence(t, "merged", "x")
     assert inf["c"] == pytest.approx(3.0) and inf["d"] == pytest.approx(-2.0)
     # b: a -> ab (15 -> 10); a: b -> ab (11 -> 10)

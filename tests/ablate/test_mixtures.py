@@ -43,8 +43,8 @@ def test_macro_micro_merged_weights():
 def test_merge_plan_shares_identical_merges():
     plan = mx.merge_plan(Mixture.of(UNEVEN), mx.PROXIES)
     assert sorted(sorted(p) for _, p in plan) == [["macro"], ["merged", "micro"]]
-    even = Mixture.of({"a": ["a-0"], "b": ["b-0"]})     # one unit per partition: one merge
-    (w, proxies), = mx.merge_plan(even, ["merged", "macro", "micro", "mean_ind"])
+    even = Mixture.of({"a": ["a-0"], "b": ["b-0"]})  # one unit per partition: one merge
+    ((w, proxies),) = mx.merge_plan(even, ["merged", "macro", "micro", "mean_ind"])
     assert proxies == ["merged", "macro", "micro"] and w == {"a-0": 0.5, "b-0": 0.5}
 
 
@@ -55,7 +55,7 @@ def test_k_subsets_and_random_subsets():
     assert r1 == mx.random_subsets(names, 3, 4, seed=7)
     assert len(set(r1)) == 4 and all(len(c) == 3 for c in r1)
     assert mx.random_subsets(names, 3, 4, seed=8) != r1
-    assert len(mx.random_subsets(names, 3, 100, seed=0)) == 10   # all when n >= C(5, 3)
+    assert len(mx.random_subsets(names, 3, 100, seed=0)) == 10  # all when n >= C(5, 3)
     # a space too large to enumerate (C(128, 5) ~ 2.5e8) is sampled by rejection
     big = [f"p{i:03d}" for i in range(128)]
     r = mx.random_subsets(big, 5, 50, seed=1)
@@ -65,7 +65,12 @@ def test_k_subsets_and_random_subsets():
 
 
 def test_leave_one_out_and_add_one():
-    assert mx.leave_one_out(["a", "b", "c"]) == [("a", "b", "c"), ("b", "c"), ("a", "c"), ("a", "b")]
+    assert mx.leave_one_out(["a", "b", "c"]) == [
+        ("a", "b", "c"),
+        ("b", "c"),
+        ("a", "c"),
+        ("a", "b"),
+    ]
     assert mx.add_one(["a"], ["a", "b", "c"]) == [("a",), ("a", "b"), ("a", "c")]
 
 
@@ -80,10 +85,12 @@ def test_pool_is_the_union_score():
 def test_mean_ind_and_ind_id_known_values():
     m = Mixture.of(UNEVEN)
     domain_units = {"bio": ["bio-0", "bio-1", "bio-2"], "cs": ["cs-0"], "math": ["math-0"]}
-    ind = {"bio-0": {"bio": 10.0, "cs": 40.0, "wiki": 30.0},
-           "bio-1": {"bio": 12.0, "cs": 44.0, "wiki": 33.0},
-           "bio-2": {"bio": 14.0, "cs": 48.0, "wiki": 36.0},
-           "cs-0": {"bio": 50.0, "cs": 20.0, "wiki": 40.0}}
+    ind = {
+        "bio-0": {"bio": 10.0, "cs": 40.0, "wiki": 30.0},
+        "bio-1": {"bio": 12.0, "cs": 44.0, "wiki": 33.0},
+        "bio-2": {"bio": 14.0, "cs": 48.0, "wiki": 36.0},
+        "cs-0": {"bio": 50.0, "cs": 20.0, "wiki": 40.0},
+    }
     # mean over partitions of the partition's mean unit perplexity
     assert mx.mean_ind(m, "wiki", ind) == pytest.approx((33.0 + 40.0) / 2)
     assert mx.mean_ind(m, "bio", ind) == pytest.approx((12.0 + 50.0) / 2)
@@ -100,9 +107,9 @@ def test_mean_ind_and_ind_id_known_values():
 
 def test_cost_counts_units_once_and_seq_per_mixture():
     parts = {p: [f"{p}-0"] for p in "abcd"}
-    mixtures = mx.make_mixtures(mx.k_subsets(list(parts), 2), parts)     # 6 pairs
+    mixtures = mx.make_mixtures(mx.k_subsets(list(parts), 2), parts)  # 6 pairs
     cost = mx.study_cost(mixtures, mixtures[:2], unit_tokens=1000)
     assert cost.units_trained == 4 and cost.modular_tokens == 4000
     assert cost.naive_tokens == 6 * 2 * 1000 and cost.seq_validation_tokens == 2 * 2 * 1000
     assert cost.savings == pytest.approx(3.0)
-    assert mx.seq_tokens(Mixture.of(UNEVEN), 1000) == 4000   # one unit budget per unit
+    assert mx.seq_tokens(Mixture.of(UNEVEN), 1000) == 4000  # one unit budget per unit

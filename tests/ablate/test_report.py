@@ -24,12 +24,27 @@ def report(tmp_path):
 def test_files_and_headline(report):
     summary, store, out = report
     names = {p.name for p in out.iterdir()}
-    assert {"report.md", "summary.json", "results.csv", "scores.csv", "correlations.csv",
-            "rankings.csv", "scatter_merged.png", "scatter_mean_ind.png"} <= names
+    assert {
+        "report.md",
+        "summary.json",
+        "results.csv",
+        "scores.csv",
+        "correlations.csv",
+        "rankings.csv",
+        "scatter_merged.png",
+        "scatter_mean_ind.png",
+    } <= names
     assert (out / "scatter_merged.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    for section in ("## Headline", "### Pearson", "### Spearman", "## Top-3 agreement",
-                    "## Rankings by merged", "## Cost", "Recommended mixture"):
+    for section in (
+        "## Headline",
+        "### Pearson",
+        "### Spearman",
+        "## Top-3 agreement",
+        "## Rankings by merged",
+        "## Cost",
+        "Recommended mixture",
+    ):
         assert section in md
     head = summary.headline()
     assert "merged vs seq, pooled over domains: Pearson" in head and "report.md" in head
@@ -51,7 +66,9 @@ def test_numbers_equal_a_recomputation_from_the_store(report):
     assert len(raw) == store.count() + store.count("unit_results")
     with open(out / "rankings.csv") as f:
         ranks = [r for r in csv.DictReader(f) if r["domain"] == "wiki"]
-    assert [r["mixture_id"] for r in ranks] == [m for m, _ in an.rank_mixtures(table, "merged", "wiki")]
+    assert [r["mixture_id"] for r in ranks] == [
+        m for m, _ in an.rank_mixtures(table, "merged", "wiki")
+    ]
     assert summary.recommended[0] == an.recommend(table, "merged")[0]
 
 
@@ -77,8 +94,20 @@ def _study_cli(argv):
 
 def test_study_report_command(tmp_path, capsys):
     fill_store(str(tmp_path / "results.sqlite"))[0].close()
-    assert _study_cli(["study", "report", "--store", str(tmp_path / "results.sqlite"),
-                       "--bootstrap", "20", "--no-plots"]) == 0
+    assert (
+        _study_cli(
+            [
+                "study",
+                "report",
+                "--store",
+                str(tmp_path / "results.sqlite"),
+                "--bootstrap",
+                "20",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "merged vs seq, pooled over domains: Pearson" in out
     assert (tmp_path / "report" / "report.md").is_file()

@@ -24,18 +24,32 @@ import yaml
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.demo import DemoSettings, build_data, study_spec
-from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, run_study
-from megablocks_ablate.ablate.spec import StudySpec, resolve
+from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, dry_run, resolve, run_study
+from megablocks_ablate.ablate.spec import StudySpec
 from megablocks_ablate.ablate.store import ResultStore
+
+pytestmark = pytest.mark.integration  # whole studies: training, kills, 2 ranks
 
 TINY = ["model_overrides=[vocab_size=384]", "checkpoint.every=2", "logging.every=2"]
 
 
 def tiny_settings(out: str, corpus: str) -> DemoSettings:
-    return DemoSettings(out=out, corpus=corpus, partition_by="fos", order_by="year",
-                        vocab_size=384, unit_tokens="6k", seed_tokens="8k", k=2, n_seq=2,
-                        preset="tiny", heldout_fraction=0.04, train_overrides=TINY, workers=1,
-                        max_partitions=3)
+    return DemoSettings(
+        out=out,
+        corpus=corpus,
+        partition_by="fos",
+        order_by="year",
+        vocab_size=384,
+        unit_tokens="6k",
+        seed_tokens="8k",
+        k=2,
+        n_seq=2,
+        preset="tiny",
+        heldout_fraction=0.04,
+        train_overrides=TINY,
+        workers=1,
+        max_partitions=3,
+    )
 
 
 def write_spec(path: str, spec: dict, **changes) -> str:
@@ -57,19 +71,26 @@ def base(tmp_path_factory):
     spec = study_spec(s, data, seed_data)
     # fixed validation mixtures, so adding a partition later adds no seq model
     names = list(spec["partitions"])
-    spec["validation"] = dict(spec["validation"], n=0,
-                              mixtures=[[names[0], names[1]], [names[1], names[2]]])
+    spec["validation"] = dict(
+        spec["validation"], n=0, mixtures=[[names[0], names[1]], [names[1], names[2]]]
+    )
     path = write_spec(str(root / "study.yaml"), spec)
-    runner = run_study(resolve(StudySpec.load(path)), RunOptions(log=lambda *a: None))
+    runner = run_study(resolve(StudySpec.load(path)), RunOptions())
     return spec, root, runner
 
 
 def rows(store_path: str) -> dict:
     with ResultStore(store_path) as store:
-        out = {("r", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
-               for r in store.results()}
-        out.update({("u", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
-                    for r in store.unit_results()})
+        out = {
+            ("r", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
+            for r in store.results()
+        }
+        out.update(
+            {
+                ("u", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
+                for r in store.unit_results()
+            }
+        )
         assert len(out) == store.count("results") + store.count("unit_results")
     return out
 
@@ -91,15 +112,15 @@ def test_store_holds_every_mixture_proxy_domain(base):
     with ResultStore(path) as store:
         assert store.get_meta("study")["mixtures"] == [m.id for m in study.mixtures]
         spent = store.get_meta("spent")
-    assert spent["unit-model tokens"] == 3 * 6144     # 6 steps of 1024 tokens each
+    assert spent["unit-model tokens"] == 3 * 6144  # 6 steps of 1024 tokens each
     assert spent["seq-model tokens"] == 2 * 12288
 
 
 def test_merged_row_equals_a_merge_evaluated_by_hand(base):
     """The in-memory pool merge + evaluation equals averaging the checkpoints' tensors."""
+    from megablocks_ablate.checkpoint import load_model_checkpoint
     from megablocks_ablate.evaluate import evaluate
-    from megablocks_ablate.evaluate.checkpoint import load_model
-    from megablocks_ablate.train.checkpoint import load_model_checkpoint
+    from megablocks_ablate.model.loading import load_model
 
     spec, root, runner = base
     m = runner.study.mixtures[1]
@@ -109,7 +130,7 @@ def test_merged_row_equals_a_merge_evaluated_by_hand(base):
     states = [load_model_checkpoint(dirs[u])[0] for u in m.units]
     avg = {k: sum(s[k] for s in states) / len(states) for k in states[0]}
     model.load_state_dict(avg, strict=True)
-    suite, _ = runner._suite()
+    suite = runner.scorer().suite
     direct = evaluate(model, suite)
     with ResultStore(os.path.join(spec["out_dir"], "results.sqlite")) as store:
         stored = {r.domain: r.score for r in store.results("merged") if r.subject == m.id}
@@ -127,36 +148,44 @@ def test_report_equals_recomputation_from_store(base, tmp_path):
         res = store.results()
     ppl = {(r.subject, r.proxy, r.domain): r.perplexity for r in res}
     seq_ids = sorted({r.subject for r in res if r.proxy == mx.SEQ})
-    pts = [(ppl[(m, "merged", d)], ppl[(m, mx.SEQ, d)]) for m in seq_ids
-           for d in runner.study.eval_sets]
+    pts = [
+        (ppl[(m, "merged", d)], ppl[(m, mx.SEQ, d)])
+        for m in seq_ids
+        for d in runner.study.eval_sets
+    ]
     x, y = np.array(pts).T
     assert summary.pooled["merged"]["pearson"].n == len(pts) == 6
-    assert summary.pooled["merged"]["pearson"].r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert summary.pooled["merged"]["pearson"].r == pytest.approx(
+        np.corrcoef(x, y)[0, 1], abs=1e-12
+    )
     assert (tmp_path / "report" / "report.md").is_file()
 
 
 def test_dry_run_and_one_new_unit_trains_one_model(base, tmp_path, capsys):
     spec, root, runner = base
     study = runner.study
-    run_study(study, RunOptions(), dry_run=True)
-    out = capsys.readouterr().out
+    out = dry_run(study, RunOptions())
     assert "unit models: 3 exist, 0 to train" in out and "3 of 3 merges done" in out
     # a fourth partition: its unit is the only model to train
     from megablocks_ablate.data.manifest import Manifest
 
     parts = Manifest.load(spec["data"]).partition_units()
-    new = [p for p in parts if p not in spec["partitions"]][0]
+    new = next(p for p in parts if p not in spec["partitions"])
     bigger = dict(spec["partitions"], **{new: [parts[new][0]]})
     path = write_spec(str(tmp_path / "more.yaml"), spec, partitions=bigger)
-    plan = StudyRunner(resolve(StudySpec.load(path)), RunOptions(log=lambda *a: None)).plan()
+    plan = StudyRunner(resolve(StudySpec.load(path)), RunOptions()).plan()
     assert [j.name for j in plan.missing()] == [parts[new][0]]
 
 
 def _cli(spec_path: str, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, MBA_NO_PROGRESS="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "megablocks_ablate", "study", "run", spec_path,
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megablocks_ablate", "study", "run", spec_path, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
@@ -173,17 +202,19 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120.0) -> None:
 def test_kill_and_rerun_loses_and_duplicates_nothing(base, tmp_path, phase):
     spec, root, runner = base
     out = str(tmp_path / "study")
-    seed_ckpt = os.path.join(str(root), "seed", "final")   # share the seed: kill the pool
-    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
-                      seed={"checkpoint": seed_ckpt})
+    seed_ckpt = os.path.join(str(root), "seed", "final")  # share the seed: kill the pool
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out, seed={"checkpoint": seed_ckpt})
     store = os.path.join(out, "results.sqlite")
     if phase == "training":
         # killed once a unit model has written a step checkpoint (mid-run)
         def ready():
             pool = os.path.join(out, "pool")
             return os.path.isdir(pool) and any(
-                os.path.isdir(os.path.join(pool, d, "checkpoints")) and
-                os.listdir(os.path.join(pool, d, "checkpoints")) for d in os.listdir(pool))
+                os.path.isdir(os.path.join(pool, d, "checkpoints"))
+                and os.listdir(os.path.join(pool, d, "checkpoints"))
+                for d in os.listdir(pool)
+            )
+
         proc = _cli(path, env_extra={"MBA_TRAIN_STEP_DELAY": "0.3"})
     else:
         # models from the base study's registry: only evaluation runs; killed after 1 merge
@@ -191,7 +222,8 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(base, tmp_path, phase):
             if not os.path.isfile(store):
                 return False
             with ResultStore(store) as s:
-                return s.count("results") >= 3 * 3 + 2 * 3   # seq rows + one merge's rows
+                return s.count("results") >= 3 * 3 + 2 * 3  # seq rows + one merge's rows
+
         proc = _cli(path, "--registry", spec["out_dir"], env_extra={"MBA_MERGE_EVAL_DELAY": "3"})
     _kill_when(proc, ready)
     before = rows(store) if os.path.isfile(store) else {}
@@ -201,9 +233,9 @@ def test_kill_and_rerun_loses_and_duplicates_nothing(base, tmp_path, phase):
     assert done.returncode == 0, log
     after = rows(store)
     expected = rows(os.path.join(spec["out_dir"], "results.sqlite"))
-    assert set(before) <= set(after)                        # nothing lost
-    assert set(after) == set(expected)                      # nothing missing, no extra row
-    for k, (nll, tok) in expected.items():                  # bitwise the same models
+    assert set(before) <= set(after)  # nothing lost
+    assert set(after) == set(expected)  # nothing missing, no extra row
+    for k, (nll, tok) in expected.items():  # bitwise the same models
         assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
     if phase == "merge-eval":
         assert "training 0" in log and len(before) < len(expected)
@@ -214,21 +246,41 @@ def test_spec_error_stops_before_any_work(base, tmp_path, capsys):
 
     spec, root, runner = base
     out = str(tmp_path / "never")
-    path = write_spec(str(tmp_path / "bad.yaml"), spec, out_dir=out,
-                      mixtures={"explicit": [[list(spec["partitions"])[0], "nonexistent"]]})
+    path = write_spec(
+        str(tmp_path / "bad.yaml"),
+        spec,
+        out_dir=out,
+        mixtures={"explicit": [[next(iter(spec["partitions"])), "nonexistent"]]},
+    )
     rc = main(["study", "run", path])
     assert rc != 0
     assert "mixtures.explicit[0]: unknown partition 'nonexistent'" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
-
 def _torchrun_study(path: str, *extra: str) -> subprocess.CompletedProcess:
     """`study run` under torchrun x 2 (gloo, one thread each); asserts success."""
     env = dict(os.environ, MBA_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", "-m", "megablocks_ablate", "study", "run", path,
-                           *extra], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "megablocks_ablate",
+            "study",
+            "run",
+            path,
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -237,11 +289,17 @@ def test_two_ranks_shard_the_evaluation_into_one_store(base, tmp_path):
     """torchrun x 2 (gloo): mixtures split over ranks, the same rows as one process."""
     spec, root, runner = base
     out = str(tmp_path / "study")
-    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
-                      seed={"checkpoint": os.path.join(str(root), "seed", "final")})
+    path = write_spec(
+        str(tmp_path / "s.yaml"),
+        spec,
+        out_dir=out,
+        seed={"checkpoint": os.path.join(str(root), "seed", "final")},
+    )
     proc = _torchrun_study(path, "--registry", spec["out_dir"])
-    after, expected = rows(os.path.join(out, "results.sqlite")), rows(
-        os.path.join(spec["out_dir"], "results.sqlite"))
+    after, expected = (
+        rows(os.path.join(out, "results.sqlite")),
+        rows(os.path.join(spec["out_dir"], "results.sqlite")),
+    )
     assert set(after) == set(expected)
     for k, (nll, tok) in expected.items():
         assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
@@ -276,11 +334,17 @@ def test_two_ranks_train_the_pool_with_ddp(base, tmp_path):
     group (the trainer must not tear it down) and scores like one process."""
     spec, root, runner = base
     out = str(tmp_path / "study2")
-    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out,
-                      seed={"checkpoint": os.path.join(str(root), "seed", "final")})
+    path = write_spec(
+        str(tmp_path / "s.yaml"),
+        spec,
+        out_dir=out,
+        seed={"checkpoint": os.path.join(str(root), "seed", "final")},
+    )
     _torchrun_study(path)
-    after, expected = rows(os.path.join(out, "results.sqlite")), rows(
-        os.path.join(spec["out_dir"], "results.sqlite"))
+    after, expected = (
+        rows(os.path.join(out, "results.sqlite")),
+        rows(os.path.join(spec["out_dir"], "results.sqlite")),
+    )
     assert set(after) == set(expected)
     for k, (nll, tok) in expected.items():  # same global batch: DDP differs by rounding only
         assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-4), k
@@ -304,13 +368,16 @@ def test_search_reads_scored_mixtures_and_scores_new_ones(base, tmp_path, capsys
     assert set(before) < set(after)  # the 1-partition mixtures were added
     singles = {k for k in set(after) - set(before)}
     assert {k[1] for k in singles} == {
-        mx.Mixture.of({p: runner.study.partitions[p]}).id for p in names}
+        mx.Mixture.of({p: runner.study.partitions[p]}).id for p in names
+    }
     # the best pair is the k=2 mixture with the lowest geometric-mean macro perplexity
     store = ResultStore(store_path)
     domains = list(runner.study.eval_sets)
+
     def gmean(m):
         sc = store.scores(m.id, "macro")
         return float(np.exp(np.mean([np.log(sc[d].perplexity) for d in domains])))
+
     pairs = [m for m in runner.study.mixtures if m.k == 2]
     best = min(pairs, key=gmean)
     store.close()

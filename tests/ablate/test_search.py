@@ -9,8 +9,13 @@ from study_fixtures import PARTITIONS, fill_store
 
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate.mixtures import Mixture
-from megablocks_ablate.ablate.search import (beam_search, greedy_search, megatron_data_path,
-                                             table_scorer, training_blend)
+from megablocks_ablate.ablate.search import (
+    beam_search,
+    greedy_search,
+    megatron_data_path,
+    table_scorer,
+    training_blend,
+)
 
 # Pairwise synergy: b and c are individually poor but excellent together, so greedy
 # (which starts from the best single partition, a) misses the best pair, beam does not.
@@ -33,8 +38,8 @@ def test_beam_beats_greedy_and_caches():
     assert g.best == ("a", "d") and g.score == 4.0
     calls.clear()
     b = beam_search(list(SINGLE), 2, score, beam_width=3)
-    assert len(calls) == len(set(calls)) == b.evaluations      # each mixture scored once
-    assert b.evaluations == 4 + 6 and len(b.beams) == 2       # 4 singles, then every pair
+    assert len(calls) == len(set(calls)) == b.evaluations  # each mixture scored once
+    assert b.evaluations == 4 + 6 and len(b.beams) == 2  # 4 singles, then every pair
     exhaustive = min(itertools.combinations(sorted(SINGLE), 2), key=score)
     assert b.best == exhaustive == ("b", "c") and b.score == -2.0
 
@@ -66,7 +71,7 @@ def test_export_blend_and_megatron_data_path():
     assert blend == {"manifest": "data/", "weights": {"bio-0": 0.25, "bio-1": 0.25, "cs-0": 0.5}}
     from megablocks_ablate.train.config import DataConfig
 
-    DataConfig.from_dict(blend)            # a valid data section of our train config
+    DataConfig.from_dict(blend)  # a valid data section of our train config
     paths = {u: f"/d/units/{u}" for u in m.units}
     s = megatron_data_path(m, paths)
     assert s == "0.25 /d/units/bio-0 0.25 /d/units/bio-1 0.5 /d/units/cs-0"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from megablocks_ablate.ablate.mixtures import Mixture
-from megablocks_ablate.ablate.spec import StudySpec, describe_plan, resolve
+from megablocks_ablate.ablate.runner import resolve
+from megablocks_ablate.ablate.spec import StudySpec, describe_plan
 from megablocks_ablate.data.manifest import MANIFEST_FORMAT
 from megablocks_ablate.errors import ConfigError
 
@@ -28,8 +29,12 @@ def data_dir(tmp_path) -> str:
         (d / "heldout" / f"{p}.jsonl").write_text(json.dumps({"text": f"{p} text"}) + "\n")
         partitions[p] = {"units": names, "heldout": {"path": f"heldout/{p}.jsonl"}}
         units.update({u: {"partition": p, "prefix": f"units/{u}"} for u in names})
-    manifest = {"format": MANIFEST_FORMAT, "tokenizer": {"fingerprint": "x"},
-                "partitions": partitions, "units": units}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": {"fingerprint": "x"},
+        "partitions": partitions,
+        "units": units,
+    }
     (d / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "paloma").mkdir()
     (tmp_path / "paloma" / "c4_en.jsonl").write_text('{"text": "c4"}\n')
@@ -38,20 +43,27 @@ def data_dir(tmp_path) -> str:
 
 
 def spec(data_dir: str, **over) -> StudySpec:
-    base = {"data": data_dir, "out_dir": os.path.join(data_dir, "..", "study"),
-            "seed": {"config": "tiny_seed"}, "unit": {"config": "tiny_unit"},
-            "mixtures": {"k_subsets": 2}}
+    base = {
+        "data": data_dir,
+        "out_dir": os.path.join(data_dir, "..", "study"),
+        "seed": {"config": "tiny_seed"},
+        "unit": {"config": "tiny_unit"},
+        "mixtures": {"k_subsets": 2},
+    }
     base.update(over)
     return StudySpec.from_dict(base)
 
 
 def test_defaults_partitions_mixtures_eval(data_dir):
     study = resolve(spec(data_dir))
-    assert study.partitions == {"bio": ["bio-0000", "bio-0001", "bio-0002"], "cs": ["cs-0000"],
-                                "math": ["math-0000", "math-0001"], "phys": ["phys-0000"]}
+    assert study.partitions == {
+        "bio": ["bio-0000", "bio-0001", "bio-0002"],
+        "cs": ["cs-0000"],
+        "math": ["math-0000", "math-0001"],
+        "phys": ["phys-0000"],
+    }
     assert len(study.mixtures) == 6 and all(m.k == 2 for m in study.mixtures)
-    assert study.mixtures[0] == Mixture.of({"bio": study.partitions["bio"],
-                                            "cs": ["cs-0000"]})
+    assert study.mixtures[0] == Mixture.of({"bio": study.partitions["bio"], "cs": ["cs-0000"]})
     assert list(study.eval_sets) == ["bio", "cs", "math", "phys"]
     assert study.domain_units["math"] == ["math-0000", "math-0001"]
     assert study.validation == []
@@ -62,47 +74,86 @@ def test_defaults_partitions_mixtures_eval(data_dir):
 
 
 def test_grouped_partitions_unit_partitions_and_forms(data_dir):
-    s = spec(data_dir, partitions={"life": ["bio", "cs-0000"], "exact": ["math", "phys-0000"]},
-             mixtures={"explicit": [["life"], ["exact", "life"]], "k_subsets": 2})
+    s = spec(
+        data_dir,
+        partitions={"life": ["bio", "cs-0000"], "exact": ["math", "phys-0000"]},
+        mixtures={"explicit": [["life"], ["exact", "life"]], "k_subsets": 2},
+    )
     study = resolve(s)
     assert study.partitions["life"] == ["bio-0000", "bio-0001", "bio-0002", "cs-0000"]
-    assert len(study.mixtures) == 2          # explicit [exact, life] == the one 2-subset
+    assert len(study.mixtures) == 2  # explicit [exact, life] == the one 2-subset
     study = resolve(spec(data_dir, unit_partitions=True, mixtures={"k_subsets": 1}))
     assert len(study.partitions) == 7 and len(study.mixtures) == 7
-    study = resolve(spec(data_dir, mixtures={"leave_one_out": ["bio", "cs", "math"],
-                                             "add_one": ["bio"], "random": {"k": 3, "n": 2}}))
+    study = resolve(
+        spec(
+            data_dir,
+            mixtures={
+                "leave_one_out": ["bio", "cs", "math"],
+                "add_one": ["bio"],
+                "random": {"k": 3, "n": 2},
+            },
+        )
+    )
     labels = [m.label for m in study.mixtures]
-    assert {"bio+cs+math", "cs+math", "bio+math", "bio+cs"} <= set(labels)   # leave-one-out
-    assert {"bio", "bio+phys"} <= set(labels)                                # add-one
-    assert len(labels) == len(set(labels))                                   # deduplicated
+    assert {"bio+cs+math", "cs+math", "bio+math", "bio+cs"} <= set(labels)  # leave-one-out
+    assert {"bio", "bio+phys"} <= set(labels)  # add-one
+    assert len(labels) == len(set(labels))  # deduplicated
 
 
 def test_validation_and_extra_eval_sets(data_dir):
     paloma = os.path.join(data_dir, "..", "paloma")
-    s = spec(data_dir, eval={"heldout": ["bio", "cs"], "extra": [paloma]},
-             validation={"mixtures": [["cs", "bio"]], "n": 2, "seed": 3,
-                         "train": {"config": "tiny_seq"}, "model": "tiny"})
+    s = spec(
+        data_dir,
+        eval={"heldout": ["bio", "cs"], "extra": [paloma]},
+        validation={
+            "mixtures": [["cs", "bio"]],
+            "n": 2,
+            "seed": 3,
+            "train": {"config": "tiny_seq"},
+            "model": "tiny",
+        },
+    )
     study = resolve(s)
     assert list(study.eval_sets) == ["bio", "cs", "c4_en", "wiki"]
     assert study.validation[0].label == "bio+cs" and len(study.validation) == 3
-    assert resolve(s).validation == study.validation          # seeded draw
+    assert resolve(s).validation == study.validation  # seeded draw
     assert study.cost.seq_validation_tokens == sum(study.seq_tokens(m) for m in study.validation)
 
 
-@pytest.mark.parametrize("over, match", [
-    ({"partitions": {"life": ["bio", "nope"]}}, r"partitions\.life: unknown unit or partition 'nope'"),
-    ({"partitions": {"a": ["bio"], "b": ["bio-0001"]}}, r"unit 'bio-0001' is listed in both a and b"),
-    ({"mixtures": {"k_subsets": 5}}, r"mixtures\.k_subsets: k=5 is larger than the number of partitions \(4"),
-    ({"mixtures": {"random": {"k": 9, "n": 2}}}, r"mixtures\.random\.k: k=9 is larger"),
-    ({"mixtures": {"explicit": [["bio"], []]}}, r"mixtures\.explicit\[1\]: empty mixture"),
-    ({"mixtures": {"explicit": [["bio", "chem"]]}}, r"mixtures\.explicit\[0\]: unknown partition 'chem'"),
-    ({"eval": {"extra": ["/no/such/eval.jsonl"]}}, r"eval\.extra\[0\]: no such file or directory"),
-    ({"eval": {"heldout": ["chem"]}}, r"eval\.heldout: unknown partition 'chem'"),
-    ({"validation": {"mixtures": [["bio", "cs", "math"]], "train": {"config": "tiny_seq"}}},
-     r"validation\.mixtures\[0\]: \['bio', 'cs', 'math'\] is not among the study's mixtures"),
-    ({"validation": {"n": 99, "train": {"config": "tiny_seq"}}}, r"validation\.n: 99"),
-    ({"unit": {"config": "no_such_preset"}}, r"unit\.config: train preset 'no_such_preset'"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (
+            {"partitions": {"life": ["bio", "nope"]}},
+            r"partitions\.life: unknown unit or partition 'nope'",
+        ),
+        (
+            {"partitions": {"a": ["bio"], "b": ["bio-0001"]}},
+            r"unit 'bio-0001' is listed in both a and b",
+        ),
+        (
+            {"mixtures": {"k_subsets": 5}},
+            r"mixtures\.k_subsets: k=5 is larger than the number of partitions \(4",
+        ),
+        ({"mixtures": {"random": {"k": 9, "n": 2}}}, r"mixtures\.random\.k: k=9 is larger"),
+        ({"mixtures": {"explicit": [["bio"], []]}}, r"mixtures\.explicit\[1\]: empty mixture"),
+        (
+            {"mixtures": {"explicit": [["bio", "chem"]]}},
+            r"mixtures\.explicit\[0\]: unknown partition 'chem'",
+        ),
+        (
+            {"eval": {"extra": ["/no/such/eval.jsonl"]}},
+            r"eval\.extra\[0\]: no such file or directory",
+        ),
+        ({"eval": {"heldout": ["chem"]}}, r"eval\.heldout: unknown partition 'chem'"),
+        (
+            {"validation": {"mixtures": [["bio", "cs", "math"]], "train": {"config": "tiny_seq"}}},
+            r"validation\.mixtures\[0\]: \['bio', 'cs', 'math'\] is not among the study's mixtures",
+        ),
+        ({"validation": {"n": 99, "train": {"config": "tiny_seq"}}}, r"validation\.n: 99"),
+        ({"unit": {"config": "no_such_preset"}}, r"unit\.config: train preset 'no_such_preset'"),
+    ],
+)
 def test_errors_name_the_field(data_dir, over, match):
     with pytest.raises(ConfigError, match=match):
         resolve(spec(data_dir, **over))
@@ -110,7 +161,9 @@ def test_errors_name_the_field(data_dir, over, match):
 
 def test_missing_heldout_file_and_bad_data(data_dir, tmp_path):
     os.remove(os.path.join(data_dir, "heldout", "cs.jsonl"))
-    with pytest.raises(ConfigError, match="eval.heldout: held-out file of partition 'cs' is missing"):
+    with pytest.raises(
+        ConfigError, match="eval.heldout: held-out file of partition 'cs' is missing"
+    ):
         resolve(spec(data_dir))
     with pytest.raises(ConfigError, match="^data: .*manifest not found"):
         resolve(spec(str(tmp_path / "nowhere")))

@@ -16,10 +16,20 @@ DOMAINS = ["a", "b", "c", "wiki"]
 
 
 def rows(mixture: Mixture, proxy: str = "merged", fp: str = "fp1") -> list[Result]:
-    return [Result(mixture.id, proxy, d, Score(float(i + 1), 10, 40),
-                   make_provenance(weights={u: 0.5 for u in mixture.units}, eval_fingerprint=fp,
-                                   unit_hashes={u: "h" + u for u in mixture.units}))
-            for i, d in enumerate(DOMAINS)]
+    return [
+        Result(
+            mixture.id,
+            proxy,
+            d,
+            Score(float(i + 1), 10, 40),
+            make_provenance(
+                weights={u: 0.5 for u in mixture.units},
+                eval_fingerprint=fp,
+                unit_hashes={u: "h" + u for u in mixture.units},
+            ),
+        )
+        for i, d in enumerate(DOMAINS)
+    ]
 
 
 def test_schema_mixtures_meta_and_rows(tmp_path):
@@ -31,9 +41,9 @@ def test_schema_mixtures_meta_and_rows(tmp_path):
         assert s.get_meta("study")["name"] == "x" and s.get_meta("absent", 5) == 5
         assert s.add_results(rows(MIX[0])) == 4
         assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    with ResultStore(path) as s:    # reopened: everything is there
+    with ResultStore(path) as s:  # reopened: everything is there
         (r,) = [r for r in s.results("merged") if r.domain == "b"]
-        assert r.score == Score(2.0, 10, 40) and r.perplexity == pytest.approx(2.718281828 ** 0.2)
+        assert r.score == Score(2.0, 10, 40) and r.perplexity == pytest.approx(2.718281828**0.2)
         assert r.provenance["eval_fingerprint"] == "fp1" and r.provenance["code_version"]
         assert r.provenance["weights"] == {"a-0": 0.5, "b-0": 0.5}
         assert {"timestamp", "unit_hashes"} <= set(r.provenance)
@@ -45,7 +55,7 @@ def test_insert_or_ignore_and_done(tmp_path):
         s.add_results(rows(MIX[0])[:2])
         assert s.done_domains(MIX[0].id, "merged") == {"a", "b"}
         assert not s.done(MIX[0].id, "merged", DOMAINS)
-        assert s.add_results(rows(MIX[0])) == 2        # only the missing two are new
+        assert s.add_results(rows(MIX[0])) == 2  # only the missing two are new
         assert s.done(MIX[0].id, "merged", DOMAINS) and not s.done(MIX[0].id, "seq", DOMAINS)
         assert s.count() == 4
         unit = [Result("a-0", "ind", d, Score(1.0, 5, 5), {}) for d in DOMAINS]
@@ -66,9 +76,10 @@ def _killed_mid_batch(path: str) -> None:
     s = ResultStore(path)
     s._db.execute("BEGIN IMMEDIATE")
     for r in rows(MIX[1])[:2]:
-        s._db.execute("INSERT INTO results VALUES (?, ?, ?, 1, 1, ?, ?, ?, '{}', 0)",
-                      (r.subject, r.proxy, r.domain, r.score.nll_sum, r.score.tokens,
-                       r.score.bytes))
+        s._db.execute(
+            "INSERT INTO results VALUES (?, ?, ?, 1, 1, ?, ?, ?, '{}', 0)",
+            (r.subject, r.proxy, r.domain, r.score.nll_sum, r.score.tokens, r.score.bytes),
+        )
     os._exit(1)
 
 

@@ -39,10 +39,12 @@ def _write_jsonl(path, texts, key="text"):
 
 
 def test_paragraph_normalisation():
-    text = ("  The QUICK\tbrown   fox jumps over the lazy dog while the cat SLEEPS \r\n"
-            "\n\n"
-            f"{WORDS12}\n"
-            "Cafe\u0301 au lait is served hot to every guest who arrives before noon today")
+    text = (
+        "  The QUICK\tbrown   fox jumps over the lazy dog while the cat SLEEPS \r\n"
+        "\n\n"
+        f"{WORDS12}\n"
+        "Cafe\u0301 au lait is served hot to every guest who arrives before noon today"
+    )
     assert paragraphs(text) == [
         WORDS13,
         "café au lait is served hot to every guest who arrives before noon today",  # NFC
@@ -77,7 +79,7 @@ def _reference_indices(item: str, m: int, k: int) -> list[int]:
     d = hashlib.blake2b(item.encode("utf-8"), digest_size=16).digest()
     h1 = int.from_bytes(d[:8], "little")
     h2 = int.from_bytes(d[8:], "little")
-    return [(h1 + i * h2 + (i ** 3 - i) // 6) % m for i in range(k)]
+    return [(h1 + i * h2 + (i**3 - i) // 6) % m for i in range(k)]
 
 
 def test_bits_follow_the_documented_hash_scheme():
@@ -129,8 +131,11 @@ def saved_filter(tmp_path):
 def test_save_load_round_trip(saved_filter, mmap):
     bloom, path = saved_filter
     loaded = BloomFilter.load(path, mmap=mmap)
-    assert (loaded.num_bits, loaded.num_hashes, loaded.count) == \
-           (bloom.num_bits, bloom.num_hashes, bloom.count)
+    assert (loaded.num_bits, loaded.num_hashes, loaded.count) == (
+        bloom.num_bits,
+        bloom.num_hashes,
+        bloom.count,
+    )
     assert isinstance(loaded.bits, np.memmap) == mmap
     assert np.array_equal(np.asarray(loaded.bits), bloom.bits)
     probes = [f"item {i}" for i in range(5_000)] + [f"other {i}" for i in range(5_000)]
@@ -157,22 +162,30 @@ def test_file_header_layout(saved_filter):
     (error_rate,) = struct.unpack_from("<d", raw, 48)
     scheme = raw[56:72].rstrip(b"\0")
     assert (version, header_size, reserved, scheme) == (1, 72, 0, b"blake2b128-edh")
-    assert (m, k, count, capacity, error_rate) == \
-           (bloom.num_bits, bloom.num_hashes, 5_000, 5_000, 1e-4)
+    assert (m, k, count, capacity, error_rate) == (
+        bloom.num_bits,
+        bloom.num_hashes,
+        5_000,
+        5_000,
+        1e-4,
+    )
     assert raw[HEADER_SIZE:] == bloom.bits.tobytes() and len(raw) == 72 + (m + 7) // 8
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda b: b[:-1], "truncated"),
-    (lambda b: b[: HEADER_SIZE + 10], "truncated"),
-    (lambda b: b + b"\0", "expected"),
-    (lambda b: b[:40], "header"),
-    (lambda b: b"", "header"),
-    (lambda b: b"NOTBLOOM" + b[8:], "bad magic"),
-    (lambda b: b[:8] + struct.pack("<I", 2) + b[12:], "version"),
-    (lambda b: b[:56] + b"sha1-dh".ljust(16, b"\0") + b[72:], "hash scheme"),
-    (lambda b: b[:24] + struct.pack("<I", 0) + b[28:], "num_hashes=0"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda b: b[:-1], "truncated"),
+        (lambda b: b[: HEADER_SIZE + 10], "truncated"),
+        (lambda b: b + b"\0", "expected"),
+        (lambda b: b[:40], "header"),
+        (lambda b: b"", "header"),
+        (lambda b: b"NOTBLOOM" + b[8:], "bad magic"),
+        (lambda b: b[:8] + struct.pack("<I", 2) + b[12:], "version"),
+        (lambda b: b[:56] + b"sha1-dh".ljust(16, b"\0") + b[72:], "hash scheme"),
+        (lambda b: b[:24] + struct.pack("<I", 0) + b[28:], "num_hashes=0"),
+    ],
+)
 def test_damaged_file_is_a_format_error_naming_it(saved_filter, damage, words):
     _, path = saved_filter
     data = open(path, "rb").read()
@@ -197,13 +210,21 @@ def test_deterministic_across_builds_and_processes(saved_filter):
     assert again.bits.tobytes() == bloom.bits.tobytes()
 
     probes = [f"item {i}" for i in range(0, 5_000, 7)] + [f"other {i}" for i in range(3_000)]
-    script = ("import json, sys\n"
-              "from megablocks_ablate.data.decontam import BloomFilter\n"
-              "b = BloomFilter.load(sys.argv[1])\n"
-              "print(json.dumps([x in b for x in json.load(sys.stdin)]))\n")
+    script = (
+        "import json, sys\n"
+        "from megablocks_ablate.data.decontam import BloomFilter\n"
+        "b = BloomFilter.load(sys.argv[1])\n"
+        "print(json.dumps([x in b for x in json.load(sys.stdin)]))\n"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")  # a salted hash() would differ
-    out = subprocess.run([sys.executable, "-c", script, path], input=json.dumps(probes),
-                         capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script, path],
+        input=json.dumps(probes),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout
     answers = json.loads(out)
     assert answers == [x in bloom for x in probes]
     assert sum(answers) >= 715  # every present probe (715 of them) answered True
@@ -263,8 +284,9 @@ def test_short_paragraphs_are_ignored_both_ways(tmp_path):
     assert not Decontaminator(bloom).is_contaminated(WORDS12)
     assert Decontaminator(bloom, min_words=12).is_contaminated(WORDS12.upper())
     # A 13-word paragraph split over two lines is two short paragraphs.
-    assert not deco.is_contaminated(" ".join(WORDS13.split()[:7]) + "\n" +
-                                    " ".join(WORDS13.split()[7:]))
+    assert not deco.is_contaminated(
+        " ".join(WORDS13.split()[:7]) + "\n" + " ".join(WORDS13.split()[7:])
+    )
 
 
 def test_eval_files_zst_glob_and_bad_lines(tmp_path):

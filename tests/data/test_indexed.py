@@ -47,8 +47,15 @@ def small_blocks(monkeypatch):
 
 def test_dtype_codes_and_best_dtype():
     assert {c: d.name for c, d in DTYPE_CODES.items()} == {
-        1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64",
-        7: "float32", 8: "uint16"}
+        1: "uint8",
+        2: "int8",
+        3: "int16",
+        4: "int32",
+        5: "int64",
+        6: "float64",
+        7: "float32",
+        8: "uint16",
+    }
     assert all(CODE_OF_DTYPE[d] == c for c, d in DTYPE_CODES.items())
     assert best_dtype(32000) == np.uint16 and best_dtype(65499) == np.uint16
     assert best_dtype(65500) == np.int32 and best_dtype(50277 * 2) == np.int32
@@ -84,8 +91,11 @@ def test_round_trip(tmp_path, dtype, high, as_list, small_blocks):
         assert len(clone) == len(ds) and np.array_equal(clone[k], docs[k])
         clone.close()
     assert validate_indexed(prefix) == {
-        "sequences": len(docs), "documents": len(docs),
-        "tokens": sum(map(len, docs)), "dtype": np.dtype(dtype).name}
+        "sequences": len(docs),
+        "documents": len(docs),
+        "tokens": sum(map(len, docs)),
+        "dtype": np.dtype(dtype).name,
+    }
     assert sorted(os.listdir(tmp_path)) == ["rt.bin", "rt.idx"]  # no temp or spill files left
 
 
@@ -123,10 +133,10 @@ def parse_idx_independently(path: str):
     with open(path, "rb") as f:
         raw = f.read()
     assert raw[:9] == b"MMIDIDX\x00\x00"
-    version, = struct.unpack_from("<Q", raw, 9)
-    code, = struct.unpack_from("<B", raw, 17)
-    n, = struct.unpack_from("<Q", raw, 18)
-    d, = struct.unpack_from("<Q", raw, 26)
+    (version,) = struct.unpack_from("<Q", raw, 9)
+    (code,) = struct.unpack_from("<B", raw, 17)
+    (n,) = struct.unpack_from("<Q", raw, 18)
+    (d,) = struct.unpack_from("<Q", raw, 26)
     off = 34
     lengths = list(struct.unpack_from(f"<{n}i", raw, off))
     off += 4 * n
@@ -215,17 +225,30 @@ def test_writer_replaces_existing_dataset(tmp_path):
         assert len(ds) == 1 and ds[0].tolist() == [7]
 
 
-@pytest.mark.parametrize("tokens,dtype,message", [
-    ([1, 65536], np.uint16, r"token id 65536 outside the uint16 range \[0, 65535\]"),
-    ([-1, 3], np.uint16, r"token id -1 outside the uint16 range"),
-    (np.array([255, 256], dtype=np.int32), np.uint8, r"token id 256 outside the uint8 range \[0, 255\]"),
-    (np.array([2**31], dtype=np.int64), np.int32, r"token id 2147483648 outside the int32 range"),
-    ([1.5, 2.0], np.uint16, r"dtype float64; expected integer token ids"),
-    ([[1, 2]], np.uint16, r"shape \(1, 2\); expected a 1-D sequence"),
-])
+@pytest.mark.parametrize(
+    "tokens,dtype,message",
+    [
+        ([1, 65536], np.uint16, r"token id 65536 outside the uint16 range \[0, 65535\]"),
+        ([-1, 3], np.uint16, r"token id -1 outside the uint16 range"),
+        (
+            np.array([255, 256], dtype=np.int32),
+            np.uint8,
+            r"token id 256 outside the uint8 range \[0, 255\]",
+        ),
+        (
+            np.array([2**31], dtype=np.int64),
+            np.int32,
+            r"token id 2147483648 outside the int32 range",
+        ),
+        ([1.5, 2.0], np.uint16, r"dtype float64; expected integer token ids"),
+        ([[1, 2]], np.uint16, r"shape \(1, 2\); expected a 1-D sequence"),
+    ],
+)
 def test_writer_rejects_tokens_that_do_not_fit(tmp_path, tokens, dtype, message):
     prefix = str(tmp_path / "bad")
-    with pytest.raises(DataFormatError, match=re.escape(prefix + ".bin: sequence 1") + ".*" + message):
+    with pytest.raises(
+        DataFormatError, match=re.escape(prefix + ".bin: sequence 1") + ".*" + message
+    ):
         with IndexedDatasetWriter(prefix, dtype) as w:
             w.add_document([0])
             w.add_document(tokens)
@@ -262,38 +285,84 @@ def append(path, data: bytes) -> None:
 
 # case: (file to corrupt, corruption, expected message after the file name)
 CORRUPTIONS = {
-    "bad magic": (".idx", lambda p: patch(p, 0, b"NOTMMIDX\x00"),
-                  r"bad magic b'NOTMMIDX\\x00'; expected"),
-    "version": (".idx", lambda p: patch(p, 9, struct.pack("<Q", 2)),
-                "unsupported version 2; expected 1"),
-    "dtype code": (".idx", lambda p: patch(p, 17, b"\x09"),
-                   "unknown dtype code 9; expected one of 1=uint8"),
-    "short header": (".idx", lambda p: truncate(p, 20),
-                     "truncated: 20 bytes, shorter than the 34-byte header"),
-    "truncated idx": (".idx", lambda p: truncate(p, DOC_OFF + 8 * D - 3),
-                      f"truncated: it declares {N} sequences and {D} document indices, which need "
-                      f"{DOC_OFF + 8 * D} bytes, but the file has {DOC_OFF + 8 * D - 3} bytes"),
-    "huge count": (".idx", lambda p: patch(p, 18, struct.pack("<Q", 2**40)),
-                   "truncated: it declares 1099511627776 sequences"),
+    "bad magic": (
+        ".idx",
+        lambda p: patch(p, 0, b"NOTMMIDX\x00"),
+        r"bad magic b'NOTMMIDX\\x00'; expected",
+    ),
+    "version": (
+        ".idx",
+        lambda p: patch(p, 9, struct.pack("<Q", 2)),
+        "unsupported version 2; expected 1",
+    ),
+    "dtype code": (
+        ".idx",
+        lambda p: patch(p, 17, b"\x09"),
+        "unknown dtype code 9; expected one of 1=uint8",
+    ),
+    "short header": (
+        ".idx",
+        lambda p: truncate(p, 20),
+        "truncated: 20 bytes, shorter than the 34-byte header",
+    ),
+    "truncated idx": (
+        ".idx",
+        lambda p: truncate(p, DOC_OFF + 8 * D - 3),
+        f"truncated: it declares {N} sequences and {D} document indices, which need "
+        f"{DOC_OFF + 8 * D} bytes, but the file has {DOC_OFF + 8 * D - 3} bytes",
+    ),
+    "huge count": (
+        ".idx",
+        lambda p: patch(p, 18, struct.pack("<Q", 2**40)),
+        "truncated: it declares 1099511627776 sequences",
+    ),
     "trailing bytes": (".idx", lambda p: append(p, b"\x00" * 5), "has 5 trailing bytes"),
-    "docs start": (".idx", lambda p: patch(p, DOC_OFF, struct.pack("<q", 1)),
-                   "document indices start at 1; expected 0"),
-    "docs end": (".idx", lambda p: patch(p, DOC_OFF + 8 * (D - 1), struct.pack("<q", 3)),
-                 r"document indices end at 3; expected 4 \(the sequence count\)"),
-    "docs decrease": (".idx", lambda p: patch(p, DOC_OFF + 16, struct.pack("<q", 0)),
-                      r"document indices decrease at position 2 \(1 then 0\)"),
-    "negative length": (".idx", lambda p: patch(p, LEN_OFF + 8, struct.pack("<i", -1)),
-                        "sequence 2 has negative length -1"),
-    "pointer": (".idx", lambda p: patch(p, PTR_OFF + 24, struct.pack("<q", 14)),
-                "sequence 3 has pointer 14; expected byte offset 12"),
-    "length vs pointer": (".idx", lambda p: patch(p, LEN_OFF, struct.pack("<i", 4)),
-                          "sequence 1 has pointer 6; expected byte offset 8"),
-    "truncated bin": (".bin", lambda p: truncate(p, 18),
-                      r"has 18 bytes; expected 20 \(10 uint16 tokens .*truncated"),
-    "long bin": (".bin", lambda p: append(p, b"\x00\x00"),
-                 "has 22 bytes; expected 20 .*longer than its index"),
+    "docs start": (
+        ".idx",
+        lambda p: patch(p, DOC_OFF, struct.pack("<q", 1)),
+        "document indices start at 1; expected 0",
+    ),
+    "docs end": (
+        ".idx",
+        lambda p: patch(p, DOC_OFF + 8 * (D - 1), struct.pack("<q", 3)),
+        r"document indices end at 3; expected 4 \(the sequence count\)",
+    ),
+    "docs decrease": (
+        ".idx",
+        lambda p: patch(p, DOC_OFF + 16, struct.pack("<q", 0)),
+        r"document indices decrease at position 2 \(1 then 0\)",
+    ),
+    "negative length": (
+        ".idx",
+        lambda p: patch(p, LEN_OFF + 8, struct.pack("<i", -1)),
+        "sequence 2 has negative length -1",
+    ),
+    "pointer": (
+        ".idx",
+        lambda p: patch(p, PTR_OFF + 24, struct.pack("<q", 14)),
+        "sequence 3 has pointer 14; expected byte offset 12",
+    ),
+    "length vs pointer": (
+        ".idx",
+        lambda p: patch(p, LEN_OFF, struct.pack("<i", 4)),
+        "sequence 1 has pointer 6; expected byte offset 8",
+    ),
+    "truncated bin": (
+        ".bin",
+        lambda p: truncate(p, 18),
+        r"has 18 bytes; expected 20 \(10 uint16 tokens .*truncated",
+    ),
+    "long bin": (
+        ".bin",
+        lambda p: append(p, b"\x00\x00"),
+        "has 22 bytes; expected 20 .*longer than its index",
+    ),
     # these name the file inside the sentence: {path} marks where
-    "missing idx": (".idx", os.unlink, "^index file {path} not found: an indexed dataset needs both"),
+    "missing idx": (
+        ".idx",
+        os.unlink,
+        "^index file {path} not found: an indexed dataset needs both",
+    ),
     "missing bin": (".bin", os.unlink, "^data file {path} not found"),
 }
 
@@ -324,6 +393,7 @@ def test_decreasing_docs_across_blocks(tmp_path, small_blocks):
 
 # --- CLI ----------------------------------------------------------------------------
 
+
 def test_cli_info_validate_concat(tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     write_docs(a, [[1, 2, 3], [4]], np.uint16)
@@ -349,6 +419,7 @@ def test_cli_info_validate_concat(tmp_path, capsys):
 
 
 # --- compatibility with Megatron-LM core itself (when installed) --------------------
+
 
 def _megatron():
     with warnings.catch_warnings():

@@ -27,8 +27,9 @@ def test_multi_frame_zstd_reads_all_frames(tmp_path):
     both = tmp_path / "ab.jsonl.zst"
     both.write_bytes(open(a, "rb").read() + open(b, "rb").read())
     ids = [rec["id"] for _, rec in iter_jsonl(str(both))]
-    assert ids == [d["id"] for d in iter_documents(20, seed=1)] + \
-                  [d["id"] for d in iter_documents(30, seed=2)]
+    assert ids == [d["id"] for d in iter_documents(20, seed=1)] + [
+        d["id"] for d in iter_documents(30, seed=2)
+    ]
 
 
 def test_line_numbers_count_blank_lines(tmp_path):
@@ -64,14 +65,22 @@ def test_error_names_file_and_line(tmp_path, reason):
 
 def test_skip_counts_each_reason(tmp_path):
     p = tmp_path / "many.jsonl"
-    lines = [b'{"text": "ok"}'] + [bad for bad, _ in BAD_LINES.values()] + \
-            [BAD_LINES["invalid_json"][0], b'{"text": "ok again"}']
+    lines = (
+        [b'{"text": "ok"}']
+        + [bad for bad, _ in BAD_LINES.values()]
+        + [BAD_LINES["invalid_json"][0], b'{"text": "ok again"}']
+    )
     p.write_bytes(b"\n".join(lines) + b"\n")
     counter = BadLineCounter()
     got = [(n, r["text"]) for n, r in iter_jsonl(str(p), on_bad_line="skip", bad_lines=counter)]
     assert got == [(1, "ok"), (len(lines), "ok again")]
-    assert counter.counts == {"invalid_json": 2, "missing_text": 1, "bad_utf8": 1,
-                              "not_an_object": 1, "text_not_a_string": 1}
+    assert counter.counts == {
+        "invalid_json": 2,
+        "missing_text": 1,
+        "bad_utf8": 1,
+        "not_an_object": 1,
+        "text_not_a_string": 1,
+    }
     assert counter.total == 6
 
 

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from megablocks_ablate.data.indexed import IndexedDatasetWriter
-from megablocks_ablate.data.mixture import (MixtureDataset, partition_balanced_weights,
-                                            token_weighted)
+from megablocks_ablate.data.mixture import (
+    MixtureDataset,
+    partition_balanced_weights,
+    token_weighted,
+)
 from megablocks_ablate.data.packed import PackedDataset
 from megablocks_ablate.errors import DataFormatError
 
@@ -26,8 +29,10 @@ def write_unit(prefix, n_docs, rng, offset):
 def units(tmp_path_factory):
     d = tmp_path_factory.mktemp("units")
     rng = np.random.default_rng(0)
-    return {name: write_unit(d / name, n, rng, 100 * (k + 1))
-            for k, (name, n) in enumerate([("bio-0", 30), ("bio-1", 25), ("cs-0", 6)])}
+    return {
+        name: write_unit(d / name, n, rng, 100 * (k + 1))
+        for k, (name, n) in enumerate([("bio-0", 30), ("bio-1", 25), ("cs-0", 6)])
+    }
 
 
 def unit_of(sample):

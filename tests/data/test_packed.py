@@ -59,7 +59,7 @@ def test_samples_are_slices_of_the_stream(unit, seq_len, epochs_wanted):
         seen.add(s)
         x = ds[i]
         assert x.dtype == np.int64 and x.shape == (seq_len + 1,)
-        np.testing.assert_array_equal(x, stream[s * seq_len: s * seq_len + seq_len + 1])
+        np.testing.assert_array_equal(x, stream[s * seq_len : s * seq_len + seq_len + 1])
     assert seen == set(range(len(ds)))  # the shuffle is a permutation
     np.testing.assert_array_equal(ds[-1], ds[len(ds) - 1])
     with pytest.raises(IndexError):

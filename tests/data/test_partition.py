@@ -1,8 +1,15 @@
+import itertools
+
 import numpy as np
 import pytest
 
-from megablocks_ablate.data.partition import (is_heldout, order_value, partition_key, safe_name,
-                                              split_units)
+from megablocks_ablate.data.partition import (
+    is_heldout,
+    order_value,
+    partition_key,
+    safe_name,
+    split_units,
+)
 
 
 def test_partition_key_rules():
@@ -27,14 +34,14 @@ def test_split_units_equal_within_one_document(seed):
     target = 5000
     ranges, left_docs, left_tokens = split_units(lengths, target)
     assert ranges[0][0] == 0
-    for (a, b), (c, _) in zip(ranges, ranges[1:]):
+    for (_, b), (c, _) in itertools.pairwise(ranges):
         assert b == c  # contiguous
     for a, b in ranges:
         total = int(lengths[a:b].sum())
         assert target <= total < target + lengths[b - 1]  # closed at the first doc reaching it
-        assert int(lengths[a:b - 1].sum()) < target
+        assert int(lengths[a : b - 1].sum()) < target
     assert left_docs == len(lengths) - ranges[-1][1]
-    assert left_tokens == int(lengths[ranges[-1][1]:].sum()) < target
+    assert left_tokens == int(lengths[ranges[-1][1] :].sum()) < target
     kept, ld, lt = split_units(lengths, target, keep_remainder=True)
     if left_docs:
         assert kept[:-1] == ranges and kept[-1] == (ranges[-1][1], len(lengths))

@@ -19,8 +19,10 @@ from megablocks_ablate.data.tokenizer import load_tokenizer
 from megablocks_ablate.errors import ConfigError, DataFormatError
 
 UNIT_TOKENS = 3000
-PLANTED = ("the enzyme pathway of the membrane receptor is a signal for the immune host "
-           "and the viral genome sequence was not observed in these data")
+PLANTED = (
+    "the enzyme pathway of the membrane receptor is a signal for the immune host "
+    "and the viral genome sequence was not observed in these data"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +31,18 @@ def corpus_with_plant(tmp_path_factory, tiny_corpus):
     d = tmp_path_factory.mktemp("plant")
     path = d / "corpus.jsonl"
     lines = open(tiny_corpus, encoding="utf-8").read().splitlines()
-    planted = {"id": "planted", "fos": "biology", "year": 2000,
-               "text": "An innocent first paragraph.\n" + PLANTED.upper() + "\nA last line."}
-    short = {"id": "short-overlap", "fos": "biology", "year": 2001,
-             "text": "the enzyme pathway of the membrane"}  # < 13 words: kept
+    planted = {
+        "id": "planted",
+        "fos": "biology",
+        "year": 2000,
+        "text": "An innocent first paragraph.\n" + PLANTED.upper() + "\nA last line.",
+    }
+    short = {
+        "id": "short-overlap",
+        "fos": "biology",
+        "year": 2001,
+        "text": "the enzyme pathway of the membrane",
+    }  # < 13 words: kept
     lines.insert(7, json.dumps(planted))
     lines.insert(9, json.dumps(short))
     path.write_text("\n".join(lines) + "\n")
@@ -42,9 +52,18 @@ def corpus_with_plant(tmp_path_factory, tiny_corpus):
 
 
 def _config(corpus, out, tok, eval_path=None, **kw):
-    base = dict(input=[corpus], out=str(out), tokenizer=tok, partition_by=["fos"],
-                order_by="year", unit_tokens=UNIT_TOKENS, heldout_fraction=0.1,
-                eval=[eval_path] if eval_path else [], workers=1, batch_size=32)
+    base = dict(
+        input=[corpus],
+        out=str(out),
+        tokenizer=tok,
+        partition_by=["fos"],
+        order_by="year",
+        unit_tokens=UNIT_TOKENS,
+        heldout_fraction=0.1,
+        eval=[eval_path] if eval_path else [],
+        workers=1,
+        batch_size=32,
+    )
     base.update(kw)
     return PreprocessConfig.from_dict(base)
 
@@ -77,7 +96,7 @@ def _reference_units(corpus, tok_path, eval_dropped_ids):
 def done(tmp_path_factory, corpus_with_plant, sp_model_path):
     corpus, eval_path = corpus_with_plant
     out = tmp_path_factory.mktemp("pp") / "out"
-    m = run_preprocess(_config(corpus, out, sp_model_path, eval_path), log=lambda *_: None)
+    m = run_preprocess(_config(corpus, out, sp_model_path, eval_path))
     return m, corpus, eval_path, out
 
 
@@ -143,10 +162,8 @@ def test_two_workers_and_compressed_inputs_give_identical_units(done, tmp_path, 
         f.write(raw)
     with open(zst, "wb") as f:
         f.write(zstandard.ZstdCompressor().compress(raw))
-    m2 = run_preprocess(_config(gz, tmp_path / "w2", sp_model_path, eval_path, workers=2),
-                        log=lambda *_: None)
-    m3 = run_preprocess(_config(zst, tmp_path / "z", sp_model_path, eval_path),
-                        log=lambda *_: None)
+    m2 = run_preprocess(_config(gz, tmp_path / "w2", sp_model_path, eval_path, workers=2))
+    m3 = run_preprocess(_config(zst, tmp_path / "z", sp_model_path, eval_path))
     for m in (m2, m3):
         assert sorted(m.units) == sorted(m1.units)
         for u in m1.units:
@@ -157,16 +174,14 @@ def test_two_workers_and_compressed_inputs_give_identical_units(done, tmp_path, 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(done, sp_model_path):
     m, corpus, eval_path, out = done
     mtime = os.path.getmtime(os.path.join(out, "manifest.json"))
-    again = run_preprocess(_config(corpus, out, sp_model_path, eval_path), log=lambda *_: None)
+    again = run_preprocess(_config(corpus, out, sp_model_path, eval_path))
     assert again.data == m.data
     assert os.path.getmtime(os.path.join(out, "manifest.json")) == mtime
     with pytest.raises(ConfigError, match="other settings"):
-        run_preprocess(_config(corpus, out, sp_model_path, eval_path, unit_tokens=999),
-                       log=lambda *_: None)
+        run_preprocess(_config(corpus, out, sp_model_path, eval_path, unit_tokens=999))
 
 
-def test_interrupted_run_resumes_keeping_finished_units(done, tmp_path, sp_model_path,
-                                                        monkeypatch):
+def test_interrupted_run_resumes_keeping_finished_units(done, tmp_path, sp_model_path, monkeypatch):
     m1, corpus, eval_path, _ = done
     out = tmp_path / "resume"
     cfg = _config(corpus, out, sp_model_path, eval_path)
@@ -181,20 +196,24 @@ def test_interrupted_run_resumes_keeping_finished_units(done, tmp_path, sp_model
 
     monkeypatch.setattr(pp, "_write_unit", flaky)
     with pytest.raises(KeyboardInterrupt):
-        run_preprocess(cfg, log=lambda *_: None)
+        run_preprocess(cfg)
     assert not os.path.exists(out / "manifest.json")
     # only complete units are present under their final names; no temp files there
     present = sorted(os.listdir(out / "units"))
     assert all(not f.startswith(".") for f in present) and len(present) == 4
     first_mtime = os.path.getmtime(calls[0] + ".bin")
     written = []
-    monkeypatch.setattr(pp, "_write_unit", lambda prefix, *a, **k: written.append(prefix)
-                        or real_write(prefix, *a, **k))
-    m2 = run_preprocess(cfg, log=lambda *_: None)
+    monkeypatch.setattr(
+        pp,
+        "_write_unit",
+        lambda prefix, *a, **k: written.append(prefix) or real_write(prefix, *a, **k),
+    )
+    m2 = run_preprocess(cfg)
     assert calls[0] not in written and calls[1] not in written  # kept, not redone
     assert os.path.getmtime(calls[0] + ".bin") == first_mtime
-    assert {u: (v["bin"], v["idx"]) for u, v in m2.units.items()} == \
-        {u: (v["bin"], v["idx"]) for u, v in m1.units.items()}
+    assert {u: (v["bin"], v["idx"]) for u, v in m2.units.items()} == {
+        u: (v["bin"], v["idx"]) for u, v in m1.units.items()
+    }
 
 
 def test_bad_lines_error_names_file_and_line_or_are_counted(tmp_path, tiny_corpus, sp_model_path):
@@ -204,10 +223,11 @@ def test_bad_lines_error_names_file_and_line_or_are_counted(tmp_path, tiny_corpu
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe broken utf8\n")
     with pytest.raises(DataFormatError, match=r"bad\.jsonl:4: invalid JSON"):
-        run_preprocess(_config(str(bad), tmp_path / "e", sp_model_path), log=lambda *_: None)
+        run_preprocess(_config(str(bad), tmp_path / "e", sp_model_path))
     assert not os.path.exists(tmp_path / "e" / "manifest.json")
-    m = run_preprocess(_config(str(bad), tmp_path / "s", sp_model_path, on_bad_line="skip",
-                               unit_tokens=None), log=lambda *_: None)
+    m = run_preprocess(
+        _config(str(bad), tmp_path / "s", sp_model_path, on_bad_line="skip", unit_tokens=None)
+    )
     assert m.data["totals"]["bad_lines"] == {"invalid_json": 1, "missing_text": 1, "bad_utf8": 1}
     assert m.data["totals"]["documents_read"] == 50
     assert m.data["totals"]["lines_read"] == 53
@@ -215,22 +235,56 @@ def test_bad_lines_error_names_file_and_line_or_are_counted(tmp_path, tiny_corpu
 
 def test_cli_preprocess(tmp_path, tiny_corpus, sp_model_path, capsys):
     out = tmp_path / "cli"
-    rc = cli_main(["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path,
-                   "--partition-by", "fos", "--unit-tokens", "4k", "--out", str(out),
-                   "batch_size=64"])
+    rc = cli_main(
+        [
+            "preprocess",
+            "--input",
+            tiny_corpus,
+            "--tokenizer",
+            sp_model_path,
+            "--partition-by",
+            "fos",
+            "--unit-tokens",
+            "4k",
+            "--out",
+            str(out),
+            "batch_size=64",
+        ]
+    )
     assert rc == 0
     m = Manifest.load(str(out))
     assert m.data["config"]["unit_tokens"] == 4000 and m.data["config"]["batch_size"] == 64
     assert set(m.partitions) == {"biology", "physics", "history", "economics"}
-    rc = cli_main(["preprocess", "--input", str(tmp_path / "missing*.jsonl"), "--tokenizer",
-                   sp_model_path, "--out", str(tmp_path / "x")])
+    rc = cli_main(
+        [
+            "preprocess",
+            "--input",
+            str(tmp_path / "missing*.jsonl"),
+            "--tokenizer",
+            sp_model_path,
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2
     assert "no such file" in capsys.readouterr().err
-    rc = cli_main(["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path,
-                   "--out", str(tmp_path / "y"), "--workers", "0"])
+    rc = cli_main(
+        [
+            "preprocess",
+            "--input",
+            tiny_corpus,
+            "--tokenizer",
+            sp_model_path,
+            "--out",
+            str(tmp_path / "y"),
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 2 and "workers: must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
     """A real SIGINT mid-run: exit 130, no manifest, only complete files under final names."""
     import signal
@@ -240,9 +294,25 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
 
     corpus = write_corpus(str(tmp_path / "big.jsonl"), n_docs=30000, seed=5)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "megablocks_ablate", "preprocess", "--input", corpus,
-           "--tokenizer", sp_model_path, "--partition-by", "fos", "--unit-tokens", "20k",
-           "--out", str(out), "--workers", "2", "batch_size=64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megablocks_ablate",
+        "preprocess",
+        "--input",
+        corpus,
+        "--tokenizer",
+        sp_model_path,
+        "--partition-by",
+        "fos",
+        "--unit-tokens",
+        "20k",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "batch_size=64",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not (out / pp.TMP_DIR / "files").exists() and time.time() < deadline:
@@ -254,7 +324,7 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
     assert b"interrupted" in err
     assert not (out / "manifest.json").exists()
     for sub in ("units", "heldout"):
-        for f in (os.listdir(out / sub) if (out / sub).exists() else []):
+        for f in os.listdir(out / sub) if (out / sub).exists() else []:
             assert not f.startswith("."), f"temporary file left under a final dir: {f}"
     # the stage-1 directory of the interrupted input file was removed, not left partial
     assert not any((out / pp.TMP_DIR / "files").glob("*/p0.bin"))

@@ -39,6 +39,7 @@ def require_cpp():
 
 # -- NumPy builder against the brute force ----------------------------------------------
 
+
 @pytest.mark.parametrize("case_seed", range(8))
 def test_numpy_sample_index_matches_brute_force(case_seed):
     rng = np.random.default_rng(case_seed)
@@ -52,10 +53,14 @@ def test_numpy_sample_index_matches_brute_force(case_seed):
                 continue
             got = si.build_sample_index_numpy(sizes, doc_idx, seq_len, num_epochs, tpe)
             assert got.shape == (full + 1, 2) and got.dtype == np.int64
-            np.testing.assert_array_equal(got, brute_force_sample_index(sizes, doc_idx, seq_len, full))
+            np.testing.assert_array_equal(
+                got, brute_force_sample_index(sizes, doc_idx, seq_len, full)
+            )
             part = max(full // 2, 1)
             got = si.build_sample_index_numpy(sizes, doc_idx, seq_len, num_epochs, tpe, part)
-            np.testing.assert_array_equal(got, brute_force_sample_index(sizes, doc_idx, seq_len, part))
+            np.testing.assert_array_equal(
+                got, brute_force_sample_index(sizes, doc_idx, seq_len, part)
+            )
 
 
 def test_known_small_index():
@@ -75,8 +80,8 @@ def test_document_index_epochs_are_separate_permutations():
     assert d.dtype == np.int32 and d.shape == (30,)
     ref = np.random.RandomState(7)
     for e in range(3):
-        np.testing.assert_array_equal(d[e * 10:(e + 1) * 10], ref.permutation(10))
-        assert sorted(d[e * 10:(e + 1) * 10]) == list(range(10))
+        np.testing.assert_array_equal(d[e * 10 : (e + 1) * 10], ref.permutation(10))
+        assert sorted(d[e * 10 : (e + 1) * 10]) == list(range(10))
 
 
 def test_epoch_and_sample_counts():
@@ -123,8 +128,10 @@ def test_insufficient_tokens_and_bad_arguments():
 
 # -- blending ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [1, 1, 1, 1, 1, 1, 1], [0.9, 0.1],
-                                     [3, 0, 1], [1.0]])
+
+@pytest.mark.parametrize(
+    "weights", [[0.5, 0.3, 0.2], [1, 1, 1, 1, 1, 1, 1], [0.9, 0.1], [3, 0, 1], [1.0]]
+)
 def test_blend_prefix_shares_within_one_sample(weights):
     size = 500
     d_idx, s_idx = si.build_blending_indices_numpy(si.normalize_weights(weights), size)
@@ -146,14 +153,22 @@ def test_blend_known_sequence():
     np.testing.assert_array_equal(s_idx, [0, 0, 0, 1, 2, 1, 1, 3])
 
 
-@pytest.mark.parametrize("bad, match", [([0.5, -0.1], "non-negative"), ([0, 0], "all zero"),
-                                        ([], "at least one"), ([np.nan, 1], "finite")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([0.5, -0.1], "non-negative"),
+        ([0, 0], "all zero"),
+        ([], "at least one"),
+        ([np.nan, 1], "finite"),
+    ],
+)
 def test_bad_weights(bad, match):
     with pytest.raises(ValueError, match=match):
         si.build_blending_indices(bad, 10)
 
 
 # -- C++ == NumPy ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case_seed", range(6))
 def test_cpp_sample_index_equals_numpy(case_seed):
@@ -212,8 +227,10 @@ def test_dispatch_gives_identical_packed_indices(monkeypatch):
     for backend in ("numpy", "cpp"):
         monkeypatch.setenv("MBA_SAMPLE_INDEX", backend)
         assert si.backend() == backend
-        out[backend] = (si.build_packed_indices(sizes, 16, 300, seed=9),
-                        si.build_blending_indices([0.2, 0.5, 0.3], 777))
+        out[backend] = (
+            si.build_packed_indices(sizes, 16, 300, seed=9),
+            si.build_blending_indices([0.2, 0.5, 0.3], 777),
+        )
     a, b = out["numpy"], out["cpp"]
     for kind in ("document_index", "sample_index", "shuffle_index"):
         np.testing.assert_array_equal(getattr(a[0], kind), getattr(b[0], kind))
@@ -225,6 +242,7 @@ def test_dispatch_gives_identical_packed_indices(monkeypatch):
 
 
 # -- cache -----------------------------------------------------------------------------------
+
 
 def test_cache_hit_builds_nothing(tmp_path, monkeypatch):
     sizes = np.array([7, 2, 9, 4, 1, 12], np.int32)

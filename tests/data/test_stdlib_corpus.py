@@ -32,7 +32,7 @@ def test_split_source_moves_docstrings_out():
     code, docs = sc.split_source(SOURCE)
     assert docs == [("", "Module doc."), ("A", "Class doc,\non two lines."), ("A.f", "Method doc.")]
     assert '"""' not in code and "return 1" in code and "def g():" in code
-    assert sc.split_source("print 'py2'\n") == ("print 'py2'\n", [])    # unparsable: verbatim
+    assert sc.split_source("print 'py2'\n") == ("print 'py2'\n", [])  # unparsable: verbatim
 
 
 def test_chunks_bound_and_keep_text():
@@ -40,7 +40,7 @@ def test_chunks_bound_and_keep_text():
     parts = sc.chunks(text, max_chars=300)
     assert all(len(p) <= 300 for p in parts) and len(parts) > 10
     assert "".join(parts).replace("\n", "") == text.replace("\n", "")
-    assert all(len(p) <= 50 for p in sc.chunks("x" * 120, max_chars=50))   # hard cut
+    assert all(len(p) <= 50 for p in sc.chunks("x" * 120, max_chars=50))  # hard cut
 
 
 def test_test_files_go_to_their_family():
@@ -49,7 +49,7 @@ def test_test_files_go_to_their_family():
     assert sc.test_domain(j("test", "test_urllib2_localnet.py")) == "networking"
     assert sc.test_domain(j("test", "test_json", "test_dump.py")) == "formats"
     assert sc.test_domain(j("test", "support", "__init__.py")) == "testing"
-    assert sc.test_domain(j("test", "test_grammar.py")) is None          # stays in the seed
+    assert sc.test_domain(j("test", "test_grammar.py")) is None  # stays in the seed
     assert sc.test_domain(j("email", "parser.py")) is None
 
 
@@ -58,10 +58,18 @@ def _digest(docs) -> str:
 
 
 def test_domains_documents_and_determinism(tmp_path):
-    assert sc.DOMAINS == ("docs", "networking", "concurrency", "formats", "testing", "gui",
-                          "tooling", "core")
+    assert sc.DOMAINS == (
+        "docs",
+        "networking",
+        "concurrency",
+        "formats",
+        "testing",
+        "gui",
+        "tooling",
+        "core",
+    )
     docs = list(sc.iter_documents(["concurrency"]))
-    assert _digest(docs) == _digest(sc.iter_documents(["concurrency"]))   # same on every run
+    assert _digest(docs) == _digest(sc.iter_documents(["concurrency"]))  # same on every run
     assert {d["domain"] for d in docs} == {"concurrency"}
     assert [d["order"] for d in docs] == list(range(len(docs)))
     assert len({d["id"] for d in docs}) == len(docs)

@@ -33,8 +33,13 @@ def test_sentencepiece_load_and_describe(sp_model_path):
     tok = load_tokenizer(sp_model_path)
     assert isinstance(tok, SentencePieceTokenizer)
     d = tok.describe()
-    assert d == {"kind": "sentencepiece", "path": sp_model_path, "vocab_size": 512,
-                 "eod_id": 2, "fingerprint": tok.fingerprint}
+    assert d == {
+        "kind": "sentencepiece",
+        "path": sp_model_path,
+        "vocab_size": 512,
+        "eod_id": 2,
+        "fingerprint": tok.fingerprint,
+    }
     assert json.loads(json.dumps(d)) == d
     assert len(tok.fingerprint) == 64 and int(tok.fingerprint, 16) >= 0
     assert tok.decode([tok.eod_id]) == "" and tok._sp.id_to_piece(tok.eod_id) == "</s>"
@@ -60,8 +65,13 @@ def test_encode_and_fingerprint_equal_in_subprocess(sp_model_path):
         "                  os.environ.get('TOKENIZERS_PARALLELISM')]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
-    out = subprocess.run([sys.executable, "-c", code, sp_model_path, ASCII_TEXT],
-                         check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, sp_model_path, ASCII_TEXT],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     fingerprint, ids, parallelism = json.loads(out)
     assert fingerprint == tok.fingerprint
     assert ids == tok.encode(ASCII_TEXT)
@@ -88,7 +98,9 @@ def test_encode_document_batch_decode(sp_model_path):
 def test_pickle_round_trip(sp_model_path):
     tok = load_tokenizer(sp_model_path)
     clone = pickle.loads(pickle.dumps(tok))
-    assert clone.fingerprint == tok.fingerprint and clone.encode_batch(TEXTS) == tok.encode_batch(TEXTS)
+    assert clone.fingerprint == tok.fingerprint and clone.encode_batch(TEXTS) == tok.encode_batch(
+        TEXTS
+    )
 
 
 def test_sentencepiece_eod_token_override(sp_model_path):
@@ -131,8 +143,14 @@ def test_train_from_plain_text_unigram(tiny_corpus, tmp_path):
     with open(tiny_corpus, encoding="utf-8") as f, gzip.open(sample, "wt", encoding="utf-8") as out:
         for line in f:
             out.write(json.loads(line)["text"].replace("\n", " ") + "\n")
-    path = train_sentencepiece([str(sample)], str(tmp_path / "out" / "uni.model"), vocab_size=420,
-                               model_type="unigram", max_documents=300, num_threads=1)
+    path = train_sentencepiece(
+        [str(sample)],
+        str(tmp_path / "out" / "uni.model"),
+        vocab_size=420,
+        model_type="unigram",
+        max_documents=300,
+        num_threads=1,
+    )
     assert path == str(tmp_path / "out" / "uni.model")
     tok = load_tokenizer(path)
     assert (tok.vocab_size, tok.eod_id) == (420, 2)
@@ -167,9 +185,12 @@ def _write_hf_tokenizer(path, special_tokens=("<|endoftext|>",)) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=list(special_tokens),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([ASCII_TEXT, *TEXTS] * 3, trainer)
     tok.save(str(path))
     return str(path)
@@ -206,8 +227,11 @@ def test_hf_fingerprint_stable_and_sensitive(hf_path, tmp_path):
     vocab = spec["model"]["vocab"]
     victim = max(vocab, key=vocab.get)
     vocab["zzz-new-piece"] = vocab.pop(victim)
-    spec["model"]["merges"] = [m for m in spec["model"]["merges"]
-                               if "".join(m if isinstance(m, list) else m.split(" ")) != victim]
+    spec["model"]["merges"] = [
+        m
+        for m in spec["model"]["merges"]
+        if "".join(m if isinstance(m, list) else m.split(" ")) != victim
+    ]
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(spec), encoding="utf-8")
     assert load_tokenizer(str(changed)).fingerprint != a.fingerprint
@@ -239,15 +263,18 @@ def test_hf_missing_eod_needs_eod_token(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad files
-@pytest.mark.parametrize("name, content, expected", [
-    ("bad.model", b"\x0a\x05short", "SentencePiece"),
-    ("bad.model", b"not a protobuf at all \xff\xfe", "SentencePiece"),
-    ("empty.model", b"", "SentencePiece"),
-    ("config.json", b'{"model_max_length": 2048}', "tokenizer.json"),
-    ("broken.json", b'{"model": {"type": "BPE", "vocab": ', "invalid JSON"),
-    ("weird.json", b'{"model": {"type": "Nope"}}', "tokenizer.json"),
-    ("vocab.txt", b"a\nb\n", "expected a SentencePiece .model"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.model", b"\x0a\x05short", "SentencePiece"),
+        ("bad.model", b"not a protobuf at all \xff\xfe", "SentencePiece"),
+        ("empty.model", b"", "SentencePiece"),
+        ("config.json", b'{"model_max_length": 2048}', "tokenizer.json"),
+        ("broken.json", b'{"model": {"type": "BPE", "vocab": ', "invalid JSON"),
+        ("weird.json", b'{"model": {"type": "Nope"}}', "tokenizer.json"),
+        ("vocab.txt", b"a\nb\n", "expected a SentencePiece .model"),
+    ],
+)
 def test_bad_files_name_the_file(tmp_path, name, content, expected):
     path = tmp_path / name
     path.write_bytes(content)
@@ -268,8 +295,20 @@ def test_cli_train_info_encode(tiny_corpus, tmp_path, capsys):
     from megablocks_ablate.cli import main
 
     out = tmp_path / "cli" / "tok"
-    rc = main(["tokenizer", "train", "--input", tiny_corpus, "--vocab-size", "400",
-               "--out", str(out), "--threads", "1"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            tiny_corpus,
+            "--vocab-size",
+            "400",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     model_path, fp_line = capsys.readouterr().out.strip().splitlines()
     assert model_path == str(out) + ".model"

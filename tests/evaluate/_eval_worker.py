@@ -12,8 +12,8 @@ import sys
 import torch
 
 from megablocks_ablate.evaluate import EvalSuite, evaluate
-from megablocks_ablate.train.distributed import distributed_session
 from megablocks_ablate.model.config import ModelConfig
+from megablocks_ablate.train.distributed import distributed_session
 
 TINY = ["vocab_size=512", "max_seq_len=32", "init_std=0.1"]
 

@@ -16,7 +16,7 @@ TINY = ["vocab_size=512", "max_seq_len=32", "init_std=0.1"]
 
 def _docs(corpus: str, start: int, count: int) -> list[dict]:
     with open(corpus, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f][start:start + count]
+        rows = [json.loads(line) for line in f][start : start + count]
     # Varying lengths (40..~400 bytes): one window to a dozen.
     return [{**r, "text": r["text"][: 40 + 37 * i]} for i, r in enumerate(rows)]
 
@@ -49,6 +49,7 @@ def eval_dir(tmp_path_factory, tiny_corpus) -> str:
 @pytest.fixture
 def tiny_model():
     """``tiny_model(seed)``: a fresh tiny model (fp32, eval mode)."""
+
     def make(seed: int = 0, overrides: list[str] | None = None):
         import torch
 
@@ -65,16 +66,21 @@ def tiny_checkpoint(tmp_path_factory, sp_model_path) -> str:
     """A tiny-model checkpoint whose lineage records the test tokenizer."""
     import torch
 
+    from megablocks_ablate.checkpoint import Lineage, save_model_checkpoint
     from megablocks_ablate.data.tokenizer import load_tokenizer
     from megablocks_ablate.model.config import ModelConfig
-    from megablocks_ablate.train.checkpoint import Lineage, save_model_checkpoint
 
     torch.manual_seed(7)
     cfg = ModelConfig.from_preset("tiny", TINY)
     model = cfg.build()
     tok = load_tokenizer(sp_model_path)
     path = str(tmp_path_factory.mktemp("ckpt") / "seed")
-    save_model_checkpoint(path, model.state_dict(), cfg.to_dict(),
-                          Lineage(kind="seed", tokenizer_fingerprint=tok.fingerprint,
-                                  extra={"tokenizer": sp_model_path}))
+    save_model_checkpoint(
+        path,
+        model.state_dict(),
+        cfg.to_dict(),
+        Lineage(
+            kind="seed", tokenizer_fingerprint=tok.fingerprint, extra={"tokenizer": sp_model_path}
+        ),
+    )
     return path

@@ -11,7 +11,7 @@ import pytest
 
 from megablocks_ablate.cli import main
 from megablocks_ablate.evaluate import EvalSuite, evaluate
-from megablocks_ablate.evaluate.checkpoint import load_model
+from megablocks_ablate.model.loading import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,8 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_eval_command_writes_results(tiny_checkpoint, eval_dir, sp_model_path, tmp_path, capsys):
     out = tmp_path / "res" / "results.json"
     cache = str(tmp_path / "cache")
-    rc = main(["eval", "--model", tiny_checkpoint, "--eval-sets", eval_dir, "--out", str(out),
-               "--cache-dir", cache, "--stride", "16"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            tiny_checkpoint,
+            "--eval-sets",
+            eval_dir,
+            "--out",
+            str(out),
+            "--cache-dir",
+            cache,
+            "--stride",
+            "16",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert data["format"] == "megablocks-ablate/eval@1"
@@ -39,15 +52,28 @@ def test_eval_command_writes_results(tiny_checkpoint, eval_dir, sp_model_path, t
 
 
 def test_tool_script_same_as_command(tiny_checkpoint, eval_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("eval_perplexity",
-                                                  os.path.join(ROOT, "tools", "eval_perplexity.py"))
+    spec = importlib.util.spec_from_file_location(
+        "eval_perplexity", os.path.join(ROOT, "tools", "eval_perplexity.py")
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / "r.json"
     two = str(tmp_path / "second")
     shutil.copytree(tiny_checkpoint, two)
-    rc = tool.main(["--model", tiny_checkpoint, "--model", two, "--eval-sets",
-                    f"{eval_dir}/bio.jsonl", "--out", str(out), "--cache-dir", str(tmp_path / "c")])
+    rc = tool.main(
+        [
+            "--model",
+            tiny_checkpoint,
+            "--model",
+            two,
+            "--eval-sets",
+            f"{eval_dir}/bio.jsonl",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 0
     models = json.loads(out.read_text())["models"]
     assert models[tiny_checkpoint]["results"] == models[two]["results"]
@@ -67,26 +93,70 @@ def _with_lineage(src: str, dst: str, **changes) -> str:
 
 def test_refuses_tokenizer_other_than_the_models(tiny_checkpoint, eval_dir, tmp_path, capsys):
     other = _with_lineage(tiny_checkpoint, str(tmp_path / "other"), tokenizer_fingerprint="ab" * 32)
-    rc = main(["eval", "--model", other, "--eval-sets", eval_dir, "--out", str(tmp_path / "r.json"),
-               "--cache-dir", str(tmp_path / "c")])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            other,
+            "--eval-sets",
+            eval_dir,
+            "--out",
+            str(tmp_path / "r.json"),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "tokenizer fingerprint" in err and "abababab" in err and other in err
     assert not (tmp_path / "r.json").exists()
 
 
-def test_missing_tokenizer_and_bad_inputs_are_clear_errors(tiny_checkpoint, eval_dir, tmp_path, capsys):
+def test_missing_tokenizer_and_bad_inputs_are_clear_errors(
+    tiny_checkpoint, eval_dir, tmp_path, capsys
+):
     none = _with_lineage(tiny_checkpoint, str(tmp_path / "none"), extra={})
     out = str(tmp_path / "r.json")
     assert main(["eval", "--model", none, "--eval-sets", eval_dir, "--out", out]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
-    assert main(["eval", "--model", str(tmp_path / "nope"), "--eval-sets", eval_dir, "--out", out]) == 2
+    assert (
+        main(["eval", "--model", str(tmp_path / "nope"), "--eval-sets", eval_dir, "--out", out])
+        == 2
+    )
     assert "checkpoint directory does not exist" in capsys.readouterr().err
-    assert main(["eval", "--model", tiny_checkpoint, "--eval-sets", str(tmp_path / "x.jsonl"),
-                 "--out", out, "--cache-dir", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_checkpoint,
+                "--eval-sets",
+                str(tmp_path / "x.jsonl"),
+                "--out",
+                out,
+                "--cache-dir",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err
-    assert main(["eval", "--model", tiny_checkpoint, "--eval-sets", eval_dir, "--out", out,
-                 "--stride", "0"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny_checkpoint,
+                "--eval-sets",
+                eval_dir,
+                "--out",
+                out,
+                "--stride",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--stride" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--eval-sets", eval_dir, "--out", out])  # --model is required

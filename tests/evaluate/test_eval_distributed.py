@@ -10,17 +10,26 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # 2-process torchrun / mpiexec runs
+
 WORKER = os.path.join(os.path.dirname(__file__), "_eval_worker.py")
 BIN = os.path.dirname(sys.executable)
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_",
-                                "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_", "SLURM_")
+        )
+    }
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env.update(OMP_NUM_THREADS="1", MBA_NO_PROGRESS="1",
-               PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MBA_NO_PROGRESS="1",
+        PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -59,17 +68,36 @@ def _run(cmd, timeout=120):
 
 def test_torchrun_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
     # --standalone: the agent picks a free rendezvous port itself
-    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", WORKER, eval_dir,
-           sp_model_path, str(tmp_path / "cache"), str(tmp_path)]
+    cmd = [
+        os.path.join(BIN, "torchrun"),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        WORKER,
+        eval_dir,
+        sp_model_path,
+        str(tmp_path / "cache"),
+        str(tmp_path),
+    ]
     _run(cmd)
     _check(str(tmp_path), single)
 
 
-@pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None,
-                    reason="mpiexec not installed (pip install mpich)")
+@pytest.mark.skipif(
+    shutil.which("mpiexec", path=BIN) is None, reason="mpiexec not installed (pip install mpich)"
+)
 def test_mpiexec_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
     # rank 0 picks a free port and broadcasts it over MPI (train/distributed.py)
-    cmd = [os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, WORKER, eval_dir,
-           sp_model_path, str(tmp_path / "cache"), str(tmp_path)]
+    cmd = [
+        os.path.join(BIN, "mpiexec"),
+        "-n",
+        "2",
+        sys.executable,
+        WORKER,
+        eval_dir,
+        sp_model_path,
+        str(tmp_path / "cache"),
+        str(tmp_path),
+    ]
     _run(cmd)
     _check(str(tmp_path), single)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megablocks_ablate.evaluate import EvalSuite, evaluate
-from megablocks_ablate.evaluate.checkpoint import load_model
 from megablocks_ablate.evaluate.windows import document_windows
+from megablocks_ablate.model.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ def _hf_nll(hf_model, suite, domain, max_len, stride) -> tuple[float, int]:
                 logits = hf_model(input_ids=torch.tensor([seq[c:b]])).logits[0].double()
             logp = torch.log_softmax(logits, dim=-1)
             pos = torch.arange(a - c, b - c)
-            total -= float(logp[pos, torch.tensor(seq[a + 1:b + 1])].sum())
+            total -= float(logp[pos, torch.tensor(seq[a + 1 : b + 1])].sum())
             count += b - a
     return total, count
 

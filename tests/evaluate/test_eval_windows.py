@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from megablocks_ablate.errors import ConfigError
-from megablocks_ablate.evaluate.windows import (IGNORE_INDEX, bucket_windows, document_windows,
-                                                make_batch, plan_windows, validate_window_args)
+from megablocks_ablate.evaluate.windows import (
+    IGNORE_INDEX,
+    bucket_windows,
+    document_windows,
+    make_batch,
+    plan_windows,
+    validate_window_args,
+)
 
 
 def test_non_overlapping_windows_tile_the_document():
@@ -75,7 +81,7 @@ def test_batch_rows_start_with_eod_and_mask_context():
     for r, (d, c, a, b) in enumerate(rows):
         s = [eod] + list(range(10 + offsets[d], 10 + offsets[d + 1]))
         assert inputs[r, : b - c].tolist() == s[c:b]
-        expect = [IGNORE_INDEX] * (a - c) + s[a + 1: b + 1]
+        expect = [IGNORE_INDEX] * (a - c) + s[a + 1 : b + 1]
         assert labels[r, : b - c].tolist() == expect
-        assert (labels[r, b - c:] == IGNORE_INDEX).all()
+        assert (labels[r, b - c :] == IGNORE_INDEX).all()
     assert batch.scored_tokens == 12

@@ -54,7 +54,7 @@ def _brute_force_per_token(model, suite, domain, L) -> float:
     total = 0.0
     for seq in _documents(suite, domain):
         for j in range(len(seq) - 1):
-            total -= float(_fp64_logp(model64, [seq[max(0, j + 1 - L): j + 1]])[0, -1, seq[j + 1]])
+            total -= float(_fp64_logp(model64, [seq[max(0, j + 1 - L) : j + 1]])[0, -1, seq[j + 1]])
     return total
 
 

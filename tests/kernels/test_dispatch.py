@@ -50,8 +50,12 @@ def test_context_manager_restores(monkeypatch):
 
 def test_ops_route_to_the_chosen_implementation(monkeypatch):
     calls = []
-    monkeypatch.setattr(dispatch._swiglu, "swiglu_triton", lambda x: calls.append("triton") or x[..., :1])
-    monkeypatch.setattr(dispatch._swiglu, "swiglu_reference", lambda x: calls.append("ref") or x[..., :1])
+    monkeypatch.setattr(
+        dispatch._swiglu, "swiglu_triton", lambda x: calls.append("triton") or x[..., :1]
+    )
+    monkeypatch.setattr(
+        dispatch._swiglu, "swiglu_reference", lambda x: calls.append("ref") or x[..., :1]
+    )
     x = torch.randn(2, 4)
     with dispatch.kernel_backend("triton"):
         dispatch.swiglu(x)

@@ -45,7 +45,7 @@ def test_reference_is_cohere_layernorm():
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     expected = (x - mean) / torch.sqrt(var + 1e-5) * w
     torch.testing.assert_close(norm_reference(x, w, 1e-5), expected)
-    rms = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * w
+    rms = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * w
     torch.testing.assert_close(norm_reference(x, w, 1e-5, "rmsnorm"), rms)
 
 

@@ -21,7 +21,7 @@ def test_rope_matches_reference(dtype):
 
     def run(fn, src, dy):
         src = src.detach().clone().requires_grad_()
-        x = src[..., 4:4 + h * d].unflatten(-1, (h, d))  # strided view
+        x = src[..., 4 : 4 + h * d].unflatten(-1, (h, d))  # strided view
         y = fn(x, cos, sin)
         y.backward(dy)
         return y, src.grad
@@ -31,7 +31,7 @@ def test_rope_matches_reference(dtype):
     assert y.dtype == dtype and y.is_contiguous()
     torch.testing.assert_close(y.float(), ry, **TOL[dtype])
     torch.testing.assert_close(dsrc.float(), rdsrc, **TOL[dtype])
-    assert torch.all(dsrc[..., :4] == 0) and torch.all(dsrc[..., 4 + h * d:] == 0)
+    assert torch.all(dsrc[..., :4] == 0) and torch.all(dsrc[..., 4 + h * d :] == 0)
 
 
 def test_rope_known_values():

@@ -19,7 +19,7 @@ def test_swiglu_matches_reference(dtype):
 
     def run(fn, src, dy):
         src = src.detach().clone().requires_grad_()
-        y = fn(src[..., 8:8 + 2 * m])
+        y = fn(src[..., 8 : 8 + 2 * m])
         y.backward(dy)
         return y, src.grad
 

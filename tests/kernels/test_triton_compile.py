@@ -12,9 +12,11 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration  # compiles kernels for sm_90 in a subprocess
+
 pytest.importorskip("triton")  # optional dependency; the interpreter tests need it too
 
-SCRIPT = r'''
+SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -44,13 +46,19 @@ for grad in (False, True):
              "scale": "fp32", "ignore_index": "i32", "GRAD": "constexpr", "BLOCK": "constexpr"},
              {"GRAD": grad, "BLOCK": 4096})
 print("compiled")
-'''
+"""
 
 
 def test_kernels_compile_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

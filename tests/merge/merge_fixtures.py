@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from megablocks_ablate.train.checkpoint import Lineage, model_hash, save_model_checkpoint
+from megablocks_ablate.checkpoint import Lineage, model_hash, save_model_checkpoint
 
 CONFIG = {"vocab_size": 37, "hidden_size": 12, "ffn_size": 20}
 
@@ -29,24 +29,41 @@ class TinyLM(nn.Module):
         return self.down(self.norm(torch.relu(self.up(self.embed(ids)))))
 
 
-def write_family(root: str, units=("cs_0", "cs_1", "bio_0"), dtype=torch.float32,
-                 tokenizer="tok-abc") -> tuple[str, dict[str, str]]:
+def write_family(
+    root: str, units=("cs_0", "cs_1", "bio_0"), dtype=torch.float32, tokenizer="tok-abc"
+) -> tuple[str, dict[str, str]]:
     """A seed checkpoint and one perturbed unit model per unit; returns (seed, {unit: dir})."""
     torch.manual_seed(0)
     seed_model = TinyLM(**CONFIG)
     seed_dir = os.path.join(root, "seed")
     seed_sd = {k: v.to(dtype) for k, v in seed_model.state_dict().items()}
-    save_model_checkpoint(seed_dir, seed_sd, CONFIG, Lineage(kind="seed", tokens_seen=1000,
-                                                             tokenizer_fingerprint=tokenizer))
+    save_model_checkpoint(
+        seed_dir,
+        seed_sd,
+        CONFIG,
+        Lineage(kind="seed", tokens_seen=1000, tokenizer_fingerprint=tokenizer),
+    )
     seed_hash = model_hash(seed_dir)
     out = {}
     for i, unit in enumerate(units):
         g = torch.Generator().manual_seed(100 + i)
-        sd = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype)
-              for k, v in seed_sd.items()}
+        sd = {
+            k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype)
+            for k, v in seed_sd.items()
+        }
         d = os.path.join(root, "pool", unit)
-        save_model_checkpoint(d, sd, CONFIG, Lineage(
-            kind="unit", seed_hash=seed_hash, units=[unit], weights=[1.0],
-            tokens_seen=100 * (i + 1), tokenizer_fingerprint=tokenizer))
+        save_model_checkpoint(
+            d,
+            sd,
+            CONFIG,
+            Lineage(
+                kind="unit",
+                seed_hash=seed_hash,
+                units=[unit],
+                weights=[1.0],
+                tokens_seen=100 * (i + 1),
+                tokenizer_fingerprint=tokenizer,
+            ),
+        )
         out[unit] = d
     return seed_dir, out

@@ -9,20 +9,21 @@ import pytest
 import torch
 import yaml
 
-from megablocks_ablate.cli import main
-from megablocks_ablate.errors import ConfigError, DataFormatError
-from megablocks_ablate.merge.file_merge import merge_checkpoints
-from megablocks_ablate.merge.spec import MergeSpec
-from megablocks_ablate.train.checkpoint import (
+from megablocks_ablate.checkpoint import (
     load_model_checkpoint,
     model_hash,
     save_model_checkpoint,
 )
+from megablocks_ablate.cli import main
+from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.merge.file_merge import merge_checkpoints
+from megablocks_ablate.merge.spec import MergeSpec
 
 
 def _spec(ckpts, **mixture) -> MergeSpec:
-    return MergeSpec.from_dict({"checkpoints": ckpts, **(mixture or {"uniform": True})},
-                               source="test.yaml")
+    return MergeSpec.from_dict(
+        {"checkpoints": ckpts, **(mixture or {"uniform": True})}, source="test.yaml"
+    )
 
 
 def _expected(ckpts, weights):
@@ -37,11 +38,13 @@ def test_merge_matches_weighted_sum_and_records_lineage(family, tmp_path):
     out = str(tmp_path / "merged")
     lineage = merge_checkpoints(spec, out, show_progress=False)
     state, config, lin = load_model_checkpoint(out)
-    want = _expected(ckpts, {"cs_0": .25, "cs_1": .25, "bio_0": .5})
+    want = _expected(ckpts, {"cs_0": 0.25, "cs_1": 0.25, "bio_0": 0.5})
     for k, v in want.items():
         torch.testing.assert_close(state[k].double(), v, rtol=1e-6, atol=1e-6)
     assert lin == lineage and lin.kind == "merged" and lin.seed_hash == model_hash(seed)
-    assert lin.units == ["cs_0", "cs_1", "bio_0"] and lin.weights == pytest.approx([.25, .25, .5])
+    assert lin.units == ["cs_0", "cs_1", "bio_0"] and lin.weights == pytest.approx(
+        [0.25, 0.25, 0.5]
+    )
     assert lin.tokens_seen == 600 and lin.tokenizer_fingerprint == "tok-abc"
     assert lin.parents == [os.path.abspath(p) for p in ckpts.values()]
     assert config == load_model_checkpoint(ckpts["cs_0"])[1]
@@ -52,7 +55,10 @@ def test_chunking_and_dtype(family, tmp_path):
     spec = _spec(ckpts, weights={"cs_0": 1, "bio_0": 3})
     merge_checkpoints(spec, str(tmp_path / "a"), show_progress=False)
     merge_checkpoints(spec, str(tmp_path / "b"), chunk=7, show_progress=False)  # odd chunks
-    a, b = load_model_checkpoint(str(tmp_path / "a"))[0], load_model_checkpoint(str(tmp_path / "b"))[0]
+    a, b = (
+        load_model_checkpoint(str(tmp_path / "a"))[0],
+        load_model_checkpoint(str(tmp_path / "b"))[0],
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     merge_checkpoints(spec, str(tmp_path / "c"), dtype="bf16", show_progress=False)
     c = load_model_checkpoint(str(tmp_path / "c"))[0]
@@ -77,13 +83,20 @@ def _corrupt(ckpts, problem):
     save_model_checkpoint(ckpts["cs_1"], state, config, lin)
 
 
-@pytest.mark.parametrize("problem, error, match", [
-    ("shape", DataFormatError, r"cs_1/model.safetensors: tensor 'up.weight' has shape \[21, 12\]"),
-    ("missing", DataFormatError, r"cs_1/model.safetensors: missing tensor 'norm.bias'"),
-    ("seed", ConfigError, "same seed.*--allow-different-seed"),
-    ("tokenizer", ConfigError, r"cs_1/lineage.json: tokenizer fingerprint 'tok-other'"),
-    ("config", ConfigError, r"cs_1/config.json: model config differs.*hidden_size"),
-])
+@pytest.mark.parametrize(
+    "problem, error, match",
+    [
+        (
+            "shape",
+            DataFormatError,
+            r"cs_1/model.safetensors: tensor 'up.weight' has shape \[21, 12\]",
+        ),
+        ("missing", DataFormatError, r"cs_1/model.safetensors: missing tensor 'norm.bias'"),
+        ("seed", ConfigError, "same seed.*--allow-different-seed"),
+        ("tokenizer", ConfigError, r"cs_1/lineage.json: tokenizer fingerprint 'tok-other'"),
+        ("config", ConfigError, r"cs_1/config.json: model config differs.*hidden_size"),
+    ],
+)
 def test_refusals_name_file_and_tensor(family, tmp_path, problem, error, match):
     _, ckpts = family
     _corrupt(ckpts, problem)
@@ -97,8 +110,9 @@ def test_refusals_name_file_and_tensor(family, tmp_path, problem, error, match):
 def test_different_seed_allowed_with_flag(family, tmp_path):
     _, ckpts = family
     _corrupt(ckpts, "seed")
-    lin = merge_checkpoints(_spec(ckpts), str(tmp_path / "m"), allow_different_seed=True,
-                            show_progress=False)
+    lin = merge_checkpoints(
+        _spec(ckpts), str(tmp_path / "m"), allow_different_seed=True, show_progress=False
+    )
     assert lin.seed_hash is None
 
 

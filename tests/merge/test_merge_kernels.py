@@ -12,12 +12,12 @@ import sysconfig
 import pytest
 import torch
 
-GPU = torch.cuda.is_available()  # without one, tests/conftest.py set TRITON_INTERPRET=1
-
 from megablocks_ablate import _ext
 from megablocks_ablate.kernels.dispatch import kernel_backend
 from megablocks_ablate.kernels.merge_reference import merge_into_reference
 from megablocks_ablate.merge.kernels import merge_into, select_backend
+
+GPU = torch.cuda.is_available()  # without one, tests/conftest.py set TRITON_INTERPRET=1
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -79,20 +79,46 @@ def test_cpp_conversions_match_torch_exactly():
     _cpp_or_fail()
     every = torch.arange(65536, dtype=torch.int32).to(torch.int16)
     g = torch.Generator().manual_seed(0)
-    probes = torch.cat([
-        torch.randint(-2**31, 2**31 - 1, (200_000,), dtype=torch.int32, generator=g).view(torch.float32),
-        torch.randn(50_000, generator=g) * 1e-5, torch.randn(50_000, generator=g) * 6e4,
-        torch.tensor([65504., 65519., 65520., -65520., 2.98e-8, 2.99e-8, 5.96e-8, 1e-45,
-                      float("inf"), float("-inf"), float("nan"), -0.0, 0.0]),
-    ])
+    probes = torch.cat(
+        [
+            torch.randint(-(2**31), 2**31 - 1, (200_000,), dtype=torch.int32, generator=g).view(
+                torch.float32
+            ),
+            torch.randn(50_000, generator=g) * 1e-5,
+            torch.randn(50_000, generator=g) * 6e4,
+            torch.tensor(
+                [
+                    65504.0,
+                    65519.0,
+                    65520.0,
+                    -65520.0,
+                    2.98e-8,
+                    2.99e-8,
+                    5.96e-8,
+                    1e-45,
+                    float("inf"),
+                    float("-inf"),
+                    float("nan"),
+                    -0.0,
+                    0.0,
+                ]
+            ),
+        ]
+    )
     for dtype in (torch.bfloat16, torch.float16):
         x = every.view(dtype)
         loaded = merge_into(torch.empty(65536), [x], [1.0], backend="cpp")
-        same = (loaded.view(torch.int32) == x.float().view(torch.int32)) | (loaded.isnan() & x.isnan())
+        same = (loaded.view(torch.int32) == x.float().view(torch.int32)) | (
+            loaded.isnan() & x.isnan()
+        )
         assert bool(same.all()), dtype
-        stored = merge_into(torch.empty(probes.numel(), dtype=dtype), [probes], [1.0], backend="cpp")
+        stored = merge_into(
+            torch.empty(probes.numel(), dtype=dtype), [probes], [1.0], backend="cpp"
+        )
         want = probes.to(dtype)
-        same = (stored.view(torch.int16) == want.view(torch.int16)) | (stored.isnan() & want.isnan())
+        same = (stored.view(torch.int16) == want.view(torch.int16)) | (
+            stored.isnan() & want.isnan()
+        )
         assert bool(same.all()), dtype
 
 
@@ -111,9 +137,15 @@ def test_cpp_known_values_alias_and_thread_independence():
     outs = []
     for threads in (1, 2):
         o = torch.empty(50_001, dtype=torch.bfloat16)
-        _ext.cpp.merge_into(o.data_ptr(), 1, [x.data_ptr() for x in xs],
-                            [{torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
-                             for x in xs], ws, o.numel(), threads)
+        _ext.cpp.merge_into(
+            o.data_ptr(),
+            1,
+            [x.data_ptr() for x in xs],
+            [{torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype] for x in xs],
+            ws,
+            o.numel(),
+            threads,
+        )
         outs.append(o)
     assert torch.equal(outs[0], outs[1])
 
@@ -150,18 +182,21 @@ def test_triton_interpreter_matches_reference(out_dtype):
 
     assert merge_triton.triton is not None, "triton is a dev dependency (pip install -e .[dev])"
     if not GPU:
-        assert "Interpreted" in type(merge_triton._merge_kernel).__name__, \
+        assert "Interpreted" in type(merge_triton._merge_kernel).__name__, (
             "merge_triton was imported before TRITON_INTERPRET=1 was set"
+        )
     device = "cuda" if GPU else "cpu"
     for n_inputs, length in [(1, 1), (5, 1025), (64, 3000)]:
         xs, ws = _inputs(n_inputs, length, DTYPES, seed=length)
         with kernel_backend("triton"):
-            got = merge_into(torch.empty(length, dtype=out_dtype, device=device),
-                             [x.to(device) for x in xs], ws)
+            got = merge_into(
+                torch.empty(length, dtype=out_dtype, device=device), [x.to(device) for x in xs], ws
+            )
         _assert_merged(got.cpu(), xs, ws)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.integration
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     """csrc/cuda/merge.cu compiles (C ABI alone, and with the pybind11 binding as the
     CUDAExtension build compiles it). It runs only where a GPU exists."""
@@ -169,10 +204,15 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
 
     src = os.path.join(ROOT, "csrc", "cuda", "merge.cu")
     base = ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-c", src]
-    r = subprocess.run(base + ["-o", str(tmp_path / "merge_cabi.o")], capture_output=True, text=True)
+    r = subprocess.run(
+        base + ["-o", str(tmp_path / "merge_cabi.o")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
-    inc = ["-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"],
-           "-I" + os.path.join(ROOT, "csrc", "cuda")]
+    inc = [
+        "-I" + pybind11.get_include(),
+        "-I" + sysconfig.get_paths()["include"],
+        "-I" + os.path.join(ROOT, "csrc", "cuda"),
+    ]
     obj = tmp_path / "merge_py.o"
     r = subprocess.run(base + inc + ["-o", str(obj)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -184,8 +224,12 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
 def test_cuda_extension_matches_reference_on_gpu():  # runs on GPU machines only
     for out_dtype in DTYPES:
         xs, ws = _inputs(9, 100_003, DTYPES)
-        got = merge_into(torch.empty(100_003, dtype=out_dtype, device="cuda"),
-                         [x.cuda() for x in xs], ws, backend="cuda")
+        got = merge_into(
+            torch.empty(100_003, dtype=out_dtype, device="cuda"),
+            [x.cuda() for x in xs],
+            ws,
+            backend="cuda",
+        )
         _assert_merged(got.cpu(), xs, ws)
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from merge_fixtures import CONFIG, TinyLM, write_family
+
+from megablocks_ablate.checkpoint import load_model_checkpoint
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.merge.file_merge import merge_checkpoints
 from megablocks_ablate.merge.pool import ModelPool
 from megablocks_ablate.merge.spec import MergeSpec
-from megablocks_ablate.train.checkpoint import load_model_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pool_merge_equals_file_merge_bitwise(tmp_path, dtype):
     _, ckpts = write_family(str(tmp_path), dtype=dtype)
-    spec = MergeSpec.from_dict({"checkpoints": ckpts,
-                                "macro": {"cs": ["cs_0", "cs_1"], "bio": ["bio_0"]}})
+    spec = MergeSpec.from_dict(
+        {"checkpoints": ckpts, "macro": {"cs": ["cs_0", "cs_1"], "bio": ["bio_0"]}}
+    )
     merge_checkpoints(spec, str(tmp_path / "merged"), show_progress=False)
     from_file = load_model_checkpoint(str(tmp_path / "merged"))[0]
 

@@ -5,20 +5,26 @@ import os
 
 import pytest
 import torch
+import transformers  # a dev dependency (pyproject [dev]): the logits test must not skip
 from safetensors.torch import load_file
 
+from megablocks_ablate.checkpoint import Lineage, load_model_checkpoint, save_model_checkpoint
 from megablocks_ablate.cli import main
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.model import ModelConfig
 from megablocks_ablate.model.hf import export_hf, import_hf
-from megablocks_ablate.train.checkpoint import Lineage, load_model_checkpoint, save_model_checkpoint
-
-import transformers  # a dev dependency (pyproject [dev]): the logits test must not skip
 
 VARIANTS = {
     "tied-gqa-qknorm": [],
-    "untied-mha-scaled": ["qk_norm=false", "n_kv_heads=4", "tie_embeddings=false",
-                          "logit_scale=0.25", "vocab_size=250", "vocab_multiple=1", "rope_theta=500"],
+    "untied-mha-scaled": [
+        "qk_norm=false",
+        "n_kv_heads=4",
+        "tie_embeddings=false",
+        "logit_scale=0.25",
+        "vocab_size=250",
+        "vocab_multiple=1",
+        "rope_theta=500",
+    ],
 }
 
 
@@ -28,8 +34,12 @@ def _checkpoint(path, overrides=(), seed=0, **lineage):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    save_model_checkpoint(str(path), model.state_dict(), model.cfg.to_dict(),
-                          Lineage(kind="seed", tokens_seen=1234, **lineage))
+    save_model_checkpoint(
+        str(path),
+        model.state_dict(),
+        model.cfg.to_dict(),
+        Lineage(kind="seed", tokens_seen=1234, **lineage),
+    )
     return model
 
 
@@ -38,12 +48,16 @@ def test_exported_model_logits_match_transformers(tmp_path, variant):
     model = _checkpoint(tmp_path / "ckpt", VARIANTS[variant]).eval()
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     hf = transformers.CohereForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     assert theirs.shape == ours.shape
     assert (ours - theirs).abs().max().item() < 1e-4
-    assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == ["CohereForCausalLM"]
+    assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == [
+        "CohereForCausalLM"
+    ]
 
 
 def test_export_import_round_trip_is_bitwise(tmp_path):
@@ -62,7 +76,9 @@ def test_export_import_round_trip_is_bitwise(tmp_path):
 
 def test_bf16_round_trip_and_hf_tensor_names(tmp_path):
     model = ModelConfig.from_preset("tiny").build(dtype=torch.bfloat16)
-    save_model_checkpoint(str(tmp_path / "ckpt"), model.state_dict(), model.cfg.to_dict(), Lineage(kind="seed"))
+    save_model_checkpoint(
+        str(tmp_path / "ckpt"), model.state_dict(), model.cfg.to_dict(), Lineage(kind="seed")
+    )
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert tensors["model.layers.1.self_attn.q_norm.weight"].shape == (4, 16)
@@ -77,9 +93,17 @@ def test_bf16_round_trip_and_hf_tensor_names(tmp_path):
 
 def test_import_of_foreign_cohere_directory(tmp_path):
     # A Cohere model saved by transformers itself (no megablocks_ablate key) imports too.
-    hf_cfg = transformers.CohereConfig(vocab_size=200, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       use_qk_norm=True, logit_scale=0.5, max_position_embeddings=64)
+    hf_cfg = transformers.CohereConfig(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_qk_norm=True,
+        logit_scale=0.5,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     hf = transformers.CohereForCausalLM(hf_cfg).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
@@ -106,8 +130,18 @@ def test_bad_inputs_give_specific_errors(tmp_path, capsys):
         _checkpoint(tmp_path / "rms", ["norm=rmsnorm"])
         export_hf(str(tmp_path / "rms"), str(tmp_path / "hf_rms"))
     os.makedirs(tmp_path / "pickled")
-    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "cohere", "vocab_size": 8,
-        "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}))
+    (tmp_path / "pickled" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "cohere",
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 8,
+            }
+        )
+    )
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(DataFormatError, match="pickle"):
         import_hf(str(tmp_path / "pickled"), str(tmp_path / "out"))
@@ -122,12 +156,31 @@ def test_exported_hf_tokenizer_loads_in_transformers(tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello world physics biology"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["hello world physics biology"] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(tmp_path / "tok.json"))
     _checkpoint(tmp_path / "ckpt")
-    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok.json")]) == 0
+    assert (
+        main(
+            [
+                "export-hf",
+                str(tmp_path / "ckpt"),
+                str(tmp_path / "hf"),
+                "--tokenizer",
+                str(tmp_path / "tok.json"),
+            ]
+        )
+        == 0
+    )
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf_tok("hello physics")["input_ids"] == tok.encode("hello physics").ids
     assert hf_tok.eos_token == "<|endoftext|>"
-    assert json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == hf_tok.eos_token_id == 0
+    assert (
+        json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == hf_tok.eos_token_id == 0
+    )

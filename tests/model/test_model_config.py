@@ -21,7 +21,12 @@ def test_preset_shapes():
     m130, m1b = ModelConfig.from_preset("130m"), ModelConfig.from_preset("1.1b")
     assert tiny.num_params() < 1_000_000
     assert (demo.d_model, demo.n_layers, demo.n_heads, demo.padded_vocab_size) == (128, 2, 4, 2048)
-    assert (m130.d_model, m130.n_layers, m130.n_heads, m130.padded_vocab_size) == (768, 12, 12, 50304)
+    assert (m130.d_model, m130.n_layers, m130.n_heads, m130.padded_vocab_size) == (
+        768,
+        12,
+        12,
+        50304,
+    )
     assert (m1b.d_model, m1b.n_layers, m1b.n_heads, m1b.max_seq_len) == (2048, 24, 16, 2048)
     assert 120e6 < m130.num_params() < 135e6
     assert 1.05e9 < m1b.num_params() < 1.15e9
@@ -32,7 +37,11 @@ def test_derived_sizes():
     assert ModelConfig(vocab_size=256).padded_vocab_size == 256
     assert ModelConfig(vocab_size=250, vocab_multiple=1).padded_vocab_size == 250
     # SwiGLU default: 8/3 * d_model rounded up to a multiple of 128.
-    assert [ModelConfig(d_model=d, n_heads=8).mlp_hidden for d in (128, 768, 2048)] == [384, 2048, 5504]
+    assert [ModelConfig(d_model=d, n_heads=8).mlp_hidden for d in (128, 768, 2048)] == [
+        384,
+        2048,
+        5504,
+    ]
     assert ModelConfig(n_heads=12).n_kv_heads == 12
 
 

@@ -15,7 +15,11 @@ def _loss_and_grads(model, ids, labels, backend):
         loss = model(ids, labels=labels)
         loss.backward()
         nll = model.per_token_nll(ids, labels)
-    return loss.detach().float(), nll, {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    return (
+        loss.detach().float(),
+        nll,
+        {n: p.grad.float().clone() for n, p in model.named_parameters()},
+    )
 
 
 @pytest.mark.parametrize("dtype,norm", [(torch.float32, "layernorm"), (torch.bfloat16, "rmsnorm")])

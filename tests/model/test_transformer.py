@@ -25,13 +25,17 @@ def _batch(cfg, b=2, t=19, seed=1):
     return ids, labels
 
 
-@pytest.mark.parametrize("overrides", [(), ("tie_embeddings=false", "logit_scale=0.5", "norm=rmsnorm")])
+@pytest.mark.parametrize(
+    "overrides", [(), ("tie_embeddings=false", "logit_scale=0.5", "norm=rmsnorm")]
+)
 def test_loss_and_per_token_nll_match_full_logits(overrides):
     model = _model(*overrides)
     ids, labels = _batch(model.cfg)
     logits = model(ids)
     assert logits.shape == (2, 19, model.cfg.padded_vocab_size)
-    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    expected = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+    )
     nll = model.per_token_nll(ids, labels)
     assert nll.dtype == torch.float32 and nll.shape == (2, 19)
     torch.testing.assert_close(nll.flatten(), expected, atol=1e-5, rtol=1e-5)
@@ -79,7 +83,10 @@ def test_state_dict_names():
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes["embed.weight"] == (cfg.padded_vocab_size, cfg.d_model)
     assert shapes["lm_head.weight"] == (cfg.padded_vocab_size, cfg.d_model)
-    assert shapes["layers.1.in_proj.weight"] == (cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.mlp_hidden, cfg.d_model)
+    assert shapes["layers.1.in_proj.weight"] == (
+        cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.mlp_hidden,
+        cfg.d_model,
+    )
     assert shapes["layers.1.qk_norm.weight"] == (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
     assert shapes["layers.0.attn_out.weight"] == (cfg.d_model, cfg.q_dim)
     assert shapes["layers.0.mlp_out.weight"] == (cfg.d_model, cfg.mlp_hidden)

@@ -16,21 +16,42 @@ def train_manifest(tmp_path_factory, tiny_corpus, sp_model_path) -> str:
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
 
     out = tmp_path_factory.mktemp("train-data") / "data"
-    run_preprocess(PreprocessConfig.from_dict(dict(
-        input=[tiny_corpus], out=str(out), tokenizer=sp_model_path, partition_by=["fos"],
-        order_by="year", unit_tokens=3000, heldout_fraction=0.05, workers=1)),
-        log=lambda *_: None)
+    run_preprocess(
+        PreprocessConfig.from_dict(
+            dict(
+                input=[tiny_corpus],
+                out=str(out),
+                tokenizer=sp_model_path,
+                partition_by=["fos"],
+                order_by="year",
+                unit_tokens=3000,
+                heldout_fraction=0.05,
+                workers=1,
+            )
+        )
+    )
     return str(out)
 
 
 def tiny_overrides(manifest: str, out_dir: str, **extra) -> list[str]:
     """key=value overrides giving a run of a few steps of the tiny model on CPU."""
     base = {
-        "model": "tiny", "model_overrides": "[vocab_size=512]", "data.manifest": manifest,
-        "out_dir": out_dir, "seq_len": 32, "global_batch_tokens": 256, "micro_batch": 4,
-        "train_tokens": 256 * 8, "optimizer.lr": 3e-3, "schedule.warmup_steps": 2,
-        "schedule.min_lr": 3e-4, "device": "cpu", "logging.every": 1,
-        "logging.progress": False, "logging.tensorboard": False, "checkpoint.every": 0,
+        "model": "tiny",
+        "model_overrides": "[vocab_size=512]",
+        "data.manifest": manifest,
+        "out_dir": out_dir,
+        "seq_len": 32,
+        "global_batch_tokens": 256,
+        "micro_batch": 4,
+        "train_tokens": 256 * 8,
+        "optimizer.lr": 3e-3,
+        "schedule.warmup_steps": 2,
+        "schedule.min_lr": 3e-4,
+        "device": "cpu",
+        "logging.every": 1,
+        "logging.progress": False,
+        "logging.tensorboard": False,
+        "checkpoint.every": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -38,8 +59,12 @@ def tiny_overrides(manifest: str, out_dir: str, **extra) -> list[str]:
 
 def subprocess_env(**extra) -> dict:
     """Environment for child training processes: 1 thread each, repo importable."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MBA_NO_PROGRESS="1",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MBA_NO_PROGRESS="1",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 

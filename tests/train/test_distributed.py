@@ -14,18 +14,20 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import PYTHON, subprocess_env, tiny_overrides
 
 from megablocks_ablate.train.distributed import detect_launcher, first_slurm_host
 
-from conftest import PYTHON, subprocess_env, tiny_overrides
+pytestmark = pytest.mark.integration  # 2-process torchrun / mpiexec / Slurm runs
 
 BIN = os.path.dirname(PYTHON)
 TRAIN = ["-m", "megablocks_ablate", "train"]
 
 
 def _overrides(manifest, out, **extra):
-    return tiny_overrides(manifest, out, micro_batch=2, train_tokens=256 * 4,
-                          **{"data.unit": "biology-0001"}, **extra)
+    return tiny_overrides(
+        manifest, out, micro_batch=2, train_tokens=256 * 4, **{"data.unit": "biology-0001"}, **extra
+    )
 
 
 def _losses(out):
@@ -34,9 +36,11 @@ def _losses(out):
 
 
 def _run(cmd, env=None, timeout=120):
-    r = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+    return r.stdout + r.stderr  # log lines are on stderr
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,8 @@ def reference(train_manifest, tmp_path_factory):
 
 
 def _check(reference, out, stdout, launcher, world=2):
-    assert f"launcher {launcher}: {world} rank(s)" in stdout
+    assert f"[rank 0] launcher {launcher}: {world} rank(s)" in stdout
+    assert "[rank 1] launcher" not in stdout  # info lines from rank 0 only, by default
     got = _losses(out)
     assert len(got) == len(reference) == 4
     assert max(abs(a - b) for a, b in zip(got, reference)) < 1e-5, (got, reference)
@@ -55,25 +60,45 @@ def _check(reference, out, stdout, launcher, world=2):
 
 def test_torchrun_ddp_matches_single_process(reference, train_manifest, tmp_path):
     out = str(tmp_path / "ddp")
-    stdout = _run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2",
-                   *TRAIN, *_overrides(train_manifest, out)])
+    stdout = _run(
+        [
+            os.path.join(BIN, "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *TRAIN,
+            *_overrides(train_manifest, out),
+        ]
+    )
     _check(reference, out, stdout, "torchrun")
 
 
-@pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None,
-                    reason="mpiexec missing: pip install -e .[dev] installs mpich")
+@pytest.mark.skipif(
+    shutil.which("mpiexec", path=BIN) is None,
+    reason="mpiexec missing: pip install -e .[dev] installs mpich",
+)
 def test_mpiexec_ddp_matches_single_process(reference, train_manifest, tmp_path):
     out = str(tmp_path / "mpi")
-    stdout = _run([os.path.join(BIN, "mpiexec"), "-n", "2", PYTHON, *TRAIN,
-                   *_overrides(train_manifest, out)])
+    stdout = _run(
+        [os.path.join(BIN, "mpiexec"), "-n", "2", PYTHON, *TRAIN, *_overrides(train_manifest, out)]
+    )
     _check(reference, out, stdout, "mpi")
 
 
 def test_torchrun_fsdp2_matches_single_process(reference, train_manifest, tmp_path):
     out = str(tmp_path / "fsdp")
-    stdout = _run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2",
-                   *TRAIN, *_overrides(train_manifest, out, **{"distributed.parallel": "fsdp",
-                                                               "checkpoint.every": 2})])
+    stdout = _run(
+        [
+            os.path.join(BIN, "torchrun"),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *TRAIN,
+            *_overrides(
+                train_manifest, out, **{"distributed.parallel": "fsdp", "checkpoint.every": 2}
+            ),
+        ]
+    )
     _check(reference, out, stdout, "torchrun")
     # the step-2 checkpoint gathered from the shards holds every full tensor
     from megablocks_ablate.train.state import load_train_checkpoint, step_dir
@@ -94,12 +119,25 @@ def test_slurm_job_step_matches_single_process(reference, train_manifest, tmp_pa
     out = str(tmp_path / "slurm")
     procs = []
     for rank in range(2):
-        env = subprocess_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                             SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="1", MASTER_PORT=str(port))
+        env = subprocess_env(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS="2",
+            SLURM_LOCALID=str(rank),
+            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_ID="1",
+            MASTER_PORT=str(port),
+        )
         for k in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
             env.pop(k, None)
-        procs.append(subprocess.Popen([PYTHON, *TRAIN, *_overrides(train_manifest, out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [PYTHON, *TRAIN, *_overrides(train_manifest, out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     _check(reference, out, outputs[0], "slurm")

@@ -12,15 +12,20 @@ from megablocks_ablate.train import state as st
 
 
 def test_optimizer_state_flatten_round_trip():
-    osd = {"state": {"layers.0.w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3),
-                                    "note": "x"}},
-           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": ["layers.0.w"]}]}
+    osd = {
+        "state": {
+            "layers.0.w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3), "note": "x"}
+        },
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": ["layers.0.w"]}],
+    }
     tensors, meta = st.flatten_optimizer_state(osd)
     assert set(tensors) == {"layers.0.w/step", "layers.0.w/exp_avg"}
     back = st.unflatten_optimizer_state(tensors, meta)
     assert back["param_groups"] == osd["param_groups"]
     assert back["state"]["layers.0.w"]["note"] == "x"
-    assert torch.equal(back["state"]["layers.0.w"]["exp_avg"], osd["state"]["layers.0.w"]["exp_avg"])
+    assert torch.equal(
+        back["state"]["layers.0.w"]["exp_avg"], osd["state"]["layers.0.w"]["exp_avg"]
+    )
 
 
 def test_rng_state_round_trip():

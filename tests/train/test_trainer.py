@@ -10,16 +10,15 @@ import time
 
 import pytest
 import torch
+from conftest import PYTHON, subprocess_env, tiny_overrides
 
+from megablocks_ablate.checkpoint import load_model_checkpoint, model_hash
 from megablocks_ablate.cli import main as cli_main
 from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.train import state as st
-from megablocks_ablate.train.checkpoint import load_model_checkpoint, model_hash
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.optim import lr_at
 from megablocks_ablate.train.trainer import STEP_DELAY_ENV, train
-
-from conftest import PYTHON, subprocess_env, tiny_overrides
 
 
 def _metrics(out_dir):
@@ -30,10 +29,16 @@ def _metrics(out_dir):
 @pytest.fixture(scope="module")
 def seed_run(train_manifest, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("seed") / "seed")
-    cfg = TrainConfig.load(None, tiny_overrides(train_manifest, out, kind="seed",
-                                                **{"data.mixture": "['*']", "checkpoint.every": 3,
-                                                   "checkpoint.keep_last": 2}))
-    summary = train(cfg, log=lambda *_: None)
+    cfg = TrainConfig.load(
+        None,
+        tiny_overrides(
+            train_manifest,
+            out,
+            kind="seed",
+            **{"data.mixture": "['*']", "checkpoint.every": 3, "checkpoint.keep_last": 2},
+        ),
+    )
+    summary = train(cfg)
     return cfg, out, summary
 
 
@@ -60,17 +65,25 @@ def test_seed_run_outputs(seed_run, train_manifest):
     done = json.load(open(os.path.join(out, "COMPLETE.json")))
     assert done["model_sha256"] == model_hash(os.path.join(out, "final"))
     # a finished run is skipped
-    assert train(cfg, log=lambda *_: None)["skipped"] is True
+    assert train(cfg)["skipped"] is True
 
 
 def test_unit_from_seed_has_lineage_and_fresh_optimizer(seed_run, train_manifest, tmp_path):
     _, seed_out, _ = seed_run
     seed_final = os.path.join(seed_out, "final")
     out = str(tmp_path / "pool" / "{unit}")
-    cfg = TrainConfig.load(None, tiny_overrides(
-        train_manifest, out, kind="unit", init_from=seed_final, train_tokens=256 * 4,
-        **{"data.unit": "physics-0002", "checkpoint.every": 2}))
-    train(cfg, log=lambda *_: None)
+    cfg = TrainConfig.load(
+        None,
+        tiny_overrides(
+            train_manifest,
+            out,
+            kind="unit",
+            init_from=seed_final,
+            train_tokens=256 * 4,
+            **{"data.unit": "physics-0002", "checkpoint.every": 2},
+        ),
+    )
+    train(cfg)
     unit_dir = str(tmp_path / "pool" / "physics-0002")
     _, _, lineage = load_model_checkpoint(os.path.join(unit_dir, "final"))
     assert lineage.kind == "unit" and lineage.units == ["physics-0002"]
@@ -84,17 +97,32 @@ def test_unit_from_seed_has_lineage_and_fresh_optimizer(seed_run, train_manifest
     assert abs(_metrics(unit_dir)[0]["loss"] - _metrics(seed_out)[-1]["loss"]) < 0.5
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_is_bitwise_identical(train_manifest, tmp_path):
     """Kill a run mid-way (SIGKILL) and restart it: same losses and final weights, bit for bit."""
-    ov = dict(train_tokens=256 * 10, kind="seq", **{"data.mixture": "[biology, physics-0001]",
-                                        "checkpoint.every": 3, "checkpoint.keep_last": 1})
+    ov = dict(
+        train_tokens=256 * 10,
+        kind="seq",
+        **{
+            "data.mixture": "[biology, physics-0001]",
+            "checkpoint.every": 3,
+            "checkpoint.keep_last": 1,
+        },
+    )
     ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
     cmd = [PYTHON, "-m", "megablocks_ablate", "train"]
-    p_ref = subprocess.Popen(cmd + tiny_overrides(train_manifest, ref, **ov), env=subprocess_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    p = subprocess.Popen(cmd + tiny_overrides(train_manifest, killed, **ov),
-                         env=subprocess_env(**{STEP_DELAY_ENV: "0.15"}),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p_ref = subprocess.Popen(
+        cmd + tiny_overrides(train_manifest, ref, **ov),
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    p = subprocess.Popen(
+        cmd + tiny_overrides(train_manifest, killed, **ov),
+        env=subprocess_env(**{STEP_DELAY_ENV: "0.15"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:  # kill once the step-3 checkpoint exists and step 5 ran
         rows = _metrics(killed) if os.path.exists(os.path.join(killed, "metrics.jsonl")) else []
@@ -106,10 +134,15 @@ def test_resume_after_sigkill_is_bitwise_identical(train_manifest, tmp_path):
     p.wait()
     assert not st.is_complete(killed)
     assert [s for s, _ in st.list_checkpoints(killed)] in ([3], [6])
-    r = subprocess.run(cmd + tiny_overrides(train_manifest, killed, **ov), env=subprocess_env(),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd + tiny_overrides(train_manifest, killed, **ov),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
+    assert "resuming" in r.stderr
     assert p_ref.wait(timeout=120) == 0, p_ref.stderr.read()
     a, b = _metrics(ref), _metrics(killed)
     assert [x["step"] for x in b] == list(range(1, 11))
@@ -126,7 +159,9 @@ def _flip_byte(path, offset_from_end=3):
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_corrupt_and_incompatible_checkpoints_are_refused(seed_run, train_manifest, tmp_path, capsys):
+def test_corrupt_and_incompatible_checkpoints_are_refused(
+    seed_run, train_manifest, tmp_path, capsys
+):
     import shutil
 
     cfg, seed_out, _ = seed_run
@@ -135,8 +170,9 @@ def test_corrupt_and_incompatible_checkpoints_are_refused(seed_run, train_manife
     src = st.list_checkpoints(seed_out)[-1][1]
     dst = os.path.join(run, "checkpoints", os.path.basename(src))
     shutil.copytree(src, dst)
-    args = ["train"] + tiny_overrides(train_manifest, run, kind="seed",
-                                      **{"data.mixture": "['*']", "checkpoint.every": 3})
+    args = ["train"] + tiny_overrides(
+        train_manifest, run, kind="seed", **{"data.mixture": "['*']", "checkpoint.every": 3}
+    )
     # other settings than the run that wrote it
     assert cli_main(args + ["optimizer.lr=0.01"]) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ A Slurm job array does the same across nodes: task ``i`` runs
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 from dataclasses import dataclass
 
 from megablocks_ablate.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def pool_units(manifest) -> list[str]:
@@ -33,8 +36,10 @@ def unit_config(config_path: str, overrides: list[str], unit: str):
 
     cfg = TrainConfig.load(config_path, list(overrides) + [f"data.unit={unit}"])
     if "{unit}" not in cfg.out_dir:
-        raise ConfigError(f"{config_path}: out_dir {cfg.out_dir!r} must contain '{{unit}}' so that "
-                          f"every unit model gets its own directory (e.g. pool/{{unit}})")
+        raise ConfigError(
+            f"{config_path}: out_dir {cfg.out_dir!r} must contain '{{unit}}' so that "
+            f"every unit model gets its own directory (e.g. pool/{{unit}})"
+        )
     return cfg
 
 
@@ -66,19 +71,29 @@ def parse_slots(devices: str, cpu_count: int | None = None) -> list[Slot]:
         if n < 1:
             raise ConfigError(f"--devices {devices!r}: N must be >= 1")
         threads = str(max(1, cpu_count // n))
-        return [Slot(f"cpu{i}", (("CUDA_VISIBLE_DEVICES", ""), ("OMP_NUM_THREADS", threads)))
-                for i in range(n)]
+        return [
+            Slot(f"cpu{i}", (("CUDA_VISIBLE_DEVICES", ""), ("OMP_NUM_THREADS", threads)))
+            for i in range(n)
+        ]
     try:
         gpus = [int(x) for x in devices.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--devices {devices!r}: expected auto, cpu:N or GPU indices like 0,1,2") from None
+        raise ConfigError(
+            f"--devices {devices!r}: expected auto, cpu:N or GPU indices like 0,1,2"
+        ) from None
     if not gpus:
         raise ConfigError("--devices: no device given")
     return [Slot(f"cuda{g}", (("CUDA_VISIBLE_DEVICES", str(g)),)) for g in gpus]
 
 
-def run_pool(config_path: str, overrides: list[str], slots: list[Slot], units: list[str] | None = None,
-             python: str = sys.executable, poll_s: float = 0.2, log=print) -> dict[str, str]:
+def run_pool(
+    config_path: str,
+    overrides: list[str],
+    slots: list[Slot],
+    units: list[str] | None = None,
+    python: str = sys.executable,
+    poll_s: float = 0.2,
+) -> dict[str, str]:
     """Train every unit (default: all of the manifest's) not yet complete.
 
     Returns ``{unit: "done" | "skipped" | "failed (exit N)"}``; a failed unit does not
@@ -103,8 +118,13 @@ def run_pool(config_path: str, overrides: list[str], slots: list[Slot], units: l
             result[u] = "skipped"
         else:
             queue.append((u, out))
-    log(f"pool: {len(units)} units, {len(queue)} to train, {len(units) - len(queue)} complete; "
-        f"{len(slots)} slot(s)")
+    logger.info(
+        "pool: %d units, %d to train, %d complete; %d slot(s)",
+        len(units),
+        len(queue),
+        len(units) - len(queue),
+        len(slots),
+    )
 
     running: dict[str, tuple[str, subprocess.Popen, object]] = {}  # slot -> (unit, proc, logfile)
     free = list(slots)
@@ -115,11 +135,19 @@ def run_pool(config_path: str, overrides: list[str], slots: list[Slot], units: l
             os.makedirs(out, exist_ok=True)
             logf = open(os.path.join(out, "train.log"), "a", encoding="utf-8")
             env = dict(os.environ, MBA_NO_PROGRESS="1", **dict(slot.env))
-            cmd = [python, "-m", "megablocks_ablate", "train", "--config", config_path,
-                   *overrides, f"data.unit={unit}"]
+            cmd = [
+                python,
+                "-m",
+                "megablocks_ablate",
+                "train",
+                "--config",
+                config_path,
+                *overrides,
+                f"data.unit={unit}",
+            ]
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
             running[slot.name] = (unit, proc, logf)
-            log(f"pool: {unit} started on {slot.name} (pid {proc.pid})")
+            logger.info("pool: %s started on %s (pid %d)", unit, slot.name, proc.pid)
         time.sleep(poll_s)
         for slot in slots:
             if slot.name not in running:
@@ -132,5 +160,5 @@ def run_pool(config_path: str, overrides: list[str], slots: list[Slot], units: l
             del running[slot.name]
             free.append(slot)
             result[unit] = "done" if rc == 0 else f"failed (exit {rc})"
-            log(f"pool: {unit} {result[unit]}")
+            logger.info("pool: %s %s", unit, result[unit])
     return {u: result[u] for u in units}

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import yaml
+from conftest import subprocess_env, tiny_overrides
 
+from megablocks_ablate.checkpoint import load_model_checkpoint
 from megablocks_ablate.cli import main as cli_main
 from megablocks_ablate.errors import ConfigError
-from megablocks_ablate.train.checkpoint import load_model_checkpoint
-from megablocks_ablate.train.pool import parse_slots, run_pool
+from megablocks_ablate.train.launcher import parse_slots, run_pool
 from megablocks_ablate.train.state import is_complete
 
-from conftest import subprocess_env, tiny_overrides
+pytestmark = pytest.mark.integration  # trains unit models in subprocesses
 
 
 def test_parse_slots():
@@ -29,8 +31,9 @@ def test_parse_slots():
 
 def _pool_yaml(tmp_path, manifest, **extra):
     data = {}
-    for item in tiny_overrides(manifest, str(tmp_path / "pool" / "{unit}"), train_tokens=256 * 2,
-                               **extra):
+    for item in tiny_overrides(
+        manifest, str(tmp_path / "pool" / "{unit}"), train_tokens=256 * 2, **extra
+    ):
         key, value = item.split("=", 1)
         node = data
         *parents, last = key.split(".")
@@ -42,13 +45,16 @@ def _pool_yaml(tmp_path, manifest, **extra):
     return str(path)
 
 
-def test_pool_trains_queued_units_and_skips_complete_ones(train_manifest, tmp_path, monkeypatch):
+def test_pool_trains_queued_units_and_skips_complete_ones(
+    train_manifest, tmp_path, monkeypatch, caplog
+):
     for k, v in subprocess_env().items():
         monkeypatch.setenv(k, v)
     config = _pool_yaml(tmp_path, train_manifest)
     units = ["history-0000", "physics-0003"]
-    logs = []
-    result = run_pool(config, [], parse_slots("cpu:1", cpu_count=2), units, log=logs.append)
+    caplog.set_level(logging.INFO, logger="megablocks_ablate")
+    result = run_pool(config, [], parse_slots("cpu:1", cpu_count=2), units)
+    logs = [r.getMessage() for r in caplog.records if r.name.endswith("launcher")]
     assert result == {u: "done" for u in units}
     for u in units:
         out = str(tmp_path / "pool" / u)
@@ -60,7 +66,7 @@ def test_pool_trains_queued_units_and_skips_complete_ones(train_manifest, tmp_pa
     finished = [i for i, line in enumerate(logs) if line.endswith(" done")]
     assert len(started) == 2 and finished[0] < started[1]
     # idempotent: a rerun skips the finished units
-    result = run_pool(config, [], parse_slots("cpu:2", cpu_count=2), units, log=logs.append)
+    result = run_pool(config, [], parse_slots("cpu:2", cpu_count=2), units)
     assert result == {u: "skipped" for u in units}
 
 
@@ -69,8 +75,12 @@ def test_pool_reports_failures_and_bad_configs(train_manifest, tmp_path, monkeyp
         monkeypatch.setenv(k, v)
     # a unit whose run fails (seq_len beyond the model's max_seq_len) -> exit 1, others unaffected
     config = _pool_yaml(tmp_path, train_manifest, seq_len=256, global_batch_tokens=1024)
-    assert cli_main(["train-pool", "--config", config, "--devices", "cpu:1",
-                     "--units", "history-0000"]) == 1
+    assert (
+        cli_main(
+            ["train-pool", "--config", config, "--devices", "cpu:1", "--units", "history-0000"]
+        )
+        == 1
+    )
     assert "1 failed" in capsys.readouterr().out
     # out_dir without {unit} is refused before anything runs
     assert cli_main(["train-pool", "--config", config, "out_dir=" + str(tmp_path / "same")]) == 2

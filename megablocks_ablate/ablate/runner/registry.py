@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from megablocks_ablate.errors import MBAError
+from megablocks_ablate.model.config import ModelConfig
+from megablocks_ablate.train.state import TRAJECTORY_FIELDS, is_complete, list_checkpoints
+from megablocks_ablate.utils.atomic import atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_json
 
-from megablocks_ablate.train.state import TRAJECTORY_FIELDS
-
-KEY_CHARS = 12          # hex digits of the key in directory names
+KEY_CHARS = 12  # hex digits of the key in directory names
 RECORD = "registry.json"  # written beside a registered run's COMPLETE.json
 
 
@@ -48,16 +49,17 @@ def data_fingerprint(manifest, weights: Mapping[str, float]) -> dict:
 
 def run_key(cfg, manifest, weights: Mapping[str, float], seed_hash: str | None) -> str:
     """The content key of the run ``cfg`` (a TrainConfig) on ``weights`` over units."""
-    from megablocks_ablate.model.config import ModelConfig
-
     d = cfg.to_dict()
     traj = {k: d[k] for k in TRAJECTORY_FIELDS if k in d}
-    traj.pop("init_from", None)          # the seed's hash stands for it
-    traj.pop("model_overrides", None)    # folded into the resolved model below
+    traj.pop("init_from", None)  # the seed's hash stands for it
+    traj.pop("model_overrides", None)  # folded into the resolved model below
     data = dict(traj.pop("data", {}))
     traj["model"] = ModelConfig.from_preset(cfg.model, cfg.model_overrides).to_dict()
-    traj["data"] = {"balance": data.get("balance"), "seed": data.get("seed"),
-                    "units": data_fingerprint(manifest, weights)}
+    traj["data"] = {
+        "balance": data.get("balance"),
+        "seed": data.get("seed"),
+        "units": data_fingerprint(manifest, weights),
+    }
     traj["seed_hash"] = seed_hash
     return sha256_json(traj)
 
@@ -75,15 +77,11 @@ class Entry:
 
     @property
     def complete(self) -> bool:
-        from megablocks_ablate.train.state import is_complete
-
         return is_complete(self.out_dir)
 
     @property
     def started(self) -> bool:
         """Some step checkpoint exists (an interrupted run that will resume)."""
-        from megablocks_ablate.train.state import list_checkpoints
-
         return os.path.isdir(self.out_dir) and bool(list_checkpoints(self.out_dir))
 
     def completion(self) -> dict:
@@ -103,14 +101,18 @@ class Registry:
         folder = "pool" if kind == "unit" else kind
         return Entry(key, os.path.join(self.root, folder, f"{_safe(name)}.{key[:KEY_CHARS]}"))
 
-    def adopt(self, entry: Entry, candidate: str | None,
-              key_of: Callable[[str], str | None]) -> Entry:
+    def adopt(
+        self, entry: Entry, candidate: str | None, key_of: Callable[[str], str | None]
+    ) -> Entry:
         """``candidate`` (a run directory trained elsewhere, e.g. by a Slurm array with the
         unit config's own ``out_dir``) when ``entry`` is not complete, the candidate is,
         and ``key_of(candidate)`` is ``entry.key``; else ``entry``."""
-        if (not candidate or entry.complete
-                or os.path.abspath(candidate) == os.path.abspath(entry.out_dir)
-                or not Entry(entry.key, candidate).complete):
+        if (
+            not candidate
+            or entry.complete
+            or os.path.abspath(candidate) == os.path.abspath(entry.out_dir)
+            or not Entry(entry.key, candidate).complete
+        ):
             return entry
         try:
             key = key_of(candidate)
@@ -121,8 +123,6 @@ class Registry:
     @staticmethod
     def record(entry: Entry, info: dict) -> None:
         """Write ``registry.json`` (the key and what it was made of) into a finished run."""
-        from megablocks_ablate.utils.atomic import atomic_write_json
-
         atomic_write_json(os.path.join(entry.out_dir, RECORD), {"key": entry.key, **info})
 
 

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-from megablocks_ablate.errors import DataFormatError
-from megablocks_ablate.train.checkpoint import (
+from megablocks_ablate.checkpoint import (
     Lineage,
     load_model_checkpoint,
     map_model_weights,
@@ -17,6 +16,7 @@ from megablocks_ablate.train.checkpoint import (
     read_checkpoint_meta,
     save_model_checkpoint,
 )
+from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.utils.hashing import sha256_file
 
 
@@ -33,8 +33,16 @@ def _state():
 
 
 def _lineage(**kw):
-    base = dict(kind="unit", seed_hash="ab" * 32, units=["cs_0"], weights=[1.0],
-                tokens_seen=1000, tokenizer_fingerprint="tok123", parents=[], extra={"lr": 1e-4})
+    base = dict(
+        kind="unit",
+        seed_hash="ab" * 32,
+        units=["cs_0"],
+        weights=[1.0],
+        tokens_seen=1000,
+        tokenizer_fingerprint="tok123",
+        parents=[],
+        extra={"lr": 1e-4},
+    )
     base.update(kw)
     return Lineage(**base)
 
@@ -87,8 +95,18 @@ def test_lineage_validation_names_field():
     assert Lineage.from_dict(_lineage().to_dict()) == _lineage()
 
 
-@pytest.mark.parametrize("problem", ["missing_dir", "missing_model", "missing_lineage",
-                                     "bad_json", "bad_lineage", "truncated", "garbage"])
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "missing_dir",
+        "missing_model",
+        "missing_lineage",
+        "bad_json",
+        "bad_lineage",
+        "truncated",
+        "garbage",
+    ],
+)
 def test_errors_name_the_file(tmp_path, problem):
     d = str(tmp_path / "ckpt")
     save_model_checkpoint(d, {"w": torch.randn(1000)}, {"v": 1}, _lineage())

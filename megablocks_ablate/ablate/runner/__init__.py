@@ -1,0 +1,192 @@
+"""`study run`: train what a study is missing, then score every mixture in memory.
+
+The runner is three parts, each idempotent, so a killed run is simply rerun::
+
+    plan.py      spec + data + train configs ─▶ Study; the seed, unit and seq models
+                 it needs, each found in the content-keyed registry (registry.py)
+    training.py  seed ─▶ missing unit models ─▶ missing seq models (trainer, resumable)
+    scoring.py   unit/seq models evaluated; every mixture merged in memory and
+                 evaluated by Scorer.score_mixture, the one routine every proposer
+                 (study run, study search in propose.py) goes through
+
+**Resume.** Training resumes exactly (trainer checkpoints, registry directories named
+by content); results are keyed (mixture, proxy, domain) and inserted with ``INSERT OR
+IGNORE`` one merge per transaction, and work whose rows exist is skipped.
+
+**Ranks** (torchrun / mpiexec / srun, one process group from
+:func:`~megablocks_ablate.train.distributed.init_distributed`): *training* is data
+parallel, every rank takes part in every model; *evaluation* is sharded: unit i, seq
+model i and mixture i go to rank ``i % world``, each rank scoring alone (a one-rank
+process group) and writing its own rows into the one SQLite store (WAL, busy timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.runner.plan import (
+    ModelJob,
+    Planner,
+    RunPlan,
+    describe_run,
+    load_study,
+    resolve,
+)
+from megablocks_ablate.ablate.runner.propose import search_mixtures
+from megablocks_ablate.ablate.runner.registry import Registry
+from megablocks_ablate.ablate.runner.scoring import ScoreOptions, Scorer, merge_eval
+from megablocks_ablate.ablate.runner.training import spent_tokens, train_models
+from megablocks_ablate.ablate.search import SearchResult
+from megablocks_ablate.ablate.spec import Study
+from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.train.distributed import DistEnv, barrier, init_distributed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    registry: str | None = None  # registry root (default: the study's out_dir)
+    save_merged: bool = False  # also write each merged model under out_dir/merged/
+    device: str = "auto"
+    batch_tokens: int = 16384  # evaluation: padded tokens per forward
+    stride: int | None = None  # evaluation windows (default: non-overlapping)
+    max_len: int | None = None
+    cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
+
+
+class StudyRunner:
+    """Runs one resolved :class:`~megablocks_ablate.ablate.spec.Study` (see the package
+    docstring): a thin coordinator of the plan, training and scoring parts."""
+
+    def __init__(self, study: Study, options: RunOptions | None = None):
+        self.study, self.opt = study, options or RunOptions()
+        self.out_dir = study.spec.out_dir
+        self.planner = Planner(study, Registry(self.opt.registry or self.out_dir))
+        self._owns_group = not (dist.is_available() and dist.is_initialized())
+        self.env: DistEnv = init_distributed(self.opt.device)
+
+    def close(self, clean: bool = True) -> None:
+        """Tear down the process group if this runner created it (after a barrier when
+        every rank finished cleanly: gloo aborts a process that leaves mid-collective)."""
+        if self._owns_group and dist.is_available() and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def plan(self) -> RunPlan:
+        return self.planner.plan()
+
+    def describe(self, plan: RunPlan) -> str:
+        return describe_run(self.study, plan, self.out_dir)
+
+    def train(self) -> RunPlan:
+        return train_models(self.planner, self.env)
+
+    def scorer(self, group: object | None = None) -> Scorer:
+        """A scorer on this rank's device with the runner's evaluation options."""
+        opt = self.opt
+        return Scorer(
+            self.study,
+            self.planner.manifest,
+            ScoreOptions(
+                device=self.env.device,
+                batch_tokens=opt.batch_tokens,
+                stride=opt.stride,
+                max_len=opt.max_len,
+                cache_dir=opt.cache_dir,
+                save_merged=opt.save_merged,
+            ),
+            group,
+        )
+
+    def _mine(self, items: list) -> list:
+        return items[self.env.rank :: self.env.world_size]
+
+    def evaluate(self, plan: RunPlan) -> None:
+        """Score this rank's share of the unit models, seq models and mixtures."""
+        path = store_path(self.out_dir)
+        if self.env.is_main:
+            with ResultStore(path) as store:
+                store.set_meta("study", self.study.to_meta())
+                store.add_mixtures(self.study.mixtures)
+        barrier()
+        scorer = self.scorer(_local_group(self.env))
+        with ResultStore(path) as store:
+            if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
+                for job in self._mine(plan.units):
+                    scorer.score_model(store, job)
+            for job in self._mine(plan.seqs):
+                scorer.score_model(store, job)
+            n = merge_eval(scorer, store, plan, self._mine(self.study.mixtures), self.env.rank)
+            logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)
+        barrier()
+        if self.env.is_main:
+            with ResultStore(path) as store:
+                store.set_meta("spent", spent_tokens(plan))
+
+    def search(
+        self, k: int, proxy: str = "macro", domains: list[str] | None = None, beam_width: int = 4
+    ) -> tuple[SearchResult, int]:
+        """Beam search for the best ``k``-mixture (see :mod:`.propose`); one process."""
+        return search_mixtures(
+            self.scorer(None),
+            store_path(self.out_dir),
+            self.plan(),
+            k,
+            proxy=proxy,
+            domains=domains,
+            beam_width=beam_width,
+        )
+
+    def run(self) -> RunPlan:
+        plan = self.train()
+        self.evaluate(plan)
+        return plan
+
+
+def _local_group(env: DistEnv) -> object | None:
+    """A process group of this rank alone (evaluation is sharded by mixture, not batch)."""
+    if env.world_size <= 1:
+        return None
+    group, _ = dist.new_subgroups(group_size=1)
+    return group
+
+
+def run_study(study: Study, options: RunOptions | None = None) -> StudyRunner:
+    """Train what ``study`` is missing and score every mixture."""
+    runner = StudyRunner(study, options)
+    ok = False
+    try:
+        runner.run()
+        ok = True
+    finally:
+        runner.close(clean=ok)
+    return runner
+
+
+def dry_run(study: Study, options: RunOptions | None = None) -> str:
+    """What exists and what ``study run`` would train and evaluate (nothing is done)."""
+    runner = StudyRunner(study, options)
+    try:
+        return runner.describe(runner.plan())
+    finally:
+        runner.close()
+
+
+__all__ = [
+    "ModelJob",
+    "RunOptions",
+    "RunPlan",
+    "StudyRunner",
+    "dry_run",
+    "load_study",
+    "resolve",
+    "run_study",
+    "spent_tokens",
+]

@@ -1,0 +1,229 @@
+"""Score: evaluate unit and seq models, and merged mixtures, into the results store.
+
+::
+
+    unit models ──▶ ModelPool [N, P] ──merge_into(weights)──▶ live model ──▶ EvalSuite
+                    (one row per unit,    one kernel call        (one module,   (resident,
+                     loaded once)          per weight vector)     reused)        tokenized once)
+                                                                     │
+                                          results.sqlite ◀── rows (mixture, proxy, domain)
+
+:meth:`Scorer.score_mixture` is the one routine that scores a mixture: ``study run``
+(:func:`merge_eval`), ``study search`` and any future proposer call it, so a row's
+provenance (unit hashes, weights, evaluation fingerprint, proxies) is the same
+wherever its score came from. Rows of one merge are committed in one transaction with
+``INSERT OR IGNORE``: a kill loses at most the merge in flight and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.mixtures import Mixture, Score
+from megablocks_ablate.ablate.runner.plan import ModelJob, RunPlan
+from megablocks_ablate.ablate.spec import Study
+from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
+from megablocks_ablate.checkpoint import Lineage, save_model_checkpoint
+from megablocks_ablate.data.manifest import Manifest
+from megablocks_ablate.data.tokenizer import load_tokenizer
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.evaluate import EvalSuite, evaluate
+from megablocks_ablate.merge.pool import ModelPool
+from megablocks_ablate.model.config import ModelConfig
+from megablocks_ablate.model.loading import load_model
+from megablocks_ablate.utils.hashing import sha256_json
+from megablocks_ablate.utils.progress import progress
+
+logger = logging.getLogger(__name__)
+
+# Testing hook: seconds to sleep after each committed merge, so a test can kill a run
+# in the middle of merge-eval (the trainer has MBA_TRAIN_STEP_DELAY for training).
+MERGE_DELAY_ENV = "MBA_MERGE_EVAL_DELAY"
+
+
+@dataclass
+class ScoreOptions:
+    """How models are evaluated (the evaluation part of the runner's options)."""
+
+    device: str | torch.device = "cpu"
+    batch_tokens: int = 16384  # padded tokens per forward
+    stride: int | None = None  # evaluation windows (default: non-overlapping)
+    max_len: int | None = None
+    cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
+    save_merged: bool = False  # also write each merged model under out_dir/merged/
+
+
+def load_suite(study: Study, manifest: Manifest, opt: ScoreOptions) -> tuple[EvalSuite, str]:
+    """The study's evaluation sets, tokenized (cached), and their fingerprint."""
+    tok = load_tokenizer(manifest.data["tokenizer"]["path"])
+    if tok.fingerprint != manifest.tokenizer_fingerprint:
+        raise ConfigError(
+            f"{manifest.root}: the tokenizer file "
+            f"{manifest.data['tokenizer']['path']} changed since preprocess"
+        )
+    cache = opt.cache_dir or os.path.join(study.spec.out_dir, "cache", "eval")
+    suite = EvalSuite.load([f"{d}={p}" for d, p in study.eval_sets.items()], tok, cache_dir=cache)
+    fp = sha256_json(
+        {
+            "tokenizer": tok.fingerprint,
+            "stride": opt.stride,
+            "max_len": opt.max_len,
+            "sets": {
+                d: [s.num_documents, s.num_tokens, s.num_bytes] for d, s in suite.sets.items()
+            },
+        }
+    )
+    return suite, fp
+
+
+class Scorer:
+    """Evaluates models on one resident suite; merges mixtures from one in-memory pool."""
+
+    def __init__(
+        self, study: Study, manifest: Manifest, opt: ScoreOptions, group: object | None = None
+    ):
+        self.study, self.manifest, self.opt, self.group = study, manifest, opt, group
+        self.suite, self.fingerprint = load_suite(study, manifest, opt)
+        self.domains = list(study.eval_sets)
+        self._pool: ModelPool | None = None
+        self._live: torch.nn.Module | None = None
+        self._units: dict[str, ModelJob] = {}
+        self._unit_hashes: dict[str, str | None] = {}  # None: not recorded at training
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, Score]:
+        res = evaluate(
+            model,
+            self.suite,
+            stride=self.opt.stride,
+            max_len=self.opt.max_len,
+            batch_tokens=self.opt.batch_tokens,
+            group=self.group,
+        )
+        return {d: Score(r.nll_sum, r.tokens, r.bytes) for d, r in res.items()}
+
+    # ---------------------------------------------------------------- trained models
+    def score_model(self, store: ResultStore, job: ModelJob) -> None:
+        """Evaluate a unit model (``unit_results``) or a seq model (proxy ``seq``)."""
+        done = (
+            store.unit_done(job.name, self.domains)
+            if job.kind == "unit"
+            else store.done(job.name, mx.SEQ, self.domains)
+        )
+        if done:
+            return
+        model, lineage = load_model(job.entry.model_dir, self.opt.device)
+        scores = self.evaluate(model)
+        prov = make_provenance(
+            eval_fingerprint=self.fingerprint,
+            model=job.entry.out_dir,
+            key=job.entry.key,
+            model_sha256=job.model_sha256,
+            weights=job.weights,
+            tokens_seen=lineage.tokens_seen,
+        )
+        rows = [
+            Result(job.name, mx.SEQ if job.kind == "seq" else mx.IND, d, s, prov)
+            for d, s in scores.items()
+        ]
+        (store.add_unit_results if job.kind == "unit" else store.add_results)(rows)
+        logger.info(
+            "[eval] %s %s: %s",
+            job.kind,
+            job.name,
+            ", ".join(f"{d} {s.perplexity:.2f}" for d, s in scores.items()),
+        )
+
+    # ---------------------------------------------------------------- mixtures
+    def open_pool(self, units: Sequence[ModelJob]) -> None:
+        """Load these unit models as the rows of the in-memory pool (once)."""
+        self._units = {j.name: j for j in units}
+        self._unit_hashes = {j.name: j.model_sha256 for j in units}
+        self._pool = ModelPool.from_checkpoints(
+            {j.name: j.entry.model_dir for j in units}, device=self.opt.device, show_progress=False
+        )
+        self._live = ModelConfig.from_dict(self._pool.config).build(device=self.opt.device)
+
+    def score_mixture(
+        self,
+        store: ResultStore,
+        mixture: Mixture,
+        weights: dict[str, float],
+        proxies: Sequence[str],
+    ) -> dict[str, Score]:
+        """Merge ``weights`` into the live model, evaluate it, and store one row per proxy
+        sharing that weight vector and per domain; returns the scores."""
+        if self._pool is None or self._live is None:
+            raise RuntimeError("Scorer.open_pool must be called before score_mixture")
+        self._pool.merge_into(self._live, weights)
+        scores = self.evaluate(self._live)
+        prov = make_provenance(
+            unit_hashes={u: self._unit_hashes[u] for u in weights},
+            weights=weights,
+            eval_fingerprint=self.fingerprint,
+            proxies=list(proxies),
+        )
+        store.add_results(
+            [Result(mixture.id, p, d, s, prov) for p in proxies for d, s in scores.items()]
+        )
+        if self.opt.save_merged:
+            self._save_merged(mixture, weights, proxies)
+        return scores
+
+    def _save_merged(
+        self, mixture: Mixture, weights: dict[str, float], proxies: Sequence[str]
+    ) -> None:
+        assert self._pool is not None and self._live is not None
+        lineages = {u: self._pool.lineages[self._pool.units.index(u)] for u in weights}
+        save_model_checkpoint(
+            os.path.join(self.study.spec.out_dir, "merged", f"{mixture.id}.{'+'.join(proxies)}"),
+            self._live.state_dict(),
+            self._pool.config,
+            Lineage(
+                kind="merged",
+                seed_hash=self._pool.lineages[0].seed_hash,
+                units=list(weights),
+                weights=list(weights.values()),
+                tokens_seen=sum(lin.tokens_seen for lin in lineages.values()),
+                tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
+                parents=[self._units[u].entry.model_dir for u in weights],
+            ),
+        )
+
+
+def merge_eval(
+    scorer: Scorer, store: ResultStore, plan: RunPlan, mixtures: Sequence[Mixture], rank: int = 0
+) -> int:
+    """Score every merge of ``mixtures`` (this rank's share) not yet in the store;
+    returns the number of merges evaluated."""
+    study = scorer.study
+    todo = [
+        (m, w, ps)
+        for m in mixtures
+        for w, ps in mx.merge_plan(m, study.spec.proxies)
+        if not all(store.done(m.id, p, scorer.domains) for p in ps)
+    ]
+    if not todo:
+        return 0
+    needed = {u for _, w, _ in todo for u in w}
+    scorer.open_pool([j for j in plan.units if j.name in needed])
+    delay = float(os.environ.get(MERGE_DELAY_ENV, 0) or 0)
+    with progress(
+        total=len(todo),
+        desc=f"merge-eval rank {rank}",
+        unit="merge",
+        disable=None if rank == 0 else True,
+    ) as bar:
+        for m, w, ps in todo:
+            scorer.score_mixture(store, m, w, ps)
+            bar.update(1)
+            bar.set_postfix(mixture=m.label[:40], refresh=False)
+            if delay:
+                time.sleep(delay)
+    return len(todo)

@@ -1,0 +1,64 @@
+"""Train: the seed, then every missing unit and seq model of a plan, one after another.
+
+Every rank takes part in every model (data parallel), so the models are the same as
+one process would train and big models use every GPU. A large pool is trained in
+parallel across a cluster with a Slurm array instead (``tools/launch/``); the planner
+adopts those runs. A killed run is simply rerun: the trainer resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from megablocks_ablate.ablate.runner.plan import Planner, RunPlan
+from megablocks_ablate.train.config import TrainConfig
+from megablocks_ablate.train.distributed import DistEnv
+from megablocks_ablate.train.state import is_complete
+from megablocks_ablate.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def train_one(cfg: TrainConfig, env: DistEnv, what: str) -> None:
+    """Train (or resume, or skip if complete) one run on every rank of ``env``."""
+    logger.info("[train] %s: %s", what, cfg.resolved_out_dir())
+    Trainer(cfg, env).run()
+
+
+def train_models(planner: Planner, env: DistEnv) -> RunPlan:
+    """Train what the plan is missing; returns the plan of the finished study."""
+    plan = planner.plan()
+    if plan.seed_job is not None:
+        train_one(plan.seed_job, env, "seed")
+        plan = planner.plan()  # unit and seq keys need the seed's hash
+    todo = plan.missing()
+    total = len(plan.units) + len(plan.seqs)
+    logger.info(
+        "[train] %d of %d unit/seq models exist; training %d", total - len(todo), total, len(todo)
+    )
+    for i, job in enumerate(todo):
+        train_one(job.cfg, env, f"{job.kind} model {i + 1}/{len(todo)} ({job.name})")
+        if env.is_main:
+            planner.registry.record(
+                job.entry,
+                {"kind": job.kind, "name": job.name, "weights": job.weights, "seed": plan.seed_dir},
+            )
+    return plan
+
+
+def spent_tokens(plan: RunPlan) -> dict[str, int]:
+    """Tokens the study's models were actually trained on (from their COMPLETE.json)."""
+
+    def tokens(out_dir: str) -> int:
+        with open(os.path.join(out_dir, "COMPLETE.json"), encoding="utf-8") as f:
+            return int(json.load(f).get("tokens_seen", 0))
+
+    spent = {}
+    seed_run = os.path.dirname(os.path.abspath(plan.seed_dir))
+    if is_complete(seed_run):
+        spent["seed tokens"] = tokens(seed_run)
+    spent["unit-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.units)
+    spent["seq-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.seqs)
+    return spent

@@ -1,0 +1,60 @@
+"""The on-disk model format, owned here and nowhere else.
+
+A model checkpoint is a directory of ``model.safetensors`` + ``config.json`` +
+``lineage.json`` (:mod:`.model_dir`); :class:`Lineage` records where its weights came
+from (:mod:`.lineage`); every directory is written staged and renamed into place
+(:mod:`.staging`); large files are read memory-mapped and written as a stream
+(:mod:`.safetensors_io`).
+
+This package imports nothing of the project but ``errors`` and ``utils``, so that
+``model``, ``train``, ``merge``, ``evaluate`` and ``ablate`` can all depend on it.
+Training state (optimizer, RNG, trainer progress) is not a model checkpoint and lives
+in :mod:`megablocks_ablate.train.state`.
+"""
+
+from megablocks_ablate.checkpoint.lineage import LINEAGE_KINDS, Lineage
+from megablocks_ablate.checkpoint.model_dir import (
+    CONFIG_FILE,
+    LINEAGE_FILE,
+    MODEL_FILE,
+    load_model_checkpoint,
+    map_model_weights,
+    model_file,
+    model_hash,
+    open_model_weights,
+    plain_tensors,
+    read_checkpoint_meta,
+    save_model_checkpoint,
+    write_checkpoint_meta,
+)
+from megablocks_ablate.checkpoint.safetensors_io import (
+    SAFETENSORS_DTYPES,
+    MappedSafetensors,
+    SafetensorsStreamWriter,
+    safetensors_header,
+)
+from megablocks_ablate.checkpoint.staging import fsync_path, staged_checkpoint_dir, write_json
+
+__all__ = [
+    "CONFIG_FILE",
+    "LINEAGE_FILE",
+    "LINEAGE_KINDS",
+    "MODEL_FILE",
+    "SAFETENSORS_DTYPES",
+    "Lineage",
+    "MappedSafetensors",
+    "SafetensorsStreamWriter",
+    "fsync_path",
+    "load_model_checkpoint",
+    "map_model_weights",
+    "model_file",
+    "model_hash",
+    "open_model_weights",
+    "plain_tensors",
+    "read_checkpoint_meta",
+    "safetensors_header",
+    "save_model_checkpoint",
+    "staged_checkpoint_dir",
+    "write_checkpoint_meta",
+    "write_json",
+]
