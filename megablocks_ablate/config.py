@@ -58,24 +58,29 @@ def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = da
     return dataclasses.field(**kwargs)
 
 
-def parse_count(value: Any, name: str = "value") -> int:
-    """Parse a token/sample count: ``50000000``, ``"50M"``, ``"1.5B"``, ``"2k"``.
+_COUNT_HINT = "expected a token count like 50M, 1.5B or 200000"
 
-    Decimal multipliers (k=1e3, M=1e6, B/G=1e9, T=1e12) as used for token budgets.
+
+def parse_count(value: Any, name: str = "value") -> int:
+    """Parse a non-negative token/sample count: ``50000000``, ``"50M"``, ``"1.5B"``, ``"2k"``.
+
+    Decimal multipliers (k=1e3, M=1e6, B/G=1e9, T=1e12) as used for token budgets. Anything
+    else (``"abc"``, ``-5``, ``"1.5x"``, ``True``) raises :class:`ConfigError` saying what a
+    valid count looks like.
     """
-    if isinstance(value, bool):
-        raise ConfigError(f"{name}: expected a count such as 50000000 or '50M', got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+    n: Any = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            n = float(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
-            if n.is_integer():
-                return int(n)
-    raise ConfigError(f"{name}: expected a count such as 50000000 or '50M', got {value!r}")
+            f = float(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
+            n = int(f) if f.is_integer() else None
+    if n is None or n < 0:
+        raise ConfigError(f"{name}: {_COUNT_HINT}, got {value!r}")
+    return n
 
 
 class Count(int):
@@ -104,8 +109,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+                errors.append(e)
+        if len(errors) == 1:  # Optional[T]: T's own message says what a valid value is
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {_readable_type(tp)}, got {value!r}")
     if origin is Literal:
         if value in args:
             return value

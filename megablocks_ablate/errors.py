@@ -19,3 +19,8 @@ class DataFormatError(MBAError, ValueError):
 
 class TokenizerError(MBAError, ValueError):
     """A tokenizer file cannot be loaded or does not match recorded data."""
+
+
+class NonFiniteError(MBAError, ValueError):
+    """A weight, loss or score is NaN or infinite; the message names where it arose
+    (checkpoint and tensor, or model and domain)."""

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("MBA_NO_PROGRESS", "1")
+# Verification cache (utils/verify.py) of this test session only, not the user's.
+os.environ.setdefault("MBA_CACHE_DIR", tempfile.mkdtemp(prefix="mba-test-cache-"))
 
 
 def _no_cuda() -> bool:

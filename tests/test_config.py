@@ -60,6 +60,31 @@ def test_parse_count():
         parse_count("lots")
 
 
+@dataclass
+class WithOptionalCount(Config):
+    budget: Count | None = doc("optional token budget", None)
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "1.5x", "1.5", "true"])
+def test_bad_count_says_what_a_count_looks_like(raw):
+    hint = r"expected a token count like 50M, 1\.5B or 200000, got"
+    with pytest.raises(ConfigError, match=rf"^tokens: {hint}"):
+        Outer.load(None, [f"tokens={raw}"])
+    # Optional[Count] gives the same message, not "expected Optional[...]"
+    with pytest.raises(ConfigError, match=rf"^budget: {hint}") as exc:
+        WithOptionalCount.load(None, [f"budget={raw}"])
+    assert "Optional" not in str(exc.value)
+
+
+def test_count_rejects_negative_numbers_from_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("budget: -5\n")
+    with pytest.raises(ConfigError, match=r"budget: expected a token count like 50M.*got -5"):
+        WithOptionalCount.load(p)
+    assert WithOptionalCount.load(None, ["budget=null"]).budget is None
+    assert WithOptionalCount.load(None, ["budget=1.5B"]).budget == 1_500_000_000
+
+
 def test_describe_lists_nested_help():
     rows = {r.name: r for r in Outer.describe()}
     assert rows["inner.lr"].help == "learning rate"

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
     from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
 
-    os.makedirs(s.out, exist_ok=True)
+    claim_output_dir(s.out, "demo", reuse=True, inputs=[s.corpus, s.seed_corpus])
     if s.corpus:
         if not os.path.isfile(s.corpus):
             raise ConfigError(f"--corpus: no such file: {s.corpus}")

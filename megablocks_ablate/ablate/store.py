@@ -19,7 +19,8 @@ domains can be pooled exactly (a mixture's own held-out sets, :mod:`.mixtures`).
 all domains of one merge) per transaction: a run killed at any moment leaves whole
 batches, and its rerun skips what :meth:`ResultStore.done` reports, so nothing is
 lost or duplicated. A row offered again with a different evaluation-set fingerprint
-is refused rather than silently ignored.
+is refused rather than silently ignored, and so is a non-finite score (numbers must be
+right or absent); rows with one that an older version stored read as NLL NaN.
 
 **Sharding.** Any number of processes (ranks) may open the same file and write
 concurrently: WAL journal (readers never block the writer) and a busy timeout
@@ -30,6 +31,7 @@ so on a network filesystem (NFS, Lustre) pass ``wal=False`` (rollback journal).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -39,7 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score
-from megablocks_ablate.errors import MBAError
+from megablocks_ablate.errors import MBAError, NonFiniteError
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -122,6 +126,22 @@ def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def finite_score(s: Score) -> bool:
+    """Whether a score's NLL sum is a finite number and its perplexity (when it has
+    tokens) does not overflow: the scores the store accepts."""
+    try:
+        return math.isfinite(float(s.nll_sum)) and (not s.tokens or math.isfinite(s.perplexity))
+    except (OverflowError, TypeError, ValueError):
+        return False
+
+
+def _read_score(nll_sum: Any, tokens: Any, nbytes: Any) -> Score:
+    """A stored score. A row from an older version with a non-finite (or non-numeric)
+    NLL reads with NLL NaN: absent from rankings and correlations, never a crash."""
+    s = Score(nll_sum, int(tokens or 0), int(nbytes or 0))
+    return Score(float(nll_sum) if finite_score(s) else math.nan, s.tokens, s.bytes)
+
+
 class ResultStore:
     """A study's results in one SQLite file (see the module docstring).
 
@@ -130,6 +150,7 @@ class ResultStore:
 
     def __init__(self, path: str, *, timeout_s: float = 120.0, wal: bool = True):
         self.path = os.fspath(path)
+        self._warned: set[str] = set()  # tables whose non-finite legacy rows were reported
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         try:
@@ -222,7 +243,9 @@ class ResultStore:
         """Insert mixture results in one transaction; returns how many were new.
 
         A row whose key exists is ignored (resume), unless its provenance carries an
-        ``eval_fingerprint`` different from the stored one: then StoreError.
+        ``eval_fingerprint`` different from the stored one: then StoreError. A row whose
+        score is NaN/inf (see :func:`finite_score`) raises NonFiniteError naming its
+        subject, proxy and domain, and nothing of the batch is written.
         """
         return self._insert("results", "mixture_id", rows)
 
@@ -230,8 +253,21 @@ class ResultStore:
         """Insert unit-model results (``subject`` = unit name); see :meth:`add_results`."""
         return self._insert("unit_results", "unit", rows)
 
+    def _refuse_non_finite(self, table: str, rows: Sequence[Result]) -> None:
+        """NonFiniteError naming (subject, proxy, domain) of the first row whose score
+        is NaN/inf; nothing of the batch is written."""
+        for r in rows:
+            if not finite_score(r.score):
+                raise NonFiniteError(
+                    f"{self.path}: refusing a non-finite score for subject {r.subject!r}, "
+                    f"proxy {r.proxy!r}, domain {r.domain!r} in {table} (NLL sum "
+                    f"{r.score.nll_sum} over {r.score.tokens} tokens): results must be right "
+                    "or absent; the model's weights or its evaluation diverged"
+                )
+
     def _insert(self, table: str, key: str, rows: Iterable[Result]) -> int:
         rows = list(rows)
+        self._refuse_non_finite(table, rows)
         new = 0
         now = time.time()
         with self._write() as db:
@@ -265,8 +301,12 @@ class ResultStore:
             return
         where = f"{key} = ? AND domain = ?" + (" AND proxy = ?" if table == "results" else "")
         args = [r.subject, r.domain] + ([r.proxy] if table == "results" else [])
-        (prov,) = db.execute(f"SELECT provenance FROM {table} WHERE {where}", args).fetchone()
-        old = json.loads(prov).get("eval_fingerprint")
+        row = db.execute(f"SELECT provenance FROM {table} WHERE {where}", args).fetchone()
+        if row is None:  # not stored, and not because its key exists: a constraint
+            raise StoreError(
+                f"{self.path}: {table} did not accept {r.subject}/{r.proxy}/{r.domain}"
+            )
+        old = json.loads(row[0]).get("eval_fingerprint")
         if old is not None and old != fp:
             raise StoreError(
                 f"{self.path}: {table} already holds {r.subject}/{r.proxy}/{r.domain} evaluated "
@@ -289,7 +329,7 @@ class ResultStore:
     def scores(self, mixture_id: str, proxy: str) -> dict[str, Score]:
         """domain -> score of one (mixture, proxy)."""
         return {
-            d: Score(n, t, b)
+            d: _read_score(n, t, b)
             for d, n, t, b in self._db.execute(
                 "SELECT domain, nll_sum, tokens, bytes FROM results WHERE mixture_id = ? AND "
                 "proxy = ?",
@@ -312,19 +352,41 @@ class ResultStore:
         args: tuple = ()
         if proxy is not None:
             sql, args = sql + " WHERE proxy = ?", (proxy,)
-        return [
-            Result(m, p, d, Score(n, t, b), json.loads(pv), c)
+        rows = [
+            Result(m, p, d, _read_score(n, t, b), json.loads(pv), c)
             for m, p, d, n, t, b, pv, c in self._db.execute(sql + " ORDER BY rowid", args)
         ]
+        self._warn_non_finite("results", rows)
+        return rows
 
     def unit_results(self) -> list[Result]:
-        return [
-            Result(u, "ind", d, Score(n, t, b), json.loads(pv), c)
+        rows = [
+            Result(u, "ind", d, _read_score(n, t, b), json.loads(pv), c)
             for u, d, n, t, b, pv, c in self._db.execute(
                 "SELECT unit, domain, nll_sum, tokens, bytes, provenance, created "
                 "FROM unit_results ORDER BY rowid"
             )
         ]
+        self._warn_non_finite("unit_results", rows)
+        return rows
+
+    def _warn_non_finite(self, table: str, rows: Sequence[Result]) -> None:
+        """Once per table and store: say that rows from an older version hold a
+        non-finite score (they read as NLL NaN)."""
+        bad = [r for r in rows if math.isnan(r.score.nll_sum)]
+        if bad and table not in self._warned:
+            self._warned.add(table)
+            r = bad[0]
+            logger.warning(
+                "%s: %d row(s) of %s have a non-finite score (e.g. %s/%s/%s), stored by an "
+                "older version; they read as NaN and are left out of rankings and correlations",
+                self.path,
+                len(bad),
+                table,
+                r.subject,
+                r.proxy,
+                r.domain,
+            )
 
     def count(self, table: str = "results") -> int:
         if table not in ("results", "unit_results", "mixtures"):

@@ -98,6 +98,26 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, denv)
 
 
+def json_text(obj, where: str) -> str:
+    """``obj`` as standard JSON (``allow_nan=False``: no ``NaN``/``Infinity`` tokens that
+    strict parsers reject); a non-finite number is a NonFiniteError naming its key."""
+    import json
+    import math
+
+    from megablocks_ablate.errors import NonFiniteError
+
+    stack: list[tuple[str, object]] = [("", obj)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, float) and not math.isfinite(x):
+            raise NonFiniteError(f"{where}: not written: {path or 'the value'} is {x}")
+        if isinstance(x, dict):
+            stack.extend(reversed([(f"{path}[{k!r}]", v) for k, v in x.items()]))
+        elif isinstance(x, (list, tuple)):
+            stack.extend(reversed([(f"{path}[{i}]", v) for i, v in enumerate(x)]))
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
 def _run(args: argparse.Namespace, denv) -> int:
     import os
 
@@ -106,7 +126,7 @@ def _run(args: argparse.Namespace, denv) -> int:
     from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
     from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer, resolve_tokenizer
     from megablocks_ablate.model.loading import load_model
-    from megablocks_ablate.utils.atomic import atomic_write_json
+    from megablocks_ablate.utils.atomic import atomic_write_text
 
     rank, world, device = denv.rank, denv.world_size, denv.device
 
@@ -154,6 +174,7 @@ def _run(args: argparse.Namespace, denv) -> int:
             batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
             tokenizer_fingerprint=lineage.tokenizer_fingerprint,
             show_progress=args.progress and rank == 0,
+            name=ckpt,
         )
         out["models"][ckpt] = {
             "lineage": lineage.to_dict(),
@@ -166,6 +187,6 @@ def _run(args: argparse.Namespace, denv) -> int:
     if rank == 0:
         parent = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(parent, exist_ok=True)
-        atomic_write_json(args.out, out)
+        atomic_write_text(args.out, json_text(out, args.out))
         print(f"wrote {args.out}")
     return 0

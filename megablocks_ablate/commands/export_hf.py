@@ -22,7 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "checkpoint", help="checkpoint directory (model.safetensors + config.json + lineage.json)"
     )
-    p.add_argument("out", help="output directory (replaced atomically if it exists)")
+    p.add_argument(
+        "out", help="output directory (new or empty; a previous export with --overwrite)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export in OUT (only the files it wrote)",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -39,12 +46,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("hf_dir", help="directory with config.json and model.safetensors")
     q.add_argument("out", help="output checkpoint directory (lineage kind 'imported')")
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous checkpoint in OUT (only its files)",
+    )
     q.set_defaults(func=run_import)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from megablocks_ablate.model.hf import export_hf
+    from megablocks_ablate.utils.outputs import claim_output_dir
 
+    claim_output_dir(
+        args.out,
+        "hf-export",
+        overwrite=args.overwrite,
+        inputs=[args.checkpoint],
+        flag="OUT",
+        create=False,
+    )
     export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
     print(f"wrote {args.out} (CohereForCausalLM)")
     return 0
@@ -52,7 +73,16 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     from megablocks_ablate.model.hf import import_hf
+    from megablocks_ablate.utils.outputs import claim_output_dir
 
+    claim_output_dir(
+        args.out,
+        "checkpoint",
+        overwrite=args.overwrite,
+        inputs=[args.hf_dir],
+        flag="OUT",
+        create=False,
+    )
     import_hf(args.hf_dir, args.out)
     print(f"wrote checkpoint {args.out}")
     return 0

@@ -2,6 +2,8 @@
 
   index info PREFIX                       summary JSON with sequence-length statistics
   index validate PREFIX [PREFIX ...]      exit 0 if every dataset is valid, else 2
+        [--tokenizer PATH | --manifest DIR]  ... and every token id is below the vocabulary
+                                          size (with --manifest and no PREFIX: its units)
   index concat --out OUT PREFIX [...]     concatenate datasets of one dtype into OUT
 
 PREFIX may be given with or without its .idx/.bin suffix.
@@ -29,7 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run_info)
 
     val = isub.add_parser("validate", help="check datasets fully; exit 2 if any is invalid")
-    val.add_argument("prefixes", nargs="+", metavar="PREFIX")
+    val.add_argument("prefixes", nargs="*", metavar="PREFIX")
+    val.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="also check every token id is below this tokenizer's vocabulary size",
+    )
+    val.add_argument(
+        "--manifest",
+        metavar="DIR",
+        help="also check token ids against the vocabulary size this preprocess output "
+        "records; without PREFIX, validate every unit it lists",
+    )
     val.set_defaults(func=run_validate)
 
     cat = isub.add_parser("concat", help="concatenate datasets (same dtype) into one")
@@ -66,25 +79,65 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_validate(args: argparse.Namespace) -> int:
-    from megablocks_ablate.data.indexed import strip_suffix, validate_indexed
+def _manifest_vocab(directory: str) -> tuple[int, list[str]]:
+    """The vocabulary size a preprocess manifest records, and its units' prefixes."""
+    from megablocks_ablate.data.manifest import MANIFEST_NAME, Manifest
     from megablocks_ablate.errors import DataFormatError
 
+    m = Manifest.load(directory)
+    vocab = m.data["tokenizer"].get("vocab_size") if isinstance(m.data["tokenizer"], dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise DataFormatError(
+            f"{m.root}/{MANIFEST_NAME}: tokenizer.vocab_size is {vocab!r}; expected a "
+            "positive integer"
+        )
+    return vocab, [m.unit_prefix(u) for u in m.units]
+
+
+def _validate_vocab(args: argparse.Namespace) -> tuple[int | None, list[str]]:
+    """(vocabulary size to check ids against or None, prefixes to validate)."""
+    from megablocks_ablate.data.indexed import strip_suffix
+    from megablocks_ablate.errors import ConfigError
+
+    vocab, prefixes = None, [strip_suffix(p) for p in args.prefixes]
+    if args.manifest:
+        vocab, units = _manifest_vocab(args.manifest)
+        prefixes = prefixes or units
+    if args.tokenizer:
+        from megablocks_ablate.data.tokenizer import load_tokenizer
+
+        tok_vocab = load_tokenizer(args.tokenizer).vocab_size
+        if vocab is not None and tok_vocab != vocab:
+            raise ConfigError(
+                f"--tokenizer {args.tokenizer} has {tok_vocab} ids but --manifest "
+                f"{args.manifest} records a vocabulary of {vocab}; give one of them"
+            )
+        vocab = tok_vocab
+    if not prefixes:
+        raise ConfigError("index validate: give PREFIX(es) to check, or --manifest DIR")
+    return vocab, prefixes
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from megablocks_ablate.data.indexed import validate_indexed
+    from megablocks_ablate.errors import DataFormatError
+
+    vocab, prefixes = _validate_vocab(args)
     failed = 0
-    for raw in args.prefixes:
-        prefix = strip_suffix(raw)
+    for prefix in prefixes:
         try:
-            s = validate_indexed(prefix)
+            s = validate_indexed(prefix, vocab_size=vocab)
         except DataFormatError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
             continue
+        ids = f", ids < {vocab}" if vocab is not None else ""
         print(
             f"ok {prefix}: {s['sequences']} sequences, {s['documents']} documents, "
-            f"{s['tokens']} tokens, {s['dtype']}"
+            f"{s['tokens']} tokens, {s['dtype']}{ids}"
         )
     if failed:
-        print(f"{failed} of {len(args.prefixes)} datasets invalid", file=sys.stderr)
+        print(f"{failed} of {len(prefixes)} datasets invalid", file=sys.stderr)
         return 2
     return 0
 

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="merge checkpoints that do not continue from the same seed",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds a previous merged checkpoint (only its files)",
+    )
+    p.add_argument(
         "--print-weights",
         action="store_true",
         help="print the reduced weight vector and exit without merging",
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from megablocks_ablate.errors import ConfigError
     from megablocks_ablate.merge.file_merge import merge_checkpoints
     from megablocks_ablate.merge.spec import MergeSpec
+    from megablocks_ablate.utils.outputs import claim_output_dir
 
     spec = MergeSpec.load(args.spec)
     if args.print_weights:
@@ -58,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ConfigError("merge: --out DIR is required (or use --print-weights)")
+    claim_output_dir(
+        args.out,
+        "checkpoint",
+        overwrite=args.overwrite,
+        inputs=list(spec.checkpoints.values()),
+        create=False,
+    )
     lineage = merge_checkpoints(
         spec, args.out, allow_different_seed=args.allow_different_seed, dtype=args.dtype
     )

@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace output made with other settings"
     )
+    p.add_argument(
+        "--allow-missing-partition",
+        action="store_true",
+        help="accept a --partition-by field that no document has (all go to partition NA)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
@@ -76,6 +81,8 @@ def build_config(args: argparse.Namespace):
         data[field] = value
     if args.overwrite:
         data["overwrite"] = True
+    if args.allow_missing_partition:
+        data["allow_missing_partition"] = True
     apply_overrides(data, args.overrides)
     try:
         return PreprocessConfig.from_dict(data)

@@ -86,6 +86,12 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
         help="evaluation: sliding-window stride (default: non-overlapping windows)",
     )
     run.add_argument("--report", action="store_true", help="write report/ when done")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another `study run` of this study is in progress, wait for it to finish "
+        "(default: refuse at once, naming it)",
+    )
     run.set_defaults(func=run_run)
 
 
@@ -169,6 +175,7 @@ def run_run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_tokens=args.batch_tokens,
         stride=args.stride,
+        lock_timeout_s=None if args.wait else 0.0,
     )
     if args.dry_run:
         print(dry_run(study, opts))

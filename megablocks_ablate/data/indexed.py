@@ -55,6 +55,8 @@ CODE_OF_DTYPE: dict[np.dtype, int] = {dt: code for code, dt in DTYPE_CODES.items
 # Rows per block when spilling or checking per-sequence arrays (bounds memory to ~MBs).
 _BLOCK = 1 << 20
 _COPY_CHUNK = 1 << 24
+# Tokens per vectorised max/min when checking token ids against a vocabulary.
+_TOKEN_CHUNK = 1 << 24
 
 
 def best_dtype(vocab_size: int) -> np.dtype:
@@ -616,9 +618,69 @@ def concat_indexed(prefixes: list[str], out_prefix: str) -> None:
             w.add_index(p)
 
 
-def validate_indexed(prefix: str) -> dict:
-    """Check ``prefix.idx``/``prefix.bin`` fully; return a summary or raise DataFormatError."""
+def _first_bad_token(part: np.ndarray, vocab_size: int) -> int | None:
+    """Position in ``part`` of its first id outside ``[0, vocab_size)``, or None.
+
+    One max (and, for signed or float ids, one min) per call; the mask is built only
+    when a bad id is present."""
+    if part.dtype.kind == "f":
+        ok = bool(np.isfinite(part).all()) and part.min() >= 0 and part.max() < vocab_size
+    else:
+        ok = int(part.max()) < vocab_size and (part.dtype.kind == "u" or int(part.min()) >= 0)
+    if ok:
+        return None
+    bad = ~((part >= 0) & (part < vocab_size))  # NaN compares False: counted as bad
+    return int(np.flatnonzero(bad)[0])
+
+
+def check_token_range(
+    prefix_or_dataset: str | os.PathLike | IndexedDataset, vocab_size: int
+) -> None:
+    """Raise :class:`DataFormatError` unless every token id lies in ``[0, vocab_size)``.
+
+    ``prefix_or_dataset`` is an open :class:`IndexedDataset` (left open) or a prefix
+    (opened, validated and closed here). The ``.bin`` is scanned through its memory map in
+    chunks of ``_TOKEN_CHUNK`` tokens with a vectorised max/min each, so memory stays
+    bounded whatever its size. The message names the ``.bin``, the first offending
+    sequence and its document, the token id and ``vocab_size``, e.g.::
+
+        data/u0.bin: sequence 12 (document 12) has token id 70000 at offset 5; the
+        tokenizer's vocabulary has 50304 ids (valid ids are 0..50303) ...
+    """
+    if isinstance(prefix_or_dataset, IndexedDataset):
+        _check_token_range(prefix_or_dataset, vocab_size)
+        return
+    with IndexedDataset(os.fspath(prefix_or_dataset)) as ds:
+        _check_token_range(ds, vocab_size)
+
+
+def _check_token_range(ds: IndexedDataset, vocab_size: int) -> None:
+    vocab_size = operator.index(vocab_size)
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size}")
+    tokens = ds._tokens
+    for start in range(0, tokens.size, _TOKEN_CHUNK):
+        j = _first_bad_token(tokens[start : start + _TOKEN_CHUNK], vocab_size)
+        if j is None:
+            continue
+        pos = start + j
+        seq = int(np.searchsorted(ds.sequence_pointers, pos * ds.dtype.itemsize, "right")) - 1
+        doc = int(np.searchsorted(ds.document_indices, seq, "right")) - 1
+        offset = pos - int(ds.sequence_pointers[seq]) // ds.dtype.itemsize
+        value = tokens[pos].item()
+        raise DataFormatError(
+            f"{data_file_path(ds.prefix)}: sequence {seq} (document {doc}) has token id "
+            f"{value} at offset {offset}; the tokenizer's vocabulary has {vocab_size} ids "
+            f"(valid ids are 0..{vocab_size - 1}): was it tokenized with another tokenizer?"
+        )
+
+
+def validate_indexed(prefix: str, vocab_size: int | None = None) -> dict:
+    """Check ``prefix.idx``/``prefix.bin`` fully (and, given ``vocab_size``, every token id
+    with :func:`check_token_range`); return a summary or raise DataFormatError."""
     with IndexedDataset(prefix) as ds:
+        if vocab_size is not None:
+            check_token_range(ds, vocab_size)
         return {
             "sequences": len(ds),
             "documents": ds.num_documents,

@@ -155,12 +155,26 @@ def bad_line_error(path: str, line_no: int, reason: str, text_key: str) -> DataF
 
 
 def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes without newline) for non-blank lines."""
-    with open_binary(path) as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            raw = raw.rstrip(b"\r\n")
-            if raw.strip():
-                yield line_no, raw
+    """(1-based line number, raw bytes without newline) for non-blank lines.
+
+    A missing file, a truncated or corrupt ``.gz`` / ``.zst`` stream, or a read error
+    raises :class:`DataFormatError` naming ``path`` (never EOFError / zlib / zstd errors).
+    """
+    try:
+        with open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                raw = raw.rstrip(b"\r\n")
+                if raw.strip():
+                    yield line_no, raw
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such file") from None
+    except _STREAM_ERRORS as e:
+        raise DataFormatError(
+            f"{path}: truncated or corrupt compressed stream ({e}); recompress or "
+            "re-download the file"
+        ) from None
+    except OSError as e:  # includes gzip.BadGzipFile (not a gzip file / bad CRC)
+        raise DataFormatError(f"{path}: cannot read: {e}") from None
 
 
 def iter_jsonl(
@@ -172,19 +186,12 @@ def iter_jsonl(
     """Yield (line number, record) for each good line of one JSONL file."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
-    try:
-        for line_no, raw in iter_raw_lines(path):
-            rec, reason = parse_line(raw, text_key)
-            if reason is not None:
-                if on_bad_line == "error":
-                    raise bad_line_error(path, line_no, reason, text_key)
-                if bad_lines is not None:
-                    bad_lines.add(reason)
-                continue
-            yield line_no, rec
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: no such file") from None
-    except _STREAM_ERRORS as e:
-        raise DataFormatError(f"{path}: truncated or corrupt compressed stream: {e}") from None
-    except OSError as e:  # includes gzip.BadGzipFile (not a gzip file / bad CRC)
-        raise DataFormatError(f"{path}: cannot read: {e}") from None
+    for line_no, raw in iter_raw_lines(path):  # stream errors: DataFormatError naming path
+        rec, reason = parse_line(raw, text_key)
+        if reason is not None:
+            if on_bad_line == "error":
+                raise bad_line_error(path, line_no, reason, text_key)
+            if bad_lines is not None:
+                bad_lines.add(reason)
+            continue
+        yield line_no, rec

@@ -36,14 +36,20 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def has_value(record: dict, field: str) -> bool:
+    """Whether ``record`` tags ``field`` with a value (one :func:`partition_key` does not
+    turn into ``"NA"``)."""
+    v = _scalar(record.get(field))
+    return not (v is None or v == "")
+
+
 def partition_key(record: dict, fields: list[str]) -> str:
     """The partition a record belongs to, as a readable string ("NA" when untagged)."""
     if not fields:
         return "all"
     parts = []
     for f in fields:
-        v = _scalar(record.get(f))
-        parts.append(NA if v is None or v == "" else str(v))
+        parts.append(str(_scalar(record.get(f))) if has_value(record, f) else NA)
     return "+".join(parts)
 
 

@@ -6,6 +6,10 @@
         ──workers: parse · partition · held-out hash · decontaminate · tokenize+EOD──▶
     stage 1 (per input file, in input order): one shard .bin/.idx per partition
         + order keys + held-out lines                       [.preprocess-tmp/files/NNNNN/]
+    checks, before anything is written outside the temp dir: refuse an empty corpus, a
+        --partition-by field no document has (unless --allow-missing-partition), zero base
+        units, and more than half the training tokens dropped as remainders; a refusal
+        removes .preprocess-tmp, so a corrected rerun starts clean
     stage 2 (per partition): order by --order-by, cut into base units of equal tokens,
         copy documents into units/<partition>-NNNN.bin/.idx; heldout/<partition>.jsonl
     manifest.json (written last: its presence means the output is complete)
@@ -18,6 +22,7 @@ Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,16 +46,17 @@ from megablocks_ablate.data.preprocess_worker import (
     init_worker,
     process_batch,
 )
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.errors import ConfigError, DataFormatError, MBAError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
+from megablocks_ablate.utils.outputs import claim_output_dir
 from megablocks_ablate.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
 TMP_DIR = ".preprocess-tmp"
 # Settings that do not change the output; excluded from the config hash.
-_NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite")
+_NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite", "allow_missing_partition")
 
 
 @dataclass
@@ -83,6 +89,11 @@ class PreprocessConfig(Config):
     workers: int = doc("tokenization worker processes (1 = in the main process)", 1)
     batch_size: int = doc("documents per worker task", 256)
     overwrite: bool = doc("replace an existing output made with other settings", False)
+    allow_missing_partition: bool = doc(
+        "accept a partition_by field that no document has (all land in partition NA); "
+        "without it that is an error",
+        False,
+    )
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -138,7 +149,7 @@ class _FileStage:
         self.dtype = dtype
         os.makedirs(directory, exist_ok=True)
         self.parts: dict[str, dict] = {}
-        self.stats = {"documents_read": 0, "bad_lines": {}}
+        self.stats = {"documents_read": 0, "bad_lines": {}, "fields_present": {}}
 
     def _part(self, key: str) -> dict:
         p = self.parts.get(key)
@@ -160,8 +171,12 @@ class _FileStage:
 
     def add(self, res: BatchResult) -> int:
         self.stats["documents_read"] += res.n_read
-        for reason, n in res.bad_lines.items():
-            self.stats["bad_lines"][reason] = self.stats["bad_lines"].get(reason, 0) + n
+        for counts, new in (
+            (self.stats["bad_lines"], res.bad_lines),
+            (self.stats["fields_present"], res.fields_present),
+        ):
+            for k, n in new.items():
+                counts[k] = counts.get(k, 0) + n
         for key, n in res.contaminated.items():
             self._part(key)["contaminated"] += n
         for key, raw in res.heldout:
@@ -502,6 +517,117 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
     return partitions, units
 
 
+# -- checks that the result is what the user meant (run before any unit is written) ------
+
+
+def _name_inputs(files: list[str]) -> str:
+    """``a.jsonl, b.jsonl and 3 more``: the inputs, for messages."""
+    shown = ", ".join(files[:3])
+    return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def _first_fields(files: list[str], text_key: str) -> str:
+    """`` (the first document has fields: a, b)`` as a hint, or "" if it cannot be read."""
+    from megablocks_ablate.data.jsonl import iter_jsonl
+
+    for path in files:
+        try:
+            for _, rec in iter_jsonl(path, text_key=text_key, on_bad_line="skip"):
+                return f" (the first document has fields: {', '.join(sorted(rec))})"
+        except MBAError:
+            return ""
+    return ""
+
+
+def _check_corpus(cfg: PreprocessConfig, files: list[str], records: list[dict]) -> None:
+    """Refuse an empty corpus, and a --partition-by field that no document has."""
+    lines = sum(r["documents_read"] for r in records)
+    bad = sum(n for r in records for n in r["bad_lines"].values())
+    if lines - bad <= 0:
+        skipped = f" ({bad} bad lines skipped by --on-bad-line skip)" if bad else ""
+        raise DataFormatError(
+            f"no documents to preprocess: the input(s) {_name_inputs(files)} hold no "
+            f"JSONL documents{skipped}; check --input"
+        )
+    if cfg.allow_missing_partition or any("fields_present" not in r for r in records):
+        return  # (records of an older stage 1 do not count fields: nothing to check)
+    for f in cfg.partition_by:
+        if not sum(r["fields_present"].get(f, 0) for r in records):
+            raise ConfigError(
+                f"--partition-by {f}: no document of {_name_inputs(files)} has a field "
+                f"{f!r}, so all {lines - bad:,} documents would land in partition 'NA'"
+                f"{_first_fields(files, cfg.text_key)}; check the field name or pass "
+                "--allow-missing-partition to accept this"
+            )
+
+
+def _partition_sizes(cfg: PreprocessConfig, plan: dict) -> dict[str, tuple[int, int, int]]:
+    """partition key -> (training tokens, units, tokens dropped as remainder), computed
+    from the stage-1 shards in unit order without writing anything."""
+    drops = cfg.unit_tokens is not None and cfg.remainder == "drop"
+    sizes = {}
+    for key, pieces in plan.items():  # the order decides only what a "drop" remainder is
+        docs = order_documents(pieces, cfg.order_by if drops else None)
+        try:
+            ranges, _, left = split_units(
+                docs.lengths[docs.order], cfg.unit_tokens, keep_remainder=cfg.remainder == "keep"
+            )
+        finally:
+            for ds in docs.shards:
+                ds.close()
+        sizes[key] = (int(docs.lengths.sum()), len(ranges), int(left))
+    return sizes
+
+
+def _describe_sizes(sizes: dict[str, tuple[int, int, int]], top: int = 5) -> str:
+    """``biology: 1,234, physics: 999, ... tokens``: the largest partitions' token counts."""
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1][0])
+    text = ", ".join(f"{k}: {v[0]:,}" for k, v in largest[:top])
+    return text + (f" and {len(largest) - top} more" if len(largest) > top else "")
+
+
+def _check_units(cfg: PreprocessConfig, files: list[str], records: list[dict], tmp: str) -> None:
+    """Refuse zero base units, and more than half the training tokens dropped as
+    partition remainders."""
+    plan = _partition_plan(records, tmp)
+    sizes = _partition_sizes(cfg, plan)
+    total = sum(v[0] for v in sizes.values())
+    if not total:
+        held = sum(p["heldout_documents"] for r in records for p in r["partitions"].values())
+        cont = sum(p["contaminated"] for r in records for p in r["partitions"].values())
+        raise ConfigError(
+            f"no base units: every document of {_name_inputs(files)} was held out ({held}) "
+            f"or found in the evaluation sets ({cont}); lower --heldout-fraction or check --eval"
+        )
+    ut = cfg.unit_tokens
+    n_part = f"{len(sizes)} partition{'s' if len(sizes) != 1 else ''}"
+    if not sum(v[1] for v in sizes.values()):
+        raise ConfigError(
+            f"no base units: --unit-tokens {ut:,} is more than any partition holds ({n_part}, "
+            f"tokens: {_describe_sizes(sizes)}); lower --unit-tokens or pass --remainder keep"
+        )
+    left = sum(v[2] for v in sizes.values())
+    if 2 * left > total:
+        raise ConfigError(
+            f"{left:,} of {total:,} training tokens ({100 * left / total:.0f}%) would be "
+            f"dropped as partition remainders smaller than --unit-tokens {ut:,} ({n_part}, "
+            f"tokens: {_describe_sizes(sizes)}); lower --unit-tokens or pass --remainder "
+            "keep to keep each remainder as a partial unit"
+        )
+
+
+def _check_result(cfg: PreprocessConfig, files: list[str], records: list[dict], tmp: str) -> None:
+    """Run the checks above after stage 1. A refusal removes the unfinished run's temp dir
+    (its stage-1 files are of no use to a corrected rerun, which would otherwise be refused
+    as "other settings"), so the output directory is left without partial results."""
+    try:
+        _check_corpus(cfg, files, records)
+        _check_units(cfg, files, records, tmp)
+    except MBAError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _existing_manifest(cfg: PreprocessConfig, manifest_path: str, h: str) -> Manifest | None:
     """The finished manifest if it was made with these settings; refuse other settings
     unless ``overwrite``."""
@@ -531,13 +657,36 @@ def _prepare_tmp(cfg: PreprocessConfig, manifest_path: str, tmp: str, h: str) ->
                         "pass --overwrite to discard it"
                     )
                 shutil.rmtree(tmp)
-    if cfg.overwrite:
-        for sub in ("units", "heldout"):
-            shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
-        if os.path.exists(manifest_path):
-            os.unlink(manifest_path)
+    if cfg.overwrite and os.path.exists(manifest_path):
+        _remove_previous_output(cfg.out, manifest_path)
     os.makedirs(tmp, exist_ok=True)
     atomic_write_json(state_path, {"config_hash": h})
+
+
+def _remove_previous_output(out: str, manifest_path: str) -> None:
+    """Delete the files the previous manifest lists (units, held-out sets), the packed
+    index caches beside them, and the manifest; nothing else under ``out``."""
+    old = Manifest.load(manifest_path)
+    paths = [
+        os.path.join(out, u["prefix"] + ext) for u in old.units.values() for ext in (".bin", ".idx")
+    ]
+    paths += [
+        os.path.join(out, p["heldout"]["path"]) for p in old.partitions.values() if p.get("heldout")
+    ]
+    for path in paths:
+        directory, name = os.path.split(path)
+        caches = [
+            c
+            for c in (os.listdir(directory) if os.path.isdir(directory) else [])
+            if c.startswith(name.rsplit(".", 1)[0] + ".packed-")
+        ]
+        for victim in [path] + [os.path.join(directory, c) for c in caches]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(victim)
+    os.unlink(manifest_path)
+    for sub_dir in ("units", "heldout"):  # left in place when a user's files remain
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out, sub_dir))
 
 
 def _build_decontam(cfg: PreprocessConfig, tmp: str) -> tuple[dict | None, list[str], str | None]:
@@ -645,11 +794,32 @@ def _manifest_data(
     }
 
 
+def _make_out_dir(out: str) -> None:
+    """Create ``out`` (if needed), or raise ConfigError naming it when it is a file, lies
+    under a file, or cannot be created or written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out: {out} is an existing file, not a directory; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parent = os.path.dirname(os.path.abspath(out))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f"{parent} is a file" if os.path.isfile(parent) else e.strerror
+        raise ConfigError(
+            f"out: cannot create directory {out} ({why}); choose another --out"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"out: directory {out} is not writable; choose another --out")
+    # a previous preprocess output is ours to resume or replace; a user's directory is not
+    claim_output_dir(out, "preprocess", reuse=True)
+
+
 def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     """Run (or resume) preprocessing; returns the written manifest."""
     cfg.check_required()
     out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    _make_out_dir(out)
     manifest_path = os.path.join(out, MANIFEST_NAME)
     tmp = os.path.join(out, TMP_DIR)
     h = cfg.output_hash()
@@ -668,6 +838,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     settings = _worker_settings(cfg, tokenizer, dtype, bloom_path)
     t0 = time.time()
     records = _stage1(cfg, files, tmp, settings, dtype)
+    _check_result(cfg, files, records, tmp)
     t1 = time.time()
     partitions, units = _stage2(cfg, records, tmp, dtype)
     t2 = time.time()

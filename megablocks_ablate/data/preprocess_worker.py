@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megablocks_ablate.data.jsonl import bad_line_error, parse_line
-from megablocks_ablate.data.partition import is_heldout, order_value, partition_key
+from megablocks_ablate.data.partition import has_value, is_heldout, order_value, partition_key
 
 
 @dataclass
@@ -31,6 +31,8 @@ class BatchResult:
     heldout: list[tuple[str, bytes]] = field(default_factory=list)  # (partition, raw line)
     contaminated: dict[str, int] = field(default_factory=dict)
     bad_lines: dict[str, int] = field(default_factory=dict)
+    # per --partition-by field: documents that have a value for it (the rest go to "NA")
+    fields_present: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +96,9 @@ def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
             continue
         text = rec[s.text_key]
         part = partition_key(rec, s.partition_by)
+        for f in s.partition_by:
+            if has_value(rec, f):
+                res.fields_present[f] = res.fields_present.get(f, 0) + 1
         if is_heldout(text, s.heldout_fraction, s.heldout_salt):
             res.heldout.append((part, raw))
             continue

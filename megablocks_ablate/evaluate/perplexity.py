@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megablocks_ablate.errors import ConfigError, TokenizerError
+from megablocks_ablate.errors import ConfigError, NonFiniteError, TokenizerError
 from megablocks_ablate.evaluate.dist import comm_device, rank_and_world
 from megablocks_ablate.evaluate.sets import EvalSuite
 from megablocks_ablate.evaluate.windows import (
@@ -68,7 +68,13 @@ class DomainResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll) if self.tokens else math.nan
+        """``exp(mean_nll)``; ``inf`` where that overflows float64 (mean NLL > ~709)."""
+        if not self.tokens:
+            return math.nan
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:
+            return math.inf
 
     @property
     def bits_per_byte(self) -> float:
@@ -228,6 +234,23 @@ def _domain_results(table: torch.Tensor, plan: Plan, suite: EvalSuite) -> dict[s
     return results
 
 
+def check_finite(results: dict[str, DomainResult], name: str | None = None) -> None:
+    """Refuse results with a NaN/inf loss or an overflowing perplexity (NonFiniteError
+    naming the model and every such domain): numbers must be right or absent."""
+    bad = [
+        f"{r.domain!r} (NLL sum {r.nll_sum:.6g} over {r.tokens} tokens"
+        + (", perplexity overflows float64)" if math.isfinite(r.nll_sum) else ")")
+        for r in results.values()
+        if not (math.isfinite(r.nll_sum) and math.isfinite(r.perplexity))
+    ]
+    if bad:
+        raise NonFiniteError(
+            f"{name or 'the model'}: non-finite evaluation result on "
+            f"{'domain' if len(bad) == 1 else 'domains'} {', '.join(bad)}: its weights "
+            "hold NaN/inf or its training diverged (or an fp16/bf16 overflow)"
+        )
+
+
 def evaluate(
     model: torch.nn.Module,
     eval_sets: EvalSuite | str | Sequence[str],
@@ -240,6 +263,7 @@ def evaluate(
     group=None,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     show_progress: bool = False,
+    name: str | None = None,
 ) -> dict[str, DomainResult]:
     """Score ``model`` on every domain: ``{domain: DomainResult}`` (same on every rank).
 
@@ -254,6 +278,9 @@ def evaluate(
     group: the ``torch.distributed`` group to shard over (default: the world, if
         initialised); every rank of it must call this with the same arguments.
     autocast_dtype: autocast dtype on CUDA (None: run in the weights' dtype).
+    name: what to call the model in errors (e.g. its checkpoint directory). A NaN/inf
+        loss, or a perplexity that overflows, on any domain raises NonFiniteError naming
+        it and the domain (on every rank alike: the check is on the reduced totals).
     """
     suite = _resolve_suite(eval_sets, tokenizer, tokenizer_fingerprint, group)
     max_len, stride = _window_args(model, max_len, stride)
@@ -261,7 +288,9 @@ def evaluate(
     rp = rank_plan(suite, max_len, stride, batch_tokens, rank, world)
     table = _score_batches(model, rp, rank, autocast_dtype, show_progress)
     table = _reduce_table(table, rp.plan, world, group)
-    return _domain_results(table, rp.plan, suite)
+    results = _domain_results(table, rp.plan, suite)
+    check_finite(results, name)
+    return results
 
 
 def results_table(results: dict[str, DomainResult]) -> str:

@@ -14,7 +14,9 @@ tensors' names and shapes, the model configs, the seed lineage (refused unless
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -31,12 +33,13 @@ from megablocks_ablate.checkpoint import (
     staged_checkpoint_dir,
     write_checkpoint_meta,
 )
-from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.errors import ConfigError, DataFormatError, NonFiniteError
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.merge.spec import MergeSpec
 from megablocks_ablate.utils.progress import progress
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_LABELS = {v: k for k, v in DTYPE_NAMES.items()}
 
 # Elements per kernel call: 1M (4 MiB of fp32 output); resident input pages are
 # released after every chunk, so the merge adds about (N + 1) chunks to the process.
@@ -171,6 +174,59 @@ def _merged_lineage(
     )
 
 
+def _merged_chunks(
+    maps: list[MappedSafetensors], ws: list[float], name: str, buf: torch.Tensor, chunk: int
+) -> Iterator[torch.Tensor]:
+    """The weighted average of tensor ``name``, one chunk (a view of ``buf``) per kernel
+    call, releasing each consumed input chunk's pages right away."""
+    n = maps[0].numel(name)
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        out = buf[:count]
+        merge_into(out, [_aligned(m.flat(name, start, count)) for m in maps], ws)
+        for m in maps:
+            m.release(name, start, count)
+        yield out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether an fp32/bf16/fp16 tensor holds no NaN/inf: one reduction, no temporary of
+    its size (and one device sync). Exact: a sum in fp64 of finite values of these dtypes
+    cannot overflow, and any NaN/inf term makes it NaN/inf."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+def count_non_finite(t: torch.Tensor, chunk: int = CHUNK) -> int:
+    """How many NaN/inf values a tensor holds (for messages; temporaries of one chunk)."""
+    flat = t.reshape(-1)
+    return sum(
+        int(min(chunk, flat.numel() - s) - torch.isfinite(flat[s : s + chunk]).sum())
+        for s in range(0, flat.numel(), chunk)
+    )
+
+
+def _refuse_non_finite(
+    maps: list[MappedSafetensors], ws: list[float], name: str, buf: torch.Tensor, chunk: int
+) -> NoReturn:
+    """Called when a merged chunk of ``name`` is not finite: name the first input whose
+    tensor holds NaN/inf, else the output dtype the weighted sum overflowed."""
+    for m in maps:
+        bad = count_non_finite(_aligned(m.flat(name)), chunk)
+        m.release(name)
+        if bad:
+            raise NonFiniteError(
+                f"{m.path}: tensor {name!r} has {bad} non-finite values (NaN/inf); a unit "
+                "model with NaN weights means its training diverged"
+            )
+    bad = sum(count_non_finite(out) for out in _merged_chunks(maps, ws, name, buf, chunk))
+    dtype = DTYPE_LABELS.get(buf.dtype, str(buf.dtype))
+    raise NonFiniteError(
+        f"merged tensor {name!r} has {bad} non-finite values (NaN/inf) in the output dtype "
+        f"{dtype}: the weighted sum of finite inputs overflows {dtype} (largest finite value "
+        f"{torch.finfo(buf.dtype).max:g}); merge with --dtype fp32 or bf16, or check the weights"
+    )
+
+
 def _stream_merge(
     f,
     maps: list[MappedSafetensors],
@@ -180,7 +236,12 @@ def _stream_merge(
     show_progress: bool,
 ) -> None:
     """Write the weighted average of ``maps`` into ``f``, one chunk per kernel call,
-    releasing each consumed input chunk's pages right away."""
+    releasing each consumed input chunk's pages right away.
+
+    Every merged chunk is checked finite (:func:`all_finite`, one reduction per chunk):
+    with non-zero finite weights a NaN/inf input value always makes its output value
+    non-finite, so this also catches every non-finite input; only on failure are the
+    inputs scanned to say which checkpoint it came from (NonFiniteError)."""
     ref = maps[0]
     writer = SafetensorsStreamWriter(f, [(n, out_dtype[n], ref.shape(n)) for n in ref.names])
     buffers: dict[torch.dtype, torch.Tensor] = {}
@@ -194,19 +255,16 @@ def _stream_merge(
                 writer.write(ref.tensor(name))
                 bar.update(n)
                 continue
-            for start in range(0, n, chunk):
-                count = min(chunk, n - start)
-                buf = buffers.get(out_dtype[name])
-                if buf is None or buf.numel() < count:
-                    buf = buffers[out_dtype[name]] = torch.empty(
-                        min(chunk, max(n, 1)), dtype=out_dtype[name]
-                    )
-                out = buf[:count]
-                merge_into(out, [_aligned(m.flat(name, start, count)) for m in maps], ws)
+            buf = buffers.get(out_dtype[name])
+            if buf is None or buf.numel() < min(chunk, n):
+                buf = buffers[out_dtype[name]] = torch.empty(
+                    min(chunk, max(n, 1)), dtype=out_dtype[name]
+                )
+            for out in _merged_chunks(maps, ws, name, buf, chunk):
+                if not all_finite(out):
+                    _refuse_non_finite(maps, ws, name, buf, chunk)
                 writer.write(out)
-                for m in maps:
-                    m.release(name, start, count)
-                bar.update(count)
+                bar.update(out.numel())
     writer.close()
 
 

@@ -24,6 +24,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -33,8 +34,15 @@ from megablocks_ablate.checkpoint import (
     model_file,
     read_checkpoint_meta,
 )
-from megablocks_ablate.errors import ConfigError
-from megablocks_ablate.merge.file_merge import MergeInput, check_compatible, check_tensors
+from megablocks_ablate.errors import ConfigError, NonFiniteError
+from megablocks_ablate.merge.file_merge import (
+    DTYPE_LABELS,
+    MergeInput,
+    all_finite,
+    check_compatible,
+    check_tensors,
+    count_non_finite,
+)
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.utils.progress import progress
 
@@ -87,7 +95,9 @@ class ModelPool:
         Streaming: each checkpoint is memory-mapped and copied tensor by tensor into its
         row, its pages released as it goes. On CPU the buffer is a file-backed shared
         mapping in ``storage_dir`` (default: the temp dir), unlinked at once so it goes
-        away with the pool; on CUDA it is device memory.
+        away with the pool; on CUDA it is device memory. A row with NaN/inf (in the
+        checkpoint, or from conversion to ``dtype``) raises NonFiniteError naming the
+        checkpoint and the tensor.
         """
         if dtype not in DTYPE_CODES:
             raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
@@ -120,6 +130,8 @@ class ModelPool:
                     rows[i, s.offset : s.offset + s.numel].copy_(m.flat(s.name))
                     m.release(s.name)
                     bar.update(s.numel)
+                if not all_finite(rows[i]):
+                    _refuse_row(m, rows[i], slots)
         return cls(units, rows, slots, metas[0][0], [lin for _, lin in metas])
 
     @classmethod
@@ -201,12 +213,58 @@ class ModelPool:
         self, model: torch.nn.Module, weights: Mapping[str, float] | Sequence[float] | torch.Tensor
     ) -> None:
         """Set ``model``'s parameters to ``sum_i w_i * unit_i``: one kernel call, no
-        allocation of model size (binds the model first if needed)."""
+        allocation of model size (binds the model first if needed). Merged weights with
+        NaN/inf raise NonFiniteError naming the tensor (the model then holds them)."""
         flat = self._live.get(id(model))
         if flat is None:
             flat = self.bind(model)
         ws = self.weight_vector(weights)
         merge_into(flat, [self.rows[i] for i in range(len(self.units))], ws)
+        if not all_finite(flat):  # one reduction per merge; names the tensor only on failure
+            self._refuse_merged(flat, ws)
+
+    def _refuse_merged(self, flat: torch.Tensor, ws: list[float]) -> NoReturn:
+        """The merged flat buffer holds NaN/inf: name its first such tensor, and the unit
+        row it came from, else the dtype the weighted sum overflowed."""
+        slot = next(s for s in self.slots.values() if not all_finite(_view(flat, s)))
+        bad = count_non_finite(_view(flat, slot))
+        mixture = {u: w for u, w in zip(self.units, ws) if w}
+        for i, w in enumerate(ws):
+            if w and not all_finite(_view(self.rows[i], slot)):
+                raise NonFiniteError(
+                    f"model pool: unit {self.units[i]!r}'s row of tensor {slot.name!r} holds "
+                    f"NaN/inf, so merging {mixture} gives {bad} non-finite values"
+                )
+        dtype = DTYPE_LABELS.get(flat.dtype, str(flat.dtype))
+        raise NonFiniteError(
+            f"merged model {mixture}: tensor {slot.name!r} has {bad} non-finite values "
+            f"(NaN/inf) in {dtype}: the weighted sum of finite unit models overflows {dtype} "
+            f"(largest finite value {torch.finfo(flat.dtype).max:g}); check the weights or "
+            "merge into an fp32 model"
+        )
+
+
+def _view(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
+    return flat[slot.offset : slot.offset + slot.numel]
+
+
+def _refuse_row(m: MappedSafetensors, row: torch.Tensor, slots: Sequence[Slot]) -> NoReturn:
+    """A loaded pool row holds NaN/inf: name the checkpoint and the tensor, and say
+    whether the checkpoint itself or the conversion to the pool's dtype is at fault."""
+    slot = next(s for s in slots if not all_finite(_view(row, s)))
+    bad = count_non_finite(m.flat(slot.name))
+    m.release(slot.name)
+    if bad:
+        raise NonFiniteError(
+            f"{m.path}: tensor {slot.name!r} has {bad} non-finite values (NaN/inf); a unit "
+            "model with NaN weights means its training diverged"
+        )
+    dtype = DTYPE_LABELS.get(row.dtype, str(row.dtype))
+    raise NonFiniteError(
+        f"{m.path}: tensor {slot.name!r} has {count_non_finite(_view(row, slot))} values "
+        f"that overflow the pool dtype {dtype} (largest finite value "
+        f"{torch.finfo(row.dtype).max:g}); load the pool in fp32 or bf16"
+    )
 
 
 def _allocate(

@@ -21,7 +21,7 @@ import shutil
 
 import torch
 
-from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.errors import ConfigError, DataFormatError, NonFiniteError
 from megablocks_ablate.model.config import ModelConfig
 
 HF_ARCH = "CohereForCausalLM"
@@ -210,6 +210,17 @@ def _get(state: dict, name: str, where: str = "checkpoint") -> torch.Tensor:
         raise DataFormatError(f"{where}: missing tensor {name!r}") from None
 
 
+def _refuse_non_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """NonFiniteError naming the first floating-point tensor that holds NaN/inf."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int(t.numel() - torch.isfinite(t).sum())
+            raise NonFiniteError(
+                f"{where}: tensor {name!r} has {bad} non-finite values (NaN/inf); refusing "
+                "to export a model whose training diverged"
+            )
+
+
 # ---- directories ----------------------------------------------------------------------
 
 
@@ -251,9 +262,11 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
     from safetensors.torch import save_file
 
     from megablocks_ablate.checkpoint import load_model_checkpoint, staged_checkpoint_dir
+    from megablocks_ablate.utils.outputs import write_marker
 
     state, cfg_dict, lineage = load_model_checkpoint(ckpt_dir)
     cfg = ModelConfig.from_dict(cfg_dict, _path=os.path.join(ckpt_dir, "config.json"))
+    _refuse_non_finite(state, os.path.join(ckpt_dir, "model.safetensors"))
     if tokenizer is not None and not os.path.isfile(tokenizer):
         raise ConfigError(f"tokenizer: {tokenizer} does not exist")
     recorded = lineage.extra.get("tokenizer")
@@ -269,6 +282,9 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)
             f.write("\n")
+        # the marker lists what the export consists of, so a later --overwrite replaces
+        # exactly these files and nothing a user added beside them
+        write_marker(tmp, "hf-export", os.listdir(tmp))
     return out_dir
 
 

@@ -189,6 +189,17 @@ class TrainConfig(Config):
         "learning-rate schedule: warmup, then decay", default_factory=ScheduleConfig
     )
     grad_clip: float = doc("clip the global gradient L2 norm to this (0: off)", 1.0)
+    nan_policy: Literal["stop", "skip", "rollback"] = doc(
+        "a step whose loss or gradients are NaN/inf: stop (fail, naming the step and the "
+        "first non-finite tensor; no final model), skip (drop that step's update with a "
+        "warning; stop after nan_max_skips in a row), rollback (restore the newest step "
+        "checkpoint and continue; stop if there is none or the same step diverges again)",
+        "stop",
+    )
+    nan_max_skips: int = doc(
+        "nan_policy=skip: stop at a non-finite step once this many steps in a row were skipped",
+        10,
+    )
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast everywhere", "auto"
     )
@@ -222,6 +233,8 @@ class TrainConfig(Config):
             )
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.nan_max_skips < 0:
+            raise ConfigError(f"nan_max_skips: must be >= 0, got {self.nan_max_skips}")
         if self.kind == "unit" and self.data.mixture:
             raise ConfigError("kind: a unit model trains on one unit (data.unit), not a mixture")
 

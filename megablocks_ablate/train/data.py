@@ -9,6 +9,7 @@ is read partly.
 
 from __future__ import annotations
 
+from megablocks_ablate.data.indexed import check_token_range
 from megablocks_ablate.data.manifest import Manifest
 from megablocks_ablate.data.mixture import (
     MixtureDataset,
@@ -57,6 +58,16 @@ def resolve_unit_weights(spec: DataConfig, manifest: Manifest) -> dict[str, floa
     if spec.balance == "tokens":
         return token_weighted({u: int(manifest.units[u]["tokens"]) for u in units})
     return {u: 1.0 / len(units) for u in units}
+
+
+def check_unit_data(manifest: Manifest, units: list[str], vocab_size: int) -> None:
+    """Refuse (:class:`DataFormatError` naming the file) a unit whose ``.bin``/``.idx``
+    differ from the manifest's size or sha256 (hashes cached by size, mtime and inode,
+    so a rerun costs a ``stat``), or whose ``.bin`` holds a token id ``>= vocab_size``
+    (one vectorised max per chunk of the memory map)."""
+    manifest.verify(units=list(units))
+    for unit in units:
+        check_token_range(manifest.unit_prefix(unit), vocab_size)
 
 
 def build_mixture(

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def run_pool(
         while queue and free:
             slot = free.pop(0)
             unit, out = queue.pop(0)
-            os.makedirs(out, exist_ok=True)
+            claim_output_dir(out, "train-run", reuse=True, flag="out_dir")  # before train.log
             logf = open(os.path.join(out, "train.log"), "a", encoding="utf-8")
             env = dict(os.environ, MBA_NO_PROGRESS="1", **dict(slot.env))
             cmd = [

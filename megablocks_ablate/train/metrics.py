@@ -80,6 +80,11 @@ class ThroughputMeter:
             "elapsed_s": round(now - self.t0, 3),
         }
 
+    def rewind(self, tokens: int) -> None:
+        """The run went back to ``tokens`` (a rollback): measure from here, now."""
+        self.t_last = time.perf_counter()
+        self.tokens_last = tokens - self.tokens_at_start
+
 
 def truncate_jsonl(path: str, last_step: int) -> None:
     """Drop records after ``last_step`` (a resumed run redoes those steps)."""
@@ -111,12 +116,13 @@ class MetricsLogger:
         config: dict | None = None,
     ):
         self.enabled = enabled
+        self._path = os.path.join(out_dir, "metrics.jsonl")
         self._file = None
         self._tb = None
         self._wandb = None
         if not enabled:
             return
-        self._file = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._file = open(self._path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -157,6 +163,14 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def rewind(self, last_step: int) -> None:
+        """Drop the JSONL records after ``last_step`` (a rollback trains them again)."""
+        if self._file is None:
+            return
+        self._file.close()
+        truncate_jsonl(self._path, last_step)
+        self._file = open(self._path, "a", encoding="utf-8")
 
     def close(self) -> None:
         if self._file is not None:

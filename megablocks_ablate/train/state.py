@@ -113,6 +113,26 @@ def prune_checkpoints(out_dir: str, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def recorded_model_sha256(directory: str) -> tuple[str | None, str]:
+    """The sha256 the trainer recorded for ``directory``'s ``model.safetensors``, and
+    where: ``model_sha256`` in the run's COMPLETE.json for a run's ``final/``, the
+    ``trainer_state.json`` of a step checkpoint; ``(None, "")`` for a model checkpoint
+    from elsewhere (converted, merged, or a final/ whose run never completed)."""
+    directory = os.path.abspath(directory)
+    complete = os.path.join(os.path.dirname(directory), COMPLETE_FILE)
+    if os.path.basename(directory) == FINAL_DIR and os.path.isfile(complete):
+        digest, source = _read_json(complete), complete
+        digest = digest.get("model_sha256") if isinstance(digest, dict) else None
+    elif os.path.isfile(os.path.join(directory, STATE_FILE)):
+        source = os.path.join(directory, STATE_FILE)
+        digest = read_trainer_state(directory)["sha256"].get(MODEL_FILE)
+    else:
+        return None, ""
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise DataFormatError(f"{source}: no valid sha256 recorded for {MODEL_FILE}")
+    return digest, source
+
+
 def is_complete(out_dir: str) -> bool:
     """True once training finished (the final model and COMPLETE.json exist)."""
     return os.path.isfile(os.path.join(out_dir, COMPLETE_FILE)) and os.path.isfile(

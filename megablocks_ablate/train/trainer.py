@@ -16,12 +16,18 @@ loss over the global batch, whatever ``W`` and ``accum`` are.
 
 Resumption is exact: the step, the data position (``consumed_samples``), model and
 optimizer state and the RNG states are restored, and the LR is a function of the step.
+
+Before the first step the inputs are verified (``init_from`` against its recorded
+sha256, the units against the manifest, token ids against the vocabulary); every step
+checks its loss and gradient norm before the optimizer steps, and a non-finite one
+stops, skips or rolls back by ``nan_policy`` (:mod:`.divergence`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -29,16 +35,25 @@ import time
 import numpy as np
 import torch
 
-from megablocks_ablate.checkpoint import Lineage, load_model_checkpoint, model_hash
+from megablocks_ablate import errors
+from megablocks_ablate.checkpoint import MODEL_FILE, Lineage, load_model_checkpoint
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.train import state as st
 from megablocks_ablate.train.config import TrainConfig
-from megablocks_ablate.train.data import build_mixture
+from megablocks_ablate.train.data import build_mixture, check_unit_data
 from megablocks_ablate.train.distributed import (
     DistEnv,
-    all_reduce_mean,
     barrier,
+    broadcast_object,
     distributed_session,
+)
+from megablocks_ablate.train.divergence import (
+    DivergenceGuard,
+    NanInjector,
+    StepCheck,
+    check_step,
+    clip_grads_with_norm,
+    total_grad_norm,
 )
 from megablocks_ablate.train.metrics import (
     MetricsLogger,
@@ -48,7 +63,9 @@ from megablocks_ablate.train.metrics import (
 )
 from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
 from megablocks_ablate.utils.atomic import atomic_write_text
+from megablocks_ablate.utils.outputs import claim_output_dir
 from megablocks_ablate.utils.progress import progress
+from megablocks_ablate.utils.verify import verify_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +86,39 @@ def _same_model(a: dict, b: dict) -> list[str]:
     return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
+def _unwrapped(model):
+    """The module whose parameter names are the checkpoint's (DDP wraps in ``module``)."""
+    return getattr(model, "module", model)
+
+
 class Trainer:
     """One run on one rank; :meth:`run` does everything."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.out_dir = cfg.resolved_out_dir()
+        self.guard = DivergenceGuard(cfg.nan_policy, cfg.nan_max_skips, self.out_dir)
+        self._rollback_to: tuple[int, str] | None = None  # (step, checkpoint) to restore
+
+    def _on_main(self, fn):
+        """``fn()`` on rank 0 only; every rank returns its result, or raises its error.
+        For checks whose cost should be paid once (hashing, scanning data)."""
+        if not self.env.distributed:
+            return fn()
+        if self.env.is_main:
+            try:
+                result = fn()
+            except Exception as e:
+                broadcast_object((None, type(e).__name__, str(e)))
+                raise
+            return broadcast_object((result, None, None))[0]
+        result, kind, message = broadcast_object((None, None, None))
+        if kind is None:
+            return result
+        cls = getattr(errors, kind, None)
+        if isinstance(cls, type) and issubclass(cls, errors.MBAError):
+            raise cls(message)
+        raise RuntimeError(f"rank 0 failed: {kind}: {message}")
 
     # ---- set-up -------------------------------------------------------------------------
     def _build_model(self):
@@ -99,9 +143,25 @@ class Trainer:
         self.model_config = mcfg
         return mcfg.build(device=self.env.device)
 
+    def _verify_init(self, path: str) -> str:
+        """The sha256 of ``init_from``'s weights, checked against the one the trainer
+        recorded when it wrote them (a run's ``final/``: COMPLETE.json; a step
+        checkpoint: trainer_state.json)."""
+        expected, source = st.recorded_model_sha256(path)
+        if expected is None:
+            logger.info(f"init_from {path}: no recorded sha256 to check its weights against")
+        return verify_sha256(
+            os.path.join(path, MODEL_FILE),
+            expected,
+            f"init_from in {source}" if source else "init_from",
+            "restore it, or train that model again",
+        )
+
     def _load_init(self, model) -> str | None:
-        """Weights of ``init_from`` (fresh optimizer); returns the seed hash."""
+        """Weights of ``init_from`` (fresh optimizer), verified first; returns the sha256
+        of the verified bytes (the lineage's seed hash)."""
         path = self.cfg.init_from
+        digest = self._on_main(lambda: self._verify_init(path))
         state, config, lineage = load_model_checkpoint(path)
         diff = _same_model(config, self.model_config.to_dict())
         if diff:
@@ -120,7 +180,7 @@ class Trainer:
             model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()}, strict=True)
         except RuntimeError as e:
             raise DataFormatError(f"init_from {path}: weights do not fit the model ({e})") from None
-        return model_hash(path)
+        return digest
 
     def _wrap(self, model):
         env, par = self.env, self.cfg.distributed.parallel
@@ -139,6 +199,14 @@ class Trainer:
             ids = [env.device.index] if env.device.type == "cuda" else None
             return DDP(model, device_ids=ids)
         return model
+
+    def _check_data(self) -> None:
+        """The run's units against the manifest (size and sha256, cached) and their token
+        ids against the tokenizer's vocabulary (no larger than the model's, as
+        :meth:`_build_model` checked), once, before any step reads them."""
+        units = [u for u, w in self.weights.items() if w > 0]
+        vocab = int(self.manifest.data["tokenizer"]["vocab_size"])
+        self._on_main(lambda: check_unit_data(self.manifest, units, vocab))
 
     def _latest_checkpoint(self) -> str | None:
         found = st.list_checkpoints(self.out_dir)
@@ -209,6 +277,7 @@ class Trainer:
                     "data": self.mix.state_dict(),
                     "world_size": self.env.world_size,
                     "config": self.cfg.to_dict(),
+                    "nonfinite": self.guard.state_dict(),
                 },
             )
             st.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
@@ -239,8 +308,14 @@ class Trainer:
         if st.is_complete(self.out_dir):
             logger.info(f"{self.out_dir}: training already complete, nothing to do")
             return {"out_dir": self.out_dir, "skipped": True}
-        if env.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
+        if env.is_main:  # a run directory is ours to resume; anything else is refused
+            claim_output_dir(
+                self.out_dir,
+                "train-run",
+                reuse=True,
+                flag="out_dir",
+                inputs=[cfg.data.manifest, cfg.init_from],
+            )
             st.remove_stale_staging(self.out_dir)
         barrier()
         logger.info(
@@ -250,6 +325,7 @@ class Trainer:
 
         self.mix, self.weights, self.manifest = build_mixture(cfg)
         model = self._build_model()
+        self._check_data()
         self.resume_dir = self._latest_checkpoint()
         ckpt = None
         if self.resume_dir:
@@ -267,6 +343,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(model, optimizer, ckpt)
             self.mix.load_state_dict(ckpt["trainer"]["data"])
+            self.guard.load_state_dict(ckpt["trainer"].get("nonfinite"))
             start = int(ckpt["trainer"]["step"])
             logger.info(f"resuming {self.out_dir} from step {start} ({self.resume_dir})")
             del ckpt
@@ -276,9 +353,11 @@ class Trainer:
         return self._loop(model, optimizer, start)
 
     def _step_runner(self, model):
-        """A function running one optimizer step's forward/backward passes over
-        ``grad_accum`` micro-batches (gradient sync only on the last); returns the summed
-        loss and the clipped gradient norm."""
+        """A function running optimizer step ``step`` (1-based): forward/backward passes
+        over ``grad_accum`` micro-batches (gradient sync only on the last), the
+        non-finite check (:mod:`.divergence`), then clipping and the optimizer step, or
+        for a non-finite step only dropping the gradients; returns the step's check (the
+        mean loss over ranks and the pre-clip gradient norm)."""
         cfg, env = self.cfg, self.env
         accum = cfg.grad_accum_steps(env.world_size)
         use_bf16 = cfg.precision == "bf16" or (
@@ -286,10 +365,12 @@ class Trainer:
         )
         is_ddp = hasattr(model, "no_sync")
         is_fsdp = hasattr(model, "set_requires_gradient_sync")
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in _unwrapped(model).named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        inject = NanInjector(rank=env.rank)
 
-        def run(batches, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(batches, optimizer, step: int) -> StepCheck:
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
                 batch = torch.from_numpy(next(batches)).to(env.device, non_blocking=True)
@@ -301,10 +382,14 @@ class Trainer:
                     loss = model(batch[:, :-1], batch[:, 1:])
                     (loss / accum).backward()
                 loss_sum += loss.detach().float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
+            inject(step, loss_sum, named)
+            norm = total_grad_norm(params)
+            check = check_step(step, loss_sum / accum, norm, named)
+            if check.finite:
+                clip_grads_with_norm(params, clip, norm)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return loss_sum / accum, grad_norm
+            return check
 
         return run
 
@@ -334,44 +419,42 @@ class Trainer:
         )  # None: MBA_NO_PROGRESS decides
         return metrics, meter, bar
 
-    def _loop(self, model, optimizer, start: int) -> dict:
+    def _batches(self):
         cfg, env = self.cfg, self.env
-        total = cfg.train_steps
-        delay = float(os.environ.get(STEP_DELAY_ENV, 0) or 0)
-        step_fn = self._step_runner(model)
-        metrics, meter, bar = self._open_metrics(start)
-        batches = self.mix.batches(
+        return self.mix.batches(
             cfg.global_batch,
             env.rank,
             env.world_size,
             consumed_samples=self.mix.consumed_samples,
             micro_batch=cfg.micro_batch,
         )
+
+    def _loop(self, model, optimizer, start: int) -> dict:
+        cfg = self.cfg
+        total = cfg.train_steps
+        delay = float(os.environ.get(STEP_DELAY_ENV, 0) or 0)
+        step_fn = self._step_runner(model)
+        metrics, meter, bar = self._open_metrics(start)
         model.train()
-        loss_value = None
+        loss_value, step = None, start
         try:
-            for step in range(start, total):
+            batches = self._batches()
+            while step < total:
                 set_lr(optimizer, lr_at(step, cfg))
-                loss_mean, grad_norm = step_fn(batches, optimizer)
-                done = step + 1
+                check = step_fn(batches, optimizer, step + 1)
+                action = None if check.finite else self._on_nonfinite(check)
+                if action == "rollback":
+                    step = self._rollback(model, optimizer, metrics, meter, bar)
+                    batches = self._batches()
+                    continue
+                if action is None:
+                    self.guard.finite_step()
+                step += 1
                 bar.update(1)
-                if done % cfg.logging.every == 0 or done == total:
-                    loss_value = all_reduce_mean(loss_mean).item()
-                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 DTensor
-                        grad_norm = grad_norm.full_tensor()
-                    record = meter.record(
-                        done,
-                        self._tokens(done),
-                        loss_value,
-                        optimizer.param_groups[0]["lr"],
-                        float(grad_norm),
-                    )
-                    metrics.log(record)
-                    bar.set_postfix(
-                        loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}", refresh=False
-                    )
-                if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < total:
-                    self._save(model, optimizer, done)
+                if action == "skip" or step % cfg.logging.every == 0 or step == total:
+                    loss_value = self._log_step(check, optimizer, metrics, meter, bar)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
+                    self._save(model, optimizer, step)
                 if delay:
                     time.sleep(delay)
             self._finish(model, optimizer, total, loss_value)
@@ -385,7 +468,67 @@ class Trainer:
             "tokens_seen": self._tokens(total),
             "final_loss": loss_value,
             "elapsed_s": round(time.perf_counter() - meter.t0, 3),
+            **self.guard.state_dict(),
         }
+
+    def _log_step(self, check: StepCheck, optimizer, metrics, meter, bar) -> float | None:
+        """The metrics record of a step; a value that is not finite is recorded as null.
+        Returns the loss (None if not finite)."""
+        loss = check.loss if math.isfinite(check.loss) else None
+        norm = check.grad_norm if math.isfinite(check.grad_norm) else None
+        lr = optimizer.param_groups[0]["lr"]
+        record = meter.record(check.step, self._tokens(check.step), loss, lr, norm)
+        if not check.finite:
+            record.update(
+                skipped=True, nonfinite=check.tensor, skipped_steps=len(self.guard.skipped)
+            )
+        metrics.log(record)
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        return loss
+
+    def _on_nonfinite(self, check: StepCheck) -> str:
+        """``"skip"`` or ``"rollback"`` for a non-finite step, with a warning; raises
+        :class:`NonFiniteError` when the run stops (before any final/ or COMPLETE.json)."""
+        target = None
+        if self.cfg.nan_policy == "rollback":
+            found = st.list_checkpoints(self.out_dir) if self.env.is_main else []
+            target = broadcast_object(found[-1] if found else None)
+        action = self.guard.decide(check, target[0] if target else None)
+        self._rollback_to = target
+        if self.env.is_main:
+            what = (
+                f"{self.out_dir}: step {check.step}: {check.describe()} is non-finite "
+                f"(loss {check.loss:.6g}, grad norm {check.grad_norm:.6g})"
+            )
+            if action == "skip":
+                logger.warning(
+                    f"{what}; skipped its update (nan_policy=skip: "
+                    f"{len(self.guard.skipped)} skipped so far, at most "
+                    f"{self.cfg.nan_max_skips} in a row)"
+                )
+            else:
+                logger.warning(
+                    f"{what}; rolling back to the step-{target[0]} checkpoint {target[1]} "
+                    f"(nan_policy=rollback)"
+                )
+        return action
+
+    def _rollback(self, model, optimizer, metrics, meter, bar) -> int:
+        """Restore model, optimizer, RNG and data position of the checkpoint chosen by
+        :meth:`_on_nonfinite`, as a resume would; returns its step."""
+        step, path = self._rollback_to
+        ckpt = st.load_train_checkpoint(path)
+        self.resume_dir = path
+        self._restore(model, optimizer, ckpt)
+        self.mix.load_state_dict(ckpt["trainer"]["data"])
+        del ckpt
+        self.guard.rewind(step)
+        metrics.rewind(step)
+        meter.rewind(self._tokens(step))
+        bar.n = step
+        bar.refresh()
+        return step
 
     def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -405,8 +548,14 @@ class Trainer:
                     "final_loss": loss,
                     "kind": self.cfg.kind,
                     "units": list(self.weights),
+                    **self.guard.state_dict(),
                 },
             )
+            if self.guard.skipped:
+                logger.warning(
+                    f"{self.out_dir}: {len(self.guard.skipped)} step(s) had non-finite "
+                    f"values and were skipped: {self.guard.skipped}"
+                )
             logger.info(
                 f"{self.out_dir}: done, {total} steps, {self._tokens(total)} tokens, loss {loss}"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from typing import IO
@@ -28,6 +29,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _tmp_tag() -> str:
+    # <host>-<pid>: lets utils.outputs.sweep_stale_temporaries tell a dead writer's
+    # leftovers from a live writer's work in progress (same format as outputs.tmp_tag)
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -38,7 +45,9 @@ def tmp_path_for(path: str | os.PathLike) -> str:
     """A unique temporary name in the target's directory (same filesystem)."""
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(path)}.{_tmp_tag()}.", suffix=".tmp", dir=d
+    )
     # mkstemp makes 0600 files; outputs get the usual umask-based mode (shared clusters)
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)

@@ -385,3 +385,78 @@ def test_search_reads_scored_mixtures_and_scores_new_ones(base, tmp_path, capsys
     assert f"6 mixtures scored, {len(names)} of them merged and evaluated now" in text
     assert main(["study", "search", path, "--k", "2", "--proxy", "macro", "--beam", "2"]) == 0
     assert rows(store_path) == after  # nothing new to score
+
+
+def test_a_corrupted_pool_model_is_refused(base, tmp_path, capsys):
+    """A unit model whose bytes changed after training stops the study, naming it."""
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    out = str(tmp_path / "copy")
+    shutil.copytree(spec["out_dir"], out, ignore=shutil.ignore_patterns("results.sqlite*"))
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out)
+    victim = sorted(os.listdir(os.path.join(out, "pool")))[0]
+    weights = os.path.join(out, "pool", victim, "final", "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-3] ^= 0x01  # one bit of one weight; same size
+    open(weights, "wb").write(bytes(data))
+    assert main(["study", "run", path]) == 2
+    err = capsys.readouterr().err
+    assert weights in err and "differs from the" in err and "train it again" in err
+
+
+def test_concurrent_runs_refuse_or_share_models(base, tmp_path):
+    """A second `study run` of the same study is refused while the first runs; a study
+    sharing its registry waits for each model in training and trains each model once."""
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    seed_ckpt = os.path.join(str(root), "seed", "final")
+    out_a = str(tmp_path / "a")
+    path_a = write_spec(
+        str(tmp_path / "a.yaml"), spec, out_dir=out_a, seed={"checkpoint": seed_ckpt}
+    )
+    path_b = write_spec(
+        str(tmp_path / "b.yaml"), spec, out_dir=str(tmp_path / "b"), seed={"checkpoint": seed_ckpt}
+    )
+    first = _cli(path_a, env_extra={"MBA_TRAIN_STEP_DELAY": "0.3"})
+    lock = os.path.join(out_a, ".study-run.lock")
+    deadline = time.time() + 60
+    while not os.path.exists(lock):
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()
+        time.sleep(0.05)
+    assert main(["study", "run", path_a]) == 2  # same study: refused, nothing done
+    second = _cli(path_b, "--registry", out_a)  # shares A's pool: waits per model
+    log_a, log_b = first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, log_a + log_b
+    trained = [
+        line.split(": done,")[0] for line in (log_a + log_b).splitlines() if ": done," in line
+    ]
+    assert len(trained) == len(set(trained)) == 5  # 3 unit + 2 seq models, each once
+
+
+def test_a_diverged_unit_model_stops_the_study_naming_it(base, tmp_path, capsys):
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    seed_ckpt = os.path.join(str(root), "seed", "final")
+    unit = dict(spec["unit"])
+    unit["overrides"] = [
+        *unit["overrides"],
+        "optimizer.lr=1e6",
+        "schedule.warmup_steps=0",
+        "schedule.warmup_fraction=0",
+    ]
+    path = write_spec(
+        str(tmp_path / "s.yaml"),
+        spec,
+        out_dir=str(tmp_path / "study"),
+        seed={"checkpoint": seed_ckpt},
+        unit=unit,
+    )
+    assert main(["study", "run", path]) == 2
+    err = capsys.readouterr().err
+    first = next(iter(spec["partitions"].values()))[0]
+    assert "unit model 1/" in err and f"({first})" in err and "diverged" in err
+    assert "nan_policy" in err and "models already trained are kept" in err
+    assert not os.path.exists(os.path.join(str(tmp_path / "study"), "results.sqlite"))

@@ -10,6 +10,7 @@ import pytest
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score
 from megablocks_ablate.ablate.store import Result, ResultStore, StoreError, make_provenance
+from megablocks_ablate.errors import NonFiniteError
 
 MIX = [Mixture.of({p: [f"{p}-0"], q: [f"{q}-0"]}) for p, q in [("a", "b"), ("a", "c"), ("b", "c")]]
 DOMAINS = ["a", "b", "c", "wiki"]
@@ -135,3 +136,85 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="cannot open results store"):
         ResultStore(str(bad))
     assert issubclass(StoreError, Exception) and sqlite3.sqlite_version
+
+
+@pytest.mark.parametrize(
+    "nll, fp",
+    [(float("nan"), "fp1"), (float("nan"), None), (float("inf"), "fp1"), (1e6, None)],
+)
+def test_non_finite_score_is_refused_naming_subject_proxy_domain(tmp_path, nll, fp):
+    with ResultStore(str(tmp_path / "r.sqlite")) as s:
+        batch = rows(MIX[0], fp=fp or "fp1")
+        if fp is None:
+            batch = [Result(r.subject, r.proxy, r.domain, r.score, {}) for r in batch]
+        batch[2] = Result(MIX[0].id, "merged", "c", Score(nll, 10, 40), batch[2].provenance)
+        with pytest.raises(
+            NonFiniteError,
+            match=rf"r.sqlite: refusing a non-finite score for subject '{MIX[0].id}', "
+            r"proxy 'merged', domain 'c' in results \(NLL sum",
+        ):
+            s.add_results(batch)
+        assert s.count() == 0  # nothing of the batch is written
+        unit = [Result("a-0", "ind", "wiki", Score(nll, 5, 5), {})]
+        with pytest.raises(NonFiniteError, match=r"subject 'a-0', proxy 'ind', domain 'wiki'"):
+            s.add_unit_results(unit)
+        assert s.add_results(rows(MIX[0])) == 4 and s.count() == 4
+
+
+def _legacy_store(path: str) -> None:
+    """A store as an older version (or another tool) may have left it: a looser schema
+    and rows with an infinite, a textual and a missing NLL sum."""
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE results (mixture_id TEXT NOT NULL, proxy TEXT NOT NULL, domain TEXT "
+        "NOT NULL, perplexity REAL, bits_per_byte REAL, nll_sum REAL, tokens INTEGER NOT NULL,"
+        " bytes INTEGER NOT NULL, provenance TEXT NOT NULL, created REAL NOT NULL, "
+        "PRIMARY KEY (mixture_id, proxy, domain))"
+    )
+    db.commit()
+    db.close()
+    with ResultStore(path) as s:
+        s.add_results(rows(MIX[0], proxy="seq") + rows(MIX[1], proxy="seq") + rows(MIX[2]))
+        s.add_results(rows(MIX[0]))
+        s.add_unit_results([Result("a-0", "ind", d, Score(1.0, 5, 5), {}) for d in DOMAINS])
+        for mid, d, v in [(MIX[1].id, "a", float("inf")), (MIX[1].id, "b", "nan")]:
+            s._db.execute(
+                "INSERT INTO results VALUES (?, 'merged', ?, NULL, NULL, ?, 10, 40, '{}', 0)",
+                (mid, d, v),
+            )
+        s._db.execute(
+            "INSERT INTO results VALUES (?, 'merged', 'c', NULL, NULL, NULL, 10, 40, '{}', 0)",
+            (MIX[1].id,),
+        )
+        s._db.execute("UPDATE unit_results SET nll_sum = ? WHERE domain = 'a'", (float("inf"),))
+
+
+def test_legacy_non_finite_rows_read_as_nan_and_report_works(tmp_path, caplog):
+    import math
+
+    from megablocks_ablate.ablate import analysis as an
+    from megablocks_ablate.ablate.report import write_report
+
+    path = str(tmp_path / "r.sqlite")
+    _legacy_store(path)
+    with ResultStore(path) as s:
+        s.add_mixtures(MIX)
+        with caplog.at_level("WARNING", logger="megablocks_ablate.ablate.store"):
+            got = {(r.subject, r.domain): r for r in s.results("merged")}
+            s.results()
+        assert [m for m in caplog.messages if "non-finite score" in m] == [
+            caplog.messages[0]
+        ]  # said once per store and table
+        assert "3 row(s) of results" in caplog.messages[0]
+        for d in ("a", "b", "c"):
+            r = got[MIX[1].id, d]
+            assert math.isnan(r.score.nll_sum) and math.isnan(r.perplexity)
+            assert r.score.tokens == 10
+        assert got[MIX[0].id, "a"].score == Score(1.0, 10, 40)  # good rows untouched
+        assert math.isnan(s.scores(MIX[1].id, "merged")["b"].nll_sum)
+        (unit_a,) = [r for r in s.unit_results() if r.domain == "a"]
+        assert math.isnan(unit_a.score.nll_sum)
+        table = an.build_table(s)
+        assert MIX[1].id not in table.get("merged", "a") and MIX[0].id in table.get("merged", "a")
+        summary = write_report(s, str(tmp_path / "report"), n_boot=5)
+        assert (tmp_path / "report" / "report.md").exists() and summary.files

@@ -20,6 +20,7 @@ from megablocks_ablate.data.indexed import (
     IndexedDataset,
     IndexedDatasetWriter,
     best_dtype,
+    check_token_range,
     concat_indexed,
     validate_indexed,
 )
@@ -416,6 +417,88 @@ def test_cli_info_validate_concat(tmp_path, capsys):
     assert cli_main(["index", "info", b]) == 2
     assert cli_main(["index", "concat", "--out", str(tmp_path / "x"), a, b]) == 2
     assert not (tmp_path / "x.idx").exists()
+
+
+# --- token ids against a vocabulary ------------------------------------------------
+
+
+def test_check_token_range_names_file_sequence_document_id_and_vocab(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "_TOKEN_CHUNK", 4)  # the bad id lies several chunks in
+    prefix = str(tmp_path / "u")
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        w.add_document([1, 2, 3])
+        w.add_document([])  # an empty document and sequence before the bad one
+        w.add_item([4, 5])
+        w.add_item([6, 7, 511, 600, 700])  # 600 is the first id >= 512
+        w.end_document()
+    check_token_range(prefix, 701)  # all ids fit a larger vocabulary
+    want = (
+        re.escape(prefix + ".bin") + r": sequence 3 \(document 2\) has token id 600 at "
+        r"offset 3; the tokenizer's vocabulary has 512 ids \(valid ids are 0\.\.511\)"
+    )
+    with pytest.raises(DataFormatError, match=want):
+        check_token_range(prefix, 512)
+    with IndexedDataset(prefix) as ds:  # an open dataset is checked and left open
+        with pytest.raises(DataFormatError, match=want):
+            check_token_range(ds, 512)
+        assert ds[0].tolist() == [1, 2, 3]
+    with pytest.raises(DataFormatError, match=r"sequence 0 \(document 0\) has token id 1 "):
+        validate_indexed(prefix, vocab_size=1)
+
+
+def test_check_token_range_catches_negative_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "_TOKEN_CHUNK", 3)
+    prefix = str(tmp_path / "s")
+    write_docs(prefix, [[0, 1], [2, 3, -7, 9]], np.int32)
+    with pytest.raises(
+        DataFormatError, match=r"sequence 1 \(document 1\) has token id -7 at offset 2"
+    ):
+        check_token_range(prefix, 100)
+
+
+def test_cli_validate_checks_ids_against_the_tokenizer(tmp_path, capsys, sp_model_path):
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    write_docs(good, [[1, 2, 511]], np.uint16)
+    write_docs(bad, [[1, 2], [3, 512]], np.uint16)  # the tokenizer has 512 pieces
+    assert cli_main(["index", "validate", good, bad]) == 0  # no vocabulary: not checked
+    capsys.readouterr()
+    assert cli_main(["index", "validate", "--tokenizer", sp_model_path, good, bad]) == 2
+    out, err = capsys.readouterr()
+    assert f"ok {good}: 1 sequences" in out and "ids < 512" in out
+    assert f"error: {bad}.bin: sequence 1 (document 1) has token id 512" in err
+    assert "vocabulary has 512 ids" in err and "1 of 2 datasets invalid" in err
+
+
+def test_cli_validate_checks_a_manifests_units(tmp_path, capsys, tiny_corpus, sp_model_path):
+    from megablocks_ablate.data.manifest import Manifest
+    from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
+
+    out = str(tmp_path / "data")
+    cfg = PreprocessConfig(
+        input=[tiny_corpus], out=out, tokenizer=sp_model_path, partition_by=["fos"]
+    )
+    m = run_preprocess(cfg)
+    assert m.data["tokenizer"]["vocab_size"] == 512
+    assert cli_main(["index", "validate", "--manifest", out]) == 0
+    assert capsys.readouterr().out.count("ids < 512") == len(m.units) == 4
+    unit = sorted(m.units)[2]
+    bin_path = m.unit_prefix(unit) + ".bin"
+    patch(bin_path, 2 * 5, struct.pack("<H", 40000))  # token 5 of sequence 0
+    assert cli_main(["index", "validate", "--manifest", out]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bin_path}: sequence 0 (document 0) has token id 40000 at offset 5" in err
+    assert "vocabulary has 512 ids" in err
+    # a PREFIX with --manifest checks just that dataset against the manifest's vocabulary
+    assert cli_main(["index", "validate", "--manifest", out, m.unit_prefix(unit)]) == 2
+    assert (
+        cli_main(["index", "validate", "--manifest", out, m.unit_prefix(sorted(m.units)[0])]) == 0
+    )
+    capsys.readouterr()
+    assert cli_main(["index", "validate"]) == 2
+    assert "give PREFIX(es) to check, or --manifest DIR" in capsys.readouterr().err
+    assert cli_main(["index", "validate", "--manifest", str(tmp_path / "nowhere")]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+    assert Manifest.load(out).units == m.units
 
 
 # --- compatibility with Megatron-LM core itself (when installed) --------------------

@@ -8,7 +8,7 @@ import json
 import pytest
 import zstandard
 
-from megablocks_ablate.data.jsonl import BadLineCounter, expand_inputs, iter_jsonl
+from megablocks_ablate.data.jsonl import BadLineCounter, expand_inputs, iter_jsonl, iter_raw_lines
 from megablocks_ablate.data.synthetic import iter_documents, write_corpus
 from megablocks_ablate.errors import DataFormatError
 
@@ -107,6 +107,20 @@ def test_truncated_stream_is_a_format_error(tmp_path, ext):
     with pytest.raises(DataFormatError, match="truncated") as exc:
         list(iter_jsonl(str(cut), on_bad_line="skip"))
     assert str(cut) in str(exc.value)
+
+
+@pytest.mark.parametrize("ext", ["jsonl.gz", "jsonl.zst"])
+def test_raw_lines_of_a_truncated_stream_raise_a_format_error(tmp_path, ext):
+    """iter_raw_lines (what preprocess reads with) names the file, never EOFError."""
+    full = write_corpus(str(tmp_path / f"full.{ext}"), n_docs=200, seed=4)
+    data = open(full, "rb").read()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(DataFormatError, match="truncated or corrupt compressed stream") as exc:
+        list(iter_raw_lines(str(cut)))
+    assert str(exc.value).startswith(f"{cut}: ") and "\n" not in str(exc.value)
+    with pytest.raises(DataFormatError, match="no such file"):
+        list(iter_raw_lines(str(tmp_path / "absent.jsonl.gz")))
 
 
 @pytest.mark.parametrize("ext", ["jsonl.gz", "jsonl.zst"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -328,3 +329,145 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
             assert not f.startswith("."), f"temporary file left under a final dir: {f}"
     # the stage-1 directory of the interrupted input file was removed, not left partial
     assert not any((out / pp.TMP_DIR / "files").glob("*/p0.bin"))
+
+
+# --- results that are probably not what the user meant --------------------------------
+
+
+def _nothing_left(out) -> None:
+    """A refused run leaves no manifest, no units or held-out files and no temp state."""
+    assert not os.path.exists(out / "manifest.json")
+    for sub in ("units", "heldout", pp.TMP_DIR):
+        assert not os.path.exists(out / sub), sub
+
+
+@pytest.fixture(scope="module")
+def partition_tokens(tmp_path_factory, tiny_corpus, sp_model_path) -> dict[str, int]:
+    """Training tokens per partition of the tiny corpus under ``_config`` settings."""
+    out = tmp_path_factory.mktemp("sizes") / "out"
+    m = run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=None))
+    return {k: p["tokens"] for k, p in m.partitions.items()}
+
+
+def test_partition_field_absent_from_every_document(tmp_path, tiny_corpus, sp_model_path, capsys):
+    out = tmp_path / "o"
+    for fields, missing in ((["field_of_study"], "field_of_study"), (["fos", "venue"], "venue")):
+        with pytest.raises(ConfigError) as exc:
+            run_preprocess(_config(tiny_corpus, out, sp_model_path, partition_by=fields))
+        msg = str(exc.value)
+        assert msg.startswith(f"--partition-by {missing}: no document of {tiny_corpus} has")
+        assert "would land in partition 'NA'" in msg and "--allow-missing-partition" in msg
+        assert "the first document has fields: fos, id, text, year" in msg
+        _nothing_left(out)
+    args = ["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path]
+    args += ["--partition-by", "field_of_study", "--out", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --partition-by field_of_study: ") and err.count("\n") == 1
+    assert cli_main(args + ["--allow-missing-partition"]) == 0
+    m = Manifest.load(str(out))
+    assert set(m.partitions) == {"NA"} and m.data["config"]["allow_missing_partition"]
+
+
+def test_zero_base_units_is_an_error(tmp_path, tiny_corpus, sp_model_path, partition_tokens):
+    too_big = max(partition_tokens.values()) + 1
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError) as exc:
+        run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=too_big))
+    msg = str(exc.value)
+    assert msg.startswith(f"no base units: --unit-tokens {too_big:,} is more than any partition")
+    for key, n in partition_tokens.items():
+        assert f"{key}: {n:,}" in msg
+    assert "4 partitions" in msg and "lower --unit-tokens or pass --remainder keep" in msg
+    _nothing_left(out)
+    m = run_preprocess(
+        _config(tiny_corpus, out, sp_model_path, unit_tokens=too_big, remainder="keep")
+    )
+    assert len(m.units) == 4 and all(u["partial"] for u in m.units.values())
+
+
+def test_dropping_most_tokens_as_remainder_is_an_error(
+    tmp_path, tiny_corpus, sp_model_path, partition_tokens
+):
+    sizes = sorted(partition_tokens.values())
+    unit = sizes[-2] + 1  # only the largest partition fills a unit: most tokens dropped
+    assert unit <= sizes[-1] and sum(sizes[:-1]) > sum(sizes) / 2
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError) as exc:
+        run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=unit))
+    msg = str(exc.value)
+    total = sum(sizes)
+    assert re.match(rf"[\d,]+ of {total:,} training tokens \(\d+%\) would be dropped", msg)
+    assert f"smaller than --unit-tokens {unit:,}" in msg
+    assert "lower --unit-tokens or pass --remainder keep" in msg
+    _nothing_left(out)
+    m = run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=unit, remainder="keep"))
+    assert m.data["totals"]["tokens_in_units"] == total
+
+
+def test_empty_corpus_is_an_error(tmp_path, sp_model_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    out = tmp_path / "o"
+    with pytest.raises(
+        DataFormatError,
+        match=rf"^no documents to preprocess: the input\(s\) {re.escape(str(empty))} hold no JSONL documents",
+    ):
+        run_preprocess(_config(str(empty), out, sp_model_path))
+    _nothing_left(out)
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("{not json\n[1, 2]\n")
+    args = ["preprocess", "--input", str(junk), "--input", str(empty), "--tokenizer"]
+    args += [sp_model_path, "--on-bad-line", "skip", "--out", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no documents to preprocess: the input(s) {junk}, {empty} ")
+    assert "(2 bad lines skipped by --on-bad-line skip)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("ext", ["jsonl.gz", "jsonl.zst"])
+def test_truncated_compressed_input_is_a_one_line_error(tmp_path, sp_model_path, capsys, ext):
+    full = write_corpus(str(tmp_path / f"full.{ext}"), n_docs=300, seed=2)
+    data = open(full, "rb").read()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFormatError, match="truncated or corrupt compressed stream") as exc:
+        run_preprocess(_config(str(cut), tmp_path / "a", sp_model_path))
+    assert str(exc.value).startswith(f"{cut}: ")
+    assert not os.path.exists(tmp_path / "a" / "manifest.json")
+    args = ["preprocess", "--input", str(cut), "--tokenizer", sp_model_path]
+    assert cli_main(args + ["--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cut}: truncated") and err.count("\n") == 1
+
+
+def test_out_that_is_a_file_or_under_a_file(tmp_path, tiny_corpus, sp_model_path, capsys):
+    afile = tmp_path / "taken.txt"
+    afile.write_text("keep me")
+    args = ["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path, "--out"]
+    assert cli_main(args + [str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: out: {afile} is an existing file, not a directory; choose another --out\n"
+    )
+    under = afile / "sub" / "data"
+    assert cli_main(args + [str(under)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: out: cannot create directory {under} ({afile} is a file); choose another --out\n"
+    )
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5x"])
+def test_bad_unit_tokens_says_what_a_count_looks_like(
+    tmp_path, tiny_corpus, sp_model_path, capsys, value
+):
+    args = ["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path]
+    args += ["--out", str(tmp_path / "o"), "--unit-tokens", value]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: unit_tokens: expected a token count like 50M, 1.5B or 200000, got {value!r}\n"
+    )
+    assert not os.path.exists(tmp_path / "o")

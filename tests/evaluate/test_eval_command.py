@@ -160,3 +160,43 @@ def test_missing_tokenizer_and_bad_inputs_are_clear_errors(
     assert "--stride" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "--eval-sets", eval_dir, "--out", out])  # --model is required
+
+
+def test_nan_model_is_an_error_naming_model_and_domain(tiny_checkpoint, eval_dir, tmp_path, capsys):
+    from megablocks_ablate.checkpoint import load_model_checkpoint, save_model_checkpoint
+
+    state, config, lineage = load_model_checkpoint(tiny_checkpoint)
+    state["norm.weight"][3] = float("nan")  # a diverged model: every logit is NaN
+    bad = str(tmp_path / "diverged")
+    save_model_checkpoint(bad, state, config, lineage)
+    out = tmp_path / "r.json"
+    args = ["--eval-sets", eval_dir, "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(["eval", "--model", tiny_checkpoint, "--model", bad, *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: non-finite evaluation result on domains 'bio' (NLL sum nan" in err
+    assert "'cs'" in err and "'mixed'" in err and "Traceback" not in err
+    assert not out.exists()  # nothing half-right is written, not even the good model
+
+
+def test_results_json_is_standard_json(tiny_checkpoint, eval_dir, tmp_path):
+    from megablocks_ablate.commands.eval import json_text
+    from megablocks_ablate.errors import NonFiniteError
+
+    out = tmp_path / "r.json"
+    args = ["--eval-sets", eval_dir, "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert main(["eval", "--model", tiny_checkpoint, *args]) == 0
+
+    def strict(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    json.loads(out.read_text(), parse_constant=strict)
+    obj = {"models": {"m": {"results": {"bio": {"perplexity": float("inf")}}}}, "x": [1.0]}
+    with pytest.raises(
+        NonFiniteError,
+        match=r"r.json: not written: \['models'\]\['m'\]\['results'\]\['bio'\]\['perplexity'\]"
+        r" is inf",
+    ):
+        json_text(obj, "r.json")
+    with pytest.raises(NonFiniteError, match=r"\['x'\]\[1\] is nan"):
+        json_text({"x": [1.0, float("nan")]}, "r.json")
+    assert json.loads(json_text({"x": [1.0, 2]}, "r.json")) == {"x": [1.0, 2]}

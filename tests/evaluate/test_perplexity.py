@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from megablocks_ablate.errors import ConfigError, TokenizerError
+from megablocks_ablate.errors import ConfigError, NonFiniteError, TokenizerError
 from megablocks_ablate.evaluate import EvalSuite, evaluate
+from megablocks_ablate.evaluate.perplexity import DomainResult
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +142,36 @@ def test_shorter_max_len_and_argument_errors(tiny_model, suite):
         evaluate(model, suite, tokenizer_fingerprint="0" * 64)
     with pytest.raises(ConfigError, match="tokenizer="):
         evaluate(model, ["x.jsonl"])
+
+
+def test_nan_weights_are_an_error_naming_model_and_domains(tiny_model, suite):
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.get_parameter("layers.0.norm.weight")[0] = float("nan")
+    with pytest.raises(
+        NonFiniteError,
+        match=r"runs/diverged: non-finite evaluation result on domains 'bio' \(NLL sum nan "
+        r"over \d+ tokens\), 'cs' .*'mixed' .*weights hold NaN/inf or its training diverged",
+    ):
+        evaluate(model, suite, name="runs/diverged")
+    with pytest.raises(NonFiniteError, match=r"^the model: .* on domain 'bio' \(NLL sum nan"):
+        evaluate(model, _only(suite, "bio"))
+
+
+def _only(suite, domain):
+    return dataclasses.replace(suite, sets={domain: suite.sets[domain]}, _plans={})
+
+
+def test_perplexity_that_overflows_is_inf_and_refused(tiny_model, suite):
+    from megablocks_ablate.evaluate.perplexity import check_finite
+
+    r = DomainResult("d", nll_sum=1e6, tokens=10, documents=1, bytes=100)
+    assert r.perplexity == math.inf  # exp(1e5): was an OverflowError
+    with pytest.raises(NonFiniteError, match=r"m: non-finite evaluation result on domain 'd'"):
+        check_finite({"d": r}, "m")
+    check_finite({"d": DomainResult("d", 700.0, 1, 1, 1)}, "m")  # exp(700) is finite
+    model = tiny_model(0)
+    with torch.no_grad():  # huge but finite logits: NLL finite, perplexity overflows
+        model.get_parameter("norm.weight").mul_(1e7)
+    with pytest.raises(NonFiniteError, match=r"m: .* domain 'bio' .*perplexity overflows"):
+        evaluate(model, _only(suite, "bio"), name="m")

@@ -15,7 +15,7 @@ from megablocks_ablate.checkpoint import (
     save_model_checkpoint,
 )
 from megablocks_ablate.cli import main
-from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.errors import ConfigError, DataFormatError, NonFiniteError
 from megablocks_ablate.merge.file_merge import merge_checkpoints
 from megablocks_ablate.merge.spec import MergeSpec
 
@@ -139,9 +139,73 @@ def test_cli_merge(family, tmp_path, capsys):
     assert lin.weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
     assert all(v.dtype == torch.float16 for v in state.values())
 
+    out = str(tmp_path / "out2")  # (out now holds a merge: replacing it needs --overwrite)
     spec_path.write_text(yaml.safe_dump({"checkpoints": rel, "weights": {"cs_0": float("nan")}}))
     assert main(["merge", "--spec", str(spec_path), "--out", out]) == 2
     assert "weights.cs_0: weight must be finite" in capsys.readouterr().err
     spec_path.write_text(yaml.safe_dump({"checkpoints": rel, "weights": {"cs_0": 0, "bio_0": 0}}))
     assert main(["merge", "--spec", str(spec_path), "--out", out]) == 2
     assert "sum to 0" in capsys.readouterr().err
+
+
+def _poison(ckpt: str, name: str, values: list[float]) -> None:
+    """Rewrite a checkpoint with the first ``len(values)`` elements of ``name`` replaced."""
+    state, config, lin = load_model_checkpoint(ckpt)
+    state[name].view(-1)[: len(values)] = torch.tensor(values)
+    save_model_checkpoint(ckpt, state, config, lin)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_non_finite_input_is_refused_naming_checkpoint_and_tensor(family, tmp_path, chunk):
+    _, ckpts = family
+    _poison(ckpts["cs_1"], "up.weight", [float("nan"), float("inf"), -float("inf")])
+    out = str(tmp_path / "merged")
+    with pytest.raises(
+        NonFiniteError,
+        match=r"pool/cs_1/model.safetensors: tensor 'up.weight' has 3 non-finite values "
+        r"\(NaN/inf\); a unit model with NaN weights means its training diverged",
+    ):
+        merge_checkpoints(_spec(ckpts), out, chunk=chunk, show_progress=False)
+    assert not os.path.exists(out)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".merged")] == []
+    # a zero-weight input is not read, so its NaN does not matter
+    merge_checkpoints(
+        _spec(ckpts, weights={"cs_0": 1, "bio_0": 1}), out, chunk=chunk, show_progress=False
+    )
+    assert all(torch.isfinite(v).all() for v in load_model_checkpoint(out)[0].values())
+
+
+def test_output_overflow_is_refused_naming_tensor_and_dtype(family, tmp_path, capsys):
+    _, ckpts = family
+    _poison(ckpts["bio_0"], "norm.weight", [40000.0, 50000.0])  # finite in fp32 and fp16
+    spec = _spec(ckpts, weights={"cs_0": 1, "bio_0": 1})  # normalized: 0.5 each, fits fp16
+    merge_checkpoints(spec, str(tmp_path / "ok"), dtype="fp16", show_progress=False)
+    spec = MergeSpec.from_dict(
+        {"checkpoints": ckpts, "weights": {"cs_0": 1, "bio_0": 2}, "normalize": False},
+        source="test.yaml",
+    )
+    out = str(tmp_path / "merged")
+    with pytest.raises(
+        NonFiniteError,
+        match=r"merged tensor 'norm.weight' has 2 non-finite values \(NaN/inf\) in the output "
+        r"dtype fp16: the weighted sum of finite inputs overflows fp16",
+    ):
+        merge_checkpoints(spec, out, dtype="fp16", chunk=5, show_progress=False)
+    assert not os.path.exists(out)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".merged")] == []
+    merge_checkpoints(spec, out, dtype="fp32", show_progress=False)  # fp32 holds it
+    assert load_model_checkpoint(out)[0]["norm.weight"][1] == pytest.approx(100000.0, rel=1e-2)
+
+
+def test_cli_merge_non_finite_input_exits_2(family, tmp_path, capsys):
+    _, ckpts = family
+    _poison(ckpts["bio_0"], "down.weight", [float("nan")])
+    spec_path = tmp_path / "merge.yaml"
+    spec_path.write_text(yaml.safe_dump({"checkpoints": ckpts, "uniform": True}))
+    out = tmp_path / "out"
+    assert main(["merge", "--spec", str(spec_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: " in err and "bio_0/model.safetensors: tensor 'down.weight' has 1 non-finite" in err
+    )
+    assert not out.exists()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from merge_fixtures import CONFIG, TinyLM, write_family
 
-from megablocks_ablate.checkpoint import load_model_checkpoint
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.checkpoint import load_model_checkpoint, save_model_checkpoint
+from megablocks_ablate.errors import ConfigError, NonFiniteError
 from megablocks_ablate.merge.file_merge import merge_checkpoints
 from megablocks_ablate.merge.pool import ModelPool
 from megablocks_ablate.merge.spec import MergeSpec
@@ -70,3 +70,52 @@ def test_pool_refusals(tmp_path):
     _, other = write_family(str(tmp_path / "other"), units=("x_0",), tokenizer="tok-zzz")
     with pytest.raises(ConfigError, match="tokenizer"):
         ModelPool.from_checkpoints({**ckpts, **other}, show_progress=False)
+
+
+def _poison(ckpt: str, name: str, values: list[float]) -> None:
+    state, config, lin = load_model_checkpoint(ckpt)
+    state[name].view(-1)[: len(values)] = torch.tensor(values)
+    save_model_checkpoint(ckpt, state, config, lin)
+
+
+def test_pool_refuses_non_finite_unit_rows(tmp_path):
+    _, ckpts = write_family(str(tmp_path))
+    _poison(ckpts["cs_1"], "norm.bias", [float("nan"), float("inf")])
+    with pytest.raises(
+        NonFiniteError,
+        match=r"pool/cs_1/model.safetensors: tensor 'norm.bias' has 2 non-finite values "
+        r"\(NaN/inf\); a unit model with NaN weights means its training diverged",
+    ):
+        ModelPool.from_checkpoints(ckpts, show_progress=False)
+
+
+def test_pool_refuses_values_that_overflow_its_dtype(tmp_path):
+    _, ckpts = write_family(str(tmp_path))
+    _poison(ckpts["bio_0"], "up.bias", [1e6])  # finite in fp32, inf in fp16
+    ModelPool.from_checkpoints(ckpts, dtype=torch.bfloat16, show_progress=False)  # fits
+    with pytest.raises(
+        NonFiniteError,
+        match=r"bio_0/model.safetensors: tensor 'up.bias' has 1 values that overflow the pool "
+        r"dtype fp16",
+    ):
+        ModelPool.from_checkpoints(ckpts, dtype=torch.float16, show_progress=False)
+
+
+def test_merged_model_with_non_finite_values_names_the_tensor(tmp_path):
+    _, ckpts = write_family(str(tmp_path))
+    _poison(ckpts["bio_0"], "norm.weight", [40000.0, 50000.0, 60000.0])
+    pool = ModelPool.from_checkpoints(ckpts, dtype=torch.float16, show_progress=False)
+    model = TinyLM(**CONFIG).half()
+    pool.merge_into(model, {"cs_0": 0.5, "bio_0": 0.5})  # fits fp16
+    with pytest.raises(
+        NonFiniteError,
+        match=r"merged model \{'cs_0': 1.0, 'bio_0': 2.0\}: tensor 'norm.weight' has 3 "
+        r"non-finite values \(NaN/inf\) in fp16: the weighted sum of finite unit models "
+        r"overflows fp16",
+    ):
+        pool.merge_into(model, {"cs_0": 1.0, "bio_0": 2.0})
+    # a row made non-finite after loading (e.g. a pool built from raw rows) is named
+    pool.rows[pool.units.index("cs_1"), pool.slots["embed.weight"].offset + 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"unit 'cs_1''s row of tensor 'embed.weight'"):
+        pool.merge_into(model, {"cs_1": 1.0})
+    pool.merge_into(model, {"cs_0": 1.0})  # other mixtures still merge

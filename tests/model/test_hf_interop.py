@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from megablocks_ablate.checkpoint import Lineage, load_model_checkpoint, save_model_checkpoint
 from megablocks_ablate.cli import main
-from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.errors import ConfigError, DataFormatError, NonFiniteError
 from megablocks_ablate.model import ModelConfig
 from megablocks_ablate.model.hf import export_hf, import_hf
 
@@ -184,3 +184,20 @@ def test_exported_hf_tokenizer_loads_in_transformers(tmp_path):
     assert (
         json.load(open(tmp_path / "hf" / "config.json"))["eos_token_id"] == hf_tok.eos_token_id == 0
     )
+
+
+def test_export_refuses_non_finite_weights_naming_the_tensor(tmp_path, capsys):
+    _checkpoint(tmp_path / "ckpt")
+    state, config, lineage = load_model_checkpoint(str(tmp_path / "ckpt"))
+    state["layers.1.in_proj.weight"][0, :2] = torch.tensor([float("nan"), float("inf")])
+    save_model_checkpoint(str(tmp_path / "ckpt"), state, config, lineage)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"ckpt/model.safetensors: tensor 'layers.1.in_proj.weight' has 2 non-finite "
+        r"values \(NaN/inf\); refusing to export",
+    ):
+        export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".hf")] == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
+from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.train import state as st
 
 
@@ -50,3 +53,31 @@ def test_prune_and_stale_staging(tmp_path):
     st.remove_stale_staging(out)
     assert not os.path.exists(stale)
     assert not st.is_complete(out)
+
+
+def test_recorded_model_sha256(tmp_path):
+    run = tmp_path / "run"
+    final = run / st.FINAL_DIR
+    final.mkdir(parents=True)
+    assert st.recorded_model_sha256(str(final)) == (None, "")  # the run never completed
+    complete = run / st.COMPLETE_FILE
+    complete.write_text(json.dumps({"step": 3, "model_sha256": "ab" * 32}))
+    assert st.recorded_model_sha256(str(final)) == ("ab" * 32, str(complete))
+    complete.write_text(json.dumps({"step": 3}))
+    with pytest.raises(DataFormatError, match="COMPLETE.json: no valid sha256"):
+        st.recorded_model_sha256(str(final))
+    # a step checkpoint: the hash in its trainer_state.json
+    step = tmp_path / "run" / st.CHECKPOINTS_DIR / "step_00000004"
+    step.mkdir(parents=True)
+    state = {
+        "format": st.STATE_FORMAT,
+        "step": 4,
+        "consumed_samples": 32,
+        "tokens_seen": 1024,
+        "config": {},
+        "rng": [],
+        "sha256": {"model.safetensors": "cd" * 32},
+    }
+    (step / st.STATE_FILE).write_text(json.dumps(state))
+    assert st.recorded_model_sha256(str(step)) == ("cd" * 32, str(step / st.STATE_FILE))
+    assert st.recorded_model_sha256(str(tmp_path)) == (None, "")  # from elsewhere

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import PYTHON, subprocess_env, tiny_overrides
+from conftest import PYTHON, flip_byte, subprocess_env, tiny_overrides
 
 from megablocks_ablate.checkpoint import load_model_checkpoint, model_hash
 from megablocks_ablate.cli import main as cli_main
@@ -151,14 +151,6 @@ def test_resume_after_sigkill_is_bitwise_identical(train_manifest, tmp_path):
     assert model_hash(os.path.join(ref, "final")) == model_hash(os.path.join(killed, "final"))
 
 
-def _flip_byte(path, offset_from_end=3):
-    with open(path, "r+b") as f:
-        f.seek(-offset_from_end, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-offset_from_end, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0xFF]))
-
-
 def test_corrupt_and_incompatible_checkpoints_are_refused(
     seed_run, train_manifest, tmp_path, capsys
 ):
@@ -167,6 +159,7 @@ def test_corrupt_and_incompatible_checkpoints_are_refused(
     cfg, seed_out, _ = seed_run
     run = str(tmp_path / "run")
     os.makedirs(os.path.join(run, "checkpoints"))
+    shutil.copy(os.path.join(seed_out, "config.yaml"), run)  # a run directory, copied by hand
     src = st.list_checkpoints(seed_out)[-1][1]
     dst = os.path.join(run, "checkpoints", os.path.basename(src))
     shutil.copytree(src, dst)
@@ -178,7 +171,7 @@ def test_corrupt_and_incompatible_checkpoints_are_refused(
     err = capsys.readouterr().err
     assert "other settings" in err and "optimizer" in err and dst in err
     # a flipped bit in the optimizer state
-    _flip_byte(os.path.join(dst, st.OPTIM_TENSORS))
+    flip_byte(os.path.join(dst, st.OPTIM_TENSORS))
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and st.OPTIM_TENSORS in err

@@ -22,7 +22,10 @@ process group) and writing its own rows into the one SQLite store (WAL, busy tim
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -44,8 +47,12 @@ from megablocks_ablate.ablate.search import SearchResult
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore, store_path
 from megablocks_ablate.train.distributed import DistEnv, barrier, init_distributed
+from megablocks_ablate.utils.locks import acquire
+from megablocks_ablate.utils.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".study-run.lock"
 
 
 @dataclass
@@ -57,6 +64,7 @@ class RunOptions:
     stride: int | None = None  # evaluation windows (default: non-overlapping)
     max_len: int | None = None
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
+    lock_timeout_s: float | None = 0.0  # another run of this study: 0 refuse, None wait
 
 
 class StudyRunner:
@@ -69,6 +77,29 @@ class StudyRunner:
         self.planner = Planner(study, Registry(self.opt.registry or self.out_dir))
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.env: DistEnv = init_distributed(self.opt.device)
+        if self.env.is_main:
+            self._claim_dirs()
+
+    def _claim_dirs(self) -> None:
+        """The study's out_dir (and a separate registry) are ours to resume; a directory
+        holding anything else is refused before any work."""
+        seed = self.study.spec.seed.checkpoint
+        inputs = [self.study.manifest_dir, seed]
+        claim_output_dir(self.out_dir, "study", reuse=True, inputs=inputs, flag="out_dir")
+        if self.opt.registry:
+            claim_output_dir(
+                self.opt.registry, "study", reuse=True, inputs=inputs, flag="--registry"
+            )
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One `study run` of this study at a time (rank 0 holds the lock)."""
+        if not self.env.is_main:
+            yield
+            return
+        path = os.path.join(self.out_dir, LOCK_FILE)
+        with acquire(path, f"study run of {self.study.spec.name!r}", self.opt.lock_timeout_s):
+            yield
 
     def close(self, clean: bool = True) -> None:
         """Tear down the process group if this runner created it (after a barrier when
@@ -145,8 +176,11 @@ class StudyRunner:
         )
 
     def run(self) -> RunPlan:
-        plan = self.train()
-        self.evaluate(plan)
+        with self.lock():
+            if self.env.is_main:  # the unit data every model reads, against the manifest
+                self.planner.manifest.verify(units=self.study.used_units)
+            plan = self.train()
+            self.evaluate(plan)
         return plan
 
 

@@ -17,11 +17,12 @@ from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.runner.registry import Entry, Registry, run_key
 from megablocks_ablate.ablate.spec import Study, StudySpec, describe_plan, resolve_data
 from megablocks_ablate.ablate.store import ResultStore, store_path
-from megablocks_ablate.checkpoint import model_hash, read_checkpoint_meta
+from megablocks_ablate.checkpoint import read_checkpoint_meta
 from megablocks_ablate.data.manifest import Manifest
 from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.state import is_complete
+from megablocks_ablate.utils.verify import file_sha256, verify_sha256
 
 
 def load_train_config(ref_field: str, config: str, overrides: list[str]) -> TrainConfig:
@@ -74,6 +75,16 @@ class ModelJob:
         """The hash of the trained weights, as recorded when training finished."""
         return self.entry.completion().get("model_sha256")
 
+    def verified_sha256(self) -> str:
+        """The hash of the weights on disk, checked against the one recorded at the end of
+        training (cached by size and mtime); refuses a model whose bytes changed since."""
+        return verify_sha256(
+            os.path.join(self.entry.model_dir, "model.safetensors"),
+            self.model_sha256,
+            f"the {self.kind} model {self.name!r} when it finished training",
+            f"delete {self.entry.out_dir} and rerun `study run` to train it again",
+        )
+
 
 @dataclass
 class RunPlan:
@@ -101,6 +112,28 @@ class Planner:
         assert s.config, "StudySpec validation requires seed.checkpoint or seed.config"
         cfg = load_train_config("seed.config", s.config, s.overrides)
         return os.path.join(cfg.resolved_out_dir(), "final"), cfg
+
+    @staticmethod
+    def seed_sha256(seed_dir: str, seed_cfg: TrainConfig | None) -> str:
+        """The seed's hash: checked against its run's record when the study trained it,
+        else hashed (cached); unit and seq keys and lineages are built on it."""
+        weights = os.path.join(seed_dir, "model.safetensors")
+        run_dir = (
+            seed_cfg.resolved_out_dir()
+            if seed_cfg is not None
+            else os.path.dirname(os.path.abspath(seed_dir))
+        )
+        complete = os.path.join(run_dir, "COMPLETE.json")
+        if seed_cfg is None and not os.path.isfile(complete):
+            return file_sha256(weights)  # a seed from elsewhere (imported): nothing recorded
+        with open(complete, encoding="utf-8") as f:
+            recorded = json.load(f).get("model_sha256")
+        return verify_sha256(
+            weights,
+            recorded,
+            "the seed model when it finished training",
+            f"restore it, or delete {run_dir} to train it again",
+        )
 
     def _run_key_of(self, run_dir: str, weights: dict[str, float]) -> str | None:
         """The key of a finished run trained outside the registry (its config.yaml and
@@ -133,7 +166,7 @@ class Planner:
         own_dir = cfg.out_dir.replace("{unit}", name) if cfg.out_dir else None
         if own_init:  # a seq model of another size starts from its own config's init_from
             seed_hash = (
-                model_hash(cfg.init_from)
+                file_sha256(os.path.join(cfg.init_from, "model.safetensors"))
                 if cfg.init_from
                 and os.path.isfile(os.path.join(cfg.init_from, "model.safetensors"))
                 else None
@@ -198,7 +231,7 @@ class Planner:
             raise ConfigError(f"seed.checkpoint: {seed_dir} has no model.safetensors")
         plan = RunPlan(seed_dir, None if seed_done else seed_cfg)
         if seed_done:
-            seed_hash = model_hash(seed_dir)
+            seed_hash = self.seed_sha256(seed_dir, seed_cfg)
             plan.units = self._unit_jobs(seed_dir, seed_hash)
             plan.seqs = self._seq_jobs(seed_dir, seed_hash)
         return plan

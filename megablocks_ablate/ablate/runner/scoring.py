@@ -97,7 +97,8 @@ class Scorer:
         self._units: dict[str, ModelJob] = {}
         self._unit_hashes: dict[str, str | None] = {}  # None: not recorded at training
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, Score]:
+    def evaluate(self, model: torch.nn.Module, name: str | None = None) -> dict[str, Score]:
+        """Scores per domain; a non-finite one is an error naming ``name`` and the domain."""
         res = evaluate(
             model,
             self.suite,
@@ -105,6 +106,7 @@ class Scorer:
             max_len=self.opt.max_len,
             batch_tokens=self.opt.batch_tokens,
             group=self.group,
+            name=name,
         )
         return {d: Score(r.nll_sum, r.tokens, r.bytes) for d, r in res.items()}
 
@@ -118,13 +120,14 @@ class Scorer:
         )
         if done:
             return
+        sha = job.verified_sha256()  # the bytes about to be evaluated are the trained ones
         model, lineage = load_model(job.entry.model_dir, self.opt.device)
-        scores = self.evaluate(model)
+        scores = self.evaluate(model, f"the {job.kind} model {job.name!r} ({job.entry.out_dir})")
         prov = make_provenance(
             eval_fingerprint=self.fingerprint,
             model=job.entry.out_dir,
             key=job.entry.key,
-            model_sha256=job.model_sha256,
+            model_sha256=sha,
             weights=job.weights,
             tokens_seen=lineage.tokens_seen,
         )
@@ -144,7 +147,7 @@ class Scorer:
     def open_pool(self, units: Sequence[ModelJob]) -> None:
         """Load these unit models as the rows of the in-memory pool (once)."""
         self._units = {j.name: j for j in units}
-        self._unit_hashes = {j.name: j.model_sha256 for j in units}
+        self._unit_hashes = {j.name: j.verified_sha256() for j in units}
         self._pool = ModelPool.from_checkpoints(
             {j.name: j.entry.model_dir for j in units}, device=self.opt.device, show_progress=False
         )
@@ -162,7 +165,9 @@ class Scorer:
         if self._pool is None or self._live is None:
             raise RuntimeError("Scorer.open_pool must be called before score_mixture")
         self._pool.merge_into(self._live, weights)
-        scores = self.evaluate(self._live)
+        scores = self.evaluate(
+            self._live, f"the merged model of {mixture.label} ({'+'.join(proxies)})"
+        )
         prov = make_provenance(
             unit_hashes={u: self._unit_hashes[u] for u in weights},
             weights=weights,

@@ -8,23 +8,46 @@ adopts those runs. A killed run is simply rerun: the trainer resumes exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 
 from megablocks_ablate.ablate.runner.plan import Planner, RunPlan
+from megablocks_ablate.errors import MBAError
 from megablocks_ablate.train.config import TrainConfig
-from megablocks_ablate.train.distributed import DistEnv
+from megablocks_ablate.train.distributed import DistEnv, barrier
 from megablocks_ablate.train.state import is_complete
 from megablocks_ablate.train.trainer import Trainer
+from megablocks_ablate.utils.locks import acquire
 
 logger = logging.getLogger(__name__)
 
 
 def train_one(cfg: TrainConfig, env: DistEnv, what: str) -> None:
-    """Train (or resume, or skip if complete) one run on every rank of ``env``."""
-    logger.info("[train] %s: %s", what, cfg.resolved_out_dir())
-    Trainer(cfg, env).run()
+    """Train (or resume, or skip if complete) one run on every rank of ``env``.
+
+    Rank 0 holds the run's lock (``<run dir>.lock``) meanwhile, so two studies sharing a
+    registry train each model once: the second waits, then finds it complete. A run
+    that fails (divergence, bad data) stops the study with a message naming the model.
+    """
+    out = cfg.resolved_out_dir()
+    logger.info("[train] %s: %s", what, out)
+    held = (
+        acquire(out.rstrip(os.sep) + ".lock", f"training of {what}")
+        if env.is_main
+        else contextlib.nullcontext()
+    )
+    with held:
+        barrier()  # every rank starts once rank 0 holds the lock
+        try:
+            Trainer(cfg, env).run()
+        except MBAError as e:
+            raise MBAError(
+                f"{what} ({out}) did not train: {e}. The study stopped here; models already "
+                "trained are kept. Fix the cause (for a diverged run: a lower optimizer.lr, "
+                "or nan_policy: skip|rollback in the train config) and rerun `study run`"
+            ) from None
 
 
 def train_models(planner: Planner, env: DistEnv) -> RunPlan:
