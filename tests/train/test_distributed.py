@@ -109,26 +109,39 @@ def test_torchrun_fsdp2_matches_single_process(reference, train_manifest, tmp_pa
     assert ckpt["trainer"]["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
-def test_slurm_job_step_matches_single_process(reference, train_manifest, tmp_path):
-    """Two processes with the variables srun sets (no srun needed)."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "slurm")
+        return s.getsockname()[1]
+
+
+def _slurm_pair(reference, train_manifest, out: str, nodelist: str, **extra_env) -> None:
+    """Two ranks with the variables srun sets (no srun needed); losses as one process."""
+    port = _free_port()
     procs = []
     for rank in range(2):
         env = subprocess_env(
             SLURM_PROCID=str(rank),
             SLURM_NTASKS="2",
             SLURM_LOCALID=str(rank),
-            SLURM_JOB_NODELIST="localhost",
+            SLURM_JOB_NODELIST=nodelist,
             SLURM_JOB_ID="1",
             MASTER_PORT=str(port),
+            **extra_env,
         )
-        for k in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        for k in (
+            "RANK",
+            "WORLD_SIZE",
+            "PMI_SIZE",
+            "OMPI_COMM_WORLD_SIZE",
+            "SLURM_STEP_NODELIST",
+            "SLURM_NODELIST",
+        ):
             env.pop(k, None)
+        if nodelist != "localhost":
+            env.pop("MASTER_ADDR", None)
         procs.append(
             subprocess.Popen(
                 [PYTHON, *TRAIN, *_overrides(train_manifest, out)],
@@ -141,6 +154,36 @@ def test_slurm_job_step_matches_single_process(reference, train_manifest, tmp_pa
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     _check(reference, out, outputs[0], "slurm")
+
+
+def test_slurm_job_step_matches_single_process(reference, train_manifest, tmp_path):
+    _slurm_pair(reference, train_manifest, str(tmp_path / "slurm"), "localhost")
+
+
+def test_slurm_bracketed_nodelist_rendezvous(reference, train_manifest, tmp_path):
+    """No MASTER_ADDR: the host comes from a two-group node list via ``scontrol``.
+
+    A fake ``scontrol`` on PATH says the list's first host is ``localhost``, so the two
+    ranks meet only if init_distributed expands ``rack[1-2]-node[01-04]`` through it.
+    """
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "asked"
+    fake = bin_dir / "scontrol"
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> "{asked}"\n'
+        '[ "$1 $2 $3" = "show hostnames rack[1-2]-node[01-04]" ] || exit 1\n'
+        "printf 'localhost\\nrack1-node02\\n'\n"
+    )
+    fake.chmod(0o755)
+    _slurm_pair(
+        reference,
+        train_manifest,
+        str(tmp_path / "slurm-racks"),
+        "rack[1-2]-node[01-04]",
+        PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    assert asked.read_text().splitlines() == ["show hostnames rack[1-2]-node[01-04]"] * 2
 
 
 def test_first_slurm_host():
