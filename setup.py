@@ -7,6 +7,9 @@ builds in an isolated environment without torch and compiles in seconds.
 `_C_cuda` (every `csrc/cuda/*.cu`) is built only when torch with CUDA and nvcc are
 both importable/present at build time, i.e. `pip install --no-build-isolation -e .`
 on a GPU machine. Set MBA_SKIP_CUDA=1 to skip it, MBA_NATIVE=1 to add -march=native.
+On a machine that sees no GPU (a login node, a CPU CI runner) with TORCH_CUDA_ARCH_LIST
+unset, the CUDA build targets DEFAULT_CUDA_ARCH_LIST instead of failing in torch's
+arch detection; set TORCH_CUDA_ARCH_LIST to choose others.
 """
 
 import glob
@@ -18,6 +21,20 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# A100/H100-class GPUs: what a CUDA build targets when no GPU is visible to detect.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def default_cuda_arch_list(env, device_count):
+    """The TORCH_CUDA_ARCH_LIST to set for a CUDA build, or None to leave torch's choice.
+
+    torch detects the arch of the visible GPUs when TORCH_CUDA_ARCH_LIST is unset and dies
+    (IndexError in _get_cuda_arch_flags) when it sees none. ``device_count`` is a count or
+    a callable returning one, called only when the variable is unset."""
+    if env.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return None
+    count = device_count() if callable(device_count) else device_count
+    return DEFAULT_CUDA_ARCH_LIST if count == 0 else None
 
 
 def _cpu_extension():
@@ -48,6 +65,14 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None:
         return [], {}
+    arch = default_cuda_arch_list(os.environ, torch.cuda.device_count)
+    if arch is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        print(
+            f"megablocks-ablate: no GPU visible and TORCH_CUDA_ARCH_LIST unset: "
+            f"building _C_cuda for TORCH_CUDA_ARCH_LIST={arch!r}",
+            file=sys.stderr,
+        )
     ext = CUDAExtension(
         "megablocks_ablate._C_cuda",
         sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))),
@@ -56,10 +81,16 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-cuda_exts, cuda_cmdclass = _cuda_extensions()
-cmdclass = {"build_ext": build_ext}
-cmdclass.update(cuda_cmdclass)
-if cuda_exts:
-    print("megablocks-ablate: building CUDA extension _C_cuda", file=sys.stderr)
+def main():
+    cuda_exts, cuda_cmdclass = _cuda_extensions()
+    cmdclass = {"build_ext": build_ext}
+    cmdclass.update(cuda_cmdclass)
+    if cuda_exts:
+        print("megablocks-ablate: building CUDA extension _C_cuda", file=sys.stderr)
+    setup(ext_modules=[_cpu_extension()] + cuda_exts, cmdclass=cmdclass)
 
-setup(ext_modules=[_cpu_extension()] + cuda_exts, cmdclass=cmdclass)
+
+# setuptools' build backend and `python setup.py ...` both run this file as __main__;
+# a test imports it for default_cuda_arch_list without building anything.
+if __name__ == "__main__":
+    main()

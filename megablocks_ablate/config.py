@@ -19,13 +19,17 @@ back with every field's doc as a comment (``--print-config``, ``config show``).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import enum
+import importlib.resources
 import os
 import re
 import types
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import (
     Any,
     ClassVar,
@@ -217,6 +221,20 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 # ---- files, presets and `base:` inheritance --------------------------------------------
 
 BASE_KEY = "base"  # a config file's "start from this other file" key (see Config.load_preset)
+
+_PRESET_FILES = contextlib.ExitStack()  # presets extracted from a zipped install, if any
+atexit.register(_PRESET_FILES.close)
+
+
+def shipped_preset_dir(kind: str) -> Path:
+    """The shipped presets of ``kind`` (``train``, ``model``, ``studies``): the package data
+    ``megablocks_ablate/configs/<kind>/``, read through :mod:`importlib.resources` so that
+    it is found in any install, not only next to a source checkout. In a normal install
+    it is a real directory; from a zip it is extracted once, for the life of the process."""
+    res = importlib.resources.files("megablocks_ablate") / "configs" / kind
+    if isinstance(res, Path):
+        return res
+    return Path(_PRESET_FILES.enter_context(importlib.resources.as_file(res)))
 
 
 def known_presets(preset_dir: str | os.PathLike) -> list[str]:

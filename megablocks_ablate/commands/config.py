@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("train", "model", "study")
-_STUDY_DIR = Path(__file__).resolve().parents[2] / "configs" / "studies"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,8 +64,9 @@ def config_kind(kind: str) -> tuple[Any, Path, str]:
         return ModelConfig, MODEL_DIR, "model preset"
     if kind == "study":
         from megablocks_ablate.ablate.spec import StudySpec
+        from megablocks_ablate.config import shipped_preset_dir
 
-        return StudySpec, _STUDY_DIR, "study spec"
+        return StudySpec, shipped_preset_dir("studies"), "study spec"
     raise ConfigError(f"config: unknown kind {kind!r} (known: {', '.join(KINDS)})")
 
 

@@ -14,6 +14,7 @@ mpiexec or srun the documents are sharded over the ranks; rank 0 writes --out.
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer file (default: the one the checkpoint's lineage records)",
+        help="tokenizer file overriding the one the checkpoint's lineage records (a merged "
+        "checkpoint's: its inputs'); refused if its fingerprint is not the model's",
     )
     p.add_argument(
         "--stride",
@@ -118,22 +120,35 @@ def json_text(obj, where: str) -> str:
     return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
 
-def _run(args: argparse.Namespace, denv) -> int:
-    import os
+def _resolve_tokenizer(metas: dict, override: str | None):
+    """``--tokenizer`` (checked against the first model), else the tokenizer the first
+    model whose lineage records an existing one records (a merged checkpoint: its
+    inputs'); the caller checks it against every model."""
+    from megablocks_ablate.errors import ConfigError
+    from megablocks_ablate.evaluate.tokenizer_match import resolve_tokenizer
 
+    first_error: ConfigError | None = None
+    for ckpt, lineage in metas.items():
+        try:
+            return resolve_tokenizer(lineage, ckpt, override)
+        except ConfigError as e:  # nothing recorded here: try the next model's record
+            first_error = first_error or e
+    assert first_error is not None
+    raise first_error
+
+
+def _run(args: argparse.Namespace, denv) -> int:
     from megablocks_ablate.checkpoint import read_checkpoint_meta
-    from megablocks_ablate.evaluate import EvalSuite, evaluate, results_table
-    from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
-    from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer, resolve_tokenizer
-    from megablocks_ablate.model.loading import load_model
+    from megablocks_ablate.evaluate import EvalSuite
+    from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer
     from megablocks_ablate.utils.atomic import atomic_write_text
 
     rank, world, device = denv.rank, denv.world_size, denv.device
+    _check_out(args.out)
 
     # Every checkpoint's lineage first: a tokenizer mismatch fails before any work.
     metas = {ckpt: read_checkpoint_meta(ckpt)[1] for ckpt in args.model}
-    first = args.model[0]
-    tokenizer = resolve_tokenizer(metas[first], first, args.tokenizer)
+    tokenizer = _resolve_tokenizer(metas, args.tokenizer)
     for ckpt, lineage in metas.items():
         check_tokenizer(
             lineage.tokenizer_fingerprint,
@@ -149,7 +164,34 @@ def _run(args: argparse.Namespace, denv) -> int:
         text_key=args.text_key,
         on_bad_line=args.on_bad_line,
     )
-    out = {
+    out = _report_header(args, world, tokenizer, suite)
+    for ckpt in args.model:
+        out["models"][ckpt] = _evaluate_model(args, ckpt, suite, device, rank)
+    if rank == 0:
+        parent = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(parent, exist_ok=True)
+        atomic_write_text(args.out, json_text(out, args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _check_out(path: str) -> None:
+    """``--out`` is a JSON file to write: not a directory, not under a file."""
+    from megablocks_ablate.errors import ConfigError
+
+    if os.path.isdir(path):
+        raise ConfigError(f"--out {path}: is a directory; give the path of a JSON file to write")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"--out {path}: {parent} is a file, not a directory")
+
+
+def _report_header(args: argparse.Namespace, world: int, tokenizer, suite) -> dict:
+    from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
+
+    return {
         "format": "megablocks-ablate/eval@1",
         "settings": {
             "stride": args.stride,
@@ -164,29 +206,29 @@ def _run(args: argparse.Namespace, denv) -> int:
         "skipped_domains": suite.skipped_domains,
         "models": {},
     }
-    for ckpt in args.model:
-        model, lineage = load_model(ckpt, device=device)
-        results = evaluate(
-            model,
-            suite,
-            stride=args.stride,
-            max_len=args.max_len,
-            batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
-            tokenizer_fingerprint=lineage.tokenizer_fingerprint,
-            show_progress=args.progress and rank == 0,
-            name=ckpt,
-        )
-        out["models"][ckpt] = {
-            "lineage": lineage.to_dict(),
-            "max_len": model.cfg.max_seq_len if args.max_len is None else args.max_len,
-            "results": {d: r.to_dict() for d, r in results.items()},
-        }
-        if rank == 0:
-            print(f"{ckpt}:\n{results_table(results)}")
-        del model
+
+
+def _evaluate_model(args: argparse.Namespace, ckpt: str, suite, device, rank: int) -> dict:
+    """One checkpoint on every domain: its lineage, window length and results."""
+    from megablocks_ablate.evaluate import evaluate, results_table
+    from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
+    from megablocks_ablate.model.loading import load_model
+
+    model, lineage = load_model(ckpt, device=device)
+    results = evaluate(
+        model,
+        suite,
+        stride=args.stride,
+        max_len=args.max_len,
+        batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
+        tokenizer_fingerprint=lineage.tokenizer_fingerprint,
+        show_progress=args.progress and rank == 0,
+        name=ckpt,
+    )
     if rank == 0:
-        parent = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(parent, exist_ok=True)
-        atomic_write_text(args.out, json_text(out, args.out))
-        print(f"wrote {args.out}")
-    return 0
+        print(f"{ckpt}:\n{results_table(results)}")
+    return {
+        "lineage": lineage.to_dict(),
+        "max_len": model.cfg.max_seq_len if args.max_len is None else args.max_len,
+        "results": {d: r.to_dict() for d, r in results.items()},
+    }

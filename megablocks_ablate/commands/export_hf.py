@@ -1,10 +1,14 @@
-"""`megablocks-ablate export-hf` / `import-hf`: checkpoints to and from Hugging Face Cohere.
+"""`megablocks-ablate export-hf` / `import-hf`: checkpoints to and from Hugging Face.
 
     megablocks-ablate export-hf runs/pool/merged_0001 hf/merged_0001
     megablocks-ablate import-hf hf/merged_0001 runs/imported
+    megablocks-ablate import-hf ~/models/pythia-160m runs/pythia-seed   # a public seed
 
-The exported directory loads with ``transformers.CohereForCausalLM.from_pretrained``
-(and so in lm-eval-harness and vLLM); import reads any Cohere safetensors directory.
+Families: CohereForCausalLM (every preset), LlamaForCausalLM and GPTNeoXForCausalLM
+(Pythia). Import reads any safetensors directory of these (sharded too; pickle weights
+are refused); export writes the family the checkpoint's config describes, loadable with
+``transformers.AutoModelForCausalLM.from_pretrained`` (and so in lm-eval-harness and
+vLLM).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-hf",
-        help="write a checkpoint as a Hugging Face CohereForCausalLM directory",
+        help="write a checkpoint as a Hugging Face directory (Cohere, Llama or GPT-NeoX, "
+        "as its config describes)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser(
         "import-hf",
-        help="read a Hugging Face Cohere directory into a checkpoint",
+        help="read a Hugging Face Cohere, Llama or GPT-NeoX (Pythia) directory into a checkpoint",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,7 +72,7 @@ def run_export(args: argparse.Namespace) -> int:
         create=False,
     )
     export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
-    print(f"wrote {args.out} (CohereForCausalLM)")
+    print(f"wrote {args.out} ({_exported_architecture(args.out)})")
     return 0
 
 
@@ -86,3 +91,11 @@ def run_import(args: argparse.Namespace) -> int:
     import_hf(args.hf_dir, args.out)
     print(f"wrote checkpoint {args.out}")
     return 0
+
+
+def _exported_architecture(out: str) -> str:
+    import json
+    import os
+
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        return ", ".join(json.load(f).get("architectures") or ["?"])

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from megablocks_ablate.errors import DataFormatError, TokenizerError
+from megablocks_ablate.errors import ConfigError, DataFormatError, MBAError, TokenizerError
 from megablocks_ablate.utils.hashing import sha256_json
 
 # Must be set before `tokenizers` first runs a batch: its rayon pool would otherwise
@@ -91,6 +91,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``."""
+
+    @abc.abstractmethod
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry (piece / token string) of id ``i``."""
 
     def encode_document(self, text: str) -> list[int]:
         """Ids of one document followed by ``eod_id``."""
@@ -276,6 +280,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def id_to_token(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
 
 # --------------------------------------------------------------------------- Hugging Face
 # Parts of tokenizer.json that decide ids. Truncation/padding are turned off (we
@@ -376,6 +383,12 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str:
+        token = self._tok.id_to_token(int(i))
+        if token is None:
+            raise TokenizerError(f"{self.path}: id {i} is not in the vocabulary")
+        return token
 
 
 # --------------------------------------------------------------------------- loading
@@ -563,3 +576,119 @@ def train_sentencepiece(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_prefix + ".model"
+
+
+# --------------------------------------------------------------------------- lineage records
+# A checkpoint records its tokenizer under ``lineage.extra["tokenizer"]`` as
+# ``{"path": <absolute path>, "fingerprint": <fingerprint>}``. Older checkpoints (and
+# ``import-hf``) wrote a bare path string, some a full ``describe()``; all are read.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_record(
+    path: str | os.PathLike, fingerprint: str | None, base: str | None = None
+) -> dict:
+    """The lineage record of a tokenizer file: ``{"path": absolute, "fingerprint"}``.
+
+    A relative ``path`` is taken relative to the working directory when it exists
+    there, else relative to ``base`` (e.g. the manifest's directory) when it exists
+    there."""
+    path = os.fspath(path)
+    if (
+        not os.path.isabs(path)
+        and not os.path.exists(path)
+        and base is not None
+        and os.path.exists(os.path.join(base, path))
+    ):
+        path = os.path.join(base, path)
+    return {"path": os.path.abspath(path), "fingerprint": fingerprint}
+
+
+def recorded_tokenizer(extra: Any) -> dict | None:
+    """``extra["tokenizer"]`` of a lineage as ``{"path", "fingerprint"}`` (fingerprint
+    None when the record is a bare path), or None when there is no usable record."""
+    rec = extra.get("tokenizer") if isinstance(extra, dict) else None
+    if isinstance(rec, str) and rec:
+        return {"path": rec, "fingerprint": None}
+    if isinstance(rec, dict) and isinstance(rec.get("path"), str) and rec["path"]:
+        fp = rec.get("fingerprint")
+        return {"path": rec["path"], "fingerprint": fp if isinstance(fp, str) else None}
+    return None
+
+
+def inherited_tokenizer_record(extras: Iterable[Any], fingerprint: str | None) -> dict | None:
+    """The record a merge of checkpoints with these lineage ``extras`` carries: the
+    first input's record whose fingerprint is ``fingerprint`` (or unknown), with the
+    fingerprint filled in."""
+    for extra in extras:
+        rec = recorded_tokenizer(extra)
+        if rec is not None and rec["fingerprint"] in (None, fingerprint):
+            return {"path": rec["path"], "fingerprint": fingerprint or rec["fingerprint"]}
+    return None
+
+
+def _candidates(path: str) -> list[str]:
+    """``path``, then the other tokenizer file beside an exported/imported one (an HF
+    export ships tokenizer.json and the original tokenizer.model)."""
+    out = [path]
+    if os.path.basename(path) in _TOKENIZER_FILES:
+        d = os.path.dirname(path)
+        out += [os.path.join(d, n) for n in _TOKENIZER_FILES if n != os.path.basename(path)]
+    return out
+
+
+def find_recorded_tokenizer(lineage, directory: str, read_lineage=None, max_depth: int = 8):
+    """The tokenizer a checkpoint's lineage records, checked against its fingerprint.
+
+    ``lineage`` is the checkpoint's :class:`~megablocks_ablate.checkpoint.Lineage` (its
+    ``extra``, ``parents`` and ``tokenizer_fingerprint`` are read). Looked up in order:
+    the record's path (and, for a ``tokenizer.json``/``tokenizer.model``, the other of
+    the two beside it); then, when ``read_lineage(parent_dir)`` is given, the records of
+    the parents (merges and continued runs written before records were kept), nearest
+    first. Returns the tokenizer. Raises TokenizerError when recorded files exist but
+    none has the expected fingerprint, ConfigError when no recorded file exists.
+    """
+    expected = lineage.tokenizer_fingerprint
+    queue, seen, reasons = [(lineage, directory, 0)], {os.path.abspath(directory)}, []
+    mismatch: str | None = None
+    unreadable: TokenizerError | None = None
+    while queue:
+        lin, where, depth = queue.pop(0)
+        rec = recorded_tokenizer(lin.extra)
+        want = expected or (rec or {}).get("fingerprint")
+        if rec is None:
+            reasons.append(f"{where}/lineage.json records no tokenizer")
+        else:
+            for cand in _candidates(rec["path"]):
+                if not os.path.exists(cand):
+                    continue
+                try:
+                    tok = load_tokenizer(cand)
+                except TokenizerError as e:  # unreadable: the next candidate may serve
+                    unreadable = unreadable or e
+                    continue
+                if want is None or tok.fingerprint == want:
+                    return tok
+                mismatch = mismatch or (
+                    f"tokenizer {cand} (recorded by {where}/lineage.json) has tokenizer "
+                    f"fingerprint {tok.fingerprint[:16]}..., but {directory} was trained with "
+                    f"{want[:16]}...: the file changed since; pass --tokenizer with the "
+                    "model's tokenizer"
+                )
+            if not os.path.exists(rec["path"]):
+                reasons.append(f"{where}/lineage.json records {rec['path']}, which is gone")
+        if read_lineage is not None and depth < max_depth:
+            for parent in lin.parents:
+                key = os.path.abspath(parent)
+                if key in seen or not os.path.isdir(parent):
+                    continue
+                seen.add(key)
+                try:
+                    queue.append((read_lineage(parent), parent, depth + 1))
+                except MBAError:
+                    continue
+    if mismatch is not None:
+        raise TokenizerError(mismatch)
+    if unreadable is not None:
+        raise unreadable
+    raise ConfigError(f"tokenizer: {'; '.join(reasons)}; pass --tokenizer")

@@ -1,16 +1,15 @@
 """The tokenizer that goes with a checkpoint being evaluated.
 
 A checkpoint's lineage records the fingerprint of the tokenizer it was trained with
-(and, usually, the tokenizer's path under ``extra["tokenizer"]``). Evaluating with a
+and, under ``extra["tokenizer"]``, the tokenizer itself (``{"path", "fingerprint"}``;
+older checkpoints: a bare path). Evaluating with a
 different tokenizer gives meaningless perplexities without any error, so it is refused
 whenever both fingerprints are known.
 """
 
 from __future__ import annotations
 
-import os
-
-from megablocks_ablate.errors import ConfigError, TokenizerError
+from megablocks_ablate.errors import TokenizerError
 
 
 def check_tokenizer(expected: str | None, actual: str, what: str, model: str) -> None:
@@ -24,24 +23,27 @@ def check_tokenizer(expected: str | None, actual: str, what: str, model: str) ->
 
 
 def resolve_tokenizer(lineage, directory: str, path: str | None = None):
-    """The tokenizer to evaluate a checkpoint with: ``path``, else the lineage's record.
+    """The tokenizer to evaluate a checkpoint with: ``path`` (an override), else the one
+    its lineage records (``extra["tokenizer"]``), else the nearest parent's (merged and
+    continued checkpoints written before every checkpoint kept a record).
 
-    Refused when its fingerprint differs from the lineage's ``tokenizer_fingerprint``.
+    Refused when its fingerprint differs from the lineage's ``tokenizer_fingerprint``
+    (or, for a lineage without one, from the record's fingerprint).
     """
-    from megablocks_ablate.data.tokenizer import load_tokenizer
+    from megablocks_ablate.checkpoint import read_checkpoint_meta
+    from megablocks_ablate.data.tokenizer import (
+        find_recorded_tokenizer,
+        load_tokenizer,
+        recorded_tokenizer,
+    )
 
     if path is None:
-        recorded = lineage.extra.get("tokenizer") if isinstance(lineage.extra, dict) else None
-        if isinstance(recorded, dict):
-            recorded = recorded.get("path")
-        if not (isinstance(recorded, str) and os.path.isfile(recorded)):
-            raise ConfigError(
-                f"tokenizer: {directory}/lineage.json records no existing tokenizer "
-                f"file ({recorded!r}); pass --tokenizer"
-            )
-        path = recorded
+        return find_recorded_tokenizer(
+            lineage, directory, read_lineage=lambda d: read_checkpoint_meta(d)[1]
+        )
     tokenizer = load_tokenizer(path)
-    check_tokenizer(
-        lineage.tokenizer_fingerprint, tokenizer.fingerprint, f"tokenizer {path}", directory
+    expected = lineage.tokenizer_fingerprint or (recorded_tokenizer(lineage.extra) or {}).get(
+        "fingerprint"
     )
+    check_tokenizer(expected, tokenizer.fingerprint, f"tokenizer {path}", directory)
     return tokenizer

@@ -113,16 +113,54 @@ _flash = _UNSET
 
 
 def norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str = "layernorm"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    kind: str = "layernorm",
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """LayerNorm (no bias) or RMSNorm over the last dim; see :mod:`.norm`."""
+    """LayerNorm or RMSNorm over the last dim; see :mod:`.norm`.
+
+    The kernels have no bias: LayerNorm with a bias (GPT-NeoX) is ``F.layer_norm``.
+    """
+    if bias is not None:
+        if kind != "layernorm":
+            raise ValueError(f"norm: a bias needs kind='layernorm', got {kind!r}")
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     if use_triton(x):
         return _norm.norm_triton(x, weight, eps, kind)
     return _norm.norm_reference(x, weight, eps, kind)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved RoPE on ``[batch, seq, heads, head_dim]``; see :mod:`.rope`."""
+ROPE_LAYOUTS = ("interleaved", "half")
+
+
+def _rope_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama, GPT-NeoX): channel ``i`` pairs with ``i + d/2``; fp32 math."""
+    t = x.shape[1]
+    c, s = cos[:t, None, :], sin[:t, None, :]  # broadcast over batch and heads
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "interleaved"
+) -> torch.Tensor:
+    """RoPE on ``[batch, seq, heads, head_dim]``; see :mod:`.rope`.
+
+    ``cos``/``sin`` are ``[seq, rotary_dim / 2]``: when ``rotary_dim < head_dim`` only
+    the leading ``rotary_dim`` channels rotate (partial rotary) and the rest pass
+    through. ``layout`` is ``interleaved`` (pairs ``(2i, 2i+1)``: the kernel) or
+    ``half`` (pairs ``(i, i + rotary_dim/2)``: PyTorch reference only).
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"rope layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        rotated = rope(x[..., :rotary_dim], cos, sin, layout)
+        return torch.cat([rotated, x[..., rotary_dim:].to(rotated.dtype)], dim=-1)
+    if layout == "half":
+        return _rope_half_reference(x, cos, sin)
     if use_triton(x):
         return _rope.rope_triton(x, cos, sin)
     return _rope.rope_reference(x, cos, sin)
@@ -133,6 +171,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate_up):
         return _swiglu.swiglu_triton(gate_up)
     return _swiglu.swiglu_reference(gate_up)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, GPT-NeoX's ``hidden_act: gelu``: PyTorch only (no kernel)."""
+    return F.gelu(x)
 
 
 def linear_cross_entropy(

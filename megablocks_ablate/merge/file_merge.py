@@ -162,15 +162,26 @@ def _read_inputs(
 def _merged_lineage(
     spec: MergeSpec, inputs: list[MergeInput], seed: str | None, dtype: str | None
 ) -> Lineage:
+    from megablocks_ablate.data.tokenizer import inherited_tokenizer_record
+
+    fingerprint = inputs[0].lineage.tokenizer_fingerprint  # the same for all (checked)
+    extra: dict[str, object] = {
+        "merge_spec": spec.source,
+        "normalize": spec.normalize,
+        "dtype": dtype or "inputs",
+    }
+    tokenizer = inherited_tokenizer_record((i.lineage.extra for i in inputs), fingerprint)
+    if tokenizer is not None:
+        extra["tokenizer"] = tokenizer
     return Lineage(
         kind="merged",
         seed_hash=seed,
         units=[i.unit for i in inputs],
         weights=[i.weight for i in inputs],
         tokens_seen=sum(i.lineage.tokens_seen for i in inputs),
-        tokenizer_fingerprint=inputs[0].lineage.tokenizer_fingerprint,
+        tokenizer_fingerprint=fingerprint,
         parents=[os.path.abspath(i.path) for i in inputs],
-        extra={"merge_spec": spec.source, "normalize": spec.normalize, "dtype": dtype or "inputs"},
+        extra=extra,
     )
 
 

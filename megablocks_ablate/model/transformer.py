@@ -1,29 +1,42 @@
-"""The PaLM-style parallel-block decoder (maps one to one onto HF ``CohereForCausalLM``).
+"""The decoder: one module for every family, shaped by :class:`ModelConfig`.
 
-Each block reads one normalised copy of the residual stream and adds attention and
-MLP in parallel::
+By default (every preset) a PaLM-style parallel block that maps one to one onto HF
+``CohereForCausalLM``: one norm feeds attention and MLP, added in parallel::
 
     h = Norm(x)
     q, k, v, gate_up = split(h @ W_in.T)         # one fused input GEMM
     a = Attn(RoPE(QKNorm(q)), RoPE(QKNorm(k)), v)
     x = x + a @ W_attn_out.T + SwiGLU(gate_up) @ W_mlp_out.T
 
-No biases anywhere; LayerNorm without bias (or RMSNorm); interleaved RoPE;
-optional per-head QK-norm; optional tied embeddings; output projections initialised
-with std ``init_std / sqrt(2 * n_layers)``. Norm, RoPE, SwiGLU and the fused output
-projection + cross-entropy go through :mod:`megablocks_ablate.kernels.dispatch`
-(Triton on CUDA, PyTorch references elsewhere). A plain ``nn.Module``: no
-distributed code here.
+The family fields generalise it (``model/hf.py`` maps Llama and GPT-NeoX onto them):
+
+* ``norms_per_block: 2`` -- attention reads ``Norm(x)``, the MLP ``MlpNorm(x)``
+  (GPT-NeoX's parallel block); ``block: sequential`` -- ``x += Attn(Norm(x))`` then
+  ``x += MLP(MlpNorm(x))`` (Llama). The input projection stays one matrix (rows
+  q|k|v|mlp_in); when its two halves read different inputs it is two GEMMs on row slices.
+* ``mlp: gelu`` -- ``gelu(h @ W_mlp_in.T + b)`` instead of SwiGLU; ``bias`` -- biases on
+  ``in_proj``, ``attn_out`` and ``mlp_out``; ``norm_bias`` -- LayerNorm with bias.
+* ``rope_layout: half`` -- channel ``i`` pairs with ``i + rotary_dim/2`` (rotate-half)
+  instead of ``(2i, 2i+1)``; ``rotary_fraction`` -- only the first ``rotary_dim`` channels
+  of each head rotate.
+
+Output projections are initialised with std ``init_std / sqrt(2 * n_layers)``, biases
+with zeros. Norm, RoPE, the MLP activation and the fused output projection +
+cross-entropy go through :mod:`megablocks_ablate.kernels.dispatch` (Triton on CUDA
+where a kernel covers the case, PyTorch references elsewhere). A plain ``nn.Module``:
+no distributed code here.
 
 Parameter names (``state_dict``)::
 
     embed.weight                  [padded_vocab, d_model]
-    layers.{i}.norm.weight        [d_model]
-    layers.{i}.in_proj.weight     [q_dim + 2*kv_dim + 2*mlp_hidden, d_model]  rows: q|k|v|gate|up
+    layers.{i}.norm.weight        [d_model]                  (.bias: norm_bias)
+    layers.{i}.mlp_norm.weight    [d_model]                  (norms_per_block=2; .bias: norm_bias)
+    layers.{i}.in_proj.weight     [q_dim + 2*kv_dim + mlp_in_dim, d_model]  rows: q|k|v|gate|up
+                                                             (gelu: q|k|v|hidden; .bias: bias)
     layers.{i}.qk_norm.weight     [n_heads + n_kv_heads, head_dim]            (qk_norm only)
-    layers.{i}.attn_out.weight    [d_model, q_dim]
-    layers.{i}.mlp_out.weight     [d_model, mlp_hidden]
-    norm.weight                   [d_model]
+    layers.{i}.attn_out.weight    [d_model, q_dim]           (.bias: bias)
+    layers.{i}.mlp_out.weight     [d_model, mlp_hidden]      (.bias: bias)
+    norm.weight                   [d_model]                  (.bias: norm_bias)
     lm_head.weight                [padded_vocab, d_model]                     (untied only)
 
 Labels are aligned with the inputs (``labels[:, t]`` is the target at position ``t``;
@@ -50,26 +63,38 @@ if TYPE_CHECKING:  # the config builds the model (ModelConfig.build), not the re
 
 
 class Norm(nn.Module):
-    """LayerNorm without bias, or RMSNorm, over the last dim; weight of shape ``shape``."""
+    """LayerNorm (bias optional) or RMSNorm over the last dim; weight of shape ``shape``."""
 
-    def __init__(self, shape, eps: float, kind: str, device=None, dtype=None):
+    def __init__(self, shape, eps: float, kind: str, device=None, dtype=None, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
         self.eps, self.kind = eps, kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.norm(x, self.weight, self.eps, self.kind)
+        return dispatch.norm(x, self.weight, self.eps, self.kind, bias=self.bias)
 
 
-class ParallelBlock(nn.Module):
-    """``x + Attn(Norm(x)) + MLP(Norm(x))`` with one fused input projection."""
+class Block(nn.Module):
+    """One decoder block: parallel (``x + Attn + MLP``) or sequential, 1 or 2 norms.
+
+    With one norm feeding both halves (the default) the input projection is one GEMM.
+    """
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.norm = Norm(d, cfg.norm_eps, cfg.norm, device, dtype)
-        self.in_proj = nn.Linear(d, cfg.in_proj_dim, bias=False, device=device, dtype=dtype)
+        self.norm = Norm(d, cfg.norm_eps, cfg.norm, device, dtype, bias=cfg.norm_bias)
+        self.mlp_norm = (
+            Norm(d, cfg.norm_eps, cfg.norm, device, dtype, bias=cfg.norm_bias)
+            if cfg.norms_per_block == 2
+            else None
+        )
+        self.in_proj = nn.Linear(d, cfg.in_proj_dim, bias=cfg.bias, device=device, dtype=dtype)
         self.qk_norm = (
             Norm(
                 (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cfg.norm_eps, cfg.norm, device, dtype
@@ -77,35 +102,52 @@ class ParallelBlock(nn.Module):
             if cfg.qk_norm
             else None
         )
-        self.attn_out = nn.Linear(cfg.q_dim, d, bias=False, device=device, dtype=dtype)
-        self.mlp_out = nn.Linear(cfg.mlp_hidden, d, bias=False, device=device, dtype=dtype)
+        self.attn_out = nn.Linear(cfg.q_dim, d, bias=cfg.bias, device=device, dtype=dtype)
+        self.mlp_out = nn.Linear(cfg.mlp_hidden, d, bias=cfg.bias, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        h = self.norm(x)
         # torch.split's backward is a single cat, cheaper than slicing three times.
-        qk, v, gate_up = self.in_proj(h).split(
-            [cfg.q_dim + cfg.kv_dim, cfg.kv_dim, 2 * cfg.mlp_hidden], dim=-1
-        )
+        qk, v = qkv.split([cfg.q_dim + cfg.kv_dim, cfg.kv_dim], dim=-1)
         # q and k sit side by side: normalise and rotate them as one [.., H + KV, hd] tensor.
         qk = qk.unflatten(-1, (cfg.n_heads + cfg.n_kv_heads, cfg.head_dim))
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        q, k = dispatch.rope(qk, cos, sin).split([cfg.n_heads, cfg.n_kv_heads], dim=2)
+        qk = dispatch.rope(qk, cos, sin, layout=cfg.rope_layout)
+        q, k = qk.split([cfg.n_heads, cfg.n_kv_heads], dim=2)
         a = dispatch.attention(q, k, v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)))
-        out = self.attn_out(a.flatten(-2)) + self.mlp_out(dispatch.swiglu(gate_up))
-        return x + out
+        return self.attn_out(a.flatten(-2))
+
+    def _mlp(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        act = dispatch.swiglu(mlp_in) if self.cfg.mlp == "swiglu" else dispatch.gelu(mlp_in)
+        return self.mlp_out(act)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        sizes = [cfg.q_dim + 2 * cfg.kv_dim, cfg.mlp_in_dim]
+        if self.mlp_norm is None:  # one norm, parallel: one fused input GEMM
+            qkv, mlp_in = self.in_proj(self.norm(x)).split(sizes, dim=-1)
+            return x + (self._attention(qkv, cos, sin) + self._mlp(mlp_in))
+        w_attn, w_mlp = self.in_proj.weight.split(sizes, dim=0)
+        b_attn, b_mlp = (
+            (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
+        )
+        a = self._attention(F.linear(self.norm(x), w_attn, b_attn), cos, sin)
+        if cfg.block == "sequential":
+            x = x + a
+            return x + self._mlp(F.linear(self.mlp_norm(x), w_mlp, b_mlp))
+        return x + (a + self._mlp(F.linear(self.mlp_norm(x), w_mlp, b_mlp)))
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM: embedding, ``n_layers`` parallel blocks, final norm, output projection."""
+    """Decoder-only LM: embedding, ``n_layers`` blocks, final norm, output projection."""
 
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(ParallelBlock(cfg, device, dtype) for _ in range(cfg.n_layers))
-        self.norm = Norm(cfg.d_model, cfg.norm_eps, cfg.norm, device, dtype)
+        self.layers = nn.ModuleList(Block(cfg, device, dtype) for _ in range(cfg.n_layers))
+        self.norm = Norm(cfg.d_model, cfg.norm_eps, cfg.norm, device, dtype, bias=cfg.norm_bias)
         self.lm_head = (
             None
             if cfg.tie_embeddings
@@ -122,7 +164,8 @@ class Transformer(nn.Module):
     # ---- init ------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2 n_layers)."""
+        """Normal(0, init_std) everywhere; output projections scaled by 1/sqrt(2 n_layers);
+        biases zero, norm weights one."""
         cfg = self.cfg
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
@@ -132,9 +175,14 @@ class Transformer(nn.Module):
             nn.init.normal_(block.in_proj.weight, std=cfg.init_std)
             nn.init.normal_(block.attn_out.weight, std=out_std)
             nn.init.normal_(block.mlp_out.weight, std=out_std)
+            for linear in (block.in_proj, block.attn_out, block.mlp_out):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
         for module in self.modules():
             if isinstance(module, Norm):
                 nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     # ---- pieces ----------------------------------------------------------------------
     @property
@@ -142,7 +190,7 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos/sin ``[max_seq_len, head_dim/2]``, cached per device.
+        """fp32 cos/sin ``[max_seq_len, rotary_dim/2]``, cached per device.
 
         Not buffers: ``model.to(bfloat16)`` would round them, and they would clutter
         the state dict that merges average.
@@ -150,7 +198,7 @@ class Transformer(nn.Module):
         tables = self._rope.get(device)
         if tables is None:
             tables = rope_tables(
-                self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, device
+                self.cfg.max_seq_len, self.cfg.rotary_dim, self.cfg.rope_theta, device
             )
             self._rope[device] = tables
         return tables

@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-from megablocks_ablate.config import Config, Count, doc
+from megablocks_ablate.config import Config, Count, doc, shipped_preset_dir
 from megablocks_ablate.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+PRESET_DIR = shipped_preset_dir("train")  # megablocks_ablate/configs/train/, package data
 
 
 @dataclass

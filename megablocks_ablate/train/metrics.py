@@ -103,8 +103,25 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resume continues
+
+
+def _has_events(directory: str) -> bool:
+    try:
+        return any(n.startswith("events.out.tfevents.") for n in os.listdir(directory))
+    except OSError:
+        return False
+
+
 class MetricsLogger:
-    """Writes records to ``metrics.jsonl`` (+ TensorBoard, W&B); rank 0 only."""
+    """Writes records to ``metrics.jsonl`` (+ TensorBoard, W&B); rank 0 only.
+
+    ``start_step``: the step the run starts (or resumes) from; later steps are redone,
+    so TensorBoard purges its earlier events after ``start_step`` (as ``metrics.jsonl``
+    is cut back by :func:`truncate_jsonl`). The W&B run id is kept in
+    ``<out_dir>/wandb_run_id``, and a later start in the same run directory continues
+    that W&B run.
+    """
 
     def __init__(
         self,
@@ -114,9 +131,11 @@ class MetricsLogger:
         wandb_project: str | None = None,
         run_name: str = "",
         config: dict | None = None,
+        start_step: int = 0,
     ):
         self.enabled = enabled
         self._path = os.path.join(out_dir, "metrics.jsonl")
+        self._tb_dir = os.path.join(out_dir, "tb")
         self._file = None
         self._tb = None
         self._wandb = None
@@ -124,28 +143,52 @@ class MetricsLogger:
             return
         self._file = open(self._path, "a", encoding="utf-8")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except ImportError:
-                pass  # tensorboard not installed: JSONL only
+            self._open_tb(start_step)
         if wandb_project:
             try:
                 import wandb
-
-                self._wandb = wandb.init(
-                    project=wandb_project,
-                    name=run_name or None,
-                    config=config,
-                    dir=out_dir,
-                    resume="allow",
-                )
             except ImportError:
                 logger.warning(
                     "logging.wandb_project is set but wandb is not installed; "
                     "logging to metrics.jsonl only"
                 )
+            else:
+                self._wandb = self._init_wandb(
+                    wandb, out_dir, wandb_project, run_name, config, start_step
+                )
+
+    def _open_tb(self, last_step: int) -> None:
+        """(Re)open the TensorBoard writer; events after ``last_step`` already written
+        by an earlier run or attempt are purged (``purge_step``), so redone steps show
+        once, with their new values."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return  # tensorboard not installed: JSONL only
+        purge = last_step + 1 if last_step > 0 or _has_events(self._tb_dir) else None
+        self._tb = SummaryWriter(self._tb_dir, purge_step=purge)
+
+    @staticmethod
+    def _init_wandb(wandb, out_dir, project, run_name, config, start_step):
+        id_path = os.path.join(out_dir, WANDB_ID_FILE)
+        saved = None
+        try:
+            with open(id_path, encoding="utf-8") as f:
+                saved = f.read().strip() or None
+        except FileNotFoundError:
+            pass
+        kwargs = dict(project=project, name=run_name or None, config=config, dir=out_dir)
+        if saved:
+            kwargs["id"] = saved  # continue this run directory's W&B run
+        run = wandb.init(resume="allow", **kwargs)
+        run_id = getattr(run, "id", None)
+        if run_id and run_id != saved and not getattr(run, "disabled", False):
+            from megablocks_ablate.utils.atomic import atomic_write_text
+
+            atomic_write_text(id_path, f"{run_id}\n")
+        if saved and start_step > 0:
+            logger.info(f"W&B: continuing run {saved} from step {start_step}")
+        return run
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -165,12 +208,17 @@ class MetricsLogger:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
     def rewind(self, last_step: int) -> None:
-        """Drop the JSONL records after ``last_step`` (a rollback trains them again)."""
+        """Drop the JSONL records and TensorBoard events after ``last_step`` (a
+        rollback trains them again). W&B cannot go back: it ignores the redone steps it
+        already has."""
         if self._file is None:
             return
         self._file.close()
         truncate_jsonl(self._path, last_step)
         self._file = open(self._path, "a", encoding="utf-8")
+        if self._tb is not None:
+            self._tb.close()
+            self._open_tb(last_step)
 
     def close(self) -> None:
         if self._file is not None:

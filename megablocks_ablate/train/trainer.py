@@ -287,6 +287,9 @@ class Trainer:
         return step * self.cfg.global_batch * self.cfg.seq_len
 
     def _lineage(self, step: int) -> Lineage:
+        from megablocks_ablate.data.tokenizer import tokenizer_record
+
+        tok = self.manifest.data["tokenizer"]
         return Lineage(
             kind=self.cfg.kind,
             seed_hash=self.seed_hash,
@@ -299,6 +302,10 @@ class Trainer:
                 "steps": step,
                 "seq_len": self.cfg.seq_len,
                 "global_batch": self.cfg.global_batch,
+                # the tokenizer travels with the weights (eval and export-hf find it)
+                "tokenizer": tokenizer_record(
+                    tok["path"], self.manifest.tokenizer_fingerprint, base=self.manifest.root
+                ),
             },
         )
 
@@ -402,6 +409,7 @@ class Trainer:
             cfg.logging.wandb_project,
             os.path.basename(self.out_dir),
             cfg.to_dict(),
+            start_step=start,
         )
         meter = ThroughputMeter(
             self.model_config.flops_per_token(cfg.seq_len),

@@ -325,3 +325,86 @@ def test_cli_train_info_encode(tiny_corpus, tmp_path, capsys):
     bad.write_bytes(b"junk")
     assert main(["tokenizer", "info", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+# ---- lineage records: extra["tokenizer"] ---------------------------------------------------
+def test_tokenizer_record_forms_old_and_new(tmp_path, monkeypatch):
+    from megablocks_ablate.data.tokenizer import recorded_tokenizer, tokenizer_record
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tok.model").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    # relative paths: the working directory's if it exists there, else the base's
+    assert tokenizer_record("data/tok.model", "fp") == {
+        "path": str(tmp_path / "data" / "tok.model"),
+        "fingerprint": "fp",
+    }
+    rec = tokenizer_record("tok.model", "fp", base=str(tmp_path / "data"))
+    assert rec["path"] == str(tmp_path / "data" / "tok.model")
+    # read: the record, a describe(), an old bare path; nothing usable -> None
+    assert recorded_tokenizer({"tokenizer": rec}) == rec
+    describe = {"kind": "sentencepiece", "path": "/t.model", "vocab_size": 8, "fingerprint": "f"}
+    assert recorded_tokenizer({"tokenizer": describe}) == {"path": "/t.model", "fingerprint": "f"}
+    assert recorded_tokenizer({"tokenizer": "/t.model"}) == {
+        "path": "/t.model",
+        "fingerprint": None,
+    }
+    for extra in ({}, {"tokenizer": ""}, {"tokenizer": {"fingerprint": "f"}}, None, []):
+        assert recorded_tokenizer(extra) is None
+
+
+def test_inherited_record_takes_first_input_with_the_fingerprint():
+    from megablocks_ablate.data.tokenizer import inherited_tokenizer_record
+
+    extras = [{}, {"tokenizer": {"path": "/x", "fingerprint": "other"}}, {"tokenizer": "/t"}]
+    assert inherited_tokenizer_record(extras, "fp") == {"path": "/t", "fingerprint": "fp"}
+    assert inherited_tokenizer_record([{}], "fp") is None
+
+
+def test_find_recorded_tokenizer_walks_parents_and_checks_fingerprint(sp_model_path, tmp_path):
+    from types import SimpleNamespace
+
+    from megablocks_ablate.data.tokenizer import find_recorded_tokenizer
+    from megablocks_ablate.errors import ConfigError
+
+    fp = load_tokenizer(sp_model_path).fingerprint
+
+    def lin(extra=None, parents=(), fingerprint=fp):
+        return SimpleNamespace(
+            extra=extra or {}, parents=list(parents), tokenizer_fingerprint=fingerprint
+        )
+
+    unit = tmp_path / "unit"
+    unit.mkdir()
+    lineages = {str(unit): lin({"tokenizer": sp_model_path})}
+    merged = lin(parents=[str(unit)])
+    assert find_recorded_tokenizer(merged, "m", lineages.__getitem__).fingerprint == fp
+    with pytest.raises(ConfigError, match="records no tokenizer.*pass --tokenizer"):
+        find_recorded_tokenizer(merged, "m")  # parents not read
+    gone = lin({"tokenizer": str(tmp_path / "gone.model")})
+    with pytest.raises(ConfigError, match="gone"):
+        find_recorded_tokenizer(gone, "g")
+    wrong = lin({"tokenizer": sp_model_path}, fingerprint="ab" * 32)
+    with pytest.raises(TokenizerError, match="tokenizer fingerprint.*abababab"):
+        find_recorded_tokenizer(wrong, "w")
+
+
+def test_find_recorded_tokenizer_uses_the_matching_file_of_an_hf_export(sp_model_path, tmp_path):
+    """import-hf of our export records tokenizer.json; the lineage holds the SentencePiece
+    fingerprint, which the tokenizer.model beside it has."""
+    from types import SimpleNamespace
+
+    from megablocks_ablate.data.hf_tokenizer import write_hf_tokenizer
+    from megablocks_ablate.data.tokenizer import find_recorded_tokenizer
+
+    tok = load_tokenizer(sp_model_path)
+    write_hf_tokenizer(tok, str(tmp_path))
+    with open(sp_model_path, "rb") as f:
+        (tmp_path / "tokenizer.model").write_bytes(f.read())
+    lineage = SimpleNamespace(
+        extra={"tokenizer": str(tmp_path / "tokenizer.json")},
+        parents=[],
+        tokenizer_fingerprint=tok.fingerprint,
+    )
+    found = find_recorded_tokenizer(lineage, "imported")
+    assert found.kind == "sentencepiece" and found.fingerprint == tok.fingerprint

@@ -200,3 +200,71 @@ def test_results_json_is_standard_json(tiny_checkpoint, eval_dir, tmp_path):
     with pytest.raises(NonFiniteError, match=r"\['x'\]\[1\] is nan"):
         json_text({"x": [1.0, float("nan")]}, "r.json")
     assert json.loads(json_text({"x": [1.0, 2]}, "r.json")) == {"x": [1.0, 2]}
+
+
+def _eval(models, eval_dir, tmp_path, *extra) -> tuple[int, dict | None]:
+    out = tmp_path / "r.json"
+    args = ["eval", "--eval-sets", f"{eval_dir}/bio.jsonl", "--out", str(out)]
+    args += ["--cache-dir", str(tmp_path / "c"), *extra]
+    for m in models:
+        args += ["--model", m]
+    rc = main(args)
+    return rc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_merged_checkpoint_finds_its_tokenizer(tiny_checkpoint, eval_dir, sp_model_path, tmp_path):
+    from megablocks_ablate.merge.file_merge import merge_checkpoints
+    from megablocks_ablate.merge.spec import MergeSpec
+
+    b = str(tmp_path / "b")
+    shutil.copytree(tiny_checkpoint, b)
+    spec = MergeSpec.from_dict(
+        {"checkpoints": {"a": tiny_checkpoint, "b": b}, "uniform": True}, source="t.yaml"
+    )
+    merged = str(tmp_path / "merged")
+    lineage = merge_checkpoints(spec, merged, allow_different_seed=True, show_progress=False)
+    # the inputs' record (an old bare path here), now in the {"path", "fingerprint"} form
+    assert lineage.extra["tokenizer"] == {
+        "path": sp_model_path,
+        "fingerprint": lineage.tokenizer_fingerprint,
+    }
+    rc, data = _eval([merged], eval_dir, tmp_path)
+    assert rc == 0 and data["tokenizer"]["fingerprint"] == lineage.tokenizer_fingerprint
+    assert data["tokenizer"]["path"] == sp_model_path
+
+
+def test_old_merged_checkpoint_finds_tokenizer_through_parents(
+    tiny_checkpoint, eval_dir, sp_model_path, tmp_path
+):
+    old = _with_lineage(
+        tiny_checkpoint, str(tmp_path / "old"), kind="merged", extra={}, parents=[tiny_checkpoint]
+    )
+    rc, data = _eval([old], eval_dir, tmp_path)
+    assert rc == 0 and data["tokenizer"]["path"] == sp_model_path
+
+
+def test_later_models_record_serves_when_the_first_has_none(tiny_checkpoint, eval_dir, tmp_path):
+    none = _with_lineage(tiny_checkpoint, str(tmp_path / "none"), extra={})
+    rc, data = _eval([none, tiny_checkpoint], eval_dir, tmp_path)
+    assert rc == 0 and set(data["models"]) == {none, tiny_checkpoint}
+
+
+def test_tokenizer_override_is_fingerprint_checked(
+    tiny_checkpoint, eval_dir, tiny_corpus, tmp_path, capsys
+):
+    from megablocks_ablate.data.tokenizer import train_sentencepiece
+
+    other = train_sentencepiece([tiny_corpus], str(tmp_path / "other"), 400)
+    rc, data = _eval([tiny_checkpoint], eval_dir, tmp_path, "--tokenizer", other)
+    assert rc == 2 and data is None
+    err = capsys.readouterr().err
+    assert "tokenizer fingerprint" in err and other in err and tiny_checkpoint in err
+
+
+def test_out_naming_a_directory_is_a_clear_error(tiny_checkpoint, eval_dir, tmp_path, capsys):
+    d = tmp_path / "results"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    rc = main(["eval", "--model", tiny_checkpoint, "--eval-sets", str(eval_dir), "--out", str(d)])
+    assert rc == 2 and f"--out {d}: is a directory" in capsys.readouterr().err
+    assert os.listdir(d) == ["keep.txt"]

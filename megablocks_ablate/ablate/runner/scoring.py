@@ -184,8 +184,17 @@ class Scorer:
     def _save_merged(
         self, mixture: Mixture, weights: dict[str, float], proxies: Sequence[str]
     ) -> None:
+        from megablocks_ablate.data.tokenizer import inherited_tokenizer_record, tokenizer_record
+
         assert self._pool is not None and self._live is not None
         lineages = {u: self._pool.lineages[self._pool.units.index(u)] for u in weights}
+        # the merge carries its inputs' tokenizer record (else the manifest's tokenizer)
+        fingerprint = self.manifest.tokenizer_fingerprint
+        tokenizer = inherited_tokenizer_record(
+            (lin.extra for lin in lineages.values()), fingerprint
+        ) or tokenizer_record(
+            self.manifest.data["tokenizer"]["path"], fingerprint, base=self.manifest.root
+        )
         save_model_checkpoint(
             os.path.join(self.study.spec.out_dir, "merged", f"{mixture.id}.{'+'.join(proxies)}"),
             self._live.state_dict(),
@@ -196,8 +205,9 @@ class Scorer:
                 units=list(weights),
                 weights=list(weights.values()),
                 tokens_seen=sum(lin.tokens_seen for lin in lineages.values()),
-                tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
+                tokenizer_fingerprint=fingerprint,
                 parents=[self._units[u].entry.model_dir for u in weights],
+                extra={"tokenizer": tokenizer},
             ),
         )
 
