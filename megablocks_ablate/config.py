@@ -510,8 +510,9 @@ class Config:
         overrides: Iterable[str] = (),
         what: str = "preset",
     ) -> C:
-        """``<preset_dir>/<name>.yaml`` (or ``name`` itself when it is a YAML path) plus
-        overrides; an unknown name lists the known presets.
+        """``<preset_dir>/<name>.yaml`` (or ``name`` itself when it is a YAML path, or a
+        JSON one such as a checkpoint's ``config.json``: JSON is YAML) plus overrides; an
+        unknown name lists the known presets.
 
         Presets derive from one another: ``base: <preset name or YAML path>`` at the top
         of a file starts it from that file's resolved data, and the file says only what
@@ -524,7 +525,7 @@ class Config:
         pretraining deltas, ``<model>_seq`` is ``base: <model>_unit`` plus the mixture.
         """
         path = os.fspath(name)
-        if not path.endswith((".yaml", ".yml")):
+        if not path.endswith((".yaml", ".yml", ".json")):
             path = os.path.join(os.fspath(preset_dir), f"{path}.yaml")
             if not os.path.isfile(path):
                 raise ConfigError(

@@ -196,3 +196,32 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     )
     run = work / "runs" / "seed"
     assert (run / "COMPLETE.json").is_file() and (run / "final" / "model.safetensors").is_file()
+    # and the tiny study, end to end (seed, unit and seq models, merge-eval, report)
+    tiny = [
+        "--partition-by",
+        "fos",
+        "--order-by",
+        "year",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "384",
+        "--unit-tokens",
+        "6k",
+        "--seed-tokens",
+        "8k",
+        "--n-seq",
+        "2",
+        "--max-partitions",
+        "3",
+        "--heldout-fraction",
+        "0.04",
+        "--workers",
+        "1",
+        "--k",
+        "2",
+        "model_overrides=[vocab_size=384]",
+    ]
+    shown = _run([cli, "demo", "--corpus", corpus, "--out", "study", *tiny], work, env).stdout
+    assert "merged vs seq" in shown
+    assert (work / "study" / "study" / "results.sqlite").is_file()
