@@ -142,6 +142,7 @@ def _run(args: argparse.Namespace, denv) -> int:
     from megablocks_ablate.evaluate import EvalSuite
     from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer
     from megablocks_ablate.utils.atomic import atomic_write_text
+    from megablocks_ablate.utils.outputs import sweep_stale_temporaries
 
     rank, world, device = denv.rank, denv.world_size, denv.device
     _check_out(args.out)
@@ -171,6 +172,7 @@ def _run(args: argparse.Namespace, denv) -> int:
         parent = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(parent, exist_ok=True)
         atomic_write_text(args.out, json_text(out, args.out))
+        sweep_stale_temporaries(parent, os.path.basename(args.out))
         print(f"wrote {args.out}")
     return 0
 

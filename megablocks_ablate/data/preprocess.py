@@ -49,7 +49,7 @@ from megablocks_ablate.data.preprocess_worker import (
 from megablocks_ablate.errors import ConfigError, DataFormatError, MBAError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
-from megablocks_ablate.utils.outputs import claim_output_dir
+from megablocks_ablate.utils.outputs import claim_output_dir, sweep_stale_temporaries
 from megablocks_ablate.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -860,6 +860,8 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     manifest = Manifest(data=data, root=os.path.abspath(out))
     manifest.save()
     shutil.rmtree(tmp, ignore_errors=True)
+    for sub_dir in (out, os.path.join(out, "units"), os.path.join(out, "heldout")):
+        sweep_stale_temporaries(sub_dir)  # half-written files of an earlier killed run
     logger.info(
         f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
         f"{totals['tokens_in_units']:,} tokens in units, "

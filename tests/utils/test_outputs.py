@@ -199,3 +199,30 @@ def test_train_refuses_a_foreign_out_dir(tmp_path, capsys):
     )
     assert rc == 2 and "did not write" in capsys.readouterr().err
     assert os.listdir(mine) == ["notes.txt"]
+
+
+def test_preprocess_sweeps_half_written_files_of_a_killed_run(tmp_path, tiny_corpus, sp_model_path):
+    from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = out_mod.tmp_tag().rsplit("-", 1)[0]
+    claim_output_dir(str(tmp_path / "data"), "preprocess", reuse=True)  # the killed run's
+    units = tmp_path / "data" / "units"
+    units.mkdir(parents=True)
+    leftover = units / f".fos-0000.bin.{host}-{dead.pid}.x1y2z3.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    run_preprocess(
+        PreprocessConfig.from_dict(
+            dict(
+                input=[tiny_corpus],
+                out=str(tmp_path / "data"),
+                tokenizer=sp_model_path,
+                partition_by=["fos"],
+                unit_tokens=3000,
+                workers=1,
+            )
+        )
+    )
+    assert not leftover.exists()
+    assert not [n for n in os.listdir(units) if n.endswith(".tmp")]
