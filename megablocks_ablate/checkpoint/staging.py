@@ -89,12 +89,25 @@ def _swap(tmp: str, directory: str) -> None:
 def _replace_files(tmp: str, directory: str, new: set[str]) -> None:
     """Move each new entry over its old copy, drop our old entries that the new output
     does not have, keep everything else (a user's files in the same directory)."""
+    ours = own_files(directory) or set()
+    clashes = [
+        n
+        for n in sorted(new)
+        if os.path.isdir(os.path.join(directory, n))
+        and not os.path.islink(os.path.join(directory, n))
+        and n not in ours
+    ]
+    if clashes:  # checked before anything moves: a directory we cannot prove is ours stays
+        raise ConfigError(
+            f"{directory}: holds a directory {clashes[0]!r} where this output "
+            "writes a file of that name; nothing was replaced"
+        )
     for name in sorted(new):
         target = os.path.join(directory, name)
         if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)  # a sub-directory of our previous output (same name)
+            shutil.rmtree(target)  # a sub-directory our previous output listed as its own
         os.replace(os.path.join(tmp, name), target)
-    for name in (own_files(directory) or set()) - new - {MARKER}:
+    for name in ours - new - {MARKER}:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
     fsync_path(directory)

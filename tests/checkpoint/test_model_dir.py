@@ -16,7 +16,7 @@ from megablocks_ablate.checkpoint import (
     read_checkpoint_meta,
     save_model_checkpoint,
 )
-from megablocks_ablate.errors import DataFormatError
+from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.utils.hashing import sha256_file
 
 
@@ -141,3 +141,18 @@ def test_errors_name_the_file(tmp_path, problem):
     if problem in ("truncated", "garbage"):
         with pytest.raises(DataFormatError, match=expect):
             map_model_weights(d)
+
+
+def test_replacing_never_removes_a_directory_that_is_not_ours(tmp_path):
+    """Beside a user's files, a same-named directory blocks the replacement untouched."""
+    d = tmp_path / "ckpt"
+    save_model_checkpoint(str(d), {"w": torch.zeros(2)}, {"a": 1}, Lineage(kind="seed"))
+    (d / "notes.txt").write_text("mine")
+    os.unlink(d / "config.json")
+    (d / "config.json").mkdir()
+    (d / "config.json" / "draft.txt").write_text("also mine")
+    with pytest.raises(ConfigError, match="holds a directory 'config.json'"):
+        save_model_checkpoint(str(d), {"w": torch.ones(2)}, {"a": 2}, Lineage(kind="seed"))
+    assert (d / "config.json" / "draft.txt").read_text() == "also mine"
+    assert (d / "notes.txt").read_text() == "mine"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
