@@ -35,19 +35,20 @@ import torch  # noqa: E402
 CACHE = os.path.join(HERE, ".cache", "train_throughput")
 
 
-def make_data() -> str:
-    """A demo-sized corpus, tokenizer and manifest (cached)."""
+def make_data(cache: str = CACHE) -> str:
+    """A demo-sized corpus, tokenizer and manifest (cached under ``cache``; the GPU
+    suite, benchmarks/gpu/train_step.py, passes its own scratch directory)."""
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
     from megablocks_ablate.data.synthetic import write_corpus
     from megablocks_ablate.data.tokenizer import train_sentencepiece
 
-    data = os.path.join(CACHE, "data")
+    data = os.path.join(cache, "data")
     if os.path.exists(os.path.join(data, "manifest.json")):
         return data
-    os.makedirs(CACHE, exist_ok=True)
-    corpus = os.path.join(CACHE, "corpus.jsonl")
+    os.makedirs(cache, exist_ok=True)
+    corpus = os.path.join(cache, "corpus.jsonl")
     write_corpus(corpus, n_docs=2000, seed=0)
-    tok = os.path.join(CACHE, "tok")
+    tok = os.path.join(cache, "tok")
     train_sentencepiece([corpus], tok, vocab_size=1024, num_threads=2)  # the demo vocabulary
     run_preprocess(
         PreprocessConfig.from_dict(

@@ -7,6 +7,7 @@ when they are None; MBA_DISABLE_CPP=1 forces that (used by tests of the fallback
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -20,10 +21,16 @@ if os.environ.get("MBA_DISABLE_CPP") != "1":
         warnings.warn(
             f"megablocks_ablate._C not available ({e}); using NumPy fallbacks", stacklevel=2
         )
-    try:
-        from megablocks_ablate import _C_cuda as cuda  # type: ignore[no-redef]
-    except ImportError:
-        cuda = None
+    # _C_cuda links against torch's shared libraries: torch must be loaded first, or the
+    # import fails and the CUDA kernels would silently be off. Only pay for torch when
+    # the extension was built (the CPU-only merge path avoids importing torch).
+    if importlib.util.find_spec("megablocks_ablate._C_cuda") is not None:
+        try:
+            import torch  # noqa: F401
+
+            from megablocks_ablate import _C_cuda as cuda  # type: ignore[no-redef]
+        except ImportError:
+            cuda = None
 
 
 def require_cpp():

@@ -22,9 +22,25 @@ Per chunk, with ``z = logit_scale * logits`` (math in fp32)::
 
 ``reduction="none"`` returns the per-token NLL in fp32 (evaluation); its backward, if
 ever needed, recomputes the logits chunk by chunk.
+
+Precision of the weight gradient. ``d loss / d weight`` is a sum over every chunk
+(``dlogits_c.T @ hidden_c``), so it is accumulated in an fp32 buffer whatever the
+compute dtype, and rounded once, to the weight's own dtype, at the end: summing ~25
+chunk products in bf16 would round the running sum to 8 mantissa bits at each add, an
+error that grows with the number of chunks. For the same reason the Function takes the
+weight in its own dtype (fp32 master weights under autocast) and makes the bf16 copy
+for the GEMMs itself: the gradient it returns is then the fp32 accumulator, never a
+bf16 tensor cast back up. The mean's ``1 / count`` is applied to the fp32 sum before
+that rounding; the incoming scalar (1.0 in training) after it. On CUDA each chunk's
+product goes straight into the fp32 buffer (``addmm`` with ``out_dtype``); where that
+is unavailable (CPU) the product is made in the compute dtype and added in fp32, one
+rounding per chunk product rather than one per partial sum. The hidden-state
+gradient needs no buffer: each row's is one GEMM, made once.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +52,8 @@ except ImportError:  # torch per-chunk step only
     triton = None
 
 IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
 
 
 def linear_cross_entropy_reference(
@@ -148,30 +166,70 @@ def default_chunk_rows(n_rows: int, d_model: int, vocab: int) -> int:
     return max(8, min(n_rows, budget // max(vocab, 1) // 8 * 8))
 
 
+# (device type, compute dtype) -> whether ``torch.addmm(..., out_dtype=float32)`` runs there
+_FP32_OUT_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` with ``acc`` fp32 and ``a``, ``b`` in the compute dtype.
+
+    Returns the new accumulator (the same tensor when updated in place). Where the GEMM
+    can write fp32 from bf16/fp16 inputs (CUDA), the product is never rounded; else it is
+    rounded once to the compute dtype and added in fp32.
+    """
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    key = (a.device.type, a.dtype)
+    if _FP32_OUT_ADDMM.get(key, True):
+        try:
+            result = torch.addmm(acc, a, b, torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError) as e:
+            # Not built for this backend (CPU) or this torch: remember, use the fallback.
+            _FP32_OUT_ADDMM[key] = False
+            logger.debug(f"addmm with out_dtype=float32 unavailable on {key}: {e}")
+        else:
+            _FP32_OUT_ADDMM[key] = True
+            return result
+    return acc.add_(torch.mm(a, b))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked fused linear + CE. ``weight`` arrives in its own dtype and is cast to the
+    compute dtype (``hidden.dtype``) here, so its gradient leaves in that dtype straight
+    from the fp32 accumulator (see the module doc)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, scale, ignore_index, reduction, chunk_rows, impl):
         step = _CHUNK_STEPS[impl]
         n = hidden.shape[0]
+        w = weight.to(hidden.dtype)
         want_grad = reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_grad else None
-        grad_w = torch.zeros_like(weight) if want_grad else None
+        grad_w = None
+        if want_grad:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, n, chunk_rows):
             h = hidden[start : start + chunk_rows]
-            logits = h @ weight.t()
+            logits = h @ w.t()
             nll[start : start + chunk_rows] = step(
                 logits, labels[start : start + chunk_rows], scale, ignore_index, want_grad
             )
             if want_grad:  # logits now hold dloss/dlogits of the summed loss
-                torch.mm(logits, weight, out=grad_h[start : start + chunk_rows])
-                grad_w.addmm_(logits.t(), h)
+                torch.mm(logits, w, out=grad_h[start : start + chunk_rows])
+                grad_w = _add_product_fp32(grad_w, logits.t(), h)
         ctx.scale, ctx.ignore_index, ctx.reduction = scale, ignore_index, reduction
         ctx.chunk_rows, ctx.impl = chunk_rows, impl
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, labels)
             return nll
         count = (labels != ignore_index).sum().clamp(min=1)
+        if grad_w is not None:
+            if reduction == "mean":
+                grad_w.div_(count)  # in fp32, before the one rounding below
+            # Saved in the weight's dtype: fp32 master weights keep every bit, a bf16
+            # weight is rounded once (not at each chunk).
+            grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w, count)
         return nll.sum() if reduction == "sum" else nll.sum() / count
 
@@ -181,20 +239,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h, grad_w, count = ctx.saved_tensors
             g = grad_out if ctx.reduction == "sum" else grad_out / count
             dh = grad_h * g.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-            dw = grad_w * g.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
+            dw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
             return dh, dw, None, None, None, None, None, None
         # Per-token loss with a gradient (rare): recompute each chunk's logits.
         hidden, weight, labels = ctx.saved_tensors
+        w = weight.to(hidden.dtype)
         dh = torch.empty_like(hidden)
-        dw = torch.zeros_like(weight)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
-            logits = hidden[rows] @ weight.t()
+            logits = hidden[rows] @ w.t()
             _CHUNK_STEPS[ctx.impl](logits, labels[rows], ctx.scale, ctx.ignore_index, True)
             logits.mul_(grad_out[rows, None].to(logits.dtype))
-            torch.mm(logits, weight, out=dh[rows])
-            dw.addmm_(logits.t(), hidden[rows])
-        return dh, dw, None, None, None, None, None, None
+            torch.mm(logits, w, out=dh[rows])
+            dw = _add_product_fp32(dw, logits.t(), hidden[rows])
+        return dh, dw.to(weight.dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -232,8 +291,8 @@ def linear_cross_entropy(
         hidden = hidden.to(torch.get_autocast_dtype(device_type))
     hidden = hidden.contiguous()
     labels = labels.contiguous()
-    if weight.dtype != hidden.dtype:
-        weight = weight.to(hidden.dtype)
+    # ``weight`` goes in uncast: the Function makes the compute-dtype copy itself so the
+    # gradient it returns is the fp32 accumulator in the weight's dtype (module doc).
     rows = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(

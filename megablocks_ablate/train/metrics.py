@@ -7,7 +7,9 @@ One record per logged step::
 
 ``mfu`` is model FLOPs utilisation: ``flops_per_token(seq_len) * tokens/s`` over the
 peak of all devices; it is null when the peak is unknown (CPU, unlisted GPU) unless
-``logging.peak_tflops`` gives it.
+``logging.peak_tflops`` or ``MBA_PEAK_TFLOPS`` gives it. Each logged interval is timed
+between two clock reads taken after the device has finished its queued work, so the
+rate is that of work done, not of work launched.
 """
 
 from __future__ import annotations
@@ -15,55 +17,157 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+
+from megablocks_ablate.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# dense bf16 peak TFLOP/s per device, by substring of torch.cuda.get_device_name()
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "A800": 312.0,
-    "L40S": 362.0,
-    "L40": 181.0,
-    "A10G": 70.0,
-    "RTX 4090": 165.0,
-    "V100": 125.0,
-}
+PEAK_ENV = "MBA_PEAK_TFLOPS"  # peak TFLOP/s of one device, when logging.peak_tflops is unset
+
+# Dense BF16 tensor-core peak TFLOP/s of one GPU (FP32 accumulate). NVIDIA's datasheets
+# print the 2:4-sparse figure (starred); the dense peak, used here, is half of it:
+#   H100 SXM 1,979* -> 989; H100 PCIe 1,513* -> 756; H100 NVL 1,671* -> 835 per GPU
+#     (NVIDIA H100 Tensor Core GPU datasheet; early editions gave the NVL for the pair)
+#   H200 SXM 1,979* -> 989; H200 NVL 1,671* -> 835 (NVIDIA H200 datasheet)
+#   GH200 1,979* -> 989 (GH200 Grace Hopper Superchip datasheet)
+#   H800 SXM / PCIe: the H100 SXM / PCIe compute (the export parts differ in NVLink)
+#   B200: 4.5 PF* -> 2250 (HGX B200 datasheet: 36 PF* over 8 GPUs)
+#   A100 SXM4 and PCIe, 40 and 80 GB: 624* -> 312 (NVIDIA A100 datasheet); A800 the same
+#   A30 330* -> 165; A40 299.4* -> 149.7; A10 250* -> 125 (their datasheets)
+#   L40S 733* -> 362; L40 362.1* -> 181; L4 242* -> 121 (their datasheets)
+#   RTX A6000 tensor 309.7* -> 154.8 (NVIDIA RTX A6000 datasheet)
+#   GeForce RTX 4090 165.2 and RTX 3090 71, BF16 with FP32 accumulate, dense (Ada and
+#     GA102 architecture whitepapers: GeForce runs FP32 accumulate at half rate)
+# Not listed, so no MFU unless given: V100 (no BF16 tensor cores), A10G and other
+# cloud-only parts without an NVIDIA datasheet, MIG slices (a fraction of the GPU).
+#
+# Matched against the tokens of torch.cuda.get_device_name() as NVIDIA reports it, e.g.
+# "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA L40S", "NVIDIA RTX A6000":
+# the first row whose tokens all occur wins, so form factors come before the bare model,
+# and whole tokens keep "L4" from matching "L40S" or "H20" from matching "H200".
+PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("GH200",), 989.0),
+    (("H200", "NVL"), 835.0),
+    (("H200",), 989.0),
+    (("H100", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.0),
+    (("H800", "PCIE"), 756.0),
+    (("H800",), 989.0),
+    (("B200",), 2250.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+    (("A30",), 165.0),
+    (("A40",), 149.7),
+    (("A10",), 125.0),
+    (("L40S",), 362.0),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("A6000",), 154.8),
+    (("RTX", "4090"), 165.2),
+    (("RTX", "3090"), 71.0),
+)
+
+_reported_unknown: set[str] = set()  # GPU names already logged as having no peak
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """Dense BF16 peak TFLOP/s of the GPU named ``name`` (as ``get_device_name`` gives
+    it), or None when it is not in :data:`PEAK_BF16_TFLOPS`."""
+    tokens = set(re.split(r"[^A-Z0-9]+", name.upper()))
+    for required, value in PEAK_BF16_TFLOPS:
+        if tokens.issuperset(required):
+            return value
+    return None
+
+
+def _positive(value, source: str) -> float:
+    try:
+        peak = float(value)
+    except (TypeError, ValueError):
+        peak = float("nan")
+    if not peak > 0 or peak == float("inf"):
+        raise ConfigError(f"{source}: expected a positive number of TFLOP/s, got {value!r}")
+    return peak
 
 
 def peak_tflops(device, configured: float | None) -> float | None:
-    """Peak TFLOP/s of one device: the configured value, a known GPU's, or None."""
+    """Peak TFLOP/s of one device for MFU: ``configured`` (``logging.peak_tflops``) if
+    set, else ``$MBA_PEAK_TFLOPS`` if set, else a listed GPU's, else None (CPU, or an
+    unlisted GPU: logged once per name)."""
     if configured is not None:
-        return configured
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
+        return _positive(configured, "logging.peak_tflops")
+    env = os.environ.get(PEAK_ENV, "").strip()
+    if env:
+        return _positive(env, PEAK_ENV)
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
 
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                return value
-    return None
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak_tflops(name)
+    if peak is None and name not in _reported_unknown:
+        _reported_unknown.add(name)
+        logger.info(
+            f"no peak TFLOP/s known for GPU {name!r}: MFU is not reported "
+            f"(set logging.peak_tflops or {PEAK_ENV})"
+        )
+    return peak
+
+
+def synchronize(device=None) -> None:
+    """Wait until ``device`` has run its queued work (CUDA); nothing on CPU.
+
+    ``device=None``: the current CUDA device if this process has initialised CUDA, so a
+    caller that does not pass its device is still timed correctly."""
+    import torch
+
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    elif getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ThroughputMeter:
     """The record of a logged step: loss and learning rate with tokens/s, TFLOP/s per
-    device and MFU measured since the previous logged step."""
+    device and MFU measured since the previous logged step.
+
+    Kernels run asynchronously: the clock read at a logging point would otherwise fall
+    while the step's work is still queued, charging it to the next interval. So every
+    clock read (start, each record, a rewind, :meth:`elapsed_s`) first synchronises
+    ``device`` (see :func:`synchronize`; the default None picks the current CUDA device
+    once CUDA is in use). One sync per logged step costs a pipeline drain, not a step.
+    """
 
     def __init__(
-        self, flops_per_token: float, peak: float | None, world_size: int, tokens_at_start: int
+        self,
+        flops_per_token: float,
+        peak: float | None,
+        world_size: int,
+        tokens_at_start: int,
+        device=None,
     ):
         self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
         self.tokens_at_start = tokens_at_start
-        self.t0 = self.t_last = time.perf_counter()
+        self.device = device
+        self.t0 = self.t_last = self._now()
         self.tokens_last = 0
+
+    def _now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Seconds since the meter started, once the device's queued work is done."""
+        return self._now() - self.t0
 
     def record(self, step: int, tokens: int, loss: float, lr: float, grad_norm: float) -> dict:
         """``tokens``: total trained after ``step`` (the run's start included)."""
-        now = time.perf_counter()
+        now = self._now()
         done = tokens - self.tokens_at_start
         tps = (done - self.tokens_last) / max(now - self.t_last, 1e-9)
         self.t_last, self.tokens_last = now, done
@@ -82,7 +186,7 @@ class ThroughputMeter:
 
     def rewind(self, tokens: int) -> None:
         """The run went back to ``tokens`` (a rollback): measure from here, now."""
-        self.t_last = time.perf_counter()
+        self.t_last = self._now()
         self.tokens_last = tokens - self.tokens_at_start
 
 

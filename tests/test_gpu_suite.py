@@ -1,0 +1,121 @@
+"""benchmarks/gpu_suite.sh --dry-run: every row runs on CPU, failures stay local.
+
+The dry run goes through the same shell script, runner and row drivers as a real GPU
+run (tiny sizes, CPU, Triton interpreter), so a broken driver shows here rather than
+in the few minutes a GPU machine is lent for.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration  # runs the whole suite: ~10 subprocesses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [
+    "env",
+    "build_ext",
+    "merge_kernels",
+    "triton_kernels",
+    "train_130m",
+    "train_1.1b",
+    "eval",
+    "merge_eval",
+    "nccl",
+]
+# Rows that may be skipped on a machine without CUDA tooling (nvcc for the compile check).
+MAY_SKIP = {"build_ext", "nccl"}
+SECTIONS = ["## GPU suite", "## GPU training step", "## GPU merge kernels", "## GPU Triton kernels"]
+SECTIONS += ["## GPU evaluation", "## GPU merge-eval rate", "## GPU NCCL all-reduce"]
+
+
+def run_suite(out, *args, timeout=300, **env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MBA_GPU_SUITE_")}
+    env.update(PYTHON=sys.executable, **env_extra)
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--dry-run", "--out", out]
+    return subprocess.run(
+        cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def load(out, name):
+    with open(os.path.join(out, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gpu-dry"))
+    proc = run_suite(out)
+    return out, proc
+
+
+def test_every_row_runs_ok_in_the_dry_run(dry_run):
+    out, proc = dry_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ROWS:
+        row = load(out, f"rows/{name}.json")
+        assert row["row"] == name and row["dry_run"] is True
+        if row["status"] == "skipped":
+            assert name in MAY_SKIP and row["reason"], row
+        else:
+            assert row["status"] == "ok", (name, row.get("reason"), row.get("stderr_tail"))
+            assert row["key"]["text"], row
+        assert row["exit_code"] == 0 and row["timeout_s"] > 0
+
+
+def test_summary_and_markdown_cover_every_row(dry_run):
+    out, proc = dry_run
+    summary = load(out, "summary.json")
+    assert [r["row"] for r in summary["rows"]] == ROWS
+    assert summary["dry_run"] is True and summary["exit_code"] == 0 and summary["failed"] == []
+    assert summary["elapsed_s"] < summary["budget_s"]
+    for r in summary["rows"]:
+        assert r["status"] in ("ok", "skipped") and r["title"]
+    md = open(os.path.join(out, "benchmarks_gpu.md"), encoding="utf-8").read()
+    for title in SECTIONS:
+        assert f"\n{title}\n" in f"\n{md}", title
+    assert "**Dry run**" in md
+    for name in ROWS:  # the terminal table names every row
+        assert name in proc.stdout
+
+
+def test_a_failing_row_is_recorded_and_the_rest_still_run(tmp_path):
+    out = str(tmp_path)
+    proc = run_suite(out, "--rows", "env,build_ext,nccl", MBA_GPU_SUITE_FAIL="build_ext")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # any failed row -> exit code 1
+    failed = load(out, "rows/build_ext.json")
+    assert failed["status"] == "failed" and failed["exit_code"] == 1
+    assert failed["reason"].startswith("exit code 1")
+    assert "forced failure" in failed["stderr_tail"]
+    for name in ("env", "nccl"):  # before and after the failure
+        assert load(out, f"rows/{name}.json")["status"] == "ok"
+    summary = load(out, "summary.json")
+    status = {r["row"]: r["status"] for r in summary["rows"]}
+    assert status["build_ext"] == "failed" and status["nccl"] == "ok"
+    assert status["eval"] == "not run" and summary["failed"] == ["build_ext"]
+    assert summary["exit_code"] == 1
+    md = open(os.path.join(out, "benchmarks_gpu.md"), encoding="utf-8").read()
+    assert "failed: exit code 1" in md
+
+
+def test_a_hanging_row_is_killed_at_the_end_of_its_slice(tmp_path):
+    out = str(tmp_path)
+    budget = 14  # room for the start-up on a loaded machine; the row gets most of it
+    proc = run_suite(
+        out, "--rows", "build_ext", "--budget-s", str(budget), MBA_GPU_SUITE_HANG="build_ext"
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    row = load(out, "rows/build_ext.json")
+    assert row["status"] == "failed" and row["reason"].startswith("timeout")
+    assert "hanging on purpose" in row["stderr_tail"]
+    assert row["elapsed_s"] <= budget
+    assert load(out, "summary.json")["elapsed_s"] <= budget + 2
+
+
+def test_unknown_rows_are_a_usage_error(tmp_path):
+    proc = run_suite(str(tmp_path), "--rows", "nope")
+    assert proc.returncode == 2 and "unknown" in proc.stderr
