@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Not copied into the build tree: environments, build outputs, caches, run outputs (the
 # top-level names only at the top: megablocks_ablate/data/ is a package).
-_TOP_IGNORE = {".git", ".venv", "build", "dist", "demo_out", "data", "runs"}
+_TOP_IGNORE = {".git", ".venv", "build", "dist", "demo_out", "demo_manpages_out", "data", "runs"}
 _ANY_IGNORE = shutil.ignore_patterns("*.egg-info", "__pycache__", "*.so", ".*_cache")
 
 

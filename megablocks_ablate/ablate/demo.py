@@ -2,8 +2,11 @@
 
 1. **corpus**: text of this machine's Python standard library
    (:mod:`megablocks_ablate.data.stdlib_corpus`): 8 partitions (``docs`` and seven code
-   families) plus a separate seed corpus; or the user's JSONL (``--corpus``) with a
-   metadata field naming the partition;
+   families) plus a separate seed corpus; or, with ``--builtin manpages``, English prose
+   from its manual pages and package docs (:mod:`megablocks_ablate.data.manpage_corpus`):
+   8 partitions, a seed corpus and 3 out-of-domain evaluation sets (added to the study's
+   ``eval.extra``); or the user's JSONL (``--corpus``) with a metadata field naming the
+   partition;
 2. **tokenizer**: a 2,048-piece SentencePiece BPE trained on it;
 3. **preprocess**: partitions by domain, base units, a 2% held-out set per partition
    (the evaluation domains);
@@ -52,6 +55,47 @@ class DemoSettings:
     train_overrides: list[str] = field(default_factory=list)  # applied to every model
     workers: int = 2
     max_partitions: int | None = None  # keep the first N partitions (smaller demos)
+    builtin: str = "stdlib"  # the built-in corpus without --corpus: one of BUILTINS
+    eval_extra: list[str] = field(default_factory=list)  # more eval sets: PATH or NAME=PATH
+    corpus_root: str = "/"  # filesystem prefix the manpages corpus is read from (tests)
+
+    def __post_init__(self) -> None:
+        if self.builtin not in BUILTINS:
+            raise ConfigError(
+                f"--builtin: unknown corpus {self.builtin!r} (known: {', '.join(BUILTINS)})"
+            )
+        if self.corpus and self.builtin != "stdlib":
+            raise ConfigError(f"--builtin {self.builtin} and --corpus: give one of them")
+
+
+BUILTINS = ("stdlib", "manpages")
+# The manpages partitions have 560-960 documents each (the stdlib ones thousands): at
+# 0.005 a partition could get no held-out document at all; 0.01 expects 5.6 or more.
+MANPAGES_HELDOUT_FRACTION = 0.01
+
+
+def ood_sets(s: DemoSettings) -> dict[str, str]:
+    """{name: path} of the built-in corpus's out-of-domain evaluation sets (manpages:
+    ``<out>/ood/<name>.jsonl``; none for stdlib or a user corpus)."""
+    if s.corpus or s.builtin != "manpages":
+        return {}
+    from megablocks_ablate.data.manpage_corpus import OOD_SETS
+
+    return {n: os.path.join(s.out, "ood", f"{n}.jsonl") for n in OOD_SETS}
+
+
+def eval_extra(s: DemoSettings) -> list[str]:
+    """The study's ``eval.extra``: the built-in out-of-domain sets, then ``--eval-extra``."""
+    return list(ood_sets(s).values()) + list(s.eval_extra)
+
+
+def _check_eval_extra(s: DemoSettings) -> None:
+    """Fail before any work when an ``--eval-extra`` file is missing (the study spec would
+    only find out after the corpus, tokenizer and preprocess)."""
+    for item in s.eval_extra:
+        target = item.partition("=")[2] if "=" in item and not os.path.exists(item) else item
+        if not target or (not any(c in target for c in "*?[") and not os.path.exists(target)):
+            raise ConfigError(f"--eval-extra {item}: no such file or directory: {target!r}")
 
 
 def _step(i: int, n: int, msg: str, t0: float) -> None:
@@ -63,12 +107,18 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
     from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
 
-    claim_output_dir(s.out, "demo", reuse=True, inputs=[s.corpus, s.seed_corpus])
+    _check_eval_extra(s)
+    # a manpages demo is its own kind of output: its corpus, tokenizer and data must never
+    # be taken for (or reused by) a stdlib demo's in the same directory
+    kind = "demo" if s.corpus or s.builtin == "stdlib" else f"demo-{s.builtin}"
+    claim_output_dir(s.out, kind, reuse=True, inputs=[s.corpus, s.seed_corpus])
     if s.corpus:
         if not os.path.isfile(s.corpus):
             raise ConfigError(f"--corpus: no such file: {s.corpus}")
         corpus, seed_corpus = s.corpus, s.seed_corpus
         _step(1, 6, f"corpus: {corpus} (partitions from field {s.partition_by!r})", t0)
+    elif s.builtin == "manpages":
+        corpus, seed_corpus = _manpage_corpus(s, t0)
     else:
         from megablocks_ablate.data.stdlib_corpus import SEED_DOMAIN, write_corpus
 
@@ -132,6 +182,27 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
     return data, seed_data
 
 
+def _manpage_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
+    """The manual-page corpus, its seed and its out-of-domain sets, written once (one
+    build makes all of them, so they are disjoint); returns (corpus, seed corpus)."""
+    from megablocks_ablate.data.manpage_corpus import DOMAINS, write_all
+
+    corpus = os.path.join(s.out, "corpus.jsonl")
+    seed = os.path.join(s.out, "seed.jsonl")
+    ood = ood_sets(s)
+    if not all(os.path.isfile(p) for p in (corpus, seed, *ood.values())):
+        write_all(s.out, root=s.corpus_root)
+    seed_corpus = s.seed_corpus or seed
+    _step(
+        1,
+        6,
+        f"corpus: manual pages -> {corpus} ({len(DOMAINS)} partitions) + seed corpus "
+        f"{seed_corpus} + out-of-domain sets {', '.join(ood.values())}",
+        t0,
+    )
+    return corpus, seed_corpus
+
+
 def study_spec(
     s: DemoSettings, data: str, seed_data: str, partitions: dict[str, list[str]] | None = None
 ) -> dict:
@@ -153,7 +224,7 @@ def study_spec(
     seed_dir = os.path.join(s.out, "seed")
     over = list(s.train_overrides)
     return {
-        "name": "stdlib-demo" if not s.corpus else f"demo-{os.path.basename(s.corpus)}",
+        "name": f"{s.builtin}-demo" if not s.corpus else f"demo-{os.path.basename(s.corpus)}",
         "data": data,
         "out_dir": out,
         "seed": {
@@ -172,7 +243,7 @@ def study_spec(
         "partitions": partitions,
         "mixtures": {"k_subsets": s.k},
         "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
-        "eval": {"heldout": True, "extra": []},
+        "eval": {"heldout": True, "extra": eval_extra(s)},
         "validation": {
             "n": s.n_seq,
             "seed": 0,

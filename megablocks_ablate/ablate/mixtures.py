@@ -10,16 +10,17 @@ proxy      definition                                                     needs
 macro      unit u of partition g gets ``(1/G)(1/|g|)``: average within    a merge
            each partition, then across the G partitions (§5.2)
 micro      every unit ``1/n``: uniform over all the mixture's units       a merge
-merged     uniform over the mixture's component models. The pool holds    a merge
-           unit models only, so the components are the units and
-           ``merged == micro`` (and ``== macro`` when every partition is
-           one unit, as in the paper's §5.1). The paper's §5.2 "merged"
-           averages models trained on whole partitions for |g|x the
-           budget; those are not in a pool of unit models.
+merged     uniform over the mixture's component models. With the study's  a merge
+           ``partition_models: true`` the components are partition-level
+           models, each trained on all its partition's units for |g|x
+           the unit budget: the paper's §5.2 "merged". Without, the pool
+           holds unit models only, the components are the units and
+           ``merged == micro``. Either way ``merged == macro == micro``
+           when every partition is one unit (the paper's §5.1).
 mean_ind   mean of the components' own perplexities (no merge): each      unit evals
-           partition's mean unit-model perplexity, averaged over the
-           partitions (the macro weighting of perplexities; the plain
-           mean over units when partitions are units)
+           partition's model (its partition-level model when trained,
+           else the mean of its unit models' perplexities), averaged over
+           the partitions
 ind_id     in-domain only (the paper's "ind ID"): on the held-out set     unit evals
            of a training partition P of the mixture, the perplexity of
            the component trained on P (mean over P's units); on the
@@ -55,6 +56,9 @@ IND_PROXIES = ("mean_ind", "ind_id")
 PROXIES = MERGE_PROXIES + IND_PROXIES
 SEQ = "seq"  # the proxy name under which seq (truly trained) models are stored
 IND = "ind"  # single unit-model evaluations, the inputs of mean_ind and ind_id
+# cross-scale studies (paper Table 4): the seq model trained at the unit models' scale,
+# stored as a proxy of the target-scale seq model
+IND_SEQ = "ind_seq"
 ID_DOMAIN = "ID"  # the mixture's own combined held-out set (pooled)
 
 
@@ -179,8 +183,21 @@ def _check_k(names: Sequence[str], k: int) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def proxy_weights(mixture: Mixture, proxy: str) -> dict[str, float]:
-    """The weight vector (unit -> weight, summing to 1) of a merged proxy."""
+def proxy_weights(
+    mixture: Mixture, proxy: str, partition_models: Mapping[str, str] | None = None
+) -> dict[str, float]:
+    """The weight vector (model -> weight, summing to 1) of a merged proxy.
+
+    With ``partition_models`` (partition name -> the model trained on all its units, see
+    :func:`partition_model_name`), ``merged`` is the paper's §5.2 "merged": the uniform
+    average of the mixture's partition-level models. Without, the pool holds unit
+    models only and ``merged`` is ``micro``.
+    """
+    if proxy == "merged" and partition_models:
+        missing = [g for g in mixture.names if g not in partition_models]
+        if missing:
+            raise ValueError(f"no partition-level model for partition(s) {missing}")
+        return {partition_models[g]: 1.0 / mixture.k for g in mixture.names}
     if proxy == "macro":
         return partition_balanced_weights(mixture.partitions)
     if proxy in ("micro", "merged"):
@@ -194,24 +211,35 @@ def proxy_weights(mixture: Mixture, proxy: str) -> dict[str, float]:
     raise ValueError(f"unknown proxy {proxy!r} (known: {', '.join(PROXIES)})")
 
 
+PARTITION_MODEL_PREFIX = "partition:"
+
+
+def partition_model_name(partition: str, units: Sequence[str]) -> str:
+    """The pool/store name of a partition's own model: its unit's name when the partition
+    is one unit (that model IS the partition model: same data, same budget), else
+    ``partition:<name>`` (trained on all its units for ``len(units)`` x the unit budget)."""
+    return units[0] if len(units) == 1 else PARTITION_MODEL_PREFIX + partition
+
+
 def weights_key(weights: Mapping[str, float]) -> str:
     """A canonical string for a weight vector (to evaluate identical merges once)."""
     return json.dumps({u: round(w, 12) for u, w in sorted(weights.items())}, separators=(",", ":"))
 
 
 def merge_plan(
-    mixture: Mixture, proxies: Iterable[str]
+    mixture: Mixture, proxies: Iterable[str], partition_models: Mapping[str, str] | None = None
 ) -> list[tuple[dict[str, float], list[str]]]:
     """Distinct merges a mixture needs: ``[(weights, [proxies sharing them]), ...]``.
 
-    ``merged`` and ``micro`` are always the same vector, and all three are when every
-    partition is one unit, so a runner evaluates one live model for all of them.
+    Without partition-level models ``merged`` and ``micro`` are the same vector, and all
+    three are when every partition is one unit (a one-unit partition's model is its
+    unit model), so a runner evaluates one live model for all of them.
     """
     plan: dict[str, tuple[dict[str, float], list[str]]] = {}
     for proxy in proxies:
         if proxy not in MERGE_PROXIES:
             continue
-        w = proxy_weights(mixture, proxy)
+        w = proxy_weights(mixture, proxy, partition_models)
         plan.setdefault(weights_key(w), (w, []))[1].append(proxy)
     return list(plan.values())
 
@@ -312,6 +340,7 @@ class Cost:
     seq_models: int
     seq_validation_tokens: int  # seq models actually trained to validate the proxies
     naive_tokens: int  # a seq model for every scored mixture
+    partition_model_tokens: int = 0  # partition-level models (study partition_models)
 
     @property
     def modular_tokens(self) -> int:
@@ -319,7 +348,7 @@ class Cost:
 
     @property
     def total_tokens(self) -> int:
-        return self.modular_tokens + self.seq_validation_tokens
+        return self.modular_tokens + self.partition_model_tokens + self.seq_validation_tokens
 
     @property
     def savings(self) -> float:
@@ -335,17 +364,23 @@ class Cost:
             "seq_models": self.seq_models,
             "seq_validation_tokens": self.seq_validation_tokens,
             "naive_tokens": self.naive_tokens,
+            "partition_model_tokens": self.partition_model_tokens,
             "total_tokens": self.total_tokens,
             "savings": self.savings,
         }
 
 
 def study_cost(
-    mixtures: Sequence[Mixture], validation: Sequence[Mixture], unit_tokens: int
+    mixtures: Sequence[Mixture],
+    validation: Sequence[Mixture],
+    unit_tokens: int,
+    partition_units: Iterable[int] = (),
 ) -> Cost:
-    """Cost of scoring ``mixtures`` by merging (every unit used trained once)."""
+    """Cost of scoring ``mixtures`` by merging (every unit used trained once), plus one
+    model per entry of ``partition_units`` (a partition-level model's unit count)."""
     units = {u for m in mixtures for u in m.units}
     return Cost(
+        partition_model_tokens=sum(int(n) for n in partition_units) * int(unit_tokens),
         units_trained=len(units),
         unit_tokens=int(unit_tokens),
         mixtures=len(mixtures),

@@ -4,14 +4,23 @@ Written files (all atomically)::
 
     report/report.md          headline, correlation tables, rankings, recommendation,
                               top-k agreement, influence, cost
-    report/summary.json       the headline figures, machine-readable
+    report/summary.json       the headline figures, machine-readable (keys:
+                              :mod:`.report_tables`)
     report/results.csv        raw store rows (merged proxies, seq, unit models) with
                               NLL sums, tokens, bytes and provenance (+ .parquet when
                               pyarrow is installed)
     report/scores.csv         every value the tables use, derived proxies and ID included
-    report/correlations.csv   Pearson and Spearman per (row, proxy) with 95% intervals
+    report/correlations.csv   Pearson and Spearman per (row, role, proxy) with 95%
+                              intervals
     report/rankings.csv       per (proxy, domain): every scored mixture, ranked
-    report/scatter_<proxy>.png  seq vs proxy perplexity, one colour per domain (Figure 3)
+    report/scatter_<proxy>.png  seq vs proxy perplexity, one colour per domain, in-domain
+                              points as triangles (Figure 3)
+
+Correlations keep in-domain and out-of-domain points apart, as the paper's tables do
+(:mod:`.roles`): the headline is the headline proxy's out-of-domain per-domain mean and
+pooled coefficient and its in-domain figures; the role-blind all-domain pooled
+coefficient is a secondary line. The headline proxy is ``macro`` when a partition
+holds more than one unit, else ``merged`` (:func:`~.roles.headline_proxy`).
 
 Every number is recomputed from the store (:func:`~.analysis.build_table`), so a
 report can be rebuilt at any time, also while a study is still running.
@@ -19,17 +28,16 @@ report can be rebuilt at any time, also while a study is still running.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate import report_tables as rt
+from megablocks_ablate.ablate import roles as rl
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN, SEQ
+from megablocks_ablate.ablate.report_tables import ReportSummary, md_table, write_csv
 from megablocks_ablate.utils.atomic import (
     atomic_open,
     atomic_write_json,
@@ -38,86 +46,16 @@ from megablocks_ablate.utils.atomic import (
     tmp_path_for,
 )
 
+__all__ = ["RANK_ROWS", "ReportSummary", "plot_scatter", "write_report"]
+
 RANK_ROWS = 10  # mixtures listed per domain in report.md (rankings.csv has all)
-
-
-@dataclass
-class ReportSummary:
-    out_dir: str
-    primary: str | None  # proxy of the headline
-    pooled: dict[str, dict[str, an.Corr]] = field(default_factory=dict)  # proxy -> method -> Corr
-    per_domain: dict[str, dict[str, an.Corr]] = field(default_factory=dict)  # domain -> method
-    recommended: tuple[str, str, float] | None = None  # (mixture id, label, score)
-    files: list[str] = field(default_factory=list)
-
-    def headline(self) -> str:
-        """A few lines for the terminal: where the report is and the key figures."""
-        lines = [f"report: {os.path.join(self.out_dir, 'report.md')}"]
-        if self.primary and self.primary in self.pooled:
-            p, s = self.pooled[self.primary]["pearson"], self.pooled[self.primary]["spearman"]
-            lines.append(
-                f"{self.primary} vs seq, pooled over domains: Pearson {p.fmt()}, "
-                f"Spearman {s.fmt()} ({p.n} points, {p.mixtures} mixtures)"
-            )
-            for d, c in self.per_domain.items():
-                lines.append(
-                    f"  {d:<24} Pearson {c['pearson'].fmt(ci=False):>6}  "
-                    f"Spearman {c['spearman'].fmt(ci=False):>6}"
-                )
-        for proxy, c in self.pooled.items():
-            if proxy != self.primary:
-                lines.append(
-                    f"{proxy} vs seq, pooled: Pearson {c['pearson'].fmt(ci=False)}, "
-                    f"Spearman {c['spearman'].fmt(ci=False)}"
-                )
-        if self.recommended:
-            lines.append(f"recommended mixture: {self.recommended[1]} ({self.recommended[0]})")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        def c(x: an.Corr) -> dict:
-            return {
-                k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in x.__dict__.items()
-            }
-
-        return {
-            "primary": self.primary,
-            "pooled": {p: {m: c(v) for m, v in by.items()} for p, by in self.pooled.items()},
-            "per_domain": {
-                d: {m: c(v) for m, v in by.items()} for d, by in self.per_domain.items()
-            },
-            "recommended": list(self.recommended) if self.recommended else None,
-            "files": self.files,
-        }
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def _write_csv(path: str, header: Sequence[str], rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-
-
-def _primary(table: an.ResultTable) -> str | None:
-    for p in ("merged", "macro", "micro", "mean_ind", "ind_id"):
-        if p in table.proxies:
-            return p
-    return None
 
 
 def _cost(store, table: an.ResultTable) -> mx.Cost | None:
@@ -175,7 +113,7 @@ def _write_raw(store, table: an.ResultTable, out: str) -> list[str]:
     for r in store.unit_results():
         rows.append(_raw_row(r, "unit", "", "", r.subject))
     files = [os.path.join(out, "results.csv")]
-    _write_csv(files[0], header, rows)
+    write_csv(files[0], header, rows)
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -198,14 +136,16 @@ def _write_scores(table: an.ResultTable, out: str) -> str:
                     [mid, table.mixtures[mid].label if mid in table.mixtures else "", proxy, d, v]
                 )
     path = os.path.join(out, "scores.csv")
-    _write_csv(path, ["mixture_id", "label", "proxy", "domain", "perplexity"], rows)
+    write_csv(path, ["mixture_id", "label", "proxy", "domain", "perplexity"], rows)
     return path
 
 
 def plot_scatter(
     table: an.ResultTable, proxy: str, path: str, pooled: dict[str, an.Corr] | None = None
 ) -> None:
-    """Seq vs proxy perplexity on every individual domain, log-log, one colour each."""
+    """Seq vs proxy perplexity on every individual domain, log-log, one colour each;
+    out-of-domain points are circles, in-domain ones triangles (they lie on another
+    line). ``pooled`` (method -> Corr) is shown in the title, as the OOD pooled figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,31 +154,39 @@ def plot_scatter(
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
     cmap = plt.get_cmap("tab10" if len(table.domains) <= 10 else "tab20")
     lo, hi = math.inf, -math.inf
+    any_id = False
     for i, d in enumerate(table.domains):
-        _, p, s = table.paired(proxy, d)
-        if len(p) == 0:
-            continue
-        ax.scatter(
-            p,
-            s,
-            s=22,
-            color=cmap(i % cmap.N),
-            label=d,
-            alpha=0.85,
-            edgecolors="white",
-            linewidths=0.4,
-        )
-        lo, hi = min(lo, p.min(), s.min()), max(hi, p.max(), s.max())
+        label: str | None = d  # one legend entry per domain, on its first series
+        for role, marker in ((an.ROLE_OOD, "o"), (an.ROLE_ID, "^")):
+            _, p, s = table.paired(proxy, d, role)
+            if len(p) == 0:
+                continue
+            any_id |= role == an.ROLE_ID
+            ax.scatter(
+                p,
+                s,
+                s=22 if marker == "o" else 30,
+                marker=marker,
+                color=cmap(i % cmap.N),
+                label=label,
+                alpha=0.85,
+                edgecolors="white",
+                linewidths=0.4,
+            )
+            lo, hi = min(lo, p.min(), s.min()), max(hi, p.max(), s.max())
+            label = None
     if math.isfinite(lo):
         ax.plot([lo, hi], [lo, hi], ls="--", lw=0.8, color="0.6", label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
+    if any_id:
+        ax.scatter([], [], marker="^", color="0.4", label="in-domain (triangles)")
     ax.set_xlabel(f"{proxy} perplexity (proxy)")
     ax.set_ylabel("seq perplexity")
     title = f"seq vs {proxy}"
     if pooled:
         title += (
-            f"   pooled Pearson {pooled['pearson'].fmt(ci=False)}, "
+            f"   OOD pooled Pearson {pooled['pearson'].fmt(ci=False)}, "
             f"Spearman {pooled['spearman'].fmt(ci=False)}"
         )
     ax.set_title(title, fontsize=10)
@@ -251,14 +199,6 @@ def plot_scatter(
 
 
 # ----------------------------------------------------------------------------- report.md
-
-
-def _corr_section(ct: an.CorrelationTable, title: str) -> str:
-    rows = [
-        [r] + [ct.cells[r][p].fmt() if p in ct.cells[r] else "-" for p in ct.proxies]
-        for r in ct.rows
-    ]
-    return f"### {title}\n\n" + _md_table(["eval domain"] + ct.proxies, rows)
 
 
 def _rankings_section(table: an.ResultTable, proxy: str) -> tuple[str, list]:
@@ -288,45 +228,10 @@ def _rankings_section(table: an.ResultTable, proxy: str) -> tuple[str, list]:
         )
         parts.append(
             f"#### {d}: recommended {rows[0][1]}\n\n"
-            + _md_table(["rank", "mixture", proxy, "seq", "seq rank"], rows)
+            + md_table(["rank", "mixture", proxy, "seq", "seq rank"], rows)
             + more
         )
     return "\n\n".join(parts), csv_rows
-
-
-def _correlation_tables(
-    table: an.ResultTable, n_boot: int, seed: int
-) -> dict[str, an.CorrelationTable]:
-    """Pearson and Spearman tables against seq, or none without seq results."""
-    if not table.seq_mixtures:
-        return {}
-    return {
-        m: an.correlation_table(table, m, n_boot=n_boot, seed=seed) for m in ("pearson", "spearman")
-    }
-
-
-def _write_correlations(tables: dict[str, an.CorrelationTable], out_dir: str) -> str:
-    """correlations.csv: one row per (method, row, proxy) with its interval."""
-    corr_rows = []
-    for method, ct in tables.items():
-        for r in ct.rows:
-            for p, c in ct.cells[r].items():
-                corr_rows.append([method, r, p, c.r, c.lo, c.hi, c.n, c.mixtures])
-    path = os.path.join(out_dir, "correlations.csv")
-    _write_csv(path, ["method", "row", "proxy", "r", "lo", "hi", "n", "mixtures"], corr_rows)
-    return path
-
-
-def _summarize_correlations(
-    summary: ReportSummary, table: an.ResultTable, tables: dict[str, an.CorrelationTable]
-) -> None:
-    """Copy the pooled (per proxy) and the primary proxy's per-domain figures into ``summary``."""
-    for p in table.proxies:
-        summary.pooled[p] = {m: tables[m].cells[an.POOLED_ROW][p] for m in tables}
-    if summary.primary:
-        summary.per_domain = {
-            d: {m: tables[m].cells[d][summary.primary] for m in tables} for d in table.all_domains
-        }
 
 
 def _intro_section(table: an.ResultTable, name: str) -> list[str]:
@@ -339,67 +244,16 @@ def _intro_section(table: an.ResultTable, name: str) -> list[str]:
         f"{len(table.seq_mixtures)} with a seq model; evaluation domains: "
         f"{', '.join(table.domains)}"
         + (
-            f" + {ID_DOMAIN} (each mixture's own held-out sets, pooled)"
-            if ID_DOMAIN in table.all_domains
+            f" + {ID_DOMAIN} (each mixture's own held-out sets, pooled) and "
+            f"{', '.join(table.id_rows)} (its i-th partition's)"
+            if ID_DOMAIN in table.all_domains and table.id_rows
             else ""
         )
-        + ".",
+        + ". A mixture's point on a domain is in-domain when the mixture trains on the "
+        "domain's partition, else out-of-domain; the two lie on different lines, so the "
+        "correlations below keep them apart.",
         "",
     ]
-
-
-def _headline_section(
-    summary: ReportSummary, table: an.ResultTable, n_boot: int, seed: int
-) -> list[str]:
-    """The primary proxy's pooled correlations (others in brief), and the recommendation;
-    sets ``summary.recommended``."""
-    primary = summary.primary
-    md = ["## Headline", ""]
-    if primary and primary in summary.pooled:
-        p, s = summary.pooled[primary]["pearson"], summary.pooled[primary]["spearman"]
-        md.append(
-            f"**{primary} vs seq, pooled over the evaluation domains: Pearson {p.fmt()}, "
-            f"Spearman {s.fmt()}** ({p.n} points from {p.mixtures} mixtures; 95% "
-            f"bootstrap intervals over mixtures, {n_boot} resamples, seed {seed})."
-        )
-        others = [
-            f"{q}: Pearson {c['pearson'].fmt(ci=False)}, Spearman {c['spearman'].fmt(ci=False)}"
-            for q, c in summary.pooled.items()
-            if q != primary
-        ]
-        if others:
-            md.append("")
-            md.append("Other proxies, pooled: " + "; ".join(others) + ".")
-    else:
-        md.append("No seq (validation) results yet: correlations need seq models.")
-    rec = an.recommend(table, primary, table.domains) if primary else None
-    if rec:
-        label = table.mixtures[rec[0]].label
-        summary.recommended = (rec[0], label, rec[1])
-        md.append("")
-        md.append(
-            f"**Recommended mixture** (lowest geometric-mean {primary} perplexity over "
-            f"{', '.join(table.domains)}): **{label}** (`{rec[0]}`, {rec[1]:.3f})."
-        )
-    return md
-
-
-def _correlation_sections(tables: dict[str, an.CorrelationTable]) -> list[str]:
-    """The Pearson and Spearman tables, with a legend."""
-    md = [
-        "",
-        "## Correlation with seq models",
-        "",
-        "Rows: evaluation domains; `ID` = each mixture's own held-out sets pooled; "
-        f"`{an.MEAN_ROW}` = mean of the per-domain coefficients; `{an.POOLED_ROW}` = one "
-        "coefficient over all (mixture, domain) points of the individual domains. "
-        "Columns: proxies. Cells: coefficient [95% bootstrap interval].",
-        "",
-    ]
-    md.append(_corr_section(tables["pearson"], "Pearson"))
-    md.append("")
-    md.append(_corr_section(tables["spearman"], "Spearman"))
-    return md
 
 
 def _scatter_section(
@@ -407,33 +261,12 @@ def _scatter_section(
 ) -> list[str]:
     """Draw scatter_<proxy>.png per proxy (appended to ``files``) and link them."""
     md = ["", "## Seq vs proxy", ""]
-    for p in table.proxies:
+    for p in rl.ordered_proxies(table.proxies):
         path = os.path.join(out_dir, f"scatter_{p}.png")
-        plot_scatter(table, p, path, summary.pooled.get(p))
+        ood = {m: summary.fig(p, an.ROLE_OOD, "pooled", m) for m in rt.METHODS}
+        plot_scatter(table, p, path, ood if p in summary.roles else None)
         files.append(path)
         md.append(f"![seq vs {p}](scatter_{p}.png)")
-    return md
-
-
-def _top_k_section(table: an.ResultTable, top_k: int) -> list[str]:
-    """Per domain and proxy: top-k agreement with seq and seq's rank of the proxy's pick."""
-    md = [
-        "",
-        f"## Top-{top_k} agreement with seq",
-        "",
-        f"Share of the {top_k} best mixtures by seq perplexity that the proxy also puts in "
-        "its top {k}; in brackets, the seq rank of the proxy's first choice (1 = it is also "
-        "seq's best).".replace("{k}", str(top_k)),
-        "",
-    ]
-    rows = []
-    for d in table.all_domains:
-        cells = []
-        for p in table.proxies:
-            a, b = an.top_k_agreement(table, p, d, top_k), an.best_true_rank(table, p, d)
-            cells.append("-" if math.isnan(a) else f"{a:.2f} ({b})")
-        rows.append([d] + cells)
-    md.append(_md_table(["eval domain"] + table.proxies, rows))
     return md
 
 
@@ -441,7 +274,7 @@ def _rankings(table: an.ResultTable, primary: str, out_dir: str) -> tuple[list[s
     """The rankings section by ``primary``, and rankings.csv (its path)."""
     section, rank_rows = _rankings_section(table, primary)
     path = os.path.join(out_dir, "rankings.csv")
-    _write_csv(
+    write_csv(
         path,
         [
             "proxy",
@@ -471,7 +304,7 @@ def _influence_section(table: an.ResultTable, primary: str) -> list[str]:
         "Mean perplexity drop from adding the partition, over scored mixture pairs "
         "differing by it (positive = it helps).",
         "",
-        _md_table(
+        md_table(
             ["partition"] + table.all_domains,
             [[p] + [_fmt(influence[d].get(p)) for d in table.all_domains] for p in parts],
         ),
@@ -483,7 +316,7 @@ def _cost_section(store, table: an.ResultTable) -> list[str]:
     cost = _cost(store, table)
     if not cost:
         return []
-    md = ["", "## Cost", "", _md_table(["", "tokens / count"], an.cost_rows(cost))]
+    md = ["", "## Cost", "", md_table(["", "tokens / count"], an.cost_rows(cost))]
     spent = store.get_meta("spent")
     if spent:
         md += ["", "Actually trained: " + ", ".join(f"{k} {v:,}" for k, v in spent.items()) + "."]
@@ -497,22 +330,23 @@ def write_report(
     os.makedirs(out_dir, exist_ok=True)
     table = an.build_table(store)
     meta = store.get_meta("study", {}) or {}
-    primary = _primary(table)
-    summary = ReportSummary(out_dir=out_dir, primary=primary)
+    primary, reason = rl.headline_proxy(table)
+    summary = ReportSummary(out_dir=out_dir, primary=primary, primary_reason=reason)
     files = _write_raw(store, table, out_dir) + [_write_scores(table, out_dir)]
 
-    tables = _correlation_tables(table, n_boot, seed)
+    tables = rt.correlation_tables(table, n_boot, seed)
     if tables:
-        files.append(_write_correlations(tables, out_dir))
-        _summarize_correlations(summary, table, tables)
+        files.append(rt.write_correlations(tables, out_dir))
+        rt.summarize(summary, table, tables)
+        summary.ranks = rt.rank_summaries(table, tables[rt.METHODS[0]].proxies)
 
     md = _intro_section(table, meta.get("name", "study"))
-    md += _headline_section(summary, table, n_boot, seed)
+    md += rt.headline_section(summary, table, n_boot, seed)
     if tables:
-        md += _correlation_sections(tables)
+        md += rt.correlation_sections(table, tables)
         if plots:
             md += _scatter_section(table, summary, out_dir, files)
-        md += _top_k_section(table, top_k)
+        md += rt.top_k_section(table, summary, top_k)
     if primary:
         section, path = _rankings(table, primary, out_dir)
         files.append(path)

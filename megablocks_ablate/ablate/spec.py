@@ -24,6 +24,7 @@ import numpy as np
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture
+from megablocks_ablate.ablate.spec_eval import EvalSpec, resolve_eval
 from megablocks_ablate.config import Config, doc
 from megablocks_ablate.errors import ConfigError, MBAError
 
@@ -87,21 +88,6 @@ class MixturesSpec(Config):
 
 
 @dataclass
-class EvalSpec(Config):
-    """Evaluation domains: held-out sets of the data's partitions plus other JSONL sets."""
-
-    heldout: bool | list[str] = doc(
-        "true: the held-out set of every partition the study trains on; or a list of "
-        "manifest partitions; false: none",
-        True,
-    )
-    extra: list[str] = doc(
-        "other JSONL files or directories (domain = file stem; NAME=PATH to name one)",
-        default_factory=list,
-    )
-
-
-@dataclass
 class ValidationSpec(Config):
     """Mixtures that also get a seq model trained on their union, to validate the proxies."""
 
@@ -116,10 +102,21 @@ class ValidationSpec(Config):
         "models' (e.g. 1.1b seq vs 130m units, paper §5.4)",
         None,
     )
+    ind_seq: bool = doc(
+        "cross-scale studies (validation.model set): also train each validation "
+        "mixture's seq model at the unit models' scale, scored as the proxy `ind_seq` of "
+        "the target-scale seq model (paper Table 4's 'ind seq' column)",
+        False,
+    )
 
     def validate(self) -> None:
         if self.n < 0:
             raise ConfigError(f"validation.n: must be >= 0, got {self.n}")
+        if self.ind_seq and not self.model:
+            raise ConfigError(
+                "validation.ind_seq: only for cross-scale studies (set validation.model to "
+                "the seq models' preset); at one scale the seq models are the unit scale's"
+            )
 
 
 @dataclass
@@ -140,6 +137,13 @@ class StudySpec(Config):
         default_factory=dict,
     )
     unit_partitions: bool = doc("treat every base unit as its own partition (paper §5.1)", False)
+    partition_models: bool = doc(
+        "also train one model per partition of several units on all of them, for "
+        "len(units) x the unit budget (paper §5.2): `merged` then averages these "
+        "partition-level models and `mean_ind` / `ind_id` use their scores, exactly as the "
+        "paper defines them (a one-unit partition's model is its unit model)",
+        False,
+    )
     mixtures: MixturesSpec = doc("candidate mixtures (required)", default_factory=MixturesSpec)
     proxies: list[ProxyName] = doc("proxies to compute", default_factory=lambda: list(mx.PROXIES))
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -181,7 +185,7 @@ class Study:
     partitions: dict[str, list[str]]  # study partition -> its units
     mixtures: list[Mixture]
     validation: list[Mixture]
-    eval_sets: dict[str, str]  # domain -> JSONL path
+    eval_sets: dict[str, str]  # domain -> JSONL path (or a ``paloma:`` shard reference)
     domain_units: dict[str, list[str]]  # held-out domain -> study units trained on it
     unit_tokens: int
     unit_paths: dict[str, str] = field(default_factory=dict)  # unit -> indexed-data prefix
@@ -198,10 +202,37 @@ class Study:
 
     @property
     def cost(self) -> mx.Cost:
-        return mx.study_cost(self.mixtures, self.validation, self.unit_tokens)
+        return mx.study_cost(
+            self.mixtures,
+            self.validation,
+            self.unit_tokens,
+            [len(us) for us in self.partition_jobs.values()],
+        )
 
     def seq_tokens(self, mixture: Mixture) -> int:
         return mx.seq_tokens(mixture, self.unit_tokens)
+
+    @property
+    def partition_models(self) -> dict[str, str]:
+        """Partition -> the name of its partition-level model, for the partitions some
+        mixture uses (empty unless ``partition_models: true``)."""
+        if not self.spec.partition_models:
+            return {}
+        used = {g for m in self.mixtures for g in m.names}
+        return {g: mx.partition_model_name(g, us) for g, us in self.partitions.items() if g in used}
+
+    @property
+    def partition_jobs(self) -> dict[str, list[str]]:
+        """Partition-level models to train: partitions of several units -> their units."""
+        return {
+            g: self.partitions[g]
+            for g, name in self.partition_models.items()
+            if name.startswith(mx.PARTITION_MODEL_PREFIX)
+        }
+
+    def merge_plan(self, mixture: Mixture) -> list[tuple[dict[str, float], list[str]]]:
+        """The distinct merges ``mixture`` needs for this study's proxies."""
+        return mx.merge_plan(mixture, self.spec.proxies, self.partition_models)
 
     def to_meta(self) -> dict:
         """What a results store keeps so that `study report` needs nothing else."""
@@ -214,6 +245,7 @@ class Study:
             "unit_tokens": self.unit_tokens,
             "mixtures": [m.id for m in self.mixtures],
             "validation": [m.id for m in self.validation],
+            "partition_models": self.partition_models,
             "spec": self.spec.to_dict(),
         }
 
@@ -303,64 +335,6 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, .
     return out
 
 
-def _resolve_eval(spec: EvalSpec, manifest, study_units: set[str]):
-    by_manifest = manifest.partition_units()
-    eval_sets: dict[str, str] = {}
-    domain_units: dict[str, list[str]] = {}
-    if spec.heldout is True:
-        chosen = [
-            p
-            for p, us in by_manifest.items()
-            if set(us) & study_units and manifest.partitions[p].get("heldout")
-        ]
-    elif spec.heldout is False:
-        chosen = []
-    else:
-        chosen = list(spec.heldout)
-        for p in chosen:
-            if p not in manifest.partitions:
-                raise ConfigError(
-                    f"eval.heldout: unknown partition {p!r} (manifest partitions: "
-                    f"{', '.join(sorted(manifest.partitions))})"
-                )
-    for p in chosen:
-        path = manifest.heldout_path(p)
-        if path is None:
-            raise ConfigError(
-                f"eval.heldout: partition {p!r} has no held-out set "
-                "(preprocess with --heldout-fraction > 0)"
-            )
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.heldout: held-out file of partition {p!r} is missing: {path}")
-        eval_sets[p] = path
-        domain_units[p] = [u for u in by_manifest.get(p, []) if u in study_units]
-    for i, item in enumerate(spec.extra):
-        from megablocks_ablate.evaluate.sets import resolve_sources
-
-        target = item.partition("=")[2] if "=" in item and not os.path.exists(item) else item
-        if not any(c in target for c in "*?[") and not os.path.exists(target):
-            raise ConfigError(f"eval.extra[{i}]: no such file or directory: {target}")
-        try:
-            sources = resolve_sources([item])
-        except MBAError as e:
-            raise ConfigError(f"eval.extra[{i}]: {e}") from None
-        for s in sources:
-            if s.domain in eval_sets:
-                raise ConfigError(
-                    f"eval.extra[{i}]: domain {s.domain!r} is already taken (by "
-                    f"{eval_sets[s.domain]}); name it with NAME=PATH"
-                )
-            if s.domain == mx.ID_DOMAIN:
-                raise ConfigError(
-                    f"eval.extra[{i}]: domain name {mx.ID_DOMAIN!r} is reserved for "
-                    "each mixture's own held-out set; name it with NAME=PATH"
-                )
-            eval_sets[s.domain] = s.path
-    if not eval_sets:
-        raise ConfigError("eval: no evaluation domain (set eval.heldout or eval.extra)")
-    return eval_sets, domain_units
-
-
 def _resolve_validation(
     spec: ValidationSpec, mixtures: list[Mixture], parts: dict[str, list[str]]
 ) -> list[Mixture]:
@@ -416,7 +390,9 @@ def resolve_data(spec: StudySpec, unit_tokens: int) -> Study:
             mixtures.append(m)
     validation = _resolve_validation(spec.validation, mixtures, parts)
     study_units = {u for us in parts.values() for u in us}
-    eval_sets, domain_units = _resolve_eval(spec.eval, manifest, study_units)
+    eval_sets, domain_units = resolve_eval(
+        spec.eval, manifest, study_units, parts, spec.unit_partitions
+    )
     if spec.seed.checkpoint and not os.path.isdir(spec.seed.checkpoint):
         raise ConfigError(f"seed.checkpoint: no such directory: {spec.seed.checkpoint}")
     return Study(
@@ -453,6 +429,17 @@ def describe_plan(study: Study) -> str:
         f"  evaluation domains: {len(study.eval_sets)} ({', '.join(study.eval_sets)})"
         f" + {mx.ID_DOMAIN} (each mixture's own held-out sets, pooled)"
     )
+    if study.partition_jobs:
+        lines.append(
+            f"  partition-level models: {len(study.partition_jobs)} "
+            f"({c.partition_model_tokens:,} tokens): "
+            + ", ".join(f"{g} ({len(us)} units)" for g, us in study.partition_jobs.items())
+        )
+    if study.spec.validation.ind_seq:
+        lines.append(
+            f"  ind_seq: each seq validation mixture also trained at the unit models' scale "
+            f"({c.seq_validation_tokens:,} more tokens at that scale)"
+        )
     lines.append(
         f"  cost: {c.units_trained} unit models x {c.unit_tokens:,} = "
         f"{c.modular_tokens:,} tokens; {c.seq_models} seq validation models = "

@@ -1,10 +1,12 @@
 """`megablocks-ablate demo`: a complete small data-ablation study on CPU, no download.
 
-Builds a corpus from this machine's Python standard library (or takes yours with
-``--corpus``), trains a tokenizer, preprocesses it into partitions and base units,
-trains a seed model, one unit model per partition and a few seq validation models,
-scores every k-subset of the partitions by merging unit models in memory, and writes
-a report (correlation of the merged proxies with the seq models, rankings, cost).
+Builds a corpus from this machine's Python standard library (``--builtin manpages``:
+English prose from its manual pages and package docs, with 3 out-of-domain evaluation
+sets; or takes yours with ``--corpus``), trains a tokenizer, preprocesses it into
+partitions and base units, trains a seed model, one unit model per partition and a
+few seq validation models, scores every k-subset of the partitions by merging unit
+models in memory, and writes a report (correlation of the merged proxies with the seq
+models, rankings, cost).
 Rerunning continues where a killed run stopped. The study it runs is written to
 ``<out>/study.yaml``: edit it and continue with ``megablocks-ablate study run``.
 """
@@ -13,9 +15,38 @@ from __future__ import annotations
 
 import argparse
 
+MANPAGES_OUT = "demo_manpages_out"
+
+
+def _corpus_args(p: argparse.ArgumentParser, d) -> None:
+    """--out, --builtin and --eval-extra."""
+    from megablocks_ablate.ablate.demo import BUILTINS
+
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"output directory (default: {d.out}; with --builtin manpages: {MANPAGES_OUT})",
+    )
+    p.add_argument(
+        "--builtin",
+        choices=BUILTINS,
+        default=d.builtin,
+        help="built-in corpus: stdlib (Python standard library: prose and code, the "
+        "default) or manpages (English prose of the manual pages and /usr/share/doc, plus "
+        "3 out-of-domain evaluation sets)",
+    )
+    p.add_argument(
+        "--eval-extra",
+        action="append",
+        default=[],
+        metavar="PATH_OR_NAME=PATH",
+        help="another evaluation set (JSONL file, directory or glob; domain = file stem, "
+        "or NAME=PATH), added to the study's eval.extra; repeatable",
+    )
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from megablocks_ablate.ablate.demo import DemoSettings
+    from megablocks_ablate.ablate.demo import MANPAGES_HELDOUT_FRACTION, DemoSettings
 
     d = DemoSettings()
     p = sub.add_parser(
@@ -24,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default=d.out, help=f"output directory (default: {d.out})")
+    _corpus_args(p, d)
     p.add_argument(
         "--corpus",
         help="your JSONL corpus (.jsonl/.gz/.zst) with a metadata field "
@@ -71,9 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--heldout-fraction",
         type=float,
-        default=d.heldout_fraction,
+        default=None,
         help=f"documents held out per partition as its evaluation domain (default: "
-        f"{d.heldout_fraction}; raise it for a small corpus)",
+        f"{d.heldout_fraction}; with --builtin manpages {MANPAGES_HELDOUT_FRACTION}; "
+        "raise it for a small corpus)",
     )
     p.add_argument(
         "--vocab-size",
@@ -88,25 +120,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from megablocks_ablate.ablate.demo import DemoSettings, run_demo
+def settings(args: argparse.Namespace):
+    """The :class:`DemoSettings` the parsed arguments ask for."""
+    from megablocks_ablate.ablate.demo import MANPAGES_HELDOUT_FRACTION, DemoSettings
 
-    return run_demo(
-        DemoSettings(
-            out=args.out,
-            corpus=args.corpus,
-            seed_corpus=args.seed_corpus,
-            partition_by=args.partition_by,
-            order_by=args.order_by,
-            vocab_size=args.vocab_size,
-            heldout_fraction=args.heldout_fraction,
-            unit_tokens=args.unit_tokens,
-            seed_tokens=args.seed_tokens,
-            k=args.k,
-            n_seq=args.n_seq,
-            preset=args.preset,
-            train_overrides=list(args.overrides),
-            workers=args.workers,
-            max_partitions=args.max_partitions,
-        )
+    manpages = args.builtin == "manpages" and not args.corpus
+    out = args.out  # each built-in corpus has its own default directory and held-out share
+    if out is None:
+        out = MANPAGES_OUT if manpages else DemoSettings.out
+    heldout = args.heldout_fraction
+    if heldout is None:
+        heldout = MANPAGES_HELDOUT_FRACTION if manpages else DemoSettings.heldout_fraction
+    return DemoSettings(
+        out=out,
+        corpus=args.corpus,
+        seed_corpus=args.seed_corpus,
+        partition_by=args.partition_by,
+        order_by=args.order_by,
+        vocab_size=args.vocab_size,
+        heldout_fraction=heldout,
+        unit_tokens=args.unit_tokens,
+        seed_tokens=args.seed_tokens,
+        k=args.k,
+        n_seq=args.n_seq,
+        preset=args.preset,
+        train_overrides=list(args.overrides),
+        workers=args.workers,
+        max_partitions=args.max_partitions,
+        builtin=args.builtin,
+        eval_extra=list(args.eval_extra),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.demo import run_demo
+
+    return run_demo(settings(args))

@@ -13,14 +13,20 @@ Layout (``format: megablocks-ablate/manifest@1``)::
                  "documents_contaminated", "bad_lines": {reason: n},
                  "tokens_train", "tokens_in_units", "tokens_leftover"},
       "partitions": {name: {"key", "documents", "tokens", "contaminated",
-                            "heldout": {"path", "documents", "sha256"},
-                            "units": [unit, ...], "leftover_documents", "leftover_tokens"}},
+                            "heldout": {"path", "documents", "sha256"} | null,
+                            "units": [unit, ...], "leftover_documents", "leftover_tokens",
+                            "heldout_leftover_documents"}},
       "units": {name: {"partition", "index", "prefix", "documents", "tokens",
                        "order_first", "order_last", "partial",
-                       "bin": {"bytes", "sha256"}, "idx": {"bytes", "sha256"}}}
+                       "bin": {"bytes", "sha256"}, "idx": {"bytes", "sha256"},
+                       "heldout": {"path", "documents", "sha256"} | null}}
     }
 
-Paths inside are relative to the manifest's directory.
+Paths inside are relative to the manifest's directory. A unit's ``heldout`` is its share
+of its partition's held-out set (the documents in its stretch of the unit order, see
+:mod:`~megablocks_ablate.data.preprocess_heldout`); ``heldout_leftover_documents`` counts
+those in a dropped remainder's stretch, in no unit's file. Manifests written before
+per-unit held-out sets lack both fields: :meth:`Manifest.unit_heldout_path` is then None.
 """
 
 from __future__ import annotations
@@ -98,13 +104,48 @@ class Manifest:
         return os.path.join(self.root, rel)
 
     def heldout_path(self, partition: str) -> str | None:
+        """Absolute path of ``partition``'s held-out JSONL (None: it has none)."""
         info = self.partitions[partition].get("heldout")
         return os.path.join(self.root, info["path"]) if info else None
 
-    def verify(self, check_hashes: bool = True, units: list[str] | None = None) -> None:
+    def unit_heldout_path(self, unit: str) -> str | None:
+        """Absolute path of ``unit``'s own held-out JSONL: the held-out documents of its
+        partition that fall in its stretch of the unit order. None when it got none, or
+        the manifest predates per-unit held-out sets."""
+        self.unit_prefix(unit)  # an unknown unit raises, naming the known ones
+        info = self.units[unit].get("heldout")
+        return os.path.join(self.root, info["path"]) if info else None
+
+    def heldout_files(self, units: list[str] | None = None) -> list[tuple[str, dict]]:
+        """(what, record) of each held-out file the manifest lists: every partition's and
+        unit's, or only those of ``units``."""
+        found = []
+        if units is None:
+            for p, info in self.partitions.items():
+                if info.get("heldout"):
+                    found.append((f"held-out set of partition {p!r}", info["heldout"]))
+        for u in self.units if units is None else units:
+            if self.units[u].get("heldout"):
+                found.append((f"held-out set of unit {u!r}", self.units[u]["heldout"]))
+        return found
+
+    def verify(
+        self, check_hashes: bool = True, units: list[str] | None = None, heldout: bool | None = None
+    ) -> None:
         """Check every unit file (or those of ``units``) exists with the recorded size and
         sha256. Hashes are remembered by size and mtime (:mod:`~megablocks_ablate.utils.verify`),
-        so verifying again before every run costs a ``stat`` per file."""
+        so verifying again before every run costs a ``stat`` per file. ``heldout`` (default:
+        when checking the whole manifest) also checks the held-out files (of ``units``, or
+        every partition's and unit's) against their recorded sha256; training needs only
+        the units, so a subset check leaves them out unless asked."""
+        if units is None if heldout is None else heldout:
+            for what, rec in self.heldout_files(units):
+                path = os.path.join(self.root, rec["path"])
+                where = f"{what} in {self.root}/{MANIFEST_NAME}"
+                if not os.path.isfile(path):
+                    raise DataFormatError(f"{path}: missing ({where})")
+                if check_hashes:
+                    verify_sha256(path, rec["sha256"], where, "preprocess the data again")
         for name in self.units if units is None else units:
             info = self.units[name]
             for ext in ("bin", "idx"):

@@ -11,13 +11,16 @@
         units, and more than half the training tokens dropped as remainders; a refusal
         removes .preprocess-tmp, so a corrected rerun starts clean
     stage 2 (per partition): order by --order-by, cut into base units of equal tokens,
-        copy documents into units/<partition>-NNNN.bin/.idx; heldout/<partition>.jsonl
+        copy documents into units/<partition>-NNNN.bin/.idx; heldout/<partition>.jsonl;
+        the same held-out lines split by unit stretch, heldout/units/<unit>.jsonl
     manifest.json (written last: its presence means the output is complete)
 
 Resumable: stage 1 keeps finished input files, stage 2 keeps finished units; a rerun
 with the same settings continues, and one with different settings is refused unless
 ``overwrite`` is set. Every file is written under a temporary name and renamed, so
 Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``workers``.
+Stage 1 lives in :mod:`.preprocess_stage1`, the unit order in :mod:`.preprocess_order`,
+the per-unit held-out sets in :mod:`.preprocess_heldout`.
 """
 
 from __future__ import annotations
@@ -28,24 +31,19 @@ import logging
 import os
 import shutil
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from megablocks_ablate.config import Config, Count, doc
-from megablocks_ablate.data.jsonl import expand_inputs, iter_raw_lines
+from megablocks_ablate.data.jsonl import expand_inputs
 from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
 from megablocks_ablate.data.partition import safe_name, split_units
+from megablocks_ablate.data.preprocess_heldout import UNIT_HELDOUT_DIR, write_unit_heldout
 from megablocks_ablate.data.preprocess_order import OrderedDocs, order_documents
-from megablocks_ablate.data.preprocess_worker import (
-    BatchResult,
-    WorkerSettings,
-    init_worker,
-    process_batch,
-)
+from megablocks_ablate.data.preprocess_stage1 import file_dir, run_stage1
+from megablocks_ablate.data.preprocess_worker import WorkerSettings
 from megablocks_ablate.errors import ConfigError, DataFormatError, MBAError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
@@ -117,256 +115,11 @@ class PreprocessConfig(Config):
         return sha256_json(d)
 
 
-class _Growable:
-    """An append-only numpy buffer (doubling), so per-document metadata stays compact."""
-
-    def __init__(self, dtype, capacity: int = 1024):
-        self._buf = np.empty(capacity, dtype=dtype)
-        self._n = 0
-
-    def extend(self, values) -> None:
-        values = np.asarray(values, dtype=self._buf.dtype)
-        need = self._n + len(values)
-        if need > len(self._buf):
-            new = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
-            new[: self._n] = self._buf[: self._n]
-            self._buf = new
-        self._buf[self._n : need] = values
-        self._n = need
-
-    def array(self) -> np.ndarray:
-        return self._buf[: self._n]
-
-
-class _FileStage:
-    """Stage-1 output for one input file: a shard and order keys per partition."""
-
-    def __init__(self, directory: str, dtype: np.dtype):
-        from megablocks_ablate.data.indexed import IndexedDatasetWriter
-
-        self._writer_cls = IndexedDatasetWriter
-        self.dir = directory
-        self.dtype = dtype
-        os.makedirs(directory, exist_ok=True)
-        self.parts: dict[str, dict] = {}
-        self.stats = {"documents_read": 0, "bad_lines": {}, "fields_present": {}}
-
-    def _part(self, key: str) -> dict:
-        p = self.parts.get(key)
-        if p is None:
-            i = len(self.parts)
-            p = self.parts[key] = {
-                "index": i,
-                "writer": self._writer_cls(os.path.join(self.dir, f"p{i}"), self.dtype),
-                "cls": _Growable(np.int8),
-                "num": _Growable(np.float64),
-                "strings": [],
-                "string_codes": _Growable(np.int32),
-                "string_ids": {},
-                "heldout": None,
-                "heldout_docs": 0,
-                "contaminated": 0,
-            }
-        return p
-
-    def add(self, res: BatchResult) -> int:
-        self.stats["documents_read"] += res.n_read
-        for counts, new in (
-            (self.stats["bad_lines"], res.bad_lines),
-            (self.stats["fields_present"], res.fields_present),
-        ):
-            for k, n in new.items():
-                counts[k] = counts.get(k, 0) + n
-        for key, n in res.contaminated.items():
-            self._part(key)["contaminated"] += n
-        for key, raw in res.heldout:
-            p = self._part(key)
-            if p["heldout"] is None:
-                p["heldout"] = open(os.path.join(self.dir, f"p{p['index']}.heldout.jsonl"), "wb")
-            p["heldout"].write(raw + b"\n")
-            p["heldout_docs"] += 1
-        offsets = np.concatenate([[0], np.cumsum(res.lengths)])
-        by_part: dict[str, list[int]] = {}
-        for j, key in enumerate(res.train_partition):
-            by_part.setdefault(key, []).append(j)
-        cls = np.asarray(res.order_class, dtype=np.int8)
-        num = np.asarray(res.order_number, dtype=np.float64)
-        for key, idx in by_part.items():
-            p = self._part(key)
-            write = p["writer"].add_document
-            for j in idx:
-                write(res.tokens[offsets[j] : offsets[j + 1]])
-            p["cls"].extend(cls[idx])
-            p["num"].extend(num[idx])
-            codes = []
-            for j in idx:
-                code = -1
-                if res.order_class[j] == 1:
-                    s = res.order_string[j]
-                    code = p["string_ids"].setdefault(s, len(p["strings"]))
-                    if code == len(p["strings"]):
-                        p["strings"].append(s)
-                codes.append(code)
-            p["string_codes"].extend(codes)
-        return int(offsets[-1])
-
-    def finish(self, source: str) -> dict:
-        """Finalize shards and write the file's record (its completion marker)."""
-        record = {"source": source, **self.stats, "partitions": {}}
-        for key, p in self.parts.items():
-            i = p["index"]
-            p["writer"].finalize()
-            if p["heldout"] is not None:
-                p["heldout"].close()
-            meta = os.path.join(self.dir, f"p{i}.keys.npz")
-            with atomic_open(meta, "wb") as f:
-                np.savez(
-                    f, cls=p["cls"].array(), num=p["num"].array(), codes=p["string_codes"].array()
-                )
-            record["partitions"][key] = {
-                "shard": f"p{i}",
-                "strings": p["strings"],
-                "contaminated": p["contaminated"],
-                "heldout_documents": p["heldout_docs"],
-                "heldout": f"p{i}.heldout.jsonl" if p["heldout"] is not None else None,
-            }
-        atomic_write_json(os.path.join(self.dir, "done.json"), record)
-        return record
-
-    def abort(self) -> None:
-        for p in self.parts.values():
-            p["writer"].abort()
-            if p["heldout"] is not None:
-                p["heldout"].close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _batches(path: str, batch_size: int) -> Iterator[tuple[str, list]]:
-    lines = []
-    for item in iter_raw_lines(path):
-        lines.append(item)
-        if len(lines) >= batch_size:
-            yield path, lines
-            lines = []
-    if lines:
-        yield path, lines
-
-
-def _ordered_map(pool, fn, tasks, max_pending: int):
-    """Like pool.imap but with at most ``max_pending`` tasks in flight (bounded memory)."""
-    pending: deque = deque()
-    for task in tasks:
-        pending.append(pool.apply_async(fn, (task,)))
-        if len(pending) >= max_pending:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _file_dir(tmp: str, i: int) -> str:
-    """The stage-1 directory of input file ``i``."""
-    return os.path.join(tmp, "files", f"{i:05d}")
-
-
-def _finished_records(files: list[str], tmp: str) -> tuple[list[dict | None], list[int]]:
-    """Records of input files an earlier run finished (None elsewhere), and the rest's indices."""
-    records: list[dict | None] = []
-    todo = []
-    for i, path in enumerate(files):
-        marker = os.path.join(_file_dir(tmp, i), "done.json")
-        if os.path.exists(marker):
-            with open(marker, encoding="utf-8") as f:
-                rec = json.load(f)
-            if rec.get("source") == os.path.abspath(path):
-                records.append(rec)
-                continue
-        records.append(None)
-        todo.append(i)
-    return records, todo
-
-
-def _start_workers(cfg: PreprocessConfig, settings: WorkerSettings):
-    """A spawn pool of ``cfg.workers`` workers, or None after setting up this process as one."""
-    if cfg.workers > 1:
-        import multiprocessing as mp
-
-        return mp.get_context("spawn").Pool(
-            cfg.workers, initializer=init_worker, initargs=(settings,)
-        )
-    init_worker(settings, ignore_sigint=False)
-    return None
-
-
-class _Throughput:
-    """Counts documents on the tokenize progress bar, with tokens per second as postfix."""
-
-    def __init__(self, bar):
-        self.bar = bar
-        self.tokens = 0
-        self.t0 = time.time()
-
-    def add(self, documents: int, tokens: int) -> None:
-        """Count one batch of ``documents`` documents holding ``tokens`` tokens."""
-        self.tokens += tokens
-        self.bar.update(documents)
-        self.bar.set_postfix(
-            tok_per_s=f"{self.tokens / max(time.time() - self.t0, 1e-9):.3g}", refresh=False
-        )
-
-
-def _tokenize_file(
-    cfg: PreprocessConfig, pool, path: str, d: str, dtype: np.dtype, meter: _Throughput
-) -> dict:
-    """Tokenize one input file into stage directory ``d``; return its record."""
-    shutil.rmtree(d, ignore_errors=True)  # a partial earlier attempt
-    stage = _FileStage(d, dtype)
-    try:
-        tasks = _batches(path, cfg.batch_size)
-        results = (
-            _ordered_map(pool, process_batch, tasks, 2 * cfg.workers + 2)
-            if pool is not None
-            else map(process_batch, tasks)
-        )
-        for res in results:
-            meter.add(res.n_read, stage.add(res))
-        return stage.finish(os.path.abspath(path))
-    except BaseException:
-        stage.abort()
-        raise
-
-
-def _stage1(
-    cfg: PreprocessConfig, files: list[str], tmp: str, settings: WorkerSettings, dtype: np.dtype
-) -> list[dict]:
-    """Tokenize every input file not yet done; return the per-file records in order."""
-    records, todo = _finished_records(files, tmp)
-    if not todo:
-        return records  # type: ignore[return-value]
-
-    pool = _start_workers(cfg, settings)
-    bar = progress(desc="tokenize", unit="doc")
-    meter = _Throughput(bar)
-    try:
-        for i in todo:
-            records[i] = _tokenize_file(cfg, pool, files[i], _file_dir(tmp, i), dtype, meter)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool = None
-        raise
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return records  # type: ignore[return-value]
-
-
 def _partition_plan(records: list[dict], tmp: str) -> dict[str, list[tuple[str, dict]]]:
     """partition key -> [(file dir, file's partition record)] in input order."""
     plan: dict[str, list] = {}
     for i, rec in enumerate(records):
-        d = _file_dir(tmp, i)
+        d = file_dir(tmp, i)
         for key, prec in rec["partitions"].items():
             plan.setdefault(key, []).append((d, prec))
     return dict(sorted(plan.items()))
@@ -470,8 +223,8 @@ def _stage2_partition(
     units: dict,
     bar,
 ) -> dict:
-    """Order one partition, write its units into ``units`` and its held-out file; return
-    the partition's manifest entry."""
+    """Order one partition, write its units into ``units``, its held-out file and its
+    units' held-out files; return the partition's manifest entry."""
     docs = order_documents(pieces, cfg.order_by)
     ranges, left_docs, left_tokens = split_units(
         docs.lengths[docs.order], cfg.unit_tokens, keep_remainder=cfg.remainder == "keep"
@@ -485,16 +238,23 @@ def _stage2_partition(
     for ds in docs.shards:
         ds.close()
     heldout = _stage2_heldout(cfg.out, name, pieces)
-    lengths = docs.lengths
+    n_docs, n_tokens = len(docs.lengths), int(docs.lengths.sum())
+    del docs  # its per-document arrays, before the unit held-out step builds its own
+    unit_heldout, heldout_left = write_unit_heldout(
+        cfg.out, pieces, cfg.order_by, cfg.text_key, ranges, n_docs, unit_names
+    )
+    for unit, rec in unit_heldout.items():
+        units[unit]["heldout"] = rec
     return {
         "name": name,
-        "documents": len(lengths),
-        "tokens": int(lengths.sum()),
+        "documents": n_docs,
+        "tokens": n_tokens,
         "contaminated": sum(prec["contaminated"] for _, prec in pieces),
         "heldout": heldout,
         "units": unit_names,
         "leftover_documents": int(left_docs),
         "leftover_tokens": int(left_tokens),
+        "heldout_leftover_documents": heldout_left,
     }
 
 
@@ -506,7 +266,8 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
     os.makedirs(unit_done_dir, exist_ok=True)
     plan = _partition_plan(records, tmp)
     names_used: set[str] = set()
-    partitions, units = {}, {}
+    partitions: dict[str, dict] = {}
+    units: dict[str, dict] = {}
     bar = progress(desc="units", unit="tok")
     for key, pieces in plan.items():
         name = _unique_name(key, names_used)
@@ -671,7 +432,9 @@ def _remove_previous_output(out: str, manifest_path: str) -> None:
         os.path.join(out, u["prefix"] + ext) for u in old.units.values() for ext in (".bin", ".idx")
     ]
     paths += [
-        os.path.join(out, p["heldout"]["path"]) for p in old.partitions.values() if p.get("heldout")
+        os.path.join(out, r["heldout"]["path"])
+        for r in (*old.partitions.values(), *old.units.values())
+        if r.get("heldout")
     ]
     for path in paths:
         directory, name = os.path.split(path)
@@ -684,7 +447,7 @@ def _remove_previous_output(out: str, manifest_path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(victim)
     os.unlink(manifest_path)
-    for sub_dir in ("units", "heldout"):  # left in place when a user's files remain
+    for sub_dir in ("units", UNIT_HELDOUT_DIR, "heldout"):  # kept if a user's files remain
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(out, sub_dir))
 
@@ -837,7 +600,7 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     decontam_stats, eval_files, bloom_path = _build_decontam(cfg, tmp)
     settings = _worker_settings(cfg, tokenizer, dtype, bloom_path)
     t0 = time.time()
-    records = _stage1(cfg, files, tmp, settings, dtype)
+    records = run_stage1(cfg, files, tmp, settings, dtype)
     _check_result(cfg, files, records, tmp)
     t1 = time.time()
     partitions, units = _stage2(cfg, records, tmp, dtype)
@@ -860,8 +623,9 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     manifest = Manifest(data=data, root=os.path.abspath(out))
     manifest.save()
     shutil.rmtree(tmp, ignore_errors=True)
-    for sub_dir in (out, os.path.join(out, "units"), os.path.join(out, "heldout")):
-        sweep_stale_temporaries(sub_dir)  # half-written files of an earlier killed run
+    for sub_dir in ("", "units", "heldout", UNIT_HELDOUT_DIR):
+        # half-written files of an earlier killed run
+        sweep_stale_temporaries(os.path.join(out, sub_dir))
     logger.info(
         f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
         f"{totals['tokens_in_units']:,} tokens in units, "

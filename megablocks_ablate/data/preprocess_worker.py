@@ -29,6 +29,9 @@ class BatchResult:
     lengths: np.ndarray | None = None  # int64 [n_train], EOD included
     tokens: np.ndarray | None = None  # concatenated, index dtype
     heldout: list[tuple[str, bytes]] = field(default_factory=list)  # (partition, raw line)
+    # per held-out document: how many of the batch's training documents (any partition)
+    # precede it, so stage 2 can place it in the training order (per-unit held-out sets)
+    heldout_slot: list[int] = field(default_factory=list)
     contaminated: dict[str, int] = field(default_factory=dict)
     bad_lines: dict[str, int] = field(default_factory=dict)
     # per --partition-by field: documents that have a value for it (the rest go to "NA")
@@ -101,6 +104,7 @@ def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
                 res.fields_present[f] = res.fields_present.get(f, 0) + 1
         if is_heldout(text, s.heldout_fraction, s.heldout_salt):
             res.heldout.append((part, raw))
+            res.heldout_slot.append(len(res.train_partition))
             continue
         if decontam is not None and decontam.is_contaminated(text):
             res.contaminated[part] = res.contaminated.get(part, 0) + 1

@@ -1,7 +1,10 @@
 """Evaluation sets: JSONL text per domain, tokenized once per tokenizer and cached.
 
 An evaluation *domain* is one JSONL file (Paloma style: one document per line, text
-under ``text``; ``.gz`` and ``.zst`` accepted). Sources:
+under ``text``; ``.gz`` and ``.zst`` accepted), or several shard files read in order,
+optionally only the records whose field equals a value (an :class:`EvalSource` with
+``files`` / ``where``; :mod:`.paloma` builds those for Paloma's published layout).
+Sources:
 
 * a directory: every ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` in it (not
   recursive), domain = file name without those suffixes;
@@ -20,7 +23,8 @@ Rules (see docs/evaluation.md):
 * **an empty domain** (no scorable document: empty file, or every line skipped) is left
   out of the suite with a warning and listed in :attr:`EvalSuite.skipped_domains`.
 
-The cache holds, per (file content, tokenizer fingerprint, text key, bad-line policy),
+The cache holds, per (file content, tokenizer fingerprint, text key, bad-line policy;
+for a sharded source every shard's content in order, and the record filter),
 an indexed dataset of the documents' token ids (one sequence per document, no EOD), a
 ``.bytes.npy`` of their UTF-8 byte counts and a JSON record written last; no pickle.
 Everything is loaded into memory once and stays there across :func:`evaluate` calls.
@@ -82,22 +86,41 @@ def _safe(name: str) -> str:
 
 @dataclass(frozen=True)
 class EvalSource:
-    """One domain's input file."""
+    """One domain's input: one file, or several shards read in order, maybe filtered.
+
+    ``path`` is the file, or for a sharded source what the shards have in common (their
+    directory): it names the source in messages and in :meth:`EvalSuite.describe`.
+    ``files`` are the shards (empty: just ``path``). ``where = (field, value)`` keeps only
+    the records whose ``field`` equals ``value`` (a record without the field is an error
+    naming its file and line: a filter on a field the data does not have is a mistake).
+    """
 
     domain: str
     path: str
+    files: tuple[str, ...] = ()
+    where: tuple[str, str] | None = None
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        """The files read, in order."""
+        return self.files or (self.path,)
 
 
-def resolve_sources(eval_sets: str | Sequence[str]) -> list[EvalSource]:
+def resolve_sources(eval_sets: str | Sequence[str | EvalSource]) -> list[EvalSource]:
     """Domains and files from a directory, a manifest directory, or a list of files.
 
-    List entries may be globs or ``name=path``. Duplicate domain names are an error.
+    List entries may be globs, ``name=path`` or ready :class:`EvalSource` objects (kept
+    as they are). Duplicate domain names are an error.
     """
     items = [eval_sets] if isinstance(eval_sets, (str, os.PathLike)) else list(eval_sets)
     if not items:
         raise DataFormatError("eval sets: no files given")
     sources: list[EvalSource] = []
-    for item in map(os.fspath, items):
+    for entry in items:
+        if isinstance(entry, EvalSource):
+            sources.append(entry)
+            continue
+        item = os.fspath(entry)
         if os.path.isdir(item):
             sources.extend(_dir_sources(item))
             continue
@@ -206,13 +229,18 @@ class EvalSet:
 
 
 def _cache_key(source: EvalSource, fingerprint: str, text_key: str, on_bad_line: str) -> dict:
-    return {
-        "format": CACHE_FORMAT,
-        "source_sha256": sha256_file(source.path),
-        "tokenizer_fingerprint": fingerprint,
-        "text_key": text_key,
-        "on_bad_line": on_bad_line,
-    }
+    """What a cache entry depends on. A plain one-file source keeps the original key (so
+    existing caches stay valid); a sharded source hashes every shard, in reading order
+    (the order is the documents' order), and a filtered one adds the filter."""
+    key: dict = {"format": CACHE_FORMAT}
+    if source.files:
+        key["shard_sha256"] = [sha256_file(f) for f in source.files]
+    else:
+        key["source_sha256"] = sha256_file(source.path)
+    key.update(tokenizer_fingerprint=fingerprint, text_key=text_key, on_bad_line=on_bad_line)
+    if source.where is not None:
+        key["record_filter"] = {"field": source.where[0], "value": source.where[1]}
+    return key
 
 
 def _cache_prefix(cache_dir: str, domain: str, key: dict) -> str:
@@ -223,10 +251,20 @@ def _cache_prefix(cache_dir: str, domain: str, key: dict) -> str:
 def _iter_texts(
     source: EvalSource, text_key: str, on_bad_line: OnBadLine, bad: BadLineCounter
 ) -> Iterator[str]:
-    for _, rec in iter_jsonl(
-        source.path, text_key=text_key, on_bad_line=on_bad_line, bad_lines=bad
-    ):
-        yield rec[text_key]
+    for path in source.shards:
+        for line_no, rec in iter_jsonl(
+            path, text_key=text_key, on_bad_line=on_bad_line, bad_lines=bad
+        ):
+            if source.where is not None:
+                name, value = source.where
+                if rec.get(name) is None:
+                    raise DataFormatError(
+                        f"{path}:{line_no}: record has no {name!r} field (domain "
+                        f"{source.domain!r} keeps the records whose {name} is {value!r})"
+                    )
+                if rec[name] != value:
+                    continue
+            yield rec[text_key]
 
 
 def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
@@ -243,7 +281,7 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
 def _build_cache(
     source: EvalSource, tokenizer, prefix: str, key: dict, text_key: str, on_bad_line: OnBadLine
 ) -> None:
-    """Tokenize one file into ``prefix.{bin,idx,bytes.npy,json}`` (JSON last)."""
+    """Tokenize one source into ``prefix.{bin,idx,bytes.npy,json}`` (JSON last)."""
     bad = BadLineCounter()
     doc_bytes: list[int] = []
     empty = 0
@@ -257,12 +295,14 @@ def _build_cache(
                 doc_bytes.append(len(text.encode("utf-8")))
     with atomic_open(prefix + ".bytes.npy", "wb") as f:
         np.save(f, np.asarray(doc_bytes, dtype=np.int64), allow_pickle=False)
+    files = {"files": [os.path.abspath(f) for f in source.files]} if source.files else {}
     atomic_write_json(
         prefix + ".json",
         {
             **key,
             "domain": source.domain,
             "source": os.path.abspath(source.path),
+            **files,
             "tokenizer": tokenizer.describe(),
             "documents": len(doc_bytes),
             "tokens": int(writer.num_tokens),
@@ -359,7 +399,7 @@ class EvalSuite:
     @classmethod
     def load(
         cls,
-        eval_sets: str | Sequence[str],
+        eval_sets: str | Sequence[str | EvalSource],
         tokenizer,
         *,
         cache_dir: str | None = None,

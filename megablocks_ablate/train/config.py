@@ -94,8 +94,9 @@ class OptimizerConfig(Config):
 class ScheduleConfig(Config):
     """Linear warmup from ``warmup_start_lr`` to the peak, then decay to ``min_lr``.
 
-    Continued pretraining (unit models from the seed) re-warms: a fresh optimizer and a
-    fresh warmup, optionally starting at the seed's final LR (``warmup_start_lr``).
+    Continued pretraining (unit models from the seed) re-warms: a fresh warmup, starting
+    at the seed's final LR (``warmup_start_lr``) and climbing back to the peak, with the
+    seed's optimizer state (``init_optimizer=seed``) or a fresh one.
     """
 
     warmup_steps: int | None = doc(
@@ -129,6 +130,12 @@ class CheckpointConfig(Config):
         "auto: resume from the latest checkpoint in out_dir if any; never: refuse a "
         "non-empty out_dir; must: fail without one",
         "auto",
+    )
+    final_optimizer: bool = doc(
+        "also keep the optimizer state (AdamW moments and step counts) in final/, beside the "
+        "model, so models continued from this one can start from it (init_optimizer=seed); "
+        "about twice the model's size again in fp32",
+        False,
     )
 
     def validate(self) -> None:
@@ -203,7 +210,15 @@ class TrainConfig(Config):
         "auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast everywhere", "auto"
     )
     init_from: str | None = doc(
-        "start from this model checkpoint's weights (fresh optimizer)", None
+        "start from this model checkpoint's weights (its optimizer state too with "
+        "init_optimizer=seed)",
+        None,
+    )
+    init_optimizer: Literal["seed", "fresh"] = doc(
+        "optimizer state at step 0: fresh (new AdamW) or seed (init_from's AdamW moments and "
+        "step counts, as the paper's A.3 does; this run's optimizer settings and LR schedule "
+        "still apply). A seed without optimizer state gives a warning and a fresh one",
+        "fresh",
     )
     seed: int = doc("random seed (model init, data shuffles unless data.seed)", 1234)
     device: Literal["auto", "cpu", "cuda"] = doc("auto: CUDA when available", "auto")
@@ -234,6 +249,11 @@ class TrainConfig(Config):
             raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
         if self.nan_max_skips < 0:
             raise ConfigError(f"nan_max_skips: must be >= 0, got {self.nan_max_skips}")
+        if self.init_optimizer == "seed" and not self.init_from:
+            raise ConfigError(
+                "init_optimizer: 'seed' loads init_from's optimizer state, but init_from is "
+                "not set (set init_from, or init_optimizer=fresh to train from scratch)"
+            )
         if self.kind == "unit" and self.data.mixture:
             raise ConfigError("kind: a unit model trains on one unit (data.unit), not a mixture")
 

@@ -11,8 +11,11 @@ A run directory holds::
         optimizer.json                    # param groups (params by name), non-tensor state
         rng.safetensors                   # torch/CUDA/numpy RNG states of every rank
         trainer_state.json                # step, consumed samples, data state, config, hashes
-      final/                              # the trained model (model checkpoint only)
-      COMPLETE.json                       # written last: training finished
+      final/                              # the trained model (a model checkpoint), and
+        optimizer.safetensors optimizer.json   # with checkpoint.final_optimizer its AdamW
+                                          #   state (same layout as a step checkpoint's)
+      COMPLETE.json                       # written last: training finished; sha256 of
+                                          #   final/'s model (and optimizer) files
 
 Each step directory is staged beside its final name and renamed into place, so a
 SIGKILL leaves either the complete checkpoint or none (a stale ``.step_*.tmp`` is
@@ -74,8 +77,12 @@ TRAJECTORY_FIELDS = (
     "schedule",
     "grad_clip",
     "init_from",
+    "init_optimizer",
     "seed",
 )
+# Trajectory fields added after checkpoints were first written: a saved config without
+# one was written under this value (the behaviour before the field existed).
+_TRAJECTORY_DEFAULTS = {"init_optimizer": "fresh"}
 
 
 # ----------------------------------------------------------------------------- layout
@@ -118,19 +125,41 @@ def recorded_model_sha256(directory: str) -> tuple[str | None, str]:
     where: ``model_sha256`` in the run's COMPLETE.json for a run's ``final/``, the
     ``trainer_state.json`` of a step checkpoint; ``(None, "")`` for a model checkpoint
     from elsewhere (converted, merged, or a final/ whose run never completed)."""
+    digest, source = _recorded_sha256(directory, MODEL_FILE, "model_sha256")
+    if source and digest is None:
+        raise DataFormatError(f"{source}: no valid sha256 recorded for {MODEL_FILE}")
+    return digest, source
+
+
+def recorded_optimizer_sha256(directory: str) -> tuple[str | None, str]:
+    """Like :func:`recorded_model_sha256` for ``optimizer.safetensors``
+    (``optimizer_sha256`` in COMPLETE.json). ``(None, source)`` when the record exists
+    but holds no optimizer hash: a run that kept no optimizer state in final/."""
+    return _recorded_sha256(directory, OPTIM_TENSORS, "optimizer_sha256")
+
+
+def _recorded_sha256(directory: str, name: str, complete_key: str) -> tuple[str | None, str]:
     directory = os.path.abspath(directory)
     complete = os.path.join(os.path.dirname(directory), COMPLETE_FILE)
     if os.path.basename(directory) == FINAL_DIR and os.path.isfile(complete):
-        digest, source = _read_json(complete), complete
-        digest = digest.get("model_sha256") if isinstance(digest, dict) else None
+        record, source = _read_json(complete), complete
+        digest = record.get(complete_key) if isinstance(record, dict) else None
     elif os.path.isfile(os.path.join(directory, STATE_FILE)):
         source = os.path.join(directory, STATE_FILE)
-        digest = read_trainer_state(directory)["sha256"].get(MODEL_FILE)
+        digest = read_trainer_state(directory)["sha256"].get(name)
     else:
         return None, ""
+    if digest is None:
+        return None, source
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise DataFormatError(f"{source}: no valid sha256 recorded for {MODEL_FILE}")
+        raise DataFormatError(f"{source}: no valid sha256 recorded for {name} (found {digest!r})")
     return digest, source
+
+
+def has_optimizer_state(directory: str) -> bool:
+    """True when ``directory`` (a step checkpoint, or a final/ written with
+    ``checkpoint.final_optimizer``) holds optimizer state."""
+    return all(os.path.isfile(os.path.join(directory, n)) for n in (OPTIM_TENSORS, OPTIM_JSON))
 
 
 def is_complete(out_dir: str) -> bool:
@@ -235,10 +264,7 @@ def save_train_checkpoint(
 
     with staged_checkpoint_dir(directory) as tmp:
         save_model_checkpoint(tmp, model_state, model_config, lineage)
-        tensors, meta = flatten_optimizer_state(optim_state)
-        save_file(tensors, os.path.join(tmp, OPTIM_TENSORS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, OPTIM_JSON), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
+        write_optimizer_state(tmp, optim_state)
         rng_tensors = {
             f"rank{r}/{k}": v.contiguous()
             for r, s in enumerate(rng_states)
@@ -257,16 +283,37 @@ def save_train_checkpoint(
             json.dump(state, f, indent=1)
 
 
+def write_optimizer_state(directory: str, optim_state: dict) -> None:
+    """``optimizer.safetensors`` + ``optimizer.json`` of a name-keyed optimizer state
+    dict into ``directory`` (a staged one: the caller makes the whole atomic)."""
+    from safetensors.torch import save_file
+
+    tensors, meta = flatten_optimizer_state(optim_state)
+    save_file(tensors, os.path.join(directory, OPTIM_TENSORS), metadata={"format": "pt"})
+    with open(os.path.join(directory, OPTIM_JSON), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+
+
 def save_final(
-    out_dir: str, model_state: dict, model_config: dict, lineage: Lineage, summary: dict
+    out_dir: str,
+    model_state: dict,
+    model_config: dict,
+    lineage: Lineage,
+    summary: dict,
+    optim_state: dict | None = None,
 ) -> None:
-    """The trained model under ``final/``, then the COMPLETE.json marker."""
+    """The trained model under ``final/`` (with ``optim_state``, its optimizer state in
+    the same staged directory, so both appear together or not at all), then the
+    COMPLETE.json marker with the sha256 of the files written."""
     final = os.path.join(out_dir, FINAL_DIR)
-    save_model_checkpoint(final, model_state, model_config, lineage)
-    atomic_write_json(
-        os.path.join(out_dir, COMPLETE_FILE),
-        dict(summary, model_sha256=sha256_file(os.path.join(final, MODEL_FILE))),
-    )
+    with staged_checkpoint_dir(final) as tmp:
+        save_model_checkpoint(tmp, model_state, model_config, lineage)
+        if optim_state is not None:
+            write_optimizer_state(tmp, optim_state)
+    record = dict(summary, model_sha256=sha256_file(os.path.join(final, MODEL_FILE)))
+    if optim_state is not None:
+        record["optimizer_sha256"] = sha256_file(os.path.join(final, OPTIM_TENSORS))
+    atomic_write_json(os.path.join(out_dir, COMPLETE_FILE), record)
 
 
 # ----------------------------------------------------------------------------- load
@@ -310,11 +357,13 @@ def read_trainer_state(directory: str) -> dict:
 
 def check_compatible(saved_config: dict, config: dict, directory: str) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining settings differ."""
-    diffs = [k for k in TRAJECTORY_FIELDS if saved_config.get(k) != config.get(k)]
+
+    def saved(k: str) -> Any:
+        return saved_config.get(k, _TRAJECTORY_DEFAULTS.get(k))
+
+    diffs = [k for k in TRAJECTORY_FIELDS if saved(k) != config.get(k)]
     if diffs:
-        detail = "; ".join(
-            f"{k}: checkpoint {saved_config.get(k)!r} vs now {config.get(k)!r}" for k in diffs
-        )
+        detail = "; ".join(f"{k}: checkpoint {saved(k)!r} vs now {config.get(k)!r}" for k in diffs)
         raise DataFormatError(
             f"{directory}: checkpoint was written by a run with other "
             f"settings ({detail}); use another out_dir or the same settings"
@@ -339,10 +388,7 @@ def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
                     f"delete {directory} to resume from an earlier checkpoint"
                 )
     model, model_config, lineage = load_model_checkpoint(directory)
-    optim = unflatten_optimizer_state(
-        _load_tensors(os.path.join(directory, OPTIM_TENSORS)),
-        _read_json(os.path.join(directory, OPTIM_JSON)),
-    )
+    optim = load_optimizer_state(directory)
     rng_tensors = _load_tensors(os.path.join(directory, RNG_FILE))
     rng = []
     for r, meta in enumerate(state["rng"]):
@@ -363,3 +409,14 @@ def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
         "optim": optim,
         "rng": rng,
     }
+
+
+def load_optimizer_state(directory: str) -> dict:
+    """The name-keyed optimizer state dict in ``directory`` (a step checkpoint or a
+    final/ with optimizer state); the caller verifies its hash first."""
+    meta = _read_json(os.path.join(directory, OPTIM_JSON))
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
+        raise DataFormatError(
+            f"{os.path.join(directory, OPTIM_JSON)}: expected an object with 'param_groups'"
+        )
+    return unflatten_optimizer_state(_load_tensors(os.path.join(directory, OPTIM_TENSORS)), meta)

@@ -16,6 +16,9 @@ loss over the global batch, whatever ``W`` and ``accum`` are.
 
 Resumption is exact: the step, the data position (``consumed_samples``), model and
 optimizer state and the RNG states are restored, and the LR is a function of the step.
+A continued run (``init_from``) starts from that model's weights, and with
+``init_optimizer=seed`` from its optimizer state (:mod:`.init_state`); a resumed one
+always from its own checkpoint.
 
 Before the first step the inputs are verified (``init_from`` against its recorded
 sha256, the units against the manifest, token ids against the vocabulary); every step
@@ -55,6 +58,7 @@ from megablocks_ablate.train.divergence import (
     clip_grads_with_norm,
     total_grad_norm,
 )
+from megablocks_ablate.train.init_state import FRESH, SEED, init_record, load_seed_optimizer
 from megablocks_ablate.train.metrics import (
     MetricsLogger,
     ThroughputMeter,
@@ -99,6 +103,7 @@ class Trainer:
         self.out_dir = cfg.resolved_out_dir()
         self.guard = DivergenceGuard(cfg.nan_policy, cfg.nan_max_skips, self.out_dir)
         self._rollback_to: tuple[int, str] | None = None  # (step, checkpoint) to restore
+        self.optimizer_init = init_record(FRESH, None)  # set by run(): where step 0's came from
 
     def _on_main(self, fn):
         """``fn()`` on rank 0 only; every rank returns its result, or raises its error.
@@ -158,7 +163,7 @@ class Trainer:
         )
 
     def _load_init(self, model) -> str | None:
-        """Weights of ``init_from`` (fresh optimizer), verified first; returns the sha256
+        """Weights of ``init_from``, verified first; returns the sha256
         of the verified bytes (the lineage's seed hash)."""
         path = self.cfg.init_from
         digest = self._on_main(lambda: self._verify_init(path))
@@ -278,6 +283,7 @@ class Trainer:
                     "world_size": self.env.world_size,
                     "config": self.cfg.to_dict(),
                     "nonfinite": self.guard.state_dict(),
+                    **self.optimizer_init,
                 },
             )
             st.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
@@ -300,6 +306,7 @@ class Trainer:
             parents=[self.cfg.init_from] if self.cfg.init_from else [],
             extra={
                 "steps": step,
+                **self.optimizer_init,
                 "seq_len": self.cfg.seq_len,
                 "global_batch": self.cfg.global_batch,
                 # the tokenizer travels with the weights (eval and export-hf find it)
@@ -347,13 +354,21 @@ class Trainer:
         model = self._wrap(model)
         optimizer = build_optimizer(model, cfg.optimizer, env.device)
         start = 0
-        if ckpt is not None:
+        if ckpt is not None:  # its own optimizer state, never init_from's again
+            saved = ckpt["trainer"]  # (one from before init_optimizer existed started fresh)
+            self.optimizer_init = init_record(
+                saved.get("optimizer_init", FRESH), saved.get("optimizer_init_from")
+            )
             self._restore(model, optimizer, ckpt)
             self.mix.load_state_dict(ckpt["trainer"]["data"])
             self.guard.load_state_dict(ckpt["trainer"].get("nonfinite"))
             start = int(ckpt["trainer"]["step"])
             logger.info(f"resuming {self.out_dir} from step {start} ({self.resume_dir})")
             del ckpt
+        elif cfg.init_from and cfg.init_optimizer == SEED:
+            self.optimizer_init = load_seed_optimizer(
+                model, _unwrapped(model), optimizer, cfg.init_from, self._on_main, env.is_main
+            )
         if env.is_main:
             truncate_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), start)
             atomic_write_text(os.path.join(self.out_dir, "config.yaml"), cfg.to_yaml())
@@ -477,6 +492,7 @@ class Trainer:
             "final_loss": loss_value,
             "elapsed_s": round(time.perf_counter() - meter.t0, 3),
             **self.guard.state_dict(),
+            **self.optimizer_init,
         }
 
     def _log_step(self, check: StepCheck, optimizer, metrics, meter, bar) -> float | None:
@@ -541,9 +557,13 @@ class Trainer:
     def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        model_sd = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        optim_sd = None
+        if self.cfg.checkpoint.final_optimizer:  # a collective: every rank takes part
+            model_sd, optim_sd = self._full_states(model, optimizer)
+        else:
+            model_sd = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         if self.env.is_main:
             st.save_final(
                 self.out_dir,
@@ -557,7 +577,9 @@ class Trainer:
                     "kind": self.cfg.kind,
                     "units": list(self.weights),
                     **self.guard.state_dict(),
+                    **self.optimizer_init,
                 },
+                optim_state=optim_sd,
             )
             if self.guard.skipped:
                 logger.warning(

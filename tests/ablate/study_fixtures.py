@@ -106,3 +106,86 @@ def ppl(store: ResultStore, subject: str, proxy: str, domain: str) -> float:
     rows = store.unit_results() if proxy == "ind" else store.results(proxy)
     (r,) = [r for r in rows if r.subject == subject and r.domain == domain]
     return math.exp(r.score.nll_sum / r.score.tokens)
+
+
+# ----------------------------------------------------------------------------- two lines
+
+ROLE_EXTRA = ["x", "y"]  # evaluation-only domains: out-of-domain for every mixture
+ID_GAIN = 0.6  # how much lower a seq model's log-perplexity is on its own partitions
+
+
+def fill_roles_store(
+    path: str,
+    *,
+    order: tuple[str, ...] = ("q", "p", "s", "r"),
+    fixed: str | None = None,
+    units: dict[str, int] | None = None,
+    partition_models: tuple[str, ...] = (),
+    with_order: bool = True,
+    seed: int = 3,
+) -> tuple[ResultStore, list[Mixture], list[tuple[str, str, str, float, float]]]:
+    """A store where in-domain and out-of-domain points lie on two different lines.
+
+    Partitions ``order`` (one unit each unless ``units`` says more), held-out sets for
+    each plus :data:`ROLE_EXTRA`. Mixtures: every pair, or with ``fixed`` the fixed
+    partition paired with each other one; all have seq models. The merged proxies have
+    log-perplexity ``L`` (spread over mixtures and domains); seq has ``L - ID_GAIN`` on
+    the mixture's own held-out sets and ``L`` elsewhere, plus noise 0.02.
+    Unit models (and a partition model ``<p>-part`` for each partition named in
+    ``partition_models``, listed in meta ``partition_models``) have known
+    log-perplexities too.
+
+    Returns the store, the mixtures and every (mixture id, domain, role, merged
+    perplexity, seq perplexity) point, role ``"id"`` when the mixture holds the
+    domain's partition.
+    """
+    rng = np.random.default_rng(seed)
+    units = units or {}
+    parts = {p: [f"{p}-{i:04d}" for i in range(units.get(p, 1))] for p in order}
+    domains = list(order) + ROLE_EXTRA
+    if fixed is None:
+        combos = list(itertools.combinations(order, 2))
+    else:
+        combos = [(fixed, p) for p in order if p != fixed]
+    mixtures = [Mixture.of({p: parts[p] for p in c}) for c in combos]
+    base = {d: 2.0 + 0.4 * i for i, d in enumerate(domains)}
+    meta = {
+        "name": "two-lines",
+        "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
+        "domain_units": {p: list(us) for p, us in parts.items()},
+        "eval_sets": {d: f"/eval/{d}.jsonl" for d in domains},
+        "unit_tokens": 1000,
+        "mixtures": [m.id for m in mixtures],
+        "validation": [m.id for m in mixtures],
+    }
+    if with_order:
+        meta["partitions"] = parts
+    if partition_models:
+        meta["partition_models"] = {p: f"{p}-part" for p in partition_models}
+    store = ResultStore(path)
+    store.add_mixtures(mixtures)
+    store.set_meta("study", meta)
+    rows, points = [], []
+    for m in mixtures:
+        for d in domains:
+            lp = base[d] + rng.uniform(0.0, 1.0)
+            role = "id" if d in m.names else "ood"
+            seq_lp = lp - (ID_GAIN if role == "id" else 0.0) + rng.normal(0, 0.02)
+            for proxy in ("merged", "macro", "micro"):
+                rows.append(
+                    Result(m.id, proxy, d, score(lp), make_provenance(eval_fingerprint="fp"))
+                )
+            rows.append(
+                Result(m.id, "seq", d, score(seq_lp), make_provenance(eval_fingerprint="fp"))
+            )
+            points.append((m.id, d, role, math.exp(lp), math.exp(seq_lp)))
+    store.add_results(rows)
+    subjects = [u for us in parts.values() for u in us]
+    subjects += [f"{p}-part" for p in partition_models]
+    unit_rows = [
+        Result(s, "ind", d, score(base[d] + 0.5 + rng.uniform(0, 0.5) - (0.8 if s[0] == d else 0)))
+        for s in subjects
+        for d in domains
+    ]
+    store.add_unit_results(unit_rows)
+    return store, mixtures, points

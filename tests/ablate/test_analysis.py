@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from study_fixtures import DOMAINS, fill_store, ppl
+from study_fixtures import DOMAINS, ROLE_EXTRA, fill_roles_store, fill_store, ppl
 
 from megablocks_ablate.ablate import analysis as an
+from megablocks_ablate.ablate import roles as rl
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN, Mixture
 
 
@@ -132,3 +133,183 @@ def test_cost_rows():
     assert rows["unit-model training tokens (modular)"] == "400"
     assert rows["a seq model for every scored mixture (naive)"] == "600"
     assert rows["naive / modular"] == "1.5x"
+
+
+# ----------------------------------------------------------------------------- roles
+
+DOMAINS_2L = ["q", "p", "s", "r"] + ROLE_EXTRA  # fill_roles_store's, in study order
+
+
+def _corr(points, keep):
+    x = [p[3] for p in points if keep(p)]
+    y = [p[4] for p in points if keep(p)]
+    return np.corrcoef(x, y)[0, 1], len(x)
+
+
+@pytest.fixture()
+def two_lines(tmp_path):
+    store, mixtures, points = fill_roles_store(str(tmp_path / "r.sqlite"))
+    yield an.build_table(store), mixtures, points
+    store.close()
+
+
+def test_roles_follow_domain_units(two_lines):
+    t, mixtures, points = two_lines
+    for mid, d, role, _, _ in points:
+        assert t.role(mid, d) == role
+    pq = next(m for m in mixtures if m.names == ("p", "q"))
+    assert t.role(pq.id, "p") == an.ROLE_ID and t.role(pq.id, "r") == an.ROLE_OOD
+    assert t.role(pq.id, "x") == an.ROLE_OOD  # extra sets belong to no partition
+    assert t.role(pq.id, ID_DOMAIN) == t.role(pq.id, "P1") == an.ROLE_ID
+    ids, _, _ = t.paired("merged", "p", an.ROLE_OOD)  # the pairs without p
+    assert sorted(t.mixtures[i].names for i in ids) == [("q", "r"), ("q", "s"), ("r", "s")]
+
+
+def test_two_lines_ood_id_and_all_domain_coefficients(two_lines):
+    t, _, points = two_lines
+    rt = rl.role_table(t, "pearson", n_boot=20)
+    ood, n_ood = _corr(points, lambda p: p[2] == "ood")
+    idp, n_id = _corr(points, lambda p: p[2] == "id")
+    every, n_all = _corr(points, lambda p: True)
+    # 6 pairs x 6 domains; each pair trains on 2 of the 4 held-out sets
+    assert (n_ood, n_id, n_all) == (24, 12, 36)
+    assert rt.figure("merged", "ood", "pooled").r == pytest.approx(ood, abs=1e-12)
+    assert rt.figure("merged", "ood", "pooled").n == 24
+    assert rt.figure("merged", "id", "pooled").r == pytest.approx(idp, abs=1e-12)
+    assert rt.figure("merged", "all", "pooled").r == pytest.approx(every, abs=1e-12)
+    # each regime lies on its own line; pooling both reads lower than either
+    assert ood > 0.99 and idp > 0.99 and every < min(ood, idp) - 0.01
+    per_domain = {
+        d: _corr(points, lambda p, d=d: p[1] == d and p[2] == "ood")[0] for d in DOMAINS_2L
+    }
+    for d, r in per_domain.items():
+        assert rt.row(d).cells["merged"].r == pytest.approx(r, abs=1e-12)
+    assert rt.figure("merged", "ood", "mean").r == pytest.approx(np.mean(list(per_domain.values())))
+    # layout: ID rows first, then domains (OOD), per-role summaries, role-blind last
+    assert [r.key for r in rt.rows] == ["P1", "P2", ID_DOMAIN] + DOMAINS_2L + [
+        rl.OOD_MEAN_ROW,
+        rl.OOD_POOLED_ROW,
+        rl.ID_POOLED_ROW,
+        rl.ALL_MEAN_ROW,
+        rl.ALL_POOLED_ROW,
+    ]
+    assert rt.id_label == "ID (P1+P2)" and rt.row(ID_DOMAIN).label == "ID (P1+P2)"
+    assert rt.proxies == ["ind_id", "mean_ind", "merged", "macro", "micro"]
+    # the role-blind rows are the old correlation_table's
+    old = an.correlation_table(t, "pearson", n_boot=20)
+    assert rt.row(rl.ALL_POOLED_ROW).cells["macro"] == old.cells[an.POOLED_ROW]["macro"]
+    assert rt.per_domain["all"]["p"]["macro"] == old.cells["p"]["macro"]
+
+
+def test_p_rows_follow_the_study_order(two_lines, tmp_path):
+    t, mixtures, _ = two_lines
+    pq = next(m for m in mixtures if m.names == ("p", "q"))
+    # meta order q, p, s, r: P1 of {p, q} is q's held-out set, P2 p's
+    assert t.id_rows == ["P1", "P2"] and t.fixed == []
+    assert t.get("merged", "P1")[pq.id] == pytest.approx(t.get("merged", "q")[pq.id])
+    assert t.get("seq", "P2")[pq.id] == pytest.approx(t.get("seq", "p")[pq.id])
+    # without the order in the meta: sorted names
+    store, mixtures, _ = fill_roles_store(str(tmp_path / "n.sqlite"), with_order=False)
+    t2 = an.build_table(store)
+    store.close()
+    assert t2.partition_order == ["p", "q", "r", "s"]
+    assert t2.get("merged", "P1")[pq.id] == pytest.approx(t2.get("merged", "p")[pq.id])
+
+
+def test_fixed_partition_comes_first(tmp_path):
+    # z is last in the study's order but in every validation mixture: it is P1
+    store, mixtures, points = fill_roles_store(
+        str(tmp_path / "f.sqlite"), order=("a", "b", "c", "z"), fixed="z"
+    )
+    t = an.build_table(store)
+    store.close()
+    assert t.fixed == ["z"]
+    for m in mixtures:
+        other = next(g for g in m.names if g != "z")
+        assert t.get("merged", "P1")[m.id] == pytest.approx(t.get("merged", "z")[m.id])
+        assert t.get("merged", "P2")[m.id] == pytest.approx(t.get("merged", other)[m.id])
+    rt = rl.role_table(t, "pearson", n_boot=0)
+    # z's held-out set is in-domain for every mixture: no OOD coefficient
+    assert math.isnan(rt.row("z").cells["merged"].r) and rt.row("z").cells["merged"].n == 0
+    assert rt.row("P1").cells["merged"].r == pytest.approx(
+        _corr(points, lambda p: p[1] == "z")[0], abs=1e-12
+    )
+    assert an.fixed_partitions([]) == []
+
+
+def test_headline_proxy():
+    one = {p: Mixture.of({p: [p + "0"]}) for p in "ab"}
+    t = an.ResultTable({}, {m.id: m for m in one.values()}, ["x"], ["merged", "macro"])
+    assert rl.headline_proxy(t)[0] == "merged"
+    two = Mixture.of({"a": ["a0", "a1"], "b": ["b0"]})
+    t.mixtures[two.id] = two
+    proxy, why = rl.headline_proxy(t)
+    assert proxy == "macro" and "more than one unit" in why
+    t.proxies = ["merged"]
+    assert rl.headline_proxy(t)[0] == "merged"
+
+
+def test_median_true_rank_over_ood_domains_and_id_rows():
+    mix = {n: Mixture.of({n: [n + "0"]}) for n in "abcd"}
+    ids = {n: mix[n].id for n in mix}
+    seq = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0}  # seq rank = a, b, c, d on every domain
+
+    def by(vals):
+        return {ids[n]: v for n, v in zip("abcd", vals)}
+
+    t = an.ResultTable(
+        values={
+            "seq": {d: by(seq.values()) for d in ("u", "v", "w", ID_DOMAIN)},
+            "merged": {
+                "u": by([1, 3, 2, 4]),  # picks a, but u is a's held-out set...
+                "v": by([5, 6, 1, 7]),  # picks c: rank 3
+                "w": by([9, 1, 5, 6]),  # picks b: rank 2
+                ID_DOMAIN: by([9, 8, 7, 1]),  # picks d: rank 4
+            },
+        },
+        mixtures={m.id: m for m in mix.values()},
+        domains=["u", "v", "w"],
+        proxies=["merged"],
+        domain_units={"u": ["a0"]},
+    )
+    # ...so out of domain it picks c among b, c, d: seq rank 2 of those
+    assert an.best_true_rank(t, "merged", "u", an.ROLE_OOD) == 2
+    assert an.best_true_rank(t, "merged", "u") == 1  # role-blind: a, seq's best
+    assert an.best_true_rank(t, "merged", "v", an.ROLE_OOD) == 3  # v is OOD for all
+    ood = rl.rank_summary(t, "merged", an.ROLE_OOD)  # ranks 2, 3, 2 (the paper: "median 2, max 5")
+    assert (ood.median, ood.max, ood.n) == (2.0, 3, 3)
+    idr = rl.rank_summary(t, "merged", an.ROLE_ID)
+    assert (idr.median, idr.max, idr.n) == (4.0, 4, 1) and idr.fmt() == "median 4, max 4 (1)"
+    assert rl.rank_summary(t, "seq", an.ROLE_OOD).max == 1
+
+
+def test_mean_ind_and_ind_id_from_partition_models(tmp_path):
+    store, mixtures, _ = fill_roles_store(
+        str(tmp_path / "pm.sqlite"), units={"r": 2}, partition_models=("r",)
+    )
+    t = an.build_table(store)
+    pr = next(m for m in mixtures if m.names == ("p", "r"))
+    # the partition model replaces the mean of r's two unit models
+    part = ppl(store, "r-part", "ind", "x")
+    assert t.get("mean_ind", "x")[pr.id] == pytest.approx(
+        (ppl(store, "p-0000", "ind", "x") + part) / 2
+    )
+    assert t.get("ind_id", "r")[pr.id] == pytest.approx(ppl(store, "r-part", "ind", "r"))
+    own = (ppl(store, "p-0000", "ind", "p") + ppl(store, "r-part", "ind", "r")) / 2
+    assert t.get("ind_id", ID_DOMAIN)[pr.id] == pytest.approx(own)
+    # P rows (study order q, p, s, r): P1 of {p, r} is p, P2 is r
+    assert t.get("ind_id", "P2")[pr.id] == pytest.approx(ppl(store, "r-part", "ind", "r"))
+    assert t.get("ind_id", "P1")[pr.id] == pytest.approx(ppl(store, "p-0000", "ind", "p"))
+    assert t.get("mean_ind", "P1")[pr.id] == pytest.approx(
+        (ppl(store, "p-0000", "ind", "p") + ppl(store, "r-part", "ind", "p")) / 2
+    )
+    # without the meta: the units' mean, as before
+    meta = store.get_meta("study")
+    del meta["partition_models"]
+    store.set_meta("study", meta)
+    t2 = an.build_table(store)
+    units = (ppl(store, "r-0000", "ind", "x") + ppl(store, "r-0001", "ind", "x")) / 2
+    assert t2.get("mean_ind", "x")[pr.id] == pytest.approx(
+        (ppl(store, "p-0000", "ind", "x") + units) / 2
+    )
+    store.close()

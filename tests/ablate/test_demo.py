@@ -94,3 +94,74 @@ def test_demo_k_larger_than_partitions(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "has 3 partition(s)" in err and "fewer than k=4" in err
+
+
+# --------------------------------------------------------------------- --builtin manpages
+
+
+def _demo_settings(argv):
+    from megablocks_ablate.cli import build_parser
+    from megablocks_ablate.commands.demo import settings
+
+    return settings(build_parser().parse_args(["demo", *argv]))
+
+
+def test_builtin_manpages_arguments_and_defaults():
+    s = _demo_settings(["--builtin", "manpages", "--eval-extra", "x.jsonl"])
+    assert (s.builtin, s.out, s.heldout_fraction) == ("manpages", "demo_manpages_out", 0.01)
+    assert s.eval_extra == ["x.jsonl"]
+    d = _demo_settings([])  # the default demo is unchanged
+    assert (d.builtin, d.out, d.heldout_fraction, d.eval_extra) == ("stdlib", "demo_out", 0.005, [])
+    assert _demo_settings(["--builtin", "manpages", "--out", "o"]).out == "o"
+
+
+def test_builtin_manpages_study_has_the_three_ood_sets(tmp_path):
+    import dataclasses
+    import json
+    import time
+
+    from megablocks_ablate.ablate.demo import _manpage_corpus
+    from megablocks_ablate.data.manpage_corpus import DOMAINS, OOD_SETS
+    from tests.data.test_manpage_corpus import make_tree
+
+    extra = tmp_path / "mine.jsonl"
+    extra.write_text('{"text": "an extra evaluation document"}\n')
+    s = dataclasses.replace(
+        _demo_settings(["--builtin", "manpages", "--eval-extra", f"mine={extra}"]),
+        out=str(tmp_path / "out"),
+        corpus_root=make_tree(tmp_path / "tree"),
+    )
+    corpus, seed = _manpage_corpus(s, time.time())
+    with open(corpus, encoding="utf-8") as f:
+        assert {json.loads(line)["domain"] for line in f} == set(DOMAINS)
+    assert seed == str(tmp_path / "out" / "seed.jsonl") and os.path.getsize(seed) > 0
+    spec = study_spec(s, "d", "sd", partitions={p: [f"{p}-0000"] for p in DOMAINS[:3]})
+    ood = [str(tmp_path / "out" / "ood" / f"{n}.jsonl") for n in OOD_SETS]
+    assert spec["eval"] == {"heldout": True, "extra": [*ood, f"mine={extra}"]}
+    assert all(os.path.getsize(p) > 0 for p in ood)
+    assert spec["name"] == "manpages-demo"
+    assert StudySpec.from_dict(spec).eval.extra == [*ood, f"mine={extra}"]
+    # --eval-extra on the stdlib demo: only the user's sets
+    plain = study_spec(
+        DemoSettings(eval_extra=["a.jsonl"]), "d", "sd", partitions=spec["partitions"]
+    )
+    assert plain["eval"]["extra"] == ["a.jsonl"] and plain["name"] == "stdlib-demo"
+
+
+def test_builtin_manpages_errors(tmp_path, capsys):
+    out = tmp_path / "d"
+    rc = cli_main(["demo", "--builtin", "manpages", "--corpus", "c.jsonl", "--out", str(out)])
+    assert rc == 2 and "--builtin manpages and --corpus: give one" in capsys.readouterr().err
+    missing = str(tmp_path / "missing.jsonl")
+    rc = cli_main(["demo", "--builtin", "manpages", "--eval-extra", missing, "--out", str(out)])
+    assert rc == 2 and f"--eval-extra {missing}: no such file" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    # a stdlib demo directory is not reused for the manpages corpus
+    from megablocks_ablate.ablate.demo import build_data
+    from megablocks_ablate.errors import ConfigError
+    from megablocks_ablate.utils.outputs import claim_output_dir
+
+    claim_output_dir(str(out), "demo")
+    (out / "corpus.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="holds a demo output"):
+        build_data(DemoSettings(out=str(out), builtin="manpages"), 0.0)

@@ -209,3 +209,163 @@ def test_study_plan_command(data_dir, tmp_path, capsys):
     args = parser.parse_args(["study", "plan", str(path), "mixtures.k_subsets=9"])
     with pytest.raises(ConfigError, match="k=9 is larger"):
         args.func(args)
+
+
+def _paloma_copy(root) -> str:
+    """The miniature published-layout Paloma of tests/evaluate/paloma_layout.py."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "evaluate"))
+    from paloma_layout import write_paloma
+
+    os.makedirs(root, exist_ok=True)
+    return write_paloma(str(root), [f"document {i}" for i in range(30)])
+
+
+def test_paloma_domains_join_eval_sets_out_of_domain(data_dir, tmp_path, capsys):
+    from megablocks_ablate.evaluate import paloma
+
+    pal = _paloma_copy(tmp_path / "hf")
+    s = spec(
+        data_dir,
+        eval={
+            "paloma": {"dir": pal, "split_by": "subdomain", "sources": ["c4_100_domains", "ptb"]}
+        },
+    )
+    study = resolve(s)
+    new = ["c4_100_domains/www.ign.com", "c4_100_domains/www.nytimes.com", "ptb"]
+    assert list(study.eval_sets) == ["bio", "cs", "math", "phys"] + new
+    assert study.eval_sets["ptb"] == "paloma:" + os.path.join(pal, "ptb", "val")
+    assert list(study.domain_units) == ["bio", "cs", "math", "phys"]  # Paloma: OOD for all
+    srcs = paloma.sources_from_refs({d: study.eval_sets[d] for d in new})
+    assert srcs["c4_100_domains/www.ign.com"].where == ("subdomain", "www.ign.com")
+    assert "c4_100_domains/www.ign.com" in describe_plan(study)
+    # the override form of docs/evaluation.md, and the test split
+    path = tmp_path / "s.yaml"
+    spec(data_dir).save(path)
+    study = resolve(StudySpec.load(path, [f"eval.paloma.dir={pal}", "eval.paloma.split=test"]))
+    assert list(study.eval_sets)[4:] == ["c4_100_domains", "c4_en", "m2d2_s2orc_unsplit", "ptb"]
+    assert study.eval_sets["c4_en"].endswith(os.path.join("c4_en", "test"))
+
+
+def test_extra_named_like_a_partition_or_mapped_is_in_domain(data_dir, tmp_path):
+    paloma_flat = os.path.join(data_dir, "..", "paloma")
+    wiki = os.path.join(paloma_flat, "wiki.jsonl")
+    s = spec(
+        data_dir,
+        eval={
+            "heldout": ["bio", "cs"],
+            "extra": [f"math={os.path.join(paloma_flat, 'c4_en.jsonl')}", wiki],
+            "in_domain": {"wiki": "phys"},
+        },
+    )
+    study = resolve(s)
+    assert list(study.eval_sets) == ["bio", "cs", "math", "wiki"]
+    assert study.domain_units == {
+        "bio": ["bio-0000", "bio-0001", "bio-0002"],
+        "cs": ["cs-0000"],
+        "math": ["math-0000", "math-0001"],  # named like the partition
+        "wiki": ["phys-0000"],  # eval.in_domain
+    }
+    # study partitions (not manifest ones) are what an extra's name is matched against
+    s = spec(
+        data_dir,
+        partitions={"life": ["bio", "cs-0000"], "exact": ["math", "phys-0000"]},
+        mixtures={"explicit": [["life"], ["exact"]]},
+        eval={"heldout": False, "extra": [f"life={wiki}"]},
+    )
+    assert resolve(s).domain_units == {"life": ["bio-0000", "bio-0001", "bio-0002", "cs-0000"]}
+
+
+@pytest.mark.parametrize(
+    "ev, match",
+    [
+        ({"paloma": {"split": "test"}}, r"eval\.paloma: dir: required"),
+        ({"paloma": {"dir": "/no/such/paloma"}}, r"eval\.paloma: /no/such/paloma: no such Paloma"),
+        (
+            {"paloma": {"dir": "PAL", "sources": ["c4"]}},
+            r"eval\.paloma: .*unknown Paloma source 'c4' \(available: c4_100_domains, c4_en",
+        ),
+        ({"paloma": {"dir": "PAL", "split": "dev"}}, r"eval\.paloma\.split: expected one of"),
+        (
+            {"extra": ["c4_en=FLAT/c4_en.jsonl"], "paloma": {"dir": "PAL"}},
+            r"eval\.paloma: domain 'c4_en' is already taken",
+        ),
+        (
+            {"extra": ["FLAT/wiki.jsonl"], "in_domain": {"wiki": "chem"}},
+            r"eval\.in_domain\.wiki: unknown partition 'chem' \(partitions: bio, cs, math, phys\)",
+        ),
+        ({"in_domain": {"bio": "cs"}}, r"eval\.in_domain\.bio: 'bio' is a held-out set"),
+        (
+            {"paloma": {"dir": "PAL", "sources": ["ptb"]}, "in_domain": {"ptb": "cs"}},
+            r"eval\.in_domain\.ptb: 'ptb' is a Paloma domain \(out-of-domain for every mixture\)",
+        ),
+        ({"in_domain": {"nope": "cs"}}, r"eval\.in_domain\.nope: 'nope' is not an evaluation"),
+    ],
+)
+def test_paloma_and_role_errors_name_the_field(data_dir, tmp_path, ev, match):
+    pal = _paloma_copy(tmp_path / "hf")
+    flat = os.path.join(data_dir, "..", "paloma")
+
+    def fill(v):
+        if isinstance(v, dict):
+            return {k: fill(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fill(x) for x in v]
+        return v.replace("PAL", pal).replace("FLAT", flat) if isinstance(v, str) else v
+
+    with pytest.raises(ConfigError, match=match):
+        resolve(spec(data_dir, eval=fill(ev)))
+
+
+def test_a_paloma_source_named_id_is_refused(data_dir, tmp_path):
+    pal = _paloma_copy(tmp_path / "hf")
+    os.rename(os.path.join(pal, "ptb"), os.path.join(pal, "ID"))
+    with pytest.raises(ConfigError, match=r"eval\.paloma: domain name 'ID' is reserved"):
+        resolve(spec(data_dir, eval={"paloma": {"dir": pal, "sources": ["ID"]}}))
+
+
+def _add_unit_heldout(data_dir: str, units: dict[str, str | None]) -> None:
+    """Give the fixture manifest per-unit held-out sets (unit -> text, None: no file)."""
+    path = os.path.join(data_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    os.makedirs(os.path.join(data_dir, "heldout", "units"), exist_ok=True)
+    for u, info in manifest["units"].items():
+        text = units.get(u, f"{u} own text")
+        if text is None:
+            info["heldout"] = None
+            continue
+        rel = f"heldout/units/{u}.jsonl"
+        with open(os.path.join(data_dir, rel), "w") as f:
+            f.write(json.dumps({"text": text}) + "\n")
+        info["heldout"] = {"path": rel, "documents": 1}
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_unit_partitions_are_evaluated_on_their_own_heldout_sets(data_dir):
+    """Paper §5.1: when units are the partitions, each one's in-domain set is its own."""
+    _add_unit_heldout(data_dir, {})
+    study = resolve(spec(data_dir, unit_partitions=True, mixtures={"k_subsets": 1}))
+    assert set(study.eval_sets) == set(study.partitions)  # one domain per unit
+    assert study.eval_sets["bio-0001"].endswith(os.path.join("heldout", "units", "bio-0001.jsonl"))
+    assert study.domain_units == {u: [u] for u in study.partitions}
+    # grouped partitions keep the partition's set unless asked
+    study = resolve(spec(data_dir))
+    assert set(study.eval_sets) == set(PARTS)
+    assert study.domain_units["bio"] == ["bio-0000", "bio-0001", "bio-0002"]
+    study = resolve(spec(data_dir, eval={"heldout_by": "unit", "heldout": ["bio"]}))
+    assert set(study.eval_sets) == {"bio-0000", "bio-0001", "bio-0002"}
+
+
+def test_unit_heldout_missing_is_an_error_or_falls_back_for_old_manifests(data_dir, caplog):
+    # an old manifest (no per-unit sets): auto keeps the partition's set, with a warning
+    study = resolve(spec(data_dir, unit_partitions=True, mixtures={"k_subsets": 1}))
+    assert set(study.eval_sets) == set(PARTS)
+    assert "no per-unit held-out sets" in caplog.text
+    with pytest.raises(ConfigError, match="unit 'bio-0000' has no held-out set of its own"):
+        resolve(spec(data_dir, eval={"heldout_by": "unit"}))
+    _add_unit_heldout(data_dir, {"math-0001": None})
+    with pytest.raises(ConfigError, match="unit 'math-0001' has no held-out set"):
+        resolve(spec(data_dir, unit_partitions=True, mixtures={"k_subsets": 1}))

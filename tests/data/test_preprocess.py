@@ -471,3 +471,282 @@ def test_bad_unit_tokens_says_what_a_count_looks_like(
         f"error: unit_tokens: expected a token count like 50M, 1.5B or 200000, got {value!r}\n"
     )
     assert not os.path.exists(tmp_path / "o")
+
+
+# --- per-unit held-out sets (paper §5.1: a unit's in-domain eval is its own held-out data) --
+
+UH_FRACTION = 0.2
+UH_UNIT_TOKENS = 2500
+
+
+def _year_lines(tiny_corpus, year_of) -> list[str]:
+    """The tiny corpus with ``year`` replaced by ``year_of(line position)`` (None: drop it)."""
+    out = []
+    for pos, line in enumerate(open(tiny_corpus, encoding="utf-8").read().splitlines()):
+        rec = json.loads(line)
+        rec.pop("year")
+        if year_of(pos) is not None:
+            rec["year"] = year_of(pos)
+        out.append(json.dumps(rec))
+    return out
+
+
+def _write_split(d, lines, n_files=3) -> list[str]:
+    """Write ``lines`` as ``n_files`` consecutive input files (input order = line order)."""
+    paths, step = [], -(-len(lines) // n_files)
+    for i in range(n_files):
+        p = d / f"part{i}.jsonl"
+        p.write_text("\n".join(lines[i * step : (i + 1) * step]) + "\n")
+        paths.append(str(p))
+    return paths
+
+
+def _uh_config(inputs, out, tok, **kw):
+    base = dict(heldout_fraction=UH_FRACTION, unit_tokens=UH_UNIT_TOKENS, batch_size=7)
+    base.update(kw)
+    cfg = _config(inputs[0], out, tok, **base)
+    cfg.input = list(inputs)
+    return cfg
+
+
+def _reference_unit_heldout(lines, tok_path, order_by, unit_tokens, keep):
+    """Brute force, straight from the rule: per partition, put every document (training
+    and held-out) in one order, (order key, input position); cut the training ones into
+    units; a held-out document goes to the unit of the first training document after it
+    (the last training document's when none follows), none when that one is in a dropped
+    remainder. Returns ({unit: [lines, input order]}, {partition: lines in no unit})."""
+    tok = load_tokenizer(tok_path)
+    parts: dict[str, list] = {}
+    for pos, line in enumerate(lines):
+        rec = json.loads(line)
+        held = is_heldout(rec["text"], UH_FRACTION, 0)
+        parts.setdefault(partition_key(rec, ["fos"]), []).append(
+            (order_value(rec, order_by), pos, held, rec, line)
+        )
+    units: dict[str, list] = {}
+    nowhere: dict[str, list] = {}
+    for key, docs in parts.items():
+        docs.sort(key=lambda t: (t[0], t[1]))
+        train = [t for t in docs if not t[2]]
+        lengths = np.array([len(tok.encode_document(t[3]["text"])) for t in train])
+        ranges, _, _ = split_units(lengths, unit_tokens, keep_remainder=keep)
+        unit_at = {i: ui for ui, (a, b) in enumerate(ranges) for i in range(a, b)}
+        seen, placed = 0, []
+        for _, pos, held, _, line in docs:
+            if not held:
+                seen += 1
+                continue
+            ui = unit_at.get(min(seen, len(train) - 1))
+            placed.append((pos, line, ui))
+        for _pos, line, ui in sorted(placed):  # files keep the input order
+            if ui is None:
+                nowhere.setdefault(key, []).append(line)
+            else:
+                units.setdefault(f"{key}-{ui:04d}", []).append(line)
+    return units, nowhere
+
+
+def _file_lines(path) -> list[str]:
+    return open(path, encoding="utf-8").read().splitlines()
+
+
+@pytest.mark.parametrize(
+    "order_by,year_of,remainder",
+    [
+        ("year", lambda pos: pos, "drop"),  # increasing keys
+        # ties across unit boundaries, strings after numbers, missing keys last
+        (
+            "year",
+            lambda pos: "late" if pos % 13 == 0 else (None if pos % 17 == 0 else pos // 9),
+            "drop",
+        ),
+        ("year", lambda pos: (400 - pos) // 5, "keep"),  # decreasing: order != input order
+        (None, lambda pos: pos, "drop"),  # input order
+    ],
+    ids=["increasing", "ties-strings-missing", "decreasing-keep", "input-order"],
+)
+def test_unit_heldout_matches_brute_force_reference(
+    tmp_path, tiny_corpus, sp_model_path, order_by, year_of, remainder
+):
+    lines = _year_lines(tiny_corpus, year_of)
+    inputs = _write_split(tmp_path, lines)
+    m = run_preprocess(
+        _uh_config(inputs, tmp_path / "o", sp_model_path, order_by=order_by, remainder=remainder)
+    )
+    ref_units, ref_nowhere = _reference_unit_heldout(
+        lines, sp_model_path, order_by, UH_UNIT_TOKENS, remainder == "keep"
+    )
+    assert sorted(m.units) == sorted(set(m.units) | set(ref_units))  # no unknown unit
+    for u in m.units:
+        path = m.unit_heldout_path(u)
+        if u not in ref_units:
+            assert path is None and m.units[u]["heldout"] is None
+            continue
+        assert _file_lines(path) == ref_units[u]
+        assert m.units[u]["heldout"]["documents"] == len(ref_units[u])
+        assert path == os.path.join(m.root, "heldout", "units", u + ".jsonl")
+    for key, p in m.partitions.items():
+        assert p["heldout_leftover_documents"] == len(ref_nowhere.get(key, []))
+    if remainder == "drop":  # the fixture does exercise the remainder rule
+        assert sum(len(v) for v in ref_nowhere.values()) > 0
+    else:
+        assert not ref_nowhere
+
+
+def test_unit_heldout_partitions_the_partition_set_within_order_ranges(
+    tmp_path, tiny_corpus, sp_model_path
+):
+    """Keys increase with input position: each held-out document lies in its unit's
+    stretch (after the previous unit's last key, at most its own last key), and the
+    units' files plus the remainder's documents are exactly the partition's set."""
+    from collections import Counter
+
+    inputs = _write_split(tmp_path, _year_lines(tiny_corpus, lambda pos: pos))
+    m = run_preprocess(_uh_config(inputs, tmp_path / "o", sp_model_path))
+    checked_leftover = 0
+    for key, units in m.partition_units().items():
+        part = _file_lines(m.heldout_path(key))
+        got: Counter = Counter()
+        prev_last = -1
+        for u in units:
+            info = m.units[u]
+            mine = _file_lines(m.unit_heldout_path(u)) if info["heldout"] else []
+            got.update(mine)
+            years = [json.loads(x)["year"] for x in mine]
+            assert all(prev_last < y <= info["order_last"] for y in years), (u, years)
+            assert years == sorted(years)  # the partition file's (input) order
+            prev_last = info["order_last"]
+        rest = Counter(part) - got
+        assert not (got - Counter(part))  # nothing held out beyond the partition's set
+        assert sum(rest.values()) == m.partitions[key]["heldout_leftover_documents"]
+        assert all(json.loads(x)["year"] > prev_last for x in rest.elements())
+        assert m.partitions[key]["leftover_documents"] > 0 or not rest
+        checked_leftover += sum(rest.values())
+    assert checked_leftover > 0
+    t = m.data["totals"]
+    assert t["documents_heldout"] == sum(p["heldout"]["documents"] for p in m.partitions.values())
+
+
+def test_one_unit_per_partition_gets_the_partition_file_byte_for_byte(
+    tmp_path, tiny_corpus, sp_model_path
+):
+    m = run_preprocess(_config(tiny_corpus, tmp_path / "o", sp_model_path, unit_tokens=None))
+    for key, (unit,) in m.partition_units().items():
+        with open(m.heldout_path(key), "rb") as a, open(m.unit_heldout_path(unit), "rb") as b:
+            assert a.read() == b.read()
+        assert m.units[unit]["heldout"]["sha256"] == m.partitions[key]["heldout"]["sha256"]
+
+
+def test_unit_heldout_hashes_recorded_and_verified(done):
+    import hashlib
+
+    m, *_ = done
+    with_heldout = [u for u in m.units if m.units[u].get("heldout")]
+    assert len(with_heldout) >= 4
+    for u in with_heldout:
+        rec = m.units[u]["heldout"]
+        data = open(m.unit_heldout_path(u), "rb").read()
+        assert rec["sha256"] == hashlib.sha256(data).hexdigest()
+        assert rec["documents"] == data.count(b"\n")
+    m.verify()
+
+
+def test_verify_catches_a_changed_or_missing_unit_heldout_file(tmp_path, done):
+    import shutil
+
+    m0, *_, out = done
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    m = Manifest.load(str(copy))
+    u = next(u for u in m.units if m.units[u].get("heldout"))
+    path = m.unit_heldout_path(u)
+    with open(path, "ab") as f:
+        f.write(b'{"text": "smuggled in"}\n')
+    with pytest.raises(DataFormatError, match=rf"sha256 .* for held-out set of unit '{u}'"):
+        m.verify()
+    m.verify(units=[u])  # training's subset check leaves held-out files out ...
+    with pytest.raises(DataFormatError, match="held-out set of unit"):
+        m.verify(units=[u], heldout=True)  # ... unless asked
+    os.unlink(path)
+    with pytest.raises(DataFormatError, match=rf"missing \(held-out set of unit '{u}'"):
+        m.verify(check_hashes=False)
+
+
+def test_manifest_without_unit_heldout_still_loads(tmp_path, done):
+    m, *_ = done
+    data = json.loads(json.dumps(m.data))
+    for info in data["units"].values():
+        del info["heldout"]
+    for info in data["partitions"].values():
+        del info["heldout_leftover_documents"]
+    old = Manifest(data=data, root=m.root)
+    old.save(str(tmp_path / "manifest.json"))
+    loaded = Manifest.load(str(tmp_path / "manifest.json"))
+    assert all(loaded.unit_heldout_path(u) is None for u in loaded.units)
+    assert loaded.heldout_path("biology") is None or os.path.isabs(loaded.heldout_path("biology"))
+    with pytest.raises(DataFormatError, match="unknown unit 'nope'"):
+        loaded.unit_heldout_path("nope")
+
+
+def test_overwrite_replaces_unit_heldout_files_only(tmp_path, tiny_corpus, sp_model_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    m1 = run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=2000))
+    old_files = {
+        os.path.basename(m1.unit_heldout_path(u)) for u in m1.units if m1.units[u]["heldout"]
+    }
+    (out / "heldout" / "units" / "my-notes.txt").write_text("keep me")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    host = socket.gethostname().split(".")[0]
+    stale = out / "heldout" / "units" / f".x-0000.jsonl.{host}-{dead.pid}.abc123.tmp"
+    stale.write_text("half")
+    m2 = run_preprocess(_config(tiny_corpus, out, sp_model_path, unit_tokens=5000, overwrite=True))
+    new_files = {
+        os.path.basename(m2.unit_heldout_path(u)) for u in m2.units if m2.units[u]["heldout"]
+    }
+    assert old_files - new_files  # the fixture does drop some units
+    assert set(os.listdir(out / "heldout" / "units")) == new_files | {"my-notes.txt"}
+    m2.verify()
+    # with the user's file gone, a further overwrite leaves no empty directory behind
+    os.unlink(out / "heldout" / "units" / "my-notes.txt")
+    run_preprocess(_config(tiny_corpus, out, sp_model_path, heldout_fraction=0.0, overwrite=True))
+    assert not os.path.exists(out / "heldout")
+
+
+def test_resume_retokenizes_an_older_stage1_file_without_heldout_slots(
+    tmp_path, tiny_corpus, sp_model_path, monkeypatch
+):
+    from megablocks_ablate.data import preprocess_stage1 as st1
+
+    lines = _year_lines(tiny_corpus, lambda pos: pos)
+    inputs = _write_split(tmp_path, lines)
+    out = tmp_path / "o"
+    cfg = _uh_config(inputs, out, sp_model_path)
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pp, "_stage2", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(cfg)
+    done_json = out / pp.TMP_DIR / "files" / "00001" / "done.json"
+    rec = json.loads(done_json.read_text())
+    del rec["format"]  # as an older stage 1 wrote it
+    done_json.write_text(json.dumps(rec))
+    monkeypatch.undo()
+    redone = []
+    real = st1._tokenize_file
+    monkeypatch.setattr(
+        st1,
+        "_tokenize_file",
+        lambda c, pool, path, *a: redone.append(path) or real(c, pool, path, *a),
+    )
+    m = run_preprocess(cfg)
+    assert redone == [inputs[1]]
+    ref_units, _ = _reference_unit_heldout(lines, sp_model_path, "year", UH_UNIT_TOKENS, False)
+    assert {u: _file_lines(m.unit_heldout_path(u)) for u in ref_units} == ref_units

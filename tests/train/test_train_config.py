@@ -129,22 +129,24 @@ def test_unit_index_picks_the_pool_order(train_manifest):
 # Every preset resolved, pinned: the `base:` restructuring of configs/train/ must not change
 # any of them. Columns: name, out_dir, init_from, train_tokens, seq_len, global_batch_tokens,
 # micro_batch, lr, warmup_steps, warmup_fraction, warmup_start_lr, min_lr, data.mixture,
-# data.balance, checkpoint.every, checkpoint.keep_last, distributed.parallel, model_overrides.
-# Every other field is its default, but data.manifest (data/).
+# data.balance, checkpoint.every, checkpoint.keep_last, distributed.parallel, model_overrides,
+# init_optimizer, checkpoint.final_optimizer (paper A.3: seeds keep their optimizer state in
+# final/, unit and seq runs start from it). Every other field is its default, but
+# data.manifest (data/).
 # fmt: off
 PINNED = [
-    ('1.1b_seed', 'runs/1.1b/seed', None, 42000000000, 2048, 2097152, 4, 0.0003, None, 0.01, 0.0, 3e-05, ['*'], 'tokens', 1000, 2, 'fsdp', ['activation_checkpointing=true']),
-    ('1.1b_seq', 'runs/1.1b/seq', 'runs/1.1b/seed/final', 4000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, ['*'], 'partition', 100, 1, 'fsdp', ['activation_checkpointing=true']),
-    ('1.1b_unit', 'pool/1.1b/{unit}', 'runs/1.1b/seed/final', 1000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, [], 'partition', 100, 1, 'fsdp', ['activation_checkpointing=true']),
-    ('130m_seed', 'runs/130m/seed', None, 42000000000, 2048, 2097152, 16, 0.0006, None, 0.01, 0.0, 6e-05, ['*'], 'tokens', 1000, 2, 'ddp', []),
-    ('130m_seq', 'runs/130m/seq', 'runs/130m/seed/final', 4000000000, 2048, 2097152, 16, 0.0006, 50, 0.01, 6e-05, 6e-05, ['*'], 'partition', 100, 1, 'ddp', []),
-    ('130m_unit', 'pool/130m/{unit}', 'runs/130m/seed/final', 1000000000, 2048, 2097152, 16, 0.0006, 50, 0.01, 6e-05, 6e-05, [], 'partition', 100, 1, 'ddp', []),
-    ('demo_seed', 'runs/demo/seed', None, 4000000, 256, 8192, 16, 0.002, None, 0.05, 0.0, 0.0002, ['*'], 'tokens', 100, 2, 'ddp', []),
-    ('demo_seq', 'runs/demo/seq', 'runs/demo/seed/final', 1000000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, ['*'], 'partition', 50, 1, 'ddp', []),
-    ('demo_unit', 'pool/demo/{unit}', 'runs/demo/seed/final', 500000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, [], 'partition', 50, 1, 'ddp', []),
-    ('tiny_seed', 'runs/tiny/seed', None, 200000, 64, 1024, 8, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 50, 2, 'ddp', []),
-    ('tiny_seq', 'runs/tiny/seq', 'runs/tiny/seed/final', 100000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, ['*'], 'partition', 20, 1, 'ddp', []),
-    ('tiny_unit', 'pool/tiny/{unit}', 'runs/tiny/seed/final', 50000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, [], 'partition', 20, 1, 'ddp', []),
+    ('1.1b_seed', 'runs/1.1b/seed', None, 42000000000, 2048, 2097152, 4, 0.0003, None, 0.01, 0.0, 3e-05, ['*'], 'tokens', 1000, 2, 'fsdp', ['activation_checkpointing=true'], 'fresh', True),
+    ('1.1b_seq', 'runs/1.1b/seq', 'runs/1.1b/seed/final', 4000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, ['*'], 'partition', 100, 1, 'fsdp', ['activation_checkpointing=true'], 'seed', False),
+    ('1.1b_unit', 'pool/1.1b/{unit}', 'runs/1.1b/seed/final', 1000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, [], 'partition', 100, 1, 'fsdp', ['activation_checkpointing=true'], 'seed', False),
+    ('130m_seed', 'runs/130m/seed', None, 42000000000, 2048, 2097152, 16, 0.0006, None, 0.01, 0.0, 6e-05, ['*'], 'tokens', 1000, 2, 'ddp', [], 'fresh', True),
+    ('130m_seq', 'runs/130m/seq', 'runs/130m/seed/final', 4000000000, 2048, 2097152, 16, 0.0006, 50, 0.01, 6e-05, 6e-05, ['*'], 'partition', 100, 1, 'ddp', [], 'seed', False),
+    ('130m_unit', 'pool/130m/{unit}', 'runs/130m/seed/final', 1000000000, 2048, 2097152, 16, 0.0006, 50, 0.01, 6e-05, 6e-05, [], 'partition', 100, 1, 'ddp', [], 'seed', False),
+    ('demo_seed', 'runs/demo/seed', None, 4000000, 256, 8192, 16, 0.002, None, 0.05, 0.0, 0.0002, ['*'], 'tokens', 100, 2, 'ddp', [], 'fresh', True),
+    ('demo_seq', 'runs/demo/seq', 'runs/demo/seed/final', 1000000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, ['*'], 'partition', 50, 1, 'ddp', [], 'seed', False),
+    ('demo_unit', 'pool/demo/{unit}', 'runs/demo/seed/final', 500000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, [], 'partition', 50, 1, 'ddp', [], 'seed', False),
+    ('tiny_seed', 'runs/tiny/seed', None, 200000, 64, 1024, 8, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 50, 2, 'ddp', [], 'fresh', True),
+    ('tiny_seq', 'runs/tiny/seq', 'runs/tiny/seed/final', 100000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, ['*'], 'partition', 20, 1, 'ddp', [], 'seed', False),
+    ('tiny_unit', 'pool/tiny/{unit}', 'runs/tiny/seed/final', 50000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, [], 'partition', 20, 1, 'ddp', [], 'seed', False),
 ]
 # fmt: on
 
@@ -170,6 +172,8 @@ def test_presets_resolve_exactly_as_pinned(row):
         keep,
         parallel,
         model_overrides,
+        init_optimizer,
+        final_optimizer,
     ) = row
     model, kind = name.split("_")
     expected = TrainConfig.from_dict(
@@ -190,9 +194,10 @@ def test_presets_resolve_exactly_as_pinned(row):
                 "min_lr": min_lr,
             },
             "data": {"manifest": "data/", "mixture": mixture, "balance": balance},
-            "checkpoint": {"every": every, "keep_last": keep},
+            "checkpoint": {"every": every, "keep_last": keep, "final_optimizer": final_optimizer},
             "distributed": {"parallel": parallel},
             "model_overrides": model_overrides,
+            "init_optimizer": init_optimizer,
         }
     )
     assert TrainConfig.from_preset(name) == expected

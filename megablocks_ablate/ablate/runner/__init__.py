@@ -150,9 +150,9 @@ class StudyRunner:
         scorer = self.scorer(_local_group(self.env))
         with ResultStore(path) as store:
             if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
-                for job in self._mine(plan.units):
+                for job in self._mine(plan.units + plan.partitions):
                     scorer.score_model(store, job)
-            for job in self._mine(plan.seqs):
+            for job in self._mine(plan.seqs + plan.ind_seqs):
                 scorer.score_model(store, job)
             n = merge_eval(scorer, store, plan, self._mine(self.study.mixtures), self.env.rank)
             logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)

@@ -60,8 +60,8 @@ def load_study(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Study:
 class ModelJob:
     """One model the study needs: a unit model or a seq model."""
 
-    kind: str  # "unit" | "seq"
-    name: str  # unit name, or mixture id
+    kind: str  # "unit" | "partition" | "seq" | "ind_seq"
+    name: str  # unit name, partition-level model name, or mixture id
     cfg: TrainConfig  # out_dir set to the entry's
     weights: dict[str, float]  # training blend over units
     entry: Entry
@@ -92,9 +92,21 @@ class RunPlan:
     seed_job: TrainConfig | None  # a seed still to train, or None
     units: list[ModelJob] = field(default_factory=list)
     seqs: list[ModelJob] = field(default_factory=list)
+    partitions: list[ModelJob] = field(default_factory=list)  # partition-level models
+    ind_seqs: list[ModelJob] = field(default_factory=list)  # seq models at the units' scale
+
+    @property
+    def jobs(self) -> list[ModelJob]:
+        """Every model after the seed, in training order."""
+        return self.units + self.partitions + self.seqs + self.ind_seqs
+
+    @property
+    def pool_jobs(self) -> list[ModelJob]:
+        """The models a merge may take rows from: unit and partition-level models."""
+        return self.units + self.partitions
 
     def missing(self) -> list[ModelJob]:
-        return [j for j in self.units + self.seqs if not j.entry.complete]
+        return [j for j in self.jobs if not j.entry.complete]
 
 
 class Planner:
@@ -193,15 +205,45 @@ class Planner:
             for u in self.study.used_units
         ]
 
-    def _seq_jobs(self, seed_dir: str, seed_hash: str) -> list[ModelJob]:
+    def _partition_jobs(self, seed_dir: str, seed_hash: str) -> list[ModelJob]:
+        """Partition-level models (``partition_models: true``): the unit config on all of
+        a partition's units, each an equal share, for len(units) x the unit budget."""
+        spec = self.study.spec
+        jobs = []
+        for g, units in self.study.partition_jobs.items():
+            w = {u: 1.0 / len(units) for u in units}
+            jobs.append(
+                self._job(
+                    "partition",
+                    mx.partition_model_name(g, units),
+                    "unit.config",
+                    spec.unit.config,
+                    spec.unit.overrides,
+                    w,
+                    seed_dir,
+                    seed_hash,
+                    [
+                        "data.unit=null",
+                        "data.mixture=[]",
+                        f"data.weights={json.dumps(w)}",
+                        f"train_tokens={len(units) * self.study.unit_tokens}",
+                    ],
+                )
+            )
+        return jobs
+
+    def _seq_jobs(self, seed_dir: str, seed_hash: str, ind_scale: bool = False) -> list[ModelJob]:
+        """Seq validation models; ``ind_scale``: the same mixtures at the unit models'
+        scale (a cross-scale study's ``ind_seq``), from the study's seed."""
         val = self.study.spec.validation
+        cross = bool(val.model) and not ind_scale
         jobs = []
         for m in self.study.validation:
             w = mx.proxy_weights(m, "macro")  # the paper's equal-partition upsampling
-            over = list(val.train.overrides) + ([f"model={val.model}"] if val.model else [])
+            over = list(val.train.overrides) + ([f"model={val.model}"] if cross else [])
             jobs.append(
                 self._job(
-                    "seq",
+                    mx.IND_SEQ if ind_scale else "seq",
                     m.id,
                     "validation.train.config",
                     val.train.config,
@@ -215,7 +257,7 @@ class Planner:
                         f"data.weights={json.dumps(w)}",
                         f"train_tokens={self.study.seq_tokens(m)}",
                     ],
-                    own_init=bool(val.model),
+                    own_init=cross,
                 )
             )
         return jobs
@@ -233,7 +275,10 @@ class Planner:
         if seed_done:
             seed_hash = self.seed_sha256(seed_dir, seed_cfg)
             plan.units = self._unit_jobs(seed_dir, seed_hash)
+            plan.partitions = self._partition_jobs(seed_dir, seed_hash)
             plan.seqs = self._seq_jobs(seed_dir, seed_hash)
+            if self.study.spec.validation.ind_seq:
+                plan.ind_seqs = self._seq_jobs(seed_dir, seed_hash, ind_scale=True)
         return plan
 
 
@@ -255,7 +300,7 @@ def _describe_jobs(study: Study, what: str, jobs: list[ModelJob]) -> list[str]:
 
 def _describe_evaluation(study: Study, out_dir: str) -> list[str]:
     path = store_path(out_dir)
-    n_merge = sum(len(mx.merge_plan(m, study.spec.proxies)) for m in study.mixtures)
+    n_merge = sum(len(study.merge_plan(m)) for m in study.mixtures)
     lines = [
         "evaluation:",
         f"  {len(study.eval_sets)} domains; {n_merge} merged models over "
@@ -267,7 +312,7 @@ def _describe_evaluation(study: Study, out_dir: str) -> list[str]:
             done = sum(
                 1
                 for m in study.mixtures
-                for _, ps in mx.merge_plan(m, study.spec.proxies)
+                for _, ps in study.merge_plan(m)
                 if all(store.done(m.id, p, list(study.eval_sets)) for p in ps)
             )
         lines.append(f"  store {path}: {done} of {n_merge} merges done")
@@ -286,11 +331,17 @@ def describe_run(study: Study, plan: RunPlan, out_dir: str) -> str:
             "are planned once it exists"
         )
         lines.append(
-            f"  then {len(study.used_units)} unit models and {len(study.validation)} seq models"
+            f"  then {len(study.used_units)} unit models, {len(study.partition_jobs)} "
+            f"partition-level models and {len(study.validation)} seq models"
         )
     else:
         lines.append(f"  seed: {plan.seed_dir} (exists)")
-    for what, jobs in (("unit models", plan.units), ("seq models", plan.seqs)):
+    for what, jobs in (
+        ("unit models", plan.units),
+        ("partition-level models", plan.partitions),
+        ("seq models", plan.seqs),
+        ("seq models at the unit scale (ind_seq)", plan.ind_seqs),
+    ):
         if jobs:
             lines += _describe_jobs(study, what, jobs)
     return "\n".join(lines + _describe_evaluation(study, out_dir))

@@ -48,6 +48,13 @@ def check_search(
             "the models of every partition (run `study run` first, with "
             "mixtures covering every partition)"
         )
+    if proxy == "merged" and scorer.study.spec.partition_models:
+        lacking = [g for g in scorer.study.partitions if g not in scorer.study.partition_models]
+        if lacking:
+            raise ConfigError(
+                f"proxy merged: partition {lacking[0]!r} has no partition-level model (no "
+                "mixture of the study uses it); search by macro, or add mixtures using it"
+            )
     return domains
 
 
@@ -65,7 +72,8 @@ def search_mixtures(
     mixtures merged and evaluated now (the rest came from the store)."""
     domains = check_search(scorer, plan, proxy, domains)
     study = scorer.study
-    scorer.open_pool([j for j in plan.units if j.name in set(study.units)])
+    members = set(study.units) | set(study.partition_models.values())
+    scorer.open_pool([j for j in plan.pool_jobs if j.name in members])
     merged: list[str] = []
 
     def objective(names: tuple[str, ...]) -> float:
@@ -74,7 +82,7 @@ def search_mixtures(
             if not store.done(m.id, proxy, domains):
                 merged.append(m.id)
                 store.add_mixtures([m])
-                ((w, ps),) = mx.merge_plan(m, [proxy])
+                ((w, ps),) = mx.merge_plan(m, [proxy], study.partition_models)
                 scorer.score_mixture(store, m, w, ps)
             ppl = {d: sc.perplexity for d, sc in store.scores(m.id, proxy).items()}
         logger.info("[search] %s: %s", m.label, ", ".join(f"{d} {ppl[d]:.2f}" for d in domains))

@@ -52,6 +52,8 @@ def run_key(cfg, manifest, weights: Mapping[str, float], seed_hash: str | None) 
     d = cfg.to_dict()
     traj = {k: d[k] for k in TRAJECTORY_FIELDS if k in d}
     traj.pop("init_from", None)  # the seed's hash stands for it
+    if traj.get("init_optimizer") == "fresh":  # keys from before the field keep their value
+        traj.pop("init_optimizer")
     traj.pop("model_overrides", None)  # folded into the resolved model below
     data = dict(traj.pop("data", {}))
     traj["model"] = ModelConfig.from_preset(cfg.model, cfg.model_overrides).to_dict()

@@ -69,7 +69,18 @@ def load_suite(study: Study, manifest: Manifest, opt: ScoreOptions) -> tuple[Eva
             f"{manifest.data['tokenizer']['path']} changed since preprocess"
         )
     cache = opt.cache_dir or os.path.join(study.spec.out_dir, "cache", "eval")
-    suite = EvalSuite.load([f"{d}={p}" for d, p in study.eval_sets.items()], tok, cache_dir=cache)
+    # A Paloma domain is several shards (maybe filtered on a field): its eval_sets value
+    # is a `paloma:` reference, turned back into a source with the shards as they are now.
+    from megablocks_ablate.errors import MBAError
+    from megablocks_ablate.evaluate import paloma
+
+    refs = {d: p for d, p in study.eval_sets.items() if paloma.is_ref(p)}
+    try:
+        resolved = paloma.sources_from_refs(refs)
+    except MBAError as e:
+        raise ConfigError(f"eval.paloma: {e}") from None
+    items = [resolved.get(d, f"{d}={p}") for d, p in study.eval_sets.items()]
+    suite = EvalSuite.load(items, tok, cache_dir=cache)
     fp = sha256_json(
         {
             "tokenizer": tok.fingerprint,
@@ -112,11 +123,14 @@ class Scorer:
 
     # ---------------------------------------------------------------- trained models
     def score_model(self, store: ResultStore, job: ModelJob) -> None:
-        """Evaluate a unit model (``unit_results``) or a seq model (proxy ``seq``)."""
+        """Evaluate a unit or partition-level model (``unit_results``, under its name) or a
+        seq model (proxy ``seq``, or ``ind_seq`` for one at the unit models' scale)."""
+        single = job.kind in ("unit", "partition")
+        proxy = mx.IND if single else (mx.IND_SEQ if job.kind == mx.IND_SEQ else mx.SEQ)
         done = (
             store.unit_done(job.name, self.domains)
-            if job.kind == "unit"
-            else store.done(job.name, mx.SEQ, self.domains)
+            if single
+            else store.done(job.name, proxy, self.domains)
         )
         if done:
             return
@@ -131,11 +145,8 @@ class Scorer:
             weights=job.weights,
             tokens_seen=lineage.tokens_seen,
         )
-        rows = [
-            Result(job.name, mx.SEQ if job.kind == "seq" else mx.IND, d, s, prov)
-            for d, s in scores.items()
-        ]
-        (store.add_unit_results if job.kind == "unit" else store.add_results)(rows)
+        rows = [Result(job.name, proxy, d, s, prov) for d, s in scores.items()]
+        (store.add_unit_results if single else store.add_results)(rows)
         logger.info(
             "[eval] %s %s: %s",
             job.kind,
@@ -221,13 +232,13 @@ def merge_eval(
     todo = [
         (m, w, ps)
         for m in mixtures
-        for w, ps in mx.merge_plan(m, study.spec.proxies)
+        for w, ps in study.merge_plan(m)
         if not all(store.done(m.id, p, scorer.domains) for p in ps)
     ]
     if not todo:
         return 0
     needed = {u for _, w, _ in todo for u in w}
-    scorer.open_pool([j for j in plan.units if j.name in needed])
+    scorer.open_pool([j for j in plan.pool_jobs if j.name in needed])
     delay = float(os.environ.get(MERGE_DELAY_ENV, 0) or 0)
     with progress(
         total=len(todo),

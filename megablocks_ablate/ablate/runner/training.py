@@ -57,7 +57,7 @@ def train_models(planner: Planner, env: DistEnv) -> RunPlan:
         train_one(plan.seed_job, env, "seed")
         plan = planner.plan()  # unit and seq keys need the seed's hash
     todo = plan.missing()
-    total = len(plan.units) + len(plan.seqs)
+    total = len(plan.jobs)
     logger.info(
         "[train] %d of %d unit/seq models exist; training %d", total - len(todo), total, len(todo)
     )
@@ -83,5 +83,9 @@ def spent_tokens(plan: RunPlan) -> dict[str, int]:
     if is_complete(seed_run):
         spent["seed tokens"] = tokens(seed_run)
     spent["unit-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.units)
+    if plan.partitions:
+        spent["partition-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.partitions)
     spent["seq-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.seqs)
+    if plan.ind_seqs:
+        spent["ind_seq-model tokens"] = sum(tokens(j.entry.out_dir) for j in plan.ind_seqs)
     return spent
