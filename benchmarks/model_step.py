@@ -32,7 +32,6 @@ from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict
 from megablocks_ablate.utils.atomic import atomic_write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 def _hf_model(cfg: ModelConfig, ours: torch.nn.Module):
@@ -136,7 +135,10 @@ def bench_gpu(preset: str, batch: int, steps: int) -> dict:
     dt = _timed(fn, steps, torch.cuda.synchronize) / steps
     tps = batch * seq / dt
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    from megablocks_ablate.train.metrics import gpu_peak_tflops
+
+    tflops = gpu_peak_tflops(name)  # the trainer's table (H100 SXM/PCIe/NVL differ)
+    peak = tflops * 1e12 if tflops else None
     return {
         "preset": preset,
         "device": name,
