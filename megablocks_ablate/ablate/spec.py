@@ -223,12 +223,9 @@ class Study:
 
     @property
     def partition_jobs(self) -> dict[str, list[str]]:
-        """Partition-level models to train: partitions of several units -> their units."""
-        return {
-            g: self.partitions[g]
-            for g, name in self.partition_models.items()
-            if name.startswith(mx.PARTITION_MODEL_PREFIX)
-        }
+        """Partition-level models to train: used partitions of several units -> their units
+        (a one-unit partition's model is its unit model)."""
+        return {g: self.partitions[g] for g in self.partition_models if len(self.partitions[g]) > 1}
 
     def merge_plan(self, mixture: Mixture) -> list[tuple[dict[str, float], list[str]]]:
         """The distinct merges ``mixture`` needs for this study's proxies."""

@@ -97,20 +97,28 @@ def _eval_heldout_units(spec: EvalSpec, manifest, study_units: set[str]):
             if u in study_units
         ]
     )
-    eval_sets: dict[str, str] = {}
-    for u in chosen:
-        path = manifest.unit_heldout_path(u)
-        if path is None:
-            raise ConfigError(
-                f"eval.heldout_by: unit {u!r} has no held-out set of its own (its manifest "
-                "predates per-unit held-out sets: rerun preprocess with --overwrite; or no "
-                "held-out document fell in its range: raise --heldout-fraction); or set "
-                "eval.heldout_by: partition"
-            )
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.heldout_by: held-out file of unit {u!r} is missing: {path}")
-        eval_sets[u] = path
+    eval_sets = {
+        u: _heldout_file(
+            manifest.unit_heldout_path(u),
+            "eval.heldout_by",
+            f"unit {u!r}",
+            "has no held-out set of its own (its manifest predates per-unit held-out sets: "
+            "rerun preprocess with --overwrite; or no held-out document fell in its range: "
+            "raise --heldout-fraction); or set eval.heldout_by: partition",
+        )
+        for u in chosen
+    }
     return eval_sets, {u: [u] for u in eval_sets}
+
+
+def _heldout_file(path: str | None, field_name: str, what: str, none_why: str) -> str:
+    """``path`` of the held-out set of ``what`` the manifest lists, checked to exist;
+    errors name the spec field."""
+    if path is None:
+        raise ConfigError(f"{field_name}: {what} {none_why}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{field_name}: held-out file of {what} is missing: {path}")
+    return path
 
 
 def _eval_heldout(spec: EvalSpec, manifest, study_units: set[str], by_unit: bool = False):
@@ -135,15 +143,12 @@ def _eval_heldout(spec: EvalSpec, manifest, study_units: set[str], by_unit: bool
         chosen = list(spec.heldout)
         _check_heldout_names(chosen, manifest)
     for p in chosen:
-        path = manifest.heldout_path(p)
-        if path is None:
-            raise ConfigError(
-                f"eval.heldout: partition {p!r} has no held-out set "
-                "(preprocess with --heldout-fraction > 0)"
-            )
-        if not os.path.isfile(path):
-            raise ConfigError(f"eval.heldout: held-out file of partition {p!r} is missing: {path}")
-        eval_sets[p] = path
+        eval_sets[p] = _heldout_file(
+            manifest.heldout_path(p),
+            "eval.heldout",
+            f"partition {p!r}",
+            "has no held-out set (preprocess with --heldout-fraction > 0)",
+        )
         domain_units[p] = [u for u in by_manifest.get(p, []) if u in study_units]
     return eval_sets, domain_units
 
