@@ -8,9 +8,18 @@ the rounds is reported) and printed as a ratio.
 
 GPU (when CUDA is present): tokens/s and MFU of a bf16 training step for ``130m`` and
 ``1.1b`` at sequence length 2048, MFU = flops_per_token * tokens/s / peak bf16 FLOP/s.
+By default the model itself: bf16 parameters, no autocast, no activation
+checkpointing, no FSDP (comparable with earlier results). ``--real-path`` times the
+step as the trainer runs it instead (:func:`bench_real`): fp32 master weights under bf16
+autocast, the ``<preset>_seed`` train preset's activation-checkpointing policy and
+micro batch, gradient clipping, and, launched with 2+ ranks (torchrun), FSDP2 with its
+mixed-precision policy or DDP as the preset says (``train/parallel.py``); rank 0
+writes ``model_step_real.json``. ``--override KEY=VALUE`` changes that train config
+(e.g. ``activation_checkpointing=full``, ``distributed.fsdp_param_dtype=fp32``).
 
     python benchmarks/model_step.py                 # JSON to benchmarks/results/
     python benchmarks/model_step.py --update-docs   # also docs/benchmarks.md "## Model step"
+    torchrun --nproc-per-node 8 benchmarks/model_step.py --real-path
 """
 
 from __future__ import annotations
@@ -152,6 +161,96 @@ def bench_gpu(preset: str, batch: int, steps: int) -> dict:
     }
 
 
+def _real_config(preset: str, batch: int | None, seq: int, overrides):
+    from megablocks_ablate.train.config import TrainConfig
+
+    sizes = [f"seq_len={seq}"] + ([f"micro_batch={batch}"] if batch else [])
+    # data.manifest: the step is timed on random tokens, no data is read
+    return TrainConfig.from_preset(f"{preset}_seed", [*sizes, "data.manifest=unused", *overrides])
+
+
+def bench_real(preset: str, batch: int | None, steps: int, env, overrides=(), seq=2048) -> dict:
+    """A training step the way ``train()`` runs it (see the module doc) on ``env``'s
+    device; ``batch`` None: the train preset's micro batch. tokens/s are per rank."""
+    from megablocks_ablate.train.divergence import clip_grads_with_norm, total_grad_norm
+    from megablocks_ablate.train.optim import build_optimizer
+    from megablocks_ablate.train.parallel import computes_in_bf16, wrap_model
+
+    tcfg = _real_config(preset, batch, seq, overrides)
+    cfg = ModelConfig.from_preset(tcfg.model, tcfg.model_overrides)
+    torch.manual_seed(0)
+    dev = env.device
+    model = wrap_model(cfg.build(device=dev), tcfg, env)
+    opt = build_optimizer(model, tcfg.optimizer, dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bf16 = computes_in_bf16(tcfg.precision, dev.type)
+    ids = torch.randint(0, cfg.vocab_size, (tcfg.micro_batch, seq), device=dev)
+    model.train()
+
+    def step():
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            loss = model(ids, ids)
+            loss.backward()
+        clip_grads_with_norm(params, tcfg.grad_clip, total_grad_norm(params))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    _timed(step, 3, sync)
+    dt = _timed(step, steps, sync) / steps
+    tps = tcfg.micro_batch * seq / dt
+    peak = _peak_flops(dev)
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    return {
+        "preset": preset,
+        "train_preset": f"{preset}_seed",
+        "overrides": list(overrides),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "ranks": env.world_size,
+        "parallel": "fsdp" if fsdp else ("ddp" if env.distributed else "single"),
+        "batch": tcfg.micro_batch,
+        "seq_len": seq,
+        "autocast_bf16": bf16,
+        "activation_checkpointing": _unwrapped(model).checkpointing_policy(),
+        "tokens_per_s_per_rank": round(tps, 1),
+        "mfu": round(cfg.flops_per_token(seq) * tps / peak, 4) if peak else None,
+        "peak_memory_gib": (
+            round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+        ),
+    }
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def _peak_flops(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    from megablocks_ablate.train.metrics import gpu_peak_tflops
+
+    tflops = gpu_peak_tflops(torch.cuda.get_device_name(dev))
+    return tflops * 1e12 if tflops else None
+
+
+def main_real(args) -> int:
+    """``--real-path``: the GPU presets (or ``--presets``) through the trainer's path."""
+    from megablocks_ablate.train.distributed import distributed_session
+
+    with distributed_session(args.device) as env:
+        rows = [
+            bench_real(p, args.real_batch, args.real_steps, env, args.override, args.real_seq)
+            for p in args.presets.split(",")
+        ]
+    if env.is_main:
+        res = {"torch": torch.__version__, "path": "real", "gpu": rows}
+        atomic_write_json(args.out.replace(".json", "_real.json"), res)
+        print(json.dumps(res, indent=2))
+    return 0
+
+
 def _docs_section(res: dict) -> str:
     c = res["cpu"]
     lines = [
@@ -210,7 +309,23 @@ def main() -> int:
     ap.add_argument(
         "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
     )
+    ap.add_argument(
+        "--real-path",
+        action="store_true",
+        help="time the step as train() runs it (autocast, checkpointing policy, FSDP2/DDP "
+        "under torchrun); the module doc says what",
+    )
+    ap.add_argument("--presets", default="130m,1.1b", help="--real-path: model presets")
+    ap.add_argument("--real-batch", type=int, default=None, help="default: the train preset's")
+    ap.add_argument("--real-steps", type=int, default=10)
+    ap.add_argument("--real-seq", type=int, default=2048, help="--real-path: sequence length")
+    ap.add_argument("--device", default="auto", help="--real-path: auto, cuda or cpu")
+    ap.add_argument("--override", action="append", default=[], help="--real-path: train key=value")
     args = ap.parse_args()
+    if args.real_path:
+        if args.update_docs:
+            ap.error("--update-docs writes the default mode's section; drop --real-path")
+        return main_real(args)
 
     import transformers
 

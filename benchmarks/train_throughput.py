@@ -12,6 +12,15 @@ timed directly. Loader overhead = 1 - (a) / (b); target < 5 %.
 
 With CUDA, also tokens/s and MFU of the trainer for the 130m and 1.1b presets
 (bf16, sequence 2048). Writes benchmarks/results/train_throughput.json.
+
+By default those GPU runs use the bare model presets (no activation checkpointing,
+DDP), comparable with earlier results. ``--real-path`` runs them from the train
+presets as users do (``<model>_seed``: its micro batch, activation-checkpointing
+policy and ``distributed.parallel``; launched with 2+ ranks by torchrun, FSDP2 with its
+mixed-precision policy for 1.1b, DDP for 130m; ``--override KEY=VALUE`` changes that
+config) and skips the CPU comparison; rank 0 writes ``train_throughput_real.json``::
+
+    torchrun --nproc-per-node 8 benchmarks/train_throughput.py --real-path
 """
 
 from __future__ import annotations
@@ -208,6 +217,82 @@ def gpu_benchmark(steps: int) -> list[dict]:
     return out
 
 
+def real_path_benchmark(presets: list[str], steps: int, overrides: list[str], device: str):
+    """The trainer from the ``<model>_seed`` train presets (see the module doc): one
+    optimizer step of ``micro_batch x ranks`` sequences each. Rank 0's list of results
+    (other ranks: None)."""
+    import torch.distributed as dist
+
+    from megablocks_ablate.train.config import TrainConfig
+    from megablocks_ablate.train.distributed import init_distributed
+    from megablocks_ablate.train.trainer import train
+
+    env = init_distributed(device)  # the trainer's session reuses this group
+    data = make_data() if env.is_main else None
+    if env.distributed:
+        box = [data]
+        dist.broadcast_object_list(box)
+        data = box[0]
+    out = []
+    for model in presets:
+        preset = TrainConfig.from_preset(f"{model}_seed", overrides)
+        tokens = preset.seq_len * preset.micro_batch * env.world_size
+        run_dir = os.path.join(CACHE, f"real-{model}")
+        cfg = TrainConfig.from_preset(
+            f"{model}_seed",
+            [
+                *overrides,
+                f"out_dir={run_dir}",
+                f"data.manifest={data}",
+                f"global_batch_tokens={tokens}",
+                f"train_tokens={tokens * steps}",
+                f"device={env.device.type}",
+                "logging.every=1",
+                "logging.progress=false",
+                "logging.tensorboard=false",
+                "checkpoint.every=0",
+                "checkpoint.resume=never",
+                "checkpoint.final_optimizer=false",
+            ],
+        )
+        if env.is_main:  # a finished run there would make every rank skip training
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if env.distributed:
+            dist.barrier()
+        train(cfg)
+        if env.is_main:
+            out.append(_real_row(cfg, env))
+            shutil.rmtree(run_dir, ignore_errors=True)  # final weights: 4.4 GB for 1.1b
+    if env.distributed:
+        dist.destroy_process_group()
+    return out if env.is_main else None
+
+
+def _real_row(cfg, env) -> dict:
+    from megablocks_ablate.model.config import ModelConfig
+    from megablocks_ablate.train.parallel import resolve_checkpointing
+
+    mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    tps = steady_tps([r["elapsed_s"] for r in records], cfg.global_batch_tokens)
+    rows = records[2:]
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    return {
+        "preset": f"{cfg.model}_seed",
+        "device": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu",
+        "ranks": env.world_size,
+        "parallel": cfg.distributed.parallel if env.distributed else "single",
+        "micro_batch": cfg.micro_batch,
+        "activation_checkpointing": resolve_checkpointing(
+            cfg.activation_checkpointing, mcfg.activation_checkpointing
+        ),
+        "tokens_per_s": round(tps, 1),  # all ranks together
+        "tokens_per_s_per_rank": round(tps / env.world_size, 1),
+        "mfu": statistics.median(mfus) if mfus else None,
+    }
+
+
 def update_docs(result: dict, command: str) -> None:
     c = result["cpu"]
     lines = [
@@ -268,7 +353,26 @@ def main() -> None:
     ap.add_argument(
         "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
     )
+    ap.add_argument(
+        "--real-path",
+        action="store_true",
+        help="GPU runs from the train presets as users run them (see the module doc)",
+    )
+    ap.add_argument("--presets", default="130m,1.1b", help="--real-path: model names")
+    ap.add_argument("--device", default="auto", help="--real-path: auto, cuda or cpu")
+    ap.add_argument("--override", action="append", default=[], help="--real-path: key=value")
     args = ap.parse_args()
+    if args.real_path:
+        if args.update_docs:
+            ap.error("--update-docs writes the default mode's section; drop --real-path")
+        rows = real_path_benchmark(args.presets.split(","), args.steps, args.override, args.device)
+        if rows is not None:
+            path = os.path.join(HERE, "results", "train_throughput_real.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({"path": "real", "gpu": rows}, f, indent=2)
+            print(json.dumps(rows, indent=2))
+        return
     result = {"cpu": cpu_benchmark(args.steps, args.rounds)}
     if torch.cuda.is_available():
         result["gpu"] = gpu_benchmark(args.steps)

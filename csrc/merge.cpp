@@ -10,6 +10,11 @@
 // 1, ...), so the result does not depend on the thread count or the grouping, and
 // `out` may alias an input (each block is read in full before it is written).
 //
+// The store of each block also ORs together a "not finite" bit per element (exponent
+// all ones in the output dtype), so a streaming merge learns whether a chunk holds a
+// NaN/inf (from an input, or from overflowing the output dtype) at no extra pass over
+// memory; merge_into returns it.
+//
 // The extension has no torch headers (see setup.py): Python passes raw data
 // pointers (tensor.data_ptr()), dtype codes and the length. bf16/fp16 <-> fp32
 // conversions are written out by hand as branch-free bit manipulation so that the
@@ -98,6 +103,7 @@ MBA_INLINE uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
+// special(y): 1 when the stored value is NaN or +-inf (its exponent field all ones).
 template <int D>
 struct Elem;
 template <>
@@ -105,18 +111,27 @@ struct Elem<kF32> {
   using T = float;
   MBA_INLINE static float load(T x) { return x; }
   MBA_INLINE static T store(float x) { return x; }
+  MBA_INLINE static uint32_t special(T y) {
+    return static_cast<uint32_t>((f32_to_bits(y) & 0x7F800000u) == 0x7F800000u);
+  }
 };
 template <>
 struct Elem<kBF16> {
   using T = uint16_t;
   MBA_INLINE static float load(T x) { return bf16_to_f32(x); }
   MBA_INLINE static T store(float x) { return f32_to_bf16(x); }
+  MBA_INLINE static uint32_t special(T y) {
+    return static_cast<uint32_t>((y & 0x7F80u) == 0x7F80u);
+  }
 };
 template <>
 struct Elem<kF16> {
   using T = uint16_t;
   MBA_INLINE static float load(T x) { return f16_to_f32(x); }
   MBA_INLINE static T store(float x) { return f32_to_f16(x); }
+  MBA_INLINE static uint32_t special(T y) {
+    return static_cast<uint32_t>((y & 0x7C00u) == 0x7C00u);
+  }
 };
 
 // acc[j] (+)= w_0 * x_0[j] + ... + w_{K-1} * x_{K-1}[j] for K inputs of one dtype,
@@ -141,12 +156,19 @@ MBA_INLINE void accumulate(float* __restrict acc, const char* const* src, const 
   }
 }
 
+// Writes the block in the output dtype; returns 1 if any stored value is NaN/inf.
 template <int D>
-MBA_INLINE void store(char* dst, const float* __restrict acc, int64_t len) {
+MBA_INLINE uint32_t store(char* dst, const float* __restrict acc, int64_t len) {
   using E = Elem<D>;
   typename E::T* __restrict y = reinterpret_cast<typename E::T*>(dst);
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) y[j] = E::store(acc[j]);
+  uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < len; ++j) {
+    const typename E::T v = E::store(acc[j]);
+    y[j] = v;
+    bad |= E::special(v);
+  }
+  return bad;
 }
 
 MBA_INLINE int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
@@ -185,15 +207,18 @@ MBA_INLINE void accumulate_group(float* acc, const Plan& p, const Group& g, int6
 }
 
 // Blocks [b0, b1) of kBlock elements: fold every input group into the fp32 block
-// accumulator (L1-resident), then write the block once in the output dtype.
+// accumulator (L1-resident), then write the block once in the output dtype. Returns
+// 1 if any written value is NaN/inf.
 // Compiled twice (baseline x86-64 and AVX2, chosen at load time by the CPU) so the
 // conversions and sums use 256-bit vectors where available; FMA is deliberately not
 // enabled, so results round the same on every CPU.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void merge_blocks(char* out, int out_dtype, const Plan& p, int64_t n, int64_t b0, int64_t b1) {
+uint32_t merge_blocks(char* out, int out_dtype, const Plan& p, int64_t n, int64_t b0,
+                      int64_t b1) {
   alignas(64) float acc[kBlock];
+  uint32_t bad = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kBlock;
     const int64_t len = start + kBlock <= n ? kBlock : n - start;
@@ -206,11 +231,12 @@ void merge_blocks(char* out, int out_dtype, const Plan& p, int64_t n, int64_t b0
     }
     char* dst = out + start * elem_size(out_dtype);
     switch (out_dtype) {
-      case kF32: store<kF32>(dst, acc, len); break;
-      case kBF16: store<kBF16>(dst, acc, len); break;
-      default: store<kF16>(dst, acc, len); break;
+      case kF32: bad |= store<kF32>(dst, acc, len); break;
+      case kBF16: bad |= store<kBF16>(dst, acc, len); break;
+      default: bad |= store<kF16>(dst, acc, len); break;
     }
   }
+  return bad;
 }
 
 void check_dtype(int dtype) {
@@ -218,7 +244,8 @@ void check_dtype(int dtype) {
     throw std::invalid_argument("merge_into: dtype code must be 0 (fp32), 1 (bf16) or 2 (fp16)");
 }
 
-void merge_into(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
+// Returns whether every written value is finite.
+bool merge_into(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& in_ptrs,
                 const std::vector<int>& in_dtypes, const std::vector<float>& weights,
                 int64_t n, int num_threads) {
   const size_t k = in_ptrs.size();
@@ -243,22 +270,27 @@ void merge_into(uintptr_t out_ptr, int out_dtype, const std::vector<uintptr_t>& 
     i += count;
   }
   char* out = reinterpret_cast<char*>(out_ptr);
-  if (n == 0) return;
+  if (n == 0) return true;
 
   pybind11::gil_scoped_release no_gil;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
 #ifdef _OPENMP
   if (num_threads <= 0) num_threads = omp_get_max_threads();
   if (num_threads > blocks) num_threads = static_cast<int>(blocks);
-#pragma omp parallel num_threads(num_threads)
+  // One thread needs no parallel region: a region costs a wake-up of the other
+  // threads, which on a busy machine can take longer than a chunk of the merge.
+  if (num_threads <= 1) return merge_blocks(out, out_dtype, plan, n, 0, blocks) == 0;
+  uint32_t bad = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : bad)
   {
     // Each thread streams through one contiguous range of blocks.
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-    merge_blocks(out, out_dtype, plan, n, blocks * id / nt, blocks * (id + 1) / nt);
+    bad |= merge_blocks(out, out_dtype, plan, n, blocks * id / nt, blocks * (id + 1) / nt);
   }
+  return bad == 0;
 #else
   (void)num_threads;
-  merge_blocks(out, out_dtype, plan, n, 0, blocks);
+  return merge_blocks(out, out_dtype, plan, n, 0, blocks) == 0;
 #endif
 }
 
@@ -269,7 +301,8 @@ void register_merge(pybind11::module_& m) {
         pybind11::arg("in_ptrs"), pybind11::arg("in_dtypes"), pybind11::arg("weights"),
         pybind11::arg("n"), pybind11::arg("num_threads") = 0,
         "out[:n] = sum_i weights[i] * in_i[:n], accumulated in fp32 (OpenMP, GIL released).\n"
-        "Pointers are raw addresses of contiguous buffers; dtype codes: 0 fp32, 1 bf16, 2 fp16.");
+        "Pointers are raw addresses of contiguous buffers; dtype codes: 0 fp32, 1 bf16, 2 fp16.\n"
+        "Returns whether every written value is finite (no NaN/inf in out[:n]).");
 }
 
 }  // namespace mba

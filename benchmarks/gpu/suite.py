@@ -75,7 +75,8 @@ ROWS = [
         18,
         ["--name", "train_1.1b", "--preset", "1.1b_seed", "--target-mfu", "0.45"]
         + ["--data-cache", "{workdir}/data"],
-        ["--name", "train_1.1b", *DRY_TRAIN, "--model-override", "activation_checkpointing=true"]
+        ["--name", "train_1.1b", *DRY_TRAIN, "--override", "distributed.parallel=fsdp"]
+        + ["--variant", "ac_full:activation_checkpointing=full", "--variant-steps", "4"]
         + ["--target-mfu", "0.45", "--data-cache", "{workdir}/data"],
     ),
     RowSpec(

@@ -2,19 +2,30 @@
 
 ``train()`` (megablocks_ablate/train/trainer.py) on one GPU, from the seed preset
 (``130m_seed``, ``1.1b_seed``) as it is: sequence 2048, its micro batch, bf16
-autocast (precision auto on CUDA), its activation-checkpointing setting (1.1b: on),
-Triton kernels (MBA_KERNELS auto), flash-attn when importable else SDPA. Only the
-run's length changes: ``--accum`` micro batches per optimizer step (the preset's
-global batch of 1024 sequences would make one step take a minute) and ``--steps``
-steps, on the demo corpus of ``benchmarks/train_throughput.py`` (packed, blended and
-repeated as the trainer does). Figures are the median of the per-step metrics records
-after ``--skip`` warm-up steps; an optimizer step every ``--accum`` micro batches makes
-them a slight lower bound of a full-batch run's. MFU = flops_per_token * tokens/s /
-peak bf16 FLOP/s of the device (megablocks_ablate/train/metrics.py).
+autocast (precision auto on CUDA), its activation-checkpointing policy, Triton
+kernels (MBA_KERNELS auto), flash-attn when importable else SDPA. A preset with
+``distributed.parallel: fsdp`` (1.1b) runs inside a one-rank process group, so the
+trainer takes the FSDP2 path an N-GPU run takes (its MixedPrecisionPolicy: bf16
+all-gathers and compute, fp32 master weights and reduction), unsharded. Only the run's
+length changes: ``--accum`` micro batches per optimizer step (the preset's global batch
+of 1024 sequences would make one step take a minute) and ``--steps`` steps, on the demo
+corpus of ``benchmarks/train_throughput.py`` (packed, blended and repeated as the
+trainer does). Figures are the median of the per-step metrics records after ``--skip``
+warm-up steps; an optimizer step every ``--accum`` micro batches makes them a slight
+lower bound of a full-batch run's. MFU = flops_per_token * tokens/s / peak bf16
+FLOP/s of the device (megablocks_ablate/train/metrics.py).
+
+``--override KEY=VALUE`` (repeatable) changes the train config of every run of the row;
+``--variant NAME:KEY=VALUE[;KEY=VALUE...]`` (repeatable) adds a run with those
+overrides on top, reported under ``details.variants.NAME`` beside the row's own figures
+(tokens/s, MFU, peak memory), e.g. ``--variant ac_full:activation_checkpointing=full``
+or ``--variant fsdp_fp32:distributed.fsdp_param_dtype=fp32`` (the path before the
+mixed-precision policy) to measure with and without each setting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,36 +48,63 @@ def _attention_impl(device) -> str:
     return "sdpa"
 
 
-def body(args) -> dict:
-    import torch
-    from train_throughput import make_data  # benchmarks/train_throughput.py
+@contextlib.contextmanager
+def _one_rank_group(cfg, dev):
+    """A one-rank process group when ``cfg`` is FSDP2 (the trainer shards only inside a
+    group); nothing otherwise. A group that already exists is left alone."""
+    import torch.distributed as dist
 
-    from megablocks_ablate.kernels import dispatch
-    from megablocks_ablate.model.config import ModelConfig
+    if cfg.distributed.parallel != "fsdp" or dist.is_initialized():
+        yield False
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    extra = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **extra
+    )
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def _variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME:KEY=VALUE[;KEY=VALUE...]`` -> {NAME: [KEY=VALUE, ...]}."""
+    out = {}
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        items = [x.strip() for x in rest.split(";") if x.strip()]
+        if not sep or not name or not items or any("=" not in x for x in items):
+            raise SystemExit(f"--variant {spec!r}: expected NAME:KEY=VALUE[;KEY=VALUE...]")
+        out[name] = items
+    return out
+
+
+def _row_config(args, data: str, run_dir: str, extra: list[str], steps: int):
+    """The preset with the row's sizes, ``--override`` and then ``extra``."""
     from megablocks_ablate.train.config import TrainConfig
-    from megablocks_ablate.train.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    dev = torch.device(args.device)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="mba-train-step-")
-    data = make_data(args.data_cache or os.path.join(workdir, "data-cache"))
-    preset = TrainConfig.from_preset(args.preset)
+    preset = TrainConfig.from_preset(args.preset, args.override)
     seq = args.seq_len or preset.seq_len
     micro = args.micro_batch or preset.micro_batch
     step_tokens = seq * micro * args.accum
     model_overrides = list(preset.model_overrides) + list(args.model_override)
-    run_dir = os.path.join(workdir, "run")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = TrainConfig.from_preset(
+    return TrainConfig.from_preset(
         args.preset,
         [
+            *args.override,
             f"out_dir={run_dir}",
             f"data.manifest={data}",
             f"seq_len={seq}",
             f"micro_batch={micro}",
             f"global_batch_tokens={step_tokens}",
-            f"train_tokens={step_tokens * args.steps}",
-            f"device={dev.type}",
+            f"train_tokens={step_tokens * steps}",
+            f"device={torch_device(args).type}",
             f"model_overrides=[{', '.join(model_overrides)}]",
             "logging.every=1",
             "logging.progress=false",
@@ -74,56 +112,127 @@ def body(args) -> dict:
             "checkpoint.every=0",
             "checkpoint.resume=never",
             "checkpoint.final_optimizer=false",
+            *extra,
         ],
     )
+
+
+def torch_device(args):
+    import torch
+
+    return torch.device(args.device)
+
+
+def _fsdp_dtypes(cfg, dev) -> dict:
+    from megablocks_ablate.train.parallel import fsdp_dtypes
+
+    d = cfg.distributed
+    names = fsdp_dtypes(cfg.precision, dev.type, d.fsdp_param_dtype, d.fsdp_reduce_dtype)
+    return dict(zip(("param_dtype", "reduce_dtype"), names))
+
+
+def _train_once(args, data: str, workdir: str, extra: list[str], steps: int) -> dict:
+    """One ``train()`` run of the row's preset with ``extra`` overrides; its figures."""
+    import torch
+
+    from megablocks_ablate.model.config import ModelConfig
+    from megablocks_ablate.train.parallel import resolve_checkpointing
+    from megablocks_ablate.train.trainer import train
+
+    dev = torch_device(args)
+    run_dir = os.path.join(workdir, "run")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = _row_config(args, data, run_dir, extra, steps)
     mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    train(cfg)
+    with _one_rank_group(cfg, dev) as fsdp:
+        train(cfg)
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    steady = records[args.skip :] or records[-1:]
-    tps = statistics.median(r["tokens_per_s"] for r in steady)
-    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
-    mfu = statistics.median(mfus) if mfus else None
-    peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     shutil.rmtree(run_dir, ignore_errors=True)  # the final weights (4.4 GB for 1.1b)
+    steady = records[args.skip :] or records[-1:]
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    policy = resolve_checkpointing(cfg.activation_checkpointing, mcfg.activation_checkpointing)
+    peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return {
+        "overrides": list(extra),
+        "cfg": cfg,
+        "mcfg": mcfg,
+        "seq_len": cfg.seq_len,
+        "micro_batch": cfg.micro_batch,
+        "steps": steps,
+        "steady_steps": len(steady),
+        "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in steady), 1),
+        "mfu": statistics.median(mfus) if mfus else None,
+        "tflops_per_device": statistics.median(r["tflops_per_device"] for r in steady),
+        "activation_checkpointing_policy": policy,
+        "activation_checkpointing": policy != "none",  # report.py's on/off column
+        "fsdp": _fsdp_dtypes(cfg, dev) if fsdp else None,  # None: not the FSDP2 path
+        "peak_memory_gib": round(peak_mem, 2) if peak_mem is not None else None,
+        "per_step_tokens_per_s": [r["tokens_per_s"] for r in records],
+        "final_loss": records[-1].get("loss"),
+    }
+
+
+def _summary(run: dict) -> dict:
+    keys = (
+        "overrides",
+        "tokens_per_s",
+        "mfu",
+        "peak_memory_gib",
+        "activation_checkpointing_policy",
+    )
+    return {k: run[k] for k in (*keys, "fsdp", "steady_steps", "final_loss")}
+
+
+def body(args) -> dict:
+    import torch
+    from train_throughput import make_data  # benchmarks/train_throughput.py
+
+    from megablocks_ablate.kernels import dispatch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    dev = torch.device(args.device)
+    variants = _variants(args.variant)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mba-train-step-")
+    data = make_data(args.data_cache or os.path.join(workdir, "data-cache"))
+    run = _train_once(args, data, workdir, [], args.steps)
+    extra_runs = {
+        name: _summary(_train_once(args, data, workdir, items, args.variant_steps or args.steps))
+        for name, items in variants.items()
+    }
+    cfg, mcfg, tps, mfu = run["cfg"], run["mcfg"], run["tokens_per_s"], run["mfu"]
     tgt = (
         target(f"MFU >= {args.target_mfu:.0%}", ">=", args.target_mfu) if args.target_mfu else None
     )
     text = f"{tps:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else ", MFU n/a")
+    details = {
+        "preset": args.preset,
+        "model": cfg.model,
+        "params": mcfg.num_params(),
+        "overrides": list(args.override),
+        "grad_accum": args.accum,
+        "flops_per_token": mcfg.flops_per_token(run["seq_len"]),
+        "precision": "bf16 autocast" if dev.type == "cuda" else cfg.precision,
+        "compile": mcfg.compile,
+        "attention": _attention_impl(dev),
+        "kernels": (
+            "triton"
+            if dev.type == "cuda"
+            and dispatch.triton_available()
+            and dispatch.configured_backend() != "reference"
+            else "reference"
+        ),
+        **{k: v for k, v in run.items() if k not in ("cfg", "mcfg", "overrides")},
+    }
+    if extra_runs:
+        details["variants"] = extra_runs
     return {
-        "key": {"name": "tokens_per_s", "value": round(tps, 1), "unit": "tokens/s", "text": text},
+        "key": {"name": "tokens_per_s", "value": tps, "unit": "tokens/s", "text": text},
         "target": tgt,
         "met": meets(mfu, tgt) if tgt else None,
-        "details": {
-            "preset": args.preset,
-            "model": cfg.model,
-            "params": mcfg.num_params(),
-            "seq_len": seq,
-            "micro_batch": micro,
-            "grad_accum": args.accum,
-            "steps": args.steps,
-            "steady_steps": len(steady),
-            "tokens_per_s": round(tps, 1),
-            "mfu": mfu,
-            "tflops_per_device": statistics.median(r["tflops_per_device"] for r in steady),
-            "flops_per_token": mcfg.flops_per_token(seq),
-            "precision": "bf16 autocast" if dev.type == "cuda" else cfg.precision,
-            "activation_checkpointing": mcfg.activation_checkpointing,
-            "compile": mcfg.compile,
-            "attention": _attention_impl(dev),
-            "kernels": (
-                "triton"
-                if dev.type == "cuda"
-                and dispatch.triton_available()
-                and dispatch.configured_backend() != "reference"
-                else "reference"
-            ),
-            "peak_memory_gib": round(peak_mem, 2) if peak_mem is not None else None,
-            "per_step_tokens_per_s": [r["tokens_per_s"] for r in records],
-            "final_loss": records[-1].get("loss"),
-        },
+        "details": details,
     }
 
 
@@ -132,6 +241,16 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="train", help="the row's name")
     ap.add_argument("--preset", default="130m_seed", help="train preset (configs/train/)")
     ap.add_argument("--model-override", action="append", default=[], help="key=value, repeatable")
+    ap.add_argument(
+        "--override", action="append", default=[], help="train config key=value, repeatable"
+    )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE[;KEY=VALUE...]: an extra run with these train overrides",
+    )
+    ap.add_argument("--variant-steps", type=int, default=None, help="default: --steps")
     ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the preset's")
     ap.add_argument("--accum", type=int, default=2, help="micro batches per optimizer step")

@@ -30,6 +30,14 @@ ind_id     in-domain only (the paper's "ind ID"): on the held-out set     unit e
            paper leaves it blank ("-") out of domain.
 =========  =============================================================  ==========
 
+A **proportion mixture** (beyond the paper; docs/proportions.md) also gives each
+partition a share ``p_g`` (summing to 1): every merged proxy then gives unit u of
+partition g the weight ``p_g / |g|`` (the partition weights on top of the macro weights
+inside each partition; ``merged`` with partition-level models gives model g ``p_g``), its
+seq model trains on that same blend for the budget of the equal-share mixture of those
+partitions, and ``mean_ind`` / ``ind_id`` weight the partitions by ``p_g``. Equal shares
+are the equal-share mixture itself (same id), and a zero share drops the partition.
+
 The mixture's **in-domain** evaluation (the paper's "ID" rows) is the union of the
 held-out sets of its partitions; its perplexity is pooled from the per-domain results
 by summing NLL and tokens (:func:`pool`), so no extra evaluation pass is needed.
@@ -65,18 +73,26 @@ ID_DOMAIN = "ID"  # the mixture's own combined held-out set (pooled)
 # ----------------------------------------------------------------------------- mixtures
 
 
+SHARE_DECIMALS = 6  # shares are stored rounded, so that ids are stable across runs
+
+
 @dataclass(frozen=True)
 class Mixture:
-    """A set of partitions, each a tuple of unit names; immutable and hashable.
+    """A set of partitions, each a tuple of unit names, optionally with a share per
+    partition (a proportion mixture); immutable and hashable.
 
-    Build with :meth:`of`, which sorts partitions and units so that the same set
-    always has the same :attr:`id`, whatever order it was written in.
+    Build with :meth:`of`, which sorts partitions and units (and rounds shares) so that
+    the same mixture always has the same :attr:`id`, whatever order it was written in.
     """
 
     groups: tuple[tuple[str, tuple[str, ...]], ...]
+    # (partition, share) in the order of ``groups``; empty: every partition an equal share
+    shares: tuple[tuple[str, float], ...] = ()
 
     @classmethod
-    def of(cls, partitions: Mapping[str, Sequence[str]]) -> Mixture:
+    def of(
+        cls, partitions: Mapping[str, Sequence[str]], shares: Mapping[str, float] | None = None
+    ) -> Mixture:
         if not partitions:
             raise ValueError("a mixture needs at least one partition")
         groups = []
@@ -84,7 +100,26 @@ class Mixture:
             if not units:
                 raise ValueError(f"partition {name!r} of the mixture has no units")
             groups.append((str(name), tuple(sorted(units))))
-        return cls(tuple(sorted(groups)))
+        if shares is None:
+            return cls(tuple(sorted(groups)))
+        norm = normalise_shares(shares, [g for g, _ in groups])
+        kept = tuple(sorted(g for g in groups if norm[g[0]] > 0))
+        kept_shares = [norm[g] for g, _ in kept]
+        if max(kept_shares) - min(kept_shares) <= 2 * 10**-SHARE_DECIMALS:
+            return cls(kept)  # equal shares (up to rounding): the equal-share mixture
+        return cls(kept, tuple((g, norm[g]) for g, _ in kept))
+
+    @property
+    def weighted(self) -> bool:
+        """True for a proportion mixture (unequal shares)."""
+        return bool(self.shares)
+
+    @property
+    def proportions(self) -> dict[str, float]:
+        """Partition -> share (``1/k`` each for an equal-share mixture)."""
+        if self.shares:
+            return dict(self.shares)
+        return {g: 1.0 / self.k for g, _ in self.groups}
 
     @property
     def partitions(self) -> dict[str, tuple[str, ...]]:
@@ -106,20 +141,83 @@ class Mixture:
 
     @property
     def label(self) -> str:
+        if self.shares:
+            return "+".join(f"{g}:{p:.2f}" for g, p in self.shares)
         return "+".join(self.names)
 
     @property
     def id(self) -> str:
-        """Stable 16-hex id: a hash of the sorted partitions and their sorted units."""
-        canon = json.dumps([[g, list(us)] for g, us in self.groups], separators=(",", ":"))
+        """Stable 16-hex id: a hash of the sorted partitions and their sorted units (and,
+        for a proportion mixture, the rounded shares; equal-share ids are unchanged)."""
+        if self.shares:
+            share = dict(self.shares)
+            items: list = [[g, list(us), share[g]] for g, us in self.groups]
+        else:
+            items = [[g, list(us)] for g, us in self.groups]
+        canon = json.dumps(items, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
-        return {"partitions": {g: list(us) for g, us in self.groups}}
+        out: dict = {"partitions": {g: list(us) for g, us in self.groups}}
+        if self.shares:
+            out["shares"] = dict(self.shares)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping) -> Mixture:
-        return cls.of(data["partitions"])
+        return cls.of(data["partitions"], data.get("shares"))
+
+
+def normalise_shares(shares: Mapping[str, float], partitions: Sequence[str]) -> dict[str, float]:
+    """Shares over exactly ``partitions``, scaled to sum 1 and rounded to
+    :data:`SHARE_DECIMALS` (the rounding residue goes to the largest share)."""
+    if set(shares) != set(partitions):
+        extra, missing = set(shares) - set(partitions), set(partitions) - set(shares)
+        raise ValueError(
+            "mixture shares must name exactly its partitions"
+            + (f"; unknown: {sorted(extra)}" if extra else "")
+            + (f"; missing: {sorted(missing)}" if missing else "")
+        )
+    vals = {g: float(v) for g, v in shares.items()}
+    bad = {g: v for g, v in vals.items() if not math.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"mixture shares must be finite and >= 0, got {bad}")
+    total = math.fsum(vals.values())
+    if total <= 0:
+        raise ValueError("mixture shares are all zero")
+    out = {g: round(v / total, SHARE_DECIMALS) for g, v in vals.items()}
+    top = max(sorted(out), key=lambda g: out[g])
+    out[top] = round(out[top] + 1.0 - math.fsum(out.values()), SHARE_DECIMALS)
+    return out
+
+
+def weighted_mixture(
+    shares: Mapping[str, float], partitions: Mapping[str, Sequence[str]]
+) -> Mixture:
+    """The proportion mixture of ``{partition: share}`` (units looked up in ``partitions``)."""
+    return Mixture.of({p: partitions[p] for p in shares}, shares)
+
+
+def dirichlet_shares(
+    names: Sequence[str], n: int, alpha: float, seed: int, k: int | None = None
+) -> list[dict[str, float]]:
+    """``n`` seeded proportion vectors: a flat-or-peaked Dirichlet(``alpha``) over all
+    partitions, or over a k-subset drawn uniformly per vector when ``k`` is given."""
+    if n < 1:
+        raise ValueError(f"dirichlet mixtures: n must be >= 1, got {n}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"dirichlet mixtures: alpha must be > 0, got {alpha}")
+    if k is not None:
+        _check_k(names, k)
+        if k < 2:
+            raise ValueError("dirichlet mixtures: k must be >= 2 (one partition has no blend)")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        members = list(names) if k is None else sorted(rng.choice(list(names), k, replace=False))
+        p = rng.dirichlet([alpha] * len(members))
+        out.append({str(g): float(v) for g, v in zip(members, p)})
+    return out
 
 
 def make_mixtures(
@@ -197,7 +295,13 @@ def proxy_weights(
         missing = [g for g in mixture.names if g not in partition_models]
         if missing:
             raise ValueError(f"no partition-level model for partition(s) {missing}")
-        return {partition_models[g]: 1.0 / mixture.k for g in mixture.names}
+        share = mixture.proportions
+        return {partition_models[g]: share[g] for g in mixture.names}
+    if mixture.weighted and proxy in MERGE_PROXIES:
+        # the shares replace the between-partition averaging; units inside a partition
+        # stay equal (macro), so merged (unit pool), macro and micro are one vector
+        share = mixture.proportions
+        return {u: share[g] / len(us) for g, us in mixture.groups for u in us}
     if proxy == "macro":
         return partition_balanced_weights(mixture.partitions)
     if proxy in ("micro", "merged"):
@@ -290,7 +394,9 @@ def mean_ind(mixture: Mixture, domain: str, ind: Mapping[str, Mapping[str, float
     ``ind[unit][domain]`` is the unit model's perplexity (``ID_DOMAIN`` included when
     the caller pooled it for this mixture). Missing evaluations raise KeyError.
     """
-    return float(np.mean([np.mean([ind[u][domain] for u in us]) for _, us in mixture.groups]))
+    share = mixture.proportions
+    per_group = [np.mean([ind[u][domain] for u in us]) for _, us in mixture.groups]
+    return float(np.average(per_group, weights=[share[g] for g in mixture.names]))
 
 
 def ind_id(
@@ -315,7 +421,8 @@ def ind_id(
             if not vals:
                 return None
             per_group.append(np.mean(vals))
-        return float(np.mean(per_group))
+        share = mixture.proportions
+        return float(np.average(per_group, weights=[share[g] for g in mixture.names]))
     trained = [u for u in domain_units.get(domain, ()) if u in units]
     if not trained:
         return None
@@ -375,6 +482,7 @@ def study_cost(
     validation: Sequence[Mixture],
     unit_tokens: int,
     partition_units: Iterable[int] = (),
+    seq_budget: int | None = None,
 ) -> Cost:
     """Cost of scoring ``mixtures`` by merging (every unit used trained once), plus one
     model per entry of ``partition_units`` (a partition-level model's unit count)."""
@@ -385,6 +493,6 @@ def study_cost(
         unit_tokens=int(unit_tokens),
         mixtures=len(mixtures),
         seq_models=len(validation),
-        seq_validation_tokens=sum(seq_tokens(m, unit_tokens) for m in validation),
+        seq_validation_tokens=sum(seq_budget or seq_tokens(m, unit_tokens) for m in validation),
         naive_tokens=sum(seq_tokens(m, unit_tokens) for m in mixtures),
     )

@@ -131,7 +131,11 @@ def table_scorer(
 
 
 def blend_weights(mixture: Mixture) -> dict[str, float]:
-    """Partition-balanced unit weights: every partition 1/G, split equally inside."""
+    """Partition-balanced unit weights: every partition 1/G (its share, for a proportion
+    mixture), split equally inside."""
+    if mixture.weighted:
+        share = mixture.proportions
+        return {u: share[g] / len(us) for g, us in mixture.groups for u in us}
     return partition_balanced_weights(mixture.partitions)
 
 

@@ -63,6 +63,17 @@ class RandomMixtures(Config):
 
 
 @dataclass
+class DirichletMixtures(Config):
+    """Proportion mixtures drawn from a Dirichlet: n share vectors over all partitions,
+    or each over a k-subset drawn uniformly (docs/proportions.md)."""
+
+    n: int = doc("how many share vectors to draw", 8)
+    k: int | None = doc("partitions per vector (None: all partitions)", None)
+    alpha: float = doc("Dirichlet concentration (1: uniform on the simplex)", 1.0)
+    seed: int = doc("sampling seed", 0)
+
+
+@dataclass
 class MixturesSpec(Config):
     """Candidate mixtures; every form given is used, duplicates are scored once."""
 
@@ -75,11 +86,18 @@ class MixturesSpec(Config):
     add_one: list[str] = doc(
         "a base mixture and the base plus each other partition", default_factory=list
     )
+    weighted: list[dict[str, float]] = doc(
+        "proportion mixtures as {partition: share} (shares are normalised to sum 1)",
+        default_factory=list,
+    )
+    dirichlet: DirichletMixtures | None = doc("a seeded Dirichlet sample of proportions", None)
 
     @property
     def empty(self) -> bool:
         return not (
-            self.explicit
+            self.weighted
+            or self.dirichlet is not None
+            or self.explicit
             or self.k_subsets is not None
             or self.random is not None
             or self.leave_one_out
@@ -94,8 +112,18 @@ class ValidationSpec(Config):
     mixtures: list[list[str]] = doc(
         "explicit validation mixtures (each among the study's)", default_factory=list
     )
+    weighted: list[dict[str, float]] = doc(
+        "explicit proportion validation mixtures {partition: share} (each among the study's)",
+        default_factory=list,
+    )
     n: int = doc("plus this many more drawn at random from the study's mixtures", 0)
     seed: int = doc("seed of that draw", 0)
+    train_tokens: int | None = doc(
+        "one token budget for every seq model, so that blends over different numbers of "
+        "partitions compare at equal cost (default: one unit budget per unit of the "
+        "mixture, the paper's §2.1.1)",
+        None,
+    )
     train: TrainRef = field(default_factory=TrainRef)
     model: str | None = doc(
         "model preset for seq models if it differs from the unit "
@@ -112,6 +140,8 @@ class ValidationSpec(Config):
     def validate(self) -> None:
         if self.n < 0:
             raise ConfigError(f"validation.n: must be >= 0, got {self.n}")
+        if self.train_tokens is not None and self.train_tokens < 1:
+            raise ConfigError(f"validation.train_tokens: must be >= 1, got {self.train_tokens}")
         if self.ind_seq and not self.model:
             raise ConfigError(
                 "validation.ind_seq: only for cross-scale studies (set validation.model to "
@@ -158,7 +188,8 @@ class StudySpec(Config):
             raise ConfigError("seed: required (seed.checkpoint or seed.config)")
         if self.mixtures.empty:
             raise ConfigError(
-                "mixtures: give at least one of explicit, k_subsets, random, leave_one_out, add_one"
+                "mixtures: give at least one of explicit, k_subsets, random, leave_one_out, "
+                "add_one, weighted, dirichlet"
             )
         if not self.unit.config:
             raise ConfigError("unit.config: required (the unit-model train config)")
@@ -166,7 +197,9 @@ class StudySpec(Config):
             raise ConfigError("proxies: give at least one of " + ", ".join(mx.PROXIES))
         if len(set(self.proxies)) != len(self.proxies):
             raise ConfigError(f"proxies: listed twice in {self.proxies}")
-        if (self.validation.mixtures or self.validation.n) and not self.validation.train.config:
+        if (
+            self.validation.mixtures or self.validation.weighted or self.validation.n
+        ) and not self.validation.train.config:
             raise ConfigError(
                 "validation.train.config: required when validation mixtures are "
                 "given (the seq-model train config)"
@@ -207,10 +240,12 @@ class Study:
             self.validation,
             self.unit_tokens,
             [len(us) for us in self.partition_jobs.values()],
+            self.spec.validation.train_tokens,
         )
 
     def seq_tokens(self, mixture: Mixture) -> int:
-        return mx.seq_tokens(mixture, self.unit_tokens)
+        fixed = self.spec.validation.train_tokens
+        return int(fixed) if fixed else mx.seq_tokens(mixture, self.unit_tokens)
 
     @property
     def partition_models(self) -> dict[str, str]:
@@ -283,7 +318,10 @@ def _resolve_partitions(spec: StudySpec, manifest) -> dict[str, list[str]]:
     return parts
 
 
-def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, ...]]:
+Blend = tuple[tuple[str, ...], dict[str, float] | None]  # partitions, shares (None: equal)
+
+
+def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[Blend]:
     known = set(names)
 
     def check(field_name: str, members) -> tuple[str, ...]:
@@ -311,6 +349,16 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, .
     out: list[tuple[str, ...]] = []
     for i, m in enumerate(spec.explicit):
         out.append(check(f"mixtures.explicit[{i}]", m))
+    blends: list[Blend] = []
+    for i, shares in enumerate(spec.weighted):
+        blends.append(_check_shares(f"mixtures.weighted[{i}]", shares, check))
+    if spec.dirichlet is not None:
+        d = spec.dirichlet
+        try:
+            drawn = mx.dirichlet_shares(names, d.n, d.alpha, d.seed, d.k)
+        except ValueError as e:
+            raise ConfigError(f"mixtures.dirichlet: {e}") from None
+        blends += [(tuple(s), s) for s in drawn]
     if spec.k_subsets is not None:
         check_k("mixtures.k_subsets", spec.k_subsets)
         out += mx.k_subsets(names, spec.k_subsets)
@@ -329,7 +377,18 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[tuple[str, .
         if len(base) == len(names):
             raise ConfigError("mixtures.add_one: the base mixture already holds every partition")
         out += mx.add_one(base, names)
-    return out
+    return [(m, None) for m in out] + blends
+
+
+def _check_shares(field_name: str, shares, check) -> Blend:
+    if not isinstance(shares, dict) or not shares:
+        raise ConfigError(f"{field_name}: expected a non-empty mapping {{partition: share}}")
+    members = check(field_name, list(shares))
+    try:
+        mx.normalise_shares(shares, list(members))
+    except ValueError as e:
+        raise ConfigError(f"{field_name}: {e}") from None
+    return members, {p: float(v) for p, v in shares.items()}
 
 
 def _resolve_validation(
@@ -348,6 +407,24 @@ def _resolve_validation(
         if m.id not in by_id:
             raise ConfigError(
                 f"validation.mixtures[{i}]: {list(names)} is not among the study's mixtures"
+            )
+        if m not in chosen:
+            chosen.append(m)
+    for i, shares in enumerate(spec.weighted):
+        unknown = [p for p in shares if p not in parts]
+        if unknown or not shares:
+            raise ConfigError(
+                f"validation.weighted[{i}]: {dict(shares)} is not among the study's mixtures"
+                + (f" (unknown partition {unknown[0]!r})" if unknown else "")
+            )
+        try:
+            m = mx.weighted_mixture(shares, parts)
+        except ValueError as e:
+            raise ConfigError(f"validation.weighted[{i}]: {e}") from None
+        if m.id not in by_id:
+            raise ConfigError(
+                f"validation.weighted[{i}]: {dict(shares)} is not among the study's mixtures "
+                "(list it under mixtures.weighted too)"
             )
         if m not in chosen:
             chosen.append(m)
@@ -380,8 +457,8 @@ def resolve_data(spec: StudySpec, unit_tokens: int) -> Study:
     names_list = _resolve_mixtures(spec.mixtures, list(parts))
     mixtures: list[Mixture] = []
     seen: set[str] = set()
-    for names in names_list:
-        m = Mixture.of({p: parts[p] for p in names})
+    for names, shares in names_list:
+        m = Mixture.of({p: parts[p] for p in names}, shares)
         if m.id not in seen:
             seen.add(m.id)
             mixtures.append(m)

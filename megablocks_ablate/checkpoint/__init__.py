@@ -28,7 +28,6 @@ from megablocks_ablate.checkpoint.model_dir import (
     write_checkpoint_meta,
 )
 from megablocks_ablate.checkpoint.safetensors_io import (
-    SAFETENSORS_DTYPES,
     MappedSafetensors,
     SafetensorsStreamWriter,
     safetensors_header,
@@ -58,3 +57,13 @@ __all__ = [
     "write_checkpoint_meta",
     "write_json",
 ]
+
+
+def __getattr__(name: str):
+    # SAFETENSORS_DTYPES maps to torch dtypes; built on first use so that importing
+    # this package (the file-merge path) does not import torch.
+    if name == "SAFETENSORS_DTYPES":
+        from megablocks_ablate.checkpoint import safetensors_io
+
+        return safetensors_io.SAFETENSORS_DTYPES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from megablocks_ablate.checkpoint.lineage import Lineage
 from megablocks_ablate.checkpoint.safetensors_io import MappedSafetensors, safetensors_header
 from megablocks_ablate.checkpoint.staging import staged_checkpoint_dir, write_json
 from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.utils.hashing import sha256_file
+
+if TYPE_CHECKING:  # torch is imported on use: the file-merge path never needs it
+    import torch
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -35,6 +36,8 @@ LINEAGE_FILE = "lineage.json"
 def plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors; shared storages (tied weights) are cloned,
     because safetensors stores each tensor on its own."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, object]] = set()
     for name, t in state_dict.items():

@@ -6,33 +6,81 @@
   element ranges of them, and drops consumed pages again (streaming merges);
 - :class:`SafetensorsStreamWriter` writes a file whose header is known up front, tensor
   by tensor and chunk by chunk, so an output never has to sit in memory whole.
+
+Nothing here imports torch until a torch tensor or dtype is asked for: a file merge
+works on dtype names, byte ranges and raw addresses (see :mod:`megablocks_ablate.merge.
+file_merge`) and so starts without torch's second of import time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from megablocks_ablate.errors import DataFormatError
 
-# safetensors dtype names -> torch dtypes (the ones model weights use)
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names (the ones model weights use) -> bytes per element
+SAFETENSORS_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
-_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    table = globals().get("SAFETENSORS_DTYPES")
+    if table is None:
+        import torch
+
+        table = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+        globals()["SAFETENSORS_DTYPES"] = table
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    # SAFETENSORS_DTYPES (safetensors name -> torch dtype) is built on first use, so
+    # importing this module does not import torch.
+    if name == "SAFETENSORS_DTYPES":
+        return _torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype: Any) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` -> ``"F32"``); a
+    safetensors name is returned as it is."""
+    if isinstance(dtype, str):
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise ValueError(f"unknown safetensors dtype {dtype!r}")
+        return dtype
+    for k, v in _TORCH_NAMES.items():
+        if str(dtype) == f"torch.{v}":
+            return k
+    raise ValueError(f"dtype {dtype} has no safetensors name")
 
 
 def safetensors_header(path: str) -> dict:
@@ -65,8 +113,8 @@ def safetensors_header(path: str) -> dict:
             numel = math.prod(int(x) for x in info["shape"])
             ok = (
                 0 <= begin <= end
-                and info["dtype"] in SAFETENSORS_DTYPES
-                and end - begin == numel * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+                and info["dtype"] in SAFETENSORS_ITEMSIZE
+                and end - begin == numel * SAFETENSORS_ITEMSIZE[info["dtype"]]
             )
         except (TypeError, KeyError, ValueError):
             ok = False
@@ -90,11 +138,14 @@ class MappedSafetensors:
     Pages are read from disk when first touched and count towards the process's
     resident memory until :meth:`release` drops them again, which is how a streaming
     merge over N large inputs keeps its resident set near one chunk per input.
+
+    Besides torch views (:meth:`flat`, :meth:`tensor`) it gives what a caller without
+    torch needs: dtype names (:meth:`dtype_name`), absolute byte ranges
+    (:meth:`byte_range`), zero-copy memoryviews (:meth:`view`) and the raw address of
+    an element (:meth:`address`, valid while this object is alive).
     """
 
     def __init__(self, path: str):
-        import mmap
-
         self.path = path
         self.header = safetensors_header(path)
         with open(path, "rb") as f:
@@ -104,9 +155,17 @@ class MappedSafetensors:
             (v["data_offsets"][0], k) for k, v in self.header.items() if k != "__metadata__"
         )
         self.names = [k for _, k in entries]  # file order
+        self._address: int | None = None
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.header[name]["dtype"]]
+        return _torch_dtypes()[self.header[name]["dtype"]]
+
+    def dtype_name(self, name: str) -> str:
+        """The tensor's safetensors dtype name (``"F32"``, ``"BF16"``, ...)."""
+        return self.header[name]["dtype"]
+
+    def itemsize(self, name: str) -> int:
+        return SAFETENSORS_ITEMSIZE[self.header[name]["dtype"]]
 
     def shape(self, name: str) -> list[int]:
         return [int(x) for x in self.header[name]["shape"]]
@@ -114,17 +173,50 @@ class MappedSafetensors:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
-    def flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Elements ``[start, start + count)`` of tensor ``name`` as a zero-copy 1-D view."""
+    def byte_range(self, name: str, start: int = 0, count: int | None = None) -> tuple[int, int]:
+        """``[begin, end)`` in the file of elements ``[start, start + count)`` of ``name``."""
         n = self.numel(name)
         count = n - start if count is None else count
-        dtype = self.dtype(name)
         if not 0 <= start <= start + count <= n:
             raise IndexError(f"{self.path}: {name}: range {start}+{count} outside {n} elements")
-        if count == 0:
+        size = self.itemsize(name)
+        begin = self._base + self.header[name]["data_offsets"][0] + start * size
+        return begin, begin + count * size
+
+    def view(self, name: str, start: int = 0, count: int | None = None) -> memoryview:
+        """Those elements' bytes as a zero-copy memoryview (release it before close)."""
+        begin, end = self.byte_range(name, start, count)
+        return memoryview(self._mm)[begin:end]
+
+    def address(self, name: str, start: int = 0) -> int:
+        """The raw address of element ``start`` of ``name`` in the mapping (for C
+        kernels); valid as long as this object is alive and not closed."""
+        if self._address is None:
+            import ctypes
+
+            # The map never moves, so its address can be read once; the ctypes view
+            # that reveals it is dropped right away so that it pins no buffer export.
+            probe = ctypes.c_char.from_buffer(self._mm)
+            self._address = ctypes.addressof(probe)
+            del probe
+        return self._address + self.byte_range(name, start, 0)[0]
+
+    def close(self) -> None:
+        """Unmap the file (refused while torch views or memoryviews of it are alive)."""
+        self._address = None
+        self._mm.close()
+
+    def flat(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of tensor ``name`` as a zero-copy 1-D view."""
+        import torch
+
+        begin, end = self.byte_range(name, start, count)
+        dtype = self.dtype(name)
+        if end == begin:
             return torch.empty(0, dtype=dtype)
-        offset = self._base + self.header[name]["data_offsets"][0] + start * dtype.itemsize
-        return torch.frombuffer(self._mm, dtype=dtype, count=count, offset=offset)
+        return torch.frombuffer(
+            self._mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin
+        )
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.flat(name).view(self.shape(name))
@@ -132,15 +224,9 @@ class MappedSafetensors:
     def release(self, name: str, start: int = 0, count: int | None = None) -> None:
         """Drop the resident pages wholly inside that element range (they stay in the
         page cache; a later access reads them back). A no-op where unsupported."""
-        import mmap
-
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        n = self.numel(name)
-        count = n - start if count is None else count
-        size = self.dtype(name).itemsize
-        begin = self._base + self.header[name]["data_offsets"][0] + start * size
-        end = begin + count * size
+        begin, end = self.byte_range(name, start, count)
         page = mmap.PAGESIZE
         lo, hi = -(-begin // page) * page, end // page * page
         if hi > lo:
@@ -154,18 +240,22 @@ class SafetensorsStreamWriter:
     then arrive in exactly that order and amount; :meth:`close` refuses a file whose
     data is short. Tensors are laid out largest element size first (then by name), as
     safetensors itself does, so every tensor stays aligned for zero-copy readers.
+
+    An entry's dtype is a torch dtype or a safetensors name (``"F32"``); data arrives
+    as torch tensors (:meth:`write`) or as any bytes-like buffer (:meth:`write_bytes`).
     """
 
-    def __init__(self, f: BinaryIO, entries: list[tuple[str, torch.dtype, list[int]]]):
+    def __init__(self, f: BinaryIO, entries: list[tuple[str, Any, list[int]]]):
         self._f = f
-        self.entries = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))
+        named = [(name, dtype_name(dtype), list(shape)) for name, dtype, shape in entries]
+        self.entries = sorted(named, key=lambda e: (-SAFETENSORS_ITEMSIZE[e[1]], e[0]))
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         self._sizes: list[int] = []
         for name, dtype, shape in self.entries:
-            nbytes = dtype.itemsize * math.prod(shape)
+            nbytes = SAFETENSORS_ITEMSIZE[dtype] * math.prod(shape)
             header[name] = {
-                "dtype": _DTYPE_NAMES[dtype],
+                "dtype": dtype,
                 "shape": list(shape),
                 "data_offsets": [offset, offset + nbytes],
             }
@@ -184,11 +274,21 @@ class SafetensorsStreamWriter:
 
     def write(self, chunk: torch.Tensor) -> None:
         """Append the bytes of ``chunk`` (the next elements in file order)."""
-        data = memoryview(chunk.contiguous().view(torch.uint8).numpy())  # type: ignore[arg-type]
-        if self._written + data.nbytes > self._total:
+        import torch
+
+        self.write_bytes(memoryview(chunk.contiguous().view(torch.uint8).numpy()))  # type: ignore[arg-type]
+
+    def write_bytes(self, data: Any) -> None:
+        """Append a bytes-like buffer (the next elements' bytes in file order), whole:
+        a short write by the OS is continued, so a raw (unbuffered) file works too."""
+        view = memoryview(data).cast("B")
+        if self._written + view.nbytes > self._total:
             raise ValueError("more tensor data written than the header declares")
-        self._f.write(data)
-        self._written += data.nbytes
+        done = 0
+        while done < view.nbytes:
+            n = self._f.write(view[done:])
+            done = view.nbytes if n is None else done + n
+        self._written += view.nbytes
 
     def close(self) -> None:
         if self._written != self._total:

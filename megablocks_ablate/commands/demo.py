@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 MANPAGES_OUT = "demo_manpages_out"
+PROPORTIONS_PARTITIONS = 4  # demo --proportions: seq models of 4 units' budget each
 
 
 def _corpus_args(p: argparse.ArgumentParser, d) -> None:
@@ -42,6 +43,17 @@ def _corpus_args(p: argparse.ArgumentParser, d) -> None:
         metavar="PATH_OR_NAME=PATH",
         help="another evaluation set (JSONL file, directory or glob; domain = file stem, "
         "or NAME=PATH), added to the study's eval.extra; repeatable",
+    )
+
+
+def _proportions_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--proportions",
+        action="store_true",
+        help="instead: check weighted merges against seq models trained on sampled "
+        "partition proportions, and the blend `study optimize` proposes (on the first 4 "
+        "partitions unless --max-partitions; out dir demo_proportions_out; "
+        "docs/proportions.md)",
     )
 
 
@@ -114,6 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"tokenizer pieces (default: {d.vocab_size})",
     )
     p.add_argument("--workers", type=int, default=d.workers, help="preprocess worker processes")
+    _proportions_args(p)
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides of every train config (e.g. seq_len=128)"
     )
@@ -128,6 +141,8 @@ def settings(args: argparse.Namespace):
     out = args.out  # each built-in corpus has its own default directory and held-out share
     if out is None:
         out = MANPAGES_OUT if manpages else DemoSettings.out
+        if getattr(args, "proportions", False):
+            out = out.replace("_out", "_proportions_out")
     heldout = args.heldout_fraction
     if heldout is None:
         heldout = MANPAGES_HELDOUT_FRACTION if manpages else DemoSettings.heldout_fraction
@@ -146,7 +161,8 @@ def settings(args: argparse.Namespace):
         preset=args.preset,
         train_overrides=list(args.overrides),
         workers=args.workers,
-        max_partitions=args.max_partitions,
+        max_partitions=args.max_partitions
+        or (PROPORTIONS_PARTITIONS if getattr(args, "proportions", False) else None),
         builtin=args.builtin,
         eval_extra=list(args.eval_extra),
     )
@@ -155,4 +171,8 @@ def settings(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.demo import run_demo
 
+    if args.proportions:
+        from megablocks_ablate.ablate.demo_proportions import run_proportions_demo
+
+        return run_proportions_demo(settings(args))
     return run_demo(settings(args))

@@ -7,6 +7,7 @@
     megablocks-ablate study report configs/studies/demo.yaml
     megablocks-ablate study search configs/studies/demo.yaml --k 4 --domains docs,core
     megablocks-ablate study export configs/studies/demo.yaml --mixture docs,core,gui
+    megablocks-ablate study optimize configs/studies/demo.yaml --budget 40 --domains docs
 
 ``plan`` checks the spec against the preprocessed data (every error names the spec
 field) and prints the partitions, every mixture, the seq validation mixtures, the
@@ -18,7 +19,9 @@ finds the best k-mixture for chosen domains by beam search over merged proxies,
 scoring new mixtures on the fly (into the same store); ``export``
 turns a chosen mixture (e.g. the report's recommendation) into training data: the
 ``data`` section of a train config, or a Megatron-LM ``--data-path`` string, both with
-the paper's equal-partition weights.
+the paper's equal-partition weights (or a blend's shares: ``--mixture docs=0.6,core=0.4``).
+``optimize`` searches the simplex of partition proportions for the blend whose weighted
+merge scores best (docs/proportions.md), and exports it the same two ways.
 """
 
 from __future__ import annotations
@@ -36,13 +39,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     actions = p.add_subparsers(dest="study_command", metavar="ACTION")
     actions.required = True
-    for add in (_add_plan, _add_run, _add_report, _add_search, _add_export):
+    for add in (_add_plan, _add_run, _add_report, _add_search, _add_export, _add_optimize):
         add(actions)
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="study YAML (see configs/studies/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
+
+
+def _pool_args(p: argparse.ArgumentParser) -> None:
+    """Where the unit-model pool lives during merge-eval (docs/merging.md "Pool placement")."""
+    p.add_argument(
+        "--pool-placement",
+        default="auto",
+        choices=["auto", "resident", "host", "sharded"],
+        help="pool rows on each evaluation device (resident), once per node in host memory "
+        "(host), or split over ranks (sharded); auto: the first that fits (default)",
+    )
+    p.add_argument(
+        "--pool-dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="dtype of the pool rows; merges accumulate in fp32 (default auto: bf16 on "
+        "CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--pool-dir",
+        default=None,
+        help="node-wide directory for host-placed pool rows (default /dev/shm)",
+    )
 
 
 def _add_plan(actions: argparse._SubParsersAction) -> None:
@@ -85,6 +111,7 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
         default=None,
         help="evaluation: sliding-window stride (default: non-overlapping windows)",
     )
+    _pool_args(run)
     run.add_argument("--report", action="store_true", help="write report/ when done")
     run.add_argument(
         "--wait",
@@ -129,6 +156,7 @@ def _add_search(actions: argparse._SubParsersAction) -> None:
         "(default: all; the score is their geometric-mean perplexity)",
     )
     search.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
+    _pool_args(search)
     search.set_defaults(func=run_search)
 
 
@@ -141,7 +169,8 @@ def _add_export(actions: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--mixture",
         required=True,
-        help="comma-separated partitions of the study, e.g. docs,core,gui",
+        help="comma-separated partitions of the study, e.g. docs,core,gui, or a proportion "
+        "blend of them, e.g. docs=0.5,core=0.3,gui=0.2",
     )
     export.add_argument(
         "--format",
@@ -151,6 +180,41 @@ def _add_export(actions: argparse._SubParsersAction) -> None:
         "megatron: a --data-path value (default: train)",
     )
     export.set_defaults(func=run_export)
+
+
+def _add_optimize(actions: argparse._SubParsersAction) -> None:
+    opt = actions.add_parser(
+        "optimize",
+        help="search partition proportions for the best blend by weighted merges "
+        "(docs/proportions.md)",
+    )
+    _spec_args(opt)
+    opt.add_argument(
+        "--over", help="comma-separated partitions to blend (default: every partition)"
+    )
+    opt.add_argument(
+        "--domains",
+        help="comma-separated evaluation domains of the geometric-mean perplexity "
+        "objective (default: all)",
+    )
+    opt.add_argument(
+        "--domain-weights",
+        help="instead: minimise the weighted mean loss, e.g. docs=2,core=1 (nats/token)",
+    )
+    opt.add_argument("--proxy", default="macro", choices=["merged", "macro", "micro"])
+    opt.add_argument("--budget", type=int, default=40, help="most merges to evaluate (40)")
+    opt.add_argument(
+        "--step", type=float, default=0.2, help="first share moved between partitions (0.2)"
+    )
+    opt.add_argument(
+        "--min-share", type=float, default=0.0, help="floor on every partition's share (0)"
+    )
+    opt.add_argument(
+        "--no-regression", action="store_true", help="skip the RegMix-style regression"
+    )
+    opt.add_argument("--out", help="result JSON (default: <out_dir>/optimize/<request hash>.json)")
+    _pool_args(opt)
+    opt.set_defaults(func=run_optimize)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -176,6 +240,9 @@ def run_run(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         stride=args.stride,
         lock_timeout_s=None if args.wait else 0.0,
+        pool_placement=args.pool_placement,
+        pool_dtype=args.pool_dtype,
+        pool_dir=args.pool_dir,
     )
     if args.dry_run:
         print(dry_run(study, opts))
@@ -222,22 +289,11 @@ def run_report(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     import yaml
 
-    from megablocks_ablate.ablate.mixtures import Mixture
     from megablocks_ablate.ablate.runner import load_study
     from megablocks_ablate.ablate.search import megatron_data_path, training_blend
-    from megablocks_ablate.errors import ConfigError
 
     study = load_study(args.spec, args.overrides)
-    names = [n.strip() for n in args.mixture.split(",") if n.strip()]
-    unknown = [n for n in names if n not in study.partitions]
-    if not names or unknown:
-        raise ConfigError(
-            f"--mixture: unknown partition {unknown[0]!r} (study partitions: "
-            f"{', '.join(study.partitions)})"
-            if unknown
-            else "--mixture: give at least one partition"
-        )
-    mixture = Mixture.of({n: study.partitions[n] for n in names})
+    mixture = parse_mixture_arg("--mixture", args.mixture, study.partitions)
     if args.format == "megatron":
         print(megatron_data_path(mixture, study.unit_paths))
     else:
@@ -248,12 +304,50 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_mixture_arg(flag: str, text: str, partitions: dict[str, list[str]]):
+    """``a,b,c`` (equal shares) or ``a=0.5,b=0.3,c=0.2`` (a proportion mixture)."""
+    from megablocks_ablate.ablate import mixtures as mx
+    from megablocks_ablate.errors import ConfigError
+
+    items = [n.strip() for n in text.split(",") if n.strip()]
+    if not items:
+        raise ConfigError(f"{flag}: give at least one partition")
+    shares: dict[str, float] | None = None
+    if any("=" in it for it in items):
+        shares = {}
+        for it in items:
+            name, sep, value = it.partition("=")
+            try:
+                shares[name.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{flag}: {it!r} is not partition=share (e.g. docs=0.5)"
+                ) from None
+            if not sep:
+                raise ConfigError(f"{flag}: {it!r} has no share; give every partition one")
+    names = list(shares) if shares is not None else items
+    unknown = [n for n in names if n not in partitions]
+    if unknown:
+        raise ConfigError(
+            f"{flag}: unknown partition {unknown[0]!r} (study partitions: {', '.join(partitions)})"
+        )
+    try:
+        return mx.Mixture.of({n: partitions[n] for n in names}, shares)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
 def run_search(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, load_study
 
     study = load_study(args.spec, args.overrides)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    runner = StudyRunner(study, RunOptions())
+    runner = StudyRunner(
+        study,
+        RunOptions(
+            pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
+        ),
+    )
     try:
         result, n_new = runner.search(
             args.k, proxy=args.proxy, domains=domains, beam_width=args.beam
@@ -268,3 +362,103 @@ def run_search(args: argparse.Namespace) -> int:
     for beam in result.beams:
         print(f"  size {len(beam[0][0])}: " + "; ".join(f"{'+'.join(m)} {v:.3f}" for m, v in beam))
     return 0
+
+
+def _objective(args: argparse.Namespace):
+    from megablocks_ablate.ablate.runner.propose import BlendObjective
+    from megablocks_ablate.errors import ConfigError
+
+    if args.domain_weights:
+        if args.domains:
+            raise ConfigError("give --domains or --domain-weights, not both")
+        weights = {}
+        for item in args.domain_weights.split(","):
+            name, _, value = item.partition("=")
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"--domain-weights: {item!r} is not domain=weight (e.g. docs=2)"
+                ) from None
+        return BlendObjective("weighted", domain_weights=tuple(weights.items()))
+    domains = [d.strip() for d in (args.domains or "").split(",") if d.strip()]
+    return BlendObjective("geomean", domains=tuple(domains))
+
+
+def run_optimize(args: argparse.Namespace) -> int:
+    import yaml
+
+    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, load_study
+    from megablocks_ablate.ablate.search import megatron_data_path, training_blend
+    from megablocks_ablate.utils.atomic import atomic_write_json
+    from megablocks_ablate.utils.hashing import sha256_json
+
+    study = load_study(args.spec, args.overrides)
+    objective = _objective(args)
+    if objective.kind == "geomean" and not objective.domains:
+        objective = type(objective)("geomean", domains=tuple(study.eval_sets))
+    over = [p.strip() for p in args.over.split(",") if p.strip()] if args.over else None
+    runner = StudyRunner(
+        study,
+        RunOptions(
+            pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
+        ),
+    )
+    try:
+        result = runner.optimize(
+            objective,
+            over=over,
+            proxy=args.proxy,
+            budget=args.budget,
+            step=args.step,
+            min_share=args.min_share,
+            regression=not args.no_regression,
+        )
+    finally:
+        runner.close()
+    request = {
+        "objective": objective.describe(),
+        "over": over or list(study.partitions),
+        "proxy": args.proxy,
+        "budget": args.budget,
+        "step": args.step,
+        "min_share": args.min_share,
+    }
+    m = result.mixture
+    train = {"data": training_blend(m, study.manifest_dir)}
+    megatron = megatron_data_path(m, study.unit_paths)
+    out = args.out or os.path.join(
+        study.spec.out_dir, "optimize", f"{sha256_json(request)[:12]}.json"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_json(
+        out,
+        {"request": request, **result.to_dict(), "export": {"train": train, "megatron": megatron}},
+    )
+    s = result.search
+    print(
+        f"best blend by {args.proxy} ({objective.describe()}): {m.label} -> "
+        f"{result.best.objective:.4f} [{result.best.kind}]; {s.calls} search points "
+        f"({s.stop_reason}), {result.merged_now} merged and evaluated now, the rest read "
+        "from the store"
+    )
+    start = s.path[0]
+    print(f"  start {_blend_text(start.blend)}: {start.objective:.4f}")
+    if result.regression is not None and result.regression_point is not None:
+        r = result.regression
+        print(
+            f"  regression (log objective ~ quadratic in shares; {r.n_points} points, "
+            f"R^2 {r.r2:.3f}{', underdetermined' if r.underdetermined else ''}): optimum "
+            f"{_blend_text(result.regression_point.blend)} predicted "
+            f"{r.predict(result.regression_point.blend):.4f}, scored "
+            f"{result.regression_point.objective:.4f}"
+        )
+    print(f"  path and exports: {out}")
+    print("  train config data section:")
+    print("    " + yaml.safe_dump(train, sort_keys=False).rstrip().replace("\n", "\n    "))
+    print(f"  Megatron --data-path: {megatron}")
+    return 0
+
+
+def _blend_text(blend: dict[str, float]) -> str:
+    return ", ".join(f"{p}={v:.3f}" for p, v in blend.items())

@@ -13,6 +13,10 @@ number of elements and live on one device; dtypes fp32/bf16/fp16 (mixed allowed)
 each input is read once, the output written once, no temporaries of model size;
 ``out`` may alias an input. Inputs with weight exactly 0 are skipped (not read),
 which makes scoring subsets of a pool proportionally cheaper.
+
+:func:`merge_raw` is the C++ kernel over raw addresses, for callers that hold no
+torch tensors (the file merge over memory-mapped safetensors): this module imports
+torch only when a torch-facing function or ``DTYPE_CODES`` is used.
 """
 
 from __future__ import annotations
@@ -21,13 +25,31 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from megablocks_ablate import _ext
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names -> the kernels' dtype codes (and DTYPE_CODES, the same for
+# torch dtypes, built on first use)
+CODES = {"F32": 0, "BF16": 1, "F16": 2}
 BACKENDS = ("reference", "triton", "cpp", "cuda")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPE_CODES":
+        import torch
+
+        table = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+        globals()[name] = table
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _codes() -> dict:
+    return globals().get("DTYPE_CODES") or __getattr__("DTYPE_CODES")
 
 
 def _configured() -> str:
@@ -49,20 +71,22 @@ def _configured() -> str:
     return name
 
 
-def _triton_usable(device: torch.device) -> bool:
+def _triton_usable(device_type: str) -> bool:
     from megablocks_ablate.kernels import merge_triton
 
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return merge_triton.triton is not None and (device.type == "cuda" or interpret)
+    return merge_triton.triton is not None and (device_type == "cuda" or interpret)
 
 
-def select_backend(device: torch.device) -> str:
-    """The backend ``merge_into`` uses for tensors on ``device`` right now."""
+def select_backend(device: torch.device | str) -> str:
+    """The backend ``merge_into`` uses for tensors on ``device`` (a torch device or
+    its type, ``"cpu"`` / ``"cuda"``) right now."""
+    device_type = device if isinstance(device, str) else device.type
     name = _configured()
     if name == "reference":
         return "reference"
     if name == "triton":
-        if not _triton_usable(device):
+        if not _triton_usable(device_type):
             from megablocks_ablate.errors import ConfigError
 
             raise ConfigError(
@@ -70,23 +94,28 @@ def select_backend(device: torch.device) -> str:
                 "are on CPU without TRITON_INTERPRET=1"
             )
         return "triton"
-    if device.type == "cpu":
+    if device_type == "cpu":
         return "cpp" if _ext.cpp is not None else "reference"
-    if device.type == "cuda":
+    if device_type == "cuda":
         if _ext.cuda is not None and hasattr(_ext.cuda, "merge_into"):
             return "cuda"
-        return "triton" if _triton_usable(device) else "reference"
+        return "triton" if _triton_usable(device_type) else "reference"
     return "reference"
 
 
-def _check(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: list[float]) -> None:
-    if len(inputs) != len(weights):
-        raise ValueError(f"merge_into: {len(inputs)} inputs but {len(weights)} weights")
+def _check_weights(n_inputs: int, weights: list[float], what: str = "merge_into") -> None:
+    if n_inputs != len(weights):
+        raise ValueError(f"{what}: {n_inputs} inputs but {len(weights)} weights")
     for i, w in enumerate(weights):
         if not math.isfinite(w):
-            raise ValueError(f"merge_into: weight {i} is {w}, weights must be finite")
+            raise ValueError(f"{what}: weight {i} is {w}, weights must be finite")
+
+
+def _check(out: torch.Tensor, inputs: Sequence[torch.Tensor], weights: list[float]) -> None:
+    _check_weights(len(inputs), weights)
+    codes = _codes()
     for name, t in [("out", out)] + [(f"inputs[{i}]", x) for i, x in enumerate(inputs)]:
-        if t.dtype not in DTYPE_CODES:
+        if t.dtype not in codes:
             raise TypeError(f"merge_into: {name} has dtype {t.dtype}; expected fp32, bf16 or fp16")
         if not t.is_contiguous():
             raise ValueError(f"merge_into: {name} is not contiguous")
@@ -108,6 +137,8 @@ def merge_into(
     ``backend`` forces one of ``reference``, ``triton``, ``cpp``, ``cuda`` (tests and
     benchmarks); by default :func:`select_backend` decides. Returns ``out``.
     """
+    import torch
+
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().to("cpu", torch.float64).tolist()
     weights = [float(w) for w in weights]
@@ -122,12 +153,13 @@ def merge_into(
     backend = backend or select_backend(out.device)
     if backend not in BACKENDS:
         raise ValueError(f"merge_into: backend must be one of {BACKENDS}, got {backend!r}")
+    codes = _codes()
     if backend == "cpp":
         _ext.require_cpp().merge_into(
             flat.data_ptr(),
-            DTYPE_CODES[flat.dtype],
+            codes[flat.dtype],
             [x.data_ptr() for x in xs],
-            [DTYPE_CODES[x.dtype] for x in xs],
+            [codes[x.dtype] for x in xs],
             ws,
             flat.numel(),
         )
@@ -136,9 +168,9 @@ def merge_into(
             raise RuntimeError("merge_into: the CUDA extension _C_cuda is not built")
         _ext.cuda.merge_into(
             flat.data_ptr(),
-            DTYPE_CODES[flat.dtype],
+            codes[flat.dtype],
             [x.data_ptr() for x in xs],
-            [DTYPE_CODES[x.dtype] for x in xs],
+            [codes[x.dtype] for x in xs],
             ws,
             flat.numel(),
             torch.cuda.current_stream(flat.device).cuda_stream,
@@ -152,3 +184,44 @@ def merge_into(
 
         merge_into_reference(flat, xs, ws)
     return out
+
+
+def merge_raw(
+    out_addr: int,
+    out_dtype: str,
+    in_addrs: Sequence[int],
+    in_dtypes: Sequence[str],
+    weights: Sequence[float],
+    n: int,
+    threads: int = 1,
+) -> bool:
+    """``out[:n] = sum_i weights[i] * in_i[:n]`` with the C++ kernel over raw addresses
+    (contiguous, element-aligned buffers on CPU; dtypes by safetensors name: ``F32``,
+    ``BF16``, ``F16``). Returns whether every written value is finite: the check is
+    fused into the kernel's store, so it costs no pass of its own. Inputs with weight 0
+    are not read; at least one weight must be non-zero.
+
+    ``threads``: OpenMP threads (default 1, which runs without a parallel region; the
+    file merge passes :func:`.file_merge.kernel_threads`).
+    """
+    weights = [float(w) for w in weights]
+    _check_weights(len(in_addrs), weights, "merge_raw")
+    if len(in_dtypes) != len(in_addrs):
+        raise ValueError(f"merge_raw: {len(in_addrs)} inputs but {len(in_dtypes)} dtypes")
+    for d in [out_dtype, *in_dtypes]:
+        if d not in CODES:
+            raise TypeError(f"merge_raw: dtype {d!r}; expected one of {', '.join(CODES)}")
+    kept = [(a, CODES[d], w) for a, d, w in zip(in_addrs, in_dtypes, weights) if w != 0.0]
+    if not kept:
+        raise ValueError("merge_raw: every weight is zero")
+    return bool(
+        _ext.require_cpp().merge_into(
+            out_addr,
+            CODES[out_dtype],
+            [a for a, _, _ in kept],
+            [c for _, c, _ in kept],
+            [w for _, _, w in kept],
+            n,
+            threads,
+        )
+    )

@@ -15,10 +15,17 @@ GPU when it fits) and rebinding a live model's parameters as views into one flat
 Row layout: the floating-point tensors of the checkpoints, in the first checkpoint's
 file order; a tensor that the model does not have as a parameter or buffer (e.g. a
 tied ``lm_head.weight``) is still merged but not bound.
+
+:class:`RowPool` is what every placement of the rows shares (binding, weight vectors,
+NaN/inf checks); :class:`ModelPool` keeps them resident in one buffer, and
+:mod:`.pool_placement` chooses between it, host rows shared per node
+(:mod:`.pool_host`) and rows sharded over ranks (:mod:`.pool_sharded`).
+:func:`open_units` is the checked, memory-mapped starting point all of them load from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -57,104 +64,42 @@ class Slot:
     numel: int
 
 
-class ModelPool:
-    """Unit models as rows of one ``[N, P]`` buffer; see the module docstring."""
+class RowPool:
+    """What every pool placement shares: units, slots, binding a live model to one flat
+    buffer, weight vectors, and the NaN/inf checks of a merge.
+
+    A placement (see :mod:`.pool_placement`) says where the rows live and how a weighted
+    sum of them reaches the live model's flat buffer: :meth:`_merge_rows`, and
+    :meth:`_row` for the rows this process can read (diagnostics only).
+    """
 
     def __init__(
         self,
         units: Sequence[str],
-        rows: torch.Tensor,
         slots: Sequence[Slot],
         config: dict,
         lineages: Sequence[Lineage],
     ):
-        if rows.dim() != 2 or rows.shape[0] != len(units):
-            raise ValueError(f"rows must be [N={len(units)}, P], got {list(rows.shape)}")
         self.units = list(units)
-        self.rows = rows
         self.slots = {s.name: s for s in slots}
         self.config = config
         self.lineages = list(lineages)
+        self._num_params = max((s.offset + s.numel for s in slots), default=0)
         self._live: dict[int, torch.Tensor] = {}  # id(model) -> its flat buffer
-
-    # ------------------------------------------------------------------ loading
-
-    @classmethod
-    def from_checkpoints(
-        cls,
-        checkpoints: Mapping[str, str],
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        storage_dir: str | None = None,
-        allow_different_seed: bool = False,
-        show_progress: bool = True,
-    ) -> ModelPool:
-        """Load unit models (``{unit: checkpoint_dir}``) into one ``[N, P]`` buffer.
-
-        Streaming: each checkpoint is memory-mapped and copied tensor by tensor into its
-        row, its pages released as it goes. On CPU the buffer is a file-backed shared
-        mapping in ``storage_dir`` (default: the temp dir), unlinked at once so it goes
-        away with the pool; on CUDA it is device memory. A row with NaN/inf (in the
-        checkpoint, or from conversion to ``dtype``) raises NonFiniteError naming the
-        checkpoint and the tensor.
-        """
-        if dtype not in DTYPE_CODES:
-            raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
-        if not checkpoints:
-            raise ConfigError("a model pool needs at least one checkpoint")
-        units = list(checkpoints)
-        metas = [read_checkpoint_meta(checkpoints[u]) for u in units]
-        inputs = [
-            MergeInput(u, checkpoints[u], 1.0, cfg, lin) for u, (cfg, lin) in zip(units, metas)
-        ]
-        check_compatible(inputs, allow_different_seed)
-        maps = [MappedSafetensors(model_file(checkpoints[u])) for u in units]
-        check_tensors(maps)
-        ref = maps[0]
-        slots, offset = [], 0
-        for name in ref.names:
-            if ref.dtype(name) in DTYPE_CODES:
-                n = ref.numel(name)
-                slots.append(Slot(name, tuple(ref.shape(name)), offset, n))
-                offset += n
-        rows = _allocate(len(units), offset, dtype, torch.device(device), storage_dir)
-        with progress(
-            total=len(units) * offset,
-            desc="load pool",
-            unit="param",
-            disable=None if show_progress else True,
-        ) as bar:
-            for i, m in enumerate(maps):
-                for s in slots:
-                    rows[i, s.offset : s.offset + s.numel].copy_(m.flat(s.name))
-                    m.release(s.name)
-                    bar.update(s.numel)
-                if not all_finite(rows[i]):
-                    _refuse_row(m, rows[i], slots)
-        return cls(units, rows, slots, metas[0][0], [lin for _, lin in metas])
-
-    @classmethod
-    def from_directory(cls, directory: str, **kwargs) -> ModelPool:
-        """Every checkpoint directly under ``directory`` (unit name = subdirectory name)."""
-        if not os.path.isdir(directory):
-            raise ConfigError(f"{directory}: pool directory does not exist")
-        found = {
-            d: os.path.join(directory, d)
-            for d in sorted(os.listdir(directory))
-            if os.path.isfile(os.path.join(directory, d, "model.safetensors"))
-        }
-        if not found:
-            raise ConfigError(
-                f"{directory}: no checkpoints (subdirectories with model.safetensors)"
-            )
-        return cls.from_checkpoints(found, **kwargs)
-
-    # ------------------------------------------------------------------ live model
 
     @property
     def num_params(self) -> int:
-        return self.rows.shape[1]
+        return self._num_params
+
+    def _merge_rows(self, flat: torch.Tensor, ws: list[float]) -> None:
+        raise NotImplementedError
+
+    def _row(self, i: int) -> torch.Tensor | None:
+        """Row ``i`` where this process can read it, else None."""
+        return None
+
+    def close(self) -> None:
+        """Release what the placement holds beyond Python references (a no-op here)."""
 
     def bind(self, model: torch.nn.Module) -> torch.Tensor:
         """Make ``model``'s parameters (and float buffers) views into one flat buffer
@@ -212,14 +157,14 @@ class ModelPool:
     def merge_into(
         self, model: torch.nn.Module, weights: Mapping[str, float] | Sequence[float] | torch.Tensor
     ) -> None:
-        """Set ``model``'s parameters to ``sum_i w_i * unit_i``: one kernel call, no
-        allocation of model size (binds the model first if needed). Merged weights with
-        NaN/inf raise NonFiniteError naming the tensor (the model then holds them)."""
+        """Set ``model``'s parameters to ``sum_i w_i * unit_i``: no allocation of model
+        size (binds the model first if needed). Merged weights with NaN/inf raise
+        NonFiniteError naming the tensor (the model then holds them)."""
         flat = self._live.get(id(model))
         if flat is None:
             flat = self.bind(model)
         ws = self.weight_vector(weights)
-        merge_into(flat, [self.rows[i] for i in range(len(self.units))], ws)
+        self._merge_rows(flat, ws)
         if not all_finite(flat):  # one reduction per merge; names the tensor only on failure
             self._refuse_merged(flat, ws)
 
@@ -230,7 +175,8 @@ class ModelPool:
         bad = count_non_finite(_view(flat, slot))
         mixture = {u: w for u, w in zip(self.units, ws) if w}
         for i, w in enumerate(ws):
-            if w and not all_finite(_view(self.rows[i], slot)):
+            row = self._row(i) if w else None
+            if row is not None and not all_finite(_view(row, slot)):
                 raise NonFiniteError(
                     f"model pool: unit {self.units[i]!r}'s row of tensor {slot.name!r} holds "
                     f"NaN/inf, so merging {mixture} gives {bad} non-finite values"
@@ -242,6 +188,146 @@ class ModelPool:
             f"(largest finite value {torch.finfo(flat.dtype).max:g}); check the weights or "
             "merge into an fp32 model"
         )
+
+
+@dataclass
+class OpenedUnits:
+    """Unit checkpoints checked against each other and memory-mapped, not yet read:
+    what every placement starts from (:func:`open_units`)."""
+
+    units: list[str]
+    configs: list[dict]
+    lineages: list[Lineage]
+    maps: list[MappedSafetensors]
+    slots: list[Slot]
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.numel for s in self.slots)
+
+    def fill_row(self, i: int, row: torch.Tensor, bar=None) -> None:
+        """Copy unit ``i``'s float tensors into ``row`` (converting to its dtype), tensor
+        by tensor, releasing the checkpoint's pages as it goes; a row with NaN/inf raises
+        NonFiniteError naming the checkpoint and the tensor."""
+        m = self.maps[i]
+        for s in self.slots:
+            row[s.offset : s.offset + s.numel].copy_(m.flat(s.name))
+            m.release(s.name)
+            if bar is not None:
+                bar.update(s.numel)
+        if not all_finite(row):
+            _refuse_row(m, row, self.slots)
+
+    def close(self) -> None:
+        """Unmap the checkpoints (once their rows are loaded; a live view keeps its map)."""
+        for m in self.maps:
+            with contextlib.suppress(BufferError):
+                m.close()
+
+
+def open_units(checkpoints: Mapping[str, str], allow_different_seed: bool = False) -> OpenedUnits:
+    """Check ``{unit: checkpoint_dir}`` for a merge (same config, tokenizer, seed, tensor
+    names and shapes) and memory-map them; the row layout is the first checkpoint's
+    float tensors in file order."""
+    if not checkpoints:
+        raise ConfigError("a model pool needs at least one checkpoint")
+    units = list(checkpoints)
+    metas = [read_checkpoint_meta(checkpoints[u]) for u in units]
+    inputs = [MergeInput(u, checkpoints[u], 1.0, cfg, lin) for u, (cfg, lin) in zip(units, metas)]
+    check_compatible(inputs, allow_different_seed)
+    maps = [MappedSafetensors(model_file(checkpoints[u])) for u in units]
+    check_tensors(maps)
+    ref = maps[0]
+    slots, offset = [], 0
+    for name in ref.names:
+        if ref.dtype(name) in DTYPE_CODES:
+            n = ref.numel(name)
+            slots.append(Slot(name, tuple(ref.shape(name)), offset, n))
+            offset += n
+    return OpenedUnits(units, [c for c, _ in metas], [lin for _, lin in metas], maps, slots)
+
+
+class ModelPool(RowPool):
+    """Unit models as rows of one ``[N, P]`` buffer; see the module docstring."""
+
+    def __init__(
+        self,
+        units: Sequence[str],
+        rows: torch.Tensor,
+        slots: Sequence[Slot],
+        config: dict,
+        lineages: Sequence[Lineage],
+    ):
+        if rows.dim() != 2 or rows.shape[0] != len(units):
+            raise ValueError(f"rows must be [N={len(units)}, P], got {list(rows.shape)}")
+        super().__init__(units, slots, config, lineages)
+        self.rows = rows
+        self._num_params = rows.shape[1]
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        checkpoints: Mapping[str, str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        storage_dir: str | None = None,
+        allow_different_seed: bool = False,
+        show_progress: bool = True,
+    ) -> ModelPool:
+        """Load unit models (``{unit: checkpoint_dir}``) into one ``[N, P]`` buffer.
+
+        Streaming: each checkpoint is memory-mapped and copied tensor by tensor into its
+        row, its pages released as it goes. On CPU the buffer is a file-backed shared
+        mapping in ``storage_dir`` (default: the temp dir), unlinked at once so it goes
+        away with the pool; on CUDA it is device memory. A row with NaN/inf (in the
+        checkpoint, or from conversion to ``dtype``) raises NonFiniteError naming the
+        checkpoint and the tensor.
+        """
+        if dtype not in DTYPE_CODES:
+            raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
+        opened = open_units(checkpoints, allow_different_seed)
+        n, p = len(opened.units), opened.num_params
+        rows = allocate_rows(n, p, dtype, torch.device(device), storage_dir)
+        with progress(
+            total=n * p,
+            desc="load pool",
+            unit="param",
+            disable=None if show_progress else True,
+        ) as bar:
+            for i in range(n):
+                opened.fill_row(i, rows[i], bar)
+        return cls(opened.units, rows, opened.slots, opened.configs[0], opened.lineages)
+
+    @classmethod
+    def from_directory(cls, directory: str, **kwargs) -> ModelPool:
+        """Every checkpoint directly under ``directory`` (unit name = subdirectory name)."""
+        return cls.from_checkpoints(checkpoint_directory(directory), **kwargs)
+
+    # ------------------------------------------------------------------ merging
+
+    def _merge_rows(self, flat: torch.Tensor, ws: list[float]) -> None:
+        # one kernel call over every row; rows with weight 0 are not read
+        merge_into(flat, [self.rows[i] for i in range(len(self.units))], ws)
+
+    def _row(self, i: int) -> torch.Tensor | None:
+        return self.rows[i]
+
+
+def checkpoint_directory(directory: str) -> dict[str, str]:
+    """``{unit: dir}`` for every checkpoint directly under ``directory`` (sorted)."""
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory}: pool directory does not exist")
+    found = {
+        d: os.path.join(directory, d)
+        for d in sorted(os.listdir(directory))
+        if os.path.isfile(os.path.join(directory, d, "model.safetensors"))
+    }
+    if not found:
+        raise ConfigError(f"{directory}: no checkpoints (subdirectories with model.safetensors)")
+    return found
 
 
 def _view(flat: torch.Tensor, slot: Slot) -> torch.Tensor:
@@ -267,9 +353,11 @@ def _refuse_row(m: MappedSafetensors, row: torch.Tensor, slots: Sequence[Slot]) 
     )
 
 
-def _allocate(
-    n: int, p: int, dtype: torch.dtype, device: torch.device, storage_dir: str | None
+def allocate_rows(
+    n: int, p: int, dtype: torch.dtype, device: torch.device, storage_dir: str | None = None
 ) -> torch.Tensor:
+    """An uninitialised ``[n, p]`` row buffer: device memory on CUDA; on CPU a file-backed
+    shared mapping in ``storage_dir`` (default: the temp dir), unlinked at once."""
     if device.type != "cpu":
         return torch.empty((n, p), dtype=dtype, device=device)
     fd, path = tempfile.mkstemp(prefix="mba-pool-", suffix=".bin", dir=storage_dir)

@@ -104,7 +104,11 @@ class ModelConfig(Config):
     init_std: float = doc("std of the normal init of embeddings and projections", 0.02)
     scaled_init: bool = doc("scale output projections' init by 1/sqrt(2*n_layers)", True)
     logit_scale: float = doc("multiply the logits by this (Cohere logit_scale)", 1.0)
-    activation_checkpointing: bool = doc("recompute each block in backward to save memory", False)
+    activation_checkpointing: bool = doc(
+        "deprecated: use the train config's activation_checkpointing (none|selective|full); "
+        "true here means full. Kept so checkpoints' config.json and run keys stay as they were",
+        False,
+    )
     compile: bool = doc("torch.compile each block (slower start, faster steps)", False)
 
     def __post_init__(self) -> None:

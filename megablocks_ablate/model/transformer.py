@@ -26,6 +26,14 @@ cross-entropy go through :mod:`megablocks_ablate.kernels.dispatch` (Triton on CU
 where a kernel covers the case, PyTorch references elsewhere). A plain ``nn.Module``:
 no distributed code here.
 
+Activation checkpointing (:func:`checkpointed_blocks`): ``none`` keeps every block's
+activations for backward; ``full`` recomputes every block's forward in backward
+(only its input is kept); ``selective`` recomputes every other block (0, 2, 4, ...):
+about half of ``full``'s memory saving for about half its extra compute. The policy is
+set by the trainer (:meth:`Transformer.set_activation_checkpointing`, from the train
+config's ``activation_checkpointing``); a model built on its own follows the
+deprecated ``ModelConfig.activation_checkpointing`` flag (``true``: ``full``).
+
 Parameter names (``state_dict``)::
 
     embed.weight                  [padded_vocab, d_model]
@@ -60,6 +68,20 @@ from megablocks_ablate.kernels.rope import rope_tables
 
 if TYPE_CHECKING:  # the config builds the model (ModelConfig.build), not the reverse
     from megablocks_ablate.model.config import ModelConfig
+
+CHECKPOINTING_POLICIES = ("none", "selective", "full")
+
+
+def checkpointed_blocks(policy: str, n_layers: int) -> frozenset[int]:
+    """Indices of the blocks whose forward is recomputed in backward under ``policy``:
+    none, every block (``full``) or the even ones (``selective``: 0, 2, 4, ...)."""
+    if policy not in CHECKPOINTING_POLICIES:
+        raise ConfigError(
+            f"activation_checkpointing: expected one of {list(CHECKPOINTING_POLICIES)}, "
+            f"got {policy!r}"
+        )
+    step = {"none": 0, "selective": 2, "full": 1}[policy]
+    return frozenset(range(0, n_layers, step)) if step else frozenset()
 
 
 class Norm(nn.Module):
@@ -156,6 +178,8 @@ class Transformer(nn.Module):
             )
         )
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # None: follow the config's (deprecated) boolean; see set_activation_checkpointing
+        self.activation_checkpointing: str | None = None
         self.reset_parameters()
         if cfg.compile:
             for block in self.layers:
@@ -183,6 +207,19 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+    # ---- activation checkpointing ------------------------------------------------------
+    def set_activation_checkpointing(self, policy: str) -> None:
+        """Recompute blocks in backward by ``policy`` (none | selective | full; see the
+        module doc). Parameter names and the state dict do not change."""
+        checkpointed_blocks(policy, len(self.layers))  # validates the name
+        self.activation_checkpointing = policy
+
+    def checkpointing_policy(self) -> str:
+        """The policy in force: the one set, else ``full`` when the config's flag is on."""
+        if self.activation_checkpointing is not None:
+            return self.activation_checkpointing
+        return "full" if self.cfg.activation_checkpointing else "none"
 
     # ---- pieces ----------------------------------------------------------------------
     @property
@@ -214,9 +251,13 @@ class Transformer(nn.Module):
             )
         cos, sin = self.rope_tables(input_ids.device)
         x = self.embed(input_ids)
-        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.layers:
-            if recompute:
+        recompute = (
+            checkpointed_blocks(self.checkpointing_policy(), len(self.layers))
+            if self.training and torch.is_grad_enabled()
+            else frozenset()
+        )
+        for i, block in enumerate(self.layers):
+            if i in recompute:  # non-reentrant: composes with FSDP2's hooks on the block
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)

@@ -160,11 +160,52 @@ class LoggingConfig(Config):
 
 @dataclass
 class DistributedConfig(Config):
+    """Data parallelism over ranks; FSDP2's precision and mesh (see train/parallel.py)."""
+
     parallel: Literal["ddp", "fsdp"] = doc(
         "data parallelism: DDP, or FSDP2 (fully_shard) for big models", "ddp"
     )
     backend: Literal["auto", "nccl", "gloo"] = doc("auto: NCCL on CUDA, gloo on CPU", "auto")
     timeout_s: int = doc("collective timeout in seconds", 1800)
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "fsdp: dtype parameters are all-gathered and computed in (FSDP2 "
+        "MixedPrecisionPolicy); the sharded master weights, optimizer state and "
+        "checkpoints stay fp32. auto: bf16 when the run computes in bf16 (precision bf16, "
+        "or auto on CUDA), else fp32",
+        "auto",
+    )
+    fsdp_reduce_dtype: Literal["fp32", "bf16"] = doc(
+        "fsdp: dtype gradients are reduce-scattered (and accumulated over micro batches) in",
+        "fp32",
+    )
+    fsdp_shard_size: int | None = doc(
+        "fsdp: ranks each shard group spans; a smaller size is HSDP (ranks = replicate x "
+        "shard: parameters sharded within a group, gradients also all-reduced across "
+        "groups). null: the ranks of one node when the run spans several nodes, else all "
+        "ranks (plain FSDP). Must divide the number of ranks",
+        None,
+    )
+
+    def validate(self) -> None:
+        if self.fsdp_shard_size is not None and self.fsdp_shard_size < 1:
+            raise ConfigError(
+                f"distributed.fsdp_shard_size: must be >= 1 (or null), got {self.fsdp_shard_size}"
+            )
+        if self.parallel != "fsdp":
+            given = [
+                f"{name}={value}"
+                for name, value, default in (
+                    ("fsdp_param_dtype", self.fsdp_param_dtype, "auto"),
+                    ("fsdp_reduce_dtype", self.fsdp_reduce_dtype, "fp32"),
+                    ("fsdp_shard_size", self.fsdp_shard_size, None),
+                )
+                if value != default
+            ]
+            if given:
+                raise ConfigError(
+                    f"distributed.{given[0]}: applies to parallel=fsdp only "
+                    f"(parallel is {self.parallel!r})"
+                )
 
 
 @dataclass
@@ -219,6 +260,13 @@ class TrainConfig(Config):
         "step counts, as the paper's A.3 does; this run's optimizer settings and LR schedule "
         "still apply). A seed without optimizer state gives a warning and a fresh one",
         "fresh",
+    )
+    activation_checkpointing: Literal["none", "selective", "full"] = doc(
+        "recompute block activations in backward to save memory: none, selective (every "
+        "other block: 0, 2, 4, ...) or full (every block). A run-time setting: it changes "
+        "neither the trained model nor the run's key. The model field of that name "
+        "(model_overrides: [activation_checkpointing=true]) is deprecated and means full",
+        "none",
     )
     seed: int = doc("random seed (model init, data shuffles unless data.seed)", 1234)
     device: Literal["auto", "cpu", "cuda"] = doc("auto: CUDA when available", "auto")

@@ -66,6 +66,7 @@ from megablocks_ablate.train.metrics import (
     truncate_jsonl,
 )
 from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
+from megablocks_ablate.train.parallel import computes_in_bf16, wrap_model
 from megablocks_ablate.utils.atomic import atomic_write_text
 from megablocks_ablate.utils.outputs import claim_output_dir
 from megablocks_ablate.utils.progress import progress
@@ -188,22 +189,8 @@ class Trainer:
         return digest
 
     def _wrap(self, model):
-        env, par = self.env, self.cfg.distributed.parallel
-        if par == "fsdp" and env.distributed:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(env.device.type, (env.world_size,))
-            for block in model.layers:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            return model
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            return DDP(model, device_ids=ids)
-        return model
+        """Checkpointing policy, then FSDP2 / DDP / nothing: :func:`.parallel.wrap_model`."""
+        return wrap_model(model, self.cfg, self.env)
 
     def _check_data(self) -> None:
         """The run's units against the manifest (size and sha256, cached) and their token
@@ -382,9 +369,7 @@ class Trainer:
         mean loss over ranks and the pre-clip gradient norm)."""
         cfg, env = self.cfg, self.env
         accum = cfg.grad_accum_steps(env.world_size)
-        use_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and env.device.type == "cuda"
-        )
+        use_bf16 = computes_in_bf16(cfg.precision, env.device.type)
         is_ddp = hasattr(model, "no_sync")
         is_fsdp = hasattr(model, "set_requires_gradient_sync")
         named = [(n, p) for n, p in _unwrapped(model).named_parameters() if p.requires_grad]
@@ -400,6 +385,8 @@ class Trainer:
                 if is_fsdp:
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+                # Autocast stays on under FSDP2's bf16 policy: it casts the fp32
+                # residual stream meeting bf16 weights (train/parallel.py).
                 with sync, torch.autocast(env.device.type, torch.bfloat16, enabled=use_bf16):
                     loss = model(batch[:, :-1], batch[:, 1:])
                     (loss / accum).backward()

@@ -6,6 +6,7 @@ README); here the same code path runs on a synthetic corpus with the tiny preset
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -165,3 +166,41 @@ def test_builtin_manpages_errors(tmp_path, capsys):
     (out / "corpus.jsonl").write_text("")
     with pytest.raises(ConfigError, match="holds a demo output"):
         build_data(DemoSettings(out=str(out), builtin="manpages"), 0.0)
+
+
+@pytest.mark.integration
+def test_proportions_demo_checks_weighted_merges_against_seq_blends(tmp_path, capsys):
+    """`demo --proportions` at tiny scale: sampled blends get seq models of one budget,
+    the optimizer's blend and the baselines are trained, the figures are printed and
+    written, and every correlation is recomputable from the store."""
+    import json
+
+    import numpy as np
+
+    from megablocks_ablate.ablate import mixtures as mx
+    from megablocks_ablate.ablate.analysis import pearson
+    from megablocks_ablate.data.synthetic import write_corpus
+
+    corpus = write_corpus(str(tmp_path / "corpus.jsonl"), n_docs=600, seed=5)
+    out = str(tmp_path / "demo")
+    argv = ["demo", "--proportions", "--corpus", corpus, "--out", out, "--k", "2", *TINY]
+    assert cli_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "weighted merge (macro) vs seq over 6 sampled blends" in text
+    f = json.load(open(os.path.join(out, "proportions.json")))
+    assert set(f["checks"]) == {"optimizer", "best_subset", "natural"}
+    spec = StudySpec.load(os.path.join(out, "study-proportions.yaml"))
+    assert spec.validation.train_tokens == 3 * 6000
+    with ResultStore(os.path.join(spec.out_dir, "results.sqlite")) as store:
+        parts = {p: list(us) for p, us in spec.partitions.items()}
+        sampled = [mx.weighted_mixture(b, parts) for b in spec.validation.weighted[:6]]
+        seq_ids = {r.subject for r in store.results(mx.SEQ)}
+        domain = next(iter(f["pearson"]["per_domain"]))
+        x = [store.scores(m.id, "macro")[domain].perplexity for m in sampled]
+        y = [store.scores(m.id, mx.SEQ)[domain].perplexity for m in sampled]
+    assert {m.id for m in sampled} <= seq_ids
+    want = f["pearson"]["per_domain"][domain]["macro"]
+    assert want == pytest.approx(round(pearson(np.array(x), np.array(y)), 4), abs=1e-4)
+    for c in f["checks"].values():
+        assert math.isfinite(c["seq"]) and c["seq"] > 1
+    assert f["optimizer"]["best"]["objective"] <= f["optimizer"]["search"]["path"][0]["objective"]

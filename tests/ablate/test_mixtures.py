@@ -113,3 +113,76 @@ def test_cost_counts_units_once_and_seq_per_mixture():
     assert cost.naive_tokens == 6 * 2 * 1000 and cost.seq_validation_tokens == 2 * 2 * 1000
     assert cost.savings == pytest.approx(3.0)
     assert mx.seq_tokens(Mixture.of(UNEVEN), 1000) == 4000  # one unit budget per unit
+
+
+# ----------------------------------------------------------------- proportion mixtures
+
+
+def test_proportion_mixture_identity_weights_and_round_trip():
+    parts = {"bio": ["bio-0", "bio-1"], "cs": ["cs-0"], "math": ["math-0"]}
+    m = mx.weighted_mixture({"cs": 3, "bio": 6, "math": 1}, parts)
+    assert m.weighted and m.proportions == {"bio": 0.6, "cs": 0.3, "math": 0.1}
+    assert m.label == "bio:0.60+cs:0.30+math:0.10"
+    assert Mixture.from_json(m.to_json()) == m and Mixture.from_json(m.to_json()).id == m.id
+    # order and scale do not change the id; other shares do; equal shares ARE the
+    # equal-share mixture (same id as before proportions existed)
+    assert mx.weighted_mixture({"math": 0.1, "bio": 0.6, "cs": 0.3}, parts).id == m.id
+    assert mx.weighted_mixture({"math": 0.2, "bio": 0.5, "cs": 0.3}, parts).id != m.id
+    equal = mx.weighted_mixture({"bio": 1, "cs": 1, "math": 1}, parts)
+    assert equal == Mixture.of(parts) and not equal.weighted
+    assert Mixture.of({"cs": ["cs-0"]}).id == Mixture.of({"cs": ["cs-0"]}, None).id
+    # a zero share drops the partition
+    assert mx.weighted_mixture({"bio": 0.5, "cs": 0.5, "math": 0}, parts).names == ("bio", "cs")
+    # every merge proxy: p_g / |g| per unit; seq budget is the equal-share mixture's
+    w = {"bio-0": 0.3, "bio-1": 0.3, "cs-0": 0.3, "math-0": 0.1}
+    for proxy in mx.MERGE_PROXIES:
+        assert mx.proxy_weights(m, proxy) == pytest.approx(w)
+    assert len(mx.merge_plan(m, mx.MERGE_PROXIES)) == 1
+    pm = {"bio": "partition:bio", "cs": "cs-0", "math": "math-0"}
+    assert mx.proxy_weights(m, "merged", pm) == pytest.approx(
+        {"partition:bio": 0.6, "cs-0": 0.3, "math-0": 0.1}
+    )
+    assert mx.seq_tokens(m, 100) == mx.seq_tokens(Mixture.of(parts), 100) == 400
+
+
+def test_proportion_mixture_shares_are_checked_and_rounded():
+    parts = {"a": ["a-0"], "b": ["b-0"], "c": ["c-0"]}
+    s = mx.normalise_shares({"a": 1, "b": 1, "c": 1}, ["a", "b", "c"])
+    assert math.fsum(s.values()) == pytest.approx(1.0, abs=1e-12)
+    assert all(len(repr(v).split(".")[-1]) <= 6 for v in s.values())
+    with pytest.raises(ValueError, match=r"unknown: \['z'\]"):
+        mx.normalise_shares({"a": 1, "z": 1}, list(parts))
+    with pytest.raises(KeyError):
+        mx.weighted_mixture({"a": 1, "z": 1}, parts)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        mx.normalise_shares({"a": -1, "b": 2}, ["a", "b"])
+    with pytest.raises(ValueError, match="all zero"):
+        mx.normalise_shares({"a": 0, "b": 0}, ["a", "b"])
+    with pytest.raises(ValueError, match="missing"):
+        mx.normalise_shares({"a": 1}, ["a", "b"])
+
+
+def test_mean_ind_and_ind_id_weight_partitions_by_share():
+    parts = {"a": ["a-0"], "b": ["b-0"]}
+    m = mx.weighted_mixture({"a": 0.75, "b": 0.25}, parts)
+    ind = {"a-0": {"x": 10.0, "a": 4.0, "b": 30.0}, "b-0": {"x": 20.0, "a": 40.0, "b": 8.0}}
+    assert mx.mean_ind(m, "x", ind) == pytest.approx(0.75 * 10 + 0.25 * 20)
+    du = {"a": ["a-0"], "b": ["b-0"]}
+    assert mx.ind_id(m, ID_DOMAIN, ind, du) == pytest.approx(0.75 * 4 + 0.25 * 8)
+    assert mx.ind_id(m, "a", ind, du) == 4.0
+
+
+def test_dirichlet_shares_are_seeded_and_on_the_simplex():
+    names = ["a", "b", "c", "d"]
+    draws = mx.dirichlet_shares(names, 5, 1.0, seed=7)
+    assert draws == mx.dirichlet_shares(names, 5, 1.0, seed=7)
+    assert draws != mx.dirichlet_shares(names, 5, 1.0, seed=8)
+    for d in draws:
+        assert set(d) == set(names) and math.fsum(d.values()) == pytest.approx(1.0)
+        assert all(v >= 0 for v in d.values())
+    sub = mx.dirichlet_shares(names, 6, 0.5, seed=1, k=2)
+    assert all(len(d) == 2 and set(d) <= set(names) for d in sub)
+    with pytest.raises(ValueError, match="alpha"):
+        mx.dirichlet_shares(names, 2, 0.0, seed=0)
+    with pytest.raises(ValueError, match="k must be >= 2"):
+        mx.dirichlet_shares(names, 2, 1.0, seed=0, k=1)

@@ -306,6 +306,31 @@ def test_two_ranks_shard_the_evaluation_into_one_store(base, tmp_path):
     assert "evaluated on rank 0" in proc.stdout + proc.stderr
 
 
+def test_two_ranks_sharing_a_sharded_pool_give_the_same_rows(base, tmp_path):
+    """--pool-placement sharded: both ranks hold half the rows and score every mixture
+    in lockstep; rank 0 writes, and the rows equal one process's (fp32 rows)."""
+    spec, root, runner = base
+    out = str(tmp_path / "study")
+    path = write_spec(
+        str(tmp_path / "s.yaml"),
+        spec,
+        out_dir=out,
+        seed={"checkpoint": os.path.join(str(root), "seed", "final")},
+    )
+    proc = _torchrun_study(path, "--registry", spec["out_dir"], "--pool-placement", "sharded")
+    after, expected = (
+        rows(os.path.join(out, "results.sqlite")),
+        rows(os.path.join(spec["out_dir"], "results.sqlite")),
+    )
+    assert set(after) == set(expected)
+    for k, (nll, tok) in expected.items():
+        assert after[k][1] == tok and after[k][0] == pytest.approx(nll, rel=1e-9), k
+    assert "sharded pool: 1 groups of 2 ranks" in proc.stdout + proc.stderr
+    with ResultStore(os.path.join(out, "results.sqlite")) as store:
+        provs = {r.provenance["pool"]["placement"] for r in store.results("merged")}
+    assert provs == {"sharded"}
+
+
 def test_export_mixture_as_train_blend_and_megatron_data_path(base, tmp_path, capsys):
     from megablocks_ablate.cli import main
     from megablocks_ablate.train.config import DataConfig
@@ -385,6 +410,62 @@ def test_search_reads_scored_mixtures_and_scores_new_ones(base, tmp_path, capsys
     assert f"6 mixtures scored, {len(names)} of them merged and evaluated now" in text
     assert main(["study", "search", path, "--k", "2", "--proxy", "macro", "--beam", "2"]) == 0
     assert rows(store_path) == after  # nothing new to score
+
+
+def test_optimize_scores_blends_by_weighted_merges_and_exports_the_best(base, tmp_path, capsys):
+    """`study optimize`: every point is a proportion mixture in the store, scored as the
+    weighted merge of the unit models (checked by hand for the best), the best point is
+    the lowest objective seen, the exports carry its shares, a rerun merges nothing."""
+    import json
+
+    from megablocks_ablate.checkpoint import load_model_checkpoint
+    from megablocks_ablate.cli import main
+    from megablocks_ablate.evaluate import evaluate
+    from megablocks_ablate.model.loading import load_model
+
+    spec, root, runner = base
+    out = str(tmp_path / "study")
+    shutil.copytree(spec["out_dir"], out)
+    path = write_spec(str(tmp_path / "s.yaml"), spec, out_dir=out)
+    domain = next(iter(runner.study.eval_sets))
+    result_file = str(tmp_path / "opt.json")
+    argv = ["study", "optimize", path, "--budget", "5", "--domains", domain, "--out", result_file]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    res = json.load(open(result_file))
+    points = res["search"]["path"] + [res["regression_point"]]
+    assert res["search"]["calls"] == 5 and "budget" in res["search"]["stop_reason"]
+    best = min(points, key=lambda p: p["objective"])
+    assert res["best"]["objective"] == best["objective"]
+    assert points[0]["blend"] == pytest.approx(
+        {p: 1 / 3 for p in runner.study.partitions}, abs=1e-5
+    )
+    m = mx.Mixture.of({p: runner.study.partitions[p] for p in best["blend"]}, best["blend"])
+    assert res["best"]["mixture_id"] == m.id and "best blend by macro" in text
+    with ResultStore(os.path.join(out, "results.sqlite")) as store:
+        stored = store.mixtures()
+        assert m.id in stored and stored[m.id] == m
+        scores = store.scores(m.id, "macro")
+    assert scores[domain].perplexity == pytest.approx(best["objective"], rel=1e-12)
+    # the weighted merge, by hand: sum_u w_u * theta_u with w_u = share of u's partition
+    dirs = {j.name: j.entry.model_dir for j in runner.plan().units}
+    w = mx.proxy_weights(m, "macro")
+    model, _ = load_model(dirs[m.units[0]])
+    states = {u: load_model_checkpoint(dirs[u])[0] for u in w}
+    model.load_state_dict(
+        {k: sum(w[u] * s[k] for u, s in states.items()) for k in states[m.units[0]]}
+    )
+    direct = evaluate(model, runner.scorer().suite)
+    assert math.isclose(scores[domain].nll_sum, direct[domain].nll_sum, rel_tol=1e-5)
+    # exports: the blend's unit weights, as `study export --mixture a=...` prints them
+    assert res["export"]["train"]["data"]["weights"] == pytest.approx(w)
+    shares = ",".join(f"{p}={v}" for p, v in m.proportions.items())
+    assert main(["study", "export", path, "--mixture", shares, "--format", "megatron"]) == 0
+    assert capsys.readouterr().out.strip() == res["export"]["megatron"]
+    before = rows(os.path.join(out, "results.sqlite"))
+    assert main(argv) == 0
+    assert json.load(open(result_file))["merged_now"] == 0
+    assert rows(os.path.join(out, "results.sqlite")) == before
 
 
 def test_a_corrupted_pool_model_is_refused(base, tmp_path, capsys):

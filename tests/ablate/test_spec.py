@@ -369,3 +369,57 @@ def test_unit_heldout_missing_is_an_error_or_falls_back_for_old_manifests(data_d
     _add_unit_heldout(data_dir, {"math-0001": None})
     with pytest.raises(ConfigError, match="unit 'math-0001' has no held-out set"):
         resolve(spec(data_dir, unit_partitions=True, mixtures={"k_subsets": 1}))
+
+
+def test_weighted_and_dirichlet_mixtures_with_weighted_validation(data_dir):
+    s = spec(
+        data_dir,
+        mixtures={
+            "k_subsets": 2,
+            "weighted": [{"bio": 0.5, "cs": 0.3, "math": 0.2}, {"cs": 1, "math": 1}],
+            "dirichlet": {"n": 3, "alpha": 1.0, "seed": 4},
+        },
+        validation={
+            "weighted": [{"bio": 5, "cs": 3, "math": 2}],
+            "mixtures": [["bio", "cs"]],
+            "train": {"config": "tiny_seq"},
+        },
+    )
+    study = resolve(s)
+    weighted = [m for m in study.mixtures if m.weighted]
+    # {cs: 1, math: 1} is the equal-share cs+math, already a 2-subset: scored once
+    assert len(study.mixtures) == 6 + 1 + 3 and len(weighted) == 4
+    first = weighted[0]
+    assert first.proportions == {"bio": 0.5, "cs": 0.3, "math": 0.2}
+    assert all(set(m.names) == set(study.partitions) for m in weighted[1:])
+    assert [m.id for m in study.validation] == [
+        Mixture.of({"bio": study.partitions["bio"], "cs": ["cs-0000"]}).id,
+        first.id,
+    ] or [m.id for m in study.validation] == [
+        Mixture.of({"bio": study.partitions["bio"], "cs": ["cs-0000"]}).id
+    ] + [first.id]
+    # the seq budget of a proportion mixture is that of its partitions' equal-share mixture
+    assert study.seq_tokens(first) == 6 * study.unit_tokens
+    assert "bio:0.50+cs:0.30+math:0.20" in describe_plan(study)
+    assert resolve(s).mixtures == study.mixtures  # deterministic
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"mixtures": {"weighted": [{"bio": 1, "chem": 1}]}}, r"weighted\[0\]: unknown partition"),
+        ({"mixtures": {"weighted": [{"bio": -1, "cs": 1}]}}, r"weighted\[0\]: .*>= 0"),
+        ({"mixtures": {"weighted": [{}]}}, r"weighted\[0\]: expected a non-empty mapping"),
+        ({"mixtures": {"dirichlet": {"n": 2, "alpha": -1}}}, r"mixtures\.dirichlet: .*alpha"),
+        (
+            {
+                "mixtures": {"k_subsets": 2},
+                "validation": {"weighted": [{"bio": 2, "cs": 1}], "train": {"config": "tiny_seq"}},
+            },
+            r"validation\.weighted\[0\]: .* not among the study's mixtures",
+        ),
+    ],
+)
+def test_proportion_mixture_errors_name_the_field(data_dir, over, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(spec(data_dir, **over))

@@ -46,6 +46,8 @@ from megablocks_ablate.ablate.runner.training import spent_tokens, train_models
 from megablocks_ablate.ablate.search import SearchResult
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.merge.pool_placement import PoolPlanning, PoolRequest
 from megablocks_ablate.train.distributed import DistEnv, barrier, init_distributed
 from megablocks_ablate.utils.locks import acquire
 from megablocks_ablate.utils.outputs import claim_output_dir
@@ -65,6 +67,15 @@ class RunOptions:
     max_len: int | None = None
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
     lock_timeout_s: float | None = 0.0  # another run of this study: 0 refuse, None wait
+    pool_placement: str = "auto"  # unit-model pool rows: auto | resident | host | sharded
+    pool_dtype: str = "auto"  # pool rows: auto (bf16 on CUDA, else fp32) | bf16 | fp32
+    pool_dir: str | None = None  # node-wide directory of host rows (default /dev/shm)
+
+    def __post_init__(self) -> None:
+        self.pool_request()  # a bad pool option is refused before any training
+
+    def pool_request(self) -> PoolRequest:
+        return PoolRequest(self.pool_placement, self.pool_dtype, self.pool_dir)
 
 
 class StudyRunner:
@@ -114,13 +125,19 @@ class StudyRunner:
         return self.planner.plan()
 
     def describe(self, plan: RunPlan) -> str:
-        return describe_run(self.study, plan, self.out_dir)
+        pool = PoolPlanning(
+            self.opt.pool_request(), self.env.device, self.env.world_size, self.opt.batch_tokens
+        )
+        return describe_run(self.study, plan, self.out_dir, pool)
 
     def train(self) -> RunPlan:
         return train_models(self.planner, self.env)
 
-    def scorer(self, group: object | None = None) -> Scorer:
-        """A scorer on this rank's device with the runner's evaluation options."""
+    def scorer(
+        self, group: object | None = None, pool_group: object | None = None, writes: bool = True
+    ) -> Scorer:
+        """A scorer on this rank's device with the runner's evaluation options;
+        ``pool_group``: the ranks of a sharded pool (see :meth:`_pool_groups`)."""
         opt = self.opt
         return Scorer(
             self.study,
@@ -132,6 +149,11 @@ class StudyRunner:
                 max_len=opt.max_len,
                 cache_dir=opt.cache_dir,
                 save_merged=opt.save_merged,
+                pool_placement=opt.pool_placement,
+                pool_dtype=opt.pool_dtype,
+                pool_dir=opt.pool_dir,
+                pool_group=pool_group,
+                write_results=writes,
             ),
             group,
         )
@@ -147,19 +169,66 @@ class StudyRunner:
                 store.set_meta("study", self.study.to_meta())
                 store.add_mixtures(self.study.mixtures)
         barrier()
-        scorer = self.scorer(_local_group(self.env))
+        local = _local_group(self.env)
+        pool_group, replica, replicas = self._pool_groups(plan)
+        leader = self.env.rank % (self.env.world_size // replicas) == 0
+        scorer = self.scorer(local, pool_group, writes=leader)
         with ResultStore(path) as store:
             if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
                 for job in self._mine(plan.units + plan.partitions):
                     scorer.score_model(store, job)
             for job in self._mine(plan.seqs + plan.ind_seqs):
                 scorer.score_model(store, job)
-            n = merge_eval(scorer, store, plan, self._mine(self.study.mixtures), self.env.rank)
+            mixtures = self.study.mixtures[replica::replicas]
+            n = merge_eval(scorer, store, plan, mixtures, self.env.rank)
             logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)
         barrier()
         if self.env.is_main:
             with ResultStore(path) as store:
                 store.set_meta("spent", spent_tokens(plan))
+
+    def _pool_groups(self, plan: RunPlan) -> tuple[object | None, int, int]:
+        """``(pool_group, replica, replicas)`` for merge-eval.
+
+        Each rank scores its own share of the mixtures with its own pool, unless the
+        pool's placement is sharded: then the world splits into ``replicas`` groups of G
+        consecutive ranks; a group's ranks hold one pool between them, merge and evaluate
+        the same mixtures in lockstep, and its first rank writes the rows. Rank 0 decides
+        G (free memory may differ by a few bytes between ranks) and tells the others.
+        """
+        env = self.env
+        if env.world_size <= 1 or self.opt.pool_placement not in ("auto", "sharded"):
+            return None, env.rank, env.world_size
+        shards = [1]
+        if env.is_main:
+            shards = [self._pool_shards(plan)]
+        dist.broadcast_object_list(shards, src=0)
+        g = int(shards[0])
+        if g <= 1:
+            return None, env.rank, env.world_size
+        group, _ = dist.new_subgroups(group_size=g)
+        logger.info("[eval] sharded pool: %d groups of %d ranks", env.world_size // g, g)
+        return group, env.rank // g, env.world_size // g
+
+    def _pool_shards(self, plan: RunPlan) -> int:
+        """G, the ranks of one sharded pool (1: the pool is not sharded)."""
+        from megablocks_ablate.merge.pool_placement import plan_placement
+
+        layout = next((j.entry.model_dir for j in plan.pool_jobs if j.entry.complete), None)
+        if layout is None:
+            return 1
+        try:
+            choice = plan_placement(
+                layout,
+                len(plan.pool_jobs),
+                self.opt.pool_request(),
+                self.env.device,
+                self.env.world_size,
+                self.opt.batch_tokens,
+            )
+        except ConfigError:
+            return 1  # nothing fits: every rank's open_pool refuses it with the figures
+        return choice.shards if choice.placement == "sharded" else 1
 
     def search(
         self, k: int, proxy: str = "macro", domains: list[str] | None = None, beam_width: int = 4
@@ -173,6 +242,15 @@ class StudyRunner:
             proxy=proxy,
             domains=domains,
             beam_width=beam_width,
+        )
+
+    def optimize(self, objective, **kwargs):
+        """``study optimize``: the best blend by weighted merges (see
+        :func:`.propose.optimize_blend`); one process."""
+        from megablocks_ablate.ablate.runner.propose import optimize_blend
+
+        return optimize_blend(
+            self.scorer(None), store_path(self.out_dir), self.plan(), objective, **kwargs
         )
 
     def run(self) -> RunPlan:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.runner.registry import Entry, Registry, run_key
@@ -23,6 +24,9 @@ from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.state import is_complete
 from megablocks_ablate.utils.verify import file_sha256, verify_sha256
+
+if TYPE_CHECKING:
+    from megablocks_ablate.merge.pool_placement import PoolPlanning
 
 
 def load_train_config(ref_field: str, config: str, overrides: list[str]) -> TrainConfig:
@@ -298,7 +302,9 @@ def _describe_jobs(study: Study, what: str, jobs: list[ModelJob]) -> list[str]:
     return lines
 
 
-def _describe_evaluation(study: Study, out_dir: str) -> list[str]:
+def _describe_evaluation(
+    study: Study, out_dir: str, plan: RunPlan | None = None, pool: PoolPlanning | None = None
+) -> list[str]:
     path = store_path(out_dir)
     n_merge = sum(len(study.merge_plan(m)) for m in study.mixtures)
     lines = [
@@ -318,10 +324,25 @@ def _describe_evaluation(study: Study, out_dir: str) -> list[str]:
         lines.append(f"  store {path}: {done} of {n_merge} merges done")
     else:
         lines.append(f"  store {path}: not created yet")
+    # The pool's placement and memory, from a safetensors header (every unit model has
+    # the seed's layout, so the seed stands in until a unit model exists).
+    if plan is not None:
+        from megablocks_ablate.merge.pool_placement import PoolPlanning, describe_pool
+
+        n_rows = len(plan.pool_jobs) or len(study.used_units) + len(study.partition_jobs)
+        layout = next(
+            (j.entry.model_dir for j in plan.pool_jobs if j.entry.complete), plan.seed_dir
+        )
+        if os.path.isfile(os.path.join(layout, "model.safetensors")):
+            lines += describe_pool(layout, n_rows, pool or PoolPlanning())
+        else:
+            lines.append("  pool placement: decided once the seed model exists")
     return lines
 
 
-def describe_run(study: Study, plan: RunPlan, out_dir: str) -> str:
+def describe_run(
+    study: Study, plan: RunPlan, out_dir: str, pool: PoolPlanning | None = None
+) -> str:
     """The ``--dry-run`` text: the study plan, then training and evaluation status."""
     lines = [describe_plan(study), "training:"]
     if plan.seed_job is not None:
@@ -344,4 +365,4 @@ def describe_run(study: Study, plan: RunPlan, out_dir: str) -> str:
     ):
         if jobs:
             lines += _describe_jobs(study, what, jobs)
-    return "\n".join(lines + _describe_evaluation(study, out_dir))
+    return "\n".join(lines + _describe_evaluation(study, out_dir, plan, pool))

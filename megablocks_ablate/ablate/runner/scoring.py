@@ -22,8 +22,10 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+import torch.distributed as dist
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture, Score
@@ -35,7 +37,8 @@ from megablocks_ablate.data.manifest import Manifest
 from megablocks_ablate.data.tokenizer import load_tokenizer
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.evaluate import EvalSuite, evaluate
-from megablocks_ablate.merge.pool import ModelPool
+from megablocks_ablate.merge.pool import RowPool
+from megablocks_ablate.merge.pool_placement import PlacementChoice, PoolRequest, open_pool
 from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.model.loading import load_model
 from megablocks_ablate.utils.hashing import sha256_json
@@ -58,6 +61,18 @@ class ScoreOptions:
     max_len: int | None = None
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
     save_merged: bool = False  # also write each merged model under out_dir/merged/
+    # Where the unit-model pool's rows live (merge/pool_placement.py): auto | resident |
+    # host | sharded; rows auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp32; merges
+    # accumulate in fp32 either way.
+    pool_placement: str = "auto"
+    pool_dtype: str = "auto"
+    pool_dir: str | None = None  # node-wide directory of host rows (default /dev/shm)
+    # The G ranks of a sharded pool, which must score the same mixtures in lockstep
+    # (None: no sharding; a pool that would need it is refused with its figures).
+    pool_group: object | None = None
+    # False on the G-1 ranks of a pool group that follow its first: they merge and
+    # evaluate in lockstep with it but leave the rows (and merged models) to it.
+    write_results: bool = True
 
 
 def load_suite(study: Study, manifest: Manifest, opt: ScoreOptions) -> tuple[EvalSuite, str]:
@@ -103,7 +118,8 @@ class Scorer:
         self.study, self.manifest, self.opt, self.group = study, manifest, opt, group
         self.suite, self.fingerprint = load_suite(study, manifest, opt)
         self.domains = list(study.eval_sets)
-        self._pool: ModelPool | None = None
+        self._pool: RowPool | None = None
+        self.pool_choice: PlacementChoice | None = None
         self._live: torch.nn.Module | None = None
         self._units: dict[str, ModelJob] = {}
         self._unit_hashes: dict[str, str | None] = {}  # None: not recorded at training
@@ -159,8 +175,17 @@ class Scorer:
         """Load these unit models as the rows of the in-memory pool (once)."""
         self._units = {j.name: j for j in units}
         self._unit_hashes = {j.name: j.verified_sha256() for j in units}
-        self._pool = ModelPool.from_checkpoints(
-            {j.name: j.entry.model_dir for j in units}, device=self.opt.device, show_progress=False
+        if self._pool is not None:
+            self._pool.close()  # host rows: let go of this node's shared copy
+        request = PoolRequest(self.opt.pool_placement, self.opt.pool_dtype, self.opt.pool_dir)
+        self._pool, self.pool_choice = open_pool(
+            {j.name: j.entry.model_dir for j in units},
+            request,
+            device=self.opt.device,
+            group=cast("dist.ProcessGroup | None", self.opt.pool_group),
+            keys=self._unit_hashes,  # the verified hashes name the shared host rows
+            batch_tokens=self.opt.batch_tokens,
+            show_progress=False,
         )
         self._live = ModelConfig.from_dict(self._pool.config).build(device=self.opt.device)
 
@@ -179,11 +204,18 @@ class Scorer:
         scores = self.evaluate(
             self._live, f"the merged model of {mixture.label} ({'+'.join(proxies)})"
         )
+        if not self.opt.write_results:
+            return scores
+        choice = self.pool_choice
         prov = make_provenance(
             unit_hashes={u: self._unit_hashes[u] for u in weights},
             weights=weights,
             eval_fingerprint=self.fingerprint,
             proxies=list(proxies),
+            # rows stored in bf16 differ from an fp32 file merge in the last bits
+            pool={"placement": choice.placement, "itemsize": choice.size.itemsize}
+            if choice is not None
+            else None,
         )
         store.add_results(
             [Result(mixture.id, p, d, s, prov) for p in proxies for d, s in scores.items()]
@@ -235,6 +267,11 @@ def merge_eval(
         for w, ps in study.merge_plan(m)
         if not all(store.done(m.id, p, scorer.domains) for p in ps)
     ]
+    group = scorer.opt.pool_group
+    if group is not None:
+        # A sharded pool's ranks must agree on the work: each has read the store, and
+        # only the group's first rank writes this group's mixtures, after this barrier.
+        dist.barrier(group=cast("dist.ProcessGroup", group))
     if not todo:
         return 0
     needed = {u for _, w, _ in todo for u in w}
