@@ -288,7 +288,7 @@ def component_view(
             groups.append((g, (subject,)))
             sub.update({u: subject for u in units})
     du = {d: list(dict.fromkeys(sub.get(u, u) for u in us)) for d, us in domain_units.items()}
-    return Mixture(tuple(groups)), du
+    return Mixture(tuple(groups), mixture.shares), du  # a blend keeps its shares
 
 
 def _ind_value(

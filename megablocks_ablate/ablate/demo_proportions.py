@@ -217,8 +217,8 @@ def format_figures(f: dict) -> str:
     for role in ("ood", "id", "all"):
         for name in ("mean", "pooled"):
             got = P["roles"].get(role, {}).get(name)
-            if not got:
-                continue
+            if not got or all(v is None for v in got.values()):
+                continue  # e.g. no out-of-domain set in the stdlib corpus
             lines.append(
                 f"  {role + ' ' + name:<24} {cell(got['macro']):>8} "
                 f"{cell(S['roles'][role][name]['macro']):>8} {cell(got['mean_ind']):>10}"

@@ -186,3 +186,14 @@ def test_dirichlet_shares_are_seeded_and_on_the_simplex():
         mx.dirichlet_shares(names, 2, 0.0, seed=0)
     with pytest.raises(ValueError, match="k must be >= 2"):
         mx.dirichlet_shares(names, 2, 1.0, seed=0, k=1)
+
+
+def test_component_view_keeps_a_blend_s_shares():
+    from megablocks_ablate.ablate.analysis import component_view
+
+    parts = {"a": ["a-0", "a-1"], "b": ["b-0"]}
+    m = mx.weighted_mixture({"a": 0.8, "b": 0.2}, parts)
+    view, du = component_view(m, {"a": "partition:a"}, {"a": ["a-0", "a-1"], "b": ["b-0"]})
+    assert view.proportions == {"a": 0.8, "b": 0.2} and view.units == ("partition:a", "b-0")
+    ind = {"partition:a": {"x": 10.0}, "b-0": {"x": 20.0}}
+    assert mx.mean_ind(view, "x", ind) == pytest.approx(12.0)
