@@ -337,17 +337,24 @@ def parse_mixture_arg(flag: str, text: str, partitions: dict[str, list[str]]):
         raise ConfigError(f"{flag}: {e}") from None
 
 
-def run_search(args: argparse.Namespace) -> int:
-    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, load_study
+def _pool_runner(study, args: argparse.Namespace):
+    """A one-process study runner with the command's pool options (search, optimize)."""
+    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
 
-    study = load_study(args.spec, args.overrides)
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    runner = StudyRunner(
+    return StudyRunner(
         study,
         RunOptions(
             pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
         ),
     )
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from megablocks_ablate.ablate.runner import load_study
+
+    study = load_study(args.spec, args.overrides)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    runner = _pool_runner(study, args)
     try:
         result, n_new = runner.search(
             args.k, proxy=args.proxy, domains=domains, beam_width=args.beam
@@ -388,7 +395,7 @@ def _objective(args: argparse.Namespace):
 def run_optimize(args: argparse.Namespace) -> int:
     import yaml
 
-    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, load_study
+    from megablocks_ablate.ablate.runner import load_study
     from megablocks_ablate.ablate.search import megatron_data_path, training_blend
     from megablocks_ablate.utils.atomic import atomic_write_json
     from megablocks_ablate.utils.hashing import sha256_json
@@ -398,12 +405,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     if objective.kind == "geomean" and not objective.domains:
         objective = type(objective)("geomean", domains=tuple(study.eval_sets))
     over = [p.strip() for p in args.over.split(",") if p.strip()] if args.over else None
-    runner = StudyRunner(
-        study,
-        RunOptions(
-            pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
-        ),
-    )
+    runner = _pool_runner(study, args)
     try:
         result = runner.optimize(
             objective,
