@@ -3,7 +3,8 @@
   index info PREFIX                       summary JSON with sequence-length statistics
   index validate PREFIX [PREFIX ...]      exit 0 if every dataset is valid, else 2
         [--tokenizer PATH | --manifest DIR]  ... and every token id is below the vocabulary
-                                          size (with --manifest and no PREFIX: its units)
+                                          size (with --manifest and no PREFIX: its units,
+                                          and its held-out files against their sha256)
   index concat --out OUT PREFIX [...]     concatenate datasets of one dtype into OUT
 
 PREFIX may be given with or without its .idx/.bin suffix.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -136,10 +138,39 @@ def run_validate(args: argparse.Namespace) -> int:
             f"ok {prefix}: {s['sequences']} sequences, {s['documents']} documents, "
             f"{s['tokens']} tokens, {s['dtype']}{ids}"
         )
+    checked = len(prefixes)
+    if args.manifest and not args.prefixes:  # the whole manifest: its held-out files too
+        bad, n = _validate_heldout(args.manifest)
+        failed, checked = failed + bad, checked + n
     if failed:
-        print(f"{failed} of {len(prefixes)} datasets invalid", file=sys.stderr)
+        print(f"{failed} of {checked} datasets invalid", file=sys.stderr)
         return 2
     return 0
+
+
+def _validate_heldout(directory: str) -> tuple[int, int]:
+    """Check each held-out file the manifest lists (every partition's and, when units are
+    partitions, every unit's) against its recorded sha256; (failed, checked)."""
+    from megablocks_ablate.data.manifest import MANIFEST_NAME, Manifest
+    from megablocks_ablate.errors import DataFormatError
+    from megablocks_ablate.utils.verify import verify_sha256
+
+    m = Manifest.load(directory)
+    files = m.heldout_files()
+    failed = 0
+    for what, rec in files:
+        path = os.path.join(m.root, rec["path"])
+        where = f"{what} in {m.root}/{MANIFEST_NAME}"
+        try:
+            if not os.path.isfile(path):
+                raise DataFormatError(f"{path}: missing ({where})")
+            verify_sha256(path, rec["sha256"], where, "preprocess the data again")
+        except DataFormatError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print(f"ok {path}: {what}, {rec.get('documents', '?')} documents, sha256 as recorded")
+    return failed, len(files)
 
 
 def run_concat(args: argparse.Namespace) -> int:

@@ -501,6 +501,38 @@ def test_cli_validate_checks_a_manifests_units(tmp_path, capsys, tiny_corpus, sp
     assert Manifest.load(out).units == m.units
 
 
+def test_cli_validate_checks_a_manifests_heldout_files(
+    tmp_path, capsys, tiny_corpus, sp_model_path
+):
+    """`index validate --manifest` also checks every held-out file against its sha256."""
+    from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
+
+    out = str(tmp_path / "data")
+    cfg = PreprocessConfig(
+        input=[tiny_corpus],
+        out=out,
+        tokenizer=sp_model_path,
+        partition_by=["fos"],
+        heldout_fraction=0.2,
+    )
+    m = run_preprocess(cfg)
+    files = m.heldout_files()
+    assert files  # the tiny corpus gives each partition a held-out set
+    assert cli_main(["index", "validate", "--manifest", out]) == 0
+    text = capsys.readouterr().out
+    assert text.count("sha256 as recorded") == len(files)
+    what, rec = files[0]
+    path = os.path.join(m.root, rec["path"])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"text": "changed after preprocessing"}\n')
+    assert cli_main(["index", "validate", "--manifest", out]) == 2
+    err = capsys.readouterr().err
+    assert path in err and what in err and f"1 of {len(m.units) + len(files)} datasets" in err
+    os.remove(path)
+    assert cli_main(["index", "validate", "--manifest", out]) == 2
+    assert f"{path}: missing ({what}" in capsys.readouterr().err
+
+
 # --- compatibility with Megatron-LM core itself (when installed) --------------------
 
 
