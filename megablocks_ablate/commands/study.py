@@ -314,17 +314,7 @@ def parse_mixture_arg(flag: str, text: str, partitions: dict[str, list[str]]):
         raise ConfigError(f"{flag}: give at least one partition")
     shares: dict[str, float] | None = None
     if any("=" in it for it in items):
-        shares = {}
-        for it in items:
-            name, sep, value = it.partition("=")
-            try:
-                shares[name.strip()] = float(value)
-            except ValueError:
-                raise ConfigError(
-                    f"{flag}: {it!r} is not partition=share (e.g. docs=0.5)"
-                ) from None
-            if not sep:
-                raise ConfigError(f"{flag}: {it!r} has no share; give every partition one")
+        shares = _name_values(flag, items, "partition=share (e.g. docs=0.5)")
     names = list(shares) if shares is not None else items
     unknown = [n for n in names if n not in partitions]
     if unknown:
@@ -347,6 +337,22 @@ def _pool_runner(study, args: argparse.Namespace):
             pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
         ),
     )
+
+
+def _name_values(flag: str, items: list[str], form: str) -> dict[str, float]:
+    """``["a=0.5", "b=2"]`` -> ``{"a": 0.5, "b": 2.0}``; ConfigError naming the item."""
+    from megablocks_ablate.errors import ConfigError
+
+    out = {}
+    for it in items:
+        name, sep, value = it.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"{flag}: {it!r} is not {form}") from None
+    return out
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -378,15 +384,8 @@ def _objective(args: argparse.Namespace):
     if args.domain_weights:
         if args.domains:
             raise ConfigError("give --domains or --domain-weights, not both")
-        weights = {}
-        for item in args.domain_weights.split(","):
-            name, _, value = item.partition("=")
-            try:
-                weights[name.strip()] = float(value)
-            except ValueError:
-                raise ConfigError(
-                    f"--domain-weights: {item!r} is not domain=weight (e.g. docs=2)"
-                ) from None
+        items = [it.strip() for it in args.domain_weights.split(",") if it.strip()]
+        weights = _name_values("--domain-weights", items, "domain=weight (e.g. docs=2)")
         return BlendObjective("weighted", domain_weights=tuple(weights.items()))
     domains = [d.strip() for d in (args.domains or "").split(",") if d.strip()]
     return BlendObjective("geomean", domains=tuple(domains))

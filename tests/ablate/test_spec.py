@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -423,3 +424,32 @@ def test_weighted_and_dirichlet_mixtures_with_weighted_validation(data_dir):
 def test_proportion_mixture_errors_name_the_field(data_dir, over, match):
     with pytest.raises(ConfigError, match=match):
         resolve(spec(data_dir, **over))
+
+
+def test_cli_parses_blends_and_domain_weights():
+    """`--mixture a=3,b=1` is a proportion mixture, `a,b` the equal-share one; malformed
+    name=value items are errors naming the flag and the item."""
+    import argparse
+
+    from megablocks_ablate.commands.study import _objective, parse_mixture_arg
+
+    parts = {"a": ["a-0"], "b": ["b-0"]}
+    blend = parse_mixture_arg("--mixture", "a=3, b=1", parts)
+    assert blend.proportions == {"a": 0.75, "b": 0.25}
+    assert parse_mixture_arg("--mixture", "b,a", parts) == Mixture.of(parts)
+    for text, match in [
+        ("a=3,b", r"--mixture: 'b' is not partition=share"),
+        ("a=x,b=1", r"--mixture: 'a=x' is not partition=share"),
+        ("a=1,c=1", r"--mixture: unknown partition 'c'"),
+        ("a=-1,b=1", r"--mixture: .*>= 0"),
+        ("", r"--mixture: give at least one partition"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_mixture_arg("--mixture", text, parts)
+    obj = _objective(argparse.Namespace(domain_weights="d=2,e=1", domains=None))
+    assert obj.kind == "weighted" and dict(obj.domain_weights) == {"d": 2.0, "e": 1.0}
+    assert obj({"d": math.e, "e": math.e**4}) == pytest.approx((2 * 1 + 1 * 4) / 3)
+    with pytest.raises(ConfigError, match="not both"):
+        _objective(argparse.Namespace(domain_weights="d=1", domains="d"))
+    with pytest.raises(ConfigError, match=r"--domain-weights: 'd' is not domain=weight"):
+        _objective(argparse.Namespace(domain_weights="d", domains=None))
