@@ -68,3 +68,24 @@ def sp_model_path(tmp_path_factory, tiny_corpus) -> str:
         minloglevel=2,
     )
     return prefix + ".model"
+
+
+@pytest.fixture(scope="session")
+def launcher_env() -> dict:
+    """The environment for a torchrun / mpiexec child: none of this process's rank
+    variables (a test may itself run under a launcher), one thread per rank, no
+    progress bars, and this checkout importable."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_", "SLURM_")
+        )
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env.update(
+        OMP_NUM_THREADS="1",
+        MBA_NO_PROGRESS="1",
+        PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture
-from megablocks_ablate.data.mixture import partition_balanced_weights
 
 Scorer = Callable[[tuple[str, ...]], float]
 
@@ -132,11 +132,9 @@ def table_scorer(
 
 def blend_weights(mixture: Mixture) -> dict[str, float]:
     """Partition-balanced unit weights: every partition 1/G (its share, for a proportion
-    mixture), split equally inside."""
-    if mixture.weighted:
-        share = mixture.proportions
-        return {u: share[g] / len(us) for g, us in mixture.groups for u in us}
-    return partition_balanced_weights(mixture.partitions)
+    mixture), split equally inside: the macro proxy's merge weights, which are also the
+    blend a seq model of the mixture trains on."""
+    return mx.proxy_weights(mixture, "macro")
 
 
 def training_blend(mixture: Mixture, manifest: str) -> dict:

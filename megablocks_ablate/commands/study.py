@@ -395,6 +395,7 @@ def run_optimize(args: argparse.Namespace) -> int:
     import yaml
 
     from megablocks_ablate.ablate.runner import load_study
+    from megablocks_ablate.ablate.runner.propose import check_result_file
     from megablocks_ablate.ablate.search import megatron_data_path, training_blend
     from megablocks_ablate.utils.atomic import atomic_write_json
     from megablocks_ablate.utils.hashing import sha256_json
@@ -404,6 +405,18 @@ def run_optimize(args: argparse.Namespace) -> int:
     if objective.kind == "geomean" and not objective.domains:
         objective = type(objective)("geomean", domains=tuple(study.eval_sets))
     over = [p.strip() for p in args.over.split(",") if p.strip()] if args.over else None
+    request = {
+        "objective": objective.describe(),
+        "over": over or list(study.partitions),
+        "proxy": args.proxy,
+        "budget": args.budget,
+        "step": args.step,
+        "min_share": args.min_share,
+    }
+    out = args.out or os.path.join(
+        study.spec.out_dir, "optimize", f"{sha256_json(request)[:12]}.json"
+    )
+    check_result_file(out)  # before any merge: never replace a file we did not write
     runner = _pool_runner(study, args)
     try:
         result = runner.optimize(
@@ -417,20 +430,9 @@ def run_optimize(args: argparse.Namespace) -> int:
         )
     finally:
         runner.close()
-    request = {
-        "objective": objective.describe(),
-        "over": over or list(study.partitions),
-        "proxy": args.proxy,
-        "budget": args.budget,
-        "step": args.step,
-        "min_share": args.min_share,
-    }
     m = result.mixture
     train = {"data": training_blend(m, study.manifest_dir)}
     megatron = megatron_data_path(m, study.unit_paths)
-    out = args.out or os.path.join(
-        study.spec.out_dir, "optimize", f"{sha256_json(request)[:12]}.json"
-    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_json(
         out,

@@ -382,33 +382,32 @@ class PoolPlanning:
     batch_tokens: int = 16384
 
 
-def plan_placement(
-    layout_checkpoint: str,
-    n_rows: int,
-    request: PoolRequest,
-    device: str | torch.device,
-    world_size: int,
-    batch_tokens: int = 16384,
-) -> PlacementChoice:
-    """The placement ``request`` resolves to for ``n_rows`` models of this layout on
-    ``world_size`` ranks (for a sharded pool: the smallest G dividing the world that
-    fits); ConfigError with the figures when nothing fits."""
-    size = pool_size(layout_checkpoint, n_rows, request.dtype_on(device))
-    config = read_checkpoint_meta(layout_checkpoint)[0]
-    reserve = eval_reserve_bytes(config, size.num_params, batch_tokens)
-    mem = measure_memory(device, request.host_dir, world_size=world_size)
-    return choose_placement(request.placement, size, mem, reserve)
-
-
-def describe_pool(layout_checkpoint: str, n_rows: int, planning: PoolPlanning) -> list[str]:
-    """Plan lines: the pool's size, the placement chosen on this machine and the memory
-    it needs per device and per node (from one checkpoint's header; nothing loaded)."""
+def _plan_inputs(
+    layout_checkpoint: str, n_rows: int, planning: PoolPlanning
+) -> tuple[str, PoolSize, int, MemoryFigures]:
+    """(rows' dtype, size, reserve per device, this machine) for a plan."""
     request = planning.request
     dtype_name = request.dtype_on(planning.device)
     size = pool_size(layout_checkpoint, n_rows, dtype_name)
     config = read_checkpoint_meta(layout_checkpoint)[0]
     reserve = eval_reserve_bytes(config, size.num_params, planning.batch_tokens)
     mem = measure_memory(planning.device, request.host_dir, world_size=planning.world_size)
+    return dtype_name, size, reserve, mem
+
+
+def plan_placement(layout_checkpoint: str, n_rows: int, planning: PoolPlanning) -> PlacementChoice:
+    """The placement ``planning.request`` resolves to for ``n_rows`` models of this
+    layout on ``planning.world_size`` ranks (for a sharded pool: the smallest G dividing
+    the world that fits); ConfigError with the figures when nothing fits."""
+    _, size, reserve, mem = _plan_inputs(layout_checkpoint, n_rows, planning)
+    return choose_placement(planning.request.placement, size, mem, reserve)
+
+
+def describe_pool(layout_checkpoint: str, n_rows: int, planning: PoolPlanning) -> list[str]:
+    """Plan lines: the pool's size, the placement chosen on this machine and the memory
+    it needs per device and per node (from one checkpoint's header; nothing loaded)."""
+    request = planning.request
+    dtype_name, size, reserve, mem = _plan_inputs(layout_checkpoint, n_rows, planning)
     lines = [
         f"  pool: {n_rows} unit models x {size.num_params:,} parameters in {dtype_name} = "
         f"{gb(size.total_bytes)} (reserve beside it per device: {gb(reserve)} for the live "

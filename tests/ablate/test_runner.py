@@ -449,6 +449,12 @@ def test_optimize_scores_blends_by_weighted_merges_and_exports_the_best(base, tm
     assert main(argv) == 0
     assert json.load(open(result_file))["merged_now"] == 0
     assert rows(os.path.join(out, "results.sqlite")) == before
+    # --out naming a file we did not write: refused before any merge, left as it was
+    user_file = tmp_path / "notes.json"
+    user_file.write_text('{"mine": true}\n')
+    assert main([*argv[:-1], str(user_file)]) == 2
+    assert "is not a `study optimize` result" in capsys.readouterr().err
+    assert user_file.read_text() == '{"mine": true}\n'
 
 
 def test_a_corrupted_pool_model_is_refused(base, tmp_path, capsys):

@@ -403,6 +403,15 @@ def test_weighted_and_dirichlet_mixtures_with_weighted_validation(data_dir):
     assert study.seq_tokens(first) == 6 * study.unit_tokens
     assert "bio:0.50+cs:0.30+math:0.20" in describe_plan(study)
     assert resolve(s).mixtures == study.mixtures  # deterministic
+    # validation.train_tokens: one budget for every seq model, and the cost counts it
+    fixed = resolve(
+        spec(
+            data_dir,
+            **{**s.to_dict(), "validation": {**s.to_dict()["validation"], "train_tokens": 1234}},
+        )
+    )
+    assert [fixed.seq_tokens(m) for m in fixed.validation] == [1234, 1234]
+    assert fixed.cost.seq_validation_tokens == 2 * 1234
 
 
 @pytest.mark.parametrize(

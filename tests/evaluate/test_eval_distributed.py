@@ -16,23 +16,6 @@ WORKER = os.path.join(os.path.dirname(__file__), "_eval_worker.py")
 BIN = os.path.dirname(sys.executable)
 
 
-def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(
-            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_", "SLURM_")
-        )
-    }
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env.update(
-        OMP_NUM_THREADS="1",
-        MBA_NO_PROGRESS="1",
-        PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def single(eval_dir, sp_model_path, tmp_path_factory):
     """The one-process result, computed in this process with the same thread count."""
@@ -61,12 +44,12 @@ def _check(out_dir, single):
     assert results[0] == results[1] == single
 
 
-def _run(cmd, timeout=120):
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd, env, timeout=120):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_torchrun_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
+def test_torchrun_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single, launcher_env):
     # --standalone: the agent picks a free rendezvous port itself
     cmd = [
         os.path.join(BIN, "torchrun"),
@@ -79,14 +62,14 @@ def test_torchrun_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single)
         str(tmp_path / "cache"),
         str(tmp_path),
     ]
-    _run(cmd)
+    _run(cmd, launcher_env)
     _check(str(tmp_path), single)
 
 
 @pytest.mark.skipif(
     shutil.which("mpiexec", path=BIN) is None, reason="mpiexec not installed (pip install mpich)"
 )
-def test_mpiexec_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
+def test_mpiexec_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single, launcher_env):
     # rank 0 picks a free port and broadcasts it over MPI (train/distributed.py)
     cmd = [
         os.path.join(BIN, "mpiexec"),
@@ -99,5 +82,5 @@ def test_mpiexec_two_ranks_equal_one(eval_dir, sp_model_path, tmp_path, single):
         str(tmp_path / "cache"),
         str(tmp_path),
     ]
-    _run(cmd)
+    _run(cmd, launcher_env)
     _check(str(tmp_path), single)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from merge_fixtures import CONFIG, TinyLM
+from merge_fixtures import CONFIG, TinyLM, merged_flats
 
 from megablocks_ablate.merge.pool_host import HostPool, host_dir_usage
 from megablocks_ablate.merge.pool_placement import PoolRequest, open_pool
@@ -34,13 +34,7 @@ WEIGHTS = [
 
 
 def merges(pool, live_dtype=torch.float32):
-    model = TinyLM(**CONFIG).to(live_dtype)
-    flat = pool.bind(model)
-    out = []
-    for w in WEIGHTS:
-        pool.merge_into(model, w)
-        out.append(flat.clone())
-    return out
+    return merged_flats(pool, WEIGHTS, live_dtype)
 
 
 def smaps_of(paths):

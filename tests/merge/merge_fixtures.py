@@ -67,3 +67,15 @@ def write_family(
         )
         out[unit] = d
     return seed_dir, out
+
+
+def merged_flats(pool, weights, live_dtype=torch.float32) -> list[torch.Tensor]:
+    """The live model's flat parameters after ``pool.merge_into`` of each weight vector
+    (any pool placement), cloned in order."""
+    model = TinyLM(**CONFIG).to(live_dtype)
+    flat = pool.bind(model)
+    out = []
+    for w in weights:
+        pool.merge_into(model, w)
+        out.append(flat.clone())
+    return out

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from merge_fixtures import CONFIG, TinyLM, write_family
+from merge_fixtures import CONFIG, TinyLM, merged_flats, write_family
 
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.merge import pool_placement as pp
@@ -38,13 +38,7 @@ GB = 10**9
 
 def _single(ckpts, weights, dtype=torch.float32, live=torch.float32):
     pool = ModelPool.from_checkpoints(ckpts, dtype=dtype, show_progress=False)
-    model = TinyLM(**CONFIG).to(live)
-    flat = pool.bind(model)
-    out = []
-    for w in weights:
-        pool.merge_into(model, w)
-        out.append(flat.clone())
-    return out
+    return merged_flats(pool, weights, live)
 
 
 # --------------------------------------------------------------------------- the rule
@@ -225,23 +219,8 @@ def test_open_pool_without_a_group_refuses_sharding(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 2 ranks
 
 
-def _env() -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PMI_", "OMPI_"))
-    }
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env.update(
-        OMP_NUM_THREADS="1",
-        MBA_NO_PROGRESS="1",
-        PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""),
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+def two_ranks(tmp_path_factory, launcher_env):
     """The worker's results from both ranks, and the single-process references."""
     sys.path.insert(0, os.path.dirname(WORKER))
     try:
@@ -264,7 +243,7 @@ def two_ranks(tmp_path_factory):
         str(host),
         str(out),
     ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=launcher_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = {}
     for r in range(2):

@@ -125,10 +125,14 @@ class StudyRunner:
         return self.planner.plan()
 
     def describe(self, plan: RunPlan) -> str:
-        pool = PoolPlanning(
-            self.opt.pool_request(), self.env.device, self.env.world_size, self.opt.batch_tokens
+        return describe_run(self.study, plan, self.out_dir, self._pool_planning())
+
+    def _pool_planning(self) -> PoolPlanning:
+        """What placing the merge-eval pool depends on: the request, device, ranks, batch."""
+        opt = self.opt
+        return PoolPlanning(
+            opt.pool_request(), self.env.device, self.env.world_size, opt.batch_tokens
         )
-        return describe_run(self.study, plan, self.out_dir, pool)
 
     def train(self) -> RunPlan:
         return train_models(self.planner, self.env)
@@ -170,8 +174,7 @@ class StudyRunner:
                 store.add_mixtures(self.study.mixtures)
         barrier()
         local = _local_group(self.env)
-        pool_group, replica, replicas = self._pool_groups(plan)
-        leader = self.env.rank % (self.env.world_size // replicas) == 0
+        pool_group, replica, replicas, leader = self._pool_groups(plan)
         scorer = self.scorer(local, pool_group, writes=leader)
         with ResultStore(path) as store:
             if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
@@ -187,28 +190,30 @@ class StudyRunner:
             with ResultStore(path) as store:
                 store.set_meta("spent", spent_tokens(plan))
 
-    def _pool_groups(self, plan: RunPlan) -> tuple[object | None, int, int]:
-        """``(pool_group, replica, replicas)`` for merge-eval.
+    def _pool_groups(self, plan: RunPlan) -> tuple[object | None, int, int, bool]:
+        """``(pool_group, replica, replicas, writes)`` for merge-eval.
 
         Each rank scores its own share of the mixtures with its own pool, unless the
         pool's placement is sharded: then the world splits into ``replicas`` groups of G
         consecutive ranks; a group's ranks hold one pool between them, merge and evaluate
         the same mixtures in lockstep, and its first rank writes the rows. Rank 0 decides
         G (free memory may differ by a few bytes between ranks) and tells the others.
+        ``writes``: whether this rank writes its replica's rows.
         """
         env = self.env
+        alone = (None, env.rank, env.world_size, True)
         if env.world_size <= 1 or self.opt.pool_placement not in ("auto", "sharded"):
-            return None, env.rank, env.world_size
+            return alone
         shards = [1]
         if env.is_main:
             shards = [self._pool_shards(plan)]
         dist.broadcast_object_list(shards, src=0)
         g = int(shards[0])
         if g <= 1:
-            return None, env.rank, env.world_size
+            return alone
         group, _ = dist.new_subgroups(group_size=g)
         logger.info("[eval] sharded pool: %d groups of %d ranks", env.world_size // g, g)
-        return group, env.rank // g, env.world_size // g
+        return group, env.rank // g, env.world_size // g, env.rank % g == 0
 
     def _pool_shards(self, plan: RunPlan) -> int:
         """G, the ranks of one sharded pool (1: the pool is not sharded)."""
@@ -218,14 +223,7 @@ class StudyRunner:
         if layout is None:
             return 1
         try:
-            choice = plan_placement(
-                layout,
-                len(plan.pool_jobs),
-                self.opt.pool_request(),
-                self.env.device,
-                self.env.world_size,
-                self.opt.batch_tokens,
-            )
+            choice = plan_placement(layout, len(plan.pool_jobs), self._pool_planning())
         except ConfigError:
             return 1  # nothing fits: every rank's open_pool refuses it with the figures
         return choice.shards if choice.placement == "sharded" else 1

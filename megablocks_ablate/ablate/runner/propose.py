@@ -9,8 +9,10 @@ proportion vectors by a pattern search on the simplex (:mod:`..blend_search`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,38 +29,53 @@ from megablocks_ablate.utils.progress import progress
 logger = logging.getLogger(__name__)
 
 MERGED_PROXIES = ("merged", "macro", "micro")
+OPTIMIZE_FORMAT = "megablocks-ablate/optimize-result/1"  # marks a `study optimize` result file
+
+
+def check_domains(scorer: Scorer, domains: Sequence[str], flag: str = "--domains") -> None:
+    """Every objective domain must be one of the study's evaluation domains."""
+    unknown = [d for d in domains if d not in scorer.domains]
+    if unknown:
+        raise ConfigError(
+            f"{flag}: unknown evaluation domain {unknown[0]!r} (known: {', '.join(scorer.domains)})"
+        )
+
+
+def check_pool(
+    scorer: Scorer, plan: RunPlan, proxy: str, partitions: Sequence[str], what: str
+) -> None:
+    """The proxy is a merge and every model it merges over ``partitions`` is trained
+    (``what``: the command, for the messages)."""
+    study = scorer.study
+    if proxy not in MERGED_PROXIES:
+        raise ConfigError(
+            f"--proxy: {what} needs a merged proxy ({', '.join(MERGED_PROXIES)}), got {proxy!r}"
+        )
+    jobs = {j.name: j for j in plan.units}
+    units = [u for p in partitions for u in study.partitions[p]]
+    missing = [u for u in units if u not in jobs or not jobs[u].entry.complete]
+    if missing:
+        raise ConfigError(
+            f"unit model of {missing[0]!r} is not trained: {what} merges the unit models "
+            "of every partition it uses (run `study run` first, with mixtures covering "
+            "those partitions)"
+        )
+    if proxy == "merged" and study.spec.partition_models:
+        lacking = [g for g in partitions if g not in study.partition_models]
+        if lacking:
+            raise ConfigError(
+                f"proxy merged: partition {lacking[0]!r} has no partition-level model (no "
+                f"mixture of the study uses it); {what} by macro, or add mixtures using it"
+            )
 
 
 def check_search(
     scorer: Scorer, plan: RunPlan, proxy: str, domains: Sequence[str] | None
 ) -> list[str]:
     """Validate the search request; returns the objective's domains."""
-    if proxy not in MERGED_PROXIES:
-        raise ConfigError(
-            f"--proxy: search needs a merged proxy ({', '.join(MERGED_PROXIES)}), got {proxy!r}"
-        )
     domains = list(domains or scorer.domains)
-    unknown = [d for d in domains if d not in scorer.domains]
-    if unknown:
-        raise ConfigError(
-            f"--domains: unknown evaluation domain {unknown[0]!r} "
-            f"(known: {', '.join(scorer.domains)})"
-        )
-    jobs = {j.name: j for j in plan.units}
-    missing = [u for u in scorer.study.units if u not in jobs or not jobs[u].entry.complete]
-    if missing:
-        raise ConfigError(
-            f"unit model of {missing[0]!r} is not trained: search merges "
-            "the models of every partition (run `study run` first, with "
-            "mixtures covering every partition)"
-        )
-    if proxy == "merged" and scorer.study.spec.partition_models:
-        lacking = [g for g in scorer.study.partitions if g not in scorer.study.partition_models]
-        if lacking:
-            raise ConfigError(
-                f"proxy merged: partition {lacking[0]!r} has no partition-level model (no "
-                "mixture of the study uses it); search by macro, or add mixtures using it"
-            )
+    check_pool(scorer, plan, proxy, list(scorer.study.partitions), "search")
+    check_domains(scorer, domains)
     return domains
 
 
@@ -135,6 +152,7 @@ class OptimizeResult:
 
     def to_dict(self) -> dict:
         return {
+            "format": OPTIMIZE_FORMAT,
             "best": {
                 "blend": self.best.blend,
                 "objective": self.best.objective,
@@ -153,8 +171,29 @@ class OptimizeResult:
         }
 
 
+def check_result_file(path: str) -> None:
+    """A ``study optimize`` result may replace only an earlier result (its ``format``
+    field says so); any other existing file is the user's and is refused."""
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            ours = json.load(f).get("format") == OPTIMIZE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours or not os.path.isfile(path) or os.path.islink(path):
+        raise ConfigError(
+            f"--out {path}: exists and is not a `study optimize` result; it is left as it "
+            "is (choose another --out, or move it away)"
+        )
+
+
 def check_blend_request(
-    scorer: Scorer, plan: RunPlan, over: Sequence[str] | None, objective: BlendObjective
+    scorer: Scorer,
+    plan: RunPlan,
+    over: Sequence[str] | None,
+    objective: BlendObjective,
+    proxy: str,
 ) -> list[str]:
     """Validate ``study optimize``'s request; returns the partitions searched over."""
     study = scorer.study
@@ -167,22 +206,9 @@ def check_blend_request(
         )
     if len(set(names)) < 2:
         raise ConfigError("--over: a blend needs at least 2 distinct partitions")
-    domains = list(objective.domains) + [d for d, _ in objective.domain_weights]
-    bad = [d for d in domains if d not in scorer.domains]
-    if bad:
-        raise ConfigError(
-            f"--domains: unknown evaluation domain {bad[0]!r} (known: {', '.join(scorer.domains)})"
-        )
-    jobs = {j.name: j for j in plan.units}
-    missing = [
-        u for p in names for u in study.partitions[p] if u not in jobs or not jobs[u].entry.complete
-    ]
-    if missing:
-        raise ConfigError(
-            f"unit model of {missing[0]!r} is not trained: optimize merges the unit models "
-            "of every partition it blends (run `study run` first, with mixtures covering "
-            "those partitions)"
-        )
+    check_pool(scorer, plan, proxy, names, "optimize")
+    check_domains(scorer, objective.domains)
+    check_domains(scorer, [d for d, _ in objective.domain_weights], "--domain-weights")
     return names
 
 
@@ -203,33 +229,32 @@ def optimize_blend(
     weighted merge minimises ``objective``; every point is a proportion mixture scored
     into the store (or read from it). Then fit the RegMix-style regression on the
     scored points, score its optimum too, and return the best point scored."""
-    if proxy not in MERGED_PROXIES:
-        raise ConfigError(f"--proxy: optimize needs a merged proxy, got {proxy!r}")
-    names = check_blend_request(scorer, plan, over, objective)
+    names = check_blend_request(scorer, plan, over, objective, proxy)
     study = scorer.study
     members = {u for p in names for u in study.partitions[p]}
-    if proxy == "merged" and study.spec.partition_models:
-        members |= {study.partition_models[p] for p in names if p in study.partition_models}
+    members |= {study.partition_models[p] for p in names if p in study.partition_models}
     scorer.open_pool([j for j in plan.pool_jobs if j.name in members])
     merged: list[str] = []
+    store = ResultStore(store_file)  # one connection for the whole search
 
     def score(blend: Mapping[str, float]) -> float:
         m = Mixture.of({p: study.partitions[p] for p in blend}, blend)
-        with ResultStore(store_file) as store:
-            if not store.done(m.id, proxy, scorer.domains):
-                merged.append(m.id)
-                store.add_mixtures([m])
-                for w, ps in study.merge_plan(m):
-                    if proxy in ps:
-                        scorer.score_mixture(store, m, w, ps)
-            ppl = {d: sc.perplexity for d, sc in store.scores(m.id, proxy).items()}
-        value = objective(ppl)
+        if not store.done(m.id, proxy, scorer.domains):
+            merged.append(m.id)
+            store.add_mixtures([m])
+            for w, ps in study.merge_plan(m):
+                if proxy in ps:
+                    scorer.score_mixture(store, m, w, ps)
+        value = objective({d: sc.perplexity for d, sc in store.scores(m.id, proxy).items()})
         logger.info("[optimize] %s: %.4f", m.label, value)
         return value
 
-    with progress(
-        total=budget, desc="optimize", unit="blend", disable=None if show_progress else True
-    ) as bar:
+    with (
+        store,
+        progress(
+            total=budget, desc="optimize", unit="blend", disable=None if show_progress else True
+        ) as bar,
+    ):
         search = bs.SimplexSearch(
             names,
             score,
@@ -238,13 +263,13 @@ def optimize_blend(
             min_share=min_share,
             on_point=lambda pt: bar.update(1),
         ).run()
-    points = list(search.path)
-    fit, reg_point = None, None
-    if regression and len(points) >= 2:
-        fit = bs.fit_regression(points, names)
-        blend = fit.optimum(min_share=min_share)
-        reg_point = bs.BlendPoint(bs.round_blend(blend), score(blend), len(points), "regression")
-        points.append(reg_point)
+        points = list(search.path)
+        fit, reg_point = None, None
+        if regression and len(points) >= 2:
+            fit = bs.fit_regression(points, names)
+            blend = bs.round_blend(fit.optimum(min_share=min_share))
+            reg_point = bs.BlendPoint(blend, score(blend), len(points), "regression")
+            points.append(reg_point)
     best = min(points, key=lambda p: p.objective)
     mixture = Mixture.of({p: study.partitions[p] for p in best.blend}, best.blend)
     return OptimizeResult(best, search, fit, reg_point, len(merged), mixture)
