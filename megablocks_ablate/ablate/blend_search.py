@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from megablocks_ablate.ablate.mixtures import round_blend  # owned there: ids hash rounded shares
+
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[dict[str, float]], float]
@@ -45,28 +47,6 @@ class BlendPoint:
     objective: float
     step: int
     kind: str  # "start" | "move" | "regression"
-
-
-def round_blend(blend: Mapping[str, float], decimals: int = 6) -> dict[str, float]:
-    """Clip, renormalise and round ``blend``; the largest entry absorbs the residual.
-
-    Rounding is what makes blends comparable (cache keys, reports), so the result sums
-    to exactly 1 at ``decimals`` precision and keeps zero entries (a zero is a choice).
-    """
-    if not blend:
-        raise ValueError("empty blend")
-    bad = {k: v for k, v in blend.items() if not math.isfinite(v)}
-    if bad:
-        raise ValueError(f"non-finite proportions in blend: {bad}")
-    clipped = {k: max(float(v), 0.0) for k, v in blend.items()}
-    total = sum(clipped.values())
-    if total <= 0.0:
-        raise ValueError(f"blend has no positive proportion: {dict(blend)}")
-    out = {k: round(v / total, decimals) for k, v in clipped.items()}
-    largest = max(out, key=lambda k: out[k])  # first of ties, in key order
-    residual = 1.0 - sum(out.values())
-    out[largest] = round(out[largest] + residual, decimals)
-    return out
 
 
 @dataclass

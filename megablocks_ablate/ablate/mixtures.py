@@ -182,12 +182,30 @@ def normalise_shares(shares: Mapping[str, float], partitions: Sequence[str]) -> 
     bad = {g: v for g, v in vals.items() if not math.isfinite(v) or v < 0}
     if bad:
         raise ValueError(f"mixture shares must be finite and >= 0, got {bad}")
-    total = math.fsum(vals.values())
-    if total <= 0:
+    if math.fsum(vals.values()) <= 0:
         raise ValueError("mixture shares are all zero")
-    out = {g: round(v / total, SHARE_DECIMALS) for g, v in vals.items()}
-    top = max(sorted(out), key=lambda g: out[g])
-    out[top] = round(out[top] + 1.0 - math.fsum(out.values()), SHARE_DECIMALS)
+    return round_blend({g: vals[g] for g in sorted(vals)})
+
+
+def round_blend(blend: Mapping[str, float], decimals: int = SHARE_DECIMALS) -> dict[str, float]:
+    """Clip, renormalise and round ``blend``; the largest entry absorbs the residual.
+
+    Rounding is what makes blends comparable (cache keys, reports), so the result sums
+    to exactly 1 at ``decimals`` precision and keeps zero entries (a zero is a choice).
+    """
+    if not blend:
+        raise ValueError("empty blend")
+    bad = {k: v for k, v in blend.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"non-finite proportions in blend: {bad}")
+    clipped = {k: max(float(v), 0.0) for k, v in blend.items()}
+    total = sum(clipped.values())
+    if total <= 0.0:
+        raise ValueError(f"blend has no positive proportion: {dict(blend)}")
+    out = {k: round(v / total, decimals) for k, v in clipped.items()}
+    largest = max(out, key=lambda k: out[k])  # first of ties, in key order
+    residual = 1.0 - sum(out.values())
+    out[largest] = round(out[largest] + residual, decimals)
     return out
 
 
