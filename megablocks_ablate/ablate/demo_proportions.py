@@ -77,14 +77,9 @@ def _write(path: str, spec: dict):
 
 
 def _train_and_score(study) -> None:
-    from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
+    from megablocks_ablate.ablate.runner import RunOptions, run_study
 
-    runner = StudyRunner(study, RunOptions())
-    try:
-        with runner.lock():
-            runner.evaluate(runner.train())
-    finally:
-        runner.close()
+    run_study(study, RunOptions())  # what `study run` does: only the missing work
 
 
 def run_proportions_demo(s: DemoSettings, n_blends: int = N_BLENDS, budget: int = BUDGET) -> int:
