@@ -9,7 +9,7 @@ draws ``--draws`` random sets of ``n`` of the study's seq mixtures and recompute
 the headline proxy and ``mean_ind``, the out-of-domain figures of the report (per-domain
 mean and pooled Pearson) on that set alone: the spread across draws is what a study
 with ``n`` seq models of this design would see from the choice of its validation
-mixtures alone. It prints the mean, standard deviation, 10th percentile and the share
+mixtures alone (``--domains GLOB``: over the matching evaluation domains only). It prints the mean, standard deviation, 10th percentile and the share
 of draws at or above the fidelity issue's 0.93, next to the full study's figure.
 
 This is what chose the demo's default design (docs/fidelity.md).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -43,12 +44,26 @@ def restrict(table: an.ResultTable, keep: set[str]) -> an.ResultTable:
     return dataclasses.replace(table, values=values)
 
 
-def ood_figures(table: an.ResultTable, proxy: str) -> tuple[float, float]:
-    """(per-domain mean, pooled) out-of-domain Pearson of ``proxy`` vs seq, no bootstrap."""
-    rs = [an.correlate(table, proxy, d, role=ROLE_OOD, n_boot=0).r for d in table.domains]
+def ood_figures(
+    table: an.ResultTable, proxy: str, domains: list[str] | None = None
+) -> tuple[float, float]:
+    """(per-domain mean, pooled) out-of-domain Pearson of ``proxy`` vs seq over
+    ``domains`` (default: all of the table's), no bootstrap."""
+    domains = table.domains if domains is None else domains
+    rs = [an.correlate(table, proxy, d, role=ROLE_OOD, n_boot=0).r for d in domains]
     rs = [r for r in rs if not math.isnan(r)]
     mean = float(np.mean(rs)) if rs else math.nan
-    return mean, an.pooled_correlation(table, proxy, role=ROLE_OOD, n_boot=0).r
+    return mean, an.pooled_correlation(table, proxy, domains=domains, role=ROLE_OOD, n_boot=0).r
+
+
+def select_domains(table: an.ResultTable, pattern: str | None) -> list[str]:
+    """The table's domains matching the glob ``pattern`` (all without one)."""
+    if pattern is None:
+        return list(table.domains)
+    got = [d for d in table.domains if fnmatch.fnmatchcase(d, pattern)]
+    if not got:
+        raise SystemExit(f"error: --domains {pattern!r} matches none of {table.domains}")
+    return got
 
 
 def summarise(values: list[float]) -> dict[str, float]:
@@ -63,12 +78,20 @@ def summarise(values: list[float]) -> dict[str, float]:
     }
 
 
-def study_design(table: an.ResultTable, sizes: list[int], draws: int, seed: int) -> dict:
+def study_design(
+    table: an.ResultTable,
+    sizes: list[int],
+    draws: int,
+    seed: int,
+    domains: list[str] | None = None,
+) -> dict:
     proxy = headline_proxy(table)[0] or "merged"
     seq = table.seq_mixtures
-    out: dict = {"proxy": proxy, "seq_models": len(seq), "full": {}, "by_n": {}}
+    out: dict = {"proxy": proxy, "seq_models": len(seq), "domains": domains, "full": {}}
+    out["by_n"] = {}
     for p in (proxy, "mean_ind"):
-        out["full"][p] = dict(zip(("mean", "pooled"), ood_figures(table, p), strict=True))
+        figures = ood_figures(table, p, domains)
+        out["full"][p] = dict(zip(("mean", "pooled"), figures, strict=True))
     rng = np.random.default_rng(seed)
     for n in sizes:
         if n > len(seq):
@@ -79,7 +102,7 @@ def study_design(table: an.ResultTable, sizes: list[int], draws: int, seed: int)
         for _ in range(draws if n < len(seq) else 1):
             sub = restrict(table, set(rng.choice(seq, size=n, replace=False).tolist()))
             for p in got:
-                mean, pooled = ood_figures(sub, p)
+                mean, pooled = ood_figures(sub, p, domains)
                 got[p]["mean"].append(mean)
                 got[p]["pooled"].append(pooled)
         out["by_n"][n] = {p: {k: summarise(v) for k, v in g.items()} for p, g in got.items()}
@@ -96,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", default="6,12,20", help="seq set sizes to draw (comma-separated)")
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domains", help="only the evaluation domains matching this glob")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.n.split(",") if x.strip()]
@@ -113,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         with ResultStore(db) as store:
             table = an.build_table(store)
-        res = study_design(table, sizes, args.draws, args.seed)
+        domains = select_domains(table, args.domains)
+        res = study_design(table, sizes, args.draws, args.seed, domains)
         result[name] = res
         proxy = res["proxy"]
         for n, by_p in res["by_n"].items():

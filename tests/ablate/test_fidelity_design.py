@@ -77,3 +77,13 @@ def test_cli_prints_rows_and_writes_json(design, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["s"]["seq_models"] == 6 and SEQ not in data["s"]["full"]
     assert design.main([f"s={tmp_path / 'missing'}"]) == 2
+
+
+def test_domains_filter(design, table):
+    assert design.select_domains(table, "[xy]") == ["x", "y"]
+    assert design.select_domains(table, None) == table.domains
+    with pytest.raises(SystemExit, match="matches none"):
+        design.select_domains(table, "zz*")
+    mean, pooled = design.ood_figures(table, "merged", ["x"])
+    assert mean == pytest.approx(an.correlate(table, "merged", "x", role="ood", n_boot=0).r)
+    assert pooled == pytest.approx(mean)  # one domain: pooled is that domain's coefficient
