@@ -44,14 +44,29 @@ POOLED_ROW = "pooled"
 # ----------------------------------------------------------------------------- statistics
 
 
+# Relative spread below which an input counts as constant: perplexities derived from
+# the same score by different float paths (e.g. ``ind_id`` of every mixture holding a
+# one-unit partition) differ in the last bits, and a coefficient of that jitter is noise.
+CONSTANT_RTOL = 1e-9
+
+
+def is_constant(a: np.ndarray) -> bool:
+    """Whether ``a`` is constant up to :data:`CONSTANT_RTOL` of its magnitude."""
+    if not len(a):
+        return True
+    spread = float(a.max() - a.min())
+    return spread <= CONSTANT_RTOL * max(float(np.abs(a).max()), np.finfo(np.float64).tiny)
+
+
 def pearson(x: Values, y: Values) -> float:
-    """Pearson's r; NaN with fewer than 2 points or a constant input."""
+    """Pearson's r; NaN with fewer than 2 points or a constant input (up to float
+    jitter, :func:`is_constant`)."""
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xa.shape != ya.shape or xa.ndim != 1:
         raise ValueError(
             f"pearson: expected two 1-D arrays of one length, got {xa.shape}, {ya.shape}"
         )
-    if len(xa) < 2:
+    if len(xa) < 2 or is_constant(xa) or is_constant(ya):
         return math.nan
     dx, dy = xa - xa.mean(), ya - ya.mean()
     denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
@@ -71,8 +86,12 @@ def rankdata(x: Values) -> np.ndarray:
 
 
 def spearman(x: Values, y: Values) -> float:
-    """Spearman's rho: Pearson's r of the average ranks."""
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman's rho: Pearson's r of the average ranks (NaN for a constant input, as
+    :func:`pearson`: ranks of float jitter are not a ranking)."""
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xa.ndim == 1 and xa.shape == ya.shape and (is_constant(xa) or is_constant(ya)):
+        return math.nan
+    return pearson(rankdata(xa), rankdata(ya))
 
 
 CORRELATIONS: dict[str, Callable[[Values, Values], float]] = {
