@@ -293,7 +293,9 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
     import sys
     import time
 
-    corpus = write_corpus(str(tmp_path / "big.jsonl"), n_docs=30000, seed=5)
+    # large enough that stage 1 is still running when the signal comes, on a quiet
+    # machine too (30,000 documents finished within the 0.3 s wait once)
+    corpus = write_corpus(str(tmp_path / "big.jsonl"), n_docs=80000, seed=5)
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -317,8 +319,9 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, sp_model_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not (out / pp.TMP_DIR / "files").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert proc.poll() is None, "preprocess finished before the signal: enlarge the corpus"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()[-500:]
