@@ -9,8 +9,9 @@ draws ``--draws`` random sets of ``n`` of the study's seq mixtures and recompute
 the headline proxy and ``mean_ind``, the out-of-domain figures of the report (per-domain
 mean and pooled Pearson) on that set alone: the spread across draws is what a study
 with ``n`` seq models of this design would see from the choice of its validation
-mixtures alone (``--domains GLOB``: over the matching evaluation domains only). It prints the mean, standard deviation, 10th percentile and the share
-of draws at or above the fidelity issue's 0.93, next to the full study's figure.
+mixtures alone (``--domains GLOB``: over the matching evaluation domains only). It
+prints the mean, standard deviation, 10th percentile and the share of draws at or
+above the fidelity issue's 0.93, next to the full study's figure.
 
 This is what chose the demo's default design (docs/fidelity.md).
 """
@@ -87,18 +88,18 @@ def study_design(
 ) -> dict:
     proxy = headline_proxy(table)[0] or "merged"
     seq = table.seq_mixtures
-    out: dict = {"proxy": proxy, "seq_models": len(seq), "domains": domains, "full": {}}
+    proxies = (proxy, "mean_ind")
+    full = {
+        p: dict(zip(("mean", "pooled"), ood_figures(table, p, domains), strict=True))
+        for p in proxies
+    }
+    out: dict = {"proxy": proxy, "seq_models": len(seq), "domains": domains, "full": full}
     out["by_n"] = {}
-    for p in (proxy, "mean_ind"):
-        figures = ood_figures(table, p, domains)
-        out["full"][p] = dict(zip(("mean", "pooled"), figures, strict=True))
     rng = np.random.default_rng(seed)
     for n in sizes:
         if n > len(seq):
             continue
-        got: dict[str, dict[str, list[float]]] = {
-            p: {"mean": [], "pooled": []} for p in (proxy, "mean_ind")
-        }
+        got: dict[str, dict[str, list[float]]] = {p: {"mean": [], "pooled": []} for p in proxies}
         for _ in range(draws if n < len(seq) else 1):
             sub = restrict(table, set(rng.choice(seq, size=n, replace=False).tolist()))
             for p in got:
