@@ -9,7 +9,8 @@ draws ``--draws`` random sets of ``n`` of the study's seq mixtures and recompute
 the headline proxy and ``mean_ind``, the out-of-domain figures of the report (per-domain
 mean and pooled Pearson) on that set alone: the spread across draws is what a study
 with ``n`` seq models of this design would see from the choice of its validation
-mixtures alone (``--domains GLOB``: over the matching evaluation domains only). It
+mixtures alone (``--domains GLOB``: over the matching evaluation domains only;
+``--exclude GLOB``: without the matching ones). It
 prints the mean, standard deviation, 10th percentile and the share of draws at or
 above the fidelity issue's 0.93, next to the full study's figure.
 
@@ -57,13 +58,20 @@ def ood_figures(
     return mean, an.pooled_correlation(table, proxy, domains=domains, role=ROLE_OOD, n_boot=0).r
 
 
-def select_domains(table: an.ResultTable, pattern: str | None) -> list[str]:
-    """The table's domains matching the glob ``pattern`` (all without one)."""
-    if pattern is None:
-        return list(table.domains)
-    got = [d for d in table.domains if fnmatch.fnmatchcase(d, pattern)]
+def select_domains(
+    table: an.ResultTable, pattern: str | None, exclude: str | None = None
+) -> list[str]:
+    """The table's domains matching the glob ``pattern`` (all without one), less those
+    matching the glob ``exclude``: how much one domain drives a pooled figure."""
+    got = list(table.domains)
+    if pattern is not None:
+        got = [d for d in got if fnmatch.fnmatchcase(d, pattern)]
+    if exclude is not None:
+        got = [d for d in got if not fnmatch.fnmatchcase(d, exclude)]
     if not got:
-        raise SystemExit(f"error: --domains {pattern!r} matches none of {table.domains}")
+        raise SystemExit(
+            f"error: --domains {pattern!r} --exclude {exclude!r} leave none of {table.domains}"
+        )
     return got
 
 
@@ -121,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--domains", help="only the evaluation domains matching this glob")
+    ap.add_argument("--exclude", help="leave out the evaluation domains matching this glob")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.n.split(",") if x.strip()]
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         with ResultStore(db) as store:
             table = an.build_table(store)
-        domains = select_domains(table, args.domains)
+        domains = select_domains(table, args.domains, args.exclude)
         res = study_design(table, sizes, args.draws, args.seed, domains)
         result[name] = res
         proxy = res["proxy"]

@@ -82,8 +82,12 @@ def test_cli_prints_rows_and_writes_json(design, tmp_path, capsys):
 def test_domains_filter(design, table):
     assert design.select_domains(table, "[xy]") == ["x", "y"]
     assert design.select_domains(table, None) == table.domains
-    with pytest.raises(SystemExit, match="matches none"):
+    with pytest.raises(SystemExit, match="leave none"):
         design.select_domains(table, "zz*")
+    assert design.select_domains(table, None, "x") == [d for d in table.domains if d != "x"]
+    assert design.select_domains(table, "[xy]", "y") == ["x"]
+    with pytest.raises(SystemExit, match="leave none"):
+        design.select_domains(table, "x", "*")
     mean, pooled = design.ood_figures(table, "merged", ["x"])
     assert mean == pytest.approx(an.correlate(table, "merged", "x", role="ood", n_boot=0).r)
     assert pooled == pytest.approx(mean)  # one domain: pooled is that domain's coefficient
