@@ -10,8 +10,11 @@ seq closely, mean_ind less so.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
+from types import ModuleType
 
 import numpy as np
 
@@ -189,3 +192,13 @@ def fill_roles_store(
     ]
     store.add_unit_results(unit_rows)
     return store, mixtures, points
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(name, f"{root}/benchmarks/{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
-from study_fixtures import fill_roles_store
+from study_fixtures import fill_roles_store, load_benchmark
 
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate import roles as rl
 from megablocks_ablate.ablate.mixtures import SEQ
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
 def design():
-    spec = importlib.util.spec_from_file_location(
-        "fidelity_design", f"{ROOT}/benchmarks/fidelity_design.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fidelity_design")
 
 
 @pytest.fixture

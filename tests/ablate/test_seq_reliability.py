@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
-from study_fixtures import fill_roles_store
+from study_fixtures import fill_roles_store, load_benchmark
 
 from megablocks_ablate.ablate import analysis as an
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def rel():
-    spec = importlib.util.spec_from_file_location(
-        "seq_reliability", f"{ROOT}/benchmarks/seq_reliability.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("seq_reliability")
 
 
 def _study(tmp_path, name, seed):
