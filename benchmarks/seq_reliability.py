@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -33,38 +34,51 @@ def load(path: str) -> an.ResultTable:
         return an.build_table(store)
 
 
-def pearson(x: list[float], y: list[float]) -> float:
-    return float(np.corrcoef(x, y)[0, 1])
+KEYS = ("seq_a_vs_seq_b", "merged_vs_seq_a", "merged_vs_seq_b")
 
 
-def reliability(a: an.ResultTable, b: an.ResultTable, proxy: str = "merged") -> dict:
-    """Per domain: Pearson of seq A vs seq B, proxy vs seq A and proxy vs seq B over the
-    domain's out-of-domain mixtures that both sets validated; then means and pooled."""
+def defined_mean(values: list[float]) -> float:
+    """Mean of the defined coefficients (an.pearson gives NaN for a constant input: no
+    coefficient, so it is left out, not averaged in); NaN when none is defined."""
+    got = [v for v in values if not math.isnan(v)]
+    return float(np.mean(got)) if got else math.nan
+
+
+def reliability(a: an.ResultTable, b: an.ResultTable) -> dict:
+    """Per domain: Pearson of seq A vs seq B, merged vs seq A and merged vs seq B over
+    the domain's out-of-domain mixtures that both sets validated; then means and pooled."""
     rows: dict[str, dict[str, float]] = {}
     pooled_a: list[float] = []
     pooled_b: list[float] = []
     for d in a.domains:
-        ids, proxy_v, seq_a = a.paired(proxy, d, ROLE_OOD)
+        ids, merged, seq_a = a.paired("merged", d, ROLE_OOD)
         seq_b_by_m = b.values[SEQ].get(d, {})
         keep = [i for i, m in enumerate(ids) if m in seq_b_by_m]
         if len(keep) < 3:
             continue
-        pa = [float(proxy_v[i]) for i in keep]
+        pm = [float(merged[i]) for i in keep]
         sa = [float(seq_a[i]) for i in keep]
         sb = [float(seq_b_by_m[ids[i]]) for i in keep]
         rows[d] = {
             "n": len(keep),
-            "seq_a_vs_seq_b": pearson(sa, sb),
-            f"{proxy}_vs_seq_a": pearson(pa, sa),
-            f"{proxy}_vs_seq_b": pearson(pa, sb),
+            "seq_a_vs_seq_b": an.pearson(sa, sb),
+            "merged_vs_seq_a": an.pearson(pm, sa),
+            "merged_vs_seq_b": an.pearson(pm, sb),
         }
         pooled_a += sa
         pooled_b += sb
     if not rows:
         raise SystemExit("error: the two studies share no out-of-domain seq mixtures")
-    keys = ("seq_a_vs_seq_b", f"{proxy}_vs_seq_a", f"{proxy}_vs_seq_b")
-    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
-    return {"domains": rows, "mean": mean, "pooled_seq_a_vs_seq_b": pearson(pooled_a, pooled_b)}
+    mean = {k: defined_mean([r[k] for r in rows.values()]) for k in KEYS}
+    return {
+        "domains": rows,
+        "mean": mean,
+        "pooled_seq_a_vs_seq_b": an.pearson(pooled_a, pooled_b),
+    }
+
+
+def _f(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,16 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| domain | OOD mixtures | seq A vs seq B | merged vs seq A | merged vs seq B |")
     print("|---|---|---|---|---|")
     for d, r in res["domains"].items():
-        print(
-            f"| {d} | {r['n']} | {r['seq_a_vs_seq_b']:.3f} | {r['merged_vs_seq_a']:.3f} "
-            f"| {r['merged_vs_seq_b']:.3f} |"
-        )
-    m = res["mean"]
-    print(
-        f"| per-domain mean | | {m['seq_a_vs_seq_b']:.3f} | {m['merged_vs_seq_a']:.3f} "
-        f"| {m['merged_vs_seq_b']:.3f} |"
-    )
-    print(f"pooled seq A vs seq B: {res['pooled_seq_a_vs_seq_b']:.3f}")
+        print(f"| {d} | {r['n']} | " + " | ".join(_f(r[k]) for k in KEYS) + " |")
+    print("| per-domain mean | | " + " | ".join(_f(res["mean"][k]) for k in KEYS) + " |")
+    print(f"pooled seq A vs seq B: {_f(res['pooled_seq_a_vs_seq_b'])}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -44,3 +45,9 @@ def test_other_seq_noise_lowers_the_agreement_and_the_cli_writes_json(rel, tmp_p
     assert "| per-domain mean |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected a study out_dir"):
         rel.main([f"A={a_dir}", f"B={tmp_path / 'missing'}"])
+
+
+def test_undefined_coefficients_are_left_out_of_the_mean(rel):
+    assert rel.defined_mean([0.9, math.nan, 0.7]) == pytest.approx(0.8)
+    assert math.isnan(rel.defined_mean([math.nan]))
+    assert rel._f(math.nan) == "-" and rel._f(0.97123) == "0.971"
