@@ -35,7 +35,11 @@ from megablocks_ablate.evaluate import EvalSet, EvalSuite, evaluate  # noqa: E40
 from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS, rank_plan  # noqa: E402
 from megablocks_ablate.model import ModelConfig  # noqa: E402
 from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
-from megablocks_ablate.utils.atomic import atomic_write_json  # noqa: E402
+from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
+    check_writable,
+    command_line,
+    write_result,
+)
 
 EOD = 2
 SECTION = "## Evaluation"
@@ -198,6 +202,7 @@ def main() -> int:
         "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
     )
     args = ap.parse_args()
+    check_writable(args.out, "eval")
 
     import transformers
 
@@ -219,8 +224,7 @@ def main() -> int:
                 bench(preset, torch.device("cuda"), torch.bfloat16, args.gpu_tokens, 3, 8 * 2048)
             )
             print(res["runs"][-1])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    atomic_write_json(args.out, res)
+    write_result(args.out, "eval", res, command_line(__file__))
     print(f"wrote {args.out}")
     if args.update_docs:
         update_docs(docs_section(res), os.path.join(ROOT, "docs", "benchmarks.md"))

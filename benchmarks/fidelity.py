@@ -23,6 +23,8 @@ import json
 import os
 import sys
 
+from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
+
 ROLE_CELLS = [  # (column, role, statistic)
     ("OOD mean", "ood", "mean"),
     ("OOD pooled", "ood", "pooled"),
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("studies", nargs="+", help="NAME=REPORT_DIR")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "fidelity")
     header = ["study", "proxy", *(c for c, _, _ in ROLE_CELLS), "A.5 median rank (OOD)"]
     rows, result = [], {}
     for item in args.studies:
@@ -111,15 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{name} ({res['summary'].get('primary')}): {met}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    n: {"targets": r["targets"], "roles": r["summary"].get("roles")}
-                    for n, r in result.items()
-                },
-                f,
-                indent=1,
-            )
+        studies = {
+            n: {"targets": r["targets"], "roles": r["summary"].get("roles")}
+            for n, r in result.items()
+        }
+        write_result(args.json, "fidelity", {"studies": studies}, command_line(__file__, argv))
     return 0
 
 

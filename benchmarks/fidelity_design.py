@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate.analysis import ROLE_OOD, SEQ
 from megablocks_ablate.ablate.roles import headline_proxy
 from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
 
 TARGET = 0.93
 
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exclude", help="leave out the evaluation domains matching this glob")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "fidelity_design")
     sizes = [int(x) for x in args.n.split(",") if x.strip()]
     result = {}
     print(
@@ -161,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {_f(m['mean'] - ind['mean']['mean'])} |"
             )
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        write_result(
+            args.json, "fidelity_design", {"studies": result}, command_line(__file__, argv)
+        )
     return 0
 
 

@@ -43,6 +43,11 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megablocks_ablate.merge.kernels import merge_into, select_backend  # noqa: E402
+from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
+    command_line,
+    load_own,
+    write_result,
+)
 
 
 def shapes_130m(d=768, layers=12, vocab=50304, ffn=2048) -> dict[str, tuple[int, ...]]:
@@ -537,8 +542,6 @@ def bench_vs_mergekit(n: int, reps: int, workdir: str, version: str) -> dict:
 def main_vs_mergekit(args: argparse.Namespace) -> int:
     """``--vs-mergekit``: run :func:`bench_vs_mergekit`, store it under ``vs_mergekit`` in
     the results file (other keys kept), print it."""
-    from megablocks_ablate.utils.atomic import atomic_write_json
-
     workdir = tempfile.mkdtemp(prefix="mba-bench-vs-mergekit-", dir=args.workdir)
     try:
         res = bench_vs_mergekit(args.vs_n, args.vs_reps, workdir, args.mergekit_version)
@@ -548,12 +551,9 @@ def main_vs_mergekit(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     res["command"] = "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-    stored = {"benchmark": "merge"}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            stored = json.load(f)
+    stored = load_own(args.out, "merge") or {}
     stored["vs_mergekit"] = res
-    atomic_write_json(args.out, stored)
+    write_result(args.out, "merge", stored, stored.get("command") or res["command"])
     print_vs_mergekit(res)
     print(f"wrote {args.out} (key vs_mergekit)")
     return 0
@@ -602,6 +602,7 @@ def main() -> int:
     ap.add_argument("--vs-reps", type=int, default=3, help="--vs-mergekit: timed rounds")
     ap.add_argument("--mergekit-version", default=MERGEKIT_VERSION)
     args = ap.parse_args()
+    previous = load_own(args.out, "merge") or {}  # refuses a file that is not ours, now
     if args.vs_mergekit:
         return main_vs_mergekit(args)
 
@@ -623,8 +624,6 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "benchmark": "merge",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
@@ -638,10 +637,9 @@ def main() -> int:
         "file_merge": file_merge,
         "total_s": time.perf_counter() - t0,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    if "vs_mergekit" in previous:  # measured by its own run (--vs-mergekit): keep it
+        result["vs_mergekit"] = previous["vs_mergekit"]
+    write_result(args.out, "merge", result, command_line(__file__))
 
     print(
         f"params {p / 1e6:.1f}M, backend {result['backend']}, best copy bandwidth "

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megablocks_ablate.model import ModelConfig
 from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict
-from megablocks_ablate.utils.atomic import atomic_write_json
+from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,6 +239,8 @@ def main_real(args) -> int:
     """``--real-path``: the GPU presets (or ``--presets``) through the trainer's path."""
     from megablocks_ablate.train.distributed import distributed_session
 
+    out = args.out.replace(".json", "_real.json")
+    check_writable(out, "model_step")
     with distributed_session(args.device) as env:
         rows = [
             bench_real(p, args.real_batch, args.real_steps, env, args.override, args.real_seq)
@@ -246,7 +248,7 @@ def main_real(args) -> int:
         ]
     if env.is_main:
         res = {"torch": torch.__version__, "path": "real", "gpu": rows}
-        atomic_write_json(args.out.replace(".json", "_real.json"), res)
+        write_result(out, "model_step", res, command_line(__file__))
         print(json.dumps(res, indent=2))
     return 0
 
@@ -326,6 +328,7 @@ def main() -> int:
         if args.update_docs:
             ap.error("--update-docs writes the default mode's section; drop --real-path")
         return main_real(args)
+    check_writable(args.out, "model_step")
 
     import transformers
 
@@ -339,7 +342,7 @@ def main() -> int:
     if torch.cuda.is_available():
         res["gpu"].append(bench_gpu("130m", 8, 10))
         res["gpu"].append(bench_gpu("1.1b", 4, 10))
-    atomic_write_json(args.out, res)
+    write_result(args.out, "model_step", res, command_line(__file__))
     print(json.dumps(res, indent=2))
     if args.update_docs:
         update_docs(_docs_section(res), os.path.join(ROOT, "docs", "benchmarks.md"))

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from megablocks_ablate.data.jsonl import iter_raw_lines, parse_line  # noqa: E402
 from megablocks_ablate.data.synthetic import iter_documents  # noqa: E402
+from megablocks_ablate.utils.benchmark_result import check_writable, write_result  # noqa: E402
 
 
 def make_corpus(path: str, mb: int) -> None:
@@ -191,6 +192,8 @@ def main() -> None:
         "--update-docs", action="store_true", help="write the section in docs/benchmarks.md"
     )
     args = ap.parse_args()
+    path = os.path.join(HERE, "results", "preprocess.json")
+    check_writable(path, "preprocess")
     cache = os.path.join(HERE, ".cache")
     os.makedirs(cache, exist_ok=True)
     corpus = os.path.join(cache, f"corpus_{args.mb}mb.jsonl")
@@ -235,10 +238,7 @@ def main() -> None:
         f"one core: read+parse {halves['read_parse_s']} s, tokenize {halves['tokenize_s']} s "
         f"({halves['tokenizer_only_tokens_per_s']:,} tokens/s tokenizer alone)"
     )
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", "preprocess.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_result(path, "preprocess", result)
     print(f"wrote {path}")
     if args.update_docs:
         from docs_section import replace_section

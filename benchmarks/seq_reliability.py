@@ -14,7 +14,6 @@ column is the ceiling a proxy can reach against seq models of this design
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate.analysis import ROLE_OOD, SEQ
 from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
 
 
 def load(path: str) -> an.ResultTable:
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("b", help="B=STUDY_DIR: the same study, seq models retrained")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "seq_reliability")
     tables = [load(item.partition("=")[2] or item) for item in (args.a, args.b)]
     res = reliability(*tables)
     print("| domain | OOD mixtures | seq A vs seq B | merged vs seq A | merged vs seq B |")
@@ -96,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| per-domain mean | | " + " | ".join(_f(res["mean"][k]) for k in KEYS) + " |")
     print(f"pooled seq A vs seq B: {_f(res['pooled_seq_a_vs_seq_b'])}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
+        write_result(args.json, "seq_reliability", res, command_line(__file__, argv))
     return 0
 
 

@@ -41,6 +41,12 @@ os.environ.setdefault("MBA_NO_PROGRESS", "1")
 
 import torch  # noqa: E402
 
+from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
+    check_writable,
+    command_line,
+    write_result,
+)
+
 CACHE = os.path.join(HERE, ".cache", "train_throughput")
 
 
@@ -362,23 +368,23 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="--real-path: auto, cuda or cpu")
     ap.add_argument("--override", action="append", default=[], help="--real-path: key=value")
     args = ap.parse_args()
+    name = "train_throughput_real.json" if args.real_path else "train_throughput.json"
+    path = os.path.join(HERE, "results", name)
+    check_writable(path, "train_throughput")
     if args.real_path:
         if args.update_docs:
             ap.error("--update-docs writes the default mode's section; drop --real-path")
         rows = real_path_benchmark(args.presets.split(","), args.steps, args.override, args.device)
         if rows is not None:
-            path = os.path.join(HERE, "results", "train_throughput_real.json")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({"path": "real", "gpu": rows}, f, indent=2)
+            write_result(
+                path, "train_throughput", {"path": "real", "gpu": rows}, command_line(__file__)
+            )
             print(json.dumps(rows, indent=2))
         return
     result = {"cpu": cpu_benchmark(args.steps, args.rounds)}
     if torch.cuda.is_available():
         result["gpu"] = gpu_benchmark(args.steps)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "train_throughput.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_result(path, "train_throughput", result, command_line(__file__))
     print(json.dumps(result, indent=2))
     if args.update_docs:
         update_docs(result, "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]))

@@ -66,8 +66,21 @@ def test_cli_prints_rows_and_writes_json(design, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| s | merged | 3 |" in text and "| s | merged | 6 |" in text
     data = json.loads(out.read_text())
-    assert data["s"]["seq_models"] == 6 and SEQ not in data["s"]["full"]
+    assert data["benchmark"] == "fidelity_design" and "--draws 5" in data["command"]
+    s = data["studies"]["s"]
+    assert s["seq_models"] == 6 and SEQ not in s["full"]
     assert design.main([f"s={tmp_path / 'missing'}"]) == 2
+
+
+def test_cli_refuses_to_overwrite_a_file_it_did_not_write(design, tmp_path, capsys):
+    store, _, _ = fill_roles_store(str(tmp_path / "results.sqlite"), order=tuple("pqrs"))
+    store.close()
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "figures"}\n')
+    with pytest.raises(SystemExit, match="not overwriting it"):
+        design.main([f"s={tmp_path}", "--n", "3", "--draws", "2", "--json", str(mine)])
+    assert mine.read_text() == '{"my": "figures"}\n'
+    assert capsys.readouterr().out == ""  # refused before any table was computed
 
 
 def test_domains_filter(design, table):

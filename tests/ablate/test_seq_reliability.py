@@ -41,6 +41,7 @@ def test_other_seq_noise_lowers_the_agreement_and_the_cli_writes_json(rel, tmp_p
     out = tmp_path / "r.json"
     assert rel.main([f"A={a_dir}", f"B={b_dir}", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data["benchmark"] == "seq_reliability"
     assert all(r["seq_a_vs_seq_b"] < 1.0 for r in data["domains"].values())
     assert "| per-domain mean |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected a study out_dir"):
