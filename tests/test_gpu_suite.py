@@ -119,3 +119,18 @@ def test_a_hanging_row_is_killed_at_the_end_of_its_slice(tmp_path):
 def test_unknown_rows_are_a_usage_error(tmp_path):
     proc = run_suite(str(tmp_path), "--rows", "nope")
     assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
+def test_a_users_directory_is_refused_and_a_suite_directory_is_rerun_into(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "rows").mkdir(parents=True)
+    (mine / "rows" / "env.json").write_text("my own notes\n")
+    proc = run_suite(str(mine), "--rows", "env")
+    assert proc.returncode == 2 and "files megablocks-ablate did not write" in proc.stderr
+    assert (mine / "rows" / "env.json").read_text() == "my own notes\n"
+    assert sorted(os.listdir(mine)) == ["rows"]
+    out = str(tmp_path / "suite")
+    for _ in range(2):  # the second run reruns a row into the first run's directory
+        proc = run_suite(out, "--rows", "env")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert load(out, "rows/env.json")["status"] == "ok"

@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 from common import HERE, ROOT, write_json
 from report import ROW_TITLES, write_reports
 
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.outputs import claim_output_dir
+
 REPORT_RESERVE_S = 3.0  # kept back from the rows for writing the reports
 KILL_GRACE_S = 5.0  # SIGTERM -> SIGKILL
 MIN_SLICE_S = 2.0  # a row with less than this left is not started
@@ -215,6 +218,11 @@ def main() -> int:
         specs = list(ROWS)
     t0 = args.t0 if args.t0 is not None else time.time()
     args.out = os.path.abspath(args.out)
+    try:  # a new directory, or an earlier suite run's (rerun rows into it); nothing else
+        claim_output_dir(args.out, "gpu-suite", reuse=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.join(args.out, "rows"), exist_ok=True)
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     own_workdir = args.workdir is None

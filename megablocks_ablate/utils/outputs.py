@@ -43,6 +43,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], ...]] = {
     "preprocess": (("manifest.json",), (".preprocess-tmp",)),
     "study": (("results.sqlite",), ("pool",), ("seq",)),
     "demo": (("study.yaml",), ("corpus.jsonl",), ("tokenizer.model",)),
+    "gpu-suite": (("summary.json", "rows"),),  # benchmarks/gpu_suite.sh --out DIR
 }
 # Temporaries on other hosts are left alone unless this old (their pid says nothing here).
 FOREIGN_TMP_AGE_S = 24 * 3600
