@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import fnmatch
 import math
-import os
 import sys
 
 import numpy as np
@@ -31,7 +30,7 @@ import numpy as np
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate.analysis import ROLE_OOD, SEQ
 from megablocks_ablate.ablate.roles import headline_proxy
-from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.ablate.store import StoreError, read_study_table
 from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
 
 TARGET = 0.93
@@ -143,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for item in args.studies:
         name, _, path = item.partition("=")
-        db = store_path(path)
-        if not path or not os.path.isfile(db):
-            print(f"error: {item}: expected NAME=STUDY_DIR with {db}", file=sys.stderr)
+        try:
+            table = read_study_table(path) if path else None
+        except StoreError as e:
+            table, why = None, str(e)
+        else:
+            why = "expected NAME=STUDY_DIR"
+        if table is None:
+            print(f"error: {item}: {why}", file=sys.stderr)
             return 2
-        with ResultStore(db) as store:
-            table = an.build_table(store)
         domains = select_domains(table, args.domains, args.exclude)
         res = study_design(table, sizes, args.draws, args.seed, domains)
         result[name] = res

@@ -392,3 +392,16 @@ class ResultStore:
         if table not in ("results", "unit_results", "mixtures"):
             raise ValueError(f"unknown table {table!r}")
         return self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def read_study_table(out_dir: str, proxies: Iterable[str] | None = None):
+    """The analysis table (``analysis.ResultTable``) of the study whose ``out_dir`` this
+    is; StoreError, naming the path, when it holds no results store."""
+    # imported here: analysis reads any store, and the store does not need analysis
+    from megablocks_ablate.ablate.analysis import build_table
+
+    db = store_path(out_dir)
+    if not os.path.isfile(db):
+        raise StoreError(f"{out_dir}: expected a study out_dir holding {db}")
+    with ResultStore(db) as store:
+        return build_table(store, proxies)

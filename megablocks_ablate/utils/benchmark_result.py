@@ -64,10 +64,11 @@ def check_writable(path: str, benchmark: str) -> None:
 
 
 def command_line(script: str, args: list[str] | None = None) -> str:
-    """``python <script> <args>`` (default: this process's arguments), the script
-    relative to the current directory: the command to put in a result."""
+    """``python benchmarks/<script> <args>`` (default: this process's arguments): the
+    command to put in a result. The script is named as the repository has it wherever
+    it ran from; the arguments are as given (paths relative to where it ran)."""
     args = sys.argv[1:] if args is None else args
-    return " ".join(["python", os.path.relpath(script), *args])
+    return " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args])
 
 
 def write_result(

@@ -218,3 +218,18 @@ def test_legacy_non_finite_rows_read_as_nan_and_report_works(tmp_path, caplog):
         assert MIX[1].id not in table.get("merged", "a") and MIX[0].id in table.get("merged", "a")
         summary = write_report(s, str(tmp_path / "report"), n_boot=5)
         assert (tmp_path / "report" / "report.md").exists() and summary.files
+
+
+def test_read_study_table_reads_a_study_dir_and_names_a_missing_store(tmp_path):
+    from study_fixtures import fill_roles_store
+
+    from megablocks_ablate.ablate.analysis import build_table
+    from megablocks_ablate.ablate.store import read_study_table
+
+    store, mixtures, _ = fill_roles_store(str(tmp_path / "results.sqlite"))
+    want = build_table(store)
+    store.close()
+    got = read_study_table(str(tmp_path))
+    assert got.values == want.values and sorted(got.mixtures) == sorted(m.id for m in mixtures)
+    with pytest.raises(StoreError, match=r"nowhere: expected a study out_dir holding .*results"):
+        read_study_table(str(tmp_path / "nowhere"))
