@@ -142,14 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for item in args.studies:
         name, _, path = item.partition("=")
+        if not path:
+            print(f"error: {item}: expected NAME=STUDY_DIR", file=sys.stderr)
+            return 2
         try:
-            table = read_study_table(path) if path else None
+            table = read_study_table(path)
         except StoreError as e:
-            table, why = None, str(e)
-        else:
-            why = "expected NAME=STUDY_DIR"
-        if table is None:
-            print(f"error: {item}: {why}", file=sys.stderr)
+            print(f"error: {item}: {e}", file=sys.stderr)
             return 2
         domains = select_domains(table, args.domains, args.exclude)
         res = study_design(table, sizes, args.draws, args.seed, domains)

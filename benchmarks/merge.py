@@ -550,7 +550,7 @@ def main_vs_mergekit(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    res["command"] = "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    res["command"] = command_line(__file__)
     stored = load_own(args.out, "merge") or {}
     stored["vs_mergekit"] = res
     write_result(args.out, "merge", stored, stored.get("command") or res["command"])

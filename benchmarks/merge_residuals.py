@@ -4,16 +4,15 @@
 
 Per evaluation domain, over its out-of-domain mixtures, fit log seq = a + b log proxy
 (least squares) and average the residuals of the mixtures that hold each partition, as
-100 x log(seq / fitted): about percent of perplexity. A negative cell: mixtures with that partition make seq
-models better on that domain than the proxy predicts (the merge undervalues the
-partition there); positive: worse. A partition whose cells share one sign across
+100 x log(seq / fitted): about percent of perplexity. A negative cell: mixtures with
+that partition make seq models better on that domain than the proxy predicts (the merge
+undervalues the partition there); positive: worse. A partition whose cells share one sign across
 domains is one the merge and seq models treat differently (docs/fidelity.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import numpy as np
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| domain | " + " | ".join(parts) + " |")
     print("|---|" + "---|" * len(parts))
     for d, row in res.items():
-        cells = [f"{row[p]:+.1f}" if p in row and math.isfinite(row[p]) else "" for p in parts]
+        cells = [f"{row[p]:+.1f}" if p in row else "" for p in parts]
         print(f"| {d} | " + " | ".join(cells) + " |")
     if args.json:
         write_result(

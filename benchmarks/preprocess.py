@@ -30,7 +30,11 @@ sys.path.insert(0, ROOT)
 
 from megablocks_ablate.data.jsonl import iter_raw_lines, parse_line  # noqa: E402
 from megablocks_ablate.data.synthetic import iter_documents  # noqa: E402
-from megablocks_ablate.utils.benchmark_result import check_writable, write_result  # noqa: E402
+from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
+    check_writable,
+    command_line,
+    write_result,
+)
 
 
 def make_corpus(path: str, mb: int) -> None:
@@ -211,7 +215,7 @@ def main() -> None:
         r["speedup_vs_first"] = round(r["tokens_per_s"] / base, 3)
     result = {
         "benchmark": "preprocess",
-        "command": "python benchmarks/preprocess.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__file__),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -84,19 +84,18 @@ def reliability(
         ]
         if len(keep) < 3:
             continue
-        pairs = {"merged_vs_seq": ([merged[i] for i in keep], [seq[i] for i in keep])}
+        merged_a = [float(merged[i]) for i in keep]
+        seq_a = [float(seq[i]) for i in keep]
+        pairs = {"merged_vs_seq": (merged_a, seq_a)}
         if other_seq is not None:
-            pairs["seq_a_vs_seq_b"] = ([seq[i] for i in keep], [other_seq[ids[i]] for i in keep])
+            pairs["seq_a_vs_seq_b"] = (seq_a, [other_seq[ids[i]] for i in keep])
         if other_merged is not None:
-            pairs["merged_a_vs_merged_b"] = (
-                [merged[i] for i in keep],
-                [other_merged[ids[i]] for i in keep],
-            )
+            pairs["merged_a_vs_merged_b"] = (merged_a, [other_merged[ids[i]] for i in keep])
         row: dict[str, float] = {"n": len(keep)}
         for k, (x, y) in pairs.items():
-            row[k] = an.pearson([float(v) for v in x], [float(v) for v in y])
-            pooled[k][0] += [float(v) for v in x]
-            pooled[k][1] += [float(v) for v in y]
+            row[k] = an.pearson(x, y)
+            pooled[k][0] += x
+            pooled[k][1] += y
         if "seq_a_vs_seq_b" in row and "merged_a_vs_merged_b" in row:
             row["ceiling"] = ceiling(row["seq_a_vs_seq_b"], row["merged_a_vs_merged_b"])
         rows[d] = row

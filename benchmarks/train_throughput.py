@@ -387,7 +387,7 @@ def main() -> None:
     write_result(path, "train_throughput", result, command_line(__file__))
     print(json.dumps(result, indent=2))
     if args.update_docs:
-        update_docs(result, "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]))
+        update_docs(result, command_line(__file__))
 
 
 if __name__ == "__main__":
