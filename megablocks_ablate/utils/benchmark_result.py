@@ -8,12 +8,15 @@ A script replaces an existing file only when it carries the script's own name: r
 a benchmark refreshes its figures (that is what ``make bench`` is for), while a mistyped
 ``--json`` / ``--out`` that points at a user's file, another benchmark's results or
 anything unreadable is refused before any measuring starts, and nothing is touched.
-Writes are atomic (temp file, fsync, rename).
+Writes are atomic (temp file, fsync, rename). An undefined figure (NaN, e.g. a Pearson
+coefficient of a constant input) is written as ``null``: absent, and the file stays
+strict JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -71,6 +74,17 @@ def command_line(script: str, args: list[str] | None = None) -> str:
     return " ".join(["python", f"benchmarks/{os.path.basename(script)}", *args])
 
 
+def _absent_if_undefined(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON ``null``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _absent_if_undefined(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_absent_if_undefined(v) for v in obj]
+    return obj
+
+
 def write_result(
     path: str, benchmark: str, result: dict[str, Any], command: str | None = None
 ) -> None:
@@ -89,4 +103,4 @@ def write_result(
         **{k: v for k, v in result.items() if k not in (FIELD, "command")},
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_json(path, obj)
+    atomic_write_json(path, _absent_if_undefined(obj))

@@ -86,3 +86,15 @@ def test_every_committed_result_names_a_benchmark_script():
         name = data.get("benchmark")
         assert os.path.isfile(os.path.join(ROOT, "benchmarks", f"{name}.py")), (f, name)
         assert data.get("command", "").startswith(f"python benchmarks/{name}.py"), f
+
+
+def test_undefined_figures_are_written_as_null_and_the_file_is_strict_json(tmp_path):
+    path = tmp_path / "r.json"
+    result = {"mean": {"r": float("nan"), "n": 3}, "rows": [0.5, float("inf"), (1.0, float("nan"))]}
+    write_result(str(path), "reliability", result, "python benchmarks/reliability.py s")
+
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(path.read_text(), parse_constant=refuse)
+    assert data["mean"] == {"r": None, "n": 3} and data["rows"] == [0.5, None, [1.0, None]]
