@@ -368,6 +368,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="--real-path: auto, cuda or cpu")
     ap.add_argument("--override", action="append", default=[], help="--real-path: key=value")
     args = ap.parse_args()
+    if args.steps < 3:  # steady state is timed from the end of step 2 (steady_tps)
+        ap.error(f"--steps: at least 3 (the first 2 are warm-up), got {args.steps}")
     name = "train_throughput_real.json" if args.real_path else "train_throughput.json"
     path = os.path.join(HERE, "results", name)
     check_writable(path, "train_throughput")
