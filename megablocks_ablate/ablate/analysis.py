@@ -100,22 +100,39 @@ CORRELATIONS: dict[str, Callable[[Values, Values], float]] = {
 }
 
 
+# A coefficient from fewer points is not shown (3 points give |r| near 1 by chance
+# far too often to be read as agreement): the cell reads "–" with its n.
+MIN_POINTS = 4
+
+
 @dataclass(frozen=True)
 class Corr:
-    """A coefficient, its bootstrap interval and the number of points (and of mixtures)."""
+    """A coefficient, its bootstrap interval and the number of points (and of mixtures).
+
+    ``per`` names what ``n`` counts when it is not (mixture, domain) points, e.g.
+    ``"domains"`` for a mean of per-domain coefficients.
+    """
 
     r: float
     lo: float = math.nan
     hi: float = math.nan
     n: int = 0
     mixtures: int = 0
+    per: str = ""
 
-    def fmt(self, ci: bool = True) -> str:
+    @property
+    def n_label(self) -> str:
+        return f"n={self.n}" + (f" {self.per}" if self.per else "")
+
+    def fmt(self, ci: bool = True, n: bool = True) -> str:
+        """``0.953 [0.91, 0.98] n=21``; "–" (with its n) where undefined or from fewer
+        than :data:`MIN_POINTS` points."""
+        tail = f" {self.n_label}" if n else ""
         if math.isnan(self.r):
-            return "-"
+            return "–" + (tail if n and self.n else "")
         if ci and not math.isnan(self.lo):
-            return f"{self.r:.3f} [{self.lo:.2f}, {self.hi:.2f}]"
-        return f"{self.r:.3f}"
+            return f"{self.r:.3f} [{self.lo:.2f}, {self.hi:.2f}]{tail}"
+        return f"{self.r:.3f}{tail}"
 
 
 def bootstrap_ci(
@@ -133,13 +150,14 @@ def bootstrap_ci(
     Points are resampled by cluster (default: each point its own cluster); pass the
     mixture of each point when one mixture contributes several points (pooled rows),
     so its points stay together. Resamples giving an undefined coefficient (constant
-    input) are dropped; the interval is NaN when fewer than half remain.
+    input) are dropped; the interval is NaN when fewer than half remain. Fewer than
+    :data:`MIN_POINTS` points give no coefficient (NaN, with ``n``).
     """
     fn = CORRELATIONS[method]
     xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keys = np.arange(len(xa)) if clusters is None else np.asarray(clusters)
     uniq, inverse = np.unique(keys, return_inverse=True)
-    r = fn(xa, ya)
+    r = fn(xa, ya) if len(xa) >= MIN_POINTS else math.nan
     if math.isnan(r) or len(uniq) < 3 or n_boot <= 0:
         return Corr(r, n=len(xa), mixtures=len(uniq))
     members = [np.flatnonzero(inverse == c) for c in range(len(uniq))]
@@ -494,7 +512,9 @@ def correlation_table(
             if d != ID_DOMAIN and not math.isnan(c.r):
                 per_domain.append(c.r)
         cells[MEAN_ROW][proxy] = Corr(
-            float(np.mean(per_domain)) if per_domain else math.nan, n=len(per_domain)
+            float(np.mean(per_domain)) if per_domain else math.nan,
+            n=len(per_domain),
+            per="domains",
         )
         cells[POOLED_ROW][proxy] = pooled_correlation(
             table, proxy, method, n_boot=n_boot, seed=seed

@@ -33,6 +33,7 @@ import math
 import os
 
 from megablocks_ablate.ablate import analysis as an
+from megablocks_ablate.ablate import decisions as dc
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate import report_tables as rt
 from megablocks_ablate.ablate import roles as rl
@@ -338,11 +339,16 @@ def write_report(
     if tables:
         files.append(rt.write_correlations(tables, out_dir))
         rt.summarize(summary, table, tables)
-        summary.ranks = rt.rank_summaries(table, tables[rt.METHODS[0]].proxies)
+        proxies = tables[rt.METHODS[0]].proxies
+        summary.ranks = rt.rank_summaries(table, proxies)
+        summary.summary_row = dc.summary_row(table, proxies, n_boot=n_boot, seed=seed)
+        summary.decisions = {p: dc.decisions(table, p) for p in proxies}
 
     md = _intro_section(table, meta.get("name", "study"))
     md += rt.headline_section(summary, table, n_boot, seed)
     if tables:
+        md += rt.summary_row_section(summary, tables[rt.METHODS[0]].proxies)
+        md += rt.decisions_section(table, summary)
         md += rt.correlation_sections(table, tables)
         if plots:
             md += _scatter_section(table, summary, out_dir, files)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from megablocks_ablate.ablate import analysis as an
+from megablocks_ablate.ablate import decisions as dc
 from megablocks_ablate.ablate import roles as rl
 from megablocks_ablate.ablate.analysis import ROLE_ID, ROLE_OOD
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN
@@ -68,6 +69,8 @@ class ReportSummary:
     # proxy -> role -> figure -> method -> Corr (figures as in RoleTable.figures)
     roles: dict[str, dict[str, dict[str, dict[str, an.Corr]]]] = field(default_factory=dict)
     ranks: dict[str, dict[str, rl.RankSummary]] = field(default_factory=dict)  # proxy -> role
+    summary_row: dc.SummaryRow | None = None  # the paper's Paloma / Avg row
+    decisions: dict[str, dc.DecisionSummary] = field(default_factory=dict)  # proxy ->
 
     def fig(self, proxy: str, role: str, name: str, method: str) -> an.Corr:
         return self.roles.get(proxy, {}).get(role, {}).get(name, {}).get(method, an.Corr(math.nan))
@@ -89,13 +92,33 @@ class ReportSummary:
             f"ID pooled Pearson {ip}, Spearman {ips}",
         ]
 
+    def summary_line(self, p: str) -> str:
+        """The summary row of proxy ``p`` in one line (or why there is none)."""
+        row = self.summary_row
+        if row is None:
+            return ""
+        if not row.domains:
+            return row.missing_reason
+        a, s = row.get(p, "pearson"), row.get(p, "spearman")
+        lg = row.get(p, "pearson", "geom/log")
+        return (
+            f"{p} vs seq, summary row (mean perplexity over {', '.join(row.domains)}, "
+            f"out of domain for every validation mixture): Pearson {a.fmt()}, Spearman "
+            f"{s.fmt(ci=False, n=False)}; on mean log perplexity Pearson "
+            f"{lg.fmt(ci=False, n=False)}"
+        )
+
     def headline(self) -> str:
         """A few lines for the terminal: where the report is and the key figures."""
         lines = [f"report: {os.path.join(self.out_dir, 'report.md')}"]
         p = self.primary
         if p and p in self.roles:
             lines.append(f"headline proxy: {p}: {self.primary_reason}")
+            if self.summary_line(p):
+                lines.append(self.summary_line(p))
             lines += self._role_lines(p)
+            if p in self.decisions:
+                lines.append(f"{p} decisions: {self.decisions[p].fmt()}")
             for d, c in self.per_domain.items():
                 label = self.id_label if d == ID_DOMAIN else d
                 lines.append(
@@ -146,8 +169,24 @@ class ReportSummary:
                 }
                 for p, by_role in self.ranks.items()
             },
+            "summary_row": self._summary_row_json(),
+            "decisions": {p: d.to_json() for p, d in self.decisions.items()},
             "recommended": list(self.recommended) if self.recommended else None,
             "files": self.files,
+        }
+
+    def _summary_row_json(self) -> dict | None:
+        row = self.summary_row
+        if row is None:
+            return None
+        return {
+            "domains": row.domains,
+            "missing": row.missing_reason or None,
+            "headline_variant": dc.HEADLINE_VARIANT,
+            "cells": {
+                v: {m: {p: corr_json(c) for p, c in by_p.items()} for m, by_p in by_m.items()}
+                for v, by_m in row.cells.items()
+            },
         }
 
 
@@ -369,3 +408,84 @@ def top_k_section(table: an.ResultTable, summary: ReportSummary, top_k: int) -> 
         rows.append([f"**{label}**"] + [summary.ranks[p][role].fmt() for p in proxies])
     md.append(md_table(["eval domain"] + proxies, rows))
     return md
+
+
+def summary_row_section(summary: ReportSummary, proxies: Sequence[str]) -> list[str]:
+    """The paper's summary row (Paloma / Avg) of every proxy, each averaging and scale."""
+    row = summary.summary_row
+    md = ["", "## Summary row (the paper's Paloma / Avg row)", ""]
+    if row is None or not row.domains:
+        return md + [(row.missing_reason if row else dc.SummaryRow([], {}).missing_reason) + "."]
+    md += [
+        f"Each validation mixture's perplexity averaged over the {len(row.domains)} "
+        f"domain(s) out of domain for every validation mixture ({', '.join(row.domains)}), "
+        "then one coefficient over mixtures of proxy vs seq: `arith` = arithmetic mean "
+        "of the perplexities, `geom` = geometric mean; `raw` = the coefficient on that "
+        "mean, `log` = on its logarithm (Spearman is the same for raw and log). This is "
+        "the figure to compare with the paper's Paloma rows; `OOD mean` (the mean of "
+        "per-domain coefficients) is stricter, `OOD pooled` laxer. Cells: coefficient "
+        "[95% bootstrap interval over mixtures] n=mixtures.",
+        "",
+    ]
+    header = ["proxy"] + [f"{m.capitalize()} {v}" for m in METHODS for v in dc.VARIANTS]
+    rows = [
+        [f"**{p}**" if p == summary.primary else p]
+        + [row.get(p, m, v).fmt() for m in METHODS for v in dc.VARIANTS]
+        for p in proxies
+    ]
+    return md + [md_table(header, rows)]
+
+
+def _pct(v: float) -> str:
+    return "-" if math.isnan(v) else f"{100 * v:.2f}%"
+
+
+def decisions_section(table: an.ResultTable, summary: ReportSummary) -> list[str]:
+    """Per proxy and OOD domain (and the summary row): the pick's seq rank, top-3
+    overlap and regret; then each proxy's aggregate over the OOD domains."""
+    proxies = [p for p in rl.ordered_proxies(table.proxies) if p in summary.decisions]
+    if not proxies:
+        return []
+    md = [
+        "",
+        "## Decisions: how good is the proxy's pick under seq?",
+        "",
+        "Per out-of-domain domain (over the mixtures for which it is out of domain) and "
+        "on the summary row: `seq rank/n` of the proxy's lowest-perplexity mixture (1 = "
+        f"seq's best too; §A.5), how many of the proxy's top {dc.TOP} are in seq's top "
+        f"{dc.TOP}, and the regret: the seq perplexity of the pick over seq's best, "
+        "minus 1. Rows with fewer than "
+        f"{an.MIN_POINTS} validated mixtures are left out.",
+        "",
+    ]
+    keys = [d for d in table.domains if any(d in _rows(summary, p) for p in proxies)]
+    keys += [dc.SUMMARY_ROW] if any(summary.decisions[p].summary for p in proxies) else []
+    rows = []
+    for key in keys:
+        cells = []
+        for p in proxies:
+            d = _rows(summary, p).get(key)
+            cells.append(
+                "-"
+                if d is None
+                else f"{d.seq_rank}/{d.n}, {d.top_overlap}/{dc.TOP}, {_pct(d.regret)}"
+            )
+        rows.append(["**summary row**" if key == dc.SUMMARY_ROW else key] + cells)
+    for label, fn in (
+        ("**pick in seq's top 2 (OOD domains)**", lambda s: f"{s.share_top2:.0%} of {s.n}"),
+        ("**mean regret (OOD domains)**", lambda s: _pct(s.mean_regret)),
+        ("**max regret (OOD domains)**", lambda s: _pct(s.max_regret)),
+        (f"**mean top-{dc.TOP} overlap**", lambda s: f"{s.mean_overlap:.2f}"),
+    ):
+        rows.append(
+            [label] + [fn(summary.decisions[p]) if summary.decisions[p].n else "-" for p in proxies]
+        )
+    return md + [md_table(["row"] + proxies, rows)]
+
+
+def _rows(summary: ReportSummary, proxy: str) -> dict[str, dc.Decision]:
+    ds = summary.decisions[proxy]
+    out = {d.row: d for d in ds.domains}
+    if ds.summary:
+        out[dc.SUMMARY_ROW] = ds.summary
+    return out

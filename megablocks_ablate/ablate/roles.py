@@ -43,6 +43,7 @@ import numpy as np
 
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate.analysis import ROLE_ID, ROLE_OOD, Corr, ResultTable
+from megablocks_ablate.ablate.bootstrap import mean_interval
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN
 
 ROLE_ALL = "all"  # every mixture, whatever the domain's role
@@ -105,10 +106,25 @@ def id_label(table: ResultTable) -> str:
     return f"{ID_DOMAIN} ({joined})"
 
 
-def _mean(cells: dict[str, dict[str, Corr]], proxy: str) -> Corr:
-    """Mean of the defined per-domain coefficients (``n`` = how many were defined)."""
-    rs = [c[proxy].r for c in cells.values() if not math.isnan(c[proxy].r)]
-    return Corr(float(np.mean(rs)) if rs else math.nan, n=len(rs))
+def _mean(
+    table: ResultTable,
+    cells: dict[str, dict[str, Corr]],
+    proxy: str,
+    method: str,
+    role: str,
+    boot: tuple[int, int],
+) -> Corr:
+    """Mean of the defined per-domain coefficients (``n`` = how many were defined), with
+    a bootstrap interval that resamples the mixtures all those domains share
+    (:func:`~.bootstrap.mean_interval`)."""
+    domains = [d for d, c in cells.items() if not math.isnan(c[proxy].r)]
+    if not domains:
+        return Corr(math.nan, per="domains")
+    columns = [table.paired(proxy, d, _role(role)) for d in domains]
+    lo, hi = mean_interval(columns, method, n_boot=boot[0], seed=boot[1])
+    mixtures = len({m for ids, _, _ in columns for m in ids})
+    r = float(np.mean([cells[d][proxy].r for d in domains]))
+    return Corr(r, lo, hi, n=len(domains), mixtures=mixtures, per="domains")
 
 
 def _role(role: str) -> str | None:
@@ -124,6 +140,9 @@ def _figures(
     id_row: dict,
     boot: tuple[int, int],  # (n_boot, seed)
 ) -> dict[str, dict[str, dict[str, Corr]]]:
+    def mean(role: str, p: str) -> Corr:
+        return _mean(table, per_domain[role], p, method, role, boot)
+
     def pooled(role: str) -> dict[str, Corr]:
         return {
             p: an.pooled_correlation(
@@ -134,16 +153,16 @@ def _figures(
 
     return {
         ROLE_OOD: {
-            "mean": {p: _mean(per_domain[ROLE_OOD], p) for p in proxies},
+            "mean": {p: mean(ROLE_OOD, p) for p in proxies},
             "pooled": pooled(ROLE_OOD),
         },
         ROLE_ID: {
             "row": {p: id_row.get(p, Corr(math.nan)) for p in proxies},
-            "mean": {p: _mean(per_domain[ROLE_ID], p) for p in proxies},
+            "mean": {p: mean(ROLE_ID, p) for p in proxies},
             "pooled": pooled(ROLE_ID),
         },
         ROLE_ALL: {
-            "mean": {p: _mean(per_domain[ROLE_ALL], p) for p in proxies},
+            "mean": {p: mean(ROLE_ALL, p) for p in proxies},
             "pooled": pooled(ROLE_ALL),
         },
     }

@@ -192,12 +192,17 @@ def test_two_lines_ood_id_and_all_domain_coefficients(two_lines):
     assert rt.figure("merged", "all", "pooled").r == pytest.approx(every, abs=1e-12)
     # each regime lies on its own line; pooling both reads lower than either
     assert ood > 0.99 and idp > 0.99 and every < min(ood, idp) - 0.01
-    per_domain = {
-        d: _corr(points, lambda p, d=d: p[1] == d and p[2] == "ood")[0] for d in DOMAINS_2L
-    }
-    for d, r in per_domain.items():
-        assert rt.row(d).cells["merged"].r == pytest.approx(r, abs=1e-12)
-    assert rt.figure("merged", "ood", "mean").r == pytest.approx(np.mean(list(per_domain.values())))
+    per_domain = {d: _corr(points, lambda p, d=d: p[1] == d and p[2] == "ood") for d in DOMAINS_2L}
+    for d, (r, n) in per_domain.items():
+        cell = rt.row(d).cells["merged"]
+        assert cell.n == n
+        if n < an.MIN_POINTS:  # the 3 pairs without a partition: no coefficient
+            assert math.isnan(cell.r) and cell.fmt() == f"– n={n}"
+        else:
+            assert cell.r == pytest.approx(r, abs=1e-12)
+    defined = [r for r, n in per_domain.values() if n >= an.MIN_POINTS]
+    assert len(defined) == len(ROLE_EXTRA) == rt.figure("merged", "ood", "mean").n
+    assert rt.figure("merged", "ood", "mean").r == pytest.approx(np.mean(defined))
     # layout: ID rows first, then domains (OOD), per-role summaries, role-blind last
     assert [r.key for r in rt.rows] == ["P1", "P2", ID_DOMAIN] + DOMAINS_2L + [
         rl.OOD_MEAN_ROW,
@@ -232,7 +237,7 @@ def test_p_rows_follow_the_study_order(two_lines, tmp_path):
 def test_fixed_partition_comes_first(tmp_path):
     # z is last in the study's order but in every validation mixture: it is P1
     store, mixtures, points = fill_roles_store(
-        str(tmp_path / "f.sqlite"), order=("a", "b", "c", "z"), fixed="z"
+        str(tmp_path / "f.sqlite"), order=("a", "b", "c", "d", "z"), fixed="z"
     )
     t = an.build_table(store)
     store.close()

@@ -1,0 +1,163 @@
+"""Cross-scored fidelity: every arm's proxies against every arm's seq references.
+
+    python benchmarks/cross_fidelity.py --units NAME=STUDY_DIR [--units ...] \
+        --seq NAME=STUDY_DIR [--seq ...] [--retrained NAME=STUDY_DIR ...] \
+        [--proxy merged] [--n-boot 1000] [--json OUT]
+
+Two settings of a study (say unit models started from the seed's optimizer state or
+from a fresh one) are compared fairly only against the *same* seq models. Each
+``--units`` study gives the proxy values (its merged models), each ``--seq`` study the
+seq values (its seq validation models); the studies must share mixtures and evaluation
+domains (one corpus, one seed). For every (units, seq) pair the script prints the
+figures a user acts on, for ``--proxy`` vs seq:
+
+* ``OOD mean``: mean over evaluation domains of Pearson over the mixtures for which
+  the domain is out of domain (a domain with fewer than 4 such mixtures is left out),
+  with its 95% bootstrap interval over mixtures;
+* ``summary``: the paper's summary row (:mod:`megablocks_ablate.ablate.decisions`):
+  Pearson over mixtures of the mean perplexity over the domains out of domain for
+  every validation mixture, with its interval;
+* ``top-2``: share of OOD domains whose proxy pick is within seq's top 2;
+  ``regret``: mean over OOD domains of seq(pick) / seq(best) - 1.
+
+``--retrained NAME=STUDY_DIR`` names a study whose seq models retrain those of the
+``--seq`` study NAME under another data order (``validation.train.overrides:
+[data.seed=7]``): its seq models are then scored as if they were a proxy for NAME's.
+That row is the noise ceiling of the reference: what an independently retrained seq
+model reads against it (no proxy can be expected to do better on these figures), and
+sqrt(r) of its OOD mean is the attenuation ceiling of a noise-free proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+from megablocks_ablate.ablate import analysis as an
+from megablocks_ablate.ablate import decisions as dc
+from megablocks_ablate.ablate import roles as rl
+from megablocks_ablate.ablate.analysis import ROLE_OOD, SEQ
+from megablocks_ablate.ablate.store import StoreError, read_study_table
+from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
+
+RETRAINED = "seq_retrained"  # the proxy name a retrained seq reference is scored under
+
+
+def load(path: str) -> an.ResultTable:
+    try:
+        return read_study_table(path)
+    except StoreError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def crossed(units: an.ResultTable, seq: an.ResultTable, proxy: str) -> an.ResultTable:
+    """``units``' ``proxy`` values against ``seq``'s seq values, over the mixtures and
+    domains both have; SystemExit when they share no validated mixture."""
+    if proxy not in units.values:
+        raise SystemExit(f"error: the units study has no {proxy!r} scores")
+    values = {proxy: units.values[proxy], SEQ: seq.values.get(SEQ, {})}
+    table = dataclasses.replace(units, values=values, proxies=[proxy])
+    if not any(m in units.mixtures for m in seq.seq_mixtures):
+        raise SystemExit("error: the two studies share no validated mixture (another corpus?)")
+    return table
+
+
+def retrained(seq: an.ResultTable, again: an.ResultTable) -> an.ResultTable:
+    """``again``'s seq models scored as proxy :data:`RETRAINED` against ``seq``'s."""
+    values = {RETRAINED: again.values.get(SEQ, {}), SEQ: seq.values.get(SEQ, {})}
+    return dataclasses.replace(seq, values=values, proxies=[RETRAINED])
+
+
+def figures(table: an.ResultTable, proxy: str, n_boot: int, seed: int = 0) -> dict:
+    """The OOD mean, summary row and decision figures of ``proxy`` vs seq."""
+    rt = rl.role_table(table, "pearson", proxies=[proxy], n_boot=n_boot, seed=seed)
+    mean = rt.figure(proxy, ROLE_OOD, "mean")
+    row = dc.summary_row(table, [proxy], n_boot=n_boot, seed=seed)
+    summ, spear = row.get(proxy), row.get(proxy, "spearman")
+    ds = dc.decisions(table, proxy)
+    return {
+        "ood_mean": _corr(mean),
+        "summary": _corr(summ),
+        "summary_spearman": _corr(spear),
+        "summary_domains": row.domains,
+        "share_top2": _num(ds.share_top2),
+        "mean_regret": _num(ds.mean_regret),
+        "max_regret": _num(ds.max_regret),
+        "n_domains": ds.n,
+        "summary_pick_rank": ds.summary.seq_rank if ds.summary else None,
+        "summary_regret": ds.summary.regret if ds.summary else None,
+    }
+
+
+def _num(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def _corr(c: an.Corr) -> dict:
+    return {"r": _num(c.r), "lo": _num(c.lo), "hi": _num(c.hi), "n": c.n}
+
+
+def _cell(c: dict) -> str:
+    if c["r"] is None:
+        return "–"
+    ci = f" [{c['lo']:.2f}, {c['hi']:.2f}]" if c["lo"] is not None else ""
+    return f"{c['r']:.3f}{ci}"
+
+
+def _row(units: str, seq: str, f: dict) -> str:
+    top2 = "–" if f["share_top2"] is None else f"{f['share_top2']:.0%} of {f['n_domains']}"
+    reg = "–" if f["mean_regret"] is None else f"{100 * f['mean_regret']:.2f}%"
+    return f"| {units} | {seq} | {_cell(f['ood_mean'])} | {_cell(f['summary'])} | {top2} | {reg} |"
+
+
+def _named(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise SystemExit(f"error: {flag}: expected NAME=STUDY_DIR, got {item!r}")
+        out[name] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--units", action="append", required=True, metavar="NAME=STUDY_DIR")
+    ap.add_argument("--seq", action="append", required=True, metavar="NAME=STUDY_DIR")
+    ap.add_argument("--retrained", action="append", default=[], metavar="NAME=STUDY_DIR")
+    ap.add_argument("--proxy", default="merged", help="the proxy of the units studies")
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "cross_fidelity")
+    units, seqs = _named(args.units, "--units"), _named(args.seq, "--seq")
+    again = _named(args.retrained, "--retrained")
+    unknown = sorted(set(again) - set(seqs))
+    if unknown:
+        raise SystemExit(f"error: --retrained {unknown[0]}: no --seq study of that name")
+    tables = {n: load(p) for n, p in {**units, **seqs}.items()}
+    result: dict = {"proxy": args.proxy, "cells": {}, "ceilings": {}}
+    print(f"{args.proxy} vs seq; OOD mean and summary row: Pearson [95% interval]")
+    print("| units | seq reference | OOD mean | summary row | pick in seq top 2 | mean regret |")
+    print("|---|---|---|---|---|---|")
+    for u in units:
+        for s in seqs:
+            f = figures(crossed(tables[u], tables[s], args.proxy), args.proxy, args.n_boot)
+            result["cells"].setdefault(u, {})[s] = f
+            print(_row(u, s, f))
+    for s, path in again.items():
+        f = figures(retrained(tables[s], load(path)), RETRAINED, args.n_boot)
+        r = f["ood_mean"]["r"]
+        f["attenuation_ceiling"] = math.sqrt(r) if r is not None and r > 0 else None
+        result["ceilings"][s] = f
+        print(_row("seq retrained (noise ceiling)", s, f))
+    if args.json:
+        write_result(args.json, "cross_fidelity", result, command_line(__file__, argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""benchmarks/cross_fidelity.py: every arm's proxy against every arm's seq reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from study_fixtures import fill_roles_store, load_benchmark
+
+from megablocks_ablate.ablate import decisions as dc
+from megablocks_ablate.ablate import roles as rl
+from megablocks_ablate.ablate.analysis import SEQ
+from megablocks_ablate.ablate.store import read_study_table, store_path
+
+
+@pytest.fixture(scope="module")
+def cf():
+    return load_benchmark("cross_fidelity")
+
+
+@pytest.fixture
+def studies(tmp_path):
+    """Two studies of one design (same mixtures and domains), other noise draws."""
+    dirs = {}
+    for name, seed in (("a", 3), ("b", 5)):
+        d = tmp_path / name
+        d.mkdir()
+        store, _, _ = fill_roles_store(store_path(str(d)), seed=seed)
+        store.close()
+        dirs[name] = str(d)
+    return dirs
+
+
+def test_crossed_takes_proxy_from_one_and_seq_from_the_other(cf, studies):
+    a, b = read_study_table(studies["a"]), read_study_table(studies["b"])
+    t = cf.crossed(a, b, "merged")
+    assert t.values["merged"] == a.values["merged"] and t.values[SEQ] == b.values[SEQ]
+    same = cf.figures(cf.crossed(a, a, "merged"), "merged", n_boot=0)
+    want = rl.role_table(a, "pearson", proxies=["merged"], n_boot=0)
+    assert same["ood_mean"]["r"] == pytest.approx(want.figure("merged", "ood", "mean").r)
+    row = dc.summary_row(a, ["merged"], n_boot=0)
+    assert same["summary"]["r"] == pytest.approx(row.get("merged").r)
+    other = cf.figures(t, "merged", n_boot=0)
+    assert other["summary"]["r"] != pytest.approx(same["summary"]["r"])
+
+
+def test_a_reference_against_itself_is_the_ceiling(cf, studies):
+    a = read_study_table(studies["a"])
+    f = cf.figures(cf.retrained(a, a), cf.RETRAINED, n_boot=0)
+    assert f["ood_mean"]["r"] == pytest.approx(1.0) and f["summary"]["r"] == pytest.approx(1.0)
+    assert f["share_top2"] == 1.0 and f["mean_regret"] == 0.0
+
+
+def test_cli_prints_the_grid_and_writes_json(cf, studies, tmp_path, capsys):
+    out = tmp_path / "x.json"
+    args = ["--units", f"A={studies['a']}", "--units", f"B={studies['b']}"]
+    args += ["--seq", f"A={studies['a']}", "--retrained", f"A={studies['a']}"]
+    assert cf.main([*args, "--n-boot", "50", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| A | A |" in printed and "| B | A |" in printed and "noise ceiling" in printed
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "cross_fidelity" and set(data["cells"]) == {"A", "B"}
+    assert data["ceilings"]["A"]["attenuation_ceiling"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="no --seq study"):
+        cf.main([*args, "--retrained", f"Z={studies['b']}"])
+    with pytest.raises(SystemExit, match="NAME=STUDY_DIR"):
+        cf.main(["--units", "oops", "--seq", f"A={studies['a']}"])
