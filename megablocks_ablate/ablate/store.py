@@ -388,6 +388,26 @@ class ResultStore:
                 r.domain,
             )
 
+    def windows(self) -> set[int]:
+        """The evaluation window lengths (provenance ``max_len``) of the stored rows, both
+        tables; rows from before the window was recorded are left out."""
+        found: set[int] = set()
+        for table in ("results", "unit_results"):
+            try:  # SQLite's JSON functions (built in since 3.38, an option before)
+                values = [
+                    v
+                    for (v,) in self._db.execute(
+                        f"SELECT DISTINCT json_extract(provenance, '$.max_len') FROM {table}"
+                    )
+                ]
+            except sqlite3.OperationalError:
+                values = [
+                    json.loads(p).get("max_len")
+                    for (p,) in self._db.execute(f"SELECT provenance FROM {table}")
+                ]
+            found.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+        return found
+
     def count(self, table: str = "results") -> int:
         if table not in ("results", "unit_results", "mixtures"):
             raise ValueError(f"unknown table {table!r}")

@@ -12,7 +12,12 @@ Training state (optimizer, RNG, trainer progress) is not a model checkpoint and 
 in :mod:`megablocks_ablate.train.state`.
 """
 
-from megablocks_ablate.checkpoint.lineage import LINEAGE_KINDS, Lineage
+from megablocks_ablate.checkpoint.lineage import (
+    LINEAGE_KINDS,
+    Lineage,
+    merged_seq_len,
+    trained_seq_len,
+)
 from megablocks_ablate.checkpoint.model_dir import (
     CONFIG_FILE,
     LINEAGE_FILE,
@@ -46,6 +51,7 @@ __all__ = [
     "fsync_path",
     "load_model_checkpoint",
     "map_model_weights",
+    "merged_seq_len",
     "model_file",
     "model_hash",
     "open_model_weights",
@@ -54,6 +60,7 @@ __all__ = [
     "safetensors_header",
     "save_model_checkpoint",
     "staged_checkpoint_dir",
+    "trained_seq_len",
     "write_checkpoint_meta",
     "write_json",
 ]

@@ -4,16 +4,28 @@ The lineage is what makes merging safe: unit models may only be averaged when th
 continue from the same seed (``seed_hash``) with the same tokenizer
 (``tokenizer_fingerprint``). ``seed_hash`` is the sha256 of the seed checkpoint's
 ``model.safetensors`` (:func:`~megablocks_ablate.checkpoint.model_hash`).
+
+**Trained context.** ``trained_seq_len`` is the sequence length the weights were trained
+at: the positions evaluation may score without asking (docs/evaluation.md). The trainer
+records its ``seq_len``; ``import-hf`` the exported lineage's value, else the Hugging
+Face config's ``max_position_embeddings``; a merge the minimum over its inputs
+(:func:`merged_seq_len`). A checkpoint from before the field reads it from the trainer's
+older ``extra["seq_len"]``, else falls back to the model's ``max_seq_len`` with one
+warning naming it (:func:`trained_seq_len`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from megablocks_ablate.errors import DataFormatError
+
+logger = logging.getLogger(__name__)
 
 LINEAGE_KINDS = ("seed", "unit", "seq", "merged", "imported")
 
@@ -32,6 +44,8 @@ class Lineage:
     tokenizer_fingerprint: fingerprint of the tokenizer the model expects.
     parents: for merges, the input checkpoints (paths or hashes).
     extra: free-form JSON-serialisable details.
+    trained_seq_len: the sequence length the weights were trained at (None: not
+        recorded; see the module docstring).
     """
 
     kind: str
@@ -42,6 +56,7 @@ class Lineage:
     tokenizer_fingerprint: str | None = None
     parents: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    trained_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +92,16 @@ class Lineage:
             raise bad("tokens_seen", "a non-negative integer", self.tokens_seen)
         if not isinstance(self.extra, dict):
             raise bad("extra", "an object", self.extra)
+        if self.trained_seq_len is not None and not _positive_int(self.trained_seq_len):
+            raise bad("trained_seq_len", "a positive integer or null", self.trained_seq_len)
+
+    def recorded_seq_len(self) -> int | None:
+        """The trained sequence length this lineage records: ``trained_seq_len``, else
+        the trainer's older record ``extra["seq_len"]``; None when neither is there."""
+        if self.trained_seq_len is not None:
+            return self.trained_seq_len
+        legacy = self.extra.get("seq_len")
+        return legacy if _positive_int(legacy) else None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -111,3 +136,55 @@ class Lineage:
             ]
         obj.validate(where)
         return obj
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+_warned_unrecorded: set[str] = set()  # checkpoints already warned about (once each)
+
+
+def trained_seq_len(lineage: Lineage, max_seq_len: int, where: str) -> int:
+    """The sequence length the checkpoint ``where`` was trained at, never above its
+    model's ``max_seq_len``. A lineage that records none (written before the field, or a
+    merge of such inputs) falls back to ``max_seq_len``, with one warning per checkpoint."""
+    recorded = lineage.recorded_seq_len()
+    if recorded is not None:
+        return min(recorded, max_seq_len)
+    if where not in _warned_unrecorded:
+        _warned_unrecorded.add(where)
+        logger.warning(
+            "%s: its lineage records no trained_seq_len (written before it was recorded); "
+            "assuming it was trained at the model's max_seq_len=%d",
+            where,
+            max_seq_len,
+        )
+    return max_seq_len
+
+
+def merged_seq_len(lineages: Mapping[str, Lineage], what: str = "merge") -> int | None:
+    """The trained length a merge of ``lineages`` (``{name: lineage}``) inherits: the
+    minimum over its inputs, with a warning when they disagree; None (not recorded) when
+    any input records none, so the merged checkpoint's reader falls back and warns."""
+    lengths = {name: lin.recorded_seq_len() for name, lin in lineages.items()}
+    unknown = [name for name, n in lengths.items() if n is None]
+    if unknown or not lengths:
+        if unknown:
+            logger.warning(
+                "%s: input %s records no trained_seq_len, so the merge records none",
+                what,
+                unknown[0],
+            )
+        return None
+    known = {name: n for name, n in lengths.items() if n is not None}
+    low = min(known.values())
+    if len(set(known.values())) > 1:
+        logger.warning(
+            "%s: the inputs were trained at different lengths (%s); the merge records "
+            "the minimum, %d",
+            what,
+            ", ".join(f"{name} {n}" for name, n in known.items()),
+            low,
+        )
+    return low

@@ -9,6 +9,11 @@ directory (its held-out files, one domain per partition), or files / globs / NAM
 Documents are tokenized once per tokenizer and cached (--cache-dir). Several --model
 checkpoints are evaluated one after the other on the same in-memory data. Under torchrun,
 mpiexec or srun the documents are sharded over the ranks; rank 0 writes --out.
+
+Each model is scored in windows of the sequence length it was trained at (its lineage's
+trained_seq_len); --max-len beyond that is refused, naming both numbers, unless
+--beyond-trained-context asks for the untrained positions. The results record each
+model's window (models.<ckpt>.max_len) and trained length.
 """
 
 from __future__ import annotations
@@ -58,7 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "non-overlapping windows); smaller = sliding windows with more context",
     )
     p.add_argument(
-        "--max-len", type=int, default=None, help="window length (default: the model's max_seq_len)"
+        "--max-len",
+        type=int,
+        default=None,
+        help="window length (default: the sequence length each model was trained at, its "
+        "lineage's trained_seq_len); longer is refused unless --beyond-trained-context",
+    )
+    p.add_argument(
+        "--beyond-trained-context",
+        action="store_true",
+        help="allow a --max-len beyond the length a model was trained at (up to its "
+        "max_seq_len): scores positions it never trained on",
     )
     p.add_argument(
         "--batch-tokens",
@@ -147,8 +162,11 @@ def _run(args: argparse.Namespace, denv) -> int:
     rank, world, device = denv.rank, denv.world_size, denv.device
     _check_out(args.out)
 
-    # Every checkpoint's lineage first: a tokenizer mismatch fails before any work.
-    metas = {ckpt: read_checkpoint_meta(ckpt)[1] for ckpt in args.model}
+    # Every checkpoint's config and lineage first: a window beyond a model's trained
+    # length or a tokenizer mismatch fails before any work.
+    full = {ckpt: read_checkpoint_meta(ckpt) for ckpt in args.model}
+    windows = {ckpt: _window(args, ckpt, *meta) for ckpt, meta in full.items()}
+    metas = {ckpt: lineage for ckpt, (_, lineage) in full.items()}
     tokenizer = _resolve_tokenizer(metas, args.tokenizer)
     for ckpt, lineage in metas.items():
         check_tokenizer(
@@ -167,7 +185,7 @@ def _run(args: argparse.Namespace, denv) -> int:
     )
     out = _report_header(args, world, tokenizer, suite)
     for ckpt in args.model:
-        out["models"][ckpt] = _evaluate_model(args, ckpt, suite, device, rank)
+        out["models"][ckpt] = _evaluate_model(args, ckpt, windows[ckpt], suite, device, rank)
     if rank == 0:
         parent = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(parent, exist_ok=True)
@@ -175,6 +193,31 @@ def _run(args: argparse.Namespace, denv) -> int:
         sweep_stale_temporaries(parent, os.path.basename(args.out))
         print(f"wrote {args.out}")
     return 0
+
+
+def _window(args: argparse.Namespace, ckpt: str, config: dict, lineage) -> tuple[int, int]:
+    """``(window, trained length)`` of one checkpoint, checked (see the module docstring)."""
+    from megablocks_ablate.checkpoint import CONFIG_FILE, trained_seq_len
+    from megablocks_ablate.evaluate.windows import (
+        BEYOND_FLAG,
+        resolve_window,
+        validate_window_args,
+    )
+    from megablocks_ablate.model.config import ModelConfig
+
+    max_seq_len = ModelConfig.from_dict(config, _path=os.path.join(ckpt, CONFIG_FILE)).max_seq_len
+    trained = trained_seq_len(lineage, max_seq_len, ckpt)
+    window = resolve_window(
+        args.max_len,
+        trained,
+        max_seq_len,
+        ckpt,
+        beyond=args.beyond_trained_context,
+        flag="--max-len",
+        beyond_flag=BEYOND_FLAG,
+    )
+    validate_window_args(window, args.stride)
+    return window, trained
 
 
 def _check_out(path: str) -> None:
@@ -197,7 +240,8 @@ def _report_header(args: argparse.Namespace, world: int, tokenizer, suite) -> di
         "format": "megablocks-ablate/eval@1",
         "settings": {
             "stride": args.stride,
-            "max_len": args.max_len,
+            "max_len": args.max_len,  # null: each model's trained length
+            "beyond_trained_context": args.beyond_trained_context,
             "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS,
             "world_size": world,
             "text_key": args.text_key,
@@ -210,18 +254,23 @@ def _report_header(args: argparse.Namespace, world: int, tokenizer, suite) -> di
     }
 
 
-def _evaluate_model(args: argparse.Namespace, ckpt: str, suite, device, rank: int) -> dict:
+def _evaluate_model(
+    args: argparse.Namespace, ckpt: str, window: tuple[int, int], suite, device, rank: int
+) -> dict:
     """One checkpoint on every domain: its lineage, window length and results."""
     from megablocks_ablate.evaluate import evaluate, results_table
     from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS
     from megablocks_ablate.model.loading import load_model
 
     model, lineage = load_model(ckpt, device=device)
+    max_len, trained = window
     results = evaluate(
         model,
         suite,
         stride=args.stride,
-        max_len=args.max_len,
+        max_len=max_len,
+        trained_len=trained,
+        beyond_trained_context=args.beyond_trained_context,
         batch_tokens=args.batch_tokens or DEFAULT_BATCH_TOKENS,
         tokenizer_fingerprint=lineage.tokenizer_fingerprint,
         show_progress=args.progress and rank == 0,
@@ -231,6 +280,7 @@ def _evaluate_model(args: argparse.Namespace, ckpt: str, suite, device, rank: in
         print(f"{ckpt}:\n{results_table(results)}")
     return {
         "lineage": lineage.to_dict(),
-        "max_len": model.cfg.max_seq_len if args.max_len is None else args.max_len,
+        "max_len": max_len,  # the window every document was scored in
+        "trained_seq_len": trained,
         "results": {d: r.to_dict() for d, r in results.items()},
     }

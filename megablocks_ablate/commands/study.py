@@ -71,6 +71,24 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _window_args(p: argparse.ArgumentParser) -> None:
+    """The evaluation window (docs/evaluation.md "Trained context"), for every action
+    that scores models."""
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="evaluation: window length (default: the sequence length the study's unit "
+        "and seq models were trained at); longer is refused unless --beyond-trained-context",
+    )
+    p.add_argument(
+        "--beyond-trained-context",
+        action="store_true",
+        help="evaluation: allow a --max-len beyond the trained length (up to the model's "
+        "max_seq_len): scores positions no model trained on",
+    )
+
+
 def _add_plan(actions: argparse._SubParsersAction) -> None:
     plan = actions.add_parser("plan", help="check a study spec and print the plan and its cost")
     _spec_args(plan)
@@ -111,6 +129,7 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
         default=None,
         help="evaluation: sliding-window stride (default: non-overlapping windows)",
     )
+    _window_args(run)
     _pool_args(run)
     run.add_argument("--report", action="store_true", help="write report/ when done")
     run.add_argument(
@@ -156,6 +175,7 @@ def _add_search(actions: argparse._SubParsersAction) -> None:
         "(default: all; the score is their geometric-mean perplexity)",
     )
     search.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
+    _window_args(search)
     _pool_args(search)
     search.set_defaults(func=run_search)
 
@@ -213,6 +233,7 @@ def _add_optimize(actions: argparse._SubParsersAction) -> None:
         "--no-regression", action="store_true", help="skip the RegMix-style regression"
     )
     opt.add_argument("--out", help="result JSON (default: <out_dir>/optimize/<request hash>.json)")
+    _window_args(opt)
     _pool_args(opt)
     opt.set_defaults(func=run_optimize)
 
@@ -239,6 +260,8 @@ def run_run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_tokens=args.batch_tokens,
         stride=args.stride,
+        max_len=args.max_len,
+        beyond_trained_context=args.beyond_trained_context,
         lock_timeout_s=None if args.wait else 0.0,
         pool_placement=args.pool_placement,
         pool_dtype=args.pool_dtype,
@@ -328,13 +351,18 @@ def parse_mixture_arg(flag: str, text: str, partitions: dict[str, list[str]]):
 
 
 def _pool_runner(study, args: argparse.Namespace):
-    """A one-process study runner with the command's pool options (search, optimize)."""
+    """A one-process study runner with the command's window and pool options (search,
+    optimize)."""
     from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
 
     return StudyRunner(
         study,
         RunOptions(
-            pool_placement=args.pool_placement, pool_dtype=args.pool_dtype, pool_dir=args.pool_dir
+            max_len=args.max_len,
+            beyond_trained_context=args.beyond_trained_context,
+            pool_placement=args.pool_placement,
+            pool_dtype=args.pool_dtype,
+            pool_dir=args.pool_dir,
         ),
     )
 

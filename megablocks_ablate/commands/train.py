@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_commented_yaml(), end="")
         return 0
+    cfg.model_config()  # a seq_len beyond the model's max_seq_len: refused before any work
     from megablocks_ablate.train.trainer import train
 
     train(cfg)

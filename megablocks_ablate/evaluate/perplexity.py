@@ -44,6 +44,7 @@ from megablocks_ablate.evaluate.windows import (
     Plan,
     make_batch,
     make_plan,
+    resolve_window,
     validate_window_args,
 )
 from megablocks_ablate.utils.progress import progress
@@ -153,12 +154,18 @@ def _resolve_suite(
     return suite
 
 
-def _window_args(model, max_len: int | None, stride: int | None) -> tuple[int, int]:
-    """(max_len, stride) with defaults filled in from the model, checked."""
-    model_len = _model_max_len(model)
-    max_len = model_len if max_len is None else max_len
-    if max_len > model_len:
-        raise ConfigError(f"max_len: {max_len} exceeds the model's max_seq_len={model_len}")
+def _window_args(
+    model,
+    max_len: int | None,
+    stride: int | None,
+    trained_len: int | None = None,
+    beyond: bool = False,
+    name: str | None = None,
+) -> tuple[int, int]:
+    """(max_len, stride) with defaults filled in (the trained length), checked."""
+    max_len = resolve_window(
+        max_len, trained_len, _model_max_len(model), name or "the model", beyond=beyond
+    )
     return max_len, validate_window_args(max_len, stride)
 
 
@@ -257,6 +264,8 @@ def evaluate(
     *,
     stride: int | None = None,
     max_len: int | None = None,
+    trained_len: int | None = None,
+    beyond_trained_context: bool = False,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     tokenizer=None,
     tokenizer_fingerprint: str | None = None,
@@ -271,7 +280,11 @@ def evaluate(
         memory), or what :meth:`EvalSuite.load` takes, together with ``tokenizer``.
     stride: labels scored per window after the first; default (None) = ``max_len``,
         non-overlapping windows. Smaller = sliding windows with more context.
-    max_len: window length; default and maximum ``model.cfg.max_seq_len``.
+    max_len: window length; default ``trained_len``, at most ``model.cfg.max_seq_len``.
+    trained_len: the sequence length the model was trained at (its lineage's
+        ``trained_seq_len``, :func:`megablocks_ablate.checkpoint.trained_seq_len`); None:
+        ``model.cfg.max_seq_len``. A longer ``max_len`` is a ConfigError naming both
+        numbers, unless ``beyond_trained_context`` (scoring untrained positions on purpose).
     batch_tokens: padded tokens per forward (windows are length-bucketed).
     tokenizer_fingerprint: the tokenizer the model was trained with (its lineage); a
         suite tokenized differently is refused.
@@ -283,7 +296,9 @@ def evaluate(
         it and the domain (on every rank alike: the check is on the reduced totals).
     """
     suite = _resolve_suite(eval_sets, tokenizer, tokenizer_fingerprint, group)
-    max_len, stride = _window_args(model, max_len, stride)
+    max_len, stride = _window_args(
+        model, max_len, stride, trained_len, beyond_trained_context, name
+    )
     rank, world = rank_and_world(group)
     rp = rank_plan(suite, max_len, stride, batch_tokens, rank, world)
     table = _score_batches(model, rp, rank, autocast_dtype, show_progress)

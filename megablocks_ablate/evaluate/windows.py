@@ -183,6 +183,43 @@ class Plan:
         return range(rank, self.num_batches, world)
 
 
+BEYOND_FLAG = "--beyond-trained-context"  # the commands' opt-in to untrained positions
+
+
+def resolve_window(
+    requested: int | None,
+    trained_len: int | None,
+    max_seq_len: int,
+    name: str,
+    *,
+    beyond: bool = False,
+    flag: str = "max_len",
+    beyond_flag: str = "beyond_trained_context=True",
+) -> int:
+    """The window length (``max_len``) to score ``name`` at: ``requested``, by default
+    the length it was trained at (``trained_len``; its ``max_seq_len`` when unknown).
+
+    A window longer than the trained length scores positions the model never trained on:
+    refused (ConfigError naming both numbers and ``beyond_flag``) unless ``beyond``. One
+    longer than ``max_seq_len`` is refused always. ``flag`` names the setting in messages
+    (``--max-len`` for the commands)."""
+    trained = max_seq_len if trained_len is None else min(trained_len, max_seq_len)
+    window = trained if requested is None else requested
+    if window < 1:
+        raise ConfigError(f"{flag}: must be positive, got {window}")
+    if window > max_seq_len:
+        raise ConfigError(
+            f"{flag} {window} exceeds the max_seq_len={max_seq_len} of {name} "
+            "(the model has no positions beyond it)"
+        )
+    if window > trained and not beyond:
+        raise ConfigError(
+            f"{flag} {window} exceeds the {trained} tokens {name} was trained at; "
+            f"pass {beyond_flag} to score untrained positions"
+        )
+    return window
+
+
 def validate_window_args(max_len: int, stride: int | None) -> int:
     if max_len < 1:
         raise ConfigError(f"max_len: must be positive, got {max_len}")

@@ -40,6 +40,7 @@ from megablocks_ablate.checkpoint import (
     Lineage,
     MappedSafetensors,
     SafetensorsStreamWriter,
+    merged_seq_len,
     model_file,
     model_hash,
     read_checkpoint_meta,
@@ -229,6 +230,8 @@ def _merged_lineage(
         tokenizer_fingerprint=fingerprint,
         parents=[os.path.abspath(i.path) for i in inputs],
         extra=extra,
+        # the shortest context any input trained at (a warning when they differ)
+        trained_seq_len=merged_seq_len({i.unit: i.lineage for i in inputs}, spec.source),
     )
 
 

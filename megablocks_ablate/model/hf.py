@@ -659,6 +659,17 @@ def import_hf(hf_dir: str, out_ckpt: str) -> str:
         tokenizer_fingerprint=previous.get("tokenizer_fingerprint"),
         parents=[os.path.abspath(hf_dir)],
         extra=extra,
+        trained_seq_len=_imported_seq_len(previous, cfg.max_seq_len),
     )
     save_model_checkpoint(out_ckpt, state, cfg.to_dict(), lineage)
     return out_ckpt
+
+
+def _imported_seq_len(previous: dict, max_position_embeddings: int) -> int:
+    """The trained length an imported model records: what our own export's lineage
+    recorded (``trained_seq_len``, or the trainer's older ``extra.seq_len``), else the
+    Hugging Face config's ``max_position_embeddings`` (the context its authors declare)."""
+    for value in (previous.get("trained_seq_len"), (previous.get("extra") or {}).get("seq_len")):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return min(value, max_position_embeddings)
+    return max_position_embeddings

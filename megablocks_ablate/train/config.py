@@ -355,6 +355,24 @@ class TrainConfig(Config):
         presets derive from one another by ``base:`` (see :meth:`Config.load_preset`)."""
         return cls.load_preset(PRESET_DIR, name, overrides, what="train preset")
 
+    def model_config(self):
+        """The model preset with ``model_overrides``, resolved; ConfigError when the run's
+        ``seq_len`` exceeds its ``max_seq_len`` (positions the model has no room for).
+
+        Not part of :meth:`validate`: the field defaults (``seq_len`` 2048, model
+        ``tiny``) do not fit together, and ``--print-config`` shows a config whose model
+        does not resolve. The trainer, ``train`` and ``study`` call it before any work."""
+        from megablocks_ablate.model.config import ModelConfig
+
+        model = ModelConfig.from_preset(self.model, self.model_overrides)
+        if self.seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"seq_len: {self.seq_len} exceeds the max_seq_len={model.max_seq_len} of "
+                f"model {self.model!r}; lower seq_len, or raise max_seq_len "
+                f"(model_overrides: [max_seq_len={self.seq_len}])"
+            )
+        return model
+
     def references(self) -> dict[str, tuple[str, Config]]:
         """The model preset, resolved, shown after ``model_overrides`` by ``--print-config``."""
         from megablocks_ablate.model.config import ModelConfig

@@ -128,14 +128,8 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def _build_model(self):
-        from megablocks_ablate.model.config import ModelConfig
-
         cfg = self.cfg
-        mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
-        if cfg.seq_len > mcfg.max_seq_len:
-            raise ConfigError(
-                f"seq_len: {cfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}"
-            )
+        mcfg = cfg.model_config()  # seq_len within the model's max_seq_len, checked
         vocab = int(self.manifest.data["tokenizer"]["vocab_size"])
         if vocab > mcfg.vocab_size:
             raise ConfigError(
@@ -291,6 +285,7 @@ class Trainer:
             tokens_seen=self._tokens(step),
             tokenizer_fingerprint=self.manifest.tokenizer_fingerprint,
             parents=[self.cfg.init_from] if self.cfg.init_from else [],
+            trained_seq_len=self.cfg.seq_len,
             extra={
                 "steps": step,
                 **self.optimizer_init,
@@ -309,6 +304,7 @@ class Trainer:
         if st.is_complete(self.out_dir):
             logger.info(f"{self.out_dir}: training already complete, nothing to do")
             return {"out_dir": self.out_dir, "skipped": True}
+        cfg.model_config()  # a seq_len the model cannot take is refused before any write
         if env.is_main:  # a run directory is ours to resume; anything else is refused
             claim_output_dir(
                 self.out_dir,

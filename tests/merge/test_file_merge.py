@@ -50,6 +50,39 @@ def test_merge_matches_weighted_sum_and_records_lineage(family, tmp_path):
     assert config == load_model_checkpoint(ckpts["cs_0"])[1]
 
 
+def _record_trained_len(ckpt: str, length: int) -> None:
+    path = os.path.join(ckpt, "lineage.json")
+    with open(path) as f:
+        lineage = json.load(f)
+    lineage["trained_seq_len"] = length
+    with open(path, "w") as f:
+        json.dump(lineage, f)
+
+
+def test_merge_inherits_the_trained_length(family, tmp_path, caplog):
+    import logging
+
+    _, ckpts = family
+    # the fixture's inputs record none: nor does the merge (its reader falls back)
+    lin = merge_checkpoints(_spec(ckpts), str(tmp_path / "none"), show_progress=False)
+    assert lin.trained_seq_len is None
+    for unit in ckpts:
+        _record_trained_len(ckpts[unit], 64)
+    lin = merge_checkpoints(_spec(ckpts), str(tmp_path / "same"), show_progress=False)
+    assert lin.trained_seq_len == 64
+    _record_trained_len(ckpts["bio_0"], 32)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lin = merge_checkpoints(_spec(ckpts), str(tmp_path / "differ"), show_progress=False)
+    assert (
+        lin.trained_seq_len
+        == 32
+        == load_model_checkpoint(str(tmp_path / "differ"))[2].trained_seq_len
+    )
+    (msg,) = [r.getMessage() for r in caplog.records if "different lengths" in r.getMessage()]
+    assert "test.yaml" in msg and "bio_0 32" in msg and "the minimum, 32" in msg
+
+
 def test_chunking_and_dtype(family, tmp_path):
     _, ckpts = family
     spec = _spec(ckpts, weights={"cs_0": 1, "bio_0": 3})

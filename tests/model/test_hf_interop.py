@@ -61,7 +61,12 @@ def test_exported_model_logits_match_transformers(tmp_path, variant):
 
 
 def test_export_import_round_trip_is_bitwise(tmp_path):
-    _checkpoint(tmp_path / "ckpt", VARIANTS["untied-mha-scaled"], tokenizer_fingerprint="abc")
+    _checkpoint(
+        tmp_path / "ckpt",
+        VARIANTS["untied-mha-scaled"],
+        tokenizer_fingerprint="abc",
+        trained_seq_len=32,
+    )
     assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     state, cfg, lineage = load_model_checkpoint(str(tmp_path / "back"))
@@ -72,6 +77,7 @@ def test_export_import_round_trip_is_bitwise(tmp_path):
     assert lineage.kind == "imported" and lineage.tokens_seen == 1234
     assert lineage.tokenizer_fingerprint == "abc"
     assert lineage.parents == [os.path.abspath(tmp_path / "hf")]
+    assert lineage.trained_seq_len == 32  # our export's record survives the round trip
 
 
 def test_bf16_round_trip_and_hf_tensor_names(tmp_path):
@@ -108,9 +114,10 @@ def test_import_of_foreign_cohere_directory(tmp_path):
     hf = transformers.CohereForCausalLM(hf_cfg).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
-    state, cfg, _ = load_model_checkpoint(str(tmp_path / "ckpt"))
+    state, cfg, lineage = load_model_checkpoint(str(tmp_path / "ckpt"))
     cfg = ModelConfig.from_dict(cfg)
     assert cfg.padded_vocab_size == 200 and cfg.qk_norm and cfg.n_kv_heads == 2
+    assert lineage.trained_seq_len == 64  # anyone else's: max_position_embeddings
     model = cfg.build().eval()
     model.load_state_dict(state)
     ids = torch.randint(0, 200, (1, 21))

@@ -58,6 +58,7 @@ def test_seed_run_outputs(seed_run, train_manifest):
     _, config, lineage = load_model_checkpoint(os.path.join(out, "final"))
     assert lineage.kind == "seed" and lineage.seed_hash is None
     assert lineage.tokens_seen == 8 * 256 and abs(sum(lineage.weights) - 1) < 1e-9
+    assert lineage.trained_seq_len == cfg.seq_len == 32  # evaluation's default window
     from megablocks_ablate.data.manifest import Manifest
 
     assert sorted(lineage.units) == sorted(Manifest.load(train_manifest).units)
@@ -89,6 +90,7 @@ def test_unit_from_seed_has_lineage_and_fresh_optimizer(seed_run, train_manifest
     assert lineage.kind == "unit" and lineage.units == ["physics-0002"]
     assert lineage.seed_hash == model_hash(seed_final)
     assert lineage.parents == [seed_final] and lineage.tokens_seen == 4 * 256
+    assert lineage.trained_seq_len == 32
     # fresh optimizer: Adam's step count at the unit's step-2 checkpoint is 2, not 8 + 2
     ckpt = st.load_train_checkpoint(st.step_dir(unit_dir, 2))
     steps = {float(v["step"]) for v in ckpt["optim"]["state"].values()}

@@ -37,17 +37,36 @@ def load_train_config(ref_field: str, config: str, overrides: list[str]) -> Trai
         raise ConfigError(f"{ref_field}: {e}") from None
 
 
-def check_train_configs(spec: StudySpec) -> int:
-    """Resolve every train config the spec names; returns the unit budget in tokens."""
-    if spec.seed.config:
-        load_train_config("seed.config", spec.seed.config, spec.seed.overrides)
-    unit_cfg = load_train_config("unit.config", spec.unit.config, spec.unit.overrides)
+def scored_train_configs(spec: StudySpec) -> dict[str, TrainConfig]:
+    """The train configs of the models a study scores, by spec field: ``unit.config``
+    (unit and partition-level models, the merges' inputs) and, when the study has seq
+    models, ``validation.train.config``; each checked against its model (``seq_len``
+    within ``max_seq_len``)."""
+    out = {"unit.config": load_train_config("unit.config", spec.unit.config, spec.unit.overrides)}
     if spec.validation.mixtures or spec.validation.n:
         over = list(spec.validation.train.overrides)
         if spec.validation.model:
             over.append(f"model={spec.validation.model}")
-        load_train_config("validation.train.config", spec.validation.train.config, over)
-    return int(unit_cfg.train_tokens)
+        out["validation.train.config"] = load_train_config(
+            "validation.train.config", spec.validation.train.config, over
+        )
+    for ref_field, cfg in out.items():
+        try:
+            cfg.model_config()
+        except MBAError as e:
+            raise ConfigError(f"{ref_field}: {e}") from None
+    return out
+
+
+def check_train_configs(spec: StudySpec) -> int:
+    """Resolve every train config the spec names; returns the unit budget in tokens."""
+    if spec.seed.config:
+        seed = load_train_config("seed.config", spec.seed.config, spec.seed.overrides)
+        try:
+            seed.model_config()
+        except MBAError as e:
+            raise ConfigError(f"seed.config: {e}") from None
+    return int(scored_train_configs(spec)["unit.config"].train_tokens)
 
 
 def resolve(spec: StudySpec) -> Study:
