@@ -147,7 +147,7 @@ def _eval_heldout(spec: EvalSpec, manifest, study_units: set[str], by_unit: bool
             manifest.heldout_path(p),
             "eval.heldout",
             f"partition {p!r}",
-            "has no held-out set (preprocess with --heldout-fraction > 0)",
+            f"has no held-out set ({manifest.heldout_missing(p)}); leave it out of eval.heldout",
         )
         domain_units[p] = [u for u in by_manifest.get(p, []) if u in study_units]
     return eval_sets, domain_units
@@ -284,3 +284,35 @@ def resolve_eval(
             "eval: no evaluation domain (set eval.heldout, eval.extra or eval.paloma)"
         )
     return eval_sets, domain_units
+
+
+def partitions_without_heldout(
+    spec: EvalSpec, manifest, parts: dict[str, list[str]], domain_units: dict[str, list[str]]
+) -> dict[str, str]:
+    """Study partition -> why it has no in-domain evaluation: no evaluation domain (its
+    held-out set, or an ``extra`` domain in-domain for it) covers any of its units, so
+    it has no in-domain row in the report and is no evaluation domain. The reason is
+    the manifest's (``heldout_missing``, written by preprocess) or the spec's."""
+    covered = {u for us in domain_units.values() for u in us}
+    missing: dict[str, str] = {}
+    for name, units in parts.items():
+        if covered.intersection(units):
+            continue
+        keys = list(dict.fromkeys(manifest.units[u]["partition"] for u in units))
+        whys = [_why_no_heldout(spec, manifest, k) for k in keys]
+        missing[name] = (
+            whys[0] if len(keys) == 1 else "; ".join(f"{k}: {w}" for k, w in zip(keys, whys))
+        )
+    return missing
+
+
+def _why_no_heldout(spec: EvalSpec, manifest, key: str) -> str:
+    """Why manifest partition ``key`` gives the study no held-out domain."""
+    missing = manifest.heldout_missing(key)
+    if missing:
+        return missing
+    if spec.heldout is False:
+        return "eval.heldout is false"
+    if isinstance(spec.heldout, list) and key not in spec.heldout:
+        return "not listed in eval.heldout"
+    return "its held-out set is not an evaluation domain"

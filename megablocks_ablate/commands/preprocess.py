@@ -6,6 +6,11 @@ the flags below, and trailing ``key=value`` overrides::
     megablocks-ablate preprocess --input 'corpus/*.jsonl.gz' --partition-by fos \\
         --order-by year --unit-tokens 50M --tokenizer tok.model \\
         --heldout-fraction 0.01 --eval 'paloma/*.jsonl' --workers 16 --out data/
+
+Every partition with two or more documents gets at least ``--heldout-min-docs``
+held-out documents (default 1), even where its ``--heldout-fraction`` share rounds to
+zero; a partition left without a held-out set is named, with the reason, in the log
+and the manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ _FLAGS = [
     ("--unit-tokens", "unit_tokens", "str", "tokens per base unit, e.g. 50M"),
     ("--remainder", "remainder", "str", "drop|keep the tail too small for a unit"),
     ("--heldout-fraction", "heldout_fraction", "float", "fraction held out per partition"),
+    (
+        "--heldout-min-docs",
+        "heldout_min_docs",
+        "int",
+        "held-out documents per partition at least, when the fraction gives fewer and "
+        "one document stays to train on (default: 1; 0 = the fraction alone)",
+    ),
     ("--eval", "eval", "list", "evaluation JSONL file(s)/glob(s) to decontaminate against"),
     ("--on-bad-line", "on_bad_line", "str", "error|skip invalid lines (default: error)"),
     ("--workers", "workers", "int", "tokenization processes (default: 1)"),

@@ -10,23 +10,33 @@ Layout (``format: megablocks-ablate/manifest@1``)::
       "inputs": [{"path", "bytes"}], "eval_sets": [{"path", "bytes"}],
       "decontamination": {"eval_paragraphs", "min_words", "false_positive_rate", ...},
       "totals": {"documents_read", "documents_train", "documents_heldout",
-                 "documents_contaminated", "bad_lines": {reason: n},
+                 "tokens_heldout", "documents_contaminated", "bad_lines": {reason: n},
                  "tokens_train", "tokens_in_units", "tokens_leftover"},
-      "partitions": {name: {"key", "documents", "tokens", "contaminated",
-                            "heldout": {"path", "documents", "sha256"} | null,
-                            "units": [unit, ...], "leftover_documents", "leftover_tokens",
-                            "heldout_leftover_documents"}},
+      "heldout": {"fraction", "min_documents", "salt",
+                  "partitions_without": {key: reason}},
+      "partitions": {key: {"name", "documents", "tokens", "contaminated",
+                           "heldout": {"path", "documents", "tokens", "minimum_added",
+                                       "sha256"} | null,
+                           "heldout_missing": reason | null,
+                           "units": [unit, ...], "leftover_documents", "leftover_tokens",
+                           "heldout_leftover_documents"}},
       "units": {name: {"partition", "index", "prefix", "documents", "tokens",
                        "order_first", "order_last", "partial",
                        "bin": {"bytes", "sha256"}, "idx": {"bytes", "sha256"},
                        "heldout": {"path", "documents", "sha256"} | null}}
     }
 
-Paths inside are relative to the manifest's directory. A unit's ``heldout`` is its share
+Paths inside are relative to the manifest's directory. A partition's ``heldout`` counts
+its held-out documents and their tokens (EOD included) and how many of them the
+held-out minimum (``heldout_min_docs``, :mod:`~megablocks_ablate.data.preprocess_minimum`)
+added; a partition without one says why in ``heldout_missing``, and the top-level
+``heldout`` records the settings and every such partition. A unit's ``heldout`` is its share
 of its partition's held-out set (the documents in its stretch of the unit order, see
 :mod:`~megablocks_ablate.data.preprocess_heldout`); ``heldout_leftover_documents`` counts
 those in a dropped remainder's stretch, in no unit's file. Manifests written before
-per-unit held-out sets lack both fields: :meth:`Manifest.unit_heldout_path` is then None.
+per-unit held-out sets lack both fields: :meth:`Manifest.unit_heldout_path` is then None;
+those written before the held-out minimum lack ``heldout``, ``heldout_missing`` and the
+held-out ``tokens`` and ``minimum_added``.
 """
 
 from __future__ import annotations
@@ -107,6 +117,14 @@ class Manifest:
         """Absolute path of ``partition``'s held-out JSONL (None: it has none)."""
         info = self.partitions[partition].get("heldout")
         return os.path.join(self.root, info["path"]) if info else None
+
+    def heldout_missing(self, partition: str) -> str | None:
+        """Why ``partition`` has no held-out set (None: it has one). Manifests written
+        before preprocess recorded the reason get a generic one."""
+        info = self.partitions[partition]
+        if info.get("heldout"):
+            return None
+        return info.get("heldout_missing") or "preprocess held out none of its documents"
 
     def unit_heldout_path(self, unit: str) -> str | None:
         """Absolute path of ``unit``'s own held-out JSONL: the held-out documents of its

@@ -12,7 +12,9 @@
   dropped by default (``remainder: keep`` makes it a final, smaller unit marked
   ``partial``); units then have equal size, as the method requires.
 * The **held-out** split is by a salted hash of the document text, so it does not
-  depend on input order, worker count or the other documents.
+  depend on input order, worker count or the other documents. (A partition whose
+  share rounds below ``heldout_min_docs`` is topped up with its training documents of
+  smallest hash after tokenization, :mod:`.preprocess_minimum`.)
 """
 
 from __future__ import annotations
@@ -80,12 +82,24 @@ def order_value(record: dict, field: str | None) -> tuple[int, float, str]:
     return (1, 0.0, s)
 
 
+def heldout_hash(text: str, salt: int = 0) -> int:
+    """The salted 64-bit hash of a document's text that decides held-out membership:
+    documents are held out in increasing order of it (:func:`is_heldout`; a partition's
+    held-out minimum takes its training documents of smallest hash)."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(salt).encode()).digest()
+    return int.from_bytes(h, "little")
+
+
+def hash_below(h: int, fraction: float) -> bool:
+    """Whether hash ``h`` (:func:`heldout_hash`) falls in the held-out ``fraction``."""
+    return h / 2.0**64 < fraction
+
+
 def is_heldout(text: str, fraction: float, salt: int = 0) -> bool:
     """Deterministic held-out membership from a salted hash of the document text."""
     if fraction <= 0.0:
         return False
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(salt).encode()).digest()
-    return int.from_bytes(h, "little") / 2.0**64 < fraction
+    return hash_below(heldout_hash(text, salt), fraction)
 
 
 def split_units(

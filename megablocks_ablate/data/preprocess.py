@@ -6,6 +6,8 @@
         ──workers: parse · partition · held-out hash · decontaminate · tokenize+EOD──▶
     stage 1 (per input file, in input order): one shard .bin/.idx per partition
         + order keys + held-out lines                       [.preprocess-tmp/files/NNNNN/]
+    held-out minimum: a partition with fewer than --heldout-min-docs held-out documents
+        gets its training documents of smallest hash, if one stays to train on
     checks, before anything is written outside the temp dir: refuse an empty corpus, a
         --partition-by field no document has (unless --allow-missing-partition), zero base
         units, and more than half the training tokens dropped as remainders; a refusal
@@ -19,8 +21,9 @@ Resumable: stage 1 keeps finished input files, stage 2 keeps finished units; a r
 with the same settings continues, and one with different settings is refused unless
 ``overwrite`` is set. Every file is written under a temporary name and renamed, so
 Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``workers``.
-Stage 1 lives in :mod:`.preprocess_stage1`, the unit order in :mod:`.preprocess_order`,
-the per-unit held-out sets in :mod:`.preprocess_heldout`.
+Stage 1 lives in :mod:`.preprocess_stage1`, the held-out minimum in
+:mod:`.preprocess_minimum`, the checks in :mod:`.preprocess_checks`, the unit order in
+:mod:`.preprocess_order`, the per-unit held-out sets in :mod:`.preprocess_heldout`.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ from megablocks_ablate.config import Config, Count, doc
 from megablocks_ablate.data.jsonl import expand_inputs
 from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
 from megablocks_ablate.data.partition import safe_name, split_units
+from megablocks_ablate.data.preprocess_checks import check_result
 from megablocks_ablate.data.preprocess_heldout import UNIT_HELDOUT_DIR, write_unit_heldout
+from megablocks_ablate.data.preprocess_minimum import added, log_heldout, missing_reason, top_up
 from megablocks_ablate.data.preprocess_order import OrderedDocs, order_documents
 from megablocks_ablate.data.preprocess_stage1 import file_dir, run_stage1
 from megablocks_ablate.data.preprocess_worker import WorkerSettings
-from megablocks_ablate.errors import ConfigError, DataFormatError, MBAError
+from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
 from megablocks_ablate.utils.outputs import claim_output_dir, sweep_stale_temporaries
@@ -55,6 +60,7 @@ logger = logging.getLogger(__name__)
 TMP_DIR = ".preprocess-tmp"
 # Settings that do not change the output; excluded from the config hash.
 _NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite", "allow_missing_partition")
+_UNSET = object()
 
 
 @dataclass
@@ -80,6 +86,12 @@ class PreprocessConfig(Config):
     )
     heldout_fraction: float = doc("fraction of documents held out per partition for eval", 0.0)
     heldout_salt: int = doc("salt of the held-out document hash", 0)
+    heldout_min_docs: int = doc(
+        "held-out documents every partition gets at least (its training documents of "
+        "smallest hash) when heldout_fraction > 0 gives it fewer, as long as one document "
+        "stays to train on; 0 = the fraction alone",
+        1,
+    )
     eval: list[str] = doc("evaluation JSONL files to decontaminate against", default_factory=list)
     decontam_min_words: int = doc("minimum words of a paragraph to count as contamination", 13)
     bloom_error_rate: float = doc("Bloom filter false-positive rate", 1e-6)
@@ -100,6 +112,8 @@ class PreprocessConfig(Config):
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction: must be in [0, 1), got {self.heldout_fraction}")
+        if self.heldout_min_docs < 0:
+            raise ConfigError(f"heldout_min_docs: must be >= 0, got {self.heldout_min_docs}")
         if self.unit_tokens is not None and self.unit_tokens <= 0:
             raise ConfigError(f"unit_tokens: must be positive, got {self.unit_tokens}")
         if not 0.0 < self.bloom_error_rate < 1.0:
@@ -202,6 +216,7 @@ def _stage2_heldout(out: str, name: str, pieces: list[tuple[str, dict]]) -> dict
     n_heldout = sum(prec["heldout_documents"] for _, prec in pieces)
     if not n_heldout:
         return None
+    tokens = sum(prec["heldout_tokens"] for _, prec in pieces)
     rel = f"heldout/{name}.jsonl"
     dest = os.path.join(out, rel)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -210,7 +225,13 @@ def _stage2_heldout(out: str, name: str, pieces: list[tuple[str, dict]]) -> dict
             if prec["heldout"]:
                 with open(os.path.join(d, prec["heldout"]), "rb") as src:
                     shutil.copyfileobj(src, f, 1 << 20)
-    return {"path": rel, "documents": n_heldout, "sha256": sha256_file(dest)}
+    return {
+        "path": rel,
+        "documents": n_heldout,
+        "tokens": tokens,
+        "minimum_added": added(pieces),
+        "sha256": sha256_file(dest),
+    }
 
 
 def _stage2_partition(
@@ -251,6 +272,7 @@ def _stage2_partition(
         "tokens": n_tokens,
         "contaminated": sum(prec["contaminated"] for _, prec in pieces),
         "heldout": heldout,
+        "heldout_missing": missing_reason(pieces, cfg.heldout_fraction, cfg.heldout_min_docs),
         "units": unit_names,
         "leftover_documents": int(left_docs),
         "leftover_tokens": int(left_tokens),
@@ -258,13 +280,13 @@ def _stage2_partition(
     }
 
 
-def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tuple[dict, dict]:
-    """Cut every partition into units and gather its held-out lines: (partitions, units)."""
+def _stage2(cfg: PreprocessConfig, plan: dict, tmp: str, dtype) -> tuple[dict, dict]:
+    """Cut every partition of ``plan`` into units and gather its held-out lines:
+    (partitions, units)."""
     out = cfg.out
     os.makedirs(os.path.join(out, "units"), exist_ok=True)
     unit_done_dir = os.path.join(tmp, "units")
     os.makedirs(unit_done_dir, exist_ok=True)
-    plan = _partition_plan(records, tmp)
     names_used: set[str] = set()
     partitions: dict[str, dict] = {}
     units: dict[str, dict] = {}
@@ -278,117 +300,6 @@ def _stage2(cfg: PreprocessConfig, records: list[dict], tmp: str, dtype) -> tupl
     return partitions, units
 
 
-# -- checks that the result is what the user meant (run before any unit is written) ------
-
-
-def _name_inputs(files: list[str]) -> str:
-    """``a.jsonl, b.jsonl and 3 more``: the inputs, for messages."""
-    shown = ", ".join(files[:3])
-    return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-
-
-def _first_fields(files: list[str], text_key: str) -> str:
-    """`` (the first document has fields: a, b)`` as a hint, or "" if it cannot be read."""
-    from megablocks_ablate.data.jsonl import iter_jsonl
-
-    for path in files:
-        try:
-            for _, rec in iter_jsonl(path, text_key=text_key, on_bad_line="skip"):
-                return f" (the first document has fields: {', '.join(sorted(rec))})"
-        except MBAError:
-            return ""
-    return ""
-
-
-def _check_corpus(cfg: PreprocessConfig, files: list[str], records: list[dict]) -> None:
-    """Refuse an empty corpus, and a --partition-by field that no document has."""
-    lines = sum(r["documents_read"] for r in records)
-    bad = sum(n for r in records for n in r["bad_lines"].values())
-    if lines - bad <= 0:
-        skipped = f" ({bad} bad lines skipped by --on-bad-line skip)" if bad else ""
-        raise DataFormatError(
-            f"no documents to preprocess: the input(s) {_name_inputs(files)} hold no "
-            f"JSONL documents{skipped}; check --input"
-        )
-    if cfg.allow_missing_partition or any("fields_present" not in r for r in records):
-        return  # (records of an older stage 1 do not count fields: nothing to check)
-    for f in cfg.partition_by:
-        if not sum(r["fields_present"].get(f, 0) for r in records):
-            raise ConfigError(
-                f"--partition-by {f}: no document of {_name_inputs(files)} has a field "
-                f"{f!r}, so all {lines - bad:,} documents would land in partition 'NA'"
-                f"{_first_fields(files, cfg.text_key)}; check the field name or pass "
-                "--allow-missing-partition to accept this"
-            )
-
-
-def _partition_sizes(cfg: PreprocessConfig, plan: dict) -> dict[str, tuple[int, int, int]]:
-    """partition key -> (training tokens, units, tokens dropped as remainder), computed
-    from the stage-1 shards in unit order without writing anything."""
-    drops = cfg.unit_tokens is not None and cfg.remainder == "drop"
-    sizes = {}
-    for key, pieces in plan.items():  # the order decides only what a "drop" remainder is
-        docs = order_documents(pieces, cfg.order_by if drops else None)
-        try:
-            ranges, _, left = split_units(
-                docs.lengths[docs.order], cfg.unit_tokens, keep_remainder=cfg.remainder == "keep"
-            )
-        finally:
-            for ds in docs.shards:
-                ds.close()
-        sizes[key] = (int(docs.lengths.sum()), len(ranges), int(left))
-    return sizes
-
-
-def _describe_sizes(sizes: dict[str, tuple[int, int, int]], top: int = 5) -> str:
-    """``biology: 1,234, physics: 999, ... tokens``: the largest partitions' token counts."""
-    largest = sorted(sizes.items(), key=lambda kv: -kv[1][0])
-    text = ", ".join(f"{k}: {v[0]:,}" for k, v in largest[:top])
-    return text + (f" and {len(largest) - top} more" if len(largest) > top else "")
-
-
-def _check_units(cfg: PreprocessConfig, files: list[str], records: list[dict], tmp: str) -> None:
-    """Refuse zero base units, and more than half the training tokens dropped as
-    partition remainders."""
-    plan = _partition_plan(records, tmp)
-    sizes = _partition_sizes(cfg, plan)
-    total = sum(v[0] for v in sizes.values())
-    if not total:
-        held = sum(p["heldout_documents"] for r in records for p in r["partitions"].values())
-        cont = sum(p["contaminated"] for r in records for p in r["partitions"].values())
-        raise ConfigError(
-            f"no base units: every document of {_name_inputs(files)} was held out ({held}) "
-            f"or found in the evaluation sets ({cont}); lower --heldout-fraction or check --eval"
-        )
-    ut = cfg.unit_tokens
-    n_part = f"{len(sizes)} partition{'s' if len(sizes) != 1 else ''}"
-    if not sum(v[1] for v in sizes.values()):
-        raise ConfigError(
-            f"no base units: --unit-tokens {ut:,} is more than any partition holds ({n_part}, "
-            f"tokens: {_describe_sizes(sizes)}); lower --unit-tokens or pass --remainder keep"
-        )
-    left = sum(v[2] for v in sizes.values())
-    if 2 * left > total:
-        raise ConfigError(
-            f"{left:,} of {total:,} training tokens ({100 * left / total:.0f}%) would be "
-            f"dropped as partition remainders smaller than --unit-tokens {ut:,} ({n_part}, "
-            f"tokens: {_describe_sizes(sizes)}); lower --unit-tokens or pass --remainder "
-            "keep to keep each remainder as a partial unit"
-        )
-
-
-def _check_result(cfg: PreprocessConfig, files: list[str], records: list[dict], tmp: str) -> None:
-    """Run the checks above after stage 1. A refusal removes the unfinished run's temp dir
-    (its stage-1 files are of no use to a corrected rerun, which would otherwise be refused
-    as "other settings"), so the output directory is left without partial results."""
-    try:
-        _check_corpus(cfg, files, records)
-        _check_units(cfg, files, records, tmp)
-    except MBAError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _existing_manifest(cfg: PreprocessConfig, manifest_path: str, h: str) -> Manifest | None:
     """The finished manifest if it was made with these settings; refuse other settings
     unless ``overwrite``."""
@@ -396,13 +307,29 @@ def _existing_manifest(cfg: PreprocessConfig, manifest_path: str, h: str) -> Man
         old = Manifest.load(manifest_path)
         if old.data.get("config_hash") == h and not cfg.overwrite:
             logger.info("%s: already complete with these settings; nothing to do", manifest_path)
+            log_heldout(old.partitions, cfg.heldout_fraction, cfg.heldout_min_docs)
             return old
         if not cfg.overwrite:
             raise ConfigError(
-                f"{cfg.out}: holds a manifest made with other settings; "
+                f"{cfg.out}: holds a manifest made with other settings"
+                f"{_changed_settings(old.data.get('config'), cfg)}; "
                 "pass --overwrite to replace it or choose another --out"
             )
     return None
+
+
+def _changed_settings(old: dict | None, cfg: PreprocessConfig) -> str:
+    """`` (heldout_min_docs: unset -> 1)``: the output settings that differ from ``old``
+    (an earlier manifest's config), or "" when it records none."""
+    if not isinstance(old, dict):
+        return ""
+    new = cfg.to_dict()
+    diff = [
+        f"{k}: {old.get(k, 'unset')} -> {new[k]}"
+        for k in new
+        if k not in _NON_OUTPUT_FIELDS and old.get(k, _UNSET) != new[k]
+    ]
+    return f" ({'; '.join(diff)})" if diff else ""
 
 
 def _prepare_tmp(cfg: PreprocessConfig, manifest_path: str, tmp: str, h: str) -> None:
@@ -495,6 +422,7 @@ def _worker_settings(
         order_by=cfg.order_by,
         heldout_fraction=cfg.heldout_fraction,
         heldout_salt=cfg.heldout_salt,
+        heldout_min_docs=cfg.heldout_min_docs,
         on_bad_line=cfg.on_bad_line,
         bloom_path=bloom_path,
         decontam_min_words=cfg.decontam_min_words,
@@ -515,6 +443,7 @@ def _totals(records: list[dict], partitions: dict, units: dict) -> dict:
         "documents_heldout": sum(
             p["heldout"]["documents"] for p in partitions.values() if p["heldout"]
         ),
+        "tokens_heldout": sum(p["heldout"]["tokens"] for p in partitions.values() if p["heldout"]),
         "documents_contaminated": sum(p["contaminated"] for p in partitions.values()),
         "bad_lines": bad,
         "tokens_train": sum(p["tokens"] for p in partitions.values()),
@@ -551,6 +480,14 @@ def _manifest_data(
         ],
         "decontamination": decontam_stats,
         "totals": totals,
+        "heldout": {
+            "fraction": cfg.heldout_fraction,
+            "min_documents": cfg.heldout_min_docs,
+            "salt": cfg.heldout_salt,
+            "partitions_without": {
+                k: p["heldout_missing"] for k, p in partitions.items() if p["heldout_missing"]
+            },
+        },
         "timing_s": {"tokenize": round(t1 - t0, 3), "units": round(t2 - t1, 3)},
         "partitions": partitions,
         "units": units,
@@ -601,9 +538,11 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
     settings = _worker_settings(cfg, tokenizer, dtype, bloom_path)
     t0 = time.time()
     records = run_stage1(cfg, files, tmp, settings, dtype)
-    _check_result(cfg, files, records, tmp)
+    plan = _partition_plan(records, tmp)
+    top_up(plan, records, tmp, cfg.heldout_fraction, cfg.heldout_min_docs)
+    check_result(cfg, files, records, plan, tmp)
     t1 = time.time()
-    partitions, units = _stage2(cfg, records, tmp, dtype)
+    partitions, units = _stage2(cfg, plan, tmp, dtype)
     t2 = time.time()
 
     totals = _totals(records, partitions, units)
@@ -632,4 +571,5 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
         f"{totals['documents_contaminated']} contaminated and "
         f"{sum(totals['bad_lines'].values())} bad lines dropped"
     )
+    log_heldout(partitions, cfg.heldout_fraction, cfg.heldout_min_docs)
     return manifest

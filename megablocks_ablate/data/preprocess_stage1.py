@@ -11,7 +11,12 @@ and :class:`_FileStage` writes, per partition met in that file, under
   this partition's training documents of the file precede it in the input (stage 2
   places held-out documents into the unit order with it, :mod:`.preprocess_heldout`);
 * ``p<i>.heldout.jsonl``: the held-out lines, verbatim, in input order;
-* ``done.json``: the file's record, written last (its completion marker).
+* with a held-out minimum, the file's ``heldout_min_docs`` training documents of the
+  partition of smallest held-out hash, the candidates :mod:`.preprocess_minimum` tops a
+  partition up from: ``reserve_hash`` and ``reserve_index`` (into the shard) in the
+  keys file, their lines verbatim in ``p<i>.reserve.jsonl``, smallest hash first;
+* ``done.json``: the file's record, written last (its completion marker); per
+  partition it counts training documents, held-out documents and held-out tokens.
 
 A record of an older stage 1 (no ``format`` or another one) is not reused: its file is
 tokenized again, so a resumed run never mixes shards that lack ``heldout_slot``.
@@ -21,6 +26,7 @@ Used by :mod:`.preprocess`.
 from __future__ import annotations
 
 import bisect
+import heapq
 import json
 import os
 import shutil
@@ -44,8 +50,9 @@ from megablocks_ablate.utils.progress import progress
 if TYPE_CHECKING:
     from megablocks_ablate.data.preprocess import PreprocessConfig
 
-# Version of the per-file record; 2 added ``heldout_slot`` to the keys file.
-STAGE1_FORMAT = 2
+# Version of the per-file record; 2 added ``heldout_slot`` to the keys file, 3 the
+# training and held-out token counts and the held-out minimum's reserve.
+STAGE1_FORMAT = 3
 
 
 class _Growable:
@@ -75,12 +82,13 @@ class _Growable:
 class _FileStage:
     """Stage-1 output for one input file: a shard and order keys per partition."""
 
-    def __init__(self, directory: str, dtype: np.dtype):
+    def __init__(self, directory: str, dtype: np.dtype, reserve: int = 0):
         from megablocks_ablate.data.indexed import IndexedDatasetWriter
 
         self._writer_cls = IndexedDatasetWriter
         self.dir = directory
         self.dtype = dtype
+        self.reserve = reserve  # candidates kept per partition for the held-out minimum
         os.makedirs(directory, exist_ok=True)
         self.parts: dict[str, dict] = {}
         self.stats: dict[str, Any] = {"documents_read": 0, "bad_lines": {}, "fields_present": {}}
@@ -99,13 +107,16 @@ class _FileStage:
                 "string_ids": {},
                 "heldout": None,
                 "heldout_docs": 0,
+                "heldout_tokens": 0,
                 "heldout_slot": _Growable(np.int64),
+                "reserve": [],  # (hash, index in the shard, raw line), smallest first
                 "contaminated": 0,
             }
         return p
 
-    def add(self, res: BatchResult) -> int:
-        """Write one batch's documents and held-out lines; return its training tokens."""
+    def add(self, res: BatchResult, lines: list[tuple[int, bytes]]) -> int:
+        """Write one batch's documents and held-out lines; return its training tokens.
+        ``lines`` are the batch's raw lines (the reserve's come from them)."""
         assert res.lengths is not None and res.tokens is not None  # set by process_batch
         self.stats["documents_read"] += res.n_read
         for counts, new in (
@@ -121,6 +132,7 @@ class _FileStage:
         for j, key in enumerate(res.train_partition):
             by_part.setdefault(key, []).append(j)
         self._add_heldout(res, by_part)  # before this batch's training documents count
+        self._add_reserve(res, by_part, lines)  # also before they count
         cls = np.asarray(res.order_class, dtype=np.int8)
         num = np.asarray(res.order_number, dtype=np.float64)
         for key, idx in by_part.items():
@@ -154,6 +166,21 @@ class _FileStage:
             p["heldout_docs"] += 1
             before = bisect.bisect_left(by_part.get(key, ()), slot)
             p["heldout_slot"].extend([len(p["cls"]) + before])
+        for (key, _), n in zip(res.heldout, res.heldout_tokens):
+            self._part(key)["heldout_tokens"] += n
+
+    def _add_reserve(
+        self, res: BatchResult, by_part: dict[str, list[int]], lines: list[tuple[int, bytes]]
+    ) -> None:
+        """Merge the batch's held-out minimum candidates into each partition's reserve,
+        keeping the ``reserve`` of smallest (hash, index in the shard)."""
+        new: dict[str, list] = {}
+        for key, h, j, line in res.reserve:
+            at = len(self._part(key)["cls"]) + bisect.bisect_left(by_part[key], j)
+            new.setdefault(key, []).append((h, at, lines[line][1]))
+        for key, cands in new.items():
+            p = self.parts[key]
+            p["reserve"] = heapq.nsmallest(self.reserve, p["reserve"] + cands)
 
     def finish(self, source: str) -> dict:
         """Finalize shards and write the file's record (its completion marker)."""
@@ -163,6 +190,11 @@ class _FileStage:
             p["writer"].finalize()
             if p["heldout"] is not None:
                 p["heldout"].close()
+            reserve = None
+            if p["reserve"]:
+                reserve = f"p{i}.reserve.jsonl"
+                with atomic_open(os.path.join(self.dir, reserve), "wb") as f:
+                    f.writelines(raw + b"\n" for _, _, raw in p["reserve"])
             meta = os.path.join(self.dir, f"p{i}.keys.npz")
             with atomic_open(meta, "wb") as f:
                 np.savez(
@@ -171,13 +203,18 @@ class _FileStage:
                     num=p["num"].array(),
                     codes=p["string_codes"].array(),
                     heldout_slot=p["heldout_slot"].array(),
+                    reserve_hash=np.array([h for h, _, _ in p["reserve"]], dtype=np.uint64),
+                    reserve_index=np.array([j for _, j, _ in p["reserve"]], dtype=np.int64),
                 )
             record["partitions"][key] = {
                 "shard": f"p{i}",
                 "strings": p["strings"],
                 "contaminated": p["contaminated"],
+                "train_documents": len(p["cls"]),
                 "heldout_documents": p["heldout_docs"],
+                "heldout_tokens": p["heldout_tokens"],
                 "heldout": f"p{i}.heldout.jsonl" if p["heldout"] is not None else None,
+                "reserve": reserve,
             }
         atomic_write_json(os.path.join(self.dir, "done.json"), record)
         return record
@@ -268,16 +305,22 @@ def _tokenize_file(
 ) -> dict:
     """Tokenize one input file into stage directory ``d``; return its record."""
     shutil.rmtree(d, ignore_errors=True)  # a partial earlier attempt
-    stage = _FileStage(d, dtype)
+    stage = _FileStage(d, dtype, cfg.heldout_min_docs if cfg.heldout_fraction > 0 else 0)
+    sent: deque = deque()  # the batches in flight, in order: their raw lines
+
+    def tasks() -> Iterator[tuple[str, list]]:
+        for task in _batches(path, cfg.batch_size):
+            sent.append(task)
+            yield task
+
     try:
-        tasks = _batches(path, cfg.batch_size)
         results = (
-            _ordered_map(pool, process_batch, tasks, 2 * cfg.workers + 2)
+            _ordered_map(pool, process_batch, tasks(), 2 * cfg.workers + 2)
             if pool is not None
-            else map(process_batch, tasks)
+            else map(process_batch, tasks())
         )
         for res in results:
-            meter.add(res.n_read, stage.add(res))
+            meter.add(res.n_read, stage.add(res, sent.popleft()[1]))
         return stage.finish(os.path.abspath(path))
     except BaseException:
         stage.abort()

@@ -4,17 +4,30 @@ A batch is a list of raw JSONL lines from one input file. The worker parses them
 assigns partitions, decides held-out membership, drops contaminated documents and
 tokenizes the rest (EOD appended), returning compact arrays. The main process writes
 results in input order, so outputs do not depend on the number of workers.
+
+With a held-out minimum (``heldout_min_docs``) a batch also names, per partition, its
+``heldout_min_docs`` training documents of smallest held-out hash: the candidates a
+partition whose held-out share rounded below the minimum is topped up from
+(:mod:`.preprocess_minimum`). Held-out documents are tokenized too, only to count
+their tokens for the manifest.
 """
 
 from __future__ import annotations
 
+import heapq
 import signal
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megablocks_ablate.data.jsonl import bad_line_error, parse_line
-from megablocks_ablate.data.partition import has_value, is_heldout, order_value, partition_key
+from megablocks_ablate.data.partition import (
+    has_value,
+    hash_below,
+    heldout_hash,
+    order_value,
+    partition_key,
+)
 
 
 @dataclass
@@ -32,6 +45,11 @@ class BatchResult:
     # per held-out document: how many of the batch's training documents (any partition)
     # precede it, so stage 2 can place it in the training order (per-unit held-out sets)
     heldout_slot: list[int] = field(default_factory=list)
+    heldout_tokens: list[int] = field(default_factory=list)  # per held-out document, EOD incl.
+    # per partition, its training documents of smallest held-out hash (at most
+    # ``heldout_min_docs``): (partition, hash, index among the batch's training
+    # documents, index of the line in the batch)
+    reserve: list[tuple[str, int, int, int]] = field(default_factory=list)
     contaminated: dict[str, int] = field(default_factory=dict)
     bad_lines: dict[str, int] = field(default_factory=dict)
     # per --partition-by field: documents that have a value for it (the rest go to "NA")
@@ -54,6 +72,7 @@ class WorkerSettings:
     bloom_path: str | None
     decontam_min_words: int
     fingerprint: str = ""  # the tokenizer the main process loaded; workers must match
+    heldout_min_docs: int = 0  # candidates kept per partition for the held-out minimum
 
 
 _STATE: dict = {}
@@ -83,6 +102,16 @@ def init_worker(settings: WorkerSettings, ignore_sigint: bool = True) -> None:
         _STATE["decontam"] = Decontaminator(bloom, min_words=settings.decontam_min_words)
 
 
+def _reserve(candidates: dict[str, list[tuple[int, int, int]]], keep: int) -> list:
+    """Per partition, its ``keep`` candidates (hash, training index, line index) of
+    smallest hash (ties: earlier document first)."""
+    return [
+        (part, h, j, line)
+        for part, cands in candidates.items()
+        for h, j, line in heapq.nsmallest(keep, cands)
+    ]
+
+
 def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
     path, lines = task
     s: WorkerSettings = _STATE["settings"]
@@ -90,32 +119,44 @@ def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
     decontam = _STATE["decontam"]
     res = BatchResult(n_read=len(lines))
     texts: list[str] = []
-    for line_no, raw in lines:
+    held_texts: list[str] = []
+    hashing = s.heldout_fraction > 0.0
+    keep = s.heldout_min_docs if hashing else 0
+    candidates: dict[str, list[tuple[int, int, int]]] = {}
+    for i, (line_no, raw) in enumerate(lines):
         rec, reason = parse_line(raw, s.text_key)
         if reason is not None:
             if s.on_bad_line == "error":
                 raise bad_line_error(path, line_no, reason, s.text_key)
             res.bad_lines[reason] = res.bad_lines.get(reason, 0) + 1
             continue
+        assert rec is not None  # parse_line gives a reason when it gives no record
         text = rec[s.text_key]
         part = partition_key(rec, s.partition_by)
         for f in s.partition_by:
             if has_value(rec, f):
                 res.fields_present[f] = res.fields_present.get(f, 0) + 1
-        if is_heldout(text, s.heldout_fraction, s.heldout_salt):
+        h = heldout_hash(text, s.heldout_salt) if hashing else 0
+        if hashing and hash_below(h, s.heldout_fraction):
             res.heldout.append((part, raw))
             res.heldout_slot.append(len(res.train_partition))
+            held_texts.append(text)
             continue
         if decontam is not None and decontam.is_contaminated(text):
             res.contaminated[part] = res.contaminated.get(part, 0) + 1
             continue
+        if keep:
+            candidates.setdefault(part, []).append((h, len(res.train_partition), i))
         cls, num, string = order_value(rec, s.order_by)
         res.train_partition.append(part)
         res.order_class.append(cls)
         res.order_number.append(num)
         res.order_string.append(string)
         texts.append(text)
-    ids = tok.encode_batch(texts) if texts else []
+    res.reserve = _reserve(candidates, keep)
+    ids = tok.encode_batch(texts + held_texts) if texts or held_texts else []
+    res.heldout_tokens = [len(x) + 1 for x in ids[len(texts) :]]
+    ids = ids[: len(texts)]
     eod = tok.eod_id
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
     flat = np.empty(int(lengths.sum()), dtype=np.dtype(s.dtype))

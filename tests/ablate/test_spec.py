@@ -462,3 +462,57 @@ def test_cli_parses_blends_and_domain_weights():
         _objective(argparse.Namespace(domain_weights="d=1", domains="d"))
     with pytest.raises(ConfigError, match=r"--domain-weights: 'd' is not domain=weight"):
         _objective(argparse.Namespace(domain_weights="d", domains=None))
+
+
+def _drop_heldout(data_dir: str, reasons: dict[str, str | None]) -> None:
+    """Take the held-out set from the fixture's partitions (partition -> the reason
+    preprocess recorded; None: an older manifest without one)."""
+    path = os.path.join(data_dir, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    for p, why in reasons.items():
+        manifest["partitions"][p]["heldout"] = None
+        if why is not None:
+            manifest["partitions"][p]["heldout_missing"] = why
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_plan_and_meta_name_partitions_without_a_heldout_set(data_dir, tmp_path):
+    why = "1 document: too few to hold out 1 (--heldout-min-docs) and keep one to train on"
+    _drop_heldout(data_dir, {"phys": why, "cs": None})
+    study = resolve(spec(data_dir))
+    assert list(study.eval_sets) == ["bio", "math"]
+    expected = {"cs": "preprocess held out none of its documents", "phys": why}
+    assert study.without_heldout() == expected
+    assert study.to_meta()["partitions_without_heldout"] == expected
+    text = describe_plan(study)
+    assert (
+        "partitions without a held-out set (no in-domain row, not an evaluation domain): "
+        "2 of 4" in text
+    )
+    assert f"    phys: {why}" in text and "    cs: preprocess held out none" in text
+    # a group is named only when none of its units is evaluated in-domain
+    grouped = {"life": ["bio"], "rest": ["cs-0000", "phys"], "num": ["math"]}
+    study = resolve(spec(data_dir, partitions=grouped))
+    assert study.without_heldout() == {
+        "rest": f"cs: preprocess held out none of its documents; phys: {why}"
+    }
+    # an extra domain in-domain for the partition gives it an in-domain row after all
+    extra = tmp_path / "phys.jsonl"
+    extra.write_text('{"text": "physics"}\n')
+    study = resolve(spec(data_dir, eval={"extra": [str(extra)], "heldout": ["bio"]}))
+    assert study.without_heldout() == {
+        "cs": "preprocess held out none of its documents",
+        "math": "not listed in eval.heldout",
+    }
+    # every partition evaluated: no line, an empty meta entry
+    cs = tmp_path / "cs.jsonl"
+    cs.write_text('{"text": "computing"}\n')
+    study = resolve(spec(data_dir, eval={"extra": [str(extra), str(cs)]}))
+    assert study.without_heldout() == {} and study.to_meta()["partitions_without_heldout"] == {}
+    assert "without a held-out set" not in describe_plan(study)
+    with pytest.raises(
+        ConfigError, match=r"eval.heldout: partition 'phys' has no held-out set \(1 document"
+    ):
+        resolve(spec(data_dir, eval={"heldout": ["phys"]}))
