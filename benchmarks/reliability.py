@@ -82,7 +82,7 @@ def reliability(
             for i, m in enumerate(ids)
             if (other_seq is None or m in other_seq) and (other_merged is None or m in other_merged)
         ]
-        if len(keep) < 3:
+        if len(keep) < an.MIN_POINTS:  # no coefficient from fewer points (the report's rule)
             continue
         merged_a = [float(merged[i]) for i in keep]
         seq_a = [float(seq[i]) for i in keep]

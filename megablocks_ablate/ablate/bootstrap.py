@@ -46,10 +46,10 @@ def weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     x = np.broadcast_to(x, w.shape)
     y = np.broadcast_to(y, w.shape)
     tot = w.sum(axis=1, keepdims=True)
-    dx = x - (w * x).sum(axis=1, keepdims=True) / tot
-    dy = y - (w * y).sum(axis=1, keepdims=True) / tot
-    sxy, sxx, syy = ((w * a * b).sum(axis=1) for a, b in ((dx, dy), (dx, dx), (dy, dy)))
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # a row drawing none: NaN
+        dx = x - (w * x).sum(axis=1, keepdims=True) / tot
+        dy = y - (w * y).sum(axis=1, keepdims=True) / tot
+        sxy, sxx, syy = ((w * a * b).sum(axis=1) for a, b in ((dx, dy), (dx, dx), (dy, dy)))
         r = np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0)
     r[_constant(x, w) | _constant(y, w)] = np.nan
     return r

@@ -47,7 +47,8 @@ class DemoSettings:
     order_by: str | None = None
     vocab_size: int = 2048
     heldout_fraction: float = 0.005  # ~33K held-out tokens over the 8 stdlib partitions
-    unit_tokens: str = "160k"  # base unit size and unit-model budget
+    unit_tokens: str = "160k"  # base unit size (the unit-model budget at one pass)
+    unit_passes: int = 1  # passes over its base unit per unit model: budget = passes x size
     seed_tokens: str = "1.2M"
     # every pair scored, 12 of the 28 validated: chosen by measurement (docs/fidelity.md:
     # per-domain OOD Pearson 0.913 +- 0.021 over random 12-pair sets vs 0.916 with all 28,
@@ -69,6 +70,15 @@ class DemoSettings:
             )
         if self.corpus and self.builtin != "stdlib":
             raise ConfigError(f"--builtin {self.builtin} and --corpus: give one of them")
+        if self.unit_passes < 1:
+            raise ConfigError(f"--unit-passes: must be >= 1, got {self.unit_passes}")
+
+    @property
+    def unit_budget(self) -> int:
+        """Tokens each unit model trains on: ``unit_passes`` x the base unit size."""
+        from megablocks_ablate.config import parse_count
+
+        return self.unit_passes * parse_count(self.unit_tokens, "--unit-tokens")
 
 
 BUILTINS = ("stdlib", "manpages")
@@ -78,10 +88,15 @@ MANPAGES_HELDOUT_FRACTION = 0.01
 
 
 def ood_sets(s: DemoSettings) -> dict[str, str]:
-    """{name: path} of the built-in corpus's out-of-domain evaluation sets (manpages:
-    ``<out>/ood/<name>.jsonl``; none for stdlib or a user corpus)."""
-    if s.corpus or s.builtin != "manpages":
+    """{name: path} of the built-in corpus's out-of-domain evaluation sets,
+    ``<out>/ood/<name>.jsonl`` (manpages: 3; stdlib: ``general``, files of the seed
+    corpus held out from the seed; none for a user corpus)."""
+    if s.corpus:
         return {}
+    if s.builtin == "stdlib":
+        from megablocks_ablate.data.stdlib_corpus import OOD_SET
+
+        return {} if s.seed_corpus else {OOD_SET: os.path.join(s.out, "ood", f"{OOD_SET}.jsonl")}
     from megablocks_ablate.data.manpage_corpus import OOD_SETS
 
     return {n: os.path.join(s.out, "ood", f"{n}.jsonl") for n in OOD_SETS}
@@ -123,21 +138,7 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
     elif s.builtin == "manpages":
         corpus, seed_corpus = _manpage_corpus(s, t0)
     else:
-        from megablocks_ablate.data.stdlib_corpus import SEED_DOMAIN, write_corpus
-
-        corpus = os.path.join(s.out, "corpus.jsonl")
-        seed_corpus = s.seed_corpus or os.path.join(s.out, "seed.jsonl")
-        if not os.path.isfile(corpus):
-            write_corpus(corpus)
-        if not s.seed_corpus and not os.path.isfile(seed_corpus):
-            write_corpus(seed_corpus, [SEED_DOMAIN])
-        _step(
-            1,
-            6,
-            f"corpus: Python standard library -> {corpus} (8 partitions) + seed "
-            f"corpus {seed_corpus}",
-            t0,
-        )
+        corpus, seed_corpus = _stdlib_corpus(s, t0)
 
     tok_path = os.path.join(s.out, "tokenizer.model")
     if not os.path.isfile(tok_path):
@@ -183,6 +184,29 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
         3, 6, f"preprocess: {data}" + (f", seed data {seed_data}" if seed_data != data else ""), t0
     )
     return data, seed_data
+
+
+def _stdlib_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
+    """The stdlib corpus, its seed corpus and (without ``--seed-corpus``) the held-out
+    seed files as the out-of-domain set, written once; returns (corpus, seed corpus)."""
+    from megablocks_ablate.data.stdlib_corpus import OOD_SET, write_corpus, write_seed_and_ood
+
+    corpus = os.path.join(s.out, "corpus.jsonl")
+    seed_corpus = s.seed_corpus or os.path.join(s.out, "seed.jsonl")
+    if not os.path.isfile(corpus):
+        write_corpus(corpus)
+    ood = ood_sets(s)
+    if not s.seed_corpus and not all(os.path.isfile(p) for p in (seed_corpus, *ood.values())):
+        os.makedirs(os.path.join(s.out, "ood"), exist_ok=True)
+        write_seed_and_ood(seed_corpus, ood[OOD_SET])
+    _step(
+        1,
+        6,
+        f"corpus: Python standard library -> {corpus} (8 partitions) + seed corpus "
+        f"{seed_corpus}" + (f" + out-of-domain set {', '.join(ood.values())}" if ood else ""),
+        t0,
+    )
+    return corpus, seed_corpus
 
 
 def _manpage_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
@@ -241,7 +265,8 @@ def study_spec(
         },
         "unit": {
             "config": f"{s.preset}_unit",
-            "overrides": over + [f"train_tokens={s.unit_tokens}"],
+            "overrides": over
+            + [f"train_tokens={s.unit_tokens if s.unit_passes == 1 else s.unit_budget}"],
         },
         "partitions": partitions,
         "mixtures": {"k_subsets": s.k},

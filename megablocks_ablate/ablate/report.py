@@ -35,6 +35,7 @@ import os
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate import decisions as dc
 from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate import report_scaled
 from megablocks_ablate.ablate import report_tables as rt
 from megablocks_ablate.ablate import roles as rl
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN, SEQ
@@ -349,6 +350,10 @@ def write_report(
     if tables:
         md += rt.summary_row_section(summary, tables[rt.METHODS[0]].proxies)
         md += rt.decisions_section(table, summary)
+        scaled_md, summary.scaled = report_scaled.scaled_section(
+            table, store.get_meta("scaled"), n_boot, seed
+        )
+        md += scaled_md
         md += rt.correlation_sections(table, tables)
         if plots:
             md += _scatter_section(table, summary, out_dir, files)

@@ -71,6 +71,7 @@ class ReportSummary:
     ranks: dict[str, dict[str, rl.RankSummary]] = field(default_factory=dict)  # proxy -> role
     summary_row: dc.SummaryRow | None = None  # the paper's Paloma / Avg row
     decisions: dict[str, dc.DecisionSummary] = field(default_factory=dict)  # proxy ->
+    scaled: dict | None = None  # the scaled merge's fit and held-out figures
 
     def fig(self, proxy: str, role: str, name: str, method: str) -> an.Corr:
         return self.roles.get(proxy, {}).get(role, {}).get(name, {}).get(method, an.Corr(math.nan))
@@ -171,6 +172,7 @@ class ReportSummary:
             },
             "summary_row": self._summary_row_json(),
             "decisions": {p: d.to_json() for p, d in self.decisions.items()},
+            "scaled": self.scaled,
             "recommended": list(self.recommended) if self.recommended else None,
             "files": self.files,
         }

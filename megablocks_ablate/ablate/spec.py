@@ -16,6 +16,7 @@ Relative paths in the spec are relative to the working directory, as in train co
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,11 +25,11 @@ import numpy as np
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture
-from megablocks_ablate.ablate.spec_eval import EvalSpec, resolve_eval
+from megablocks_ablate.ablate.spec_eval import EvalSpec, partitions_without_heldout, resolve_eval
 from megablocks_ablate.config import Config, doc
 from megablocks_ablate.errors import ConfigError, MBAError
 
-ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id"]
+ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id", "scaled"]
 
 
 # ----------------------------------------------------------------------------- the file
@@ -106,6 +107,26 @@ class MixturesSpec(Config):
 
 
 @dataclass
+class ScaledSpec(Config):
+    """The ``scaled`` proxy (beyond the paper; runner/scaled.py): seed + lambda x
+    (merged - seed), lambda fitted on half of the validation mixtures."""
+
+    lambdas: list[float] = doc(
+        "the lambdas tried on the fit half (1 = the plain merge)",
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0],
+    )
+    split_seed: int = doc("seed of the fit / held-out split of the validation mixtures", 0)
+
+    def validate(self) -> None:
+        bad = [x for x in self.lambdas if not math.isfinite(x) or x <= 0]
+        if not self.lambdas or bad:
+            raise ConfigError(
+                f"scaled.lambdas: expected a non-empty list of finite numbers > 0, got "
+                f"{self.lambdas}"
+            )
+
+
+@dataclass
 class ValidationSpec(Config):
     """Mixtures that also get a seq model trained on their union, to validate the proxies."""
 
@@ -178,6 +199,10 @@ class StudySpec(Config):
     proxies: list[ProxyName] = doc("proxies to compute", default_factory=lambda: list(mx.PROXIES))
     eval: EvalSpec = field(default_factory=EvalSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
+    scaled: ScaledSpec = doc(
+        "the scaled proxy's lambda grid and split (with proxies: [..., scaled])",
+        default_factory=ScaledSpec,
+    )
 
     def validate(self) -> None:
         if not self.data:
@@ -197,6 +222,11 @@ class StudySpec(Config):
             raise ConfigError("proxies: give at least one of " + ", ".join(mx.PROXIES))
         if len(set(self.proxies)) != len(self.proxies):
             raise ConfigError(f"proxies: listed twice in {self.proxies}")
+        if "scaled" in self.proxies and not (self.validation.mixtures or self.validation.n):
+            raise ConfigError(
+                "proxies: scaled fits its lambda on validation mixtures: give validation.n "
+                "or validation.mixtures (at least 8, half of them to fit)"
+            )
         if (
             self.validation.mixtures or self.validation.weighted or self.validation.n
         ) and not self.validation.train.config:
@@ -222,6 +252,8 @@ class Study:
     domain_units: dict[str, list[str]]  # held-out domain -> study units trained on it
     unit_tokens: int
     unit_paths: dict[str, str] = field(default_factory=dict)  # unit -> indexed-data prefix
+    # partition -> why no evaluation domain is in-domain for it (see without_heldout)
+    no_heldout: dict[str, str] = field(default_factory=dict)
 
     @property
     def units(self) -> list[str]:
@@ -266,12 +298,20 @@ class Study:
         """The distinct merges ``mixture`` needs for this study's proxies."""
         return mx.merge_plan(mixture, self.spec.proxies, self.partition_models)
 
+    def without_heldout(self) -> dict[str, str]:
+        """Study partition -> why it has no held-out set: no evaluation domain is
+        in-domain for any of its units, so the report has no in-domain row for it and it
+        is no evaluation domain (e.g. preprocess could not hold out a document of a
+        one-document partition). Empty when every partition is evaluated in-domain."""
+        return dict(self.no_heldout)
+
     def to_meta(self) -> dict:
         """What a results store keeps so that `study report` needs nothing else."""
         return {
             "name": self.spec.name,
             "proxies": list(self.spec.proxies),
             "partitions": self.partitions,
+            "partitions_without_heldout": self.without_heldout(),
             "domain_units": self.domain_units,
             "eval_sets": self.eval_sets,
             "unit_tokens": self.unit_tokens,
@@ -479,6 +519,7 @@ def resolve_data(spec: StudySpec, unit_tokens: int) -> Study:
         domain_units=domain_units,
         unit_tokens=unit_tokens,
         unit_paths={u: manifest.unit_prefix(u) for u in study_units},
+        no_heldout=partitions_without_heldout(spec.eval, manifest, parts, domain_units),
     )
 
 
@@ -503,6 +544,12 @@ def describe_plan(study: Study) -> str:
         f"  evaluation domains: {len(study.eval_sets)} ({', '.join(study.eval_sets)})"
         f" + {mx.ID_DOMAIN} (each mixture's own held-out sets, pooled)"
     )
+    if study.no_heldout:
+        lines.append(
+            "  partitions without a held-out set (no in-domain row, not an evaluation "
+            f"domain): {len(study.no_heldout)} of {len(study.partitions)}"
+        )
+        lines += [f"    {p}: {why}" for p, why in study.no_heldout.items()]
     if study.partition_jobs:
         lines.append(
             f"  partition-level models: {len(study.partition_jobs)} "

@@ -46,6 +46,26 @@ def _corpus_args(p: argparse.ArgumentParser, d) -> None:
     )
 
 
+def _budget_args(p: argparse.ArgumentParser, d) -> None:
+    """--unit-tokens, --unit-passes and --seed-tokens."""
+    p.add_argument(
+        "--unit-tokens",
+        default=d.unit_tokens,
+        help=f"base unit size = unit-model budget (default: {d.unit_tokens})",
+    )
+    p.add_argument(
+        "--unit-passes",
+        type=int,
+        default=d.unit_passes,
+        help="passes over its base unit per unit model: the unit budget is "
+        f"passes x --unit-tokens, a seq model's k x that (default: {d.unit_passes}; "
+        "the paper: ~3.5)",
+    )
+    p.add_argument(
+        "--seed-tokens", default=d.seed_tokens, help=f"seed-model budget (default: {d.seed_tokens})"
+    )
+
+
 def _proportions_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--proportions",
@@ -88,14 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JSONL for the seed model (default: the built-in "
         "'general' text; with --corpus: the whole corpus)",
     )
-    p.add_argument(
-        "--unit-tokens",
-        default=d.unit_tokens,
-        help=f"base unit size = unit-model budget (default: {d.unit_tokens})",
-    )
-    p.add_argument(
-        "--seed-tokens", default=d.seed_tokens, help=f"seed-model budget (default: {d.seed_tokens})"
-    )
+    _budget_args(p, d)
     p.add_argument("--k", type=int, default=d.k, help=f"partitions per mixture (default: {d.k})")
     p.add_argument(
         "--n-seq", type=int, default=d.n_seq, help=f"seq validation models (default: {d.n_seq})"
@@ -155,6 +168,7 @@ def settings(args: argparse.Namespace):
         vocab_size=args.vocab_size,
         heldout_fraction=heldout,
         unit_tokens=args.unit_tokens,
+        unit_passes=args.unit_passes,
         seed_tokens=args.seed_tokens,
         k=args.k,
         n_seq=args.n_seq,

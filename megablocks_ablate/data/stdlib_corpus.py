@@ -28,6 +28,7 @@ is identical on every run with the same Python version.
 from __future__ import annotations
 
 import ast
+import hashlib
 import inspect
 import io
 import json
@@ -464,6 +465,43 @@ def write_corpus(
         for doc in iter_documents(domains, max_chars):
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
             counts[doc["domain"]] = counts.get(doc["domain"], 0) + 1
+    return counts
+
+
+# The stdlib demo's out-of-domain evaluation set (the paper's Paloma role): whole files of
+# the seed corpus ``general`` held out from the seed, so it is general text the seed's
+# distribution covers and no partition trains on: out of domain for every mixture.
+OOD_SET = "general"
+OOD_FILE_SHARE = 0.03  # files whose path hashes into this share are held out...
+OOD_MAX_CHARS = 200_000  # ...until this many characters (~60K tokens)
+
+
+def _held_out_file(source: str) -> bool:
+    digest = hashlib.sha256(f"ood:{source}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") < OOD_FILE_SHARE * 2**32
+
+
+def write_seed_and_ood(
+    seed_path: str, ood_path: str, max_chars: int = MAX_CHARS, ood_max_chars: int = OOD_MAX_CHARS
+) -> dict[str, int]:
+    """Write the seed corpus and, disjoint from it, the out-of-domain set :data:`OOD_SET`
+    (whole files of the seed domain chosen by a hash of their path, up to
+    ``ood_max_chars``), both atomically; returns documents per file written."""
+    counts = {"seed": 0, "ood": 0}
+    ood_chars, source, to_ood = 0, None, False
+    with (
+        atomic_open(seed_path, "w", encoding="utf-8") as seed,
+        atomic_open(ood_path, "w", encoding="utf-8") as ood,
+    ):
+        for doc in iter_documents([SEED_DOMAIN], max_chars):
+            if doc["source"] != source:  # a file goes to one side whole
+                source = doc["source"]
+                to_ood = ood_chars < ood_max_chars and _held_out_file(source)
+            if to_ood:
+                ood_chars += len(doc["text"])
+                doc = dict(doc, domain=OOD_SET)
+            (ood if to_ood else seed).write(json.dumps(doc, ensure_ascii=False) + "\n")
+            counts["ood" if to_ood else "seed"] += 1
     return counts
 
 

@@ -142,11 +142,30 @@ def test_builtin_manpages_study_has_the_three_ood_sets(tmp_path):
     assert all(os.path.getsize(p) > 0 for p in ood)
     assert spec["name"] == "manpages-demo"
     assert StudySpec.from_dict(spec).eval.extra == [*ood, f"mine={extra}"]
-    # --eval-extra on the stdlib demo: only the user's sets
+    # --eval-extra on the stdlib demo: its held-out seed files (out of domain for every
+    # mixture), then the user's sets; with the user's own seed corpus only the user's
     plain = study_spec(
         DemoSettings(eval_extra=["a.jsonl"]), "d", "sd", partitions=spec["partitions"]
     )
-    assert plain["eval"]["extra"] == ["a.jsonl"] and plain["name"] == "stdlib-demo"
+    general = os.path.join("demo_out", "ood", "general.jsonl")
+    assert plain["eval"]["extra"] == [general, "a.jsonl"] and plain["name"] == "stdlib-demo"
+    own_seed = DemoSettings(eval_extra=["a.jsonl"], seed_corpus="s.jsonl")
+    assert study_spec(own_seed, "d", "sd", partitions=spec["partitions"])["eval"]["extra"] == [
+        "a.jsonl"
+    ]
+
+
+def test_unit_passes_set_the_unit_and_seq_budgets():
+    """--unit-passes 3: each unit model trains 3 passes over its base unit (the paper's
+    ~3.5); the seq budget follows (k x the unit budget, in the runner)."""
+    s = _demo_settings(["--unit-tokens", "32k", "--unit-passes", "3"])
+    assert (s.unit_passes, s.unit_budget) == (3, 96_000)
+    spec = study_spec(s, "d", "sd", partitions={"a": ["a-0000"], "b": ["b-0000"]})
+    assert spec["unit"]["overrides"][-1] == "train_tokens=96000"
+    from megablocks_ablate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--unit-passes: must be >= 1"):
+        DemoSettings(unit_passes=0)
 
 
 def test_builtin_manpages_errors(tmp_path, capsys):

@@ -111,9 +111,27 @@ def test_store_holds_every_mixture_proxy_domain(base):
     assert len(got) == 3 * 3 * 3 + 2 * 3 + 3 * 3
     with ResultStore(path) as store:
         assert store.get_meta("study")["mixtures"] == [m.id for m in study.mixtures]
+        assert store.get_meta("study")["partitions_without_heldout"] == study.without_heldout()
         spent = store.get_meta("spent")
     assert spent["unit-model tokens"] == 3 * 6144  # 6 steps of 1024 tokens each
     assert spent["seq-model tokens"] == 2 * 12288
+    # every row records its window: tiny_unit's and tiny_seq's trained length, 64
+    with ResultStore(path) as store:
+        provs = [r.provenance for r in store.results() + store.unit_results()]
+        assert store.windows() == {64}
+    assert {(p["max_len"], p["stride"], p["trained_seq_len"]) for p in provs} == {(64, None, 64)}
+
+
+def test_a_run_in_another_window_is_refused_naming_both(base, capsys):
+    from megablocks_ablate.cli import main
+
+    spec, root, runner = base
+    store = os.path.join(spec["out_dir"], "results.sqlite")
+    before = rows(store)
+    assert main(["study", "run", str(root / "study.yaml"), "--max-len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "holds scores evaluated in 64-token windows, but this run scores in 32-token" in err
+    assert "Traceback" not in err and rows(store) == before
 
 
 def test_merged_row_equals_a_merge_evaluated_by_hand(base):
@@ -166,6 +184,7 @@ def test_dry_run_and_one_new_unit_trains_one_model(base, tmp_path, capsys):
     study = runner.study
     out = dry_run(study, RunOptions())
     assert "unit models: 3 exist, 0 to train" in out and "3 of 3 merges done" in out
+    assert out.endswith("window: 64 tokens (the trained length)")
     # a fourth partition: its unit is the only model to train
     from megablocks_ablate.data.manifest import Manifest
 

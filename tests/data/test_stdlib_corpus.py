@@ -91,3 +91,25 @@ def test_write_corpus_jsonl(tmp_path):
     assert counts == {"formats": len(lines)}
     doc = json.loads(lines[0])
     assert set(doc) == {"id", "text", "domain", "order", "source"} and doc["domain"] == "formats"
+
+
+def test_seed_and_ood_split_is_disjoint_by_file_and_deterministic(tmp_path):
+    """The stdlib demo's out-of-domain set: whole files of the seed domain, never in the
+    seed corpus, the same on every run, about OOD_MAX_CHARS of text."""
+    counts = sc.write_seed_and_ood(str(tmp_path / "seed.jsonl"), str(tmp_path / "ood.jsonl"))
+    seed = [json.loads(line) for line in open(tmp_path / "seed.jsonl", encoding="utf-8")]
+    ood = [json.loads(line) for line in open(tmp_path / "ood.jsonl", encoding="utf-8")]
+    assert counts == {"seed": len(seed), "ood": len(ood)} and len(ood) > 0
+    assert {d["domain"] for d in ood} == {sc.OOD_SET} and {d["domain"] for d in seed} == {
+        sc.SEED_DOMAIN
+    }
+    assert not {d["source"] for d in seed} & {d["source"] for d in ood}
+    # together they are the seed domain, nothing lost or added
+    everything = list(sc.iter_documents([sc.SEED_DOMAIN]))
+    assert len(seed) + len(ood) == len(everything)
+    chars = sum(len(d["text"]) for d in ood)
+    assert chars >= sc.OOD_MAX_CHARS / 2 and chars < sc.OOD_MAX_CHARS + 10 * sc.MAX_CHARS
+    again = tmp_path / "again"
+    again.mkdir()
+    sc.write_seed_and_ood(str(again / "seed.jsonl"), str(again / "ood.jsonl"))
+    assert (again / "ood.jsonl").read_bytes() == (tmp_path / "ood.jsonl").read_bytes()

@@ -73,6 +73,27 @@ def test_every_preset_loads_and_has_consistent_sizes():
     assert big.activation_checkpointing == "none" and not big.model_overrides
 
 
+def test_seq_len_must_fit_the_models_max_seq_len(tmp_path, capsys):
+    from megablocks_ablate.cli import main
+
+    # the shipped presets train at their model's whole length: evaluation's default
+    # window (the trained length) then covers every position the model has
+    for model in ("tiny", "demo", "130m", "1.1b"):
+        cfg = TrainConfig.from_preset(f"{model}_seed")
+        assert cfg.model_config().max_seq_len == cfg.seq_len
+    cfg = TrainConfig.load(None, ["model=tiny", "seq_len=128", "global_batch_tokens=1024"])
+    with pytest.raises(
+        ConfigError, match=r"seq_len: 128 exceeds the max_seq_len=64 of model 'tiny'; lower"
+    ):
+        cfg.model_config()
+    assert cfg.replace(["model_overrides=[max_seq_len=128]"]).model_config().max_seq_len == 128
+    out = tmp_path / "run"  # `train` refuses it before writing anything
+    assert main(["train", "--config", "tiny_seed", "seq_len=128", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "seq_len: 128 exceeds the max_seq_len=64" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_unit_weights_from_the_data_spec(train_manifest):
     m = Manifest.load(train_manifest)
     parts = m.partition_units()
@@ -144,6 +165,9 @@ PINNED = [
     ('demo_seed', 'runs/demo/seed', None, 4000000, 256, 8192, 16, 0.002, None, 0.05, 0.0, 0.0002, ['*'], 'tokens', 100, 2, 'ddp', [], 'fresh', True),
     ('demo_seq', 'runs/demo/seq', 'runs/demo/seed/final', 1000000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, ['*'], 'partition', 50, 1, 'ddp', [], 'fresh', False),
     ('demo_unit', 'pool/demo/{unit}', 'runs/demo/seed/final', 500000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, [], 'partition', 50, 1, 'ddp', [], 'fresh', False),
+    ('paperlike_seed', 'runs/paperlike/seed', None, 4200000, 64, 1024, 16, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 500, 2, 'ddp', [], 'fresh', True),
+    ('paperlike_seq', 'runs/paperlike/seq', 'runs/paperlike/seed/final', 192000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, ['*'], 'partition', 100, 1, 'ddp', [], 'seed', False),
+    ('paperlike_unit', 'pool/paperlike/{unit}', 'runs/paperlike/seed/final', 96000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, [], 'partition', 100, 1, 'ddp', [], 'seed', False),
     ('tiny_seed', 'runs/tiny/seed', None, 200000, 64, 1024, 8, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 50, 2, 'ddp', [], 'fresh', True),
     ('tiny_seq', 'runs/tiny/seq', 'runs/tiny/seed/final', 100000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, ['*'], 'partition', 20, 1, 'ddp', [], 'seed', False),
     ('tiny_unit', 'pool/tiny/{unit}', 'runs/tiny/seed/final', 50000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, [], 'partition', 20, 1, 'ddp', [], 'seed', False),

@@ -41,12 +41,20 @@ from megablocks_ablate.ablate.runner.plan import (
 )
 from megablocks_ablate.ablate.runner.propose import search_mixtures
 from megablocks_ablate.ablate.runner.registry import Registry
-from megablocks_ablate.ablate.runner.scoring import ScoreOptions, Scorer, merge_eval
+from megablocks_ablate.ablate.runner.scaled import SCALED, fit_and_score
+from megablocks_ablate.ablate.runner.scoring import (
+    ScoreOptions,
+    Scorer,
+    check_store_window,
+    merge_eval,
+    study_window,
+)
 from megablocks_ablate.ablate.runner.training import spent_tokens, train_models
 from megablocks_ablate.ablate.search import SearchResult
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore, store_path
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.evaluate.windows import validate_window_args
 from megablocks_ablate.merge.pool_placement import PoolPlanning, PoolRequest
 from megablocks_ablate.train.distributed import DistEnv, barrier, init_distributed
 from megablocks_ablate.utils.locks import acquire
@@ -64,7 +72,8 @@ class RunOptions:
     device: str = "auto"
     batch_tokens: int = 16384  # evaluation: padded tokens per forward
     stride: int | None = None  # evaluation windows (default: non-overlapping)
-    max_len: int | None = None
+    max_len: int | None = None  # window length (default: the models' trained length)
+    beyond_trained_context: bool = False  # allow a max_len beyond the trained length
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
     lock_timeout_s: float | None = 0.0  # another run of this study: 0 refuse, None wait
     pool_placement: str = "auto"  # unit-model pool rows: auto | resident | host | sharded
@@ -84,6 +93,9 @@ class StudyRunner:
 
     def __init__(self, study: Study, options: RunOptions | None = None):
         self.study, self.opt = study, options or RunOptions()
+        # the evaluation window, checked against the trained lengths before any work
+        self.window = study_window(study, self.opt.max_len, self.opt.beyond_trained_context)
+        validate_window_args(self.window, self.opt.stride)
         self.out_dir = study.spec.out_dir
         self.planner = Planner(study, Registry(self.opt.registry or self.out_dir))
         self._owns_group = not (dist.is_available() and dist.is_initialized())
@@ -125,7 +137,14 @@ class StudyRunner:
         return self.planner.plan()
 
     def describe(self, plan: RunPlan) -> str:
-        return describe_run(self.study, plan, self.out_dir, self._pool_planning())
+        text = describe_run(self.study, plan, self.out_dir, self._pool_planning())
+        how = "the trained length" if self.opt.max_len is None else "--max-len"
+        return f"{text}\n  window: {self.window} tokens ({how})"
+
+    def check_store(self) -> None:
+        """The study's store holds no rows scored in another window (before any work)."""
+        if self.env.is_main:
+            check_store_window(store_path(self.out_dir), self.window)
 
     def _pool_planning(self) -> PoolPlanning:
         """What placing the merge-eval pool depends on: the request, device, ranks, batch."""
@@ -150,7 +169,8 @@ class StudyRunner:
                 device=self.env.device,
                 batch_tokens=opt.batch_tokens,
                 stride=opt.stride,
-                max_len=opt.max_len,
+                max_len=self.window,
+                beyond_trained_context=opt.beyond_trained_context,
                 cache_dir=opt.cache_dir,
                 save_merged=opt.save_merged,
                 pool_placement=opt.pool_placement,
@@ -185,6 +205,19 @@ class StudyRunner:
             mixtures = self.study.mixtures[replica::replicas]
             n = merge_eval(scorer, store, plan, mixtures, self.env.rank)
             logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)
+        barrier()
+        if SCALED in self.study.spec.proxies and self.env.is_main:
+            # after every rank's seq scores are in: fit lambda on the fit half, score all
+            scaled = self.study.spec.scaled
+            with ResultStore(path) as store:
+                fit_and_score(
+                    self.scorer(),
+                    store,
+                    plan,
+                    self.study.mixtures,
+                    scaled.lambdas,
+                    scaled.split_seed,
+                )
         barrier()
         if self.env.is_main:
             with ResultStore(path) as store:
@@ -232,6 +265,7 @@ class StudyRunner:
         self, k: int, proxy: str = "macro", domains: list[str] | None = None, beam_width: int = 4
     ) -> tuple[SearchResult, int]:
         """Beam search for the best ``k``-mixture (see :mod:`.propose`); one process."""
+        self.check_store()
         return search_mixtures(
             self.scorer(None),
             store_path(self.out_dir),
@@ -247,12 +281,14 @@ class StudyRunner:
         :func:`.propose.optimize_blend`); one process."""
         from megablocks_ablate.ablate.runner.propose import optimize_blend
 
+        self.check_store()
         return optimize_blend(
             self.scorer(None), store_path(self.out_dir), self.plan(), objective, **kwargs
         )
 
     def run(self) -> RunPlan:
         with self.lock():
+            self.check_store()  # scores in another window: refused before any training
             if self.env.is_main:  # the unit data every model reads, against the manifest
                 self.planner.manifest.verify(units=self.study.used_units)
             plan = self.train()

@@ -10,9 +10,18 @@
 
 :meth:`Scorer.score_mixture` is the one routine that scores a mixture: ``study run``
 (:func:`merge_eval`), ``study search`` and any future proposer call it, so a row's
-provenance (unit hashes, weights, evaluation fingerprint, proxies) is the same
-wherever its score came from. Rows of one merge are committed in one transaction with
-``INSERT OR IGNORE``: a kill loses at most the merge in flight and duplicates nothing.
+provenance (unit hashes, weights, evaluation fingerprint, window, proxies) is the
+same wherever its score came from.
+
+**Window.** Every model of a study is scored in one window length (:func:`study_window`):
+by default the shortest sequence length its scored models were trained at, so no score
+reads a position no model trained on; ``--max-len`` beyond it needs
+``--beyond-trained-context``. The window is part of the evaluation fingerprint and of
+every row's provenance (``max_len``, ``stride``, ``trained_seq_len``), and a store whose
+rows were scored in another window is refused (:func:`check_store_window`).
+
+Rows of one merge are committed in one transaction with ``INSERT OR IGNORE``: a kill
+loses at most the merge in flight and duplicates nothing.
 """
 
 from __future__ import annotations
@@ -22,27 +31,36 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture, Score
-from megablocks_ablate.ablate.runner.plan import ModelJob, RunPlan
+from megablocks_ablate.ablate.runner.plan import ModelJob, RunPlan, scored_train_configs
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
-from megablocks_ablate.checkpoint import Lineage, save_model_checkpoint
+from megablocks_ablate.checkpoint import (
+    Lineage,
+    merged_seq_len,
+    save_model_checkpoint,
+    trained_seq_len,
+)
 from megablocks_ablate.data.manifest import Manifest
 from megablocks_ablate.data.tokenizer import load_tokenizer
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.evaluate import EvalSuite, evaluate
+from megablocks_ablate.evaluate.windows import BEYOND_FLAG, resolve_window
 from megablocks_ablate.merge.pool import RowPool
 from megablocks_ablate.merge.pool_placement import PlacementChoice, PoolRequest, open_pool
 from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.model.loading import load_model
 from megablocks_ablate.utils.hashing import sha256_json
 from megablocks_ablate.utils.progress import progress
+
+if TYPE_CHECKING:
+    from megablocks_ablate.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +76,10 @@ class ScoreOptions:
     device: str | torch.device = "cpu"
     batch_tokens: int = 16384  # padded tokens per forward
     stride: int | None = None  # evaluation windows (default: non-overlapping)
+    # window length (default: the length the study's models were trained at, see
+    # study_window); a longer one needs beyond_trained_context
     max_len: int | None = None
+    beyond_trained_context: bool = False
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
     save_merged: bool = False  # also write each merged model under out_dir/merged/
     # Where the unit-model pool's rows live (merge/pool_placement.py): auto | resident |
@@ -75,8 +96,47 @@ class ScoreOptions:
     write_results: bool = True
 
 
-def load_suite(study: Study, manifest: Manifest, opt: ScoreOptions) -> tuple[EvalSuite, str]:
-    """The study's evaluation sets, tokenized (cached), and their fingerprint."""
+def study_window(study: Study, max_len: int | None = None, beyond: bool = False) -> int:
+    """The window a study scores every model in: ``max_len``, by default the shortest
+    ``seq_len`` of the train configs of the models it scores (unit, partition-level and
+    seq models; :func:`.plan.scored_train_configs`), so merged and seq models are scored
+    alike and only at trained positions. A longer ``max_len`` is a ConfigError naming
+    both numbers unless ``beyond`` (``--beyond-trained-context``)."""
+    cfgs = scored_train_configs(study.spec)
+    ref_field, cfg = min(cfgs.items(), key=lambda item: item[1].seq_len)
+    what = {"unit.config": "each unit model", "validation.train.config": "each seq model"}
+    return resolve_window(
+        max_len,
+        cfg.seq_len,
+        min(c.model_config().max_seq_len for c in cfgs.values()),
+        f"{what[ref_field]} ({ref_field})",
+        beyond=beyond,
+        flag="--max-len",
+        beyond_flag=BEYOND_FLAG,
+    )
+
+
+def check_store_window(path: str, window: int) -> None:
+    """Refuse to add rows scored in ``window``-token windows to a results store holding
+    rows scored in another (a study's scores must be comparable): ConfigError naming both
+    lengths. A store that does not exist yet holds none."""
+    if not os.path.isfile(path):
+        return
+    with ResultStore(path) as store:
+        other = sorted(w for w in store.windows() if w != window)
+    if other:
+        raise ConfigError(
+            f"{path}: holds scores evaluated in {other[0]}-token windows, but this run "
+            f"scores in {window}-token windows; pass --max-len {other[0]} (with "
+            f"{BEYOND_FLAG} if that is beyond the trained length), or use a new out_dir"
+        )
+
+
+def load_suite(
+    study: Study, manifest: Manifest, opt: ScoreOptions, window: int | None = None
+) -> tuple[EvalSuite, str]:
+    """The study's evaluation sets, tokenized (cached), and their fingerprint (which
+    covers the tokenizer, the window length ``window`` and stride, and the sets)."""
     tok = load_tokenizer(manifest.data["tokenizer"]["path"])
     if tok.fingerprint != manifest.tokenizer_fingerprint:
         raise ConfigError(
@@ -100,7 +160,7 @@ def load_suite(study: Study, manifest: Manifest, opt: ScoreOptions) -> tuple[Eva
         {
             "tokenizer": tok.fingerprint,
             "stride": opt.stride,
-            "max_len": opt.max_len,
+            "max_len": window if window is not None else opt.max_len,
             "sets": {
                 d: [s.num_documents, s.num_tokens, s.num_bytes] for d, s in suite.sets.items()
             },
@@ -116,21 +176,33 @@ class Scorer:
         self, study: Study, manifest: Manifest, opt: ScoreOptions, group: object | None = None
     ):
         self.study, self.manifest, self.opt, self.group = study, manifest, opt, group
-        self.suite, self.fingerprint = load_suite(study, manifest, opt)
+        self.window = study_window(study, opt.max_len, opt.beyond_trained_context)
+        self.suite, self.fingerprint = load_suite(study, manifest, opt, self.window)
         self.domains = list(study.eval_sets)
         self._pool: RowPool | None = None
         self.pool_choice: PlacementChoice | None = None
         self._live: torch.nn.Module | None = None
         self._units: dict[str, ModelJob] = {}
         self._unit_hashes: dict[str, str | None] = {}  # None: not recorded at training
+        self._unit_trained: dict[str, int] = {}  # trained length of each pool row
 
-    def evaluate(self, model: torch.nn.Module, name: str | None = None) -> dict[str, Score]:
-        """Scores per domain; a non-finite one is an error naming ``name`` and the domain."""
+    def window_provenance(self, trained: int) -> dict:
+        """What a stored row records of its window (besides the evaluation fingerprint)."""
+        return {"max_len": self.window, "stride": self.opt.stride, "trained_seq_len": trained}
+
+    def evaluate(
+        self, model: torch.nn.Module, name: str | None = None, trained: int | None = None
+    ) -> dict[str, Score]:
+        """Scores per domain; a non-finite one is an error naming ``name`` and the domain.
+        ``trained``: the length the model was trained at (the window must not exceed it
+        unless the options say beyond_trained_context)."""
         res = evaluate(
             model,
             self.suite,
             stride=self.opt.stride,
-            max_len=self.opt.max_len,
+            max_len=self.window,
+            trained_len=trained,
+            beyond_trained_context=self.opt.beyond_trained_context,
             batch_tokens=self.opt.batch_tokens,
             group=self.group,
             name=name,
@@ -152,7 +224,11 @@ class Scorer:
             return
         sha = job.verified_sha256()  # the bytes about to be evaluated are the trained ones
         model, lineage = load_model(job.entry.model_dir, self.opt.device)
-        scores = self.evaluate(model, f"the {job.kind} model {job.name!r} ({job.entry.out_dir})")
+        max_seq_len = cast("Transformer", model).cfg.max_seq_len
+        trained = trained_seq_len(lineage, max_seq_len, job.entry.model_dir)
+        scores = self.evaluate(
+            model, f"the {job.kind} model {job.name!r} ({job.entry.out_dir})", trained
+        )
         prov = make_provenance(
             eval_fingerprint=self.fingerprint,
             model=job.entry.out_dir,
@@ -160,6 +236,7 @@ class Scorer:
             model_sha256=sha,
             weights=job.weights,
             tokens_seen=lineage.tokens_seen,
+            **self.window_provenance(trained),
         )
         rows = [Result(job.name, proxy, d, s, prov) for d, s in scores.items()]
         (store.add_unit_results if single else store.add_results)(rows)
@@ -188,6 +265,11 @@ class Scorer:
             show_progress=False,
         )
         self._live = ModelConfig.from_dict(self._pool.config).build(device=self.opt.device)
+        max_seq_len = self._live.cfg.max_seq_len
+        self._unit_trained = {
+            u: trained_seq_len(lin, max_seq_len, self._units[u].entry.model_dir)
+            for u, lin in zip(self._pool.units, self._pool.lineages)
+        }
 
     def score_mixture(
         self,
@@ -195,15 +277,12 @@ class Scorer:
         mixture: Mixture,
         weights: dict[str, float],
         proxies: Sequence[str],
+        extra: dict | None = None,
     ) -> dict[str, Score]:
         """Merge ``weights`` into the live model, evaluate it, and store one row per proxy
-        sharing that weight vector and per domain; returns the scores."""
-        if self._pool is None or self._live is None:
-            raise RuntimeError("Scorer.open_pool must be called before score_mixture")
-        self._pool.merge_into(self._live, weights)
-        scores = self.evaluate(
-            self._live, f"the merged model of {mixture.label} ({'+'.join(proxies)})"
-        )
+        sharing that weight vector and per domain (``extra``: more provenance, e.g. the
+        scaled merge's lambda); returns the scores."""
+        scores, trained = self._merge_and_evaluate(mixture, weights, "+".join(proxies))
         if not self.opt.write_results:
             return scores
         choice = self.pool_choice
@@ -216,6 +295,8 @@ class Scorer:
             pool={"placement": choice.placement, "itemsize": choice.size.itemsize}
             if choice is not None
             else None,
+            **self.window_provenance(trained),
+            **(extra or {}),
         )
         store.add_results(
             [Result(mixture.id, p, d, s, prov) for p in proxies for d, s in scores.items()]
@@ -223,6 +304,23 @@ class Scorer:
         if self.opt.save_merged:
             self._save_merged(mixture, weights, proxies)
         return scores
+
+    def score_weights(
+        self, mixture: Mixture, weights: dict[str, float], what: str
+    ) -> dict[str, Score]:
+        """Merge and evaluate ``weights`` without storing anything (e.g. the scaled
+        merge's lambda grid); ``what`` names the merge in errors."""
+        return self._merge_and_evaluate(mixture, weights, what)[0]
+
+    def _merge_and_evaluate(
+        self, mixture: Mixture, weights: dict[str, float], what: str
+    ) -> tuple[dict[str, Score], int]:
+        if self._pool is None or self._live is None:
+            raise RuntimeError("Scorer.open_pool must be called before scoring a merge")
+        self._pool.merge_into(self._live, weights)
+        trained = min(self._unit_trained[u] for u in weights)  # what the merge inherits
+        scores = self.evaluate(self._live, f"the merged model of {mixture.label} ({what})", trained)
+        return scores, trained
 
     def _save_merged(
         self, mixture: Mixture, weights: dict[str, float], proxies: Sequence[str]
@@ -251,6 +349,7 @@ class Scorer:
                 tokenizer_fingerprint=fingerprint,
                 parents=[self._units[u].entry.model_dir for u in weights],
                 extra={"tokenizer": tokenizer},
+                trained_seq_len=merged_seq_len(lineages, f"merged model of {mixture.label}"),
             ),
         )
 
