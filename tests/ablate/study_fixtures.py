@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 import os
 from types import ModuleType
@@ -20,6 +21,7 @@ import numpy as np
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score, proxy_weights
 from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
+from megablocks_ablate.data.manifest import MANIFEST_FORMAT
 
 PARTITIONS = {
     "a": ["a-0000"],
@@ -202,3 +204,23 @@ def load_benchmark(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def write_manifest_dir(d, parts: dict[str, int]) -> str:
+    """A preprocess output ``d`` (a pathlib.Path) holding only its manifest and one
+    one-line held-out set per partition: ``parts`` maps partition -> number of units."""
+    (d / "heldout").mkdir(parents=True)
+    partitions, units = {}, {}
+    for p, n in parts.items():
+        names = [f"{p}-{i:04d}" for i in range(n)]
+        (d / "heldout" / f"{p}.jsonl").write_text(json.dumps({"text": f"{p} text"}) + "\n")
+        partitions[p] = {"units": names, "heldout": {"path": f"heldout/{p}.jsonl"}}
+        units.update({u: {"partition": p, "prefix": f"units/{u}"} for u in names})
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "tokenizer": {"fingerprint": "x"},
+        "partitions": partitions,
+        "units": units,
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return str(d)

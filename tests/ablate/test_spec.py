@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from study_fixtures import write_manifest_dir
 
 from megablocks_ablate.ablate.mixtures import Mixture
 from megablocks_ablate.ablate.runner import resolve
 from megablocks_ablate.ablate.spec import StudySpec, describe_plan
-from megablocks_ablate.data.manifest import MANIFEST_FORMAT
 from megablocks_ablate.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,21 +22,7 @@ PARTS = {"bio": 3, "cs": 1, "math": 2, "phys": 1}
 @pytest.fixture()
 def data_dir(tmp_path) -> str:
     """A minimal preprocess output: manifest + held-out files (no unit data needed)."""
-    d = tmp_path / "data"
-    (d / "heldout").mkdir(parents=True)
-    partitions, units = {}, {}
-    for p, n in PARTS.items():
-        names = [f"{p}-{i:04d}" for i in range(n)]
-        (d / "heldout" / f"{p}.jsonl").write_text(json.dumps({"text": f"{p} text"}) + "\n")
-        partitions[p] = {"units": names, "heldout": {"path": f"heldout/{p}.jsonl"}}
-        units.update({u: {"partition": p, "prefix": f"units/{u}"} for u in names})
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "tokenizer": {"fingerprint": "x"},
-        "partitions": partitions,
-        "units": units,
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest))
+    d = write_manifest_dir(tmp_path / "data", PARTS)
     (tmp_path / "paloma").mkdir()
     (tmp_path / "paloma" / "c4_en.jsonl").write_text('{"text": "c4"}\n')
     (tmp_path / "paloma" / "wiki.jsonl").write_text('{"text": "wiki"}\n')

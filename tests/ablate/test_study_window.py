@@ -7,11 +7,11 @@ for the spec to resolve; the end-to-end provenance checks are in test_runner.py.
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import yaml
+from study_fixtures import write_manifest_dir
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score
 from megablocks_ablate.ablate.runner import resolve
@@ -19,27 +19,12 @@ from megablocks_ablate.ablate.runner.scoring import check_store_window, study_wi
 from megablocks_ablate.ablate.spec import StudySpec
 from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
 from megablocks_ablate.cli import main
-from megablocks_ablate.data.manifest import MANIFEST_FORMAT
 from megablocks_ablate.errors import ConfigError
 
 
 @pytest.fixture()
 def data_dir(tmp_path) -> str:
-    d = tmp_path / "data"
-    (d / "heldout").mkdir(parents=True)
-    partitions, units = {}, {}
-    for p in ("bio", "cs", "math"):
-        (d / "heldout" / f"{p}.jsonl").write_text(json.dumps({"text": f"{p} text"}) + "\n")
-        partitions[p] = {"units": [f"{p}-0000"], "heldout": {"path": f"heldout/{p}.jsonl"}}
-        units[f"{p}-0000"] = {"partition": p, "prefix": f"units/{p}-0000"}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "tokenizer": {"fingerprint": "x"},
-        "partitions": partitions,
-        "units": units,
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    return str(d)
+    return write_manifest_dir(tmp_path / "data", {"bio": 1, "cs": 1, "math": 1})
 
 
 def _spec(data_dir: str, unit_overrides=(), validation=None) -> dict:
