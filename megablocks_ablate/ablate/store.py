@@ -326,6 +326,12 @@ class ResultStore:
             )
         }
 
+    def drop_proxy(self, proxy: str) -> int:
+        """Delete every mixture row of ``proxy`` (rows the study itself derived and must
+        replace, e.g. the scaled merge's after its lambda was refitted); returns how many."""
+        with self._write() as db:
+            return db.execute("DELETE FROM results WHERE proxy = ?", (proxy,)).rowcount
+
     def scores(self, mixture_id: str, proxy: str) -> dict[str, Score]:
         """domain -> score of one (mixture, proxy)."""
         return {

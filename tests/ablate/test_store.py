@@ -233,3 +233,16 @@ def test_read_study_table_reads_a_study_dir_and_names_a_missing_store(tmp_path):
     assert got.values == want.values and sorted(got.mixtures) == sorted(m.id for m in mixtures)
     with pytest.raises(StoreError, match=r"nowhere: expected a study out_dir holding .*results"):
         read_study_table(str(tmp_path / "nowhere"))
+
+
+def test_drop_proxy_deletes_only_that_proxys_rows(tmp_path):
+    from study_fixtures import fill_roles_store
+
+    store, mixtures, _ = fill_roles_store(str(tmp_path / "d.sqlite"))
+    before = store.count()
+    macro = len(store.results("macro"))
+    assert macro and store.drop_proxy("macro") == macro
+    assert store.count() == before - macro and not store.results("macro")
+    assert len(store.results("merged")) == macro  # the other proxies untouched
+    assert store.drop_proxy("macro") == 0
+    store.close()

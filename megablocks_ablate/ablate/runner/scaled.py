@@ -16,7 +16,9 @@ weights (the seed row included), and the store's meta ``scaled`` records the fit
 lambda, the grid with each lambda's fit figure, and the fit and held-out mixtures.
 The report judges ``scaled`` against ``merged`` on the held-out mixtures only
 (:mod:`..report_scaled`), so a user sees whether it predicts better before trusting it.
-A rerun reuses the recorded fit when its fit mixtures are the same.
+A rerun reuses the recorded fit when its fit mixtures and grid are the same; a refit
+to another lambda replaces the ``scaled`` rows (the study wrote them, and rows at the
+old lambda are no longer this proxy).
 """
 
 from __future__ import annotations
@@ -162,6 +164,14 @@ def fit_and_score(
                 "[scaled] lambda %g: fit figure %.4f on %d mixtures", lam, grid[lam], len(fit_ids)
             )
         lam = choose_lambda(grid)
+        if fit and fit.get("lambda") != lam:  # rows at the old lambda are not this proxy
+            dropped = store.drop_proxy(SCALED)
+            logger.info(
+                "[scaled] lambda refitted %s -> %g: %d old rows replaced",
+                fit["lambda"],
+                lam,
+                dropped,
+            )
         fit = {
             "lambda": lam,
             "grid": {str(k): (None if math.isnan(v) else v) for k, v in grid.items()},
