@@ -109,10 +109,10 @@ def _demo_settings(argv):
 
 def test_builtin_manpages_arguments_and_defaults():
     s = _demo_settings(["--builtin", "manpages", "--eval-extra", "x.jsonl"])
-    assert (s.builtin, s.out, s.heldout_fraction) == ("manpages", "demo_manpages_out", 0.01)
+    assert (s.builtin, s.out, s.heldout_fraction) == ("manpages", "demo_manpages_out", 0.02)
     assert s.eval_extra == ["x.jsonl"]
     d = _demo_settings([])  # the default demo is unchanged
-    assert (d.builtin, d.out, d.heldout_fraction, d.eval_extra) == ("stdlib", "demo_out", 0.005, [])
+    assert (d.builtin, d.out, d.heldout_fraction, d.eval_extra) == ("stdlib", "demo_out", 0.02, [])
     assert _demo_settings(["--builtin", "manpages", "--out", "o"]).out == "o"
 
 
