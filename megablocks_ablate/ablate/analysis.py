@@ -160,14 +160,13 @@ def bootstrap_ci(
     r = fn(xa, ya) if len(xa) >= MIN_POINTS else math.nan
     if math.isnan(r) or len(uniq) < 3 or n_boot <= 0:
         return Corr(r, n=len(xa), mixtures=len(uniq))
-    members = [np.flatnonzero(inverse == c) for c in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        idx = np.concatenate([members[c] for c in rng.integers(0, len(uniq), len(uniq))])
-        v = fn(xa[idx], ya[idx])
-        if not math.isnan(v):
-            stats.append(v)
+    # every resample at once: a resample is a vector of draw counts over the clusters,
+    # each point weighted by its cluster's count (ablate/bootstrap.py)
+    from megablocks_ablate.ablate.bootstrap import resample_counts, weighted_corr
+
+    counts = resample_counts(len(uniq), n_boot, seed)[:, inverse.reshape(-1)]
+    stats = weighted_corr(method, xa, ya, counts)
+    stats = stats[~np.isnan(stats)]
     if len(stats) < n_boot / 2:
         return Corr(r, n=len(xa), mixtures=len(uniq))
     a = (1.0 - level) / 2.0

@@ -41,3 +41,25 @@ def test_mean_interval_brackets_the_mean_and_is_seeded():
     assert lo < mean < hi and hi - lo < 0.5
     assert bs.mean_interval(columns, "pearson", n_boot=400, seed=1) == (lo, hi)
     assert all(math.isnan(v) for v in bs.mean_interval([], "pearson"))
+
+
+@pytest.mark.parametrize("method", ["pearson", "spearman"])
+def test_bootstrap_ci_is_the_percentile_of_the_expanded_cluster_resamples(method):
+    """bootstrap_ci draws whole clusters (a mixture's points stay together): its interval
+    equals the percentiles of the coefficient over the same resamples, expanded."""
+    rng = np.random.default_rng(7)
+    clusters = np.repeat([f"m{i}" for i in range(8)], 3)
+    x = rng.normal(size=24)
+    y = x + rng.normal(scale=0.5, size=24)
+    got = an.bootstrap_ci(x, y, method, clusters=list(clusters), n_boot=200, seed=3)
+    uniq, inverse = np.unique(clusters, return_inverse=True)
+    counts = bs.resample_counts(len(uniq), 200, 3)
+    stats = []
+    for row in counts:
+        idx = np.concatenate(
+            [np.flatnonzero(inverse == c).repeat(int(k)) for c, k in enumerate(row)]
+        )
+        stats.append(an.CORRELATIONS[method](x[idx], y[idx]))
+    lo, hi = np.quantile(stats, [0.025, 0.975])
+    assert (got.lo, got.hi) == (pytest.approx(lo), pytest.approx(hi))
+    assert got.r == pytest.approx(an.CORRELATIONS[method](x, y)) and got.mixtures == 8
