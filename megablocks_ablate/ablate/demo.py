@@ -47,8 +47,8 @@ class DemoSettings:
     order_by: str | None = None
     vocab_size: int = 2048
     # The paper-like regime (docs/fidelity.md, 2026-12-06): the `paperlike` presets (a
-    # 205K-parameter model, seed 4.2M tokens = 20 per parameter, unit and seq models with
-    # a fresh AdamW, as measured), 32K-token base units trained for 3 passes (96K
+    # 205K-parameter model, seed 4.2M tokens = 20 per parameter, unit and seq models from
+    # the seed's AdamW state, as measured), 32K-token base units trained for 3 passes (96K
     # tokens: 94 steps, 2.3% of the seed), 2% of each partition held out.
     heldout_fraction: float = 0.02
     unit_tokens: str = "32k"  # base unit size (the unit-model budget at one pass)

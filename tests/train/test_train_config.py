@@ -166,8 +166,8 @@ PINNED = [
     ('demo_seq', 'runs/demo/seq', 'runs/demo/seed/final', 1000000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, ['*'], 'partition', 50, 1, 'ddp', [], 'fresh', False),
     ('demo_unit', 'pool/demo/{unit}', 'runs/demo/seed/final', 500000, 256, 8192, 16, 0.002, 5, 0.01, 0.0002, 0.0002, [], 'partition', 50, 1, 'ddp', [], 'fresh', False),
     ('paperlike_seed', 'runs/paperlike/seed', None, 4200000, 64, 1024, 16, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 500, 2, 'ddp', [], 'fresh', True),
-    ('paperlike_seq', 'runs/paperlike/seq', 'runs/paperlike/seed/final', 192000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, ['*'], 'partition', 100, 1, 'ddp', [], 'fresh', False),
-    ('paperlike_unit', 'pool/paperlike/{unit}', 'runs/paperlike/seed/final', 96000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, [], 'partition', 100, 1, 'ddp', [], 'fresh', False),
+    ('paperlike_seq', 'runs/paperlike/seq', 'runs/paperlike/seed/final', 192000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, ['*'], 'partition', 100, 1, 'ddp', [], 'seed', False),
+    ('paperlike_unit', 'pool/paperlike/{unit}', 'runs/paperlike/seed/final', 96000, 64, 1024, 16, 0.003, None, 0.05, 0.0003, 0.0003, [], 'partition', 100, 1, 'ddp', [], 'seed', False),
     ('tiny_seed', 'runs/tiny/seed', None, 200000, 64, 1024, 8, 0.003, None, 0.05, 0.0, 0.0003, ['*'], 'tokens', 50, 2, 'ddp', [], 'fresh', True),
     ('tiny_seq', 'runs/tiny/seq', 'runs/tiny/seed/final', 100000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, ['*'], 'partition', 20, 1, 'ddp', [], 'seed', False),
     ('tiny_unit', 'pool/tiny/{unit}', 'runs/tiny/seed/final', 50000, 64, 1024, 8, 0.003, 5, 0.01, 0.0003, 0.0003, [], 'partition', 20, 1, 'ddp', [], 'seed', False),
@@ -260,10 +260,10 @@ def test_demo_study_refs_resolve():
         4_200_000,
         "demo_out/seed_data",
     )
-    # the paper-like regime: one warmup fraction for unit and seq models, fresh AdamW
+    # the paper-like regime: one warmup fraction for unit and seq models, the seed's AdamW
     assert (unit.kind, unit.train_tokens, unit.schedule.warmup_steps) == ("unit", 96_000, None)
     assert (unit.schedule.warmup_fraction, seq.schedule.warmup_fraction) == (0.05, 0.05)
-    assert unit.init_optimizer == seq.init_optimizer == "fresh"
+    assert unit.init_optimizer == seq.init_optimizer == "seed"
     assert (seq.kind, seq.data.mixture, seq.init_from) == (
         "seq",
         ["*"],
