@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 "roles": r["summary"].get("roles"),
                 "summary_row": r["summary"].get("summary_row"),
                 "decisions": r["summary"].get("decisions"),
+                "scaled": r["summary"].get("scaled"),
             }
             for n, r in result.items()
         }
