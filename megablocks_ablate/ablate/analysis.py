@@ -32,6 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.bootstrap import (
+    CONSTANT_RTOL,
+    MIN_POINTS,
+    resample_counts,
+    weighted_corr,
+)
 from megablocks_ablate.ablate.mixtures import ID_DOMAIN, IND_PROXIES, SEQ, Mixture, Score
 
 # 1-D numbers: a list or a NumPy array (the statistics convert with np.asarray)
@@ -42,12 +48,6 @@ POOLED_ROW = "pooled"
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-# Relative spread below which an input counts as constant: perplexities derived from
-# the same score by different float paths (e.g. ``ind_id`` of every mixture holding a
-# one-unit partition) differ in the last bits, and a coefficient of that jitter is noise.
-CONSTANT_RTOL = 1e-9
 
 
 def is_constant(a: np.ndarray) -> bool:
@@ -98,11 +98,6 @@ CORRELATIONS: dict[str, Callable[[Values, Values], float]] = {
     "pearson": pearson,
     "spearman": spearman,
 }
-
-
-# A coefficient from fewer points is not shown (3 points give |r| near 1 by chance
-# far too often to be read as agreement): the cell reads "–" with its n.
-MIN_POINTS = 4
 
 
 @dataclass(frozen=True)
@@ -162,8 +157,6 @@ def bootstrap_ci(
         return Corr(r, n=len(xa), mixtures=len(uniq))
     # every resample at once: a resample is a vector of draw counts over the clusters,
     # each point weighted by its cluster's count (ablate/bootstrap.py)
-    from megablocks_ablate.ablate.bootstrap import resample_counts, weighted_corr
-
     counts = resample_counts(len(uniq), n_boot, seed)[:, inverse.reshape(-1)]
     stats = weighted_corr(method, xa, ya, counts)
     stats = stats[~np.isnan(stats)]

@@ -19,7 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from megablocks_ablate.ablate.analysis import CONSTANT_RTOL, MIN_POINTS
+# Relative spread below which an input counts as constant: perplexities derived from
+# the same score by different float paths (e.g. ``ind_id`` of every mixture holding a
+# one-unit partition) differ in the last bits, and a coefficient of that jitter is noise.
+CONSTANT_RTOL = 1e-9
+
+# A coefficient from fewer points is not shown (3 points give |r| near 1 by chance
+# far too often to be read as agreement): the cell reads "–" with its n.
+MIN_POINTS = 4
 
 # one domain's points: (mixture ids, proxy values, seq values)
 Column = tuple[Sequence[str], np.ndarray, np.ndarray]
@@ -86,7 +93,7 @@ def mean_interval(
 ) -> tuple[float, float]:
     """Percentile interval of the mean of the columns' coefficients, resampling the
     mixtures the columns share. A column's coefficient on a resample that draws fewer
-    than :data:`~.analysis.MIN_POINTS` distinct mixtures of it is undefined and left
+    than :data:`MIN_POINTS` distinct mixtures of it is undefined and left
     out of that resample's mean; (NaN, NaN) when fewer than half of the resamples
     give a mean, or with no column."""
     mixtures = sorted({m for ids, _, _ in columns for m in ids})

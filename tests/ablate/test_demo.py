@@ -27,6 +27,8 @@ TINY = [
     "384",
     "--unit-tokens",
     "6k",
+    "--unit-passes",
+    "1",
     "--seed-tokens",
     "8k",
     "--n-seq",

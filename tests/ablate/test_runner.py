@@ -41,6 +41,7 @@ def tiny_settings(out: str, corpus: str) -> DemoSettings:
         order_by="year",
         vocab_size=384,
         unit_tokens="6k",
+        unit_passes=1,
         seed_tokens="8k",
         k=2,
         n_seq=2,
