@@ -75,6 +75,8 @@ class DemoSettings:
             raise ConfigError(f"--builtin {self.builtin} and --corpus: give one of them")
         if self.unit_passes < 1:
             raise ConfigError(f"--unit-passes: must be >= 1, got {self.unit_passes}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {self.workers}")
 
     @property
     def unit_budget(self) -> int:
@@ -314,7 +316,7 @@ def run_demo(s: DemoSettings) -> int:
         ),
     )
 
-    runner = StudyRunner(study, RunOptions())
+    runner = StudyRunner(study, RunOptions(cpu_workers=s.workers))
     plan = runner.train()
     _step(5, 6, "seed, unit and seq models trained; evaluating", t0)
     runner.evaluate(plan)

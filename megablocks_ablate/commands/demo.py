@@ -138,7 +138,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.vocab_size,
         help=f"tokenizer pieces (default: {d.vocab_size})",
     )
-    p.add_argument("--workers", type=int, default=d.workers, help="preprocess worker processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="worker processes for preprocessing and, on CPU, for training the unit and "
+        f"seq models and scoring them side by side (default: {d.workers})",
+    )
     _proportions_args(p)
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides of every train config (e.g. seq_len=128)"

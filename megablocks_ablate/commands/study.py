@@ -98,6 +98,16 @@ def _add_plan(actions: argparse._SubParsersAction) -> None:
     plan.set_defaults(func=run_plan)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
 def _add_run(actions: argparse._SubParsersAction) -> None:
     run = actions.add_parser("run", help="train missing models, merge-eval every mixture")
     _spec_args(run)
@@ -131,6 +141,15 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
     )
     _window_args(run)
     _pool_args(run)
+    run.add_argument(
+        "--cpu-workers",
+        type=_at_least_one,
+        default=1,
+        metavar="N",
+        help="one CPU process: train the unit/seq models and score models and mixtures "
+        "in N worker processes, each with threads/N threads (small models train faster "
+        "side by side than one at a time; default 1; ignored under torchrun and on CUDA)",
+    )
     run.add_argument("--report", action="store_true", help="write report/ when done")
     run.add_argument(
         "--wait",
@@ -266,6 +285,7 @@ def run_run(args: argparse.Namespace) -> int:
         pool_placement=args.pool_placement,
         pool_dtype=args.pool_dtype,
         pool_dir=args.pool_dir,
+        cpu_workers=args.cpu_workers,
     )
     if args.dry_run:
         print(dry_run(study, opts))

@@ -35,7 +35,7 @@ import json
 import os
 import sysconfig
 import tokenize
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from megablocks_ablate.utils.atomic import atomic_open
 
@@ -408,6 +408,15 @@ def iter_documents(
             f"(known: {', '.join(DOMAINS + (SEED_DOMAIN,))})"
         )
     files = _code_domain_files(root)
+    parsed: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+
+    def split(f: str) -> tuple[str, list[tuple[str, str]]]:
+        """A code file's (code, docstrings), parsed once for both the file's code
+        domain and the docs domain (parsing is most of the corpus's build time)."""
+        if f not in parsed:
+            parsed[f] = split_source(_read_source(os.path.join(root, f)))
+        return parsed[f]
+
     for domain in domains:
         order = 0
 
@@ -424,20 +433,22 @@ def iter_documents(
             return doc
 
         if domain == DOCS_DOMAIN:
-            yield from (emit(t, s, i) for s, i, t in _docs_texts(root, files, max_chars))
+            yield from (emit(t, s, i) for s, i, t in _docs_texts(files, max_chars, split))
         elif domain == SEED_DOMAIN:
             for f in files[SEED_DOMAIN]:
                 for i, t in enumerate(chunks(_read_source(os.path.join(root, f)), max_chars)):
                     yield emit(t, f, i)
         else:
             for f in files[domain]:
-                code, _ = split_source(_read_source(os.path.join(root, f)))
+                code, _ = split(f)
                 for i, t in enumerate(chunks(code, max_chars)):
                     yield emit(t, f, i)
 
 
 def _docs_texts(
-    root: str, files: dict[str, list[str]], max_chars: int
+    files: dict[str, list[str]],
+    max_chars: int,
+    split: Callable[[str], tuple[str, list[tuple[str, str]]]],
 ) -> Iterator[tuple[str, int, str]]:
     """(source, part, text): pydoc topics, then every code domain's docstrings."""
     from pydoc_data.topics import topics
@@ -449,7 +460,7 @@ def _docs_texts(
         for f in files[domain]:
             if f.startswith("test" + os.sep):
                 continue  # test docstrings are about tests, not the library
-            _, docs = split_source(_read_source(os.path.join(root, f)))
+            _, docs = split(f)
             module = f[:-3].replace(os.sep, ".").removesuffix(".__init__")
             text = "\n\n".join(f"{module}{'.' + n if n else ''}\n{d}" for n, d in docs)
             for i, t in enumerate(chunks(text, max_chars)):

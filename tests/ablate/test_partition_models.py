@@ -15,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from test_runner import tiny_settings
+from runner_fixtures import tiny_settings
 
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.demo import build_data, study_spec

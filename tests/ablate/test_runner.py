@@ -21,79 +21,14 @@ import time
 import numpy as np
 import pytest
 import yaml
+from runner_fixtures import rows, write_spec
 
 from megablocks_ablate.ablate import mixtures as mx
-from megablocks_ablate.ablate.demo import DemoSettings, build_data, study_spec
-from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, dry_run, resolve, run_study
+from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, dry_run, resolve
 from megablocks_ablate.ablate.spec import StudySpec
 from megablocks_ablate.ablate.store import ResultStore
 
 pytestmark = pytest.mark.integration  # whole studies: training, kills, 2 ranks
-
-TINY = ["model_overrides=[vocab_size=384]", "checkpoint.every=2", "logging.every=2"]
-
-
-def tiny_settings(out: str, corpus: str) -> DemoSettings:
-    return DemoSettings(
-        out=out,
-        corpus=corpus,
-        partition_by="fos",
-        order_by="year",
-        vocab_size=384,
-        unit_tokens="6k",
-        unit_passes=1,
-        seed_tokens="8k",
-        k=2,
-        n_seq=2,
-        preset="tiny",
-        heldout_fraction=0.04,
-        train_overrides=TINY,
-        workers=1,
-        max_partitions=3,
-    )
-
-
-def write_spec(path: str, spec: dict, **changes) -> str:
-    spec = dict(spec, **changes)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(spec, f, sort_keys=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """(spec dict, data dir, finished runner) of the uninterrupted tiny study."""
-    from megablocks_ablate.data.synthetic import write_corpus
-
-    root = tmp_path_factory.mktemp("study")
-    corpus = write_corpus(str(root / "corpus.jsonl"), n_docs=600, seed=3)
-    s = tiny_settings(str(root), corpus)
-    data, seed_data = build_data(s, time.time())
-    spec = study_spec(s, data, seed_data)
-    # fixed validation mixtures, so adding a partition later adds no seq model
-    names = list(spec["partitions"])
-    spec["validation"] = dict(
-        spec["validation"], n=0, mixtures=[[names[0], names[1]], [names[1], names[2]]]
-    )
-    path = write_spec(str(root / "study.yaml"), spec)
-    runner = run_study(resolve(StudySpec.load(path)), RunOptions())
-    return spec, root, runner
-
-
-def rows(store_path: str) -> dict:
-    with ResultStore(store_path) as store:
-        out = {
-            ("r", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
-            for r in store.results()
-        }
-        out.update(
-            {
-                ("u", r.subject, r.proxy, r.domain): (r.score.nll_sum, r.score.tokens)
-                for r in store.unit_results()
-            }
-        )
-        assert len(out) == store.count("results") + store.count("unit_results")
-    return out
 
 
 def test_store_holds_every_mixture_proxy_domain(base):

@@ -62,7 +62,7 @@ def test_scaled_rows_equal_the_moved_seed_evaluated_by_hand(tmp_path):
     """A tiny study with proxies [merged, scaled]: every mixture's scaled rows are the
     model seed + lambda x (merged - seed) evaluated directly; the fit is in the store's
     meta and the report judges scaled on the held-out mixtures."""
-    from test_runner import tiny_settings
+    from runner_fixtures import tiny_settings
 
     from megablocks_ablate.ablate.demo import build_data, study_spec
     from megablocks_ablate.ablate.report import write_report

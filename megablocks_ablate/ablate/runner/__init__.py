@@ -18,6 +18,8 @@ IGNORE`` one merge per transaction, and work whose rows exist is skipped.
 parallel, every rank takes part in every model; *evaluation* is sharded: unit i, seq
 model i and mixture i go to rank ``i % world``, each rank scoring alone (a one-rank
 process group) and writing its own rows into the one SQLite store (WAL, busy timeout).
+One CPU process with ``cpu_workers`` > 1 does both in worker processes instead: one
+model per worker, and worker i scoring what rank i would (workers.py).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from megablocks_ablate.ablate.runner.scoring import (
     ScoreOptions,
     Scorer,
     check_store_window,
+    load_suite,
     merge_eval,
     study_window,
 )
 from megablocks_ablate.ablate.runner.training import spent_tokens, train_models
+from megablocks_ablate.ablate.runner.workers import score_in_workers, use_workers
 from megablocks_ablate.ablate.search import SearchResult
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore, store_path
@@ -79,9 +83,14 @@ class RunOptions:
     pool_placement: str = "auto"  # unit-model pool rows: auto | resident | host | sharded
     pool_dtype: str = "auto"  # pool rows: auto (bf16 on CUDA, else fp32) | bf16 | fp32
     pool_dir: str | None = None  # node-wide directory of host rows (default /dev/shm)
+    # One CPU process: train unit/seq models and score models and mixtures in this many
+    # worker processes (runner/workers.py); ignored under torchrun and on CUDA.
+    cpu_workers: int = 1
 
     def __post_init__(self) -> None:
         self.pool_request()  # a bad pool option is refused before any training
+        if not isinstance(self.cpu_workers, int) or self.cpu_workers < 1:
+            raise ConfigError(f"cpu_workers: expected an integer >= 1, got {self.cpu_workers!r}")
 
     def pool_request(self) -> PoolRequest:
         return PoolRequest(self.pool_placement, self.pool_dtype, self.pool_dir)
@@ -154,32 +163,32 @@ class StudyRunner:
         )
 
     def train(self) -> RunPlan:
-        return train_models(self.planner, self.env)
+        return train_models(self.planner, self.env, self.opt.cpu_workers)
 
     def scorer(
         self, group: object | None = None, pool_group: object | None = None, writes: bool = True
     ) -> Scorer:
         """A scorer on this rank's device with the runner's evaluation options;
         ``pool_group``: the ranks of a sharded pool (see :meth:`_pool_groups`)."""
-        opt = self.opt
         return Scorer(
-            self.study,
-            self.planner.manifest,
-            ScoreOptions(
-                device=self.env.device,
-                batch_tokens=opt.batch_tokens,
-                stride=opt.stride,
-                max_len=self.window,
-                beyond_trained_context=opt.beyond_trained_context,
-                cache_dir=opt.cache_dir,
-                save_merged=opt.save_merged,
-                pool_placement=opt.pool_placement,
-                pool_dtype=opt.pool_dtype,
-                pool_dir=opt.pool_dir,
-                pool_group=pool_group,
-                write_results=writes,
-            ),
-            group,
+            self.study, self.planner.manifest, self.score_options(pool_group, writes), group
+        )
+
+    def score_options(self, pool_group: object | None = None, writes: bool = True) -> ScoreOptions:
+        opt = self.opt
+        return ScoreOptions(
+            device=self.env.device,
+            batch_tokens=opt.batch_tokens,
+            stride=opt.stride,
+            max_len=self.window,
+            beyond_trained_context=opt.beyond_trained_context,
+            cache_dir=opt.cache_dir,
+            save_merged=opt.save_merged,
+            pool_placement=opt.pool_placement,
+            pool_dtype=opt.pool_dtype,
+            pool_dir=opt.pool_dir,
+            pool_group=pool_group,
+            write_results=writes,
         )
 
     def _mine(self, items: list) -> list:
@@ -193,18 +202,16 @@ class StudyRunner:
                 store.set_meta("study", self.study.to_meta())
                 store.add_mixtures(self.study.mixtures)
         barrier()
-        local = _local_group(self.env)
-        pool_group, replica, replicas, leader = self._pool_groups(plan)
-        scorer = self.scorer(local, pool_group, writes=leader)
-        with ResultStore(path) as store:
-            if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
-                for job in self._mine(plan.units + plan.partitions):
-                    scorer.score_model(store, job)
-            for job in self._mine(plan.seqs + plan.ind_seqs):
-                scorer.score_model(store, job)
-            mixtures = self.study.mixtures[replica::replicas]
-            n = merge_eval(scorer, store, plan, mixtures, self.env.rank)
-            logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)
+        if use_workers(self.opt.cpu_workers, self.env.world_size, self.env.device):
+            options = self.score_options()
+            # the tokenizer check and the evaluation cache, once, before the workers start
+            load_suite(self.study, self.planner.manifest, options, self.window)
+            n = score_in_workers(
+                self.study, self.planner.manifest, options, plan, path, self.opt.cpu_workers
+            )
+            logger.info("[eval] %d merged models evaluated", n)
+        else:
+            self._evaluate_ranks(plan, path)
         barrier()
         if SCALED in self.study.spec.proxies and self.env.is_main:
             # after every rank's seq scores are in: fit lambda on the fit half, score all
@@ -222,6 +229,21 @@ class StudyRunner:
         if self.env.is_main:
             with ResultStore(path) as store:
                 store.set_meta("spent", spent_tokens(plan))
+
+    def _evaluate_ranks(self, plan: RunPlan, path: str) -> None:
+        """This rank's share of the models and mixtures (all of them on one rank)."""
+        local = _local_group(self.env)
+        pool_group, replica, replicas, leader = self._pool_groups(plan)
+        scorer = self.scorer(local, pool_group, writes=leader)
+        with ResultStore(path) as store:
+            if any(p in mx.IND_PROXIES for p in self.study.spec.proxies):
+                for job in self._mine(plan.units + plan.partitions):
+                    scorer.score_model(store, job)
+            for job in self._mine(plan.seqs + plan.ind_seqs):
+                scorer.score_model(store, job)
+            mixtures = self.study.mixtures[replica::replicas]
+            n = merge_eval(scorer, store, plan, mixtures, self.env.rank)
+            logger.info("[eval] %d merged models evaluated on rank %d", n, self.env.rank)
 
     def _pool_groups(self, plan: RunPlan) -> tuple[object | None, int, int, bool]:
         """``(pool_group, replica, replicas, writes)`` for merge-eval.

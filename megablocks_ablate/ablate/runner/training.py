@@ -1,4 +1,5 @@
-"""Train: the seed, then every missing unit and seq model of a plan, one after another.
+"""Train: the seed, then every missing unit and seq model of a plan, one after another
+(or, on one CPU process with ``cpu_workers`` > 1, side by side: :mod:`.workers`).
 
 Every rank takes part in every model (data parallel), so the models are the same as
 one process would train and big models use every GPU. A large pool is trained in
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 
-from megablocks_ablate.ablate.runner.plan import Planner, RunPlan
+from megablocks_ablate.ablate.runner.plan import ModelJob, Planner, RunPlan
 from megablocks_ablate.errors import MBAError
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.distributed import DistEnv, barrier
@@ -50,8 +51,13 @@ def train_one(cfg: TrainConfig, env: DistEnv, what: str) -> None:
             ) from None
 
 
-def train_models(planner: Planner, env: DistEnv) -> RunPlan:
-    """Train what the plan is missing; returns the plan of the finished study."""
+def train_models(planner: Planner, env: DistEnv, cpu_workers: int = 1) -> RunPlan:
+    """Train what the plan is missing; returns the plan of the finished study.
+
+    ``cpu_workers`` > 1 on a single CPU process: the unit and seq models (independent
+    once the seed exists) train in that many worker processes (:mod:`.workers`)."""
+    from megablocks_ablate.ablate.runner.workers import train_in_workers, use_workers
+
     plan = planner.plan()
     if plan.seed_job is not None:
         train_one(plan.seed_job, env, "seed")
@@ -61,13 +67,20 @@ def train_models(planner: Planner, env: DistEnv) -> RunPlan:
     logger.info(
         "[train] %d of %d unit/seq models exist; training %d", total - len(todo), total, len(todo)
     )
+
+    def record(job: ModelJob) -> None:
+        planner.registry.record(
+            job.entry,
+            {"kind": job.kind, "name": job.name, "weights": job.weights, "seed": plan.seed_dir},
+        )
+
+    if len(todo) > 1 and use_workers(cpu_workers, env.world_size, env.device):
+        train_in_workers(todo, cpu_workers, record)
+        return plan
     for i, job in enumerate(todo):
         train_one(job.cfg, env, f"{job.kind} model {i + 1}/{len(todo)} ({job.name})")
         if env.is_main:
-            planner.registry.record(
-                job.entry,
-                {"kind": job.kind, "name": job.name, "weights": job.weights, "seed": plan.seed_dir},
-            )
+            record(job)
     return plan
 
 
