@@ -15,6 +15,7 @@ import logging
 import os
 
 from megablocks_ablate.ablate.runner.plan import ModelJob, Planner, RunPlan
+from megablocks_ablate.ablate.runner.workers import train_in_workers, use_workers
 from megablocks_ablate.errors import MBAError
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.distributed import DistEnv, barrier
@@ -56,7 +57,6 @@ def train_models(planner: Planner, env: DistEnv, cpu_workers: int = 1) -> RunPla
 
     ``cpu_workers`` > 1 on a single CPU process: the unit and seq models (independent
     once the seed exists) train in that many worker processes (:mod:`.workers`)."""
-    from megablocks_ablate.ablate.runner.workers import train_in_workers, use_workers
 
     plan = planner.plan()
     if plan.seed_job is not None:
@@ -75,7 +75,7 @@ def train_models(planner: Planner, env: DistEnv, cpu_workers: int = 1) -> RunPla
         )
 
     if len(todo) > 1 and use_workers(cpu_workers, env.world_size, env.device):
-        train_in_workers(todo, cpu_workers, record)
+        train_in_workers(todo, cpu_workers, train_one, record)
         return plan
     for i, job in enumerate(todo):
         train_one(job.cfg, env, f"{job.kind} model {i + 1}/{len(todo)} ({job.name})")

@@ -37,10 +37,13 @@ from megablocks_ablate.ablate.runner.plan import ModelJob, RunPlan
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore
 from megablocks_ablate.data.manifest import Manifest
+from megablocks_ablate.train.config import TrainConfig
+from megablocks_ablate.train.distributed import DistEnv
 
 if TYPE_CHECKING:
     from megablocks_ablate.ablate.runner.scoring import ScoreOptions
 
+TrainOne = Callable[[TrainConfig, DistEnv, str], None]
 logger = logging.getLogger(__name__)
 
 
@@ -94,20 +97,21 @@ def _collect(futures: dict[Future, object], on_done: Callable[[object, object], 
 
 
 # ------------------------------------------------------------------------- training
-def _train_job(job: ModelJob, what: str) -> float:
-    from megablocks_ablate.ablate.runner.training import train_one
-    from megablocks_ablate.train.distributed import DistEnv
-
+def _timed(train: TrainOne, cfg: TrainConfig, what: str) -> float:
     t0 = time.time()
-    train_one(job.cfg, DistEnv(), what)
+    train(cfg, DistEnv(), what)  # one process, this worker's threads
     return time.time() - t0
 
 
 def train_in_workers(
-    jobs: Sequence[ModelJob], workers: int, on_trained: Callable[[ModelJob], None]
+    jobs: Sequence[ModelJob],
+    workers: int,
+    train: TrainOne,
+    on_trained: Callable[[ModelJob], None],
 ) -> None:
-    """Train ``jobs`` (independent models) in ``workers`` processes; ``on_trained(job)``
-    runs in this process as each completes."""
+    """Train ``jobs`` (independent models) in ``workers`` processes with ``train``
+    (:func:`.training.train_one`, a module-level function, so it pickles by name);
+    ``on_trained(job)`` runs in this process as each completes."""
     n = min(workers, len(jobs))
     logger.info(
         "[train] %d models in %d worker processes, %d thread(s) each",
@@ -129,7 +133,7 @@ def train_in_workers(
         futures: dict[Future, object] = {}
         for i, job in enumerate(jobs):
             what = f"{job.kind} model {i + 1}/{len(jobs)} ({job.name})"
-            futures[ex.submit(_train_job, job, what)] = (job, what)
+            futures[ex.submit(_timed, train, job.cfg, what)] = (job, what)
         _collect(futures, done)
 
 
