@@ -47,8 +47,16 @@ __device__ __forceinline__ void store_from_f32(void* base, int dtype, int64_t i,
   }
 }
 
+// No pointer here is __restrict__. The merge contract (megablocks_ablate/merge/
+// kernels.py) lets `out` alias an input -- an in-place merge into one of the
+// inputs' own buffers -- and the same input may be passed twice, so neither `out`
+// nor the inputs can promise that nothing else touches their memory. __restrict__
+// on `out` would make an in-place merge undefined behaviour, and would let the
+// compiler treat the inputs as read-only for the whole kernel (non-coherent LDG.NC
+// loads, or loads of a later tile moved above this tile's stores). Aliasing is safe
+// as written: element i is read from every input, then written, by one thread only.
 __global__ void __launch_bounds__(kThreads)
-merge_kernel(void* __restrict__ out, int out_dtype, int64_t n, const __grid_constant__ MergeArgs args) {
+merge_kernel(void* out, int out_dtype, int64_t n, const __grid_constant__ MergeArgs args) {
   const int64_t tile = static_cast<int64_t>(kThreads) * kItems;
   for (int64_t start = static_cast<int64_t>(blockIdx.x) * tile; start < n;
        start += static_cast<int64_t>(gridDim.x) * tile) {

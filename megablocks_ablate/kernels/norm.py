@@ -44,7 +44,7 @@ if triton is not None:
     def _norm_fwd_kernel(
         X, W, Y, Mean, Rstd, N, w_rows, eps, IS_LN: tl.constexpr, BLOCK: tl.constexpr
     ):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # row * N passes 2**31 at ~150K tokens
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +79,8 @@ if triton is not None:
         # Program p handles rows p, p + n_programs, ...; n_programs is a multiple of
         # w_rows, so all its rows use weight row p % w_rows and it can accumulate that
         # row's dW in registers, written once to DW_partial[p].
-        pid = tl.program_id(0)
+        # int64 so that the loop's row (same type as its range start) is 64-bit too.
+        pid = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         w = tl.load(W + (pid % w_rows) * N + cols, mask=mask, other=0.0).to(tl.float32)

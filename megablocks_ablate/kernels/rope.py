@@ -69,7 +69,8 @@ if triton is not None:
     ):
         # One program per (batch, position): all heads of that token at once.
         # sign = +1 forward, -1 backward (rotation by -angle).
-        pid = tl.program_id(0)
+        # int64: b * stride_b and pid * H * head_dim pass 2**31 at large batches.
+        pid = tl.program_id(0).to(tl.int64)
         b = pid // T
         t = pid % T
         heads = tl.arange(0, BLOCK_H)[:, None]

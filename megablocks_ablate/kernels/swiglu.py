@@ -33,8 +33,8 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_fwd_kernel(GU, OUT, M, stride_row, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride_row passes 2**31
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         g = tl.load(GU + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_row + M + cols, mask=mask, other=0.0).to(tl.float32)
@@ -43,8 +43,8 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_bwd_kernel(GU, DOUT, DGU, M, stride_row, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: row * stride_row passes 2**31
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < M
         g = tl.load(GU + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(GU + row * stride_row + M + cols, mask=mask, other=0.0).to(tl.float32)
