@@ -4,7 +4,8 @@ A model checkpoint is a directory of ``model.safetensors`` + ``config.json`` +
 ``lineage.json`` (:mod:`.model_dir`); :class:`Lineage` records where its weights came
 from (:mod:`.lineage`); every directory is written staged and renamed into place
 (:mod:`.staging`); large files are read memory-mapped and written as a stream
-(:mod:`.safetensors_io`).
+(:mod:`.safetensors_io`). A training run directory given where a checkpoint is
+expected means its ``final/`` (:func:`resolve_checkpoint_dir`, :mod:`.run_dir`).
 
 This package imports nothing of the project but ``errors`` and ``utils``, so that
 ``model``, ``train``, ``merge``, ``evaluate`` and ``ablate`` can all depend on it.
@@ -32,6 +33,11 @@ from megablocks_ablate.checkpoint.model_dir import (
     save_model_checkpoint,
     write_checkpoint_meta,
 )
+from megablocks_ablate.checkpoint.run_dir import (
+    is_run_dir,
+    latest_run_checkpoint,
+    resolve_checkpoint_dir,
+)
 from megablocks_ablate.checkpoint.safetensors_io import (
     MappedSafetensors,
     SafetensorsStreamWriter,
@@ -49,6 +55,8 @@ __all__ = [
     "MappedSafetensors",
     "SafetensorsStreamWriter",
     "fsync_path",
+    "is_run_dir",
+    "latest_run_checkpoint",
     "load_model_checkpoint",
     "map_model_weights",
     "merged_seq_len",
@@ -57,6 +65,7 @@ __all__ = [
     "open_model_weights",
     "plain_tensors",
     "read_checkpoint_meta",
+    "resolve_checkpoint_dir",
     "safetensors_header",
     "save_model_checkpoint",
     "staged_checkpoint_dir",

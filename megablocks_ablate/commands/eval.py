@@ -10,6 +10,10 @@ Documents are tokenized once per tokenizer and cached (--cache-dir). Several --m
 checkpoints are evaluated one after the other on the same in-memory data. Under torchrun,
 mpiexec or srun the documents are sharded over the ranks; rank 0 writes --out.
 
+A --model that is a training run directory (`megablocks-ablate train`'s out_dir, as
+runs/seed above) means its final/, and the results are recorded under that path (what
+was read); an unfinished run is refused, naming its latest step checkpoint.
+
 Each model is scored in windows of the sequence length it was trained at (its lineage's
 trained_seq_len); --max-len beyond that is refused, naming both numbers, unless
 --beyond-trained-context asks for the untrained positions. The results record each
@@ -39,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="CKPT",
-        help="checkpoint directory (repeatable)",
+        help="checkpoint directory, or a training run directory meaning its final/ (repeatable)",
     )
     p.add_argument(
         "--eval-sets",
@@ -104,6 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megablocks_ablate.checkpoint import resolve_checkpoint_dir
     from megablocks_ablate.errors import ConfigError
     from megablocks_ablate.train.distributed import distributed_session
 
@@ -111,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {value}")
+    # a run directory means its final/: results are recorded under what was read
+    args.model = [resolve_checkpoint_dir(m) for m in args.model]
     with distributed_session(device=args.device or "auto") as denv:
         return _run(args, denv)
 

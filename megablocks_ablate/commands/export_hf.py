@@ -8,7 +8,7 @@ Families: CohereForCausalLM (every preset), LlamaForCausalLM and GPTNeoXForCausa
 (Pythia). Import reads any safetensors directory of these (sharded too; pickle weights
 are refused); export writes the family the checkpoint's config describes, loadable with
 ``transformers.AutoModelForCausalLM.from_pretrained`` (and so in lm-eval-harness and
-vLLM).
+vLLM). A training run directory given as the checkpoint to export means its final/.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "checkpoint", help="checkpoint directory (model.safetensors + config.json + lineage.json)"
+        "checkpoint",
+        help="checkpoint directory (model.safetensors + config.json + lineage.json), or a "
+        "training run directory meaning its final/",
     )
     p.add_argument(
         "out", help="output directory (new or empty; a previous export with --overwrite)"
@@ -60,18 +62,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from megablocks_ablate.checkpoint import resolve_checkpoint_dir
     from megablocks_ablate.model.hf import export_hf
     from megablocks_ablate.utils.outputs import claim_output_dir
 
+    checkpoint = resolve_checkpoint_dir(args.checkpoint)  # a run directory: its final/
     claim_output_dir(
         args.out,
         "hf-export",
         overwrite=args.overwrite,
-        inputs=[args.checkpoint],
+        inputs=[checkpoint],
         flag="OUT",
         create=False,
     )
-    export_hf(args.checkpoint, args.out, tokenizer=args.tokenizer)
+    export_hf(checkpoint, args.out, tokenizer=args.tokenizer)
     print(f"wrote {args.out} ({_exported_architecture(args.out)})")
     return 0
 

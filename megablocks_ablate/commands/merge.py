@@ -4,6 +4,10 @@ The spec (YAML) lists the checkpoints and the mixture (uniform, weights, by_toke
 macro, micro or a nested tree); see docs/merging.md. The merge streams over
 memory-mapped inputs and writes the output checkpoint atomically with its config and
 a lineage record.
+
+A checkpoint that is a training run directory (`megablocks-ablate train`'s out_dir)
+means its final/, which the merged lineage records as the parent; an unfinished run is
+refused, naming its latest step checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--spec", required=True, help="merge spec YAML (checkpoints + mixture)")
+    p.add_argument(
+        "--spec",
+        required=True,
+        help="merge spec YAML (checkpoints + mixture; a training run directory as a "
+        "checkpoint means its final/)",
+    )
     p.add_argument("--out", help="output checkpoint directory (required unless --print-weights)")
     p.add_argument(
         "--dtype",

@@ -2,7 +2,8 @@
 
 A spec file (YAML) lists the unit models and says how to weight them::
 
-    checkpoints:            # unit name -> checkpoint directory (relative to this file)
+    checkpoints:            # unit name -> checkpoint directory (relative to this file;
+                            #   a training run directory means its final/)
       cs_0: pool/cs_0
       cs_1: pool/cs_1
       bio_0: pool/bio_0
@@ -41,7 +42,8 @@ from typing import Any
 
 import yaml
 
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.checkpoint.run_dir import resolve_checkpoint_dir
+from megablocks_ablate.errors import ConfigError, DataFormatError
 
 MIXTURE_KEYS = ("weights", "uniform", "by_tokens", "macro", "micro", "tree")
 TOP_KEYS = ("checkpoints", "normalize", "allow_negative", "dtype") + MIXTURE_KEYS
@@ -246,6 +248,18 @@ _KINDS = {
 # ----------------------------------------------------------------------------- the spec
 
 
+def _resolve_run_dirs(ckpts: dict[str, str], source: str) -> dict[str, str]:
+    """Each checkpoint path with a training run directory replaced by its final/; an
+    unfinished run is refused, naming the spec entry and the run's latest checkpoint."""
+    out = {}
+    for unit, path in ckpts.items():
+        try:
+            out[unit] = resolve_checkpoint_dir(path)
+        except DataFormatError as e:
+            raise DataFormatError(f"{source}: checkpoints.{unit}: {e}") from None
+    return out
+
+
 @dataclass
 class MergeSpec:
     """A parsed merge spec: checkpoints by unit name plus one mixture tree."""
@@ -281,6 +295,7 @@ class MergeSpec:
             ckpts = {
                 k: v if os.path.isabs(v) else os.path.join(base_dir, v) for k, v in ckpts.items()
             }
+        ckpts = _resolve_run_dirs(ckpts, source)
         kinds = [k for k in MIXTURE_KEYS if k in d]
         if len(kinds) != 1:
             raise ConfigError(

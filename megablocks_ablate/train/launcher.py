@@ -3,9 +3,10 @@
 Every unit model starts from the same seed with the same budget and hyperparameters
 (one YAML, ``out_dir: pool/{unit}``); only ``data.unit`` differs. The launcher runs one
 ``megablocks-ablate train`` subprocess per device slot (a GPU, or a group of CPU
-cores), queueing the remaining units, and skips units whose ``COMPLETE.json`` exists,
-so rerunning it after a crash or preemption only trains what is missing (an
-interrupted unit resumes from its last checkpoint).
+cores), queueing the remaining units, and skips units whose ``COMPLETE.json`` exists
+(a finished unit trained with other settings is reported failed and left as it is, as
+``train`` refuses it), so rerunning it after a crash or preemption only trains what is
+missing (an interrupted unit resumes from its last checkpoint).
 
 A Slurm job array does the same across nodes: task ``i`` runs
 ``megablocks-ablate train --config unit.yaml --unit-index i`` (see tools/launch/).
@@ -20,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.utils.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,19 @@ def parse_slots(devices: str, cpu_count: int | None = None) -> list[Slot]:
     return [Slot(f"cuda{g}", (("CUDA_VISIBLE_DEVICES", str(g)),)) for g in gpus]
 
 
+def _finished_unit(out: str, cfg) -> str:
+    """ "skipped" when the finished run at ``out`` was trained with ``cfg``'s settings
+    (as `train` checks), else "failed (...)" with the differences logged."""
+    from megablocks_ablate.train.state import check_complete
+
+    try:
+        check_complete(out, cfg.to_dict())
+    except MBAError as e:
+        logger.error("pool: %s", e)
+        return "failed (a finished run this config cannot reuse)"
+    return "skipped"
+
+
 def run_pool(
     config_path: str,
     overrides: list[str],
@@ -97,7 +111,7 @@ def run_pool(
 ) -> dict[str, str]:
     """Train every unit (default: all of the manifest's) not yet complete.
 
-    Returns ``{unit: "done" | "skipped" | "failed (exit N)"}``; a failed unit does not
+    Returns ``{unit: "done" | "skipped" | "failed (...)"}``; a failed unit does not
     stop the others. Each unit's output goes to ``<unit out_dir>/train.log``.
     """
     from megablocks_ablate.data.manifest import Manifest
@@ -114,16 +128,17 @@ def run_pool(
     result: dict[str, str] = {}
     queue: list[tuple[str, str]] = []
     for u in units:
-        out = unit_config(config_path, overrides, u).resolved_out_dir()
+        cfg = unit_config(config_path, overrides, u)
+        out = cfg.resolved_out_dir()
         if is_complete(out):
-            result[u] = "skipped"
+            result[u] = _finished_unit(out, cfg)
         else:
             queue.append((u, out))
     logger.info(
         "pool: %d units, %d to train, %d complete; %d slot(s)",
         len(units),
         len(queue),
-        len(units) - len(queue),
+        sum(r == "skipped" for r in result.values()),
         len(slots),
     )
 

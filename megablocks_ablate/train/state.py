@@ -57,6 +57,7 @@ OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of the run's latest start
 COMPLETE_FILE = "COMPLETE.json"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
@@ -355,18 +356,93 @@ def read_trainer_state(directory: str) -> dict:
     return state
 
 
+class _Absent:
+    """A config key one side does not have (in a difference, shown as ``absent``)."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _leaf_differences(name: str, saved: Any, now: Any) -> list[tuple[str, Any, Any]]:
+    """``[(dotted name, saved, now)]`` of the values that differ, descending into
+    mappings (``optimizer.lr``, not the whole optimizer block)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = list(saved) + [k for k in now if k not in saved]
+        return [
+            d
+            for k in keys
+            for d in _leaf_differences(f"{name}.{k}", saved.get(k, _ABSENT), now.get(k, _ABSENT))
+        ]
+    return [] if saved == now else [(name, saved, now)]
+
+
+def trajectory_differences(saved_config: dict, config: dict) -> list[tuple[str, Any, Any]]:
+    """``[(field, saved, now)]`` where ``config`` (a ``TrainConfig.to_dict()``) differs
+    from ``saved_config`` (the one a checkpoint or a finished run recorded) on a
+    :data:`TRAJECTORY_FIELDS` field; a saved config without a field added later counts
+    as its value from before (:data:`_TRAJECTORY_DEFAULTS`). Empty when they match."""
+    diffs = []
+    for k in TRAJECTORY_FIELDS:
+        saved = saved_config.get(k, _TRAJECTORY_DEFAULTS.get(k))
+        if saved != config.get(k):
+            diffs += _leaf_differences(k, saved, config.get(k)) or [(k, saved, config.get(k))]
+    return diffs
+
+
+def _describe(diffs: list[tuple[str, Any, Any]], label: str) -> str:
+    return "; ".join(f"{k}: {label} {saved!r} vs now {now!r}" for k, saved, now in diffs)
+
+
 def check_compatible(saved_config: dict, config: dict, directory: str) -> None:
     """Refuse to resume from a checkpoint whose trajectory-defining settings differ."""
-
-    def saved(k: str) -> Any:
-        return saved_config.get(k, _TRAJECTORY_DEFAULTS.get(k))
-
-    diffs = [k for k in TRAJECTORY_FIELDS if saved(k) != config.get(k)]
+    diffs = trajectory_differences(saved_config, config)
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {saved(k)!r} vs now {config.get(k)!r}" for k in diffs)
         raise DataFormatError(
             f"{directory}: checkpoint was written by a run with other "
-            f"settings ({detail}); use another out_dir or the same settings"
+            f"settings ({_describe(diffs, 'checkpoint')}); use another out_dir or the same settings"
+        )
+
+
+def read_run_config(out_dir: str) -> dict:
+    """The config a run directory recorded (``config.yaml``, rewritten at every start:
+    the settings that trained it), as plain data."""
+    import yaml
+
+    path = os.path.join(out_dir, CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise DataFormatError(
+            f"{path}: missing, so the settings that trained this run cannot be checked; "
+            "restore it, or use another out_dir"
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise DataFormatError(
+            f"{path}: expected a mapping of train settings, got {type(data).__name__}"
+        )
+    return data
+
+
+def check_complete(out_dir: str, config: dict) -> None:
+    """Refuse a finished run directory (:func:`is_complete`) that ``config`` (a
+    ``TrainConfig.to_dict()``) cannot reuse: one whose ``COMPLETE.json`` is unreadable or
+    records no model sha256, whose ``config.yaml`` is missing or unreadable, or whose
+    recorded settings differ on a field a resume is checked on (:func:`check_compatible`:
+    logging, checkpoint cadence, devices and the like may differ). Reads only."""
+    recorded_model_sha256(os.path.join(out_dir, FINAL_DIR))  # COMPLETE.json, named if bad
+    path = os.path.join(out_dir, CONFIG_FILE)
+    diffs = trajectory_differences(read_run_config(out_dir), config)
+    if diffs:
+        raise DataFormatError(
+            f"{out_dir}: holds a finished run trained with other settings "
+            f"({_describe(diffs, 'recorded')}; recorded in {path}); "
+            "use another out_dir or the same settings"
         )
 
 

@@ -81,7 +81,8 @@ STEP_DELAY_ENV = "MBA_TRAIN_STEP_DELAY"
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume, or skip if complete) the training run ``cfg``; returns a summary."""
+    """Run (or resume, or skip if complete with the same settings) the training run
+    ``cfg``; returns a summary. A finished run with other settings is refused."""
     with distributed_session(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s) as env:
         return Trainer(cfg, env).run()
 
@@ -301,7 +302,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         cfg, env = self.cfg, self.env
-        if st.is_complete(self.out_dir):
+        if st.is_complete(self.out_dir):  # reused only if trained with these settings
+            st.check_complete(self.out_dir, cfg.to_dict())
             logger.info(f"{self.out_dir}: training already complete, nothing to do")
             return {"out_dir": self.out_dir, "skipped": True}
         cfg.model_config()  # a seq_len the model cannot take is refused before any write
@@ -354,7 +356,7 @@ class Trainer:
             )
         if env.is_main:
             truncate_jsonl(os.path.join(self.out_dir, "metrics.jsonl"), start)
-            atomic_write_text(os.path.join(self.out_dir, "config.yaml"), cfg.to_yaml())
+            atomic_write_text(os.path.join(self.out_dir, st.CONFIG_FILE), cfg.to_yaml())
         return self._loop(model, optimizer, start)
 
     def _step_runner(self, model):

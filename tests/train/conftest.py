@@ -79,3 +79,18 @@ def flip_byte(path, offset_from_end=3):
         b = f.read(1)
         f.seek(-offset_from_end, os.SEEK_END)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def tree_sha256(root: str) -> dict[str, str]:
+    """Every directory and file under ``root``, hidden ones too, with each file's sha256:
+    equal snapshots mean nothing was added, removed or changed by a single byte."""
+    import hashlib
+
+    found = {}
+    for dirpath, _, filenames in os.walk(root):
+        found[os.path.relpath(dirpath, root) + os.sep] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return found

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import yaml
-from conftest import subprocess_env, tiny_overrides
+from conftest import subprocess_env, tiny_overrides, tree_sha256
 
 from megablocks_ablate.checkpoint import load_model_checkpoint
 from megablocks_ablate.cli import main as cli_main
@@ -68,6 +68,17 @@ def test_pool_trains_queued_units_and_skips_complete_ones(
     # idempotent: a rerun skips the finished units
     result = run_pool(config, [], parse_slots("cpu:2", cpu_count=2), units)
     assert result == {u: "skipped" for u in units}
+    # a finished unit is compared with the request, as `train` compares it: other
+    # logging is reused, another lr is refused naming the field, and nothing is touched
+    before = tree_sha256(str(tmp_path / "pool"))
+    result = run_pool(config, ["logging.every=5"], parse_slots("cpu:1", cpu_count=2), units)
+    assert result == {u: "skipped" for u in units}
+    caplog.clear()
+    result = run_pool(config, ["optimizer.lr=0.01"], parse_slots("cpu:1", cpu_count=2), units)
+    assert all(r.startswith("failed") for r in result.values()), result
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all("optimizer.lr: recorded 0.003 vs now 0.01" in e for e in errors)
+    assert tree_sha256(str(tmp_path / "pool")) == before
 
 
 def test_pool_reports_failures_and_bad_configs(train_manifest, tmp_path, monkeypatch, capsys):
