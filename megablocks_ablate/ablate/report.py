@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
 from megablocks_ablate.ablate import analysis as an
 from megablocks_ablate.ablate import decisions as dc
@@ -48,7 +49,10 @@ from megablocks_ablate.utils.atomic import (
     tmp_path_for,
 )
 
-__all__ = ["RANK_ROWS", "ReportSummary", "plot_scatter", "write_report"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["RANK_ROWS", "ReportSummary", "plot_scatter", "scatter_figure", "write_report"]
 
 RANK_ROWS = 10  # mixtures listed per domain in report.md (rankings.csv has all)
 
@@ -142,19 +146,21 @@ def _write_scores(table: an.ResultTable, out: str) -> str:
     return path
 
 
-def plot_scatter(
-    table: an.ResultTable, proxy: str, path: str, pooled: dict[str, an.Corr] | None = None
-) -> None:
+def scatter_figure(
+    table: an.ResultTable, proxy: str, pooled: dict[str, an.Corr] | None = None
+) -> Figure:
     """Seq vs proxy perplexity on every individual domain, log-log, one colour each;
     out-of-domain points are circles, in-domain ones triangles (they lie on another
-    line). ``pooled`` (method -> Corr) is shown in the title, as the OOD pooled figure."""
+    line). ``pooled`` (method -> Corr) is shown in the title, as the OOD pooled figure.
+
+    Returns a ``matplotlib.figure.Figure`` built without pyplot (no global figure
+    state, no backend switch), so a notebook can show it and a script can save it."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
-    cmap = plt.get_cmap("tab10" if len(table.domains) <= 10 else "tab20")
+    fig = Figure(figsize=(6.4, 5.2), dpi=120)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10" if len(table.domains) <= 10 else "tab20"]
     lo, hi = math.inf, -math.inf
     any_id = False
     for i, d in enumerate(table.domains):
@@ -195,9 +201,16 @@ def plot_scatter(
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
     ax.legend(fontsize=7, loc="upper left", frameon=False, ncol=1 + len(table.domains) // 12)
     fig.tight_layout()
+    return fig
+
+
+def plot_scatter(
+    table: an.ResultTable, proxy: str, path: str, pooled: dict[str, an.Corr] | None = None
+) -> None:
+    """:func:`scatter_figure` written to ``path`` as PNG (atomically)."""
+    fig = scatter_figure(table, proxy, pooled)
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- report.md

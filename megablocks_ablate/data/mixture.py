@@ -117,6 +117,12 @@ class MixtureDataset:
 
         if size is None:
             size = self._one_epoch_size(sources)
+            if size == 0:
+                raise DataFormatError(
+                    f"the weighted units hold no sample of seq_len + 1 = {self.seq_len + 1} "
+                    "tokens in one epoch: pass size= (units are repeated for more epochs) "
+                    "or a smaller seq_len"
+                )
         size = operator.index(size)
         if size <= 0:
             raise ValueError(f"mixture size must be positive, got {size}")
@@ -217,9 +223,10 @@ class MixtureDataset:
         :meth:`load_state_dict`); rank ``dp_rank`` takes the contiguous rows
         ``[dp_rank * B/W, (dp_rank + 1) * B/W)`` of it, in micro batches of
         ``micro_batch`` rows (default all ``B/W`` at once). A final partial global batch
-        is dropped. ``self.consumed_samples`` moves past a global batch just before its
-        last micro batch is yielded, so a checkpoint taken after processing it resumes
-        at the next one.
+        is dropped; a mixture smaller than one global batch is refused
+        (:meth:`check_batch_fits`) rather than yielding nothing. ``self.consumed_samples``
+        moves past a global batch just before its last micro batch is yielded, so a
+        checkpoint taken after processing it resumes at the next one.
         """
         for name, v in (("global_batch", global_batch), ("dp_world", dp_world)):
             if operator.index(v) <= 0:
@@ -235,6 +242,7 @@ class MixtureDataset:
                 f"micro_batch {micro_batch} must be positive and divide the "
                 f"per-rank batch {per_rank}"
             )
+        self.check_batch_fits(global_batch)
         start = self.consumed_samples if consumed_samples is None else consumed_samples
         if not 0 <= start <= self.size:
             raise ValueError(
@@ -246,6 +254,18 @@ class MixtureDataset:
                 if m + micro == per_rank:
                     self.consumed_samples = step_start + global_batch
                 yield np.stack([self[k] for k in range(first + m, first + m + micro)])
+
+    def check_batch_fits(self, global_batch: int) -> None:
+        """DataFormatError, naming the sizes, when the mixture holds fewer samples than
+        one global batch: :meth:`batches` drops a final partial batch, so it would
+        otherwise yield nothing at all."""
+        if self.size < global_batch:
+            raise DataFormatError(
+                f"the mixture holds {self.size} samples of seq_len + 1 = {self.seq_len + 1} "
+                f"tokens, fewer than one global batch of {global_batch}: it would yield no "
+                f"batch; pass size={global_batch} or more (units are repeated for more "
+                "epochs), or a smaller global_batch or seq_len"
+            )
 
     @property
     def fingerprint(self) -> str:
