@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU benchmark figure from one command, within a time budget, never stopping at
-# the first failure. See benchmarks/README.md ("GPU suite").
+# the first failure. See benchmarks/README.md ("GPU suite") and docs/benchmarks.md
+# ("GPU suite rows": each row, its target and its timeout).
+#
+# Order: a preflight first (benchmarks/gpu/preflight.py, one screen: torch/CUDA, GPUs and
+# free memory, nvcc vs torch CUDA, ninja, every row's modules; then RUN or SKIP per row
+# and why; also DIR/preflight.json), then the rows, each under its own `timeout`: env,
+# build_ext (the CUDA extension, built in a temp dir before any timed row), the timed rows.
 #
 #   bash benchmarks/gpu_suite.sh [--dry-run] [--out DIR] [--budget-s N] [--rows a,b,...]
 #                                [--workdir DIR] [--keep-workdir]
@@ -15,10 +21,12 @@
 # Python: $PYTHON if set; else the first of .venv/bin/python,
 # benchmarks/.cache/gpu-venv/bin/python, python3 whose torch sees a GPU (for --dry-run:
 # whose torch imports). A lent GPU machine usually has a CUDA torch installed
-# system-wide: it is used as it is, nothing is installed. Only when none is found is a
-# venv created at benchmarks/.cache/gpu-venv (system site packages visible) with
-# "$TORCH_SPEC" (default torch==2.13.0, as the Makefile; TORCH_INDEX_URL selects a CUDA
-# wheel index) and the runtime dependencies; that needs network access.
+# system-wide: it is used as it is, nothing is installed. Only when none is found on a
+# machine that has a GPU (nvidia-smi -L lists one) is a venv created at
+# benchmarks/.cache/gpu-venv (system site packages visible) with "$TORCH_SPEC" (default
+# torch==2.13.0, as the Makefile; TORCH_INDEX_URL selects a CUDA wheel index) and the
+# runtime dependencies; that needs network access. Without a GPU, any Python whose torch
+# imports is used: the preflight then says "no CUDA" and the GPU rows are skipped.
 #
 # Exit code: 0 all rows ok or skipped; 1 some row failed (reports still written);
 # 2 usage error or no usable Python/torch.
@@ -74,6 +82,17 @@ if [ -z "$PY" ]; then
     if usable "$cand"; then PY="$cand"; break; fi
   done
 fi
+has_gpu() {
+  { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } ||
+    [ -e /dev/nvidia0 ]
+}
+if [ -z "$PY" ] && [ "$DRY" = 0 ] && ! has_gpu; then
+  # No GPU here: any torch will do; the preflight reports "no CUDA" and skips the GPU rows.
+  echo "gpu_suite.sh: no GPU on this machine; the preflight will skip the GPU rows" >&2
+  for cand in "$ROOT/.venv/bin/python" "$GPU_VENV/bin/python" python3 python; do
+    if DRY=1 usable "$cand"; then PY="$cand"; break; fi
+  done
+fi
 if [ -z "$PY" ] && [ "$DRY" = 0 ]; then
   # No CUDA torch anywhere: make one (needs network; a lent machine normally has torch).
   echo "gpu_suite.sh: no Python with a CUDA torch found; creating $GPU_VENV" >&2
@@ -87,6 +106,13 @@ if [ -z "$PY" ] && [ "$DRY" = 0 ]; then
   fi
 fi
 if [ -z "$PY" ]; then
+  # Still show what is there (the preflight needs only the standard library).
+  BASE_PY="$(command -v python3 || command -v python)"
+  if [ -n "$BASE_PY" ]; then
+    PRE=("$BASE_PY" "$ROOT/benchmarks/gpu/preflight.py")
+    [ "$DRY" = 1 ] && PRE+=(--dry-run)
+    if command -v timeout >/dev/null 2>&1; then timeout -k 3 60 "${PRE[@]}"; else "${PRE[@]}"; fi
+  fi
   echo "gpu_suite.sh: no usable Python/torch (dry run: torch must import; real run:" \
     "torch.cuda.is_available()). Set PYTHON=/path/to/python." >&2
   exit 2

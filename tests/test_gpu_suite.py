@@ -64,7 +64,45 @@ def test_every_row_runs_ok_in_the_dry_run(dry_run):
         else:
             assert row["status"] == "ok", (name, row.get("reason"), row.get("stderr_tail"))
             assert row["key"]["text"], row
-        assert row["exit_code"] == 0 and row["timeout_s"] > 0
+        if row.get("preflight"):  # skipped by the preflight: never started
+            assert row["status"] == "skipped" and row["exit_code"] is None
+        else:
+            assert row["exit_code"] == 0 and row["timeout_s"] > 0
+            assert row["command"].split()[0].endswith("timeout")  # its own timeout
+
+
+def test_the_preflight_comes_first_and_says_what_runs(dry_run):
+    out, proc = dry_run
+    assert proc.stdout.index("== GPU suite preflight (dry run) ==") < proc.stdout.index("row ")
+    pre = load(out, "preflight.json")
+    assert pre["dry_run"] is True and [r["row"] for r in pre["rows"]] == ROWS
+    assert pre["torch"]["importable"] and "modules" in pre and "nvcc" in pre
+    for r in pre["rows"]:
+        assert r["run"] or r["row"] in MAY_SKIP, r
+    if not pre["cuda"]["available"]:
+        assert "no CUDA:" in proc.stdout
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available() or os.path.exists("/dev/nvidia0"),
+    reason="a real run on a machine without a GPU",
+)
+def test_a_real_run_without_cuda_skips_the_gpu_rows_cleanly(tmp_path):
+    out = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MBA_GPU_SUITE_")}
+    env["PYTHON"] = sys.executable
+    cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--out", out]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the env row fails, saying why
+    assert "no CUDA:" in proc.stdout and "GPU rows skipped" in proc.stdout
+    env_row = load(out, "rows/env.json")
+    assert env_row["status"] == "failed" and "is_available() is False" in env_row["reason"]
+    for name in ROWS[1:]:
+        row = load(out, f"rows/{name}.json")
+        assert row["status"] == "skipped" and row["preflight"] is True
+        assert row["reason"].startswith("preflight: no CUDA"), row
+    summary = load(out, "summary.json")
+    assert summary["failed"] == ["env"] and summary["skipped_by_preflight"] == ROWS[1:]
 
 
 def test_summary_and_markdown_cover_every_row(dry_run):
@@ -100,6 +138,25 @@ def test_a_failing_row_is_recorded_and_the_rest_still_run(tmp_path):
     assert summary["exit_code"] == 1
     md = open(os.path.join(out, "benchmarks_gpu.md"), encoding="utf-8").read()
     assert "failed: exit code 1" in md
+
+
+def test_a_failed_build_is_named_to_merge_kernels_and_the_suite_goes_on(tmp_path):
+    out = str(tmp_path)
+    proc = run_suite(out, "--rows", "build_ext,merge_kernels", MBA_GPU_SUITE_FAIL="build_ext")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert load(out, "rows/build_ext.json")["status"] == "failed"
+    row = load(out, "rows/merge_kernels.json")
+    assert row["status"] == "ok", row
+    assert "--ext-status failed: exit code 1" in row["command"]
+
+
+def test_a_crashed_preflight_is_recorded_and_every_row_still_runs(tmp_path):
+    out = str(tmp_path)
+    proc = run_suite(out, "--rows", "env", MBA_GPU_SUITE_FAIL="preflight")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight failed (exit code 1): starting every row" in proc.stderr
+    assert "forced failure of the preflight" in load(out, "preflight.json")["output_tail"]
+    assert load(out, "rows/env.json")["status"] == "ok"
 
 
 def test_a_hanging_row_is_killed_at_the_end_of_its_slice(tmp_path):

@@ -14,6 +14,11 @@ failed with its exit code and the tail of its stderr. Nothing here imports
 ``megablocks_ablate``, so the environment row still reports when the package does not
 import.
 
+Devices: a row runs on ``cpu`` (dry run) or ``cuda:<LOCAL_RANK>``, always with an index
+(:func:`row_device`); whatever it hands to torch.distributed comes from
+:func:`process_group_args` (backend, indexed ``device_id``), so a CPU test can check
+exactly what a CUDA row would pass (tests/benchmarks/test_gpu_rows.py).
+
 Testing hooks (read by :func:`run_row`, so they exercise the real failure paths):
 ``MBA_GPU_SUITE_FAIL=row[,row]`` makes those rows raise at start (a crash, exit 1);
 ``MBA_GPU_SUITE_HANG=row[,row]`` makes them sleep until the runner kills them.
@@ -28,6 +33,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.dirname(HERE)
@@ -38,6 +45,70 @@ for _p in (ROOT, BENCH):  # the package, and the existing benchmark scripts as m
 
 FAIL_ENV = "MBA_GPU_SUITE_FAIL"
 HANG_ENV = "MBA_GPU_SUITE_HANG"
+ROW_TIMEOUT_ENV = "MBA_GPU_SUITE_ROW_TIMEOUT_S"  # set by the runner: this row's time slice
+
+
+def local_rank() -> int:
+    """This process's GPU index among the node's (torchrun's LOCAL_RANK; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def row_device(dry_run: bool, device: str | None = None) -> str:
+    """The device a row runs on, always indexed: ``device`` as given (a bare ``cuda``
+    becomes ``cuda:<local rank>``), else ``cpu`` for a dry run, else ``cuda:<local rank>``.
+    torch.distributed refuses a ``device_id`` without an index."""
+    if device and device != "cuda":
+        return device
+    if device is None and dry_run:
+        return "cpu"
+    return f"cuda:{local_rank()}"
+
+
+@dataclass(frozen=True)
+class ProcessGroupArgs:
+    """What a row hands to torch.distributed: ``backend``, the rank's ``device`` and the
+    ``device_id`` for ``init_process_group`` (an indexed CUDA device, None for gloo)."""
+
+    backend: str
+    device: Any  # torch.device
+    device_id: Any  # torch.device with an index, or None
+
+    @property
+    def device_type(self) -> str:
+        """For ``init_device_mesh(device_type, ...)`` / ``DeviceMesh``."""
+        return str(self.device.type)
+
+    def init_kwargs(
+        self, rank: int, world_size: int, init_method: str | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments of ``dist.init_process_group(**...)``."""
+        kw: dict[str, Any] = {"backend": self.backend, "rank": rank, "world_size": world_size}
+        if init_method is not None:
+            kw["init_method"] = init_method
+        if self.device_id is not None:
+            kw["device_id"] = self.device_id
+        return kw
+
+
+def process_group_args(device_type: str, local_rank: int = 0) -> ProcessGroupArgs:
+    """``("nccl", cuda:<local_rank>, device_id=cuda:<local_rank>)`` for ``cuda``;
+    ``("gloo", cpu, device_id=None)`` for ``cpu`` (the dry run). Needs no GPU."""
+    import torch
+
+    if device_type == "cuda":
+        if local_rank < 0:
+            raise ValueError(f"local rank must be >= 0, got {local_rank}")
+        dev = torch.device("cuda", local_rank)
+        return ProcessGroupArgs("nccl", dev, dev)
+    if device_type == "cpu":
+        return ProcessGroupArgs("gloo", torch.device("cpu"), None)
+    raise ValueError(f"device type must be cuda or cpu, got {device_type!r}")
+
+
+def row_timeout_s() -> float | None:
+    """This row's time slice as the runner gave it (None when run by hand)."""
+    value = os.environ.get(ROW_TIMEOUT_ENV)
+    return float(value) if value else None
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -45,7 +116,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", required=True, help="this row's JSON file")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU")
-    ap.add_argument("--device", default=None, help="default: cpu with --dry-run, else cuda")
+    ap.add_argument(
+        "--device", default=None, help="default: cpu with --dry-run, else cuda:<LOCAL_RANK>"
+    )
     ap.add_argument("--workdir", default=None, help="scratch space (big files go here)")
     return ap
 
@@ -69,7 +142,7 @@ def run_row(name: str, ap: argparse.ArgumentParser, body: Callable[[argparse.Nam
     result (``status`` defaults to ok) with the common fields. Exceptions propagate:
     the process exits non-zero and the runner records the failure."""
     args = ap.parse_args()
-    args.device = args.device or ("cpu" if args.dry_run else "cuda")
+    args.device = row_device(args.dry_run, args.device)
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
     if _named_in(FAIL_ENV, name):

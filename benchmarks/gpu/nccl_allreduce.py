@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 
-from common import parser, run_row
+from common import parser, process_group_args, run_row
 
 
 def _free_port() -> int:
@@ -24,15 +24,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_group_args(backend: str, rank: int):
+    """What worker ``rank`` hands to torch.distributed: NCCL and ``device_id`` =
+    ``cuda:<rank>`` (one process per GPU), or gloo on CPU (the dry run)."""
+    return process_group_args("cuda" if backend == "nccl" else "cpu", rank)
+
+
 def _worker(rank: int, world: int, backend: str, sizes_mb: list[float], reps: int, port: int, q):
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    pg = worker_group_args(backend, rank)
+    dev = pg.device
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group(**pg.init_kwargs(rank, world))
     try:
         out = []
         for mb in sizes_mb:

@@ -6,7 +6,8 @@ autocast (precision auto on CUDA), its activation-checkpointing policy, Triton
 kernels (MBA_KERNELS auto), flash-attn when importable else SDPA. A preset with
 ``distributed.parallel: fsdp`` (1.1b) runs inside a one-rank process group, so the
 trainer takes the FSDP2 path an N-GPU run takes (its MixedPrecisionPolicy: bf16
-all-gathers and compute, fp32 master weights and reduction), unsharded. Only the run's
+all-gathers and compute, fp32 master weights and reduction), unsharded; the group
+is NCCL with ``device_id`` = ``cuda:<LOCAL_RANK>`` (:func:`one_rank_group_kwargs`). Only the run's
 length changes: ``--accum`` micro batches per optimizer step (the preset's global batch
 of 1024 sequences would make one step take a minute) and ``--steps`` steps, on the demo
 corpus of ``benchmarks/train_throughput.py`` (packed, blended and repeated as the
@@ -34,7 +35,7 @@ import statistics
 import sys
 import tempfile
 
-from common import meets, parser, run_row, target
+from common import local_rank, meets, parser, process_group_args, run_row, target
 
 
 def _attention_impl(device) -> str:
@@ -46,6 +47,14 @@ def _attention_impl(device) -> str:
 
         return f"flash-attn {flash_attn.__version__}"
     return "sdpa"
+
+
+def one_rank_group_kwargs(dev, port: int) -> dict:
+    """``init_process_group`` arguments of the one-rank group around an FSDP2 run on
+    ``dev``: NCCL with ``device_id`` = the indexed CUDA device, or gloo on CPU."""
+    index = dev.index if dev.index is not None else local_rank()
+    pg = process_group_args(dev.type, index)
+    return pg.init_kwargs(rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
 
 
 @contextlib.contextmanager
@@ -62,11 +71,7 @@ def _one_rank_group(cfg, dev):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    extra = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **extra
-    )
+    dist.init_process_group(**one_rank_group_kwargs(dev, port))
     try:
         yield True
     finally:

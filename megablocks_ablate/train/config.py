@@ -80,7 +80,9 @@ class OptimizerConfig(Config):
     eps: float = doc("Adam epsilon (added to the second-moment root)", 1e-8)
     weight_decay: float = doc("decoupled weight decay (matrices and embeddings only)", 0.1)
     impl: Literal["auto", "torch", "apex"] = doc(
-        "auto: torch AdamW, fused on CUDA; apex: apex FusedAdam (must be installed)", "auto"
+        "auto: torch AdamW, fused on CUDA; apex: apex FusedAdam (must be installed; not "
+        "with distributed.parallel: fsdp, whose sharded DTensor parameters it cannot take)",
+        "auto",
     )
 
     def validate(self) -> None:
@@ -304,6 +306,13 @@ class TrainConfig(Config):
             )
         if self.kind == "unit" and self.data.mixture:
             raise ConfigError("kind: a unit model trains on one unit (data.unit), not a mixture")
+        if self.optimizer.impl == "apex" and self.distributed.parallel == "fsdp":
+            raise ConfigError(
+                "optimizer.impl: apex cannot be combined with distributed.parallel: fsdp: "
+                "FSDP2 hands the optimizer DTensor parameters (each rank's shard), which "
+                "apex's fused optimizers cannot take; use optimizer.impl: auto (torch AdamW, "
+                "fused on CUDA) or torch"
+            )
 
     # ---- derived sizes -------------------------------------------------------------
     @property

@@ -47,6 +47,26 @@ def test_invalid_configs_are_refused(overrides, message):
         TrainConfig.load(None, overrides)
 
 
+@pytest.mark.parametrize("preset", [None, "1.1b_seed"])
+def test_apex_with_fsdp2_is_refused_at_load_naming_both_fields(preset):
+    overrides = ["optimizer.impl=apex"] + ([] if preset else ["distributed.parallel=fsdp"])
+    with pytest.raises(ConfigError) as e:
+        if preset:  # a preset that is FSDP2 already (the 1.1b seed)
+            TrainConfig.from_preset(preset, overrides)
+        else:
+            TrainConfig.load(None, overrides)
+    msg = str(e.value)
+    for part in ("optimizer.impl: apex", "distributed.parallel: fsdp", "DTensor", "impl: auto"):
+        assert part in msg, (part, msg)
+
+
+def test_apex_without_fsdp2_and_fsdp2_without_apex_still_load():
+    assert TrainConfig.load(None, ["optimizer.impl=apex"]).optimizer.impl == "apex"  # DDP
+    for impl in ("auto", "torch"):
+        cfg = TrainConfig.load(None, [f"optimizer.impl={impl}", "distributed.parallel=fsdp"])
+        assert cfg.distributed.parallel == "fsdp"
+
+
 def test_out_dir_unit_placeholder_needs_a_unit():
     with pytest.raises(ConfigError, match="data.unit is not set"):
         TrainConfig.load(None, ["out_dir=pool/{unit}"]).resolved_out_dir()
