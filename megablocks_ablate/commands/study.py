@@ -60,9 +60,11 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pool-dtype",
         default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="dtype of the pool rows; merges accumulate in fp32 (default auto: bf16 on "
-        "CUDA, fp32 on CPU)",
+        choices=["auto", "bf16", "bf16-delta", "bf16-plain", "fp32"],
+        help="pool rows; merges accumulate in fp32 (default auto: bf16 on CUDA, fp32 on "
+        "CPU). bf16 stores each unit as a bf16 difference from the fp32 seed (bf16-delta; "
+        "plain bf16 rows with a warning when the units record no common seed); "
+        "bf16-plain rounds the weights themselves",
     )
     p.add_argument(
         "--pool-dir",

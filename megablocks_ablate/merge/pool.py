@@ -16,6 +16,10 @@ Row layout: the floating-point tensors of the checkpoints, in the first checkpoi
 file order; a tensor that the model does not have as a parameter or buffer (e.g. a
 tied ``lm_head.weight``) is still merged but not bound.
 
+Row format: each row is a unit model in the pool's dtype, or, given the seed the units
+continue (``seed=``), the unit's difference from it, with the seed kept once in fp32
+(``bf16-delta``: the same bytes per row, far less rounding; :mod:`.pool_delta`).
+
 :class:`RowPool` is what every placement of the rows shares (binding, weight vectors,
 NaN/inf checks); :class:`ModelPool` keeps them resident in one buffer, and
 :mod:`.pool_placement` chooses between it, host rows shared per node
@@ -51,7 +55,11 @@ from megablocks_ablate.merge.file_merge import (
     count_non_finite,
 )
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
+from megablocks_ablate.merge.pool_delta import Seed, format_name, verify_seed
 from megablocks_ablate.utils.progress import progress
+
+# elements per step when a delta row is computed (bounds the fp32 temporary: 64 MiB)
+DELTA_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,9 @@ class RowPool:
     A placement (see :mod:`.pool_placement`) says where the rows live and how a weighted
     sum of them reaches the live model's flat buffer: :meth:`_merge_rows`, and
     :meth:`_row` for the rows this process can read (diagnostics only).
+
+    ``seed``: the rows are differences from this seed (:mod:`.pool_delta`); a placement
+    then folds the fp32 seed in first, with weight ``sum(ws)`` (:meth:`_seed_weight`).
     """
 
     def __init__(
@@ -79,17 +90,36 @@ class RowPool:
         slots: Sequence[Slot],
         config: dict,
         lineages: Sequence[Lineage],
+        seed: Seed | None = None,
     ):
         self.units = list(units)
         self.slots = {s.name: s for s in slots}
         self.config = config
         self.lineages = list(lineages)
+        self.seed = seed
         self._num_params = max((s.offset + s.numel for s in slots), default=0)
         self._live: dict[int, torch.Tensor] = {}  # id(model) -> its flat buffer
 
     @property
     def num_params(self) -> int:
         return self._num_params
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        """The dtype the rows are stored in."""
+        raise NotImplementedError
+
+    @property
+    def row_format(self) -> str:
+        """``fp32``, ``bf16-plain`` or ``bf16-delta`` (what a score's provenance records)."""
+        dtype = DTYPE_LABELS.get(self.row_dtype, str(self.row_dtype))
+        return format_name(dtype, self.seed is not None)
+
+    @staticmethod
+    def _seed_weight(ws: list[float]) -> float:
+        """The seed's weight in a delta-row merge: ``sum(ws)``, so that
+        ``seed * sum(ws) + sum_i ws[i] * (unit_i - seed) = sum_i ws[i] * unit_i``."""
+        return math.fsum(ws)
 
     def _merge_rows(self, flat: torch.Tensor, ws: list[float]) -> None:
         raise NotImplementedError
@@ -200,43 +230,83 @@ class OpenedUnits:
     lineages: list[Lineage]
     maps: list[MappedSafetensors]
     slots: list[Slot]
+    seed: Seed | None = None  # checked against the units: rows may be deltas from it
+    seed_map: MappedSafetensors | None = None
 
     @property
     def num_params(self) -> int:
         return sum(s.numel for s in self.slots)
 
-    def fill_row(self, i: int, row: torch.Tensor, bar=None) -> None:
+    def fill_row(
+        self, i: int, row: torch.Tensor, bar=None, base: torch.Tensor | None = None
+    ) -> None:
         """Copy unit ``i``'s float tensors into ``row`` (converting to its dtype), tensor
-        by tensor, releasing the checkpoint's pages as it goes; a row with NaN/inf raises
-        NonFiniteError naming the checkpoint and the tensor."""
+        by tensor, releasing the checkpoint's pages as it goes; with ``base`` (the fp32
+        seed from :meth:`fill_seed`) the row is ``unit - base``, computed in fp32 and
+        rounded once. A row with NaN/inf raises NonFiniteError naming the checkpoint and
+        the tensor."""
         m = self.maps[i]
         for s in self.slots:
-            row[s.offset : s.offset + s.numel].copy_(m.flat(s.name))
+            if base is None:
+                row[s.offset : s.offset + s.numel].copy_(m.flat(s.name))
+            else:
+                for lo in range(0, s.numel, DELTA_CHUNK):
+                    n = min(DELTA_CHUNK, s.numel - lo)
+                    at = s.offset + lo
+                    unit = m.flat(s.name, lo, n).to(base.device, torch.float32)
+                    row[at : at + n].copy_(unit - base[at : at + n])  # not in place: a map
             m.release(s.name)
             if bar is not None:
                 bar.update(s.numel)
         if not all_finite(row):
             _refuse_row(m, row, self.slots)
 
+    def fill_seed(self, base: torch.Tensor) -> None:
+        """Copy the seed's float tensors into the fp32 vector ``base`` (row layout); a
+        seed with NaN/inf is refused naming it."""
+        m = self.seed_map
+        if m is None:
+            raise RuntimeError("fill_seed: the units were opened without a seed")
+        if base.dtype != torch.float32:
+            raise ValueError(f"the seed is held in fp32, got a {base.dtype} buffer")
+        for s in self.slots:
+            base[s.offset : s.offset + s.numel].copy_(m.flat(s.name))
+            m.release(s.name)
+        if not all_finite(base):
+            _refuse_row(m, base, self.slots)
+
     def close(self) -> None:
         """Unmap the checkpoints (once their rows are loaded; a live view keeps its map)."""
-        for m in self.maps:
+        for m in [*self.maps, *([self.seed_map] if self.seed_map is not None else [])]:
             with contextlib.suppress(BufferError):
                 m.close()
 
 
-def open_units(checkpoints: Mapping[str, str], allow_different_seed: bool = False) -> OpenedUnits:
+def open_units(
+    checkpoints: Mapping[str, str], allow_different_seed: bool = False, seed: Seed | None = None
+) -> OpenedUnits:
     """Check ``{unit: checkpoint_dir}`` for a merge (same config, tokenizer, seed, tensor
     names and shapes) and memory-map them; the row layout is the first checkpoint's
-    float tensors in file order."""
+    float tensors in file order. ``seed``: the checkpoint they continue, for delta rows;
+    it must be the seed every checkpoint records (ConfigError naming it otherwise) and
+    have their tensors."""
     if not checkpoints:
         raise ConfigError("a model pool needs at least one checkpoint")
     units = list(checkpoints)
     metas = [read_checkpoint_meta(checkpoints[u]) for u in units]
     inputs = [MergeInput(u, checkpoints[u], 1.0, cfg, lin) for u, (cfg, lin) in zip(units, metas)]
-    check_compatible(inputs, allow_different_seed)
+    common = check_compatible(inputs, allow_different_seed)
+    if seed is not None:
+        if common != seed.sha256:
+            raise ConfigError(
+                f"{seed.path}: not the seed the pool's checkpoints continue "
+                f"(sha256 {seed.sha256[:16]}..., they record "
+                f"{(common or 'no common seed')[:16]}...); delta rows need their own seed"
+            )
+        verify_seed(seed.model_dir, seed.sha256)  # the bytes are that seed (cached hash)
     maps = [MappedSafetensors(model_file(checkpoints[u])) for u in units]
-    check_tensors(maps)
+    seed_map = MappedSafetensors(seed.path) if seed is not None else None
+    check_tensors([*maps, *([seed_map] if seed_map is not None else [])])
     ref = maps[0]
     slots, offset = [], 0
     for name in ref.names:
@@ -244,11 +314,15 @@ def open_units(checkpoints: Mapping[str, str], allow_different_seed: bool = Fals
             n = ref.numel(name)
             slots.append(Slot(name, tuple(ref.shape(name)), offset, n))
             offset += n
-    return OpenedUnits(units, [c for c, _ in metas], [lin for _, lin in metas], maps, slots)
+    return OpenedUnits(
+        units, [c for c, _ in metas], [lin for _, lin in metas], maps, slots, seed, seed_map
+    )
 
 
 class ModelPool(RowPool):
-    """Unit models as rows of one ``[N, P]`` buffer; see the module docstring."""
+    """Unit models as rows of one ``[N, P]`` buffer; see the module docstring. With
+    ``seed``, ``rows`` are differences from it and ``base`` is the fp32 seed ``[P]`` on
+    the rows' device."""
 
     def __init__(
         self,
@@ -257,12 +331,21 @@ class ModelPool(RowPool):
         slots: Sequence[Slot],
         config: dict,
         lineages: Sequence[Lineage],
+        seed: Seed | None = None,
+        base: torch.Tensor | None = None,
     ):
         if rows.dim() != 2 or rows.shape[0] != len(units):
             raise ValueError(f"rows must be [N={len(units)}, P], got {list(rows.shape)}")
-        super().__init__(units, slots, config, lineages)
+        if (seed is None) != (base is None):
+            raise ValueError("delta rows need both the seed and its fp32 vector (base)")
+        super().__init__(units, slots, config, lineages, seed)
         self.rows = rows
+        self.base = base
         self._num_params = rows.shape[1]
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        return self.rows.dtype
 
     # ------------------------------------------------------------------ loading
 
@@ -276,6 +359,7 @@ class ModelPool(RowPool):
         storage_dir: str | None = None,
         allow_different_seed: bool = False,
         show_progress: bool = True,
+        seed: Seed | None = None,
     ) -> ModelPool:
         """Load unit models (``{unit: checkpoint_dir}``) into one ``[N, P]`` buffer.
 
@@ -284,13 +368,19 @@ class ModelPool(RowPool):
         mapping in ``storage_dir`` (default: the temp dir), unlinked at once so it goes
         away with the pool; on CUDA it is device memory. A row with NaN/inf (in the
         checkpoint, or from conversion to ``dtype``) raises NonFiniteError naming the
-        checkpoint and the tensor.
+        checkpoint and the tensor. ``seed`` (verified, see :mod:`.pool_delta`): rows
+        are ``unit - seed`` in ``dtype``, the seed kept beside them in fp32.
         """
         if dtype not in DTYPE_CODES:
             raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
-        opened = open_units(checkpoints, allow_different_seed)
+        opened = open_units(checkpoints, allow_different_seed, seed)
         n, p = len(opened.units), opened.num_params
-        rows = allocate_rows(n, p, dtype, torch.device(device), storage_dir)
+        dev = torch.device(device)
+        base = None
+        if seed is not None:
+            base = allocate_rows(1, p, torch.float32, dev, storage_dir)[0]
+            opened.fill_seed(base)
+        rows = allocate_rows(n, p, dtype, dev, storage_dir)
         with progress(
             total=n * p,
             desc="load pool",
@@ -298,8 +388,9 @@ class ModelPool(RowPool):
             disable=None if show_progress else True,
         ) as bar:
             for i in range(n):
-                opened.fill_row(i, rows[i], bar)
-        return cls(opened.units, rows, opened.slots, opened.configs[0], opened.lineages)
+                opened.fill_row(i, rows[i], bar, base)
+        opened.close()
+        return cls(opened.units, rows, opened.slots, opened.configs[0], opened.lineages, seed, base)
 
     @classmethod
     def from_directory(cls, directory: str, **kwargs) -> ModelPool:
@@ -310,7 +401,11 @@ class ModelPool(RowPool):
 
     def _merge_rows(self, flat: torch.Tensor, ws: list[float]) -> None:
         # one kernel call over every row; rows with weight 0 are not read
-        merge_into(flat, [self.rows[i] for i in range(len(self.units))], ws)
+        rows = [self.rows[i] for i in range(len(self.units))]
+        if self.base is None:
+            merge_into(flat, rows, ws)
+        else:  # delta rows: the seed first, weighted by sum(ws)
+            merge_into(flat, [self.base, *rows], [self._seed_weight(ws), *ws])
 
     def _row(self, i: int) -> torch.Tensor | None:
         return self.rows[i]

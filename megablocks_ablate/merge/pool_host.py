@@ -15,6 +15,12 @@ Only a mixture's members travel to the device (rows with weight 0 are not read),
 chunk at a time, so the device holds the live model plus a fixed staging buffer. On
 CPU the rows are merged straight from the mapping into the live model.
 
+Delta rows (``bf16-delta``, :mod:`.pool_delta`): each row file holds ``unit - seed`` and
+its name also covers the format and the seed's hash, so a plain row is never mapped as
+a delta row (nor a delta row of another seed); the fp32 seed is one more node-wide file
+(named like a plain fp32 row of the seed checkpoint, which is what it is), staged to
+the device with the members and folded in first.
+
 Sharing without collectives: ranks need not agree on which units they use (the runner
 shards mixtures, so each rank opens the units of its own mixtures), so a row file is
 created by whichever process needs it first and found by name by the others. All
@@ -47,6 +53,7 @@ from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.merge.file_merge import DTYPE_LABELS
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.merge.pool import OpenedUnits, RowPool, Slot, open_units
+from megablocks_ablate.merge.pool_delta import Seed
 from megablocks_ablate.utils.hashing import sha256_json
 
 logger = logging.getLogger(__name__)
@@ -74,11 +81,18 @@ def row_key(checkpoint: str) -> str:
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def row_file_name(key: str, slots: list[Slot], dtype: torch.dtype) -> str:
+def row_file_name(
+    key: str, slots: list[Slot], dtype: torch.dtype, seed_hash: str | None = None
+) -> str:
     """The row file of a unit: content key + row layout (tensor names, shapes, order) +
-    dtype, so two pools share a row exactly when its bytes would be identical."""
+    dtype, and for a delta row (``seed_hash``: the seed it is the difference from) the
+    format and that seed, so two pools share a row exactly when its bytes would be
+    identical."""
     layout = [[s.name, list(s.shape)] for s in slots]
-    digest = sha256_json({"key": key, "layout": layout, "dtype": str(dtype)})
+    what: dict = {"key": key, "layout": layout, "dtype": str(dtype)}
+    if seed_hash is not None:  # plain rows keep the names they always had
+        what.update(format="delta", seed=seed_hash)
+    digest = sha256_json(what)
     return f"{ROW_PREFIX}{digest[:32]}.row"
 
 
@@ -219,7 +233,7 @@ def _write_row(path: str, numel: int, dtype: torch.dtype, fill) -> None:
 
 @dataclass
 class _Staging:
-    buf: torch.Tensor  # 1-D, pool dtype, on the device
+    buf: torch.Tensor  # 1-D bytes on the device: two buffers, each the members' chunks
     stream: torch.cuda.Stream | None  # the copy stream (CUDA) or None
 
 
@@ -233,9 +247,15 @@ class HostPool(RowPool):
         device: torch.device,
         staging_bytes: int = STAGING_BYTES,
         staged: bool | None = None,
+        base_file: RowFile | None = None,
     ):
-        super().__init__(opened.units, opened.slots, opened.configs[0], opened.lineages)
+        super().__init__(
+            opened.units, opened.slots, opened.configs[0], opened.lineages, opened.seed
+        )
+        if (opened.seed is None) != (base_file is None):
+            raise ValueError("delta rows need both the seed and its fp32 row file")
         self.files = files
+        self.base_file = base_file  # delta rows: the fp32 seed, shared like the rows
         self.device = device
         self.dtype = files[0].dtype
         # CUDA: rows travel through device staging; CPU: merged from the mapping (a test
@@ -245,8 +265,9 @@ class HostPool(RowPool):
         self._staging: _Staging | None = None
         # the last user on the node removes the files, also when the pool is simply
         # dropped or the process exits without close() (a killed one leaves them)
-        self._finalizer = weakref.finalize(self, _close_all, list(files))
-        self.pinned = device.type == "cuda" and all(f.pin() for f in files)
+        every = [*files, *([base_file] if base_file is not None else [])]
+        self._finalizer = weakref.finalize(self, _close_all, every)
+        self.pinned = device.type == "cuda" and all(f.pin() for f in every)
         if device.type == "cuda" and not self.pinned:
             logger.warning(
                 "pool rows in host memory could not be page-locked: host-to-device copies "
@@ -265,27 +286,44 @@ class HostPool(RowPool):
         allow_different_seed: bool = False,
         staging_bytes: int = STAGING_BYTES,
         staged: bool | None = None,
+        seed: Seed | None = None,
     ) -> HostPool:
         """Map (creating where missing) one node-wide row file per unit in ``host_dir``
         (default :func:`default_host_dir`); ``keys`` names each unit's content (its
-        checkpoint hash), else :func:`row_key` stands in."""
+        checkpoint hash), else :func:`row_key` stands in. ``seed`` (verified, see
+        :mod:`.pool_delta`): the rows are ``unit - seed``, the fp32 seed one more file."""
         if dtype not in DTYPE_CODES:
             raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
-        opened = open_units(checkpoints, allow_different_seed)
+        opened = open_units(checkpoints, allow_different_seed, seed)
         directory = host_dir or default_host_dir()
         os.makedirs(directory, exist_ok=True)
         files: list[RowFile] = []
+        base_file: RowFile | None = None
         try:
+            base = None
+            if seed is not None:
+                name = row_file_name(seed.sha256, opened.slots, torch.float32)
+                base_file = RowFile.attach(
+                    os.path.join(directory, name),
+                    opened.num_params,
+                    torch.float32,
+                    opened.fill_seed,
+                )
+                base = base_file.tensor
+            delta_of = seed.sha256 if seed is not None else None
             for i, unit in enumerate(opened.units):
                 key = (keys or {}).get(unit) or row_key(checkpoints[unit])
-                path = os.path.join(directory, row_file_name(key, opened.slots, dtype))
+                path = os.path.join(directory, row_file_name(key, opened.slots, dtype, delta_of))
                 files.append(
                     RowFile.attach(
-                        path, opened.num_params, dtype, lambda row, i=i: opened.fill_row(i, row)
+                        path,
+                        opened.num_params,
+                        dtype,
+                        lambda row, i=i: opened.fill_row(i, row, base=base),
                     )
                 )
         except BaseException:
-            for f in files:
+            for f in [*files, *([base_file] if base_file is not None else [])]:
                 f.close()
             raise
         finally:
@@ -293,15 +331,22 @@ class HostPool(RowPool):
         made = sum(f.created for f in files)
         logger.info(
             "pool rows in host memory %s: %d of %d units loaded here, %d mapped from other "
-            "ranks (%s, %.2f GB)",
+            "ranks (%s%s, %.2f GB)",
             directory,
             made,
             len(files),
             len(files) - made,
             DTYPE_LABELS.get(dtype, str(dtype)),
-            len(files) * opened.num_params * dtype.itemsize / 1e9,
+            " deltas from the fp32 seed" if seed is not None else "",
+            (len(files) * dtype.itemsize + (4 if seed is not None else 0))
+            * opened.num_params
+            / 1e9,
         )
-        return cls(opened, files, torch.device(device), staging_bytes, staged)
+        return cls(opened, files, torch.device(device), staging_bytes, staged, base_file)
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        return self.dtype
 
     def _row(self, i: int) -> torch.Tensor | None:
         return self.files[i].tensor
@@ -312,6 +357,10 @@ class HostPool(RowPool):
 
     def _merge_rows(self, flat: torch.Tensor, ws: list[float]) -> None:
         members = [(self.files[i].tensor, w) for i, w in enumerate(ws) if w]
+        if self.base_file is not None:  # delta rows: the seed first, weighted by sum(ws)
+            s = self._seed_weight(ws)
+            if s:
+                members.insert(0, (self.base_file.tensor, s))
         xs = [x for x, _ in members if x is not None]
         if len(xs) != len(members):
             raise RuntimeError("HostPool: merge after close()")
@@ -323,22 +372,29 @@ class HostPool(RowPool):
 
     def _staging_for(self, device: torch.device) -> _Staging:
         if self._staging is None or self._staging.buf.device != device:
-            # two buffers of k x chunk; never more than two copies of every row
-            whole = 2 * len(self.files) * self.num_params
-            n = max(2, min(self.staging_bytes // self.dtype.itemsize, whole))
+            # two buffers of a chunk of every member; never more than two copies of all
+            whole = self.num_params * (
+                len(self.files) * self.dtype.itemsize + (4 if self.base_file is not None else 0)
+            )
+            n = max(16, min(self.staging_bytes, 2 * whole))
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-            self._staging = _Staging(torch.empty(n, dtype=self.dtype, device=device), stream)
+            self._staging = _Staging(torch.empty(n, dtype=torch.uint8, device=device), stream)
         return self._staging
 
     def _merge_staged(self, flat: torch.Tensor, xs: list[torch.Tensor], ws: list[float]) -> None:
         """Copy the members' rows to the device a chunk at a time (two staging buffers:
         chunk j+1 is copied on the copy stream while chunk j is merged) and merge each
         chunk with all k members at once, so every output element is the same single
-        kernel fold as a resident merge: bitwise equal results."""
+        kernel fold as a resident merge: bitwise equal results. A buffer holds one
+        chunk of each member in its own dtype (the fp32 seed of delta rows first)."""
         st = self._staging_for(flat.device)
         k, total = len(xs), flat.numel()
-        chunk = max(1, st.buf.numel() // (2 * k))
-        bufs = [st.buf[b * k * chunk : (b + 1) * k * chunk].view(k, chunk) for b in (0, 1)]
+        sizes = [x.element_size() for x in xs]
+        if sizes != sorted(sizes, reverse=True):  # wider first keeps every view aligned
+            raise ValueError("staged merge: members must come widest dtype first")
+        half = st.buf.numel() // 2 // sizes[0] * sizes[0]
+        chunk = max(1, half // sum(sizes))
+        bufs = [_carve(st.buf[b * half : (b + 1) * half], xs, chunk) for b in (0, 1)]
         copy = st.stream
         free: list[torch.cuda.Event | None] = [None, None]  # compute finished with buffer b
         compute = torch.cuda.current_stream(flat.device) if copy is not None else None
@@ -353,18 +409,28 @@ class HostPool(RowPool):
                     if done_with is not None:
                         copy.wait_event(done_with)
                     for m, x in enumerate(xs):
-                        dst[m, :n].copy_(x[start : start + n], non_blocking=True)
+                        dst[m][:n].copy_(x[start : start + n], non_blocking=True)
                     ready = torch.cuda.Event()
                     ready.record(copy)
                 compute.wait_event(ready)
             else:
                 for m, x in enumerate(xs):
-                    dst[m, :n].copy_(x[start : start + n])
-            merge_into(flat[start : start + n], [dst[m, :n] for m in range(k)], ws)
+                    dst[m][:n].copy_(x[start : start + n])
+            merge_into(flat[start : start + n], [dst[m][:n] for m in range(k)], ws)
             if compute is not None:
                 done = torch.cuda.Event()
                 done.record(compute)
                 free[b] = done
+
+
+def _carve(buf: torch.Tensor, xs: list[torch.Tensor], chunk: int) -> list[torch.Tensor]:
+    """One staging buffer (bytes) as a chunk of each member, in the member's dtype."""
+    out, at = [], 0
+    for x in xs:
+        nbytes = chunk * x.element_size()
+        out.append(buf[at : at + nbytes].view(x.dtype))
+        at += nbytes
+    return out
 
 
 def _close_all(files: list[RowFile]) -> None:

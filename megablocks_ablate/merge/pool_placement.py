@@ -25,6 +25,22 @@ come from safetensors headers (nothing is loaded) and the machine
 storage dtype (``pool_dtype``) is ``auto`` by default: bf16 on a GPU, where memory is
 what limits the pool, and fp32 on CPU, where host memory is plentiful and fp32 rows make
 a merged model bitwise equal to a file merge of the same checkpoints.
+
+bf16 rows are stored as differences from the seed the units continue, the seed kept
+once in fp32 (row format ``bf16-delta``, :mod:`.pool_delta`): the same bytes per row
+plus 4 bytes per parameter for the seed, and 60-500x less error than plain bf16 rows for
+units 1%-0.1% away from the seed (docs/merging.md).
+
+=================  ==========================================================
+``pool_dtype``     rows
+=================  ==========================================================
+``auto``           ``bf16`` on CUDA, ``fp32`` elsewhere
+``fp32``           plain fp32 rows (format ``fp32``)
+``bf16``           ``bf16-delta`` where the seed is found (:func:`.find_seed`),
+                   else plain bf16 rows, with a warning saying why
+``bf16-delta``     bf16 differences from the seed; no seed is an error
+``bf16-plain``     each unit rounded to bf16 (format ``bf16-plain``)
+=================  ==========================================================
 """
 
 from __future__ import annotations
@@ -42,13 +58,30 @@ from megablocks_ablate.checkpoint import model_file, read_checkpoint_meta, safet
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.merge.kernels import CODES
 from megablocks_ablate.merge.pool import ModelPool, RowPool
+from megablocks_ablate.merge.pool_delta import (
+    BF16_DELTA,
+    BF16_PLAIN,
+    FP32,
+    SEED_ITEMSIZE,
+    Seed,
+    find_seed,
+    format_name,
+)
 from megablocks_ablate.merge.pool_host import STAGING_BYTES, HostPool, default_host_dir
 from megablocks_ablate.merge.pool_sharded import ShardedPool, chain_bytes
 
 logger = logging.getLogger(__name__)
 
 PLACEMENTS = ("auto", "resident", "host", "sharded")
-POOL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# pool_dtype values (besides auto) -> the rows' storage dtype; see the module docstring
+POOL_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bf16-delta": torch.bfloat16,
+    "bf16-plain": torch.bfloat16,
+}
+# the row format each pool_dtype asks for (bf16: delta where the seed is found)
+_FORMATS = {"fp32": FP32, "bf16": BF16_DELTA, "bf16-delta": BF16_DELTA, "bf16-plain": BF16_PLAIN}
 MARGIN = 0.10  # of the free memory, left alone: allocator fragmentation, other tenants
 FUSED_CE_BYTES = 256 << 20  # the fused output projection + cross-entropy's chunks
 
@@ -56,8 +89,9 @@ FUSED_CE_BYTES = 256 << 20  # the fused output projection + cross-entropy's chun
 @dataclass(frozen=True)
 class PoolRequest:
     """What the user asked for: ``placement`` (auto | resident | host | sharded), the rows'
-    ``dtype`` (auto | bf16 | fp32; auto is bf16 on CUDA, fp32 elsewhere), and the
-    node-wide directory of host rows."""
+    ``dtype`` (auto | fp32 | bf16 | bf16-delta | bf16-plain; auto is bf16 on CUDA, fp32
+    elsewhere; bf16 is delta rows where the seed is found), and the node-wide directory
+    of host rows."""
 
     placement: str = "auto"
     dtype: str = "auto"
@@ -79,20 +113,47 @@ class PoolRequest:
             return self.dtype
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
+    def format_on(self, device: str | torch.device) -> str:
+        """The row format asked for on ``device``: fp32, bf16-delta or bf16-plain (a
+        bf16-delta asked for by ``bf16``/``auto`` falls back to plain without a seed)."""
+        return _FORMATS[self.dtype_on(device)]
+
+    @property
+    def delta_required(self) -> bool:
+        """Delta rows or nothing (``bf16-delta`` named explicitly)."""
+        return self.dtype == "bf16-delta"
+
 
 @dataclass(frozen=True)
 class PoolSize:
+    """N rows of P parameters of ``itemsize`` bytes; ``delta``: the rows are differences
+    from a seed held beside them in fp32 (one per copy of the pool: P x 4 bytes)."""
+
     n_rows: int
     num_params: int
     itemsize: int
+    delta: bool = False
 
     @property
     def row_bytes(self) -> int:
         return self.num_params * self.itemsize
 
     @property
-    def total_bytes(self) -> int:
+    def seed_bytes(self) -> int:
+        return self.num_params * SEED_ITEMSIZE if self.delta else 0
+
+    @property
+    def rows_bytes(self) -> int:
         return self.n_rows * self.row_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """One whole copy of the pool: its rows and (delta rows) the fp32 seed."""
+        return self.rows_bytes + self.seed_bytes
+
+    @property
+    def row_format(self) -> str:
+        return format_name("fp32" if self.itemsize == 4 else "bf16", self.delta)
 
 
 @dataclass(frozen=True)
@@ -136,7 +197,10 @@ class PlacementChoice:
 
     @property
     def per_shard(self) -> int:
-        return math.ceil(self.size.n_rows / self.shards) * self.size.row_bytes
+        """What one shard holds: its rows, and (delta rows) its own copy of the seed."""
+        return math.ceil(self.size.n_rows / self.shards) * self.size.row_bytes + (
+            self.size.seed_bytes
+        )
 
 
 def gb(n: int) -> str:
@@ -148,14 +212,19 @@ def gb(n: int) -> str:
 
 def pool_size(layout_checkpoint: str, n_rows: int, dtype: str = "bf16") -> PoolSize:
     """The pool's size from one checkpoint's safetensors header (every unit of a study
-    has the seed's layout): P = its float tensors' elements; nothing is loaded."""
+    has the seed's layout): P = its float tensors' elements; nothing is loaded.
+    ``dtype``: a ``pool_dtype`` (bf16 counts as delta rows, what it gets with a seed)
+    or a row format."""
     header = safetensors_header(model_file(layout_checkpoint))
     p = sum(
         math.prod(int(x) for x in info["shape"])
         for name, info in header.items()
         if name != "__metadata__" and info["dtype"] in CODES
     )
-    return PoolSize(n_rows, p, POOL_DTYPES[dtype].itemsize)
+    fmt = _FORMATS.get(dtype, dtype)
+    if fmt not in (FP32, BF16_DELTA, BF16_PLAIN):
+        raise ConfigError(f"pool dtype must be one of {', '.join(POOL_DTYPES)}, got {dtype!r}")
+    return PoolSize(n_rows, p, 4 if fmt == FP32 else 2, fmt == BF16_DELTA)
 
 
 def eval_reserve_bytes(config: dict, num_params: int, batch_tokens: int = 16384) -> int:
@@ -243,7 +312,7 @@ def _resident(size: PoolSize, mem: MemoryFigures, reserve: int) -> PlacementChoi
 
 
 def _host(size: PoolSize, mem: MemoryFigures, reserve: int) -> PlacementChoice:
-    rows = size.total_bytes
+    rows = size.total_bytes  # the row files (and the seed's, for delta rows)
     rows_fit = rows <= _usable(min(mem.host_available, mem.host_dir_free))
     if mem.device_type == "cpu":
         node = rows + mem.local_ranks * reserve
@@ -255,7 +324,7 @@ def _host(size: PoolSize, mem: MemoryFigures, reserve: int) -> PlacementChoice:
 
 
 def _sharded(size: PoolSize, mem: MemoryFigures, reserve: int, g: int) -> PlacementChoice:
-    shard = math.ceil(size.n_rows / g) * size.row_bytes
+    shard = math.ceil(size.n_rows / g) * size.row_bytes + size.seed_bytes  # each its seed
     dev = shard + reserve + chain_bytes()
     if mem.device_type == "cpu":
         node = min(mem.local_ranks, g) * dev
@@ -305,7 +374,7 @@ def choose_placement(
         )
     raise ConfigError(
         f"the pool of {size.n_rows} units x {size.num_params:,} parameters "
-        f"({gb(size.total_bytes)} in {size.itemsize * 8}-bit rows) fits no placement: "
+        f"({gb(size.total_bytes)} in {size.row_format} rows) fits no placement: "
         f"resident needs {gb(resident.per_device)} per device, host {gb(host.per_node)} per "
         f"node, sharded over {sharded.shards if sharded else 'several'} ranks "
         f"{gb(sharded.per_device) if sharded else 'more than one rank'} per device; this "
@@ -318,6 +387,29 @@ def choose_placement(
 # --------------------------------------------------------------------------- opening
 
 
+def resolve_seed(
+    checkpoints: Mapping[str, str],
+    request: PoolRequest,
+    device: str | torch.device,
+    seed_dir: str | None = None,
+) -> Seed | None:
+    """The seed of the pool's delta rows, or None for plain rows: only when the request
+    resolves to bf16-delta on ``device``. A given ``seed_dir`` that is not the units'
+    seed is refused (naming its file); no seed found falls back to plain bf16 rows with
+    a warning saying why, unless ``bf16-delta`` was named (then a ConfigError)."""
+    if request.format_on(device) != BF16_DELTA:
+        return None
+    seed, why = find_seed(checkpoints, seed_dir)
+    if seed is None:
+        if request.delta_required:
+            raise ConfigError(
+                f"pool dtype bf16-delta needs the seed the unit models continue: {why}; "
+                "give it (seed_dir), or ask for bf16 (delta where possible) or bf16-plain"
+            )
+        logger.warning("pool rows in plain bf16, not as deltas from the seed: %s", why)
+    return seed
+
+
 def open_pool(
     checkpoints: Mapping[str, str],
     request: PoolRequest,
@@ -327,17 +419,24 @@ def open_pool(
     keys: Mapping[str, str | None] | None = None,
     batch_tokens: int = 16384,
     show_progress: bool = True,
+    seed_dir: str | None = None,
 ) -> tuple[RowPool, PlacementChoice]:
     """Load ``{unit: checkpoint_dir}`` with the placement ``request`` resolves to here.
 
     ``group``: the process group of a sharded pool's G ranks (None: no sharding here;
     ``auto`` then refuses a pool that would need it). ``keys``: the units' content
-    hashes (names of shared host rows)."""
+    hashes (names of shared host rows). ``seed_dir``: the seed checkpoint the units
+    continue, for bf16-delta rows (default: the parent the units record, see
+    :func:`.pool_delta.find_seed`); checked against their recorded seed_hash. The
+    choice's ``size.row_format`` is the format the rows got."""
     if not checkpoints:
         raise ConfigError("a model pool needs at least one checkpoint")
     first = next(iter(checkpoints.values()))
     dtype_name = request.dtype_on(device)
-    size = pool_size(first, len(checkpoints), dtype_name)
+    seed = resolve_seed(checkpoints, request, device, seed_dir)
+    size = pool_size(first, len(checkpoints), BF16_PLAIN if dtype_name != "fp32" else FP32)
+    if seed is not None:
+        size = replace(size, delta=True)
     reserve = eval_reserve_bytes(read_checkpoint_meta(first)[0], size.num_params, batch_tokens)
     g = dist.get_world_size(group) if group is not None else None
     mem = measure_memory(device, request.host_dir, group_size=g if g and g > 1 else None)
@@ -355,15 +454,25 @@ def open_pool(
     pool: RowPool
     if choice.placement == "resident":
         pool = ModelPool.from_checkpoints(
-            checkpoints, dtype=dtype, device=device, show_progress=show_progress
+            checkpoints, dtype=dtype, device=device, show_progress=show_progress, seed=seed
         )
     elif choice.placement == "host":
         pool = HostPool.from_checkpoints(
-            checkpoints, dtype=dtype, device=device, host_dir=request.host_dir, keys=keys
+            checkpoints,
+            dtype=dtype,
+            device=device,
+            host_dir=request.host_dir,
+            keys=keys,
+            seed=seed,
         )
     else:
         pool = ShardedPool.from_checkpoints(
-            checkpoints, group, dtype=dtype, device=device, show_progress=show_progress
+            checkpoints,
+            group,
+            dtype=dtype,
+            device=device,
+            show_progress=show_progress,
+            seed=seed,
         )
     return pool, choice
 
@@ -407,9 +516,12 @@ def describe_pool(layout_checkpoint: str, n_rows: int, planning: PoolPlanning) -
     """Plan lines: the pool's size, the placement chosen on this machine and the memory
     it needs per device and per node (from one checkpoint's header; nothing loaded)."""
     request = planning.request
-    dtype_name, size, reserve, mem = _plan_inputs(layout_checkpoint, n_rows, planning)
+    _, size, reserve, mem = _plan_inputs(layout_checkpoint, n_rows, planning)
+    fmt = size.row_format
+    if size.delta:
+        fmt += f" (bf16 differences from the fp32 seed, {gb(size.seed_bytes)} per copy)"
     lines = [
-        f"  pool: {n_rows} unit models x {size.num_params:,} parameters in {dtype_name} = "
+        f"  pool: {n_rows} unit models x {size.num_params:,} parameters in {fmt} = "
         f"{gb(size.total_bytes)} (reserve beside it per device: {gb(reserve)} for the live "
         "model and evaluation)"
     ]
@@ -425,4 +537,6 @@ def describe_pool(layout_checkpoint: str, n_rows: int, planning: PoolPlanning) -
         )
     if choice.placement == "host":
         lines.append(f"    host rows in {request.host_dir or default_host_dir()}")
+    if size.delta and request.dtype != "bf16-delta":
+        lines.append("    bf16-delta once the seed is found, else plain bf16 rows")
     return lines

@@ -25,6 +25,10 @@ costs that shard's local merge and the broadcast.
 Contiguous blocks (not round-robin) keep the chain short: the units of a mixture are
 visited in pool order, so each shard appears in the chain at most once.
 
+Delta rows (``bf16-delta``, :mod:`.pool_delta`): every rank also holds the fp32 seed
+(P x 4 bytes), and the first owner of a mixture's chain folds it in first, with weight
+``sum(ws)``, which is where a one-process pool folds it: the results stay bitwise equal.
+
 Lockstep: every rank of the group must call :meth:`merge_into` with the same weights
 in the same order (the runner gives a pool group one mixture sequence, see
 docs/merging.md "Pool placement"); each merge checks this with one small all-gather.
@@ -43,6 +47,7 @@ import torch.distributed as dist
 from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.merge.pool import RowPool, allocate_rows, open_units
+from megablocks_ablate.merge.pool_delta import Seed
 from megablocks_ablate.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -80,8 +85,13 @@ class ShardedPool(RowPool):
         lineages,
         group: dist.ProcessGroup,
         chunk: int = CHAIN_CHUNK,
+        seed: Seed | None = None,
+        base: torch.Tensor | None = None,
     ):
-        super().__init__(units, slots, config, lineages)
+        if (seed is None) != (base is None):
+            raise ValueError("delta rows need both the seed and its fp32 vector (base)")
+        super().__init__(units, slots, config, lineages, seed)
+        self.base = base
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -108,17 +118,23 @@ class ShardedPool(RowPool):
         allow_different_seed: bool = False,
         show_progress: bool = True,
         chunk: int = CHAIN_CHUNK,
+        seed: Seed | None = None,
     ) -> ShardedPool:
         """Check every checkpoint (headers and metadata, as a one-process pool does) and
-        load this rank's block of rows onto ``device``."""
+        load this rank's block of rows onto ``device``; with ``seed`` (verified, see
+        :mod:`.pool_delta`) the rows are ``unit - seed`` and every rank holds the seed."""
         if dtype not in DTYPE_CODES:
             raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
         if group is None:
             raise ConfigError("a sharded pool needs the process group of its G ranks")
-        opened = open_units(checkpoints, allow_different_seed)
+        opened = open_units(checkpoints, allow_different_seed, seed)
         g, r = dist.get_world_size(group), dist.get_rank(group)
         lo, hi = shard_bounds(len(opened.units), g)[r]
         p = opened.num_params
+        base = None
+        if seed is not None:
+            base = allocate_rows(1, p, torch.float32, torch.device(device), storage_dir)[0]
+            opened.fill_seed(base)
         rows = allocate_rows(hi - lo, p, dtype, torch.device(device), storage_dir)
         with progress(
             total=(hi - lo) * p,
@@ -127,7 +143,7 @@ class ShardedPool(RowPool):
             disable=None if show_progress else True,
         ) as bar:
             for i in range(lo, hi):
-                opened.fill_row(i, rows[i - lo], bar)
+                opened.fill_row(i, rows[i - lo], bar, base)
         opened.close()
         logger.info(
             "pool shard %d of %d: rows %d..%d of %d (%s)",
@@ -139,8 +155,21 @@ class ShardedPool(RowPool):
             ", ".join(opened.units[lo:hi]) or "none",
         )
         return cls(
-            opened.units, rows, lo, opened.slots, opened.configs[0], opened.lineages, group, chunk
+            opened.units,
+            rows,
+            lo,
+            opened.slots,
+            opened.configs[0],
+            opened.lineages,
+            group,
+            chunk,
+            seed,
+            base,
         )
+
+    @property
+    def row_dtype(self) -> torch.dtype:
+        return self.rows.dtype
 
     # ------------------------------------------------------------------ merging
 
@@ -175,6 +204,10 @@ class ShardedPool(RowPool):
             for i, w in enumerate(ws)
             if w and self._row(i) is not None
         ]
+        if self.base is not None and owners and owners[0] == self.rank:
+            # delta rows: the chain's first link folds the seed in first, weighted by
+            # sum(ws), as a one-process pool does
+            mine.insert(0, (self.base, self._seed_weight(ws)))
         if len(owners) == 1:
             if owners[0] == self.rank:  # the whole mixture is here: one local kernel call
                 merge_into(flat, [x for x, _ in mine], [w for _, w in mine])

@@ -1,10 +1,11 @@
 """One rank of the pool-placement test (launched by torchrun, 2 gloo ranks).
 
-    _pool_worker.py CHECKPOINTS_JSON HOST_DIR OUT_DIR
+    _pool_worker.py CHECKPOINTS_JSON HOST_DIR OUT_DIR SEED_DIR
 
 For each placement it merges every weight vector of WEIGHTS into a TinyLM and saves
 the flat parameters to OUT_DIR/rank<r>-<mode>.pt, plus OUT_DIR/rank<r>-info.json
-(placements chosen, host row files mapped and their page sharing).
+(placements chosen, host row files mapped and their page sharing). The ``*-delta``
+modes hold bf16-delta rows: differences from the seed at SEED_DIR.
 """
 
 import json
@@ -17,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from merge_fixtures import CONFIG, TinyLM, merged_flats
 
+from megablocks_ablate.merge.pool_delta import find_seed
 from megablocks_ablate.merge.pool_host import HostPool, host_dir_usage
 from megablocks_ablate.merge.pool_placement import PoolRequest, open_pool
 from megablocks_ablate.merge.pool_sharded import LockstepError, ShardedPool
@@ -75,18 +77,48 @@ def host_mode(ckpts, host_dir, rank, info):
     return result
 
 
-def run(ckpts, host_dir, out_dir):
+def delta_modes(ckpts, host_dir, seed_dir, info, results):
+    """bf16-delta rows in every placement (the seed found through open_pool's seed_dir)."""
+    seed = find_seed(ckpts, seed_dir)[0]
+    pool, choice = open_pool(ckpts, PoolRequest("resident", "bf16-delta"), seed_dir=seed_dir)
+    info["formats"] = {"resident-bf16-delta": choice.size.row_format}
+    results["resident-bf16-delta"] = merges(pool)
+    staged = HostPool.from_checkpoints(
+        ckpts,
+        dtype=torch.bfloat16,
+        host_dir=os.path.join(host_dir, "c"),
+        staged=True,
+        staging_bytes=2 * 64 * (4 + 5 * 2),  # 64-element chunks of the seed and 5 rows
+        seed=seed,
+    )
+    info["host_delta_created"] = [f.created for f in [*staged.files, staged.base_file]]
+    results["host-bf16-delta-staged"] = merges(staged)
+    staged.close()
+    pool, choice = open_pool(
+        ckpts, PoolRequest("sharded", "bf16"), group=dist.group.WORLD, seed_dir=seed_dir
+    )
+    info["formats"]["sharded-bf16-delta"] = choice.size.row_format
+    info["formats"]["sharded-pool"] = pool.row_format
+    results["sharded-bf16-delta"] = merges(pool)
+    pool = ShardedPool.from_checkpoints(
+        ckpts, dist.group.WORLD, dtype=torch.bfloat16, show_progress=False, chunk=100, seed=seed
+    )
+    results["sharded-bf16-delta-chunked"] = merges(pool)
+
+
+def run(ckpts, host_dir, out_dir, seed_dir):
     rank = dist.get_rank()
     info = {"world": dist.get_world_size(), "placements": {}}
     results = {}
     for mode, req in (
         ("resident-fp32", PoolRequest("resident", "fp32")),
-        ("resident-bf16", PoolRequest("resident", "bf16")),
-        ("auto-bf16", PoolRequest("auto", "bf16")),
+        ("resident-bf16", PoolRequest("resident", "bf16-plain")),
+        ("auto-bf16", PoolRequest("auto", "bf16-plain")),
     ):
         pool, choice = open_pool(ckpts, req, show_progress=False)
         info["placements"][mode] = [choice.placement, type(pool).__name__]
         results[mode] = merges(pool)
+    delta_modes(ckpts, host_dir, seed_dir, info, results)
     results["host-fp32"] = host_mode(ckpts, os.path.join(host_dir, "a"), rank, info)
     staged = HostPool.from_checkpoints(
         ckpts,
@@ -122,8 +154,8 @@ def run(ckpts, host_dir, out_dir):
 
 
 if __name__ == "__main__":
-    ckpts_json, host_dir, out_dir = sys.argv[1:4]
+    ckpts_json, host_dir, out_dir, seed = sys.argv[1:5]
     with open(ckpts_json, encoding="utf-8") as f:
         checkpoints = json.load(f)
     with distributed_session(device="cpu", backend="gloo"):
-        run(checkpoints, host_dir, out_dir)
+        run(checkpoints, host_dir, out_dir, seed)

@@ -21,6 +21,7 @@ from merge_fixtures import CONFIG, TinyLM, merged_flats, write_family
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.merge import pool_placement as pp
 from megablocks_ablate.merge.pool import ModelPool
+from megablocks_ablate.merge.pool_delta import find_seed
 from megablocks_ablate.merge.pool_host import HostPool, host_dir_usage, row_file_name, row_key
 from megablocks_ablate.merge.pool_placement import (
     MemoryFigures,
@@ -126,7 +127,8 @@ def test_pool_size_and_plan_text_from_headers(tmp_path, monkeypatch):
     _, ckpts = write_family(str(tmp_path))
     p = sum(t.numel() for t in TinyLM(**CONFIG).parameters())
     first = next(iter(ckpts.values()))
-    assert pp.pool_size(first, 3, "bf16") == PoolSize(3, p, 2)
+    assert pp.pool_size(first, 3, "bf16") == PoolSize(3, p, 2, delta=True)  # with a seed
+    assert pp.pool_size(first, 3, "bf16-plain") == PoolSize(3, p, 2)
     text = "\n".join(describe_pool(first, 3, PoolPlanning(PoolRequest("host", "fp32"))))
     assert f"3 unit models x {p:,} parameters in fp32 = " in text
     assert "pool placement host -> host (in host memory, one copy per node)" in text
@@ -228,7 +230,7 @@ def two_ranks(tmp_path_factory, launcher_env):
     finally:
         sys.path.pop(0)
     root = tmp_path_factory.mktemp("placement")
-    _, ckpts = write_family(str(root), units=UNITS)
+    seed_dir, ckpts = write_family(str(root), units=UNITS)
     (root / "ckpts.json").write_text(json.dumps(ckpts))
     out, host = root / "out", root / "host"
     out.mkdir()
@@ -242,6 +244,7 @@ def two_ranks(tmp_path_factory, launcher_env):
         str(root / "ckpts.json"),
         str(host),
         str(out),
+        seed_dir,
     ]
     proc = subprocess.run(cmd, env=launcher_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -251,10 +254,14 @@ def two_ranks(tmp_path_factory, launcher_env):
             if name.startswith(f"rank{r}-") and name.endswith(".pt"):
                 got[(r, name[len(f"rank{r}-") : -3])] = torch.load(out / name)
     infos = [json.loads((out / f"rank{r}-info.json").read_text()) for r in range(2)]
+    seed = find_seed(ckpts, seed_dir)[0]
     refs = {
         "fp32": _single(ckpts, WEIGHTS),
         "bf16": _single(ckpts, WEIGHTS, torch.bfloat16),
         "bf16-live-bf16": _single(ckpts, WEIGHTS, torch.bfloat16, torch.bfloat16),
+        "bf16-delta": merged_flats(
+            ModelPool.from_checkpoints(ckpts, dtype=torch.bfloat16, seed=seed), WEIGHTS
+        ),
     }
     return SimpleNamespace(got=got, infos=infos, refs=refs, weights=WEIGHTS)
 
@@ -283,6 +290,10 @@ MODES = {
     "sharded-fp32-chunked": "fp32",
     "sharded-bf16-chunked": "bf16",
     "sharded-bf16-live-bf16": "bf16-live-bf16",
+    "resident-bf16-delta": "bf16-delta",
+    "host-bf16-delta-staged": "bf16-delta",
+    "sharded-bf16-delta": "bf16-delta",
+    "sharded-bf16-delta-chunked": "bf16-delta",
 }
 
 
@@ -291,8 +302,8 @@ MODES = {
 def test_two_ranks_merge_what_one_process_merges(two_ranks, mode):
     ref = two_ranks.refs[MODES[mode]]
     for r in range(2):
-        _exact(two_ranks.got[(r, mode)], ref)  # fp32 and bf16 rows alike: bitwise
-        if MODES[mode] == "bf16":
+        _exact(two_ranks.got[(r, mode)], ref)  # fp32, bf16 and delta rows alike: bitwise
+        if MODES[mode] in ("bf16", "bf16-delta"):
             _within_bf16(two_ranks.got[(r, mode)], two_ranks.refs["fp32"], two_ranks.weights)
 
 
@@ -304,6 +315,11 @@ def test_two_ranks_placements_as_requested(two_ranks):
         assert info["placements"]["auto-bf16"] == ["resident", "ModelPool"]  # tiny: fits
         assert info["placements"]["sharded-fp32"] == ["sharded", "ShardedPool", 2]
         assert "merging different weight vectors" in info["lockstep"]  # both ranks refuse
+        assert info["formats"] == {
+            "resident-bf16-delta": "bf16-delta",
+            "sharded-bf16-delta": "bf16-delta",
+            "sharded-pool": "bf16-delta",
+        }
     # contiguous shards: rank 0 rows 0..1, rank 1 rows 2..4 (of 5)
     assert [info["shard_rows"] for info in two_ranks.infos] == [[0, 2], [2, 5]]
 
@@ -320,3 +336,6 @@ def test_two_ranks_share_one_host_copy(two_ranks):
             # every resident page of a row is mapped by both processes, none private
             assert page["rss"] > 0 and page["shared"] == page["rss"] and page["private"] == 0
     assert b["usage_after_close"] == {"files": 0, "bytes": 0}  # the last user removed them
+    # delta rows and the seed's file: each loaded once on the node too
+    created = [x + y for x, y in zip(*(i["host_delta_created"] for i in two_ranks.infos))]
+    assert created == [1] * 6

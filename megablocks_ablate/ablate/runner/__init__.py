@@ -81,7 +81,9 @@ class RunOptions:
     cache_dir: str | None = None  # tokenized eval sets (default: out_dir/cache/eval)
     lock_timeout_s: float | None = 0.0  # another run of this study: 0 refuse, None wait
     pool_placement: str = "auto"  # unit-model pool rows: auto | resident | host | sharded
-    pool_dtype: str = "auto"  # pool rows: auto (bf16 on CUDA, else fp32) | bf16 | fp32
+    # pool rows: auto (bf16 on CUDA, else fp32) | bf16 (= bf16-delta when the units'
+    # seed is found) | bf16-delta | bf16-plain | fp32 (merge/pool_delta.py)
+    pool_dtype: str = "auto"
     pool_dir: str | None = None  # node-wide directory of host rows (default /dev/shm)
     # One CPU process: train unit/seq models and score models and mixtures in this many
     # worker processes (runner/workers.py); ignored under torchrun and on CUDA.

@@ -292,7 +292,11 @@ class Scorer:
             eval_fingerprint=self.fingerprint,
             proxies=list(proxies),
             # rows stored in bf16 differ from an fp32 file merge in the last bits
-            pool={"placement": choice.placement, "itemsize": choice.size.itemsize}
+            pool={
+                "placement": choice.placement,
+                "itemsize": choice.size.itemsize,
+                "format": choice.size.row_format,  # fp32 | bf16-plain | bf16-delta
+            }
             if choice is not None
             else None,
             **self.window_provenance(trained),
