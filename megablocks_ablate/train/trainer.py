@@ -29,6 +29,7 @@ stops, skips or rolls back by ``nan_policy`` (:mod:`.divergence`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -39,7 +40,12 @@ import numpy as np
 import torch
 
 from megablocks_ablate import errors
-from megablocks_ablate.checkpoint import MODEL_FILE, Lineage, load_model_checkpoint
+from megablocks_ablate.checkpoint import (
+    MODEL_FILE,
+    Lineage,
+    load_model_checkpoint,
+    resolve_checkpoint_dir,
+)
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.train import state as st
 from megablocks_ablate.train.config import TrainConfig
@@ -101,6 +107,8 @@ class Trainer:
     """One run on one rank; :meth:`run` does everything."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
+        if cfg.init_from:  # a training run directory means its final/ (checkpoint/run_dir.py)
+            cfg = dataclasses.replace(cfg, init_from=resolve_checkpoint_dir(cfg.init_from))
         self.cfg, self.env = cfg, env
         self.out_dir = cfg.resolved_out_dir()
         self.guard = DivergenceGuard(cfg.nan_policy, cfg.nan_max_skips, self.out_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -97,6 +98,42 @@ def test_unit_from_seed_has_lineage_and_fresh_optimizer(seed_run, train_manifest
     assert steps == {2.0}
     # and it started from the seed's weights: step-1 loss is near the seed's final loss
     assert abs(_metrics(unit_dir)[0]["loss"] - _metrics(seed_out)[-1]["loss"]) < 0.5
+
+
+def test_init_from_a_run_directory_means_its_final(seed_run, train_manifest, tmp_path):
+    """``init_from: runs/seed`` (the run directory) trains the same model as ``.../final``
+    and records the final/ it read; an unfinished run is refused naming its checkpoint."""
+    _, seed_out, _ = seed_run
+    outs = {}
+    for name, init in (("run", seed_out), ("final", os.path.join(seed_out, "final"))):
+        outs[name] = str(tmp_path / name)
+        over = tiny_overrides(
+            train_manifest,
+            outs[name],
+            kind="unit",
+            init_from=init,
+            train_tokens=256 * 2,
+            **{"data.unit": "physics-0002"},
+        )
+        train(TrainConfig.load(None, over))
+    _, _, lineage = load_model_checkpoint(os.path.join(outs["run"], "final"))
+    assert lineage.parents == [os.path.join(seed_out, "final")]
+    assert model_hash(os.path.join(outs["run"], "final")) == model_hash(
+        os.path.join(outs["final"], "final")
+    )
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(seed_out, unfinished)
+    os.remove(unfinished / "COMPLETE.json")
+    over = tiny_overrides(
+        train_manifest,
+        str(tmp_path / "x"),
+        kind="unit",
+        init_from=str(unfinished),
+        **{"data.unit": "physics-0002"},
+    )
+    with pytest.raises(DataFormatError, match="has not finished"):
+        train(TrainConfig.load(None, over))
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.integration
