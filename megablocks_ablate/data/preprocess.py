@@ -17,10 +17,18 @@
         the same held-out lines split by unit stretch, heldout/units/<unit>.jsonl
     manifest.json (written last: its presence means the output is complete)
 
+Check, then act: before anything is written or deleted, the output directory (a
+file, under a file, not writable, a user's directory, other settings without
+``overwrite``), the inputs and evaluation sets (a pattern matching nothing, a file
+inside ``out``), the tokenizer and the ``--partition-by`` fields (on the inputs' first
+documents) are checked; a refusal changes nothing.
+
 Resumable: stage 1 keeps finished input files, stage 2 keeps finished units; a rerun
 with the same settings continues, and one with different settings is refused unless
-``overwrite`` is set. Every file is written under a temporary name and renamed, so
-Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``workers``.
+``overwrite`` is set. With ``overwrite``, a previous output is replaced only once the
+new one is complete: it is built in ``<out>.staging-<host>-<pid>`` and swapped in
+(:mod:`.preprocess_replace`). Every file is written under a temporary name and renamed,
+so Ctrl-C or a crash leaves nothing half-written. Results do not depend on ``workers``.
 Stage 1 lives in :mod:`.preprocess_stage1`, the held-out minimum in
 :mod:`.preprocess_minimum`, the checks in :mod:`.preprocess_checks`, the unit order in
 :mod:`.preprocess_order`, the per-unit held-out sets in :mod:`.preprocess_heldout`.
@@ -28,7 +36,7 @@ Stage 1 lives in :mod:`.preprocess_stage1`, the held-out minimum in
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,21 +51,34 @@ from megablocks_ablate.config import Config, Count, doc
 from megablocks_ablate.data.jsonl import expand_inputs
 from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
 from megablocks_ablate.data.partition import safe_name, split_units
-from megablocks_ablate.data.preprocess_checks import check_result
+from megablocks_ablate.data.preprocess_checks import check_partition_fields, check_result
 from megablocks_ablate.data.preprocess_heldout import UNIT_HELDOUT_DIR, write_unit_heldout
 from megablocks_ablate.data.preprocess_minimum import added, log_heldout, missing_reason, top_up
 from megablocks_ablate.data.preprocess_order import OrderedDocs, order_documents
+from megablocks_ablate.data.preprocess_replace import (
+    TMP_DIR,
+    check_replace,
+    prepare_staging,
+    replace_output,
+    state_hash,
+)
 from megablocks_ablate.data.preprocess_stage1 import file_dir, run_stage1
 from megablocks_ablate.data.preprocess_worker import WorkerSettings
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.utils.atomic import atomic_open, atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file, sha256_json
-from megablocks_ablate.utils.outputs import claim_output_dir, sweep_stale_temporaries
+from megablocks_ablate.utils.outputs import (
+    check_inputs_outside,
+    check_output_dir,
+    claim_output_dir,
+    recover_swap,
+    remove_side_dirs,
+    sweep_stale_temporaries,
+)
 from megablocks_ablate.utils.progress import progress
 
 logger = logging.getLogger(__name__)
 
-TMP_DIR = ".preprocess-tmp"
 # Settings that do not change the output; excluded from the config hash.
 _NON_OUTPUT_FIELDS = ("workers", "batch_size", "overwrite", "allow_missing_partition")
 _UNSET = object()
@@ -332,63 +353,36 @@ def _changed_settings(old: dict | None, cfg: PreprocessConfig) -> str:
     return f" ({'; '.join(diff)})" if diff else ""
 
 
-def _prepare_tmp(cfg: PreprocessConfig, manifest_path: str, tmp: str, h: str) -> None:
-    """Check or discard an unfinished run's temp dir, clear old outputs on ``overwrite``,
-    and record this run's settings hash."""
-    state_path = os.path.join(tmp, "state.json")
-    if os.path.exists(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            if json.load(f).get("config_hash") != h:
-                if not cfg.overwrite:
-                    raise ConfigError(
-                        f"{cfg.out}: holds an unfinished run with other settings; "
-                        "pass --overwrite to discard it"
-                    )
-                shutil.rmtree(tmp)
-    if cfg.overwrite and os.path.exists(manifest_path):
-        _remove_previous_output(cfg.out, manifest_path)
+def _check_unfinished(cfg: PreprocessConfig, out: str, h: str) -> None:
+    """Refuse an unfinished run with other settings in ``out`` unless ``overwrite``."""
+    old_h = state_hash(out)
+    if old_h is not None and old_h != h and not cfg.overwrite:
+        raise ConfigError(
+            f"{cfg.out}: holds an unfinished run with other settings; "
+            "pass --overwrite to discard it"
+        )
+
+
+def _start_tmp(build: str, tmp: str, h: str) -> None:
+    """Discard an unfinished run with other settings in ``build`` (only one with the same
+    settings is resumed) and record this run's settings hash."""
+    if state_hash(build) not in (None, h):
+        shutil.rmtree(tmp)
     os.makedirs(tmp, exist_ok=True)
-    atomic_write_json(state_path, {"config_hash": h})
+    atomic_write_json(os.path.join(tmp, "state.json"), {"config_hash": h})
 
 
-def _remove_previous_output(out: str, manifest_path: str) -> None:
-    """Delete the files the previous manifest lists (units, held-out sets), the packed
-    index caches beside them, and the manifest; nothing else under ``out``."""
-    old = Manifest.load(manifest_path)
-    paths = [
-        os.path.join(out, u["prefix"] + ext) for u in old.units.values() for ext in (".bin", ".idx")
-    ]
-    paths += [
-        os.path.join(out, r["heldout"]["path"])
-        for r in (*old.partitions.values(), *old.units.values())
-        if r.get("heldout")
-    ]
-    for path in paths:
-        directory, name = os.path.split(path)
-        caches = [
-            c
-            for c in (os.listdir(directory) if os.path.isdir(directory) else [])
-            if c.startswith(name.rsplit(".", 1)[0] + ".packed-")
-        ]
-        for victim in [path] + [os.path.join(directory, c) for c in caches]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(victim)
-    os.unlink(manifest_path)
-    for sub_dir in ("units", UNIT_HELDOUT_DIR, "heldout"):  # kept if a user's files remain
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(out, sub_dir))
-
-
-def _build_decontam(cfg: PreprocessConfig, tmp: str) -> tuple[dict | None, list[str], str | None]:
-    """Build and save the evaluation Bloom filter: (stats, eval files, filter path)."""
-    if not cfg.eval:
-        return None, [], None
+def _build_decontam(
+    cfg: PreprocessConfig, eval_files: list[str], tmp: str
+) -> tuple[dict | None, str | None]:
+    """Build and save the evaluation Bloom filter: (stats, filter path)."""
+    if not eval_files:
+        return None, None
     from megablocks_ablate.data.decontam import Decontaminator
     from megablocks_ablate.data.jsonl import BadLineCounter
 
     # Rebuilt on every (re)run: cheap next to tokenization, and never stale if the
     # evaluation files changed between an interrupted run and its resumption.
-    eval_files = expand_inputs(cfg.eval)
     bloom_path = os.path.join(tmp, "eval.bloom")
     logger.info("building decontamination filter from %d evaluation file(s)", len(eval_files))
     eval_bad = BadLineCounter()
@@ -406,7 +400,7 @@ def _build_decontam(cfg: PreprocessConfig, tmp: str) -> tuple[dict | None, list[
         **dec.stats(),
         "eval_bad_lines": dict(eval_bad.counts),
     }
-    return decontam_stats, eval_files, bloom_path
+    return decontam_stats, bloom_path
 
 
 def _worker_settings(
@@ -494,57 +488,65 @@ def _manifest_data(
     }
 
 
-def _make_out_dir(out: str) -> None:
-    """Create ``out`` (if needed), or raise ConfigError naming it when it is a file, lies
-    under a file, or cannot be created or written."""
+def _check_out_dir(out: str) -> None:
+    """Refuse, touching nothing, an ``out`` that is a file, lies under a file, cannot be
+    created or written, or holds something other than a preprocess output."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"out: {out} is an existing file, not a directory; choose another --out")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"out: cannot create directory {out} ({existing} is a file); choose another --out"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = f"directory {out}" if existing == os.path.abspath(out) else f"{existing}"
+        raise ConfigError(f"out: {what} is not writable; choose another --out")
+    # a previous preprocess output is ours to resume or replace; a user's directory is not
+    check_output_dir(out, "preprocess", reuse=True)
+
+
+def _check_inputs(cfg: PreprocessConfig) -> tuple[list[str], list[str]]:
+    """The input and evaluation files (refusing a pattern that matches none), none of
+    them, nor the tokenizer, inside ``out``."""
+    files = expand_inputs(cfg.input)
+    eval_files = expand_inputs(cfg.eval) if cfg.eval else []
+    named = [("--input", f) for f in files] + [("--eval", f) for f in eval_files]
+    check_inputs_outside(cfg.out, [*named, ("--tokenizer", cfg.tokenizer)])
+    return files, eval_files
+
+
+def _make_out_dir(out: str) -> None:
+    """Create ``out`` (checked by :func:`_check_out_dir`) and claim it."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        parent = os.path.dirname(os.path.abspath(out))
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        why = f"{parent} is a file" if os.path.isfile(parent) else e.strerror
         raise ConfigError(
-            f"out: cannot create directory {out} ({why}); choose another --out"
+            f"out: cannot create directory {out} ({e.strerror}); choose another --out"
         ) from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"out: directory {out} is not writable; choose another --out")
-    # a previous preprocess output is ours to resume or replace; a user's directory is not
     claim_output_dir(out, "preprocess", reuse=True)
 
 
-def run_preprocess(cfg: PreprocessConfig) -> Manifest:
-    """Run (or resume) preprocessing; returns the written manifest."""
-    cfg.check_required()
-    out = cfg.out
-    _make_out_dir(out)
-    manifest_path = os.path.join(out, MANIFEST_NAME)
-    tmp = os.path.join(out, TMP_DIR)
-    h = cfg.output_hash()
-    old = _existing_manifest(cfg, manifest_path, h)
-    if old is not None:
-        return old
-    _prepare_tmp(cfg, manifest_path, tmp, h)
-
+def _build(cfg: PreprocessConfig, build: str, h: str, files, eval_files, tokenizer) -> Manifest:
+    """Write the output into ``build``: ``cfg.out`` itself or a staging directory beside
+    it (the manifest records ``cfg``, so both give the same bytes)."""
     from megablocks_ablate.data.indexed import best_dtype
-    from megablocks_ablate.data.tokenizer import load_tokenizer
 
-    files = expand_inputs(cfg.input)
-    tokenizer = load_tokenizer(cfg.tokenizer, eod_token=cfg.eod_token)
+    tmp = os.path.join(build, TMP_DIR)
+    _start_tmp(build, tmp, h)
+    bcfg = dataclasses.replace(cfg, out=build)
     dtype = np.dtype(best_dtype(tokenizer.vocab_size))
-    decontam_stats, eval_files, bloom_path = _build_decontam(cfg, tmp)
+    decontam_stats, bloom_path = _build_decontam(cfg, eval_files, tmp)
     settings = _worker_settings(cfg, tokenizer, dtype, bloom_path)
     t0 = time.time()
-    records = run_stage1(cfg, files, tmp, settings, dtype)
+    records = run_stage1(bcfg, files, tmp, settings, dtype)
     plan = _partition_plan(records, tmp)
     top_up(plan, records, tmp, cfg.heldout_fraction, cfg.heldout_min_docs)
     check_result(cfg, files, records, plan, tmp)
     t1 = time.time()
-    partitions, units = _stage2(cfg, plan, tmp, dtype)
+    partitions, units = _stage2(bcfg, plan, tmp, dtype)
     t2 = time.time()
-
     totals = _totals(records, partitions, units)
     data = _manifest_data(
         cfg,
@@ -559,17 +561,70 @@ def run_preprocess(cfg: PreprocessConfig) -> Manifest:
         partitions,
         units,
     )
-    manifest = Manifest(data=data, root=os.path.abspath(out))
+    manifest = Manifest(data=data, root=os.path.abspath(build))
     manifest.save()
     shutil.rmtree(tmp, ignore_errors=True)
     for sub_dir in ("", "units", "heldout", UNIT_HELDOUT_DIR):
         # half-written files of an earlier killed run
-        sweep_stale_temporaries(os.path.join(out, sub_dir))
+        sweep_stale_temporaries(os.path.join(build, sub_dir))
+    return manifest
+
+
+def _replaces(cfg: PreprocessConfig, manifest_path: str, h: str) -> bool:
+    """Whether this run replaces a previous output (built aside, then swapped in): with
+    ``overwrite``, a complete output or an unfinished run with other settings."""
+    return cfg.overwrite and (os.path.exists(manifest_path) or state_hash(cfg.out) not in (None, h))
+
+
+def run_preprocess(cfg: PreprocessConfig) -> Manifest:
+    """Run (or resume) preprocessing; returns the written manifest.
+
+    Every input, option and the output directory are checked before anything is
+    written or deleted; with ``overwrite`` a previous output is replaced only once the
+    new one is complete (:mod:`.preprocess_replace`)."""
+    from megablocks_ablate.data.tokenizer import load_tokenizer
+
+    cfg.check_required()
+    out = cfg.out
+    recover_swap(out, "preprocess")  # a replace killed between its renames: undo it
+    _check_out_dir(out)
+    manifest_path = os.path.join(out, MANIFEST_NAME)
+    h = cfg.output_hash()
+    old = _existing_manifest(cfg, manifest_path, h)
+    if old is not None:
+        return old
+    _check_unfinished(cfg, out, h)
+    files, eval_files = _check_inputs(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer, eod_token=cfg.eod_token)
+    check_partition_fields(cfg, files)
+    replace = _replaces(cfg, manifest_path, h)
+    if replace:
+        check_replace(out)
+    # -- everything is checked: from here on, write
+    if not replace:
+        _make_out_dir(out)
+        manifest = _build(cfg, out, h, files, eval_files, tokenizer)
+        remove_side_dirs(out, "staging", "preprocess")  # dead writers' staging dirs
+    else:
+        staging = prepare_staging(out, h)
+        try:
+            manifest = _build(cfg, staging, h, files, eval_files, tokenizer)
+        except MBAError:
+            shutil.rmtree(staging, ignore_errors=True)  # a refusal leaves no staging dir
+            raise
+        replace_output(staging, out)
+        manifest = Manifest(data=manifest.data, root=os.path.abspath(out))
+    _log_done(manifest_path, manifest)
+    return manifest
+
+
+def _log_done(manifest_path: str, manifest: Manifest) -> None:
+    totals, partitions = manifest.data["totals"], manifest.partitions
     logger.info(
-        f"wrote {manifest_path}: {len(partitions)} partitions, {len(units)} units, "
+        f"wrote {manifest_path}: {len(partitions)} partitions, {len(manifest.units)} units, "
         f"{totals['tokens_in_units']:,} tokens in units, "
         f"{totals['documents_contaminated']} contaminated and "
         f"{sum(totals['bad_lines'].values())} bad lines dropped"
     )
-    log_heldout(partitions, cfg.heldout_fraction, cfg.heldout_min_docs)
-    return manifest
+    cfg = manifest.data["config"]
+    log_heldout(partitions, cfg["heldout_fraction"], cfg["heldout_min_docs"])

@@ -1,5 +1,10 @@
-"""Preprocess checks that the result is what the user meant, run after stage 1 and before
-any unit is written: refuse an empty corpus, a ``--partition-by`` field no document has
+"""Preprocess checks that the result is what the user meant.
+
+Before anything is written, :func:`check_partition_fields` reads the first documents of
+the inputs (up to :data:`PEEK_DOCS_PER_FILE` from the start of each file,
+:data:`PEEK_DOCS_TOTAL` in all, stopping as soon as every ``--partition-by`` field has
+been seen) and refuses a field none of them has. After stage 1 and before any unit is
+written, :func:`check_result` refuses an empty corpus, a ``--partition-by`` field no document has
 (unless ``allow_missing_partition``), zero base units, and more than half the training
 tokens dropped as remainders. A refusal removes the unfinished run's temp dir. Used by
 :mod:`.preprocess`.
@@ -18,6 +23,8 @@ if TYPE_CHECKING:
     from megablocks_ablate.data.preprocess import PreprocessConfig
 
 Plan = dict[str, list[tuple[str, dict]]]  # partition key -> its stage-1 pieces
+PEEK_DOCS_PER_FILE = 100
+PEEK_DOCS_TOTAL = 10_000
 
 
 def _name_inputs(files: list[str]) -> str:
@@ -37,6 +44,48 @@ def _first_fields(files: list[str], text_key: str) -> str:
         except MBAError:
             return ""
     return ""
+
+
+def _peek_fields(files: list[str], fields: list[str], text_key: str) -> tuple[set, list, int]:
+    """Read the inputs' first documents until every field in ``fields`` has a value:
+    (fields still missing, the first document's fields, documents read)."""
+    from megablocks_ablate.data.jsonl import iter_jsonl
+    from megablocks_ablate.data.partition import has_value
+
+    missing, first, read = set(fields), [], 0
+    for path in files:
+        try:
+            for n, (_, rec) in enumerate(iter_jsonl(path, text_key=text_key, on_bad_line="skip")):
+                first = first if read else sorted(rec)
+                missing = {f for f in missing if not has_value(rec, f)}
+                read += 1
+                if not missing or read >= PEEK_DOCS_TOTAL or n + 1 >= PEEK_DOCS_PER_FILE:
+                    break
+        except MBAError:
+            continue  # unreadable: stage 1 reports it, naming the line
+        if not missing or read >= PEEK_DOCS_TOTAL:
+            break
+    return missing, first, read
+
+
+def check_partition_fields(cfg: PreprocessConfig, files: list[str]) -> None:
+    """Refuse, before anything is written, a ``--partition-by`` field that none of the
+    inputs' first documents has (see the module docstring), naming the field, the
+    inputs and the first document's fields. Nothing read (an empty corpus) is left to
+    the checks after stage 1."""
+    if cfg.allow_missing_partition or not cfg.partition_by:
+        return
+    missing, first, read = _peek_fields(files, list(cfg.partition_by), cfg.text_key)
+    if not missing or not read:
+        return
+    f = next(f for f in cfg.partition_by if f in missing)
+    raise ConfigError(
+        f"--partition-by {f}: no document of {_name_inputs(files)} has a field {f!r} (read "
+        f"the first {read:,}: up to {PEEK_DOCS_PER_FILE} from the start of each file), so "
+        f"they would land in partition 'NA' (the first document has fields: "
+        f"{', '.join(first)}); nothing was changed: check the field name or pass "
+        "--allow-missing-partition to accept this"
+    )
 
 
 def _check_corpus(cfg: PreprocessConfig, files: list[str], records: list[dict]) -> None:
