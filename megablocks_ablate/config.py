@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import enum
 import importlib.resources
+import math
 import os
 import re
 import types
@@ -158,14 +159,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return _coerce_float(value, path)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -173,6 +167,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def _coerce_float(value: Any, path: str) -> float:
+    """A finite number (``nan``/``inf`` refused, naming the field)."""
+    x: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        x = float(value)
+    elif isinstance(value, str):  # YAML reads "1e-4" as a string
+        with contextlib.suppress(ValueError):
+            x = float(value)
+    if x is None:
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not math.isfinite(x):
+        raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+    return x
 
 
 def _to_plain(value: Any) -> Any:
@@ -246,6 +255,14 @@ def known_presets(preset_dir: str | os.PathLike) -> list[str]:
     return sorted(f[:-5] for f in names if f.endswith(".yaml") and not f.startswith("_"))
 
 
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: ``invalid YAML at line 3, column 5: <problem>``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    return f"invalid YAML{at}: {' '.join(str(problem).split())}"
+
+
 def _read_mapping(path: str) -> dict:
     """The top-level mapping of one YAML file (errors name the file)."""
     try:
@@ -254,7 +271,7 @@ def _read_mapping(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: {yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     return data

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from megablocks_ablate.utils import cli_types as ct
+
 MANPAGES_OUT = "demo_manpages_out"
 PROPORTIONS_PARTITIONS = 4  # demo --proportions: seq models of 4 units' budget each
 
@@ -51,18 +53,22 @@ def _budget_args(p: argparse.ArgumentParser, d) -> None:
     p.add_argument(
         "--unit-tokens",
         default=d.unit_tokens,
+        type=ct.count_text(1),
         help=f"base unit size = unit-model budget (default: {d.unit_tokens})",
     )
     p.add_argument(
         "--unit-passes",
-        type=int,
+        type=ct.positive_int,
         default=d.unit_passes,
         help="passes over its base unit per unit model: the unit budget is "
         f"passes x --unit-tokens, a seq model's k x that (default: {d.unit_passes}; "
         "the paper: ~3.5)",
     )
     p.add_argument(
-        "--seed-tokens", default=d.seed_tokens, help=f"seed-model budget (default: {d.seed_tokens})"
+        "--seed-tokens",
+        default=d.seed_tokens,
+        type=ct.count_text(1),
+        help=f"seed-model budget (default: {d.seed_tokens})",
     )
 
 
@@ -109,13 +115,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'general' text; with --corpus: the whole corpus)",
     )
     _budget_args(p, d)
-    p.add_argument("--k", type=int, default=d.k, help=f"partitions per mixture (default: {d.k})")
     p.add_argument(
-        "--n-seq", type=int, default=d.n_seq, help=f"seq validation models (default: {d.n_seq})"
+        "--k", type=ct.positive_int, default=d.k, help=f"partitions per mixture (default: {d.k})"
+    )
+    p.add_argument(
+        "--n-seq",
+        type=ct.nonneg_int,
+        default=d.n_seq,
+        help=f"seq validation models (default: {d.n_seq})",
     )
     p.add_argument(
         "--max-partitions",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="use only the first N partitions (a smaller, faster study)",
     )
@@ -126,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--heldout-fraction",
-        type=float,
+        type=ct.fraction_from_zero,
         default=None,
         help=f"documents held out per partition as its evaluation domain (default: "
         f"{d.heldout_fraction}; with --builtin manpages {MANPAGES_HELDOUT_FRACTION}; "
@@ -134,13 +145,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=ct.positive_int,
         default=d.vocab_size,
         help=f"tokenizer pieces (default: {d.vocab_size})",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=ct.positive_int,
         default=d.workers,
         help="worker processes for preprocessing and, on CPU, for training the unit and "
         f"seq models and scoring them side by side (default: {d.workers})",

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megablocks_ablate.utils import cli_types as ct
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -61,14 +63,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stride",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="labels scored per window after the first (default: max length, "
         "non-overlapping windows); smaller = sliding windows with more context",
     )
     p.add_argument(
         "--max-len",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="window length (default: the sequence length each model was trained at, its "
         "lineage's trained_seq_len); longer is refused unless --beyond-trained-context",
@@ -81,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--batch-tokens",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="padded tokens per forward pass (default 16384)",
     )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+from megablocks_ablate.utils import cli_types as ct
+
 # flag -> (config field, kind); kind "list" flags may repeat or take comma lists
 _FLAGS = [
     ("--input", "input", "list", "input JSONL file(s) or glob(s); repeatable"),
@@ -40,6 +42,16 @@ _FLAGS = [
     ("--on-bad-line", "on_bad_line", "str", "error|skip invalid lines (default: error)"),
     ("--workers", "workers", "int", "tokenization processes (default: 1)"),
 ]
+# each flag's parse-time check (docs/reliability.md "One line for every bad argument");
+# the rest are paths, keys and names, checked when read
+_TYPES = {
+    "--partition-by": ct.nonempty_csv,
+    "--unit-tokens": ct.count_text(1),
+    "--heldout-fraction": ct.fraction_from_zero,
+    "--heldout-min-docs": ct.nonneg_int,
+    "--workers": ct.positive_int,
+}
+_CHOICES = {"--remainder": ("drop", "keep"), "--on-bad-line": ("error", "skip")}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,10 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML file with preprocess settings")
     for flag, _field, kind, help_ in _FLAGS:
+        checks = {"type": _TYPES[flag]} if flag in _TYPES else {}
+        if flag in _CHOICES:
+            checks["choices"] = _CHOICES[flag]
         if kind == "list":
-            p.add_argument(flag, action="append", help=help_)
+            p.add_argument(flag, action="append", help=help_, **checks)
         else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(kind, str), help=help_)
+            p.add_argument(flag, help=help_, **checks)
     p.add_argument(
         "--overwrite", action="store_true", help="replace output made with other settings"
     )
@@ -72,7 +87,7 @@ def build_config(args: argparse.Namespace):
     """Defaults < --config YAML < flags < key=value overrides."""
     import yaml
 
-    from megablocks_ablate.config import apply_overrides
+    from megablocks_ablate.config import apply_overrides, yaml_error_line
     from megablocks_ablate.data.preprocess import PreprocessConfig
     from megablocks_ablate.errors import ConfigError
 
@@ -83,6 +98,10 @@ def build_config(args: argparse.Namespace):
                 data = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f"{args.config}: cannot read config: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{args.config}: {yaml_error_line(e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of preprocess settings")
     for _flag, field, kind, _ in _FLAGS:
         value = getattr(args, field)
         if value is None:

@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from megablocks_ablate.utils import cli_types as ct
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -78,7 +80,7 @@ def _window_args(p: argparse.ArgumentParser) -> None:
     that scores models."""
     p.add_argument(
         "--max-len",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="evaluation: window length (default: the sequence length the study's unit "
         "and seq models were trained at); longer is refused unless --beyond-trained-context",
@@ -98,16 +100,6 @@ def _add_plan(actions: argparse._SubParsersAction) -> None:
         "--print-config", action="store_true", help="print the resolved spec as YAML and exit"
     )
     plan.set_defaults(func=run_plan)
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
-    return n
 
 
 def _add_run(actions: argparse._SubParsersAction) -> None:
@@ -131,13 +123,13 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     run.add_argument(
         "--batch-tokens",
-        type=int,
+        type=ct.positive_int,
         default=16384,
         help="evaluation: padded tokens per forward (default 16384)",
     )
     run.add_argument(
         "--stride",
-        type=int,
+        type=ct.positive_int,
         default=None,
         help="evaluation: sliding-window stride (default: non-overlapping windows)",
     )
@@ -145,7 +137,7 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
     _pool_args(run)
     run.add_argument(
         "--cpu-workers",
-        type=_at_least_one,
+        type=ct.at_least_one,
         default=1,
         metavar="N",
         help="one CPU process: train the unit/seq models and score models and mixtures "
@@ -172,12 +164,12 @@ def _add_report(actions: argparse._SubParsersAction) -> None:
     report.add_argument("--out", help="report directory (default: report/ beside the store)")
     report.add_argument(
         "--bootstrap",
-        type=int,
+        type=ct.positive_int,
         default=1000,
         help="bootstrap resamples for confidence intervals (default 1000)",
     )
-    report.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    report.add_argument("--top-k", type=int, default=3, help="k of the top-k agreement")
+    report.add_argument("--seed", type=ct.nonneg_int, default=0, help="bootstrap seed")
+    report.add_argument("--top-k", type=ct.positive_int, default=3, help="k of the top-k agreement")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG scatter plots")
     report.set_defaults(func=run_report)
 
@@ -188,14 +180,17 @@ def _add_search(actions: argparse._SubParsersAction) -> None:
         help="beam search for the best k-mixture, merging and evaluating mixtures not yet scored",
     )
     _spec_args(search)
-    search.add_argument("--k", type=int, required=True, help="partitions in the mixture")
+    search.add_argument(
+        "--k", type=ct.positive_int, required=True, help="partitions in the mixture"
+    )
     search.add_argument("--proxy", default="macro", choices=["merged", "macro", "micro"])
     search.add_argument(
         "--domains",
+        type=ct.nonempty_csv,
         help="comma-separated evaluation domains to optimise "
         "(default: all; the score is their geometric-mean perplexity)",
     )
-    search.add_argument("--beam", type=int, default=4, help="beam width (1 = greedy)")
+    search.add_argument("--beam", type=ct.positive_int, default=4, help="beam width (1 = greedy)")
     _window_args(search)
     _pool_args(search)
     search.set_defaults(func=run_search)
@@ -210,6 +205,7 @@ def _add_export(actions: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--mixture",
         required=True,
+        type=ct.mixture,
         help="comma-separated partitions of the study, e.g. docs,core,gui, or a proportion "
         "blend of them, e.g. docs=0.5,core=0.3,gui=0.2",
     )
@@ -231,24 +227,36 @@ def _add_optimize(actions: argparse._SubParsersAction) -> None:
     )
     _spec_args(opt)
     opt.add_argument(
-        "--over", help="comma-separated partitions to blend (default: every partition)"
+        "--over",
+        type=ct.nonempty_csv,
+        help="comma-separated partitions to blend (default: every partition)",
     )
     opt.add_argument(
         "--domains",
+        type=ct.nonempty_csv,
         help="comma-separated evaluation domains of the geometric-mean perplexity "
         "objective (default: all)",
     )
     opt.add_argument(
         "--domain-weights",
+        type=ct.name_weights,
         help="instead: minimise the weighted mean loss, e.g. docs=2,core=1 (nats/token)",
     )
     opt.add_argument("--proxy", default="macro", choices=["merged", "macro", "micro"])
-    opt.add_argument("--budget", type=int, default=40, help="most merges to evaluate (40)")
     opt.add_argument(
-        "--step", type=float, default=0.2, help="first share moved between partitions (0.2)"
+        "--budget", type=ct.positive_int, default=40, help="most merges to evaluate (40)"
     )
     opt.add_argument(
-        "--min-share", type=float, default=0.0, help="floor on every partition's share (0)"
+        "--step",
+        type=ct.fraction_to_one,
+        default=0.2,
+        help="first share moved between partitions (0.2)",
+    )
+    opt.add_argument(
+        "--min-share",
+        type=ct.fraction_from_zero,
+        default=0.0,
+        help="floor on every partition's share (0)",
     )
     opt.add_argument(
         "--no-regression", action="store_true", help="skip the RegMix-style regression"

@@ -10,15 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _count(value: str) -> int:
-    from megablocks_ablate.config import parse_count
-    from megablocks_ablate.errors import ConfigError
-
-    try:
-        return parse_count(value)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+from megablocks_ablate.utils import cli_types as ct
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="GLOB",
         help="JSONL files (.gz/.zst ok) or plain .txt files; globs are expanded",
     )
-    t.add_argument("--vocab-size", type=_count, required=True, help="pieces, e.g. 32000 or 32k")
+    t.add_argument(
+        "--vocab-size", type=ct.count(1), required=True, help="pieces, e.g. 32000 or 32k"
+    )
     t.add_argument(
         "--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab"
     )
@@ -47,19 +41,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
     t.add_argument(
         "--max-documents",
-        type=_count,
+        type=ct.count(0),
         default=200_000,
         help="documents in the training sample (default 200000; 0 = all)",
     )
-    t.add_argument("--character-coverage", type=float, default=0.9999)
+    t.add_argument(
+        "--character-coverage",
+        type=ct.fraction_to_one,
+        default=0.9999,
+        help="share of characters the pieces cover, in (0, 1] (default 0.9999)",
+    )
     t.add_argument(
         "--no-byte-fallback",
         dest="byte_fallback",
         action="store_false",
         help="map unknown characters to <unk> instead of UTF-8 byte pieces",
     )
-    t.add_argument("--threads", type=int, default=2, help="SentencePiece trainer threads")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--threads", type=ct.positive_int, default=2, help="SentencePiece trainer threads"
+    )
+    t.add_argument("--seed", type=ct.nonneg_int, default=0)
     t.set_defaults(func=run_train)
 
     i = tsub.add_parser("info", help="print kind, vocab size, EOD id and fingerprint as JSON")

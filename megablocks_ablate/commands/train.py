@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from megablocks_ablate.utils import cli_types as ct
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--unit-index",
-        type=int,
+        type=ct.nonneg_int,
         help="train the i-th base unit of the manifest (sets data.unit; for Slurm job arrays)",
     )
     p.add_argument(
@@ -54,9 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--devices",
         default="auto",
+        type=ct.devices,
         help="auto (every GPU, else one CPU slot), GPU indices like 0,1,2, or cpu:N (N CPU slots)",
     )
-    q.add_argument("--units", help="comma-separated units (default: every unit of the manifest)")
+    q.add_argument(
+        "--units",
+        type=ct.nonempty_csv,
+        help="comma-separated units (default: every unit of the manifest)",
+    )
     q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     q.set_defaults(func=run_pool)
 

@@ -269,20 +269,23 @@ def test_cli_preprocess(tmp_path, tiny_corpus, sp_model_path, capsys):
     )
     assert rc == 2
     assert "no such file" in capsys.readouterr().err
-    rc = cli_main(
-        [
-            "preprocess",
-            "--input",
-            tiny_corpus,
-            "--tokenizer",
-            sp_model_path,
-            "--out",
-            str(tmp_path / "y"),
-            "--workers",
-            "0",
-        ]
-    )
-    assert rc == 2 and "workers: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before anything runs
+        cli_main(
+            [
+                "preprocess",
+                "--input",
+                tiny_corpus,
+                "--tokenizer",
+                sp_model_path,
+                "--out",
+                str(tmp_path / "y"),
+                "--workers",
+                "0",
+            ]
+        )
+    assert e.value.code == 2
+    assert "--workers: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "y")
 
 
 @pytest.mark.integration
@@ -473,10 +476,13 @@ def test_bad_unit_tokens_says_what_a_count_looks_like(
 ):
     args = ["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path]
     args += ["--out", str(tmp_path / "o"), "--unit-tokens", value]
-    assert cli_main(args) == 2
-    err = capsys.readouterr().err
-    assert err == (
-        f"error: unit_tokens: expected a token count like 50M, 1.5B or 200000, got {value!r}\n"
+    with pytest.raises(SystemExit) as e:  # refused by argparse, before anything runs
+        cli_main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        "megablocks-ablate preprocess: error: argument --unit-tokens: expected a count "
+        f"like 32000, 32k or 1.5M (>= 1), got {value!r}"
     )
     assert not os.path.exists(tmp_path / "o")
 
