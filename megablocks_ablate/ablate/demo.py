@@ -317,9 +317,12 @@ def run_demo(s: DemoSettings) -> int:
     )
 
     runner = StudyRunner(study, RunOptions(cpu_workers=s.workers))
-    plan = runner.train()
-    _step(5, 6, "seed, unit and seq models trained; evaluating", t0)
-    runner.evaluate(plan)
+    try:
+        plan = runner.train()
+        _step(5, 6, "seed, unit and seq models trained; evaluating", t0)
+        runner.evaluate(plan)
+    finally:
+        runner.close()
     with ResultStore(store_path(study.spec.out_dir)) as store:
         summary = write_report(store, os.path.join(study.spec.out_dir, "report"))
         spent = store.get_meta("spent", {})

@@ -93,7 +93,10 @@ def _ce_chunk_torch(
         dz[torch.arange(dz.shape[0], device=dz.device), safe] -= 1.0
         if scale != 1.0:
             dz.mul_(scale)
-        dz.masked_fill_(~valid[:, None], 0.0)
+        # Zero the ignored rows. On CPU (no sync to fear) a chunk with none skips the
+        # pass over the whole [rows, vocab] block: same bits, ~4% of a small model's step.
+        if dz.device.type != "cpu" or not bool(valid.all()):
+            dz.masked_fill_(~valid[:, None], 0.0)
         logits.copy_(dz)
     return nll
 

@@ -53,7 +53,7 @@ from megablocks_ablate.ablate.runner.scoring import (
     study_window,
 )
 from megablocks_ablate.ablate.runner.training import spent_tokens, train_models
-from megablocks_ablate.ablate.runner.workers import score_in_workers, use_workers
+from megablocks_ablate.ablate.runner.workers import WorkerPool, score_in_workers, use_workers
 from megablocks_ablate.ablate.search import SearchResult
 from megablocks_ablate.ablate.spec import Study
 from megablocks_ablate.ablate.store import ResultStore, store_path
@@ -111,6 +111,9 @@ class StudyRunner:
         self.planner = Planner(study, Registry(self.opt.registry or self.out_dir))
         self._owns_group = not (dist.is_available() and dist.is_initialized())
         self.env: DistEnv = init_distributed(self.opt.device)
+        # one CPU process with cpu_workers > 1: worker processes for training and scoring
+        use = use_workers(self.opt.cpu_workers, self.env.world_size, self.env.device)
+        self.workers = WorkerPool(self.opt.cpu_workers) if use else None
         if self.env.is_main:
             self._claim_dirs()
 
@@ -137,7 +140,10 @@ class StudyRunner:
 
     def close(self, clean: bool = True) -> None:
         """Tear down the process group if this runner created it (after a barrier when
-        every rank finished cleanly: gloo aborts a process that leaves mid-collective)."""
+        every rank finished cleanly: gloo aborts a process that leaves mid-collective),
+        and end the worker processes if any were started."""
+        if self.workers is not None:
+            self.workers.close()
         if self._owns_group and dist.is_available() and dist.is_initialized():
             if clean:
                 dist.barrier()
@@ -165,7 +171,7 @@ class StudyRunner:
         )
 
     def train(self) -> RunPlan:
-        return train_models(self.planner, self.env, self.opt.cpu_workers)
+        return train_models(self.planner, self.env, self.workers)
 
     def scorer(
         self, group: object | None = None, pool_group: object | None = None, writes: bool = True
@@ -204,12 +210,12 @@ class StudyRunner:
                 store.set_meta("study", self.study.to_meta())
                 store.add_mixtures(self.study.mixtures)
         barrier()
-        if use_workers(self.opt.cpu_workers, self.env.world_size, self.env.device):
+        if self.workers is not None:
             options = self.score_options()
             # the tokenizer check and the evaluation cache, once, before the workers start
             load_suite(self.study, self.planner.manifest, options, self.window)
             n = score_in_workers(
-                self.study, self.planner.manifest, options, plan, path, self.opt.cpu_workers
+                self.study, self.planner.manifest, options, plan, path, self.workers
             )
             logger.info("[eval] %d merged models evaluated", n)
         else:

@@ -15,7 +15,7 @@ import logging
 import os
 
 from megablocks_ablate.ablate.runner.plan import ModelJob, Planner, RunPlan
-from megablocks_ablate.ablate.runner.workers import train_in_workers, use_workers
+from megablocks_ablate.ablate.runner.workers import WorkerPool, train_in_workers
 from megablocks_ablate.errors import MBAError
 from megablocks_ablate.train.config import TrainConfig
 from megablocks_ablate.train.distributed import DistEnv, barrier
@@ -52,11 +52,11 @@ def train_one(cfg: TrainConfig, env: DistEnv, what: str) -> None:
             ) from None
 
 
-def train_models(planner: Planner, env: DistEnv, cpu_workers: int = 1) -> RunPlan:
+def train_models(planner: Planner, env: DistEnv, workers: WorkerPool | None = None) -> RunPlan:
     """Train what the plan is missing; returns the plan of the finished study.
 
-    ``cpu_workers`` > 1 on a single CPU process: the unit and seq models (independent
-    once the seed exists) train in that many worker processes (:mod:`.workers`)."""
+    ``workers`` (one CPU process with ``cpu_workers`` > 1): the unit and seq models,
+    independent once the seed exists, train in its worker processes (:mod:`.workers`)."""
 
     plan = planner.plan()
     if plan.seed_job is not None:
@@ -74,8 +74,8 @@ def train_models(planner: Planner, env: DistEnv, cpu_workers: int = 1) -> RunPla
             {"kind": job.kind, "name": job.name, "weights": job.weights, "seed": plan.seed_dir},
         )
 
-    if len(todo) > 1 and use_workers(cpu_workers, env.world_size, env.device):
-        train_in_workers(todo, cpu_workers, train_one, record)
+    if workers is not None and len(todo) > 1:
+        train_in_workers(todo, workers, train_one, record)
         return plan
     for i, job in enumerate(todo):
         train_one(job.cfg, env, f"{job.kind} model {i + 1}/{len(todo)} ({job.name})")

@@ -67,14 +67,29 @@ def _init_worker(threads: int, log_level: int) -> None:
     setup_logging(logging.getLevelName(max(log_level, logging.WARNING)))
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
-    level = logging.getLogger("megablocks_ablate").getEffectiveLevel()
-    return ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=mp.get_context("spawn"),  # never fork a process holding torch threads
-        initializer=_init_worker,
-        initargs=(threads_per_worker(workers), level),
-    )
+class WorkerPool:
+    """``workers`` spawned processes, started on first use and kept for both training
+    and scoring (a worker's start, importing torch, is paid once); :meth:`close` ends them."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+
+    def executor(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            level = logging.getLogger("megablocks_ablate").getEffectiveLevel()
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp.get_context("spawn"),  # never fork a process holding threads
+                initializer=_init_worker,
+                initargs=(threads_per_worker(self.workers), level),
+            )
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
 
 def _collect(futures: dict[Future, object], on_done: Callable[[object, object], None]) -> None:
@@ -105,19 +120,18 @@ def _timed(train: TrainOne, cfg: TrainConfig, what: str) -> float:
 
 def train_in_workers(
     jobs: Sequence[ModelJob],
-    workers: int,
+    pool: WorkerPool,
     train: TrainOne,
     on_trained: Callable[[ModelJob], None],
 ) -> None:
-    """Train ``jobs`` (independent models) in ``workers`` processes with ``train``
+    """Train ``jobs`` (independent models) in ``pool``'s processes with ``train``
     (:func:`.training.train_one`, a module-level function, so it pickles by name);
     ``on_trained(job)`` runs in this process as each completes."""
-    n = min(workers, len(jobs))
     logger.info(
         "[train] %d models in %d worker processes, %d thread(s) each",
         len(jobs),
-        n,
-        threads_per_worker(n),
+        pool.workers,
+        threads_per_worker(pool.workers),
     )
     finished = 0
 
@@ -129,12 +143,12 @@ def train_in_workers(
         on_trained(job)
         logger.info("[train] %d/%d done: %s (%.0f s)", finished, len(jobs), what, seconds)
 
-    with _pool(n) as ex:
-        futures: dict[Future, object] = {}
-        for i, job in enumerate(jobs):
-            what = f"{job.kind} model {i + 1}/{len(jobs)} ({job.name})"
-            futures[ex.submit(_timed, train, job.cfg, what)] = (job, what)
-        _collect(futures, done)
+    ex = pool.executor()
+    futures: dict[Future, object] = {}
+    for i, job in enumerate(jobs):
+        what = f"{job.kind} model {i + 1}/{len(jobs)} ({job.name})"
+        futures[ex.submit(_timed, train, job.cfg, what)] = (job, what)
+    _collect(futures, done)
 
 
 # -------------------------------------------------------------------------- scoring
@@ -167,10 +181,12 @@ def score_in_workers(
     options: ScoreOptions,
     plan: RunPlan,
     store: str,
-    workers: int,
+    pool: WorkerPool,
 ) -> int:
-    """Score every model and mixture of ``plan`` in ``workers`` processes (the store's
-    meta and the evaluation cache are the caller's to prepare); returns merges evaluated."""
+    """Score every model and mixture of ``plan`` in ``pool``'s processes, one share each
+    (the store's meta and the evaluation cache are the caller's to prepare); returns
+    merges evaluated."""
+    workers = pool.workers
     logger.info(
         "[eval] scoring in %d worker processes, %d thread(s) each",
         workers,
@@ -183,10 +199,10 @@ def score_in_workers(
         assert isinstance(n, int)
         merged += n
 
-    with _pool(workers) as ex:
-        futures: dict[Future, object] = {
-            ex.submit(_score_share, study, manifest, options, plan, store, i, workers): i
-            for i in range(workers)
-        }
-        _collect(futures, done)
+    ex = pool.executor()
+    futures: dict[Future, object] = {
+        ex.submit(_score_share, study, manifest, options, plan, store, i, workers): i
+        for i in range(workers)
+    }
+    _collect(futures, done)
     return merged
