@@ -89,7 +89,7 @@ def check_partition_fields(cfg: PreprocessConfig, files: list[str]) -> None:
 
 
 def _check_corpus(cfg: PreprocessConfig, files: list[str], records: list[dict]) -> None:
-    """Refuse an empty corpus, and a --partition-by field that no document has."""
+    """Refuse an empty corpus, and a --partition-by or --order-by field no document has."""
     lines = sum(r["documents_read"] for r in records)
     bad = sum(n for r in records for n in r["bad_lines"].values())
     if lines - bad <= 0:
@@ -97,6 +97,14 @@ def _check_corpus(cfg: PreprocessConfig, files: list[str], records: list[dict]) 
         raise DataFormatError(
             f"no documents to preprocess: the input(s) {_name_inputs(files)} hold no "
             f"JSONL documents{skipped}; check --input"
+        )
+    counted = all("order_present" in r for r in records)  # (older stage 1s did not count)
+    if cfg.order_by and counted and not sum(r["order_present"] for r in records):
+        raise ConfigError(
+            f"--order-by {cfg.order_by}: no document of {_name_inputs(files)} has a field "
+            f"{cfg.order_by!r}, so base units would keep the input order"
+            f"{_first_fields(files, cfg.text_key)}; check the field name, or leave "
+            "--order-by out to keep the input order"
         )
     if cfg.allow_missing_partition or any("fields_present" not in r for r in records):
         return  # (records of an older stage 1 do not count fields: nothing to check)

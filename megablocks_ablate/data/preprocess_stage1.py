@@ -91,7 +91,12 @@ class _FileStage:
         self.reserve = reserve  # candidates kept per partition for the held-out minimum
         os.makedirs(directory, exist_ok=True)
         self.parts: dict[str, dict] = {}
-        self.stats: dict[str, Any] = {"documents_read": 0, "bad_lines": {}, "fields_present": {}}
+        self.stats: dict[str, Any] = {
+            "documents_read": 0,
+            "bad_lines": {},
+            "fields_present": {},
+            "order_present": 0,
+        }
 
     def _part(self, key: str) -> dict:
         p = self.parts.get(key)
@@ -119,6 +124,7 @@ class _FileStage:
         ``lines`` are the batch's raw lines (the reserve's come from them)."""
         assert res.lengths is not None and res.tokens is not None  # set by process_batch
         self.stats["documents_read"] += res.n_read
+        self.stats["order_present"] += res.order_present
         for counts, new in (
             (self.stats["bad_lines"], res.bad_lines),
             (self.stats["fields_present"], res.fields_present),

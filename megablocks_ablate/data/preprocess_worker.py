@@ -54,6 +54,8 @@ class BatchResult:
     bad_lines: dict[str, int] = field(default_factory=dict)
     # per --partition-by field: documents that have a value for it (the rest go to "NA")
     fields_present: dict[str, int] = field(default_factory=dict)
+    # documents with a value for --order-by (none at all: a misspelt field)
+    order_present: int = 0
 
 
 @dataclass
@@ -147,6 +149,8 @@ def process_batch(task: tuple[str, list[tuple[int, bytes]]]) -> BatchResult:
             continue
         if keep:
             candidates.setdefault(part, []).append((h, len(res.train_partition), i))
+        if s.order_by and has_value(rec, s.order_by):
+            res.order_present += 1
         cls, num, string = order_value(rec, s.order_by)
         res.train_partition.append(part)
         res.order_class.append(cls)

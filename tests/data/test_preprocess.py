@@ -352,6 +352,23 @@ def _nothing_left(out) -> None:
         assert not os.path.exists(out / sub), sub
 
 
+def test_order_field_absent_from_every_document(tmp_path, tiny_corpus, sp_model_path, capsys):
+    """--order-by yaer (misspelt): refused in one line, nothing left; year is accepted."""
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError) as exc:
+        run_preprocess(_config(tiny_corpus, out, sp_model_path, order_by="yaer"))
+    msg = str(exc.value)
+    assert msg.startswith(f"--order-by yaer: no document of {tiny_corpus} has a field 'yaer'")
+    assert "the first document has fields: fos, id, text, year" in msg
+    _nothing_left(out)
+    args = ["preprocess", "--input", tiny_corpus, "--tokenizer", sp_model_path]
+    assert cli_main(args + ["--order-by", "yaer", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --order-by yaer: ") and err.count("\n") == 1
+    _nothing_left(out)
+    assert cli_main(args + ["--order-by", "year", "--out", str(out)]) == 0
+
+
 @pytest.fixture(scope="module")
 def partition_tokens(tmp_path_factory, tiny_corpus, sp_model_path) -> dict[str, int]:
     """Training tokens per partition of the tiny corpus under ``_config`` settings."""
