@@ -105,3 +105,41 @@ def test_a_diverged_model_in_a_worker_stops_the_study_naming_it(base, tmp_path, 
     assert "unit model " in err and "diverged" in err and "Traceback" not in err
     assert "models already trained are kept" in err
     assert not os.path.exists(str(tmp_path / "study" / "results.sqlite"))
+
+
+def test_killing_the_run_ends_its_workers_and_a_rerun_resumes(base, tmp_path):
+    """SIGKILL to the `study run` process alone: its workers exit within seconds (they
+    do not train on for nobody), and a rerun finishes with the serial run's rows."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    spec, _, _ = base
+    path = _study(base, tmp_path)
+    env = dict(os.environ, MBA_NO_PROGRESS="1", MBA_TRAIN_STEP_DELAY="0.3")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megablocks_ablate", "study", "run", path, "--cpu-workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    deadline = time.time() + 120
+    workers: list[psutil.Process] = []
+    while len(workers) < 2:  # both workers started and training
+        assert proc.poll() is None and time.time() < deadline
+        workers = psutil.Process(proc.pid).children()
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, [p.pid for p in alive]
+    run_study(resolve(StudySpec.load(path)), RunOptions(cpu_workers=2))
+    got = rows(str(tmp_path / "study" / "results.sqlite"))
+    want = rows(os.path.join(spec["out_dir"], "results.sqlite"))
+    assert set(got) == set(want)
+    for k, (nll, tok) in want.items():
+        assert got[k][1] == tok and got[k][0] == pytest.approx(nll, rel=2e-3), k

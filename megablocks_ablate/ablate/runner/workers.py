@@ -57,14 +57,31 @@ def use_workers(workers: int, world_size: int, device: torch.device) -> bool:
     return workers > 1 and world_size == 1 and device.type == "cpu"
 
 
-def _init_worker(threads: int, log_level: int) -> None:
+PARENT_POLL_S = 1.0  # how often a worker checks that the run that started it is alive
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker outlives a killed parent otherwise (SIGKILL, or SIGTERM to the parent
+    alone), training on for nobody; once reparented it exits at once, as if killed (the
+    model it was training resumes from its last checkpoint on the next run)."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _init_worker(threads: int, log_level: int, parent: int) -> None:
     """Runs first in every worker: its thread count, quiet progress, the parent's log level
-    (a worker's INFO lines would interleave; the parent reports each model instead)."""
+    (a worker's INFO lines would interleave; the parent reports each model instead), and
+    a watch on the parent."""
+    import threading
+
     from megablocks_ablate.utils.log import setup_logging
 
     os.environ["MBA_NO_PROGRESS"] = "1"
     torch.set_num_threads(threads)
     setup_logging(logging.getLevelName(max(log_level, logging.WARNING)))
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 class WorkerPool:
@@ -82,7 +99,7 @@ class WorkerPool:
                 max_workers=self.workers,
                 mp_context=mp.get_context("spawn"),  # never fork a process holding threads
                 initializer=_init_worker,
-                initargs=(threads_per_worker(self.workers), level),
+                initargs=(threads_per_worker(self.workers), level, os.getpid()),
             )
         return self._executor
 
