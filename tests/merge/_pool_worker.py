@@ -92,6 +92,7 @@ def delta_modes(ckpts, host_dir, seed_dir, info, results):
         seed=seed,
     )
     info["host_delta_created"] = [f.created for f in [*staged.files, staged.base_file]]
+    dist.barrier()  # both ranks have mapped every file before either can close (and remove) it
     results["host-bf16-delta-staged"] = merges(staged)
     staged.close()
     pool, choice = open_pool(
