@@ -26,7 +26,6 @@ import enum
 import importlib.resources
 import math
 import os
-import re
 import types
 import typing
 from collections.abc import Iterable
@@ -46,11 +45,9 @@ import yaml
 
 from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.utils.atomic import atomic_write_text
+from megablocks_ablate.utils.cli_types import parse_count_text
 
 C = TypeVar("C", bound="Config")
-
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtTbB]?)\s*$")
-_SIZE_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 
 
 def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -79,10 +76,7 @@ def parse_count(value: Any, name: str = "value") -> int:
     elif isinstance(value, float) and value.is_integer():
         n = int(value)
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            f = float(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
-            n = int(f) if f.is_integer() else None
+        n = parse_count_text(value)  # the one count grammar (the CLI's too)
     if n is None or n < 0:
         raise ConfigError(f"{name}: {_COUNT_HINT}, got {value!r}")
     return n

@@ -7,9 +7,8 @@ checkpoint from a path the user gave calls :func:`resolve_checkpoint_dir` first,
 ``eval --model runs/seed`` means ``runs/seed/final``; an unfinished run is refused,
 naming its latest step checkpoint.
 
-The names below are the trainer's (``train.state``: ``COMPLETE_FILE``, ``FINAL_DIR``,
-``CHECKPOINTS_DIR``, its step pattern); this package may not import ``train``, so they
-are repeated here and ``tests/checkpoint/test_run_dir.py`` checks that they agree.
+The names below are the one definition of a run directory's layout: the trainer
+(``train.state``) imports them, since this package may not import ``train``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ RUN_COMPLETE_FILE = "COMPLETE.json"  # written last by the trainer: training fin
 RUN_FINAL_DIR = "final"  # the trained model, a model checkpoint
 RUN_CHECKPOINTS_DIR = "checkpoints"  # resumable step checkpoints, step_<8+ digits>
 RUN_KIND = "train-run"  # the output kind `train` claims its out_dir as
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
+STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")  # a step checkpoint's directory name
 
 
 def is_run_dir(path: str) -> bool:
@@ -56,7 +55,7 @@ def latest_run_checkpoint(run_dir: str) -> str | None:
         return None
     steps = []
     for name in names:
-        m = _STEP_RE.match(name)
+        m = STEP_DIR_RE.match(name)
         if m and os.path.isdir(os.path.join(root, name)):
             steps.append((int(m.group(1)), name))
     return os.path.join(root, max(steps)[1]) if steps else None

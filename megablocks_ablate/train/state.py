@@ -48,6 +48,12 @@ from megablocks_ablate.checkpoint import (
     save_model_checkpoint,
     staged_checkpoint_dir,
 )
+from megablocks_ablate.checkpoint.run_dir import (
+    RUN_CHECKPOINTS_DIR,
+    RUN_COMPLETE_FILE,
+    RUN_FINAL_DIR,
+    STEP_DIR_RE,
+)
 from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.utils.atomic import atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_file
@@ -58,10 +64,11 @@ OPTIM_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of the run's latest start
-COMPLETE_FILE = "COMPLETE.json"
-FINAL_DIR = "final"
-CHECKPOINTS_DIR = "checkpoints"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
+# a run directory's layout, named once in checkpoint/run_dir.py (which reads run dirs)
+COMPLETE_FILE = RUN_COMPLETE_FILE
+FINAL_DIR = RUN_FINAL_DIR
+CHECKPOINTS_DIR = RUN_CHECKPOINTS_DIR
+_STEP_RE = STEP_DIR_RE
 
 # Config fields that define the loss trajectory: a checkpoint saved under other values
 # is refused on resume. Everything else (logging, checkpoint cadence, micro_batch,

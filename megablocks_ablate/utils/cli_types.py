@@ -190,8 +190,7 @@ def devices(text: str) -> str:
     return text
 
 
-# The grammar of megablocks_ablate.config.parse_count (utils may not import config;
-# tests/test_cli_options.py checks the two agree).
+# The one grammar of counts: config.parse_count (config files, overrides) uses it too.
 _COUNT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtTbB]?)\s*$")
 _COUNT_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9, "t": 10**12}
 

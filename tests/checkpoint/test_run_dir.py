@@ -54,7 +54,7 @@ def test_names_agree_with_the_trainer():
     assert rd.RUN_COMPLETE_FILE == st.COMPLETE_FILE
     assert rd.RUN_FINAL_DIR == st.FINAL_DIR
     assert rd.RUN_CHECKPOINTS_DIR == st.CHECKPOINTS_DIR
-    assert rd._STEP_RE.pattern == st._STEP_RE.pattern
+    assert rd.STEP_DIR_RE.pattern == st._STEP_RE.pattern
 
 
 def test_checkpoint_dir_is_returned_unchanged(tmp_path, caplog):
