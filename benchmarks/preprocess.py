@@ -28,8 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from megablocks_ablate.corpora.synthetic import iter_documents  # noqa: E402
 from megablocks_ablate.data.jsonl import iter_raw_lines, parse_line  # noqa: E402
-from megablocks_ablate.data.synthetic import iter_documents  # noqa: E402
 from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
     check_writable,
     command_line,
@@ -155,7 +155,7 @@ def docs_section(r: dict) -> str:
 
 `{r["command"].strip()}` on x86_64, {r["machine"]["cpus"]} cores (Python {r["machine"]["python"]}),
 load average {r["load_average_after"][0]:.2f} right after the run (the benchmark itself included).
-Corpus: {r["corpus_bytes"] / 1e6:.0f} MB of synthetic JSONL (`megablocks_ablate.data.synthetic`,
+Corpus: {r["corpus_bytes"] / 1e6:.0f} MB of synthetic JSONL (`megablocks_ablate.corpora.synthetic`,
 50,000-word Zipf lexicon, 4 fields of study, years), SentencePiece BPE with
 {r["tokenizer"]["vocab_size"]:,} pieces; `preprocess --partition-by fos --order-by year
 --unit-tokens 5M --heldout-fraction 0.01`, run in a subprocess whose whole process tree is

@@ -53,8 +53,8 @@ CACHE = os.path.join(HERE, ".cache", "train_throughput")
 def make_data(cache: str = CACHE) -> str:
     """A demo-sized corpus, tokenizer and manifest (cached under ``cache``; the GPU
     suite, benchmarks/gpu/train_step.py, passes its own scratch directory)."""
+    from megablocks_ablate.corpora.synthetic import write_corpus
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
-    from megablocks_ablate.data.synthetic import write_corpus
     from megablocks_ablate.data.tokenizer import train_sentencepiece
 
     data = os.path.join(cache, "data")

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> str:
     """A 400-document JSONL corpus over 4 fields of study with years."""
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     return write_corpus(str(path), n_docs=400, seed=1)

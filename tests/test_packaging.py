@@ -139,7 +139,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         [
             py,
             "-c",
-            "from megablocks_ablate.data.synthetic import write_corpus; "
+            "from megablocks_ablate.corpora.synthetic import write_corpus; "
             f"write_corpus({str(corpus)!r}, n_docs=400, seed=1)",
         ],
         work,

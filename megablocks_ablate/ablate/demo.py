@@ -1,9 +1,9 @@
 """The built-in demo: a complete data-ablation study on CPU, in minutes, no download.
 
 1. **corpus**: text of this machine's Python standard library
-   (:mod:`megablocks_ablate.data.stdlib_corpus`): 8 partitions (``docs`` and seven code
+   (:mod:`megablocks_ablate.corpora.stdlib`): 8 partitions (``docs`` and seven code
    families) plus a separate seed corpus; or, with ``--builtin manpages``, English prose
-   from its manual pages and package docs (:mod:`megablocks_ablate.data.manpage_corpus`):
+   from its manual pages and package docs (:mod:`megablocks_ablate.corpora.manpages`):
    8 partitions, a seed corpus and 3 out-of-domain evaluation sets (added to the study's
    ``eval.extra``); or the user's JSONL (``--corpus``) with a metadata field naming the
    partition;
@@ -99,10 +99,10 @@ def ood_sets(s: DemoSettings) -> dict[str, str]:
     if s.corpus:
         return {}
     if s.builtin == "stdlib":
-        from megablocks_ablate.data.stdlib_corpus import OOD_SET
+        from megablocks_ablate.corpora.stdlib import OOD_SET
 
         return {} if s.seed_corpus else {OOD_SET: os.path.join(s.out, "ood", f"{OOD_SET}.jsonl")}
-    from megablocks_ablate.data.manpage_corpus import OOD_SETS
+    from megablocks_ablate.corpora.manpages import OOD_SETS
 
     return {n: os.path.join(s.out, "ood", f"{n}.jsonl") for n in OOD_SETS}
 
@@ -194,7 +194,7 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
 def _stdlib_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
     """The stdlib corpus, its seed corpus and (without ``--seed-corpus``) the held-out
     seed files as the out-of-domain set, written once; returns (corpus, seed corpus)."""
-    from megablocks_ablate.data.stdlib_corpus import OOD_SET, write_corpus, write_seed_and_ood
+    from megablocks_ablate.corpora.stdlib import OOD_SET, write_corpus, write_seed_and_ood
 
     corpus = os.path.join(s.out, "corpus.jsonl")
     seed_corpus = s.seed_corpus or os.path.join(s.out, "seed.jsonl")
@@ -217,7 +217,7 @@ def _stdlib_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
 def _manpage_corpus(s: DemoSettings, t0: float) -> tuple[str, str]:
     """The manual-page corpus, its seed and its out-of-domain sets, written once (one
     build makes all of them, so they are disjoint); returns (corpus, seed corpus)."""
-    from megablocks_ablate.data.manpage_corpus import DOMAINS, write_all
+    from megablocks_ablate.corpora.manpages import DOMAINS, write_all
 
     corpus = os.path.join(s.out, "corpus.jsonl")
     seed = os.path.join(s.out, "seed.jsonl")

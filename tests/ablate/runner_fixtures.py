@@ -45,7 +45,7 @@ def write_spec(path: str, spec: dict, **changes) -> str:
 
 def tiny_study_spec(root) -> tuple[dict, str]:
     """(spec dict, spec path) of the tiny study under ``root`` (data built, nothing trained)."""
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     corpus = write_corpus(str(root / "corpus.jsonl"), n_docs=600, seed=3)
     s = tiny_settings(str(root), corpus)

@@ -45,7 +45,7 @@ TINY = [
 
 @pytest.mark.integration
 def test_demo_on_a_user_corpus_end_to_end_and_rerun(tmp_path, capsys):
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     corpus = write_corpus(str(tmp_path / "corpus.jsonl"), n_docs=600, seed=5)
     out = str(tmp_path / "demo")
@@ -90,7 +90,7 @@ def test_study_config_is_the_demo_study():
 
 
 def test_demo_k_larger_than_partitions(tmp_path, capsys):
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     corpus = write_corpus(str(tmp_path / "c.jsonl"), n_docs=200, seed=1)
     rc = cli_main(["demo", "--corpus", corpus, "--out", str(tmp_path / "d"), "--k", "4", *TINY])
@@ -124,8 +124,8 @@ def test_builtin_manpages_study_has_the_three_ood_sets(tmp_path):
     import time
 
     from megablocks_ablate.ablate.demo import _manpage_corpus
-    from megablocks_ablate.data.manpage_corpus import DOMAINS, OOD_SETS
-    from tests.data.test_manpage_corpus import make_tree
+    from megablocks_ablate.corpora.manpages import DOMAINS, OOD_SETS
+    from tests.corpora.test_manpages import make_tree
 
     extra = tmp_path / "mine.jsonl"
     extra.write_text('{"text": "an extra evaluation document"}\n')
@@ -200,7 +200,7 @@ def test_proportions_demo_checks_weighted_merges_against_seq_blends(tmp_path, ca
 
     from megablocks_ablate.ablate import mixtures as mx
     from megablocks_ablate.ablate.analysis import pearson
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     corpus = write_corpus(str(tmp_path / "corpus.jsonl"), n_docs=600, seed=5)
     out = str(tmp_path / "demo")

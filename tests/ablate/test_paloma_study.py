@@ -47,7 +47,7 @@ def _cli(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def paloma_study(tmp_path_factory):
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "evaluate"))
     from paloma_layout import corpus_texts, write_paloma

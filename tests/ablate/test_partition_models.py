@@ -30,8 +30,8 @@ pytestmark = pytest.mark.integration  # trains a whole tiny study
 @pytest.fixture(scope="module")
 def study_two_units(tmp_path_factory):
     """(spec path, finished runner): 3 partitions (2 units, 2 units, 1 unit)."""
+    from megablocks_ablate.corpora.synthetic import write_corpus
     from megablocks_ablate.data.manifest import Manifest
-    from megablocks_ablate.data.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("pstudy")
     corpus = write_corpus(str(root / "corpus.jsonl"), n_docs=600, seed=3)
@@ -130,7 +130,7 @@ def test_ind_seq_trains_the_validation_mixtures_at_the_unit_scale(tmp_path):
     """A "cross-scale" study whose target scale is the units' own (model preset tiny, the
     seed as its init_from): ind_seq then trains the same runs as seq, so its stored rows
     must equal the seq rows exactly (training is deterministic)."""
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
 
     corpus = write_corpus(str(tmp_path / "corpus.jsonl"), n_docs=600, seed=3)
     s = tiny_settings(str(tmp_path), corpus)

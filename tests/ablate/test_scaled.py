@@ -70,7 +70,7 @@ def test_scaled_rows_equal_the_moved_seed_evaluated_by_hand(tmp_path):
     from megablocks_ablate.ablate.spec import StudySpec
     from megablocks_ablate.ablate.store import ResultStore
     from megablocks_ablate.checkpoint import load_model_checkpoint
-    from megablocks_ablate.data.synthetic import write_corpus
+    from megablocks_ablate.corpora.synthetic import write_corpus
     from megablocks_ablate.evaluate import evaluate
     from megablocks_ablate.model.loading import load_model
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from megablocks_ablate.corpora.synthetic import iter_documents, write_corpus
 from megablocks_ablate.data.decontam import (
     HEADER_SIZE,
     BloomFilter,
@@ -21,7 +22,6 @@ from megablocks_ablate.data.decontam import (
     paragraphs,
 )
 from megablocks_ablate.data.jsonl import BadLineCounter
-from megablocks_ablate.data.synthetic import iter_documents, write_corpus
 from megablocks_ablate.errors import DataFormatError
 
 WORDS13 = "the quick brown fox jumps over the lazy dog while the cat sleeps"  # 13 words

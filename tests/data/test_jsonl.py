@@ -8,8 +8,8 @@ import json
 import pytest
 import zstandard
 
+from megablocks_ablate.corpora.synthetic import iter_documents, write_corpus
 from megablocks_ablate.data.jsonl import BadLineCounter, expand_inputs, iter_jsonl, iter_raw_lines
-from megablocks_ablate.data.synthetic import iter_documents, write_corpus
 from megablocks_ablate.errors import DataFormatError
 
 

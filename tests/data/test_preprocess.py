@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from megablocks_ablate.cli import main as cli_main
+from megablocks_ablate.corpora.synthetic import write_corpus
 from megablocks_ablate.data import preprocess as pp
 from megablocks_ablate.data.indexed import IndexedDataset
 from megablocks_ablate.data.manifest import Manifest
 from megablocks_ablate.data.partition import is_heldout, order_value, partition_key, split_units
 from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
-from megablocks_ablate.data.synthetic import write_corpus
 from megablocks_ablate.data.tokenizer import load_tokenizer
 from megablocks_ablate.errors import ConfigError, DataFormatError
 

@@ -7,7 +7,7 @@ import itertools
 import json
 import os
 
-from megablocks_ablate.data import stdlib_corpus as sc
+from megablocks_ablate.corpora import stdlib as sc
 
 SOURCE = '''"""Module doc."""
 

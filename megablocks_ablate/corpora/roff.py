@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from megablocks_ablate.data.roff_mdoc import MDOC_INLINE, mdoc_inline
+from megablocks_ablate.corpora.roff_mdoc import MDOC_INLINE, mdoc_inline
 
 # Named glyphs nroff prints as these characters (unknown names are dropped).
 GLYPHS = {

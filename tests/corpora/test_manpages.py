@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from megablocks_ablate.data import manpage_corpus as mc
-from megablocks_ablate.data.roff import (
+from megablocks_ablate.corpora import manpages as mc
+from megablocks_ablate.corpora.roff import (
     is_alias,
     roff_sections,
     roff_to_text,

@@ -1,6 +1,6 @@
 """A built-in corpus of English prose from this machine's manual pages: no download.
 
-The stdlib corpus (:mod:`.stdlib_corpus`) is mostly code; this one is prose of
+The stdlib corpus (:mod:`.stdlib`) is mostly code; this one is prose of
 distinct kinds, read from files a Debian-like system already has (``root`` is the
 filesystem prefix, ``/`` by default, so tests can point it at a fixture tree):
 
@@ -60,8 +60,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from megablocks_ablate.config import Config, doc
-from megablocks_ablate.data.roff import is_alias, roff_sections
-from megablocks_ablate.data.stdlib_corpus import chunks
+from megablocks_ablate.corpora.roff import is_alias, roff_sections
+from megablocks_ablate.corpora.stdlib import chunks
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.utils.atomic import atomic_open
 
