@@ -6,4 +6,5 @@
 namespace mba {
 void register_dataset_index(pybind11::module_& m);
 void register_merge(pybind11::module_& m);
+void register_cross_entropy(pybind11::module_& m);
 }  // namespace mba

@@ -17,8 +17,10 @@ Per chunk, with ``z = logit_scale * logits`` (math in fp32)::
 
 * :func:`linear_cross_entropy_reference` -- full logits, autograd (ground truth for tests).
 * :func:`linear_cross_entropy` -- the chunked Function; ``impl`` picks the per-chunk
-  softmax/NLL/gradient step: ``"torch"`` or ``"triton"`` (one program per row, two
-  passes over the vocabulary, gradient written over the logits).
+  softmax/NLL/gradient step: ``"torch"``, ``"triton"`` (one program per row, two
+  passes over the vocabulary, gradient written over the logits) or ``"cpp"`` (the
+  same per row on CPU, ``csrc/cross_entropy.cpp``, for training: fp32 logits, OpenMP
+  over rows; the NLL alone and other dtypes take the torch step).
 
 ``reduction="none"`` returns the per-token NLL in fp32 (evaluation); its backward, if
 ever needed, recomputes the logits chunk by chunk.
@@ -44,6 +46,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from megablocks_ablate import _ext
 
 try:
     import triton
@@ -142,6 +146,54 @@ if triton is not None:
                 tl.store(base + cols, (p * g).to(Logits.dtype.element_ty), mask=mask)
 
 
+def cpp_available() -> bool:
+    """Whether the C++ chunk step (``csrc/cross_entropy.cpp``) is built."""
+    return _ext.cpp is not None and hasattr(_ext.cpp, "ce_rows")
+
+
+def _ce_chunk_cpp(
+    logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, grad: bool
+) -> torch.Tensor:
+    """The chunk step of ``csrc/cross_entropy.cpp`` on fp32 CPU logits when a gradient
+    is wanted (each row read while in cache: max, sum of exponentials written over the
+    row, one in-place scaling; no fresh ``[rows, vocab]`` tensor, no separate exp,
+    one-hot subtraction or copy back). The NLL alone (evaluation) takes the torch step:
+    there ``log_softmax`` is one fused pass and measured as fast as the kernel. Any
+    other dtype or layout takes the torch step. Threads: torch's intra-op count."""
+    if (
+        not grad
+        or logits.dtype != torch.float32
+        or logits.device.type != "cpu"
+        or logits.stride(1) != 1
+        or scale <= 0
+        or not cpp_available()
+    ):
+        return _ce_chunk_torch(logits, labels, scale, ignore_index, grad)
+    n, v = logits.shape
+    nll = torch.empty(n, dtype=torch.float32)
+    if n == 0:
+        return nll
+    labels = labels.to(torch.int64).contiguous()
+    bad = _ext.cpp.ce_rows(
+        logits.data_ptr(),
+        n,
+        v,
+        logits.stride(0),
+        labels.data_ptr(),
+        nll.data_ptr(),
+        float(scale),
+        int(ignore_index),
+        bool(grad),
+        torch.get_num_threads(),
+    )
+    if bad:
+        raise IndexError(
+            f"linear_cross_entropy: {bad} label(s) outside [0, {v}) "
+            f"(and not ignore_index {ignore_index})"
+        )
+    return nll
+
+
 def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
     n, v = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -160,7 +212,7 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
     return nll
 
 
-_CHUNK_STEPS = {"torch": _ce_chunk_torch, "triton": _ce_chunk_triton}
+_CHUNK_STEPS = {"torch": _ce_chunk_torch, "triton": _ce_chunk_triton, "cpp": _ce_chunk_cpp}
 
 
 def default_chunk_rows(n_rows: int, d_model: int, vocab: int) -> int:
@@ -279,6 +331,8 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     if impl == "triton" and triton is None:
         raise RuntimeError("triton is not installed")
+    if impl == "cpp" and not cpp_available():
+        raise RuntimeError("megablocks_ablate._C has no ce_rows: run `make build`")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"

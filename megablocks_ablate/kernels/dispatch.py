@@ -6,7 +6,9 @@
 * ``triton`` -- Triton kernels everywhere; on CPU tensors this needs
   ``TRITON_INTERPRET=1`` (set before the first kernel import), which is how the tests
   run them without a GPU.
-* ``auto`` (default) -- Triton for CUDA tensors when triton imports, else reference.
+* ``auto`` (default) -- Triton for CUDA tensors when triton imports, else reference,
+  except the fused linear+CE's per-row softmax on CPU, which runs the C++ step
+  (``csrc/cross_entropy.cpp``) when ``_C`` is built.
 
 Tests and benchmarks switch in-process with :func:`kernel_backend`.
 """
@@ -88,6 +90,12 @@ def use_triton(t: torch.Tensor) -> bool:
             "(set before megablocks_ablate is imported)"
         )
     return True
+
+
+def use_cpp(t: torch.Tensor) -> bool:
+    """Whether the fused cross-entropy on ``t`` takes the C++ chunk step: CPU tensors
+    under ``auto`` when ``_C`` has it (``reference`` keeps PyTorch ops)."""
+    return configured_backend() == "auto" and t.device.type == "cpu" and _ce.cpp_available()
 
 
 def flash_attn_func():
@@ -182,7 +190,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs
 ) -> torch.Tensor:
     """Chunked fused output projection + cross-entropy; see :mod:`.cross_entropy`."""
-    impl = "triton" if use_triton(hidden) else "torch"
+    impl = "triton" if use_triton(hidden) else "cpp" if use_cpp(hidden) else "torch"
     return _ce.linear_cross_entropy(hidden, weight, labels, impl=impl, **kwargs)
 
 

@@ -40,7 +40,7 @@ def _run(fn, h, w, labels, reduction, **kw):
     return out, h.grad, w.grad
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_chunked_matches_full_logits(impl, dtype, reduction):
