@@ -125,16 +125,13 @@ def _pandas() -> Any:
 
 
 def _spec_store(spec: str) -> str:
-    """The results store of a study spec: its ``out_dir`` taken relative to the working
-    directory (as ``megablocks-ablate study report SPEC`` does), else to the spec's own
-    directory (a notebook that runs elsewhere)."""
+    """The results store of a study spec: its ``out_dir``, relative to the spec's own
+    directory (as ``megablocks-ablate study report SPEC`` reads it; see
+    :mod:`megablocks_ablate.ablate.spec_paths`), so a notebook may run anywhere."""
     from megablocks_ablate.ablate.spec import StudySpec
 
     out_dir = os.path.expanduser(StudySpec.load(spec).out_dir)
     candidates = [os.path.abspath(out_dir)]
-    if not os.path.isabs(out_dir):
-        beside = os.path.join(os.path.dirname(os.path.abspath(spec)), out_dir)
-        candidates.append(os.path.normpath(beside))
     for d in dict.fromkeys(candidates):
         if os.path.isfile(os.path.join(d, STORE_NAME)):
             return os.path.join(d, STORE_NAME)

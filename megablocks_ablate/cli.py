@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "megablocks_ablate.commands.study",
     "megablocks_ablate.commands.demo",
     "megablocks_ablate.commands.config",
+    "megablocks_ablate.commands.launch_templates",
 ]
 _PKG = "megablocks_ablate.commands."
 # Which module registers each subcommand (tests/merge/test_merge_startup.py checks
@@ -46,6 +47,7 @@ COMMANDS = {
     "study": _PKG + "study",
     "demo": _PKG + "demo",
     "config": _PKG + "config",
+    "launch-templates": _PKG + "launch_templates",
 }
 _VALUE_OPTIONS = ("--log-level", "--log-ranks")  # top-level options that take a value
 

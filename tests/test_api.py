@@ -117,7 +117,9 @@ def test_open_study_errors_are_one_line(study_dir, tmp_path):
         "data: d\nout_dir: never_ran\nseed: {checkpoint: s}\nunit: {config: u}\n"
         "mixtures: {k_subsets: 2}\n"
     )
-    cases.append((spec, api.StudyNotFoundError, "no results store for out_dir 'never_ran'"))
+    # out_dir is relative to the spec: named resolved
+    where = tmp_path / "never_ran"
+    cases.append((spec, api.StudyNotFoundError, f"no results store for out_dir '{where}'"))
     for path, err, words in cases:
         with pytest.raises(err, match=words) as e:
             api.open_study(path)

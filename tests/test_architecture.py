@@ -24,6 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": {"errors", "utils"},
     "kernels": {"errors", "utils", "_ext"},
     "data": {"errors", "utils", "config", "_ext"},
+    # the built-in demo corpora: JSONL writers, used by the demo (ablate) only
+    "corpora": {"errors", "utils", "config"},
     "model": {"errors", "utils", "config", "kernels", "checkpoint", "data"},
     "merge": {"errors", "utils", "config", "_ext", "kernels", "checkpoint", "data", "model"},
     "evaluate": {"errors", "utils", "config", "kernels", "checkpoint", "data", "model"},
@@ -35,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
         "kernels",
         "checkpoint",
         "data",
+        "corpora",
         "model",
         "merge",
         "evaluate",

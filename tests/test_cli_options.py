@@ -71,6 +71,7 @@ FREE_TEXT = {
         "--seed-corpus",
         "--preset",  # a preset name: configs/train/<preset>_{seed,unit,seq}.yaml
     },
+    ("launch-templates",): {"--out"},
 }
 
 # Checked by the command right after parsing (setup_logging -> parser.error).

@@ -20,8 +20,11 @@ ROWS = [
     "build_ext",
     "merge_kernels",
     "triton_kernels",
+    "attention",
+    "ce_chunks",
     "train_130m",
     "train_1.1b",
+    "train_1.1b_mb8",
     "eval",
     "merge_eval",
     "nccl",
@@ -30,6 +33,7 @@ ROWS = [
 MAY_SKIP = {"build_ext", "nccl"}
 SECTIONS = ["## GPU suite", "## GPU training step", "## GPU merge kernels", "## GPU Triton kernels"]
 SECTIONS += ["## GPU evaluation", "## GPU merge-eval rate", "## GPU NCCL all-reduce"]
+SECTIONS += ["## GPU attention backends", "## GPU cross-entropy chunking"]
 
 
 def run_suite(out, *args, timeout=300, **env_extra):

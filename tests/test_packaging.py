@@ -5,7 +5,9 @@ The integration test builds the wheel (compiling the C++ extension), installs it
 ``--no-deps`` into a fresh venv that reuses this environment's torch and other packages
 through a ``.pth`` file, and runs the installed ``megablocks-ablate`` from a directory
 outside the repository: presets must come from the installed package data, not from
-``configs/`` next to the sources.
+``configs/`` next to the sources. There it trains a few steps and runs the README's
+quick start as written (the demo at tiny scale; the study steps that train or search are
+left out): the shipped study spec by name, the launch templates, ``py.typed``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,9 +87,72 @@ def _run(cmd, cwd, env, timeout=300) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.integration
-def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
-    # Build from a copy of the tree, so that build/ and *.egg-info never touch the checkout.
+# The README's quick start at tiny scale: `megablocks-ablate demo` gets these options (the
+# built-in stdlib corpus, 3 of its 8 partitions studied, tiny models; ~1 CPU-minute).
+TINY_DEMO = [
+    "--preset",
+    "tiny",
+    "--vocab-size",
+    "384",
+    "--unit-tokens",
+    "6k",
+    "--unit-passes",
+    "1",
+    "--seed-tokens",
+    "8k",
+    "--n-seq",
+    "2",
+    "--max-partitions",
+    "3",
+    "--workers",
+    "1",
+    "model_overrides=[vocab_size=384]",
+]
+
+
+def quick_start() -> list[list[str]]:
+    """The ``megablocks-ablate`` commands of the README's quick start, as argument lists."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    words = [shlex.split(line, comments=True) for line in block.splitlines()]
+    return [w[1:] for w in words if w and w[0] == "megablocks-ablate"]
+
+
+def _cheap(argv: list[str]) -> bool:
+    """A quick-start step the packaging test runs as written (training and searching
+    steps are left to the tests of those commands)."""
+    return (
+        argv[:2] in (["study", "plan"], ["study", "report"], ["study", "export"])
+        or (argv[:2] == ["study", "run"] and "--dry-run" in argv)
+        or argv[0] == "launch-templates"
+    )
+
+
+def test_quick_start_parses_and_needs_no_checkout():
+    """Every quick-start command parses with the real CLI and names no checkout path; the
+    steps the packaging test runs are all there."""
+    from megablocks_ablate.cli import build_parser
+
+    commands = quick_start()
+    for argv in commands:
+        build_parser(argv).parse_args(argv)
+        assert not any(w.startswith(("configs/", "tools/")) for w in argv), argv
+    ran = [a[:2] for a in commands if a == ["demo"] or _cheap(a)]
+    assert ran == [
+        ["demo"],
+        ["study", "plan"],
+        ["study", "run"],
+        ["study", "report"],
+        ["study", "export"],
+        ["launch-templates", "--out"],
+    ]
+
+
+def _install_wheel(tmp_path: Path) -> tuple[Path, Path, dict, Path]:
+    """Build the wheel from a copy of the tree and install it into a fresh venv:
+    (its python, its megablocks-ablate, the environment, its site-packages)."""
+    # a copy, so that build/ and *.egg-info never touch the checkout
     src = tmp_path / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=_copy_ignore)
     dist = tmp_path / "dist"
@@ -106,10 +172,11 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     ).stdout.strip()
     Path(new_site, "_mba_reuse_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run([*pip, "--python", py, "install", "--no-deps", "-q", wheel], tmp_path, env)
-    cli = venv / "bin" / "megablocks-ablate"
+    return py, venv / "bin" / "megablocks-ablate", env, Path(new_site)
 
-    work = tmp_path / "work"  # outside the repository: no configs/ to fall back on
-    work.mkdir()
+
+def _check_installed(py: Path, site: Path, work: Path, env: dict) -> None:
+    """The package, its extension and its data come from the venv, not the checkout."""
     where = json.loads(
         _run(
             [
@@ -124,16 +191,17 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         ).stdout
     )
     for path in where:
-        assert Path(path).resolve().is_relative_to(Path(new_site).resolve()), where
+        assert Path(path).resolve().is_relative_to(site.resolve()), where
         assert not Path(path).resolve().is_relative_to(REPO), where
+    pkg = site / "megablocks_ablate"
+    assert (pkg / "py.typed").is_file()
+    assert (pkg / "configs" / "studies" / "demo.yaml").is_file()
+    shipped = REPO / "megablocks_ablate" / "templates" / "launch"
+    assert sorted(os.listdir(pkg / "templates" / "launch")) == sorted(os.listdir(shipped))
 
-    assert "demo" in _run([cli, "demo", "--help"], work, env).stdout
-    printed = _run([cli, "train", "--config", "tiny_seed", "--print-config"], work, env).stdout
-    assert "kind: seed" in printed and "model: tiny" in printed
-    assert "global_batch_tokens" in _run([cli, "config", "describe", "train"], work, env).stdout
-    assert "name:" in _run([cli, "config", "show", "study", "demo"], work, env).stdout
 
-    # A few steps of the tiny seed preset on a tiny corpus, every step by the installed CLI.
+def _train_a_few_steps(py: Path, cli: Path, work: Path, env: dict) -> None:
+    """A few steps of the tiny seed preset on a tiny corpus, every step by the CLI."""
     corpus = work / "corpus.jsonl"
     _run(
         [
@@ -152,24 +220,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     )
     _run(
         [
-            cli,
-            "preprocess",
-            "--input",
-            corpus,
-            "--tokenizer",
-            "tok.model",
-            "--partition-by",
-            "fos",
-            "--order-by",
-            "year",
-            "--unit-tokens",
-            "3000",
-            "--heldout-fraction",
-            "0.05",
-            "--workers",
-            "1",
-            "--out",
-            "data",
+            *(cli, "preprocess", "--input", corpus, "--tokenizer", "tok.model"),
+            *("--partition-by", "fos", "--order-by", "year", "--unit-tokens", "3000"),
+            *("--heldout-fraction", "0.05", "--workers", "1", "--out", "data"),
         ],
         work,
         env,
@@ -196,32 +249,48 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     )
     run = work / "runs" / "seed"
     assert (run / "COMPLETE.json").is_file() and (run / "final" / "model.safetensors").is_file()
-    # and the tiny study, end to end (seed, unit and seq models, merge-eval, report)
-    tiny = [
-        "--partition-by",
-        "fos",
-        "--order-by",
-        "year",
-        "--preset",
-        "tiny",
-        "--vocab-size",
-        "384",
-        "--unit-tokens",
-        "6k",
-        "--seed-tokens",
-        "8k",
-        "--n-seq",
-        "2",
-        "--max-partitions",
-        "3",
-        "--heldout-fraction",
-        "0.04",
-        "--workers",
-        "1",
-        "--k",
-        "2",
-        "model_overrides=[vocab_size=384]",
-    ]
-    shown = _run([cli, "demo", "--corpus", corpus, "--out", "study", *tiny], work, env).stdout
-    assert "merged vs seq" in shown
-    assert (work / "study" / "study" / "results.sqlite").is_file()
+
+
+def _run_quick_start(cli: Path, work: Path, env: dict) -> dict[str, str]:
+    """The README's quick start as written (the demo at tiny scale, the cheap steps):
+    ``{first words: stdout}``."""
+    shown = {}
+    for argv in quick_start():
+        if argv == ["demo"]:
+            argv = ["demo", *TINY_DEMO]
+        elif not _cheap(argv):
+            continue
+        shown[" ".join(argv[:2])] = _run([cli, *argv], work, env).stdout
+    return shown
+
+
+@pytest.mark.integration
+def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
+    py, cli, env, site = _install_wheel(tmp_path)
+    work = tmp_path / "work"  # outside the repository: no configs/ to fall back on
+    work.mkdir()
+    _check_installed(py, site, work, env)
+
+    assert "demo" in _run([cli, "demo", "--help"], work, env).stdout
+    printed = _run([cli, "train", "--config", "tiny_seed", "--print-config"], work, env).stdout
+    assert "kind: seed" in printed and "model: tiny" in printed
+    assert "global_batch_tokens" in _run([cli, "config", "describe", "train"], work, env).stdout
+    assert "name:" in _run([cli, "config", "show", "study", "demo"], work, env).stdout
+    assert "study plan demo" in _run([cli, "study", "--help"], work, env).stdout
+    _train_a_few_steps(py, cli, work, env)
+
+    shown = _run_quick_start(cli, work, env)
+    assert "merged vs seq" in shown["demo --preset"]
+    assert (work / "demo_out" / "study" / "results.sqlite").is_file()
+    # the shipped spec by name, its paths read from the working directory (demo_out/)
+    assert "concurrency+core" in shown["study plan"]
+    assert "store demo_out/study/results.sqlite" in shown["study run"]
+    assert "recommended mixture" in shown["study report"]
+    assert (work / "demo_out" / "study" / "report" / "report.md").is_file()
+    assert "docs-0000" in shown["study export"]
+    written = sorted(os.listdir(work / "launch"))
+    shipped = REPO / "megablocks_ablate" / "templates" / "launch"
+    assert [n for n in written if not n.startswith(".")] == sorted(os.listdir(shipped))
+    for name in os.listdir(shipped):
+        assert (work / "launch" / name).read_bytes() == (shipped / name).read_bytes()
+        assert os.access(work / "launch" / name, os.X_OK), name

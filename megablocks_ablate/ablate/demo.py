@@ -11,7 +11,8 @@
 3. **preprocess**: partitions by domain, base units, a 2% held-out set per partition
    (the evaluation domains);
 4. **study**: ``<out>/study.yaml`` (a normal study spec; rerun or edit it with
-   ``megablocks-ablate study run``): one base unit per partition, every k-subset of
+   ``megablocks-ablate study run``; its paths are relative to it, so ``<out>`` can be
+   moved and used from anywhere): one base unit per partition, every k-subset of
    the partitions as a mixture, ``n_seq`` of them validated by seq models;
 5. **run**: seed model, unit models, seq models, then every mixture scored by an
    in-memory merge of its unit models (:mod:`.runner`);
@@ -289,13 +290,16 @@ def run_demo(s: DemoSettings) -> int:
     from megablocks_ablate.ablate.report import write_report
     from megablocks_ablate.ablate.runner import RunOptions, StudyRunner, resolve
     from megablocks_ablate.ablate.spec import StudySpec, describe_plan
+    from megablocks_ablate.ablate.spec_paths import record_spec_paths
     from megablocks_ablate.ablate.store import ResultStore, store_path
     from megablocks_ablate.utils.atomic import atomic_write_text
 
     t0 = time.time()
     data, seed_data = build_data(s, t0)
     spec_path = os.path.join(s.out, "study.yaml")
-    atomic_write_text(spec_path, yaml.safe_dump(study_spec(s, data, seed_data), sort_keys=False))
+    # its paths are relative to study.yaml (the demo's own files always): <out> can move
+    spec = record_spec_paths(study_spec(s, data, seed_data), spec_path, inside=s.out)
+    atomic_write_text(spec_path, yaml.safe_dump(spec, sort_keys=False))
     study = resolve(StudySpec.load(spec_path))
     c = study.cost
     _step(

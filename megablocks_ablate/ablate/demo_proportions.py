@@ -70,8 +70,11 @@ def _tokens(text: str) -> int:
 def _write(path: str, spec: dict):
     from megablocks_ablate.ablate.runner import resolve
     from megablocks_ablate.ablate.spec import StudySpec
+    from megablocks_ablate.ablate.spec_paths import record_spec_paths
     from megablocks_ablate.utils.atomic import atomic_write_text
 
+    # paths relative to the spec (the demo's own files always), as the demo's study.yaml
+    spec = record_spec_paths(spec, path, inside=os.path.dirname(os.path.abspath(path)))
     atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
     return resolve(StudySpec.load(path))
 

@@ -24,6 +24,13 @@ holds more than one unit, else ``merged`` (:func:`~.roles.headline_proxy`).
 
 Every number is recomputed from the store (:func:`~.analysis.build_table`), so a
 report can be rebuilt at any time, also while a study is still running.
+
+The directory is claimed first (:func:`~megablocks_ablate.utils.outputs.claim_output_dir`,
+kind ``report``): a new or empty one, or an earlier report (its marker, or for reports
+older than markers its ``report.md`` + ``summary.json``), is written, rewriting the
+report's own files (rebuilding is what ``study report`` is for) and keeping anything
+you added beside them; a directory holding anything else (your own ``report.md``, a
+study, a file) is refused, naming it, before anything is computed or written.
 """
 
 from __future__ import annotations
@@ -339,10 +346,22 @@ def _cost_section(store, table: an.ResultTable) -> list[str]:
 
 
 def write_report(
-    store, out_dir: str, *, n_boot: int = 1000, seed: int = 0, top_k: int = 3, plots: bool = True
+    store,
+    out_dir: str,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    top_k: int = 3,
+    plots: bool = True,
+    flag: str = "report directory",
 ) -> ReportSummary:
-    """Write ``out_dir`` (report.md, CSVs, PNGs, summary.json) from a results store."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write ``out_dir`` (report.md, CSVs, PNGs, summary.json) from a results store;
+    a directory that is not a report of ours is refused (ConfigError naming ``flag``)."""
+    from megablocks_ablate.utils.outputs import claim_output_dir
+
+    claim_output_dir(
+        out_dir, "report", reuse=True, inputs=[getattr(store, "path", None)], flag=flag
+    )
     table = an.build_table(store)
     meta = store.get_meta("study", {}) or {}
     primary, reason = rl.headline_proxy(table)

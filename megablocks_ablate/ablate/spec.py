@@ -11,14 +11,18 @@ spec field at fault::
     study = resolve(spec)
     for m in study.mixtures: ...
 
-Relative paths in the spec are relative to the working directory, as in train configs.
+Relative paths in a spec file are relative to the spec file's directory, so a study
+directory can move and be used from anywhere (:mod:`.spec_paths` has the rule and the
+two cases that keep the working directory: the shipped presets, and an older spec whose
+``data`` exists only relative to the working directory).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -26,7 +30,15 @@ import numpy as np
 from megablocks_ablate.ablate import mixtures as mx
 from megablocks_ablate.ablate.mixtures import Mixture
 from megablocks_ablate.ablate.spec_eval import EvalSpec, partitions_without_heldout, resolve_eval
-from megablocks_ablate.config import Config, doc
+from megablocks_ablate.ablate.spec_names import study_spec_file
+from megablocks_ablate.ablate.spec_paths import map_spec_paths, resolve_spec_paths
+from megablocks_ablate.config import (
+    BASE_KEY,
+    Config,
+    apply_overrides,
+    doc,
+    read_config_file,
+)
 from megablocks_ablate.errors import ConfigError, MBAError
 
 ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id", "scaled"]
@@ -204,6 +216,31 @@ class StudySpec(Config):
         default_factory=ScaledSpec,
     )
 
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        overrides: Iterable[str] = (),
+        preset_dir: str | os.PathLike | None = None,
+    ) -> StudySpec:
+        """:meth:`Config.load`, with the file's relative paths resolved against the file's
+        directory before the overrides (which are as typed) apply; see :mod:`.spec_paths`."""
+        if path is None:
+            return super().load(None, overrides, preset_dir)
+        path = study_spec_file(path)  # a bare name such as "demo": the packaged preset
+        own = {f.name for f in fields(cls)}
+        data = read_config_file(
+            path,
+            preset_dir if preset_dir is not None else cls.preset_dir,
+            base_key=None if BASE_KEY in own else BASE_KEY,
+        )
+        resolve_spec_paths(data, path)
+        apply_overrides(data, overrides)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("data: required (a preprocess output directory)")
@@ -305,20 +342,32 @@ class Study:
         one-document partition). Empty when every partition is evaluated in-domain."""
         return dict(self.no_heldout)
 
-    def to_meta(self) -> dict:
-        """What a results store keeps so that `study report` needs nothing else."""
+    def to_meta(self, store_file: str | None = None) -> dict:
+        """What a results store keeps so that `study report` needs nothing else.
+        ``store_file``: the store it goes to; the spec's and the evaluation sets' paths
+        are recorded relative to it when relative (see :mod:`.store`)."""
+        from megablocks_ablate.utils.paths import record_path
+
+        spec = self.spec.to_dict()
+        eval_sets = dict(self.eval_sets)
+        if store_file is not None:
+            map_spec_paths(spec, lambda _f, p: record_path(p, store_file), os.path.exists)
+            eval_sets = {
+                d: p if p.startswith("paloma:") else record_path(p, store_file)
+                for d, p in eval_sets.items()
+            }
         return {
             "name": self.spec.name,
             "proxies": list(self.spec.proxies),
             "partitions": self.partitions,
             "partitions_without_heldout": self.without_heldout(),
             "domain_units": self.domain_units,
-            "eval_sets": self.eval_sets,
+            "eval_sets": eval_sets,
             "unit_tokens": self.unit_tokens,
             "mixtures": [m.id for m in self.mixtures],
             "validation": [m.id for m in self.validation],
             "partition_models": self.partition_models,
-            "spec": self.spec.to_dict(),
+            "spec": spec,
         }
 
 

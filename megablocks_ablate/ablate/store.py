@@ -26,6 +26,12 @@ right or absent); rows with one that an older version stored read as NLL NaN.
 concurrently: WAL journal (readers never block the writer) and a busy timeout
 serialise the short write transactions. WAL needs shared memory between the writers,
 so on a network filesystem (NFS, Lustre) pass ``wal=False`` (rollback journal).
+
+**Paths.** A path a row's provenance or the ``study`` meta holds (a model's run
+directory, the spec's data and outputs) is recorded relative to the store's directory
+when it was given relative, absolute when given absolute (:meth:`ResultStore.record_path`,
+:mod:`megablocks_ablate.utils.paths`), so a study copied elsewhere keeps its meaning;
+:meth:`ResultStore.resolve_path` reads one back.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 
 from megablocks_ablate.ablate.mixtures import Mixture, Score
 from megablocks_ablate.errors import MBAError, NonFiniteError
+from megablocks_ablate.utils.paths import record_path, resolve_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +220,16 @@ class ResultStore:
 
     def _write(self) -> _Txn:
         return ResultStore._Txn(self._db)
+
+    # -- paths ---------------------------------------------------------------------------
+    def record_path(self, path: str) -> str:
+        """``path`` (absolute, or relative to the working directory) as this store
+        records it: relative to the store's directory when given relative."""
+        return record_path(path, self.path)
+
+    def resolve_path(self, value: str) -> str:
+        """The absolute path a value this store recorded names."""
+        return resolve_recorded(value, self.path)
 
     # -- meta ----------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:

@@ -4,8 +4,10 @@ A model checkpoint is a directory of ``model.safetensors`` + ``config.json`` +
 ``lineage.json`` (:mod:`.model_dir`); :class:`Lineage` records where its weights came
 from (:mod:`.lineage`); every directory is written staged and renamed into place
 (:mod:`.staging`); large files are read memory-mapped and written as a stream
-(:mod:`.safetensors_io`). A training run directory given where a checkpoint is
-expected means its ``final/`` (:func:`resolve_checkpoint_dir`, :mod:`.run_dir`).
+(:mod:`.safetensors_io`); a model with a NaN/inf weight is refused naming the tensor
+(:func:`check_finite_state`, :mod:`.finite`). A training run directory given where a
+checkpoint is expected means its ``final/`` (:func:`resolve_checkpoint_dir`,
+:mod:`.run_dir`).
 
 This package imports nothing of the project but ``errors`` and ``utils``, so that
 ``model``, ``train``, ``merge``, ``evaluate`` and ``ablate`` can all depend on it.
@@ -13,6 +15,7 @@ Training state (optimizer, RNG, trainer progress) is not a model checkpoint and 
 in :mod:`megablocks_ablate.train.state`.
 """
 
+from megablocks_ablate.checkpoint.finite import check_finite_state
 from megablocks_ablate.checkpoint.lineage import (
     LINEAGE_KINDS,
     Lineage,
@@ -54,6 +57,7 @@ __all__ = [
     "Lineage",
     "MappedSafetensors",
     "SafetensorsStreamWriter",
+    "check_finite_state",
     "fsync_path",
     "is_run_dir",
     "latest_run_checkpoint",

@@ -12,6 +12,17 @@ Face config's ``max_position_embeddings``; a merge the minimum over its inputs
 (:func:`merged_seq_len`). A checkpoint from before the field reads it from the trainer's
 older ``extra["seq_len"]``, else falls back to the model's ``max_seq_len`` with one
 warning naming it (:func:`trained_seq_len`).
+
+**Paths travel with the checkpoint.** ``parents`` and the tokenizer record
+(``extra["tokenizer"]``) are paths. In memory they are absolute, or relative to the
+working directory; ``lineage.json`` records a relative one relative to the checkpoint
+directory and keeps an absolute one as given (:meth:`Lineage.to_dict` with
+``recorded_in``), and reading resolves a relative one against the checkpoint directory
+(:meth:`Lineage.from_dict` with ``recorded_in``), so a checkpoint copied with its
+tokenizer, or read from another directory, still finds it
+(:mod:`megablocks_ablate.utils.paths`). A relative path of a lineage written before this
+rule (relative to the trainer's working directory) is still found there when it is not
+beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megablocks_ablate.errors import DataFormatError
+from megablocks_ablate.utils.paths import record_path, recorded_as_given
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +115,24 @@ class Lineage:
         legacy = self.extra.get("seq_len")
         return legacy if _positive_int(legacy) else None
 
-    def to_dict(self) -> dict:
+    def to_dict(self, recorded_in: str | None = None) -> dict:
+        """The JSON object; ``recorded_in``: the file it is written to, which records the
+        relative paths (parents, the tokenizer) relative to its directory (see the
+        module docstring); without it they are written as held."""
         d = dataclasses.asdict(self)
         d["weights"] = [float(w) for w in self.weights]
+        if recorded_in is not None:
+            _map_paths(d, lambda p: record_path(p, recorded_in))
         return d
 
     @classmethod
-    def from_dict(cls, d: Any, path: str | None = None) -> Lineage:
-        """Build and validate; errors name ``path`` (the lineage file) when given."""
+    def from_dict(cls, d: Any, path: str | None = None, recorded_in: str | None = None) -> Lineage:
+        """Build and validate; errors name ``path`` (the lineage file) when given.
+        ``recorded_in``: the file ``d`` was read from; its relative paths are resolved
+        against that file's directory (see the module docstring)."""
+        if recorded_in is not None and isinstance(d, dict):
+            d = dict(d, extra=dict(d["extra"])) if isinstance(d.get("extra"), dict) else dict(d)
+            _map_paths(d, lambda p: recorded_as_given(p, recorded_in, cwd_fallback=True))
         where = path or "lineage"
         if not isinstance(d, dict):
             raise DataFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
@@ -136,6 +158,23 @@ class Lineage:
             ]
         obj.validate(where)
         return obj
+
+
+def _map_paths(d: dict, fn) -> None:
+    """Apply ``fn`` to the paths of a lineage's JSON object ``d`` (in place; only well
+    formed values: validation reports the others): each parent and the tokenizer
+    record's path (a ``{"path", ...}`` record or an older bare path string)."""
+    parents = d.get("parents")
+    if isinstance(parents, list):
+        d["parents"] = [fn(p) if isinstance(p, str) and p else p for p in parents]
+    extra = d.get("extra")
+    if not isinstance(extra, dict):
+        return
+    tok = extra.get("tokenizer")
+    if isinstance(tok, str) and tok:
+        extra["tokenizer"] = fn(tok)
+    elif isinstance(tok, dict) and isinstance(tok.get("path"), str) and tok["path"]:
+        extra["tokenizer"] = dict(tok, path=fn(tok["path"]))
 
 
 def _positive_int(x: Any) -> bool:

@@ -70,7 +70,8 @@ def save_model_checkpoint(
 def write_checkpoint_meta(directory: str, config: dict, lineage: Lineage) -> None:
     """Write ``config.json`` and ``lineage.json`` into a (staged) checkpoint directory."""
     write_json(os.path.join(directory, CONFIG_FILE), config)
-    write_json(os.path.join(directory, LINEAGE_FILE), lineage.to_dict())
+    path = os.path.join(directory, LINEAGE_FILE)  # a staged directory sits beside its
+    write_json(path, lineage.to_dict(recorded_in=path))  # target: same relative paths
 
 
 def _require_file(directory: str, name: str) -> str:
@@ -105,7 +106,7 @@ def read_checkpoint_meta(directory: str) -> tuple[dict, Lineage]:
     if not isinstance(config, dict):
         raise DataFormatError(f"{cfg_path}: expected a JSON object")
     lin_path = _require_file(directory, LINEAGE_FILE)
-    return config, Lineage.from_dict(_read_json(lin_path), path=lin_path)
+    return config, Lineage.from_dict(_read_json(lin_path), path=lin_path, recorded_in=lin_path)
 
 
 def open_model_weights(directory: str):

@@ -1,7 +1,10 @@
 """Reading and writing safetensors files without loading them whole.
 
-- :func:`safetensors_header` parses and validates a header (a truncated or malformed
-  file is refused before any tensor is touched);
+- :func:`safetensors_header` parses and validates a header (:func:`validate_header`:
+  the one set of rules every reader of weights here applies, the safetensors library's:
+  known dtypes, offsets contiguous, non-overlapping and covering the data section
+  exactly), so a truncated, padded or malformed file is refused before any tensor is
+  touched, naming the file and the tensor;
 - :class:`MappedSafetensors` memory-maps a file for zero-copy views of tensors, or of
   element ranges of them, and drops consumed pages again (streaming merges);
 - :class:`SafetensorsStreamWriter` writes a file whose header is known up front, tensor
@@ -35,8 +38,13 @@ SAFETENSORS_ITEMSIZE = {
     "I32": 4,
     "I16": 2,
     "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
     "U8": 1,
     "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 _TORCH_NAMES = {
     "F64": "float64",
@@ -47,8 +55,13 @@ _TORCH_NAMES = {
     "I32": "int32",
     "I16": "int16",
     "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
     "U8": "uint8",
     "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
 
 
@@ -83,51 +96,129 @@ def dtype_name(dtype: Any) -> str:
     raise ValueError(f"dtype {dtype} has no safetensors name")
 
 
+# A header longer than this is refused before it is read (safetensors' own limit).
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _int(x: Any) -> int | None:
+    """``x`` as a non-negative JSON integer (not a bool or float), else None."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
+
+
+def _bad(path: str, name: str, info: Any, why: str) -> DataFormatError:
+    shown = repr(info)
+    shown = shown if len(shown) <= 200 else shown[:200] + "..."
+    return DataFormatError(f"{path}: tensor {name!r}: {why} ({shown})")
+
+
+def _span(path: str, name: str, info: Any) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, checked on its own (``__metadata__``: 0, 0)."""
+    if name == "__metadata__":
+        return 0, 0
+    if not isinstance(info, dict):
+        raise _bad(path, name, info, "header entry is not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+        raise _bad(path, name, dtype, "unknown dtype")
+    shape = info.get("shape")
+    dims = [_int(x) for x in shape] if isinstance(shape, list) else [None]
+    numel = 1
+    for d in dims:
+        if d is None:
+            raise _bad(path, name, shape, "shape is not a list of non-negative integers")
+        numel *= d
+    offsets = info.get("data_offsets")
+    pair = [_int(x) for x in offsets] if isinstance(offsets, list) else []
+    begin, end = (pair[0], pair[1]) if len(pair) == 2 else (None, None)
+    if begin is None or end is None or begin > end:
+        raise _bad(path, name, offsets, "data_offsets is not [begin, end] with begin <= end")
+    need = numel * SAFETENSORS_ITEMSIZE[dtype]
+    if end - begin != need:
+        raise _bad(
+            path,
+            name,
+            offsets,
+            f"data_offsets span {end - begin} bytes, {dtype} {shape} needs {need}",
+        )
+    return begin, end
+
+
+def validate_header(header: Any, header_len: int, file_size: int, path: str) -> dict:
+    """Check a parsed safetensors header against its file; returns it.
+
+    The one set of rules every reader of weights applies (the safetensors library's, so
+    a file our memory-mapping readers accept is one ``safe_open`` accepts too): a JSON
+    object of tensors, each with a known ``dtype``, a ``shape`` of non-negative integers
+    and ``data_offsets`` ``[begin, end]`` of exactly ``numel * itemsize`` bytes; sorted by
+    offset the tensors are contiguous and non-overlapping, start at 0 and cover the data
+    section exactly (file size == 8 + header length + last end). ``__metadata__``, when
+    present, maps strings to strings. Errors (DataFormatError) name the file and tensor.
+    """
+    if not isinstance(header, dict):
+        raise DataFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise DataFormatError(f"{path}: __metadata__ must map strings to strings")
+    spans = [(*_span(path, name, info), name) for name, info in header.items()]
+    spans = [x for x in spans if x[2] != "__metadata__"]
+    spans.sort()
+    at, prev = 0, None
+    for begin, end, name in spans:
+        if begin != at:
+            what = (
+                f"overlaps tensor {prev!r} (which ends at {at})"
+                if begin < at
+                else f"leaves a gap: bytes {at}-{begin} belong to no tensor"
+            )
+            raise DataFormatError(
+                f"{path}: tensor {name!r} starts at byte {begin} of the data section and "
+                f"{what}; tensors must be contiguous and not overlap"
+            )
+        at, prev = end, name
+    data_len = file_size - 8 - header_len
+    if at > data_len:
+        raise DataFormatError(
+            f"{path}: truncated: tensor {prev!r} needs bytes up to {at} of the data section, "
+            f"the file has {data_len}"
+        )
+    if at < data_len:
+        raise DataFormatError(
+            f"{path}: {data_len - at} bytes after the end of the last tensor"
+            + (f" ({prev!r})" if prev is not None else "")
+            + ": the data section must hold the tensors exactly"
+        )
+    return header
+
+
+def read_header(f: BinaryIO, path: str) -> tuple[dict, int]:
+    """``(header, header length)`` of the open safetensors file ``f`` (read from its
+    start), validated against its size (:func:`validate_header`)."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise DataFormatError(f"{path}: truncated safetensors file ({size} bytes)")
+    n = int.from_bytes(raw, "little")
+    if n <= 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+        raise DataFormatError(
+            f"{path}: corrupt or truncated safetensors header (header length {n}, file size {size})"
+        )
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataFormatError(f"{path}: corrupt safetensors header ({e})") from None
+    return validate_header(header, n, size, path), n
+
+
 def safetensors_header(path: str) -> dict:
     """Parse and validate a safetensors header: ``{name: {dtype, shape, data_offsets}}``
-    (plus ``__metadata__``). Checks that the data section covers every tensor exactly
-    as declared and that the file is not truncated."""
-    size = os.path.getsize(path)
+    (plus ``__metadata__``); see :func:`validate_header` for what is checked. A
+    truncated, padded or malformed file is refused before any tensor is touched."""
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise DataFormatError(f"{path}: truncated safetensors file ({size} bytes)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise DataFormatError(
-                f"{path}: corrupt or truncated safetensors header "
-                f"(header length {n}, file size {size})"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataFormatError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise DataFormatError(f"{path}: corrupt safetensors header (not an object)")
-    data_len = size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = info["data_offsets"]
-            numel = math.prod(int(x) for x in info["shape"])
-            ok = (
-                0 <= begin <= end
-                and info["dtype"] in SAFETENSORS_ITEMSIZE
-                and end - begin == numel * SAFETENSORS_ITEMSIZE[info["dtype"]]
-            )
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise DataFormatError(
-                f"{path}: tensor {name!r} has a malformed header entry ({info!r})"
-            )
-        if end > data_len:
-            raise DataFormatError(
-                f"{path}: truncated: tensor {name!r} needs bytes up to "
-                f"{end} of the data section, the file has {data_len}"
-            )
-    return header
+        return read_header(f, path)[0]
 
 
 class MappedSafetensors:
@@ -147,10 +238,14 @@ class MappedSafetensors:
 
     def __init__(self, path: str):
         self.path = path
-        self.header = safetensors_header(path)
-        with open(path, "rb") as f:
-            self._base = 8 + int.from_bytes(f.read(8), "little")
+        with open(path, "rb") as f:  # one open: the header checked is the file mapped
+            self.header, n = read_header(f, path)
+            self._base = 8 + n
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__"]
+        if len(self._mm) != self._base + max(ends, default=0):
+            self._mm.close()
+            raise DataFormatError(f"{path}: changed size while it was being opened")
         entries = sorted(
             (v["data_offsets"][0], k) for k, v in self.header.items() if k != "__metadata__"
         )

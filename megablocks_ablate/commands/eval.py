@@ -18,6 +18,15 @@ Each model is scored in windows of the sequence length it was trained at (its li
 trained_seq_len); --max-len beyond that is refused, naming both numbers, unless
 --beyond-trained-context asks for the untrained positions. The results record each
 model's window (models.<ckpt>.max_len) and trained length.
+
+--out is claimed before any work (utils/output_files.py): a new path is written; an
+existing file is replaced only when it is an earlier eval result (its "format" is
+megablocks-ablate/eval@1) and --overwrite is given; anything else there (a model's
+model.safetensors, an evaluation set, a results store, any file of yours), a directory,
+a path equal to or inside an input (--model, --eval-sets, --tokenizer) is refused,
+naming it, with nothing changed. Concurrent evals writing one --out are serialised: each
+checks the file again under a lock just before writing, so a second one without
+--overwrite is refused instead of silently replacing the first one's results.
 """
 
 from __future__ import annotations
@@ -54,7 +63,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="directory of JSONL files, preprocess output directory, or files/globs/NAME=PATH",
     )
-    p.add_argument("--out", required=True, help="results JSON (written atomically by rank 0)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="results JSON (written atomically by rank 0); an existing file is replaced only "
+        "when it is an earlier eval result and --overwrite is given",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out when it holds an earlier eval result (any other file is refused)",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -165,11 +184,9 @@ def _run(args: argparse.Namespace, denv) -> int:
     from megablocks_ablate.checkpoint import read_checkpoint_meta
     from megablocks_ablate.evaluate import EvalSuite
     from megablocks_ablate.evaluate.tokenizer_match import check_tokenizer
-    from megablocks_ablate.utils.atomic import atomic_write_text
-    from megablocks_ablate.utils.outputs import sweep_stale_temporaries
 
     rank, world, device = denv.rank, denv.world_size, denv.device
-    _check_out(args.out)
+    _check_out(args)
 
     # Every checkpoint's config and lineage first: a window beyond a model's trained
     # length or a tokenizer mismatch fails before any work.
@@ -196,10 +213,7 @@ def _run(args: argparse.Namespace, denv) -> int:
     for ckpt in args.model:
         out["models"][ckpt] = _evaluate_model(args, ckpt, windows[ckpt], suite, device, rank)
     if rank == 0:
-        parent = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(parent, exist_ok=True)
-        atomic_write_text(args.out, json_text(out, args.out))
-        sweep_stale_temporaries(parent, os.path.basename(args.out))
+        _write_out(args, json_text(out, args.out))
         print(f"wrote {args.out}")
     return 0
 
@@ -229,17 +243,37 @@ def _window(args: argparse.Namespace, ckpt: str, config: dict, lineage) -> tuple
     return window, trained
 
 
-def _check_out(path: str) -> None:
-    """``--out`` is a JSON file to write: not a directory, not under a file."""
-    from megablocks_ablate.errors import ConfigError
+OUT_KIND = "eval"  # the kind its results' "format" (megablocks-ablate/eval@1) names
 
-    if os.path.isdir(path):
-        raise ConfigError(f"--out {path}: is a directory; give the path of a JSON file to write")
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise ConfigError(f"--out {path}: {parent} is a file, not a directory")
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """What eval reads, as paths: the models, every --eval-sets entry (its NAME=PATH
+    path and glob matches too) and --tokenizer; --out may be none of them nor inside."""
+    import glob
+
+    found = list(args.model) + ([args.tokenizer] if args.tokenizer else [])
+    for item in args.eval_sets:
+        for entry in {item, item.partition("=")[2]} - {""}:
+            found += [entry, *glob.glob(entry)]
+    return found
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out`` is a JSON file eval may write (see the module docstring); touches nothing."""
+    from megablocks_ablate.utils.output_files import check_output_file
+
+    check_output_file(args.out, OUT_KIND, overwrite=args.overwrite, inputs=_inputs(args))
+
+
+def _write_out(args: argparse.Namespace, text: str) -> None:
+    """Write ``--out`` atomically, checked again under its lock (another eval may have
+    written it while this one was evaluating)."""
+    from megablocks_ablate.utils.atomic import atomic_write_text
+    from megablocks_ablate.utils.output_files import claim_output_file, output_lock
+
+    with output_lock(args.out, f"eval --out {args.out}", timeout_s=None):
+        claim_output_file(args.out, OUT_KIND, overwrite=args.overwrite, inputs=_inputs(args))
+        atomic_write_text(args.out, text)
 
 
 def _report_header(args: argparse.Namespace, world: int, tokenizer, suite) -> dict:
@@ -288,7 +322,7 @@ def _evaluate_model(
     if rank == 0:
         print(f"{ckpt}:\n{results_table(results)}")
     return {
-        "lineage": lineage.to_dict(),
+        "lineage": lineage.to_dict(recorded_in=args.out),  # paths relative to --out
         "max_len": max_len,  # the window every document was scored in
         "trained_seq_len": trained,
         "results": {d: r.to_dict() for d, r in results.items()},

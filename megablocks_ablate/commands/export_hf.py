@@ -5,8 +5,9 @@
     megablocks-ablate import-hf ~/models/pythia-160m runs/pythia-seed   # a public seed
 
 Families: CohereForCausalLM (every preset), LlamaForCausalLM and GPTNeoXForCausalLM
-(Pythia). Import reads any safetensors directory of these (sharded too; pickle weights
-are refused); export writes the family the checkpoint's config describes, loadable with
+(Pythia). Import reads any safetensors directory of these (sharded too, every shard
+inside the directory; pickle weights and NaN/inf tensors are refused); export writes the
+family the checkpoint's config describes, loadable with
 ``transformers.AutoModelForCausalLM.from_pretrained`` (and so in lm-eval-harness and
 vLLM). A training run directory given as the checkpoint to export means its final/.
 """

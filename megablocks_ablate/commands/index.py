@@ -3,11 +3,19 @@
   index info PREFIX                       summary JSON with sequence-length statistics
   index validate PREFIX [PREFIX ...]      exit 0 if every dataset is valid, else 2
         [--tokenizer PATH | --manifest DIR]  ... and every token id is below the vocabulary
-                                          size (with --manifest and no PREFIX: its units,
-                                          and its held-out files against their sha256)
+                                          size (with --manifest: each unit's .bin/.idx
+                                          against the size and sha256 it records; with no
+                                          PREFIX, all its units and held-out files)
   index concat --out OUT PREFIX [...]     concatenate datasets of one dtype into OUT
 
 PREFIX may be given with or without its .idx/.bin suffix.
+
+concat writes OUT.bin and OUT.idx (built beside them and renamed into place once
+complete). Each is claimed first (utils/output_files.py): a new path is written; an
+existing file is replaced only when an earlier `index concat` wrote it (recorded in a
+sidecar .OUT.bin.megablocks-ablate.json) and --overwrite is given; an input dataset, a
+unit of a preprocess output or any other dataset or file concat did not write is refused,
+naming it, with nothing changed. Two concats into one OUT at once: the second is refused.
 """
 
 from __future__ import annotations
@@ -43,12 +51,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--manifest",
         metavar="DIR",
         help="also check token ids against the vocabulary size this preprocess output "
-        "records; without PREFIX, validate every unit it lists",
+        "records, and its units' .bin/.idx against the sizes and sha256 it records; "
+        "without PREFIX, validate every unit and held-out file it lists",
     )
     val.set_defaults(func=run_validate)
 
     cat = isub.add_parser("concat", help="concatenate datasets (same dtype) into one")
-    cat.add_argument("--out", required=True, metavar="OUT", help="output prefix")
+    cat.add_argument(
+        "--out",
+        required=True,
+        metavar="OUT",
+        help="output prefix: writes OUT.bin and OUT.idx (never over an input or a dataset "
+        "concat did not write)",
+    )
+    cat.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT.bin/.idx when an earlier `index concat` wrote them",
+    )
     cat.add_argument("prefixes", nargs="+", metavar="PREFIX")
     cat.set_defaults(func=run_concat)
 
@@ -125,18 +145,25 @@ def run_validate(args: argparse.Namespace) -> int:
     from megablocks_ablate.errors import DataFormatError
 
     vocab, prefixes = _validate_vocab(args)
+    recorded = _recorded_unit_files(args.manifest) if args.manifest else {}
     failed = 0
     for prefix in prefixes:
+        unit = recorded.get(os.path.realpath(prefix))
+        problems = _unit_file_problems(prefix, *unit) if unit else []
         try:
             s = validate_indexed(prefix, vocab_size=vocab)
         except DataFormatError as e:
+            problems.append(str(e))
+        if problems:
             failed += 1
-            print(f"error: {e}", file=sys.stderr)
+            for problem in problems:
+                print(f"error: {problem}", file=sys.stderr)
             continue
         ids = f", ids < {vocab}" if vocab is not None else ""
+        hashes = ", .bin/.idx hashes match the manifest" if unit else ""
         print(
             f"ok {prefix}: {s['sequences']} sequences, {s['documents']} documents, "
-            f"{s['tokens']} tokens, {s['dtype']}{ids}"
+            f"{s['tokens']} tokens, {s['dtype']}{ids}{hashes}"
         )
     checked = len(prefixes)
     if args.manifest and not args.prefixes:  # the whole manifest: its held-out files too
@@ -148,36 +175,99 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_unit_files(directory: str) -> dict[str, tuple[str, dict, str]]:
+    """Each unit of the manifest in ``directory`` by its prefix's real path: (what, its
+    record, the manifest file), for :func:`_unit_file_problems`."""
+    from megablocks_ablate.data.manifest import MANIFEST_NAME, Manifest
+
+    m = Manifest.load(directory)
+    where = os.path.join(m.root, MANIFEST_NAME)
+    return {
+        os.path.realpath(m.unit_prefix(u)): (f"unit {u!r}", info, where)
+        for u, info in m.units.items()
+    }
+
+
+def _recorded_file_problem(path: str, rec: object, what: str, where: str) -> str | None:
+    """Why ``path`` is not the file ``rec`` (``{"bytes"?, "sha256"}``) records for
+    ``what`` in ``where``; None when it is. Hashed afresh: validation reads every byte
+    anyway, and a cached hash would trust a file rewritten with its old stamp."""
+    from megablocks_ablate.utils.hashing import sha256_file
+
+    expected = rec.get("sha256") if isinstance(rec, dict) else None
+    if not isinstance(expected, str):
+        return f"{path}: {where} records no sha256 for it ({what})"
+    if not os.path.isfile(path):
+        return f"{path}: missing ({what} in {where})"
+    size = os.path.getsize(path)
+    if isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and size != rec["bytes"]:
+        return f"{path}: {size} bytes, {where} records {rec['bytes']} ({what})"
+    actual = sha256_file(path)
+    if actual != expected:
+        return (
+            f"{path}: sha256 {actual[:16]}... differs from the {expected[:16]}... recorded for "
+            f"{what} in {where}: the file changed after it was written; preprocess the data again"
+        )
+    return None
+
+
+def _unit_file_problems(prefix: str, what: str, info: dict, where: str) -> list[str]:
+    """Each of a unit's ``.bin``/``.idx`` that differs from the manifest's size or sha256."""
+    found = (
+        _recorded_file_problem(f"{prefix}.{ext}", info.get(ext), f"{what}'s .{ext}", where)
+        for ext in ("bin", "idx")
+    )
+    return [p for p in found if p]
+
+
 def _validate_heldout(directory: str) -> tuple[int, int]:
     """Check each held-out file the manifest lists (every partition's and, when units are
     partitions, every unit's) against its recorded sha256; (failed, checked)."""
     from megablocks_ablate.data.manifest import MANIFEST_NAME, Manifest
-    from megablocks_ablate.errors import DataFormatError
-    from megablocks_ablate.utils.verify import verify_sha256
 
     m = Manifest.load(directory)
     files = m.heldout_files()
     failed = 0
     for what, rec in files:
         path = os.path.join(m.root, rec["path"])
-        where = f"{what} in {m.root}/{MANIFEST_NAME}"
-        try:
-            if not os.path.isfile(path):
-                raise DataFormatError(f"{path}: missing ({where})")
-            verify_sha256(path, rec["sha256"], where, "preprocess the data again")
-        except DataFormatError as e:
+        problem = _recorded_file_problem(path, rec, what, os.path.join(m.root, MANIFEST_NAME))
+        if problem:
             failed += 1
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
             continue
         print(f"ok {path}: {what}, {rec.get('documents', '?')} documents, sha256 as recorded")
     return failed, len(files)
 
 
+CONCAT_KIND = "index-concat"  # what its output files' sidecars record
+
+
 def run_concat(args: argparse.Namespace) -> int:
-    from megablocks_ablate.data.indexed import concat_indexed, strip_suffix, validate_indexed
+    from megablocks_ablate.data.indexed import (
+        concat_indexed,
+        data_file_path,
+        index_file_path,
+        strip_suffix,
+        validate_indexed,
+    )
+    from megablocks_ablate.utils.output_files import (
+        check_output_file,
+        output_lock,
+        staged_output_files,
+    )
 
     out = strip_suffix(args.out)
-    concat_indexed([strip_suffix(p) for p in args.prefixes], out)
+    prefixes = [strip_suffix(p) for p in args.prefixes]
+    outs = [data_file_path(out), index_file_path(out)]
+    inputs = [f for p in prefixes for f in (data_file_path(p), index_file_path(p))]
+    claim = {"overwrite": args.overwrite, "inputs": inputs}
+    for path in outs:  # every refusal before the first write
+        check_output_file(path, CONCAT_KIND, **claim)
+    with (
+        output_lock(out, f"index concat --out {out}"),
+        staged_output_files(outs, CONCAT_KIND, **claim) as tmps,
+    ):
+        concat_indexed(prefixes, strip_suffix(tmps[0]))
     s = validate_indexed(out)
     print(
         f"wrote {out}.bin/.idx: {s['sequences']} sequences, {s['documents']} documents, "

@@ -1,13 +1,19 @@
 """`megablocks-ablate study`: plan, run and report a data-ablation study.
 
-    megablocks-ablate study plan configs/studies/demo.yaml [key=value ...]
-    megablocks-ablate study run configs/studies/demo.yaml [key=value ...] [--dry-run]
+    megablocks-ablate demo                  # builds demo_out/ and runs the study `demo`
+    megablocks-ablate study plan demo [key=value ...]
+    megablocks-ablate study run demo [key=value ...] [--dry-run]
     torchrun --nproc-per-node 8 -m megablocks_ablate study run study.yaml
-    megablocks-ablate study report --store runs/demo/results.sqlite [--out report/]
-    megablocks-ablate study report configs/studies/demo.yaml
-    megablocks-ablate study search configs/studies/demo.yaml --k 4 --domains docs,core
-    megablocks-ablate study export configs/studies/demo.yaml --mixture docs,core,gui
-    megablocks-ablate study optimize configs/studies/demo.yaml --budget 40 --domains docs
+    megablocks-ablate study report --store demo_out/study/results.sqlite [--out report/]
+    megablocks-ablate study report demo
+    megablocks-ablate study search demo --k 4 --domains docs,core
+    megablocks-ablate study export demo --mixture docs,core,gui
+    megablocks-ablate study optimize demo --budget 40 --domains docs
+
+A spec is a study YAML (relative paths in it are relative to its directory), or the name
+of a study preset shipped in the package (``demo``: ``megablocks-ablate config show
+study demo`` prints it; its paths are relative to the working directory, where
+``megablocks-ablate demo`` writes ``demo_out/``); a file of that name wins.
 
 ``plan`` checks the spec against the preprocessed data (every error names the spec
 field) and prints the partitions, every mixture, the seq validation mixtures, the
@@ -46,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="study YAML (see configs/studies/)")
+    p.add_argument("spec", help="study YAML, or a packaged study preset's name (demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
 
 
@@ -72,6 +78,19 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
         "--pool-dir",
         default=None,
         help="node-wide directory for host-placed pool rows (default /dev/shm)",
+    )
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    """How the models' recorded sha256 are checked (docs/reliability.md)."""
+    from megablocks_ablate.utils.verify import VERIFY_MODES
+
+    p.add_argument(
+        "--verify",
+        default="cached",
+        choices=VERIFY_MODES,
+        help="check each model against its recorded sha256 by a cache keyed on size, "
+        "mtime, ctime and inode (cached, default), or hash every file in full (full)",
     )
 
 
@@ -135,6 +154,7 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
     )
     _window_args(run)
     _pool_args(run)
+    _verify_args(run)
     run.add_argument(
         "--cpu-workers",
         type=ct.at_least_one,
@@ -157,11 +177,17 @@ def _add_run(actions: argparse._SubParsersAction) -> None:
 def _add_report(actions: argparse._SubParsersAction) -> None:
     report = actions.add_parser("report", help="write report/ from a study's results store")
     report.add_argument(
-        "spec", nargs="?", help="study YAML (the store is <out_dir>/results.sqlite)"
+        "spec",
+        nargs="?",
+        help="study YAML or packaged preset name (the store is <out_dir>/results.sqlite)",
     )
     report.add_argument("overrides", nargs="*", help="key=value overrides of the spec")
     report.add_argument("--store", help="results store (instead of a spec)")
-    report.add_argument("--out", help="report directory (default: report/ beside the store)")
+    report.add_argument(
+        "--out",
+        help="report directory (default: report/ beside the store); a directory holding "
+        "anything but an earlier report is refused",
+    )
     report.add_argument(
         "--bootstrap",
         type=ct.positive_int,
@@ -193,6 +219,7 @@ def _add_search(actions: argparse._SubParsersAction) -> None:
     search.add_argument("--beam", type=ct.positive_int, default=4, help="beam width (1 = greedy)")
     _window_args(search)
     _pool_args(search)
+    _verify_args(search)
     search.set_defaults(func=run_search)
 
 
@@ -264,6 +291,7 @@ def _add_optimize(actions: argparse._SubParsersAction) -> None:
     opt.add_argument("--out", help="result JSON (default: <out_dir>/optimize/<request hash>.json)")
     _window_args(opt)
     _pool_args(opt)
+    _verify_args(opt)
     opt.set_defaults(func=run_optimize)
 
 
@@ -281,7 +309,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_run(args: argparse.Namespace) -> int:
     from megablocks_ablate.ablate.runner import RunOptions, dry_run, load_study, run_study
+    from megablocks_ablate.utils.verify import set_verify_mode
 
+    set_verify_mode(args.verify)
     study = load_study(args.spec, args.overrides)  # every spec error before any work
     opts = RunOptions(
         registry=args.registry,
@@ -334,6 +364,7 @@ def run_report(args: argparse.Namespace) -> int:
             seed=args.seed,
             top_k=args.top_k,
             plots=not args.no_plots,
+            flag="--out" if args.out else "report directory",
         )
     print(summary.headline())
     return 0
@@ -384,7 +415,9 @@ def _pool_runner(study, args: argparse.Namespace):
     """A one-process study runner with the command's window and pool options (search,
     optimize)."""
     from megablocks_ablate.ablate.runner import RunOptions, StudyRunner
+    from megablocks_ablate.utils.verify import set_verify_mode
 
+    set_verify_mode(args.verify)
     return StudyRunner(
         study,
         RunOptions(

@@ -3,6 +3,13 @@
 megablocks-ablate tokenizer train --input 'corpus/*.jsonl.gz' --vocab-size 32000 --out tok
 megablocks-ablate tokenizer info tok.model
 megablocks-ablate tokenizer encode tok.model "some text"
+
+`train --out PREFIX` writes PREFIX.model and PREFIX.vocab, claimed first
+(utils/output_files.py): a new path is written; an existing tokenizer is replaced only
+when an earlier `tokenizer train` wrote it (recorded in a sidecar
+.PREFIX.model.megablocks-ablate.json) and --overwrite is given. Any other file there (a
+tokenizer of yours, an input) is refused, naming it, with nothing changed; so is a
+second `tokenizer train` into the same PREFIX while one runs.
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace PREFIX.model/.vocab when an earlier `tokenizer train` wrote them",
     )
     t.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     t.add_argument("--text-key", default="text", help="JSONL field holding the text")
@@ -76,21 +88,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_encode)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
+TOKENIZER_KIND = "tokenizer"
 
-    model = train_sentencepiece(
-        args.input,
-        args.out,
-        args.vocab_size,
-        model_type=args.model_type,
-        text_key=args.text_key,
-        max_documents=args.max_documents or None,
-        character_coverage=args.character_coverage,
-        byte_fallback=args.byte_fallback,
-        num_threads=args.threads,
-        seed=args.seed,
+
+def run_train(args: argparse.Namespace) -> int:
+    from megablocks_ablate.data.jsonl import expand_inputs
+    from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
+    from megablocks_ablate.utils.output_files import (
+        check_output_file,
+        output_lock,
+        staged_output_files,
     )
+
+    prefix = args.out[: -len(".model")] if args.out.endswith(".model") else args.out
+    outs = [prefix + ".model", prefix + ".vocab"]
+    claim = {"overwrite": args.overwrite, "inputs": expand_inputs(args.input)}
+    for path in outs:  # every refusal before any work
+        check_output_file(path, TOKENIZER_KIND, **claim)
+    with (
+        output_lock(prefix, f"tokenizer train --out {prefix}"),
+        staged_output_files(outs, TOKENIZER_KIND, **claim) as tmps,
+    ):
+        train_sentencepiece(
+            args.input,
+            tmps[0],
+            args.vocab_size,
+            model_type=args.model_type,
+            text_key=args.text_key,
+            max_documents=args.max_documents or None,
+            character_coverage=args.character_coverage,
+            byte_fallback=args.byte_fallback,
+            num_threads=args.threads,
+            seed=args.seed,
+        )
+    model = outs[0]
     tok = load_tokenizer(model)
     print(model)
     print(f"fingerprint {tok.fingerprint}")

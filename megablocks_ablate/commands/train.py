@@ -43,6 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the resolved config, documented, as YAML and exit",
     )
+    from megablocks_ablate.utils.verify import VERIFY_MODES
+
+    p.add_argument(
+        "--verify",
+        default="cached",
+        choices=VERIFY_MODES,
+        help="the seed (init_from) and unit data checked against their recorded sha256 by "
+        "a cache keyed on size, mtime, ctime and inode (cached, default), or hashed in full",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=run)
 
@@ -92,6 +101,9 @@ def load_config(config: str, overrides: list[str], unit_index: int | None = None
 
 
 def run(args: argparse.Namespace) -> int:
+    from megablocks_ablate.utils.verify import set_verify_mode
+
+    set_verify_mode(args.verify)
     cfg = load_config(args.config, args.overrides, args.unit_index)
     if args.print_config:
         print(cfg.to_commented_yaml(), end="")

@@ -26,7 +26,14 @@ Layout (``format: megablocks-ablate/manifest@1``)::
                        "heldout": {"path", "documents", "sha256"} | null}}
     }
 
-Paths inside are relative to the manifest's directory. A partition's ``heldout`` counts
+Paths inside are relative to the manifest's directory (:mod:`megablocks_ablate.utils.paths`):
+the files preprocess wrote always; the tokenizer, ``inputs`` and ``eval_sets`` when they
+were given relative (an absolute path is kept as given), so a manifest copied elsewhere
+with its tokenizer still finds it, from any working directory. Manifests written before
+recorded the tokenizer as typed (relative to preprocess's working directory); such a
+path is still found there when it is not beside the manifest (:attr:`Manifest.tokenizer_file`).
+``config`` is the settings as typed (their hash decides whether a rerun is the same
+run), never read for a path. A partition's ``heldout`` counts
 its held-out documents and their tokens (EOD included) and how many of them the
 held-out minimum (``heldout_min_docs``, :mod:`~megablocks_ablate.data.preprocess_minimum`)
 added; a partition without one says why in ``heldout_missing``, and the top-level
@@ -47,10 +54,17 @@ from dataclasses import dataclass
 
 from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.utils.atomic import atomic_write_json
+from megablocks_ablate.utils.paths import record_path, recorded_as_given, resolve_recorded
 from megablocks_ablate.utils.verify import verify_sha256
 
 MANIFEST_FORMAT = "megablocks-ablate/manifest@1"
 MANIFEST_NAME = "manifest.json"
+
+
+def record_in_manifest(path: str, out: str) -> str:
+    """``path`` (absolute, or relative to the working directory) as the manifest of the
+    preprocess output ``out`` records it: relative to ``out`` when given relative."""
+    return record_path(path, os.path.join(out, MANIFEST_NAME))
 
 
 @dataclass
@@ -96,6 +110,30 @@ class Manifest:
     @property
     def tokenizer_fingerprint(self) -> str:
         return self.data["tokenizer"]["fingerprint"]
+
+    @property
+    def path(self) -> str:
+        """The manifest file (absolute)."""
+        return os.path.join(self.root, MANIFEST_NAME)
+
+    @property
+    def tokenizer_file(self) -> str:
+        """Absolute path of the tokenizer file preprocess used: the recorded path
+        resolved against the manifest's directory (an older manifest's path relative to
+        the working directory is still found there when it is not beside the manifest)."""
+        return resolve_recorded(self.data["tokenizer"]["path"], self.path, cwd_fallback=True)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The tokenizer file in the form it was recorded: absolute when it was given
+        absolute, else relative to the working directory, so that a checkpoint records
+        it relative to itself in turn (see :mod:`megablocks_ablate.utils.paths`)."""
+        return recorded_as_given(self.data["tokenizer"]["path"], self.path, cwd_fallback=True)
+
+    def tokenizer_record(self) -> dict:
+        """The ``lineage.extra["tokenizer"]`` record of a model trained on this data:
+        ``{"path", "fingerprint"}``, the path as :attr:`tokenizer_path` gives it."""
+        return {"path": self.tokenizer_path, "fingerprint": self.tokenizer_fingerprint}
 
     def partition_units(self) -> dict[str, list[str]]:
         """partition -> its unit names, in unit order."""

@@ -49,7 +49,12 @@ import numpy as np
 
 from megablocks_ablate.config import Config, Count, doc
 from megablocks_ablate.data.jsonl import expand_inputs
-from megablocks_ablate.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, Manifest
+from megablocks_ablate.data.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    Manifest,
+    record_in_manifest,
+)
 from megablocks_ablate.data.partition import safe_name, split_units
 from megablocks_ablate.data.preprocess_checks import check_partition_fields, check_result
 from megablocks_ablate.data.preprocess_heldout import UNIT_HELDOUT_DIR, write_unit_heldout
@@ -466,11 +471,15 @@ def _manifest_data(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(),
         "config_hash": h,
-        "tokenizer": tokenizer.describe(),
+        # paths relative to the manifest when given relative (it travels with them)
+        "tokenizer": dict(tokenizer.describe(), path=record_in_manifest(tokenizer.path, cfg.out)),
         "dtype": dtype.name,
-        "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in files],
+        "inputs": [
+            {"path": record_in_manifest(p, cfg.out), "bytes": os.path.getsize(p)} for p in files
+        ],
         "eval_sets": [
-            {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in eval_files
+            {"path": record_in_manifest(p, cfg.out), "bytes": os.path.getsize(p)}
+            for p in eval_files
         ],
         "decontamination": decontam_stats,
         "totals": totals,

@@ -28,207 +28,120 @@ creation and removal happens under a per-row lock file (``flock``); each user ho
 shared ``flock`` on the row file while it has it mapped, and the last user to let go
 (its exclusive ``flock`` succeeds) unlinks it. Rows are written to a temporary name and
 renamed into place only once complete and finite, so a killed loader leaves no half
-row under the real name; a row left behind by a killed run has the right content for
-its name and is reused.
+row under the real name.
+
+Trust (:mod:`.pool_rows`): each row file's header records the sha256 of the checkpoint
+it was filled from (verified against the recorded hash the caller gives, or hashed),
+the seed of a delta row, the layout and dtype; a row is reused only while a live run
+holds it and its header is the identity needed, else it is built again. Rows a killed
+run left (no live holder) are removed when the next pool starts.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import glob
 import logging
-import mmap
 import os
-import tempfile
-import warnings
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from megablocks_ablate.checkpoint.model_dir import MODEL_FILE
 from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.merge.file_merge import DTYPE_LABELS
 from megablocks_ablate.merge.kernels import DTYPE_CODES, merge_into
 from megablocks_ablate.merge.pool import OpenedUnits, RowPool, Slot, open_units
 from megablocks_ablate.merge.pool_delta import Seed
-from megablocks_ablate.utils.hashing import sha256_json
+from megablocks_ablate.merge.pool_rows import (
+    ROW_PREFIX,
+    RowFile,
+    default_host_dir,
+    host_dir_usage,
+    identity_file_name,
+    row_identity,
+    sweep_unheld_rows,
+)
+from megablocks_ablate.utils.verify import file_identity, file_sha256, verify_sha256
+
+__all__ = [
+    "ROW_PREFIX",
+    "STAGING_BYTES",
+    "HostPool",
+    "RowFile",
+    "default_host_dir",
+    "host_dir_usage",
+    "row_file_name",
+    "row_key",
+]
 
 logger = logging.getLogger(__name__)
 
 # Device staging for host rows: two buffers of k x chunk elements, 512 MiB in all.
 STAGING_BYTES = 512 << 20
-ROW_PREFIX = "mba-pool-"
-_CUDA_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the rows are PROT_READ
-
-
-def default_host_dir() -> str:
-    """``/dev/shm`` (node-wide shared memory) where it exists and is writable, else the
-    temp dir."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        return shm
-    return tempfile.gettempdir()
 
 
 def row_key(checkpoint: str) -> str:
-    """A stand-in content key for a checkpoint when no hash is given: its weights file's
-    real path, size and modification time."""
-    path = os.path.realpath(os.path.join(checkpoint, "model.safetensors"))
-    st = os.stat(path)
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    """A checkpoint's content key when none is given: the sha256 of its weights file
+    (cached while its identity holds; :mod:`megablocks_ablate.utils.verify`)."""
+    return file_sha256(os.path.join(checkpoint, MODEL_FILE))
+
+
+def _layout(slots: list[Slot]) -> list:
+    return [[s.name, list(s.shape)] for s in slots]
 
 
 def row_file_name(
     key: str, slots: list[Slot], dtype: torch.dtype, seed_hash: str | None = None
 ) -> str:
-    """The row file of a unit: content key + row layout (tensor names, shapes, order) +
-    dtype, and for a delta row (``seed_hash``: the seed it is the difference from) the
-    format and that seed, so two pools share a row exactly when its bytes would be
-    identical."""
-    layout = [[s.name, list(s.shape)] for s in slots]
-    what: dict = {"key": key, "layout": layout, "dtype": str(dtype)}
-    if seed_hash is not None:  # plain rows keep the names they always had
-        what.update(format="delta", seed=seed_hash)
-    digest = sha256_json(what)
-    return f"{ROW_PREFIX}{digest[:32]}.row"
+    """The row file of a unit: content key (its checkpoint's sha256) + row layout (tensor
+    names, shapes, order) + dtype, and for a delta row (``seed_hash``: the seed it is the
+    difference from) that seed, so two pools share a row exactly when its bytes would be
+    identical. The file's header records the same (:func:`.pool_rows.row_identity`)."""
+    numel = sum(s.numel for s in slots)
+    return identity_file_name(row_identity(key, _layout(slots), dtype, numel, seed_hash))
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if needed). A lock file unlinked by
-    its last user while we waited is not the lock any more: retry on the new one."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                yield
-                return
-        finally:
-            os.close(fd)
+_SEED = "\0seed"  # the seed's entry among the sources (no unit can have this name)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _fill_row(opened: OpenedUnits, i: int, base: torch.Tensor | None):
+    return lambda row: opened.fill_row(i, row, base=base)
 
 
-class RowFile:
-    """One unit's row, mapped read-only from its node-wide file (see the module
-    docstring); :meth:`close` unmaps it and removes the file if no one else uses it."""
+@dataclass
+class _RowMaker:
+    """Attaches row files in ``directory`` for the units of ``opened``, each named and
+    headed by its identity (:func:`.pool_rows.row_identity`); a source whose identity
+    is not ``before``'s once its row is filled is refused."""
 
-    def __init__(self, path: str, numel: int, dtype: torch.dtype, fd: int, created: bool):
-        self.path, self.numel, self.dtype, self.created = path, numel, dtype, created
-        self._fd = fd
-        st = os.fstat(fd)
-        self.inode = (st.st_dev, st.st_ino)
-        self._mm = mmap.mmap(fd, numel * dtype.itemsize, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        with warnings.catch_warnings():  # read-only by design: any write would be a bug
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            self.tensor: torch.Tensor | None = torch.frombuffer(self._mm, dtype=dtype)
-        self._pinned: int | None = None
+    directory: str
+    opened: OpenedUnits
+    sources: dict[str, str]
+    before: dict[str, list[int]]
 
-    @classmethod
-    def attach(cls, path: str, numel: int, dtype: torch.dtype, fill) -> RowFile:
-        """Map the row file at ``path``, creating it with ``fill(row_tensor)`` if it does
-        not exist yet; the shared ``flock`` taken here marks this process as a user."""
-        nbytes = numel * dtype.itemsize
-        with _locked(path + ".lock"):
-            created = False
-            if os.path.exists(path) and os.path.getsize(path) != nbytes:
+    def attach(
+        self,
+        unit: str,
+        sha256: str,
+        seed_sha256: str | None,
+        dtype: torch.dtype,
+        fill: Callable[[torch.Tensor], None],
+    ) -> RowFile:
+        slots, numel = self.opened.slots, self.opened.num_params
+        identity = row_identity(sha256, _layout(slots), dtype, numel, seed_sha256)
+        source = self.sources[unit]
+
+        def checked_fill(row: torch.Tensor) -> None:
+            fill(row)
+            if file_identity(source) != self.before.get(unit):
                 raise DataFormatError(
-                    f"{path}: pool row file of {os.path.getsize(path)} bytes, expected "
-                    f"{nbytes}; remove it (no study run may be using it)"
+                    f"{source}: changed while the pool read it (its row would not hold "
+                    "the bytes that were checked); run again"
                 )
-            if not os.path.exists(path):
-                _write_row(path, numel, dtype, fill)
-                created = True
-            fd = os.open(path, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        return cls(path, numel, dtype, fd, created)
 
-    def pin(self) -> bool:
-        """Page-lock the mapping for asynchronous host-to-device copies (CUDA)."""
-        if self._pinned is not None or self.tensor is None:
-            return self._pinned is not None
-        ptr, size = self.tensor.data_ptr(), self.numel * self.dtype.itemsize
-        try:
-            rc = torch.cuda.cudart().cudaHostRegister(ptr, size, _CUDA_HOST_REGISTER_READ_ONLY)
-        except (RuntimeError, AttributeError):  # no CUDA runtime binding: stay pageable
-            return False
-        if int(rc) != 0:
-            return False
-        self._pinned = ptr
-        return True
-
-    def close(self) -> None:
-        if self._fd < 0:
-            return
-        if self._pinned is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._pinned)
-            self._pinned = None
-        self.tensor = None
-        # a view of the row still alive keeps the mapping; it goes with that view
-        with contextlib.suppress(BufferError):
-            self._mm.close()
-        with _locked(self.path + ".lock"):
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                last = True
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                last = False
-            if last:  # no one else holds it, and no one can start to (we hold the lock)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path + ".lock")
-            os.close(self._fd)
-        self._fd = -1
-
-
-def _write_row(path: str, numel: int, dtype: torch.dtype, fill) -> None:
-    """Fill a temporary file beside ``path`` and rename it into place (under the lock)."""
-    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a killed loader
-        pid = stale.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            os.unlink(stale)
-    nbytes = numel * dtype.itemsize
-    directory = os.path.dirname(path) or "."
-    vfs = os.statvfs(directory)
-    if vfs.f_bavail * vfs.f_frsize < nbytes:
-        raise ConfigError(
-            f"{directory}: {vfs.f_bavail * vfs.f_frsize:,} bytes free, a pool row needs "
-            f"{nbytes:,}; enlarge it (a container's /dev/shm: --shm-size) or set the pool's "
-            "host directory elsewhere (--pool-dir)"
-        )
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, nbytes)
-        row = torch.from_file(tmp, shared=True, size=numel, dtype=dtype)
-        fill(row)
-        del row
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
+        path = os.path.join(self.directory, identity_file_name(identity))
+        return RowFile.attach(path, numel, dtype, checked_fill, identity)
 
 
 @dataclass
@@ -289,39 +202,44 @@ class HostPool(RowPool):
         seed: Seed | None = None,
     ) -> HostPool:
         """Map (creating where missing) one node-wide row file per unit in ``host_dir``
-        (default :func:`default_host_dir`); ``keys`` names each unit's content (its
-        checkpoint hash), else :func:`row_key` stands in. ``seed`` (verified, see
-        :mod:`.pool_delta`): the rows are ``unit - seed``, the fp32 seed one more file."""
+        (default :func:`default_host_dir`). ``keys``: each unit's recorded checkpoint
+        hash, checked against its weights (cached, :mod:`megablocks_ablate.utils.verify`;
+        a mismatch is a DataFormatError); a unit without one is hashed. ``seed``
+        (verified, see :mod:`.pool_delta`): the rows are ``unit - seed``, the fp32 seed
+        one more file. Rows no live run holds are removed first (see :mod:`.pool_rows`)."""
         if dtype not in DTYPE_CODES:
             raise ConfigError(f"pool dtype must be fp32, bf16 or fp16, got {dtype}")
+        sources = {u: os.path.join(d, MODEL_FILE) for u, d in checkpoints.items()}
+        if seed is not None:
+            sources[_SEED] = seed.path
+        # identities before anything is read: a file replaced or edited from here until
+        # its row is filled is refused (the row would not be the bytes that were hashed)
+        before = {u: file_identity(p) for u, p in sources.items() if os.path.isfile(p)}
         opened = open_units(checkpoints, allow_different_seed, seed)
         directory = host_dir or default_host_dir()
         os.makedirs(directory, exist_ok=True)
+        sweep_unheld_rows(directory)
         files: list[RowFile] = []
         base_file: RowFile | None = None
         try:
+            hashes = {
+                u: verify_sha256(
+                    sources[u],
+                    (keys or {}).get(u),
+                    f"the pool's unit model {u!r}",
+                    "the checkpoint changed since its hash was taken; run again",
+                )
+                for u in opened.units
+            }
+            rows = _RowMaker(directory, opened, sources, before)
             base = None
             if seed is not None:
-                name = row_file_name(seed.sha256, opened.slots, torch.float32)
-                base_file = RowFile.attach(
-                    os.path.join(directory, name),
-                    opened.num_params,
-                    torch.float32,
-                    opened.fill_seed,
-                )
+                base_file = rows.attach(_SEED, seed.sha256, None, torch.float32, opened.fill_seed)
                 base = base_file.tensor
             delta_of = seed.sha256 if seed is not None else None
             for i, unit in enumerate(opened.units):
-                key = (keys or {}).get(unit) or row_key(checkpoints[unit])
-                path = os.path.join(directory, row_file_name(key, opened.slots, dtype, delta_of))
-                files.append(
-                    RowFile.attach(
-                        path,
-                        opened.num_params,
-                        dtype,
-                        lambda row, i=i: opened.fill_row(i, row, base=base),
-                    )
-                )
+                fill = _fill_row(opened, i, base)
+                files.append(rows.attach(unit, hashes[unit], delta_of, dtype, fill))
         except BaseException:
             for f in [*files, *([base_file] if base_file is not None else [])]:
                 f.close()
@@ -436,9 +354,3 @@ def _carve(buf: torch.Tensor, xs: list[torch.Tensor], chunk: int) -> list[torch.
 def _close_all(files: list[RowFile]) -> None:
     for f in files:
         f.close()
-
-
-def host_dir_usage(directory: str) -> dict[str, int]:
-    """Row files in ``directory`` and their bytes (for tests and diagnostics)."""
-    rows = glob.glob(os.path.join(glob.escape(directory), ROW_PREFIX + "*.row"))
-    return {"files": len(rows), "bytes": sum(os.path.getsize(p) for p in rows)}

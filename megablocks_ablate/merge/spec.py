@@ -248,6 +248,17 @@ _KINDS = {
 # ----------------------------------------------------------------------------- the spec
 
 
+def load_yaml(path: str) -> Any:
+    """The parsed YAML of a merge spec (or a mergekit config: ``merge`` reads both)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read merge spec ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+
 def _resolve_run_dirs(ckpts: dict[str, str], source: str) -> dict[str, str]:
     """Each checkpoint path with a training run directory replaced by its final/; an
     unfinished run is refused, naming the spec entry and the run's latest checkpoint."""
@@ -325,13 +336,11 @@ class MergeSpec:
     @classmethod
     def load(cls, path: str) -> MergeSpec:
         """Read a YAML spec; relative checkpoint paths are relative to the file."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read merge spec ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        return cls.from_file_data(load_yaml(path), path)
+
+    @classmethod
+    def from_file_data(cls, d: Any, path: str) -> MergeSpec:
+        """A spec from the parsed contents of the file ``path`` (see :meth:`load`)."""
         return cls.from_dict(d, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     @property

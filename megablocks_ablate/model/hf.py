@@ -30,7 +30,7 @@ import shutil
 
 import torch
 
-from megablocks_ablate.errors import ConfigError, DataFormatError, NonFiniteError
+from megablocks_ablate.errors import ConfigError, DataFormatError
 from megablocks_ablate.model.config import ModelConfig
 
 HF_ARCH = "CohereForCausalLM"  # the default family (every preset)
@@ -497,17 +497,6 @@ def _get(state: dict, name: str, where: str = "checkpoint") -> torch.Tensor:
         raise DataFormatError(f"{where}: missing tensor {name!r}") from None
 
 
-def _refuse_non_finite(state: dict[str, torch.Tensor], where: str) -> None:
-    """NonFiniteError naming the first floating-point tensor that holds NaN/inf."""
-    for name, t in state.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int(t.numel() - torch.isfinite(t).sum())
-            raise NonFiniteError(
-                f"{where}: tensor {name!r} has {bad} non-finite values (NaN/inf); refusing "
-                "to export a model whose training diverged"
-            )
-
-
 # ---- directories ----------------------------------------------------------------------
 
 
@@ -570,12 +559,20 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
     """
     from safetensors.torch import save_file
 
-    from megablocks_ablate.checkpoint import load_model_checkpoint, staged_checkpoint_dir
+    from megablocks_ablate.checkpoint import (
+        check_finite_state,
+        load_model_checkpoint,
+        staged_checkpoint_dir,
+    )
     from megablocks_ablate.utils.outputs import write_marker
 
     state, cfg_dict, lineage = load_model_checkpoint(ckpt_dir)
     cfg = ModelConfig.from_dict(cfg_dict, _path=os.path.join(ckpt_dir, "config.json"))
-    _refuse_non_finite(state, os.path.join(ckpt_dir, "model.safetensors"))
+    check_finite_state(
+        state,
+        os.path.join(ckpt_dir, "model.safetensors"),
+        "refusing to export a model whose training diverged",
+    )
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ConfigError(f"tokenizer: {tokenizer} does not exist")
     if tokenizer is None:
@@ -585,7 +582,9 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
     with staged_checkpoint_dir(out_dir) as tmp:
         ids = _tokenizer_files(tokenizer, tmp, lineage.tokenizer_fingerprint) if tokenizer else {}
         hf_cfg = to_hf_config(cfg, dtype, ids)
-        hf_cfg[OUR_KEY] = {"model": cfg.to_dict(), "lineage": lineage.to_dict()}
+        # the lineage's relative paths recorded relative to the export (utils/paths.py)
+        lineage_rec = lineage.to_dict(recorded_in=os.path.join(out_dir, "config.json"))
+        hf_cfg[OUR_KEY] = {"model": cfg.to_dict(), "lineage": lineage_rec}
         save_file(hf_state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_cfg, f, indent=2)
@@ -596,35 +595,13 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
     return out_dir
 
 
-def _read_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single = os.path.join(hf_dir, "model.safetensors")
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(hf_dir, shard)))
-        return state
-    if any(
-        os.path.isfile(os.path.join(hf_dir, n))
-        for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-    ):
-        raise DataFormatError(
-            f"{hf_dir}: only pickle weights (pytorch_model.bin); convert them to "
-            "safetensors first (we never unpickle untrusted files)"
-        )
-    raise DataFormatError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-
-
 def import_hf(hf_dir: str, out_ckpt: str) -> str:
     """Read a Cohere, Llama or GPT-NeoX directory (ours or anyone's) into a checkpoint of
-    kind ``imported``; any other architecture is a ConfigError naming the supported ones."""
+    kind ``imported``; any other architecture is a ConfigError naming the supported ones.
+    Its weight files are read by :func:`~megablocks_ablate.model.hf_files.read_hf_weights`
+    (shards confined to ``hf_dir``, every tensor finite)."""
     from megablocks_ablate.checkpoint import Lineage, save_model_checkpoint
+    from megablocks_ablate.model.hf_files import read_hf_weights
 
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -635,7 +612,7 @@ def import_hf(hf_dir: str, out_ckpt: str) -> str:
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{cfg_path}: invalid JSON ({e})") from None
     cfg = from_hf_config(hf_cfg, cfg_path)
-    state = from_hf_state_dict(_read_hf_weights(hf_dir), cfg, where=hf_dir)
+    state = from_hf_state_dict(read_hf_weights(hf_dir), cfg, where=hf_dir)
     previous = (hf_cfg.get(OUR_KEY) or {}).get("lineage") or {}
     extra = {"source": os.path.abspath(hf_dir)}
     tok = next(

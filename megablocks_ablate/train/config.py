@@ -241,8 +241,10 @@ class TrainConfig(Config):
     nan_policy: Literal["stop", "skip", "rollback"] = doc(
         "a step whose loss or gradients are NaN/inf: stop (fail, naming the step and the "
         "first non-finite tensor; no final model), skip (drop that step's update with a "
-        "warning; stop after nan_max_skips in a row), rollback (restore the newest step "
-        "checkpoint and continue; stop if there is none or the same step diverges again)",
+        "warning; stop after nan_max_skips in a row, and without a final model when the "
+        "last step was skipped), rollback (restore the newest step checkpoint and continue; "
+        "stop if there is none or the same step diverges again). Under every policy a "
+        "final model with a NaN/inf weight is never written",
         "stop",
     )
     nan_max_skips: int = doc(

@@ -16,6 +16,11 @@ shards included, names the same one.
 schedule moves on) and stops after ``nan_max_skips`` skipped steps in a row;
 ``rollback`` restores the newest step checkpoint and continues from it, and stops when
 there is none or when the same step diverges again.
+
+Whatever the policy, a run is certified (``final/`` and ``COMPLETE.json``) only when
+its last step trained (:meth:`DivergenceGuard.check_end`: a run whose last steps were
+skipped diverged for good, and its final loss is undefined) and its weights are finite
+(the trainer's check, :func:`megablocks_ablate.checkpoint.check_finite_state`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ POLICIES = ("stop", "skip", "rollback")
 INJECT_ENV = "MBA_TRAIN_INJECT_NAN"
 LOSS = "loss"
 GRAD_NORM = "grad_norm"  # every gradient finite, yet their norm overflowed
+NOT_CERTIFIED = (
+    "no final model or COMPLETE.json is written; step checkpoints before it are kept for debugging"
+)
 
 
 @dataclass
@@ -189,6 +197,34 @@ class DivergenceGuard:
             self.rollbacks.append({"step": check.step, "to": checkpoint_step})
             return "rollback"
         raise self.error(check, "stopping (nan_policy=stop)")
+
+    def trailing_skips(self, total: int) -> int:
+        """How many steps in a row, ending with step ``total``, were skipped."""
+        skipped, n = set(self.skipped), 0
+        while total - n in skipped:
+            n += 1
+        return n
+
+    def check_end(self, total: int, loss: float | None) -> None:
+        """Refuse to certify a run that ended on skipped steps (``nan_policy=skip``: the
+        model never trained past them, so its final loss is undefined) or whose final
+        loss is not a finite number. The skips and the loss are all-reduced values, so
+        every rank decides alike."""
+        tail = self.trailing_skips(total)
+        if tail:
+            steps = f"step {total}" if tail == 1 else f"steps {total - tail + 1}-{total}"
+            raise NonFiniteError(
+                f"{self.where}: training ended on skipped steps: {steps} of {total} had a "
+                f"non-finite loss or gradient and {'was' if tail == 1 else 'were'} skipped "
+                f"(nan_policy=skip), so the trained model's final loss is undefined; "
+                f"{NOT_CERTIFIED}. Lower optimizer.lr, or set nan_policy=rollback with "
+                "checkpoint.every"
+            )
+        if loss is None or not math.isfinite(loss):
+            raise NonFiniteError(
+                f"{self.where}: the final loss (step {total}) is undefined ({loss}); "
+                f"{NOT_CERTIFIED}"
+            )
 
     def error(self, check: StepCheck, why: str) -> NonFiniteError:
         return NonFiniteError(

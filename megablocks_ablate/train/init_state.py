@@ -16,7 +16,7 @@ The order of checks, each refusing with the file named:
    final/, not by the run that finished it): one warning, and a fresh optimizer;
 2. ``optimizer.safetensors`` against the sha256 the trainer recorded for it
    (COMPLETE.json's ``optimizer_sha256``, a step checkpoint's trainer_state.json), the
-   way ``init_from``'s weights are checked;
+   way ``init_from``'s weights are checked, and for NaN/inf (the tensor named);
 3. the parameter names of every param group against this run's optimizer (first
    missing or unexpected name, or the first position where a group's order differs:
    name-keyed state loaded in another order would give a parameter another one's
@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from megablocks_ablate.checkpoint import check_finite_state
 from megablocks_ablate.errors import DataFormatError
 from megablocks_ablate.train import state as st
 from megablocks_ablate.utils.verify import verify_sha256
@@ -141,6 +142,17 @@ def load_seed_optimizer(
         return init_record(FRESH, None)
     run_once(lambda: verify_optimizer_file(path, expected, source))
     osd = st.load_optimizer_state(path)
+    check_finite_state(
+        {
+            f"{n}/{k}": v
+            for n, e in osd["state"].items()
+            for k, v in e.items()
+            if torch.is_tensor(v)
+        },
+        os.path.join(path, st.OPTIM_TENSORS),
+        "the init_from checkpoint's optimizer state is broken: set init_optimizer=fresh, or "
+        "give another init_from",
+    )
     check_names(osd, group_names(named, optimizer), path)
     own = own_hyperparameters(optimizer)
     for group, mine in zip(osd["param_groups"], own, strict=True):

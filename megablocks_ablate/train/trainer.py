@@ -21,9 +21,11 @@ A continued run (``init_from``) starts from that model's weights, and with
 always from its own checkpoint.
 
 Before the first step the inputs are verified (``init_from`` against its recorded
-sha256, the units against the manifest, token ids against the vocabulary); every step
-checks its loss and gradient norm before the optimizer steps, and a non-finite one
-stops, skips or rolls back by ``nan_policy`` (:mod:`.divergence`).
+sha256 and for finite weights, the units against the manifest, token ids against the
+vocabulary); every step checks its loss and gradient norm before the optimizer steps,
+and a non-finite one stops, skips or rolls back by ``nan_policy`` (:mod:`.divergence`).
+``final/`` and ``COMPLETE.json`` are written only when the last step trained and every
+final weight is finite.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from megablocks_ablate import errors
 from megablocks_ablate.checkpoint import (
     MODEL_FILE,
     Lineage,
+    check_finite_state,
     load_model_checkpoint,
     resolve_checkpoint_dir,
 )
@@ -57,6 +60,7 @@ from megablocks_ablate.train.distributed import (
     distributed_session,
 )
 from megablocks_ablate.train.divergence import (
+    NOT_CERTIFIED,
     DivergenceGuard,
     NanInjector,
     StepCheck,
@@ -185,6 +189,12 @@ class Trainer:
                 f"init_from {path}: trained with tokenizer {fp}, but "
                 f"{self.cfg.data.manifest} uses {self.manifest.tokenizer_fingerprint}"
             )
+        check_finite_state(
+            state,
+            os.path.join(path, MODEL_FILE),
+            f"the init_from checkpoint {path} holds broken weights and no run can start from "
+            "it: give another init_from, or train that model again",
+        )
         try:
             model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()}, strict=True)
         except RuntimeError as e:
@@ -236,6 +246,8 @@ class Trainer:
             set_optimizer_state_dict,
         )
 
+        where, fix = os.path.join(self.resume_dir, MODEL_FILE), "delete its step directory"
+        check_finite_state(ckpt["model"], where, f"{fix} to resume from an earlier one")
         opts = StateDictOptions(full_state_dict=True)
         try:
             set_model_state_dict(model, ckpt["model"], options=opts)
@@ -283,9 +295,6 @@ class Trainer:
         return step * self.cfg.global_batch * self.cfg.seq_len
 
     def _lineage(self, step: int) -> Lineage:
-        from megablocks_ablate.data.tokenizer import tokenizer_record
-
-        tok = self.manifest.data["tokenizer"]
         return Lineage(
             kind=self.cfg.kind,
             seed_hash=self.seed_hash,
@@ -300,10 +309,10 @@ class Trainer:
                 **self.optimizer_init,
                 "seq_len": self.cfg.seq_len,
                 "global_batch": self.cfg.global_batch,
-                # the tokenizer travels with the weights (eval and export-hf find it)
-                "tokenizer": tokenizer_record(
-                    tok["path"], self.manifest.tokenizer_fingerprint, base=self.manifest.root
-                ),
+                # the tokenizer travels with the weights (eval and export-hf find it);
+                # lineage.json records it relative to the checkpoint when the manifest
+                # records it relative
+                "tokenizer": self.manifest.tokenizer_record(),
             },
         )
 
@@ -550,6 +559,7 @@ class Trainer:
     def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        self.guard.check_end(total, loss)  # the last step trained, its loss is defined
         optim_sd = None
         if self.cfg.checkpoint.final_optimizer:  # a collective: every rank takes part
             model_sd, optim_sd = self._full_states(model, optimizer)
@@ -557,6 +567,8 @@ class Trainer:
             model_sd = get_model_state_dict(
                 model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
+        where = f"{self.out_dir}: the trained model after step {total}"  # before any write
+        self._on_main(lambda: check_finite_state(model_sd, where, NOT_CERTIFIED))
         if self.env.is_main:
             st.save_final(
                 self.out_dir,

@@ -20,6 +20,10 @@ An output replaced as a whole only once its successor is complete (preprocess
 removed; :func:`recover_swap` undoes a swap killed between its renames, and
 :func:`side_dirs` recognises a dead writer's staging directory as ours.
 
+Single output files (eval results, concatenated datasets, tokenizers) are claimed the
+same way by :mod:`megablocks_ablate.utils.output_files`, which also holds the lock that
+lets one writer at a time write an output.
+
 Interrupted writes leave hidden temporaries (``.<name>.<host>-<pid>.<random>.tmp``)
 beside their target; :func:`sweep_stale_temporaries` removes those whose process is
 gone, so the next successful run of the same command leaves none behind.
@@ -54,6 +58,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], ...]] = {
     "study": (("results.sqlite",), ("pool",), ("seq",)),
     "demo": (("study.yaml",), ("corpus.jsonl",), ("tokenizer.model",)),
     "gpu-suite": (("summary.json", "rows"),),  # benchmarks/gpu_suite.sh --out DIR
+    "report": (("report.md", "summary.json"),),  # study report --out DIR
 }
 # Temporaries on other hosts are left alone unless this old (their pid says nothing here).
 FOREIGN_TMP_AGE_S = 24 * 3600

@@ -74,3 +74,47 @@ def test_merges_inherit_the_minimum(caplog):
     with caplog.at_level(logging.WARNING, logger="megablocks_ablate.checkpoint.lineage"):
         assert merged_seq_len(unknown, "m.yaml") is None  # its reader falls back and warns
     assert "input old records no trained_seq_len" in caplog.records[0].getMessage()
+
+
+def test_paths_are_recorded_relative_to_the_checkpoint(tmp_path, monkeypatch):
+    """Parents and the tokenizer record travel with the checkpoint (utils/paths.py): a
+    path given relative is stored relative to the checkpoint directory and read back
+    against it; an absolute one is kept as given."""
+    (tmp_path / "study" / "seed").mkdir(parents=True)
+    (tmp_path / "study" / "tok.model").write_bytes(b"t")
+    monkeypatch.chdir(tmp_path)
+    lin = Lineage(
+        "unit",
+        parents=["study/seed", "/abs/other"],
+        extra={"tokenizer": {"path": "study/tok.model", "fingerprint": "f"}},
+    )
+    d = os.path.join("study", "pool", "u", "final")
+    save_model_checkpoint(d, {"w": torch.zeros(2)}, {"max_seq_len": 8}, lin)
+    with open(os.path.join(d, "lineage.json")) as f:
+        raw = json.load(f)
+    up3 = os.path.join("..", "..", "..")
+    assert raw["parents"] == [os.path.join(up3, "seed"), "/abs/other"]
+    assert raw["extra"]["tokenizer"] == {"path": os.path.join(up3, "tok.model"), "fingerprint": "f"}
+    assert lin.parents == ["study/seed", "/abs/other"]  # the object is not changed
+    # the study moves and is read from elsewhere: the same files, relative to here
+    os.rename(tmp_path / "study", tmp_path / "moved")
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    _, got = read_checkpoint_meta(str(tmp_path / "moved" / "pool" / "u" / "final"))
+    assert got.parents == [os.path.join("..", "moved", "seed"), "/abs/other"]
+    assert got.extra["tokenizer"]["path"] == os.path.join("..", "moved", "tok.model")
+    assert os.path.isfile(got.extra["tokenizer"]["path"])
+
+
+def test_an_older_lineage_relative_to_the_working_directory_is_still_read(tmp_path, monkeypatch):
+    (tmp_path / "tok.model").write_bytes(b"t")
+    d = tmp_path / "ckpt"
+    save_model_checkpoint(str(d), {"w": torch.zeros(2)}, {"max_seq_len": 8}, Lineage("seed"))
+    with open(d / "lineage.json") as f:
+        raw = json.load(f)
+    raw["extra"]["tokenizer"] = "tok.model"  # as the trainer's working directory had it
+    (d / "lineage.json").write_text(json.dumps(raw))
+    monkeypatch.chdir(tmp_path)
+    assert read_checkpoint_meta(str(d))[1].extra["tokenizer"] == "tok.model"
+    (d / "tok.model").write_bytes(b"u")  # beside the checkpoint too: that one
+    assert read_checkpoint_meta(str(d))[1].extra["tokenizer"] == os.path.join("ckpt", "tok.model")

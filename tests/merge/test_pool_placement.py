@@ -18,7 +18,7 @@ import pytest
 import torch
 from merge_fixtures import CONFIG, TinyLM, merged_flats, write_family
 
-from megablocks_ablate.errors import ConfigError, DataFormatError
+from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.merge import pool_placement as pp
 from megablocks_ablate.merge.pool import ModelPool
 from megablocks_ablate.merge.pool_delta import find_seed
@@ -187,7 +187,7 @@ def test_host_pool_equals_model_pool_and_shares_its_rows(tmp_path):
     assert os.listdir(shm) == []  # the last user removed rows and locks
 
 
-def test_host_rows_refuse_a_wrong_size_and_clean_stale_temp_files(tmp_path):
+def test_host_rows_left_unheld_are_rebuilt_and_stale_temp_files_cleaned(tmp_path):
     _, ckpts = write_family(str(tmp_path))
     shm = tmp_path / "shm"
     shm.mkdir()
@@ -197,10 +197,17 @@ def test_host_rows_refuse_a_wrong_size_and_clean_stale_temp_files(tmp_path):
     pool.close()
     assert names[0] == row_file_name(row_key(ckpts["cs_0"]), slots, torch.float32)
     (shm / (names[0] + ".tmp.999999999")).write_bytes(b"half")  # a killed loader's
-    (shm / names[1]).write_bytes(b"short")
-    with pytest.raises(DataFormatError, match="pool row file of 5 bytes"):
-        HostPool.from_checkpoints(ckpts, dtype=torch.float32, host_dir=str(shm))
+    (shm / names[1]).write_bytes(b"short")  # no live run holds it: never used
+    pool = HostPool.from_checkpoints(ckpts, dtype=torch.float32, host_dir=str(shm))
+    assert all(f.created for f in pool.files)
     assert not (shm / (names[0] + ".tmp.999999999")).exists()
+    want = _single(ckpts, [[0.3, 0.3, 0.4]])[0]
+    model = TinyLM(**CONFIG)
+    flat = pool.bind(model)
+    pool.merge_into(model, [0.3, 0.3, 0.4])
+    assert torch.equal(flat, want)
+    pool.close()
+    assert os.listdir(shm) == []
 
 
 def test_open_pool_without_a_group_refuses_sharding(tmp_path, monkeypatch):

@@ -177,6 +177,7 @@ def test_unit_index_picks_the_pool_order(train_manifest):
 # fmt: off
 PINNED = [
     ('1.1b_seed', 'runs/1.1b/seed', None, 42000000000, 2048, 2097152, 4, 0.0003, None, 0.01, 0.0, 3e-05, ['*'], 'tokens', 1000, 2, 'fsdp', [], 'fresh', True),
+    ('1.1b_seed_mb8', 'runs/1.1b/seed', None, 42000000000, 2048, 2097152, 8, 0.0003, None, 0.01, 0.0, 3e-05, ['*'], 'tokens', 1000, 2, 'fsdp', [], 'fresh', True),
     ('1.1b_seq', 'runs/1.1b/seq', 'runs/1.1b/seed/final', 4000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, ['*'], 'partition', 100, 1, 'fsdp', [], 'seed', False),
     ('1.1b_unit', 'pool/1.1b/{unit}', 'runs/1.1b/seed/final', 1000000000, 2048, 2097152, 4, 0.0003, 50, 0.01, 3e-05, 3e-05, [], 'partition', 100, 1, 'fsdp', [], 'seed', False),
     ('130m_seed', 'runs/130m/seed', None, 42000000000, 2048, 2097152, 16, 0.0006, None, 0.01, 0.0, 6e-05, ['*'], 'tokens', 1000, 2, 'ddp', [], 'fresh', True),
@@ -219,7 +220,7 @@ def test_presets_resolve_exactly_as_pinned(row):
         init_optimizer,
         final_optimizer,
     ) = row
-    model, kind = name.split("_")
+    model, kind = name.split("_")[:2]  # 1.1b_seed_mb8: a variant of 1.1b_seed
     expected = TrainConfig.from_dict(
         {
             "kind": kind,

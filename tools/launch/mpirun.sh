@@ -1,8 +1,1 @@
-#!/usr/bin/env bash
-# Under MPI: rank, world size and local rank come from mpi4py; rank 0 broadcasts the
-# rendezvous address, so no MASTER_ADDR is needed.
-#   NP=16 HOSTFILE=hosts tools/launch/mpirun.sh configs/train/130m_seq.yaml data.manifest=/shared/data
-set -euo pipefail
-CONFIG=${1:?usage: $0 CONFIG.yaml [key=value ...]}; shift
-exec mpiexec -n "${NP:-2}" ${HOSTFILE:+-f "$HOSTFILE"} \
-    python -m megablocks_ablate train --config "$CONFIG" "$@"
+../../megablocks_ablate/templates/launch/mpirun.sh

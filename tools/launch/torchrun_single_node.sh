@@ -1,10 +1,1 @@
-#!/usr/bin/env bash
-# One node, all its GPUs, data parallel (DDP; add distributed.parallel=fsdp for FSDP2).
-#   tools/launch/torchrun_single_node.sh configs/train/130m_seed.yaml data.manifest=data/ out_dir=runs/130m/seed
-# A rerun with the same arguments resumes from the newest checkpoint in out_dir.
-set -euo pipefail
-CONFIG=${1:?usage: $0 CONFIG.yaml [key=value ...]}; shift
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-[ "$NPROC" -ge 1 ] || NPROC=1
-exec torchrun --standalone --nproc-per-node "$NPROC" \
-    -m megablocks_ablate train --config "$CONFIG" "$@"
+../../megablocks_ablate/templates/launch/torchrun_single_node.sh

@@ -207,7 +207,7 @@ class StudyRunner:
         path = store_path(self.out_dir)
         if self.env.is_main:
             with ResultStore(path) as store:
-                store.set_meta("study", self.study.to_meta())
+                store.set_meta("study", self.study.to_meta(store_file=path))
                 store.add_mixtures(self.study.mixtures)
         barrier()
         if self.workers is not None:

@@ -137,11 +137,11 @@ def load_suite(
 ) -> tuple[EvalSuite, str]:
     """The study's evaluation sets, tokenized (cached), and their fingerprint (which
     covers the tokenizer, the window length ``window`` and stride, and the sets)."""
-    tok = load_tokenizer(manifest.data["tokenizer"]["path"])
+    tok = load_tokenizer(manifest.tokenizer_file)  # recorded relative to the manifest
     if tok.fingerprint != manifest.tokenizer_fingerprint:
         raise ConfigError(
-            f"{manifest.root}: the tokenizer file "
-            f"{manifest.data['tokenizer']['path']} changed since preprocess"
+            f"{manifest.root}: the tokenizer file {manifest.tokenizer_file} changed since "
+            "preprocess"
         )
     cache = opt.cache_dir or os.path.join(study.spec.out_dir, "cache", "eval")
     # A Paloma domain is several shards (maybe filtered on a field): its eval_sets value
@@ -231,7 +231,7 @@ class Scorer:
         )
         prov = make_provenance(
             eval_fingerprint=self.fingerprint,
-            model=job.entry.out_dir,
+            model=store.record_path(job.entry.out_dir),  # relative to the store
             key=job.entry.key,
             model_sha256=sha,
             weights=job.weights,
@@ -329,16 +329,15 @@ class Scorer:
     def _save_merged(
         self, mixture: Mixture, weights: dict[str, float], proxies: Sequence[str]
     ) -> None:
-        from megablocks_ablate.data.tokenizer import inherited_tokenizer_record, tokenizer_record
+        from megablocks_ablate.data.tokenizer import inherited_tokenizer_record
 
         assert self._pool is not None and self._live is not None
         lineages = {u: self._pool.lineages[self._pool.units.index(u)] for u in weights}
         # the merge carries its inputs' tokenizer record (else the manifest's tokenizer)
         fingerprint = self.manifest.tokenizer_fingerprint
-        tokenizer = inherited_tokenizer_record(
-            (lin.extra for lin in lineages.values()), fingerprint
-        ) or tokenizer_record(
-            self.manifest.data["tokenizer"]["path"], fingerprint, base=self.manifest.root
+        tokenizer = (
+            inherited_tokenizer_record((lin.extra for lin in lineages.values()), fingerprint)
+            or self.manifest.tokenizer_record()
         )
         save_model_checkpoint(
             os.path.join(self.study.spec.out_dir, "merged", f"{mixture.id}.{'+'.join(proxies)}"),

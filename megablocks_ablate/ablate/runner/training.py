@@ -47,8 +47,8 @@ def train_one(cfg: TrainConfig, env: DistEnv, what: str) -> None:
         except MBAError as e:
             raise MBAError(
                 f"{what} ({out}) did not train: {e}. The study stopped here; models already "
-                "trained are kept. Fix the cause (for a diverged run: a lower optimizer.lr, "
-                "or nan_policy: skip|rollback in the train config) and rerun `study run`"
+                "trained are kept. Fix what it names (a diverged run's message says which "
+                "settings to change) and rerun `study run`"
             ) from None
 
 
