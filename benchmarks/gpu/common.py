@@ -140,7 +140,9 @@ def write_json(path: str, obj: dict) -> None:
 def run_row(name: str, ap: argparse.ArgumentParser, body: Callable[[argparse.Namespace], dict]):
     """Parse the arguments, apply the testing hooks, run ``body(args)`` and write its
     result (``status`` defaults to ok) with the common fields. Exceptions propagate:
-    the process exits non-zero and the runner records the failure."""
+    the process exits non-zero and the runner records the failure. A body that returns
+    ``status: failed`` (a correctness check that did not hold) has its JSON written,
+    figures and all, and the process exits 1."""
     args = ap.parse_args()
     args.device = row_device(args.dry_run, args.device)
     if args.workdir:
@@ -159,6 +161,9 @@ def run_row(name: str, ap: argparse.ArgumentParser, body: Callable[[argparse.Nam
     out["wall_s"] = round(time.perf_counter() - t0, 3)
     write_json(args.out, out)
     print(f"row {name}: {out['status']} {out.get('key', {}).get('text', '')}", file=sys.stderr)
+    if out["status"] == "failed":
+        print(f"row {name}: failed: {out.get('reason')}", file=sys.stderr)
+        return 1
     return 0
 
 

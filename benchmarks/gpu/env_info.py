@@ -20,12 +20,13 @@ from common import parser, run_row
 
 # Imported by the package or by the rows at run time; a missing one explains a failure.
 REQUIRED = ["numpy", "yaml", "safetensors", "sentencepiece", "tokenizers", "zstandard", "tqdm"]
-OPTIONAL = ["triton", "flash_attn", "transformers", "pybind11", "ninja", "psutil"]
+OPTIONAL = ["triton", "flash_attn", "flash_attn_interface", "transformers", "pybind11"]
+OPTIONAL += ["ninja", "psutil"]
 
 
 # Imported to check they work (a flash-attn built for another torch fails here); the
 # others are only looked up, since importing transformers alone takes seconds.
-IMPORT_CHECKED = {"triton", "flash_attn", "megablocks_ablate"}
+IMPORT_CHECKED = {"triton", "flash_attn", "flash_attn_interface", "megablocks_ablate"}
 DISTRIBUTIONS = {"yaml": "pyyaml", "flash_attn": "flash-attn"}
 
 
@@ -75,6 +76,8 @@ def body(args) -> dict:
             for k in (
                 "TRITON_INTERPRET",
                 "MBA_KERNELS",
+                "MBA_ATTENTION",
+                "MBA_CE_CHUNKS",
                 "CUDA_VISIBLE_DEVICES",
                 "TORCH_CUDA_ARCH_LIST",
             )

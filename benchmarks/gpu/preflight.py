@@ -43,6 +43,7 @@ DISTRIBUTIONS = {"yaml": "pyyaml", "flash_attn": "flash-attn"}
 # What a run without an optional module does instead.
 WITHOUT = {
     "flash_attn": "SDPA attention",
+    "flash_attn_interface": "FA3 not measured",
     "transformers": "ours only, no ratio",
     "triton": "reference kernels",
     "ninja": "nvcc method only",

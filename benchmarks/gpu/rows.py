@@ -55,7 +55,7 @@ ROWS = [
     RowSpec(
         "env",
         "env_info.py",
-        15,
+        10,
         what="GPU(s), torch/CUDA, module versions, nvcc; fails when CUDA is unavailable",
         cuda=False,  # runs without CUDA too: it records the machine, and fails saying why
         min_gpus=0,
@@ -64,7 +64,7 @@ ROWS = [
     RowSpec(
         "build_ext",
         "build_ext.py",
-        75,
+        70,
         what="builds `_C_cuda` from a temp dir (torch JIT `cpp_extension.load`, else one "
         "nvcc command), installs it into the package, checks a merge on the GPU",
         target="imports and merges",
@@ -76,7 +76,7 @@ ROWS = [
     RowSpec(
         "merge_kernels",
         "merge_kernels.py",
-        35,
+        30,
         [],
         ["--params", "40000", "--reps", "1"],
         what="(a) CUDA and Triton merge kernels, N = 2/8 fp32 and 32 bf16 inputs of a "
@@ -90,59 +90,107 @@ ROWS = [
     RowSpec(
         "triton_kernels",
         "triton_kernels.py",
-        55,
+        50,
         [],
         ["--reps", "1", "--warmup", "0"],
-        what="(b) every Triton kernel vs its PyTorch reference at 1.1b shapes, bf16: "
-        "fwd/bwd error against fp32, and speed",
-        target="every kernel accurate",
-        switch="`--size tiny`, `--dtype float32`",
+        what="(b) every Triton kernel, fwd and bwd, vs its PyTorch reference against fp32 "
+        "truth at the 130m and 1.1b shapes (bf16), and past 2^31 elements where the free "
+        "memory allows (else skipped, need and free recorded); speed at 1.1b. "
+        "**Fails** on an inaccurate kernel",
+        target="every kernel accurate (error <= 2x the reference's + 2^-8)",
+        switch="`--presets`, `--large on/off`, `--dtype float32`",
+        modules=[*PACKAGE, "triton"],
+    ),
+    RowSpec(
+        "attention",
+        "attention_backends.py",
+        20,
+        [],
+        ["--reps", "1", "--warmup", "0"],
+        what="(g) every attention backend that runs here (auto, sdpa, cudnn, flash2, fa3, "
+        "math) at the 130m and 1.1b micro batches, bf16: fwd+bwd ms, error vs fp32 math; "
+        "**fails** on an inaccurate one",
+        target="auto >= sdpa's speed",
+        switch="`MBA_ATTENTION=auto|sdpa|math|cudnn|flash2|fa3` (default auto)",
+        modules=PACKAGE,
+        optional=["flash_attn", "flash_attn_interface"],
+    ),
+    RowSpec(
+        "ce_chunks",
+        "ce_chunks.py",
+        15,
+        [],
+        ["--reps", "1", "--warmup", "0"],
+        what="(h) fused linear + cross-entropy, chunks and warps from the shapes vs the "
+        "fixed rule, 130m x 16 and 1.1b x 4/x 8 sequences: fwd+bwd ms, both checked "
+        "against fp32 full logits; **fails** when inaccurate",
+        target="auto >= legacy's speed at 1.1b x 4",
+        switch="`MBA_CE_CHUNKS=auto|legacy` (default auto)",
         modules=[*PACKAGE, "triton"],
     ),
     RowSpec(
         "train_130m",
         "train_step.py",
-        55,
+        40,
         ["--name", "train_130m", "--preset", "130m_seed", "--data-cache", "{workdir}/data"],
         ["--name", "train_130m", *DRY_TRAIN, "--data-cache", "{workdir}/data"],
         what="(c) tokens/s and MFU of `train()` from `130m_seed` as it is (seq 2048, bf16), "
         "12 steps x 2 micro batches",
-        switch="`--override`, `--variant NAME:KEY=VALUE`",
+        switch="`--override`, `--variant NAME:KEY=VALUE` (`KEY` = `MBA_*`: environment)",
         modules=TRAIN,
         optional=["triton", "flash_attn"],
     ),
     RowSpec(
         "train_1.1b",
         "train_step.py",
-        85,
+        70,
         ["--name", "train_1.1b", "--preset", "1.1b_seed", "--target-mfu", "0.45"]
         + ["--data-cache", "{workdir}/data"],
         ["--name", "train_1.1b", *DRY_TRAIN, "--override", "distributed.parallel=fsdp"]
         + ["--variant", "ac_full:activation_checkpointing=full", "--variant-steps", "4"]
         + ["--target-mfu", "0.45", "--data-cache", "{workdir}/data"],
-        what="(c) the same from `1.1b_seed`: FSDP2 in a one-rank NCCL group (device cuda:0)",
+        what="(c) the same from `1.1b_seed` (micro batch 4 x 2): FSDP2 in a one-rank NCCL "
+        "group (device cuda:0)",
         target="MFU >= 45 %",
-        switch="`--override`, `--variant NAME:KEY=VALUE`",
+        switch="`--override`, `--variant NAME:KEY=VALUE` (`KEY` = `MBA_*`: environment)",
+        modules=TRAIN,
+        optional=["triton", "flash_attn"],
+    ),
+    RowSpec(
+        "train_1.1b_mb8",
+        "train_step.py",
+        35,
+        ["--name", "train_1.1b_mb8", "--preset", "1.1b_seed_mb8", "--accum", "1"]
+        + ["--baseline-row", "train_1.1b", "--baseline-variant", "mb4:micro_batch=4"]
+        + ["--data-cache", "{workdir}/data"],
+        ["--name", "train_1.1b_mb8", *DRY_TRAIN, "--override", "distributed.parallel=fsdp"]
+        + ["--micro-batch", "16", "--accum", "1", "--baseline-row", "train_1.1b"]
+        + ["--baseline-variant", "mb8:micro_batch=8", "--data-cache", "{workdir}/data"],
+        what="(c) `1.1b_seed_mb8`: micro batch 8 x 1 against `train_1.1b`'s 4 x 2 (same "
+        "tokens per optimizer step, same suite run): tokens/s, MFU, peak memory",
+        target="tokens/s >= micro batch 4's",
+        switch="preset `1.1b_seed_mb8` (or `micro_batch=8`); default stays 4",
         modules=TRAIN,
         optional=["triton", "flash_attn"],
     ),
     RowSpec(
         "eval",
         "eval_rate.py",
-        50,
+        45,
         [],
         ["--presets", "tiny", "--tokens", "3000", "--rounds", "1", "--batch-tokens", "1024"],
         what="(d) `evaluate()` tokens/s, 130m and 1.1b, bf16; vs transformers' Cohere "
-        "model when it imports",
+        "model (weights loaded strictly) when it imports: **fails** when the mean NLL "
+        "differs by > 2^-8 relative (bf16) or fp32 per-token NLL by > 1e-3 max / 1e-4 RMS",
         target="ours >= transformers",
-        switch="`--transformers auto/on/off`",
+        switch="`--transformers auto/on/off`, `--check-tokens`",
         modules=EVAL,
         optional=["transformers"],
     ),
     RowSpec(
         "merge_eval",
         "merge_eval.py",
-        40,
+        30,
         [],
         ["--preset", "tiny", "--units", "3", "--mixtures", "3", "--eval-tokens", "2000"]
         + ["--batch-tokens", "1024"],
@@ -154,7 +202,7 @@ ROWS = [
     RowSpec(
         "nccl",
         "nccl_allreduce.py",
-        15,
+        10,
         [],
         ["--sizes-mb", "1", "--reps", "2"],
         what="(f) NCCL all-reduce bus bandwidth over every GPU (one process per GPU)",

@@ -21,7 +21,16 @@ FLOP/s of the device (megablocks_ablate/train/metrics.py).
 overrides on top, reported under ``details.variants.NAME`` beside the row's own figures
 (tokens/s, MFU, peak memory), e.g. ``--variant ac_full:activation_checkpointing=full``
 or ``--variant fsdp_fp32:distributed.fsdp_param_dtype=fp32`` (the path before the
-mixed-precision policy) to measure with and without each setting.
+mixed-precision policy) to measure with and without each setting. An item
+``MBA_*=VALUE`` sets the environment for that run instead (``--variant
+sdpa:MBA_ATTENTION=sdpa``, ``--variant ce_legacy:MBA_CE_CHUNKS=legacy``; ``--env`` for
+every run of the row).
+
+``--baseline-row NAME`` (row ``train_1.1b_mb8``: ``1.1b_seed_mb8`` at one micro batch
+of 8 per step, against ``train_1.1b``'s micro batch of 4 x 2, the same tokens per
+optimizer step) reads that row's figures from this suite run's ``rows/NAME.json``;
+when it is missing or did not finish ok, ``--baseline-variant`` is run here instead.
+The target is then tokens/s at least the default's.
 """
 
 from __future__ import annotations
@@ -39,14 +48,55 @@ from common import local_rank, meets, parser, process_group_args, run_row, targe
 
 
 def _attention_impl(device) -> str:
+    """What attention the run's bf16 blocks take (dispatch.resolve_attention), and why."""
+    import torch
+
     from megablocks_ablate.kernels import dispatch
 
-    flash = dispatch.flash_attn_func() if device.type == "cuda" else None
-    if flash is not None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = dispatch.resolve_attention(device, dtype)
+    if name == "flash2":
         import flash_attn
 
-        return f"flash-attn {flash_attn.__version__}"
-    return "sdpa"
+        name = f"flash-attn {flash_attn.__version__}"
+    return f"{name} (MBA_ATTENTION={dispatch.configured_attention()})"
+
+
+ENV_PREFIX = "MBA_"  # a variant item KEY=VALUE with such a KEY sets the environment
+
+
+def _split_env(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``MBA_*=VALUE`` items (environment: MBA_ATTENTION, MBA_CE_CHUNKS, MBA_KERNELS) apart
+    from train config overrides."""
+    env, rest = {}, []
+    for item in items:
+        k, _, v = item.partition("=")
+        if k.strip().startswith(ENV_PREFIX):
+            env[k.strip()] = v.strip()
+        else:
+            rest.append(item)
+    return env, rest
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """Set ``env`` for one run; the kernel and attention switches re-read it."""
+    from megablocks_ablate.kernels import dispatch
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dispatch.set_backend(None)
+    dispatch.set_attention_backend(None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dispatch.set_backend(None)
+        dispatch.set_attention_backend(None)
 
 
 def one_rank_group_kwargs(dev, port: int) -> dict:
@@ -147,11 +197,14 @@ def _train_once(args, data: str, workdir: str, extra: list[str], steps: int) -> 
     dev = torch_device(args)
     run_dir = os.path.join(workdir, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _row_config(args, data, run_dir, extra, steps)
+    env, config_items = _split_env([*args.env, *extra])
+    cfg = _row_config(args, data, run_dir, config_items, steps)
     mcfg = ModelConfig.from_preset(cfg.model, cfg.model_overrides)
     if dev.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    with _one_rank_group(cfg, dev) as fsdp:
+    with _environment(env), _one_rank_group(cfg, dev) as fsdp:
+        attention = _attention_impl(dev)
         train(cfg)
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -162,6 +215,8 @@ def _train_once(args, data: str, workdir: str, extra: list[str], steps: int) -> 
     peak_mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     return {
         "overrides": list(extra),
+        "env": env,
+        "attention": attention,
         "cfg": cfg,
         "mcfg": mcfg,
         "seq_len": cfg.seq_len,
@@ -183,12 +238,45 @@ def _train_once(args, data: str, workdir: str, extra: list[str], steps: int) -> 
 def _summary(run: dict) -> dict:
     keys = (
         "overrides",
+        "micro_batch",
+        "attention",
         "tokens_per_s",
         "mfu",
         "peak_memory_gib",
         "activation_checkpointing_policy",
     )
     return {k: run[k] for k in (*keys, "fsdp", "steady_steps", "final_loss")}
+
+
+def baseline_from_row(out_path: str, name: str, dry_run: bool) -> dict | None:
+    """The figures of row ``name`` of this suite run (``rows/<name>.json`` beside this
+    row's JSON) when it finished ok in the same mode; else None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(out_path)), f"{name}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    d = row.get("details") or {}
+    if row.get("status") != "ok" or row.get("dry_run") != dry_run or "tokens_per_s" not in d:
+        return None
+    keys = ("micro_batch", "grad_accum", "attention", "tokens_per_s", "mfu", "peak_memory_gib")
+    return {"source": f"row {name}", **{k: d.get(k) for k in keys}}
+
+
+def _baseline(args, data: str, workdir: str) -> dict | None:
+    """The default this row's switch is measured against: row ``--baseline-row`` of this
+    suite run, else ``--baseline-variant`` run here (None when neither is given)."""
+    if not args.baseline_row and not args.baseline_variant:
+        return None
+    found = (
+        baseline_from_row(args.out, args.baseline_row, args.dry_run) if args.baseline_row else None
+    )
+    if found is not None or not args.baseline_variant:
+        return found
+    ((name, items),) = _variants([args.baseline_variant]).items()
+    run = _train_once(args, data, workdir, items, args.variant_steps or args.steps)
+    return {"source": f"variant {name}", "grad_accum": None, **_summary(run)}
 
 
 def body(args) -> dict:
@@ -221,7 +309,6 @@ def body(args) -> dict:
         "flops_per_token": mcfg.flops_per_token(run["seq_len"]),
         "precision": "bf16 autocast" if dev.type == "cuda" else cfg.precision,
         "compile": mcfg.compile,
-        "attention": _attention_impl(dev),
         "kernels": (
             "triton"
             if dev.type == "cuda"
@@ -233,10 +320,20 @@ def body(args) -> dict:
     }
     if extra_runs:
         details["variants"] = extra_runs
+    met = meets(mfu, tgt) if tgt else None
+    base = _baseline(args, data, workdir)
+    if base is not None:  # the switch against the default, same suite run
+        speedup = tps / base["tokens_per_s"] if base.get("tokens_per_s") else None
+        details["baseline"] = base
+        details["speedup_vs_baseline"] = speedup
+        if speedup is not None:
+            text += f"; {speedup:.2f}x {base['source']} (micro batch {base.get('micro_batch')})"
+        tgt = target(f"tokens/s >= the default's ({base['source']})", ">=", 1.0)
+        met = meets(speedup, tgt)
     return {
         "key": {"name": "tokens_per_s", "value": tps, "unit": "tokens/s", "text": text},
         "target": tgt,
-        "met": meets(mfu, tgt) if tgt else None,
+        "met": met,
         "details": details,
     }
 
@@ -263,5 +360,16 @@ if __name__ == "__main__":
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the figures")
     ap.add_argument("--target-mfu", type=float, default=None)
     ap.add_argument("--data-cache", default=None, help="corpus/tokenizer/manifest cache dir")
+    ap.add_argument(
+        "--env", action="append", default=[], help="MBA_*=VALUE for every run of the row"
+    )
+    ap.add_argument(
+        "--baseline-row", default=None, help="compare with this row's figures (same suite run)"
+    )
+    ap.add_argument(
+        "--baseline-variant",
+        default=None,
+        help="NAME:KEY=VALUE[;...]: run this as the default when --baseline-row has none",
+    )
     known, _ = ap.parse_known_args()
     sys.exit(run_row(known.name, ap, body))

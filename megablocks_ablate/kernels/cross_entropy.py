@@ -42,12 +42,16 @@ gradient needs no buffer: each row's is one GEMM, made once.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from megablocks_ablate import _ext
+from megablocks_ablate.errors import ConfigError
 
 try:
     import triton
@@ -56,6 +60,7 @@ except ImportError:  # torch per-chunk step only
     triton = None
 
 IGNORE_INDEX = -100
+LEGACY_NUM_WARPS = 4  # the Triton row step's warps before choose_chunking
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +199,7 @@ def _ce_chunk_cpp(
     return nll
 
 
-def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
+def _ce_chunk_triton(logits, labels, scale, ignore_index, grad, num_warps=LEGACY_NUM_WARPS):
     n, v = logits.shape
     nll = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
@@ -207,7 +212,8 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
             scale,
             ignore_index,
             GRAD=grad,
-            BLOCK=min(4096, triton.next_power_of_2(v)),
+            BLOCK=_triton_block(v),
+            num_warps=num_warps,
         )
     return nll
 
@@ -215,10 +221,93 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, grad):
 _CHUNK_STEPS = {"torch": _ce_chunk_torch, "triton": _ce_chunk_triton, "cpp": _ce_chunk_cpp}
 
 
+def _step(impl: str, num_warps: int):
+    """The per-chunk step ``impl`` (the Triton one launched with ``num_warps``)."""
+    if impl == "triton":
+        return functools.partial(_ce_chunk_triton, num_warps=num_warps)
+    return _CHUNK_STEPS[impl]
+
+
 def default_chunk_rows(n_rows: int, d_model: int, vocab: int) -> int:
     """Rows per chunk so a chunk's logits are no larger than the hidden states (or 4M entries)."""
     budget = max(n_rows * d_model, 1 << 22)
     return max(8, min(n_rows, budget // max(vocab, 1) // 8 * 8))
+
+
+# ---- chunk size and warps from the shapes ------------------------------------------------
+#
+# Per chunk the weight gradient's fp32 accumulator ([vocab, d_model]: 412 MB at 1.1b) is
+# read and written once (``addmm``), whatever the chunk's size, while the logits'
+# traffic (GEMM out, two passes of the row step, two GEMMs in) adds up to the same total
+# however they are chunked. ``default_chunk_rows`` keeps a chunk's logits as small as the
+# hidden states (memory first: right on CPU, where the chunk should stay in cache, and
+# the C++ step is tuned for it); at 1.1b x 8192 tokens that is 25 chunks, i.e. 20 GB of
+# accumulator traffic, about as long as the GEMMs themselves on an H100. On CUDA the
+# chunk is instead as large as a logits budget allows (CUDA_CHUNK_LOGIT_BYTES, split
+# evenly): one or two chunks per micro batch at the presets' shapes. The Triton row step
+# streams a row of ``vocab`` logits in blocks of up to 4096; 8 warps (256 threads, 16
+# elements each) keep more loads in flight per row than the old fixed 4.
+
+CE_CHUNKS_ENV = "MBA_CE_CHUNKS"  # auto (default) | legacy: default_chunk_rows and 4 warps
+CE_CHUNK_MODES = ("auto", "legacy")
+CUDA_CHUNK_LOGIT_BYTES = 1 << 30  # a chunk's logits (plus its fp32 temporaries) on CUDA
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How the fused loss walks the rows: ``chunk_rows`` per chunk, Triton ``num_warps``."""
+
+    chunk_rows: int
+    num_warps: int
+
+
+def ce_chunk_mode() -> str:
+    """``MBA_CE_CHUNKS``: ``auto`` (default) or ``legacy`` (the fixed rule before it)."""
+    mode = os.environ.get(CE_CHUNKS_ENV, "auto").strip().lower() or "auto"
+    if mode not in CE_CHUNK_MODES:
+        raise ConfigError(
+            f"{CE_CHUNKS_ENV}: expected one of {', '.join(CE_CHUNK_MODES)}, got {mode!r}"
+        )
+    return mode
+
+
+def _triton_block(vocab: int) -> int:
+    return min(4096, 1 << max(0, vocab - 1).bit_length())
+
+
+def choose_chunking(
+    n_rows: int,
+    d_model: int,
+    vocab: int,
+    device_type: str,
+    logit_bytes: int = 2,
+    impl: str = "triton",
+    mode: str | None = None,
+) -> Chunking:
+    """Chunk rows and Triton warps for ``n_rows`` x ``d_model`` hidden states against a
+    ``vocab``-row weight whose logits take ``logit_bytes`` each (the compute dtype).
+
+    ``mode`` (default :func:`ce_chunk_mode`): ``legacy``, or any device but CUDA, gives
+    ``default_chunk_rows`` and 4 warps (CPU unchanged). ``auto`` on CUDA: the fewest
+    chunks whose logits (with the torch step's two fp32 temporaries per logit when
+    ``impl`` is not ``triton``) fit :data:`CUDA_CHUNK_LOGIT_BYTES`, rows split evenly
+    and rounded up to a multiple of 64; 8 warps when a row step's block is >= 2048
+    columns. Never fewer rows than the legacy rule. Results do not depend on it beyond
+    the fp32 summation order of the weight gradient (tests/kernels/test_ce_chunking.py).
+    """
+    mode = ce_chunk_mode() if mode is None else mode
+    if mode not in CE_CHUNK_MODES:
+        raise ConfigError(f"cross-entropy chunking: expected one of {CE_CHUNK_MODES}, got {mode!r}")
+    legacy = default_chunk_rows(n_rows, d_model, vocab)
+    if mode == "legacy" or device_type != "cuda":
+        return Chunking(legacy, LEGACY_NUM_WARPS)
+    per_row = max(vocab, 1) * (logit_bytes + (0 if impl == "triton" else 8))
+    cap = max(1, CUDA_CHUNK_LOGIT_BYTES // per_row)
+    chunks = max(1, -(-n_rows // cap))
+    rows = -(-n_rows // chunks)
+    rows = min(max(n_rows, 1), -(-rows // 64) * 64)
+    warps = 8 if _triton_block(vocab) >= 2048 else LEGACY_NUM_WARPS
+    return Chunking(max(rows, legacy), warps)
 
 
 # (device type, compute dtype) -> whether ``torch.addmm(..., out_dtype=float32)`` runs there
@@ -254,8 +343,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     from the fp32 accumulator (see the module doc)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, ignore_index, reduction, chunk_rows, impl):
-        step = _CHUNK_STEPS[impl]
+    def forward(
+        ctx, hidden, weight, labels, scale, ignore_index, reduction, chunk_rows, impl, num_warps
+    ):
+        step = _step(impl, num_warps)
         n = hidden.shape[0]
         w = weight.to(hidden.dtype)
         want_grad = reduction != "none" and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
@@ -274,7 +365,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(logits, w, out=grad_h[start : start + chunk_rows])
                 grad_w = _add_product_fp32(grad_w, logits.t(), h)
         ctx.scale, ctx.ignore_index, ctx.reduction = scale, ignore_index, reduction
-        ctx.chunk_rows, ctx.impl = chunk_rows, impl
+        ctx.chunk_rows, ctx.impl, ctx.num_warps = chunk_rows, impl, num_warps
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, labels)
             return nll
@@ -295,20 +386,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             g = grad_out if ctx.reduction == "sum" else grad_out / count
             dh = grad_h * g.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
             dw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-            return dh, dw, None, None, None, None, None, None
+            return dh, dw, None, None, None, None, None, None, None
         # Per-token loss with a gradient (rare): recompute each chunk's logits.
         hidden, weight, labels = ctx.saved_tensors
         w = weight.to(hidden.dtype)
         dh = torch.empty_like(hidden)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        step = _step(ctx.impl, ctx.num_warps)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             logits = hidden[rows] @ w.t()
-            _CHUNK_STEPS[ctx.impl](logits, labels[rows], ctx.scale, ctx.ignore_index, True)
+            step(logits, labels[rows], ctx.scale, ctx.ignore_index, True)
             logits.mul_(grad_out[rows, None].to(logits.dtype))
             torch.mm(logits, w, out=dh[rows])
             dw = _add_product_fp32(dw, logits.t(), hidden[rows])
-        return dh, dw.to(weight.dtype), None, None, None, None, None, None
+        return dh, dw.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -320,12 +412,14 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
     impl: str = "torch",
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``logit_scale * hidden @ weight.T`` against ``labels`` without full logits.
 
     ``hidden`` ``[N, d]``, ``weight`` ``[V, d]``, ``labels`` ``[N]`` (``ignore_index``
     rows count zero). ``reduction``: ``"mean"`` over non-ignored rows (0 when there are
-    none), ``"sum"``, or ``"none"`` for the per-token fp32 NLL ``[N]``.
+    none), ``"sum"``, or ``"none"`` for the per-token fp32 NLL ``[N]``. ``chunk_rows``
+    and ``num_warps`` (Triton step) default to :func:`choose_chunking`'s.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
@@ -350,7 +444,10 @@ def linear_cross_entropy(
     labels = labels.contiguous()
     # ``weight`` goes in uncast: the Function makes the compute-dtype copy itself so the
     # gradient it returns is the fp32 accumulator in the weight's dtype (module doc).
-    rows = chunk_rows or default_chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    chosen = choose_chunking(
+        hidden.shape[0], hidden.shape[1], weight.shape[0], device_type, hidden.element_size(), impl
+    )
+    rows = chunk_rows or chosen.chunk_rows
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden,
@@ -361,4 +458,5 @@ def linear_cross_entropy(
             reduction,
             max(1, int(rows)),
             impl,
+            int(num_warps or chosen.num_warps),
         )

@@ -11,6 +11,25 @@
   (``csrc/cross_entropy.cpp``) when ``_C`` is built.
 
 Tests and benchmarks switch in-process with :func:`kernel_backend`.
+
+``MBA_ATTENTION`` selects the attention implementation (read once; in-process
+:func:`attention_backend`), resolved per device and dtype by :func:`resolve_attention`:
+
+* ``auto`` (default) -- on CUDA with fp16/bf16 tensors: cuDNN SDPA on Hopper (sm 9.x)
+  when torch's cuDNN (>= 9) has it, else flash-attn 2 when installed, else SDPA's own
+  choice; everywhere else (CPU, fp32, ``MBA_KERNELS=reference``) SDPA's own choice, as
+  before this switch existed.
+* ``sdpa`` -- ``scaled_dot_product_attention`` picking its own kernel; ``math`` -- SDPA's
+  math kernel only (any device; the slow, exact-softmax reference).
+* ``cudnn`` -- SDPA's cuDNN kernel only; ``flash2`` -- flash-attn 2's
+  ``flash_attn_func``; ``fa3`` -- FlashAttention 3 (``flash_attn_interface``, Hopper).
+  Each needs fp16/bf16 CUDA tensors and its library; otherwise the first attention call
+  is refused with a one-line :class:`ConfigError` naming ``MBA_ATTENTION`` (never a
+  silent fallback: a benchmark that asks for cuDNN measures cuDNN or fails).
+
+An environment variable rather than a model or train config field: the choice changes
+how a model is run, not what it is, and a config field would enter checkpoints'
+``config.json`` and the runs' content keys.
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.kernels import cross_entropy as _ce
@@ -102,19 +122,160 @@ def flash_attn_func():
     """flash-attn's ``flash_attn_func`` when installed, else None (checked once)."""
     global _flash
     if _flash is _UNSET:
-        _flash = None
-        if importlib.util.find_spec("flash_attn") is not None:
-            try:
-                from flash_attn import flash_attn_func as f
-
-                _flash = f
-            except ImportError:  # installed but built for another torch/CUDA
-                _flash = None
+        _flash = _import_attr("flash_attn", "flash_attn_func")
     return _flash
+
+
+def fa3_func():
+    """FlashAttention 3's ``flash_attn_func`` (``flash_attn_interface``, built from
+    flash-attention's ``hopper/``) when installed, else None (checked once)."""
+    global _fa3
+    if _fa3 is _UNSET:
+        _fa3 = _import_attr("flash_attn_interface", "flash_attn_func")
+    return _fa3
+
+
+def _import_attr(module: str, name: str):
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:  # installed but built for another torch/CUDA
+        return None
 
 
 _UNSET = object()
 _flash = _UNSET
+_fa3 = _UNSET
+
+
+# ---- attention backend -----------------------------------------------------------------
+
+ATTENTION_ENV = "MBA_ATTENTION"
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "cudnn", "flash2", "fa3")
+_HALF = (torch.float16, torch.bfloat16)
+_attention: str | None = None
+_cudnn_ok: dict[int, bool] = {}  # device index -> cuDNN SDPA usable
+# (device type, index, dtype, setting, kernel backend) -> resolved name: a dict lookup per
+# call (also under torch.compile), the probes run once
+_resolved: dict[tuple, str] = {}
+
+
+def _check_attention_name(name: str, where: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"{where}: expected one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    return name
+
+
+def configured_attention() -> str:
+    """The attention setting in force (``MBA_ATTENTION``, default ``auto``)."""
+    global _attention
+    if _attention is None:
+        name = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+        _attention = _check_attention_name(name, ATTENTION_ENV)
+    return _attention
+
+
+def set_attention_backend(name: str | None) -> None:
+    """Override ``MBA_ATTENTION`` in this process; ``None`` re-reads the environment."""
+    global _attention
+    _attention = None if name is None else _check_attention_name(name, "attention backend")
+    _resolved.clear()
+    _cudnn_ok.clear()
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """``with attention_backend("math"): ...`` -- temporarily force an attention backend."""
+    previous = _attention
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def cudnn_attention_available(device: torch.device) -> bool:
+    """Whether SDPA's cuDNN kernel can run on ``device``: a CUDA torch with cuDNN >= 9
+    and the cuDNN SDPA backend enabled (checked once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cudnn_ok:
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        _cudnn_ok[index] = bool(version and version >= 90000) and bool(
+            torch.backends.cuda.cudnn_sdp_enabled()
+        )
+    return _cudnn_ok[index]
+
+
+def resolve_attention(
+    device: torch.device, dtype: torch.dtype, requested: str | None = None
+) -> str:
+    """The attention implementation that runs for tensors of ``dtype`` on ``device``:
+    ``sdpa``, ``math``, ``cudnn``, ``flash2`` or ``fa3`` (see the module doc).
+    ``requested`` defaults to :func:`configured_attention`. A named backend that cannot
+    run here is a :class:`ConfigError`."""
+    name = configured_attention() if requested is None else requested
+    key = (device.type, device.index, dtype, name, configured_backend())
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(device, dtype, _check_attention_name(name, ATTENTION_ENV))
+    return found
+
+
+def _resolve(device: torch.device, dtype: torch.dtype, name: str) -> str:
+    fast = device.type == "cuda" and dtype in _HALF
+    if name == "auto":
+        if not fast or configured_backend() == "reference":
+            return "sdpa"
+        if cuda_capability(device)[0] == 9 and cudnn_attention_available(device):
+            return "cudnn"
+        return "flash2" if flash_attn_func() is not None else "sdpa"
+    if name in ("sdpa", "math"):
+        return name
+    if not fast:
+        raise ConfigError(
+            f"{ATTENTION_ENV}={name} needs fp16/bf16 CUDA tensors, got "
+            f"{str(dtype).removeprefix('torch.')} on {device.type}: use auto, sdpa or math"
+        )
+    if name == "cudnn" and not cudnn_attention_available(device):
+        raise ConfigError(
+            f"{ATTENTION_ENV}=cudnn: this torch has no cuDNN >= 9 SDPA kernel "
+            f"(cuDNN {torch.backends.cudnn.version()}): use auto or sdpa"
+        )
+    if name == "flash2" and flash_attn_func() is None:
+        raise ConfigError(
+            f"{ATTENTION_ENV}=flash2: flash-attn does not import (pip install flash-attn)"
+        )
+    if name == "fa3":
+        if fa3_func() is None:
+            raise ConfigError(
+                f"{ATTENTION_ENV}=fa3: flash_attn_interface (FlashAttention 3, built from "
+                "flash-attention's hopper/) does not import"
+            )
+        if cuda_capability(device)[0] != 9:
+            raise ConfigError(
+                f"{ATTENTION_ENV}=fa3: FlashAttention 3 needs a Hopper GPU (sm 9.x), "
+                f"{device} is sm {'.'.join(map(str, cuda_capability(device)))}"
+            )
+    return name
+
+
+# SDPA kernels each SDPA-run choice allows, in priority order. ``auto`` resolving to
+# cuDNN lets SDPA fall back (shapes cuDNN refuses, GQA); a named cudnn does not.
+_SDPA_KERNELS = {
+    "math": [SDPBackend.MATH],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "auto-cudnn": [
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ],
+}
 
 
 # ---- the ops the model calls -----------------------------------------------------------
@@ -195,25 +356,20 @@ def linear_cross_entropy(
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention on ``[batch, seq, heads, head_dim]`` (k/v may have fewer heads: GQA).
-
-    flash-attn when installed and the tensors are fp16/bf16 on CUDA (and the backend is
-    not ``reference``), else ``scaled_dot_product_attention`` (which picks its own
-    flash/memory-efficient kernel on CUDA and a fused kernel on CPU).
-    """
-    if (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and configured_backend() != "reference"
-    ):
-        flash = flash_attn_func()
-        if flash is not None:
-            return flash(q, k, v, causal=True)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        enable_gqa=k.shape[2] != q.shape[2],
-    )
+    """Causal attention on ``[batch, seq, heads, head_dim]`` (k/v may have fewer heads: GQA),
+    by the backend :func:`resolve_attention` picks (``MBA_ATTENTION``; module doc)."""
+    backend = resolve_attention(q.device, q.dtype)
+    if backend == "flash2":
+        return flash_attn_func()(q, k, v, causal=True)
+    if backend == "fa3":
+        out = fa3_func()(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some versions also return lse
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    gqa = k.shape[2] != q.shape[2]
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=gqa)
+    else:
+        key = "auto-cudnn" if backend == "cudnn" and configured_attention() == "auto" else backend
+        with sdpa_kernel(_SDPA_KERNELS[key], set_priority=True):
+            out = F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2)

@@ -302,7 +302,7 @@ def test_one_h100_runs_every_row_but_nccl():
     screen = preflight.render(info, list(d.values()), dry_run=False)
     assert "NVIDIA H100 80GB HBM3 (sm 9.0): 78.5 of 79.1 GiB free" in screen
     assert "major matches torch CUDA 12.8" in screen
-    assert "=> 8 of 9 rows will run, 1 skipped" in screen
+    assert "=> 11 of 12 rows will run, 1 skipped" in screen
     assert len(screen.splitlines()) <= 50  # one screen
 
 
@@ -437,3 +437,58 @@ def test_docs_table_lists_every_row_with_its_timeout():
         line = next((x for x in section.splitlines() if x.startswith(f"| `{r.name}` |")), None)
         assert line is not None, r.name
         assert line.rstrip().endswith(f"| {r.budget_s:.0f} s |"), line
+
+
+# ---- switch rows: environment variants and the baseline of the same suite run -----------
+
+
+def test_variant_items_split_into_environment_and_config(monkeypatch):
+    from megablocks_ablate.kernels import dispatch
+
+    env, rest = train_step._split_env(
+        ["MBA_ATTENTION=sdpa", "micro_batch=8", "MBA_CE_CHUNKS=legacy"]
+    )
+    assert env == {"MBA_ATTENTION": "sdpa", "MBA_CE_CHUNKS": "legacy"} and rest == ["micro_batch=8"]
+    monkeypatch.delenv("MBA_ATTENTION", raising=False)
+    dispatch.set_attention_backend(None)
+    with train_step._environment({"MBA_ATTENTION": "math"}):
+        assert dispatch.configured_attention() == "math"  # re-read for this run
+        assert train_step._attention_impl(torch.device("cpu")) == "math (MBA_ATTENTION=math)"
+    assert "MBA_ATTENTION" not in os.environ and dispatch.configured_attention() == "auto"
+
+
+def test_mb8_row_compares_with_the_1_1b_row_of_the_same_run(tmp_path):
+    spec = rows.BY_NAME["train_1.1b_mb8"]
+    assert spec.args[spec.args.index("--preset") + 1] == "1.1b_seed_mb8"
+    assert spec.args[spec.args.index("--baseline-row") + 1] == "train_1.1b"
+    # same tokens per optimizer step as train_1.1b (4 x 2): 8 x 1
+    assert spec.args[spec.args.index("--accum") + 1] == "1"
+    names = [r.name for r in rows.ROWS]
+    assert names.index("train_1.1b") < names.index("train_1.1b_mb8")
+    import json
+
+    base = {"status": "ok", "dry_run": False, "details": {"tokens_per_s": 1000.0}}
+    base["details"].update(micro_batch=4, grad_accum=2, mfu=0.4, peak_memory_gib=20.0)
+    (tmp_path / "train_1.1b.json").write_text(json.dumps(base))
+    me = str(tmp_path / "train_1.1b_mb8.json")
+    got = train_step.baseline_from_row(me, "train_1.1b", dry_run=False)
+    assert got["source"] == "row train_1.1b" and got["tokens_per_s"] == 1000.0
+    assert got["micro_batch"] == 4 and got["peak_memory_gib"] == 20.0
+    assert train_step.baseline_from_row(me, "train_1.1b", dry_run=True) is None  # other mode
+    base["status"] = "failed"
+    (tmp_path / "train_1.1b.json").write_text(json.dumps(base))
+    assert train_step.baseline_from_row(me, "train_1.1b", dry_run=False) is None
+    assert train_step.baseline_from_row(me, "nope", dry_run=False) is None
+
+
+def test_each_switch_has_its_row_and_the_docs_name_it():
+    switches = {
+        "attention": "MBA_ATTENTION",
+        "ce_chunks": "MBA_CE_CHUNKS",
+        "train_1.1b_mb8": "1.1b_seed_mb8",
+    }
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        text = f.read()
+    for row, switch in switches.items():
+        assert switch in rows.BY_NAME[row].switch, row
+        assert switch in text.split("## GPU suite rows", 1)[1], switch
