@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import enum
 import importlib.resources
+import logging
 import math
 import os
 import types
@@ -48,6 +50,8 @@ from megablocks_ablate.utils.atomic import atomic_write_text
 from megablocks_ablate.utils.cli_types import parse_count_text
 
 C = TypeVar("C", bound="Config")
+logger = logging.getLogger(__name__)
+_REPORTED_NO_OPS: set[str] = set()  # overrides already reported as changing nothing
 
 
 def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
@@ -205,8 +209,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
-    """Apply dotted ``key=value`` overrides to a plain nested dict (in place)."""
+def apply_overrides(
+    data: dict,
+    overrides: Iterable[str],
+    *,
+    report_no_ops: bool = False,
+    reference: dict | None = None,
+) -> dict:
+    """Apply dotted ``key=value`` overrides to a plain nested dict (in place).
+
+    An override whose value is already there (in ``reference``, e.g. ``data`` with the
+    defaults filled in, else in ``data``) changes nothing; with ``report_no_ops`` (for
+    overrides a user typed, not a program's own) that is logged as a warning, once per
+    override text and process, so that it is not taken for one that did something."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -217,8 +232,37 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {k!r} is not a section")
             node = child
+        if report_no_ops:
+            ref = _lookup(reference, keys) if reference is not None else _MISSING
+            ref = _lookup(data, keys) if ref is _MISSING else ref
+            if ref is not _MISSING and _same_value(ref, value):
+                report_no_op(text, f"{'.'.join(keys)} is already {ref!r}")
         node[keys[-1]] = value
     return data
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, keys: list[str]) -> Any:
+    for k in keys:
+        if not isinstance(tree, dict) or k not in tree:
+            return _MISSING
+        tree = tree[k]
+    return tree
+
+
+def _same_value(old: Any, new: Any) -> bool:
+    # True == 1 in Python; an override of a flag by a number (or back) is not a no-op
+    return type(old) is type(new) and old == new
+
+
+def report_no_op(override: str, why: str) -> None:
+    """Warn that the override ``override`` changes nothing, and why (once per process)."""
+    if override in _REPORTED_NO_OPS:
+        return
+    _REPORTED_NO_OPS.add(override)
+    logger.warning("override %s changes nothing: %s", override, why)
 
 
 # ---- files, presets and `base:` inheritance --------------------------------------------
@@ -492,8 +536,11 @@ class Config:
         path: str | os.PathLike | None = None,
         overrides: Iterable[str] = (),
         preset_dir: str | os.PathLike | None = None,
+        *,
+        report_no_ops: bool = False,
     ) -> C:
-        """Load from a YAML file (or defaults when ``path`` is None) plus overrides.
+        """Load from a YAML file (or defaults when ``path`` is None) plus overrides
+        (``report_no_ops``: warn of those that change nothing, see :func:`apply_overrides`).
 
         The file's ``base:`` chain is merged in first (see :meth:`load_preset`); a base
         given by name is looked up beside the file, then in ``preset_dir`` (default: the
@@ -507,11 +554,25 @@ class Config:
                 preset_dir if preset_dir is not None else cls.preset_dir,
                 base_key=None if BASE_KEY in own else BASE_KEY,
             )
-        apply_overrides(data, overrides)
+        overrides = list(overrides)
+        reference = cls.filled(data, overrides) if report_no_ops else None
+        apply_overrides(data, overrides, report_no_ops=report_no_ops, reference=reference)
         try:
             return cls.from_dict(data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+    @classmethod
+    def filled(cls, data: dict, overrides: Iterable[str] = ()) -> dict | None:
+        """``data`` with the defaults filled in, as plain data, to tell which overrides
+        change nothing; None when there are no overrides or ``data`` alone is no valid
+        config (overrides may complete it)."""
+        if not overrides:
+            return None
+        try:
+            return cls.from_dict(copy.deepcopy(data)).to_dict()
+        except MBAError:
+            return None
 
     @classmethod
     def load_preset(
@@ -520,6 +581,8 @@ class Config:
         name: str | os.PathLike,
         overrides: Iterable[str] = (),
         what: str = "preset",
+        *,
+        report_no_ops: bool = False,
     ) -> C:
         """``<preset_dir>/<name>.yaml`` (or ``name`` itself when it is a YAML path, or a
         JSON one such as a checkpoint's ``config.json``: JSON is YAML) plus overrides; an
@@ -543,7 +606,7 @@ class Config:
                     f"{what} {os.fspath(name)!r}: no {path} "
                     f"(known presets: {', '.join(known_presets(preset_dir))})"
                 )
-        return cls.load(path, overrides, preset_dir=preset_dir)
+        return cls.load(path, overrides, preset_dir=preset_dir, report_no_ops=report_no_ops)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

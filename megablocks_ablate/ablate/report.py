@@ -59,12 +59,46 @@ from megablocks_ablate.utils.atomic import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RANK_ROWS", "ReportSummary", "plot_scatter", "scatter_figure", "write_report"]
+__all__ = [
+    "RANK_ROWS",
+    "ReportSummary",
+    "plot_scatter",
+    "scatter_figure",
+    "spec_differences",
+    "write_report",
+]
 
 RANK_ROWS = 10  # mixtures listed per domain in report.md (rankings.csv has all)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def spec_differences(store, spec_dict: dict, store_file: str) -> list[str]:
+    """The dotted fields in which ``spec_dict`` (a :class:`StudySpec`'s ``to_dict()``)
+    differs from the spec ``store`` was written under (its ``study`` meta), its
+    relative paths taken as the runner records them (relative to ``store_file``).
+    Fields only one side knows (a spec of another version) are not compared; a store
+    that keeps no spec gives no differences."""
+    from megablocks_ablate.ablate.spec_paths import map_spec_paths
+    from megablocks_ablate.utils.paths import record_path
+
+    written = (store.get_meta("study", {}) or {}).get("spec")
+    if not isinstance(written, dict):
+        return []
+    given = json.loads(json.dumps(spec_dict))  # a copy, tuples as lists like the meta
+    map_spec_paths(given, lambda _f, p: record_path(p, store_file), os.path.exists)
+    out: list[str] = []
+
+    def walk(a, b, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(a.keys() & b.keys()):
+                walk(a[k], b[k], f"{where}.{k}" if where else k)
+        elif a != b:
+            out.append(where)
+
+    walk(given, written, "")
+    return out
 
 
 def _fmt(v: float | None) -> str:

@@ -7,7 +7,7 @@ validation mixtures that get seq models, the evaluation domains and the cost. Al
 checks happen here, before any training or evaluation, and every error names the
 spec field at fault::
 
-    spec = StudySpec.load("configs/studies/demo.yaml", ["mixtures.random.n=20"])
+    spec = StudySpec.load("configs/studies/demo.yaml", ["mixtures.k_subsets=3"])
     study = resolve(spec)
     for m in study.mixtures: ...
 
@@ -19,6 +19,7 @@ two cases that keep the working directory: the shipped presets, and an older spe
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -40,6 +41,8 @@ from megablocks_ablate.config import (
     read_config_file,
 )
 from megablocks_ablate.errors import ConfigError, MBAError
+
+logger = logging.getLogger(__name__)
 
 ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id", "scaled"]
 
@@ -222,11 +225,14 @@ class StudySpec(Config):
         path: str | os.PathLike | None = None,
         overrides: Iterable[str] = (),
         preset_dir: str | os.PathLike | None = None,
+        *,
+        report_no_ops: bool = True,
     ) -> StudySpec:
         """:meth:`Config.load`, with the file's relative paths resolved against the file's
-        directory before the overrides (which are as typed) apply; see :mod:`.spec_paths`."""
+        directory before the overrides (which are as typed) apply; see :mod:`.spec_paths`.
+        A spec's overrides are a user's: those that change nothing are reported."""
         if path is None:
-            return super().load(None, overrides, preset_dir)
+            return super().load(None, overrides, preset_dir, report_no_ops=report_no_ops)
         path = study_spec_file(path)  # a bare name such as "demo": the packaged preset
         own = {f.name for f in fields(cls)}
         data = read_config_file(
@@ -235,7 +241,9 @@ class StudySpec(Config):
             base_key=None if BASE_KEY in own else BASE_KEY,
         )
         resolve_spec_paths(data, path)
-        apply_overrides(data, overrides)
+        overrides = list(overrides)
+        reference = cls.filled(data, overrides) if report_no_ops else None
+        apply_overrides(data, overrides, report_no_ops=report_no_ops, reference=reference)
         try:
             return cls.from_dict(data)
         except ConfigError as e:
@@ -455,7 +463,9 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[Blend]:
         check_k("mixtures.random.k", spec.random.k)
         if spec.random.n < 1:
             raise ConfigError(f"mixtures.random.n: must be >= 1, got {spec.random.n}")
-        out += mx.random_subsets(names, spec.random.k, spec.random.n, spec.random.seed)
+        picked = mx.random_subsets(names, spec.random.k, spec.random.n, spec.random.seed)
+        _report_idle_random(spec.random, len(names), picked, set(out))
+        out += picked
     if spec.leave_one_out:
         base = check("mixtures.leave_one_out", spec.leave_one_out)
         if len(base) < 2:
@@ -467,6 +477,19 @@ def _resolve_mixtures(spec: MixturesSpec, names: list[str]) -> list[Blend]:
             raise ConfigError("mixtures.add_one: the base mixture already holds every partition")
         out += mx.add_one(base, names)
     return [(m, None) for m in out] + blends
+
+
+def _report_idle_random(r: RandomMixtures, n_names: int, drawn: list, before: set) -> None:
+    """Warn when ``mixtures.random`` asks for more than it can add (e.g. n=50 2-subsets
+    of 8 partitions, all 28 of them already k_subsets: 2 mixtures)."""
+    why = []
+    if r.n > len(drawn):
+        why.append(f"only {len(drawn)} {r.k}-subsets of {n_names} partitions exist")
+    if before and before.issuperset(drawn):
+        why.append("every one drawn is already a mixture of the study (k_subsets/explicit)")
+        logger.warning("mixtures.random (n=%d, k=%d) adds no mixture: %s", r.n, r.k, "; ".join(why))
+    elif why:
+        logger.warning("mixtures.random.n=%d draws %d: %s", r.n, len(drawn), why[0])
 
 
 def _check_shares(field_name: str, shares, check) -> Blend:

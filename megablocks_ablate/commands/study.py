@@ -33,6 +33,7 @@ merge scores best (docs/proportions.md), and exports it the same two ways.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from megablocks_ablate.utils import cli_types as ct
@@ -347,16 +348,20 @@ def run_report(args: argparse.Namespace) -> int:
 
     if bool(args.spec) == bool(args.store):
         raise ConfigError("study report: give a study spec or --store PATH (one of them)")
+    spec = None
     if args.spec:
         from megablocks_ablate.ablate.spec import StudySpec
 
-        path = store_path(StudySpec.load(args.spec, args.overrides).out_dir)
+        spec = StudySpec.load(args.spec, args.overrides)
+        path = store_path(spec.out_dir)
     else:
         path = args.store
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no results store (run the study first)")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "report")
     with ResultStore(path) as store:
+        if spec is not None:
+            _warn_other_spec(store, spec, path, args.spec)
         summary = write_report(
             store,
             out,
@@ -368,6 +373,23 @@ def run_report(args: argparse.Namespace) -> int:
         )
     print(summary.headline())
     return 0
+
+
+def _warn_other_spec(store, spec, path: str, given: str) -> None:
+    """`study report SPEC` reports the store SPEC's out_dir names, whatever spec wrote
+    it: say so when that was another spec (the report is of the store's spec)."""
+    from megablocks_ablate.ablate.report import spec_differences
+
+    fields = spec_differences(store, spec.to_dict(), path)
+    if fields:
+        shown = ", ".join(fields[:8]) + (f" (+{len(fields) - 8} more)" if len(fields) > 8 else "")
+        logging.getLogger(__name__).warning(
+            "%s was written under another spec than %s (differing: %s); the report is of "
+            "what the store holds",
+            path,
+            given,
+            shown,
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:
