@@ -61,6 +61,7 @@ FREE_TEXT = {
     ("study", "run"): {"--registry", "--pool-dir"},
     ("study", "report"): {"--store", "--out"},
     ("study", "search"): {"--pool-dir"},
+    ("study", "export"): {"--out"},
     ("study", "optimize"): {"--out", "--pool-dir"},
     ("demo",): {
         "--out",

@@ -244,6 +244,16 @@ def _add_export(actions: argparse._SubParsersAction) -> None:
         help="train: YAML data section for `megablocks-ablate train`; "
         "megatron: a --data-path value (default: train)",
     )
+    export.add_argument(
+        "--out",
+        help="write it to this file instead of stdout (new, or an earlier `study export` "
+        "with --overwrite; any other file is refused)",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier `study export` at --out (never any other file)",
+    )
     export.set_defaults(func=run_export)
 
 
@@ -401,12 +411,18 @@ def run_export(args: argparse.Namespace) -> int:
     study = load_study(args.spec, args.overrides)
     mixture = parse_mixture_arg("--mixture", args.mixture, study.partitions)
     if args.format == "megatron":
-        print(megatron_data_path(mixture, study.unit_paths))
+        text = megatron_data_path(mixture, study.unit_paths) + "\n"
     else:
-        print(
-            yaml.safe_dump({"data": training_blend(mixture, study.manifest_dir)}, sort_keys=False),
-            end="",
+        text = yaml.safe_dump(
+            {"data": training_blend(mixture, study.manifest_dir)}, sort_keys=False
         )
+    if not args.out:
+        print(text, end="")
+        return 0
+    from megablocks_ablate.commands.study_outputs import study_inputs, write_export
+
+    write_export(args.out, text, args.overwrite, study_inputs(args.spec, study))
+    print(f"wrote {args.out} ({args.format} blend of {mixture.label})")
     return 0
 
 
@@ -508,10 +524,11 @@ def run_optimize(args: argparse.Namespace) -> int:
     import yaml
 
     from megablocks_ablate.ablate.runner import load_study
-    from megablocks_ablate.ablate.runner.propose import check_result_file
     from megablocks_ablate.ablate.search import megatron_data_path, training_blend
+    from megablocks_ablate.commands.study_outputs import check_optimize_out, study_inputs
     from megablocks_ablate.utils.atomic import atomic_write_json
     from megablocks_ablate.utils.hashing import sha256_json
+    from megablocks_ablate.utils.output_files import output_lock
 
     study = load_study(args.spec, args.overrides)
     objective = _objective(args)
@@ -529,28 +546,37 @@ def run_optimize(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(
         study.spec.out_dir, "optimize", f"{sha256_json(request)[:12]}.json"
     )
-    check_result_file(out)  # before any merge: never replace a file we did not write
-    runner = _pool_runner(study, args)
-    try:
-        result = runner.optimize(
-            objective,
-            over=over,
-            proxy=args.proxy,
-            budget=args.budget,
-            step=args.step,
-            min_share=args.min_share,
-            regression=not args.no_regression,
+    inputs = study_inputs(args.spec, study)
+    check_optimize_out(out, inputs)  # before any merge: never replace a file we did not write
+    # one optimize into one result at a time: a second is refused at once, naming this one
+    with output_lock(out, f"study optimize --out {out}"):
+        check_optimize_out(out, inputs)  # again, holding the lock
+        runner = _pool_runner(study, args)
+        try:
+            result = runner.optimize(
+                objective,
+                over=over,
+                proxy=args.proxy,
+                budget=args.budget,
+                step=args.step,
+                min_share=args.min_share,
+                regression=not args.no_regression,
+            )
+        finally:
+            runner.close()
+        m = result.mixture
+        train = {"data": training_blend(m, study.manifest_dir)}
+        megatron = megatron_data_path(m, study.unit_paths)
+        check_optimize_out(out, inputs)  # a file that appeared meanwhile is not replaced
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_write_json(
+            out,
+            {
+                "request": request,
+                **result.to_dict(),
+                "export": {"train": train, "megatron": megatron},
+            },
         )
-    finally:
-        runner.close()
-    m = result.mixture
-    train = {"data": training_blend(m, study.manifest_dir)}
-    megatron = megatron_data_path(m, study.unit_paths)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_json(
-        out,
-        {"request": request, **result.to_dict(), "export": {"train": train, "megatron": megatron}},
-    )
     s = result.search
     print(
         f"best blend by {args.proxy} ({objective.describe()}): {m.label} -> "

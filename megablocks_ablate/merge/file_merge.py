@@ -153,9 +153,15 @@ def check_compatible(inputs: list[MergeInput], allow_different_seed: bool = Fals
     return distinct.pop()
 
 
-def check_tensors(maps: list[MappedSafetensors]) -> None:
-    """Same tensor names and shapes in every file; float tensors may differ in dtype,
-    others must be identical. Errors name the file and the tensor."""
+def check_tensors(
+    maps: list[Any], same_bytes: Callable[[Any, Any, str], bool] | None = None
+) -> None:
+    """Same tensor names and shapes in every input; float tensors (F32/BF16/F16) may
+    differ in dtype, others must be identical (compared byte for byte by ``same_bytes``).
+    Errors name the input and the tensor. ``maps`` are :class:`MappedSafetensors` or
+    anything with the same ``path``, ``names``, ``shape`` and ``dtype_name`` (the
+    Hugging Face inputs of :mod:`.hf_inputs`, with their own ``same_bytes``)."""
+    same = same_bytes or _same_bytes
     ref = maps[0]
     names = set(ref.names)
     for m in maps[1:]:
@@ -172,19 +178,13 @@ def check_tensors(maps: list[MappedSafetensors]) -> None:
                     f"{m.path}: tensor {name!r} has shape {m.shape(name)}, "
                     f"{ref.path} has {ref.shape(name)}"
                 )
-            floating = m.dtype_name(name) in CODES
-            if floating != (ref.dtype_name(name) in CODES) or (
-                not floating and m.dtype_name(name) != ref.dtype_name(name)
+            a, b = ref.dtype_name(name), m.dtype_name(name)
+            if (a in CODES) != (b in CODES) or (
+                a not in CODES and (a != b or not same(ref, m, name))
             ):
                 raise DataFormatError(
-                    f"{m.path}: tensor {name!r} has dtype {m.dtype(name)}, "
-                    f"{ref.path} has {ref.dtype(name)}"
-                )
-        for name in ref.names:
-            if m.dtype_name(name) not in CODES and not _same_bytes(m, ref, name):
-                raise DataFormatError(
-                    f"{m.path}: non-float tensor {name!r} differs from {ref.path} "
-                    "(only fp32/bf16/fp16 tensors are averaged; others must be identical)"
+                    f"{m.path}: tensor {name!r} ({b}) differs from {ref.path}'s ({a}): only "
+                    f"{'/'.join(CODES)} tensors are averaged, others must be identical"
                 )
 
 

@@ -196,35 +196,17 @@ def check_hf_inputs(models: list[HFModel], allow_different_seed: bool = False) -
     """Refuse inputs that cannot be averaged tensor by tensor (see the module docstring);
     every message names the directory and the tensor or file. Reads no weights except
     non-float tensors (compared byte for byte) and tokenizer files (hashed)."""
+    from megablocks_ablate.merge.file_merge import check_tensors
+
     ref = models[0]
-    names = set(ref.names)
     for m in models[1:]:
         if m.architecture != ref.architecture:
             raise ConfigError(
                 f"{m.path}: architecture {m.architecture}, {ref.path} is {ref.architecture}; "
                 "only models of one architecture can be averaged"
             )
-        other = set(m.names)
-        if other != names:
-            missing, extra = sorted(names - other), sorted(other - names)
-            what = (
-                f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-            )
-            raise DataFormatError(f"{m.path}: {what} (compared with {ref.path})")
-        for name in ref.names:
-            if m.shape(name) != ref.shape(name):
-                raise DataFormatError(
-                    f"{m.path}: tensor {name!r} has shape {m.shape(name)}, "
-                    f"{ref.path} has {ref.shape(name)}"
-                )
-            a, b = ref.dtype_name(name), m.dtype_name(name)
-            if (a in FLOAT_DTYPES) != (b in FLOAT_DTYPES) or (
-                a not in FLOAT_DTYPES and (a != b or not _same_bytes(ref, m, name))
-            ):
-                raise DataFormatError(
-                    f"{m.path}: tensor {name!r} ({b}) differs from {ref.path}'s ({a}): only "
-                    f"{'/'.join(FLOAT_DTYPES)} tensors are averaged, others must be identical"
-                )
+    check_tensors(models, same_bytes=_same_bytes)
+    for m in models[1:]:
         _check_tokenizers(ref, m)
         _warn_config_difference(ref, m)
     _check_seeds(models, allow_different_seed)
