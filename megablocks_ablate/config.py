@@ -531,6 +531,11 @@ class Config:
         return type(self).from_dict(apply_overrides(self.to_dict(), overrides))
 
     @classmethod
+    def _file_loaded(cls, data: dict, path: str) -> None:
+        """Hook: adjust the data read from ``path`` (its ``base:`` chain merged) before
+        the overrides apply; nothing by default (a study spec resolves its paths)."""
+
+    @classmethod
     def load(
         cls: type[C],
         path: str | os.PathLike | None = None,
@@ -554,6 +559,7 @@ class Config:
                 preset_dir if preset_dir is not None else cls.preset_dir,
                 base_key=None if BASE_KEY in own else BASE_KEY,
             )
+            cls._file_loaded(data, os.fspath(path))
         overrides = list(overrides)
         reference = cls.filled(data, overrides) if report_no_ops else None
         apply_overrides(data, overrides, report_no_ops=report_no_ops, reference=reference)

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -34,11 +34,8 @@ from megablocks_ablate.ablate.spec_eval import EvalSpec, partitions_without_held
 from megablocks_ablate.ablate.spec_names import study_spec_file
 from megablocks_ablate.ablate.spec_paths import map_spec_paths, resolve_spec_paths
 from megablocks_ablate.config import (
-    BASE_KEY,
     Config,
-    apply_overrides,
     doc,
-    read_config_file,
 )
 from megablocks_ablate.errors import ConfigError, MBAError
 
@@ -231,23 +228,13 @@ class StudySpec(Config):
         """:meth:`Config.load`, with the file's relative paths resolved against the file's
         directory before the overrides (which are as typed) apply; see :mod:`.spec_paths`.
         A spec's overrides are a user's: those that change nothing are reported."""
-        if path is None:
-            return super().load(None, overrides, preset_dir, report_no_ops=report_no_ops)
-        path = study_spec_file(path)  # a bare name such as "demo": the packaged preset
-        own = {f.name for f in fields(cls)}
-        data = read_config_file(
-            path,
-            preset_dir if preset_dir is not None else cls.preset_dir,
-            base_key=None if BASE_KEY in own else BASE_KEY,
-        )
+        if path is not None:
+            path = study_spec_file(path)  # a bare name such as "demo": the packaged preset
+        return super().load(path, overrides, preset_dir, report_no_ops=report_no_ops)
+
+    @classmethod
+    def _file_loaded(cls, data: dict, path: str) -> None:
         resolve_spec_paths(data, path)
-        overrides = list(overrides)
-        reference = cls.filled(data, overrides) if report_no_ops else None
-        apply_overrides(data, overrides, report_no_ops=report_no_ops, reference=reference)
-        try:
-            return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
 
     def validate(self) -> None:
         if not self.data:
