@@ -96,6 +96,6 @@ def run_describe(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     cls, preset_dir, what = config_kind(args.kind)
-    cfg = cls.load_preset(preset_dir, args.name, args.overrides, what=what)
+    cfg = cls.load_preset(preset_dir, args.name, args.overrides, what=what, report_no_ops=True)
     print(cfg.to_commented_yaml(), end="")
     return 0

@@ -81,11 +81,13 @@ def load_config(config: str, overrides: list[str], unit_index: int | None = None
     from megablocks_ablate.errors import ConfigError
     from megablocks_ablate.train.config import TrainConfig
 
-    def load(extra=()):
+    def load(extra=(), report_no_ops=False):
         ov = list(overrides) + list(extra)
-        return TrainConfig.from_preset(config, ov) if config else TrainConfig.load(None, ov)
+        if config:
+            return TrainConfig.from_preset(config, ov, report_no_ops=report_no_ops)
+        return TrainConfig.load(None, ov, report_no_ops=report_no_ops)
 
-    cfg = load()
+    cfg = load(report_no_ops=True)  # the user's overrides alone: report those that change nothing
     if unit_index is not None:
         from megablocks_ablate.data.manifest import Manifest
         from megablocks_ablate.train.launcher import pool_units

@@ -361,10 +361,15 @@ class TrainConfig(Config):
         return self.out_dir
 
     @classmethod
-    def from_preset(cls, name: str | os.PathLike, overrides=()) -> TrainConfig:
+    def from_preset(
+        cls, name: str | os.PathLike, overrides=(), *, report_no_ops: bool = False
+    ) -> TrainConfig:
         """``configs/train/<name>.yaml`` (or a YAML path) plus ``key=value`` overrides;
-        presets derive from one another by ``base:`` (see :meth:`Config.load_preset`)."""
-        return cls.load_preset(PRESET_DIR, name, overrides, what="train preset")
+        presets derive from one another by ``base:`` (see :meth:`Config.load_preset`).
+        ``report_no_ops``: warn of a (user's) override that changes nothing."""
+        return cls.load_preset(
+            PRESET_DIR, name, overrides, what="train preset", report_no_ops=report_no_ops
+        )
 
     def model_config(self):
         """The model preset with ``model_overrides``, resolved; ConfigError when the run's
