@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from megablocks_ablate import __version__
@@ -111,7 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no partial outputs were kept", file=sys.stderr)
         return 130
+    except OSError as e:
+        # disk full, read-only or unwritable directory, a name too long, ...: the
+        # environment's refusal, not a bug: one line naming the path (traceback at DEBUG)
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     return int(rc or 0)
+
+
+def os_error_line(e: OSError) -> str:
+    """``<path>: <reason>`` (``<path> -> <path2>: <reason>`` for a rename or link) of an
+    OSError; its reason alone when it names no file."""
+    reason = e.strerror or str(e) or type(e).__name__
+    names = [
+        os.fsdecode(n) if isinstance(n, str | bytes) else str(n)
+        for n in (e.filename, e.filename2)
+        if n is not None
+    ]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
 if __name__ == "__main__":

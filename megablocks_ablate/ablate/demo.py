@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.errors import ConfigError, MBAError
 from megablocks_ablate.utils.outputs import claim_output_dir
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,64 @@ class DemoSettings:
         if self.workers < 1:
             raise ConfigError(f"--workers: must be >= 1, got {self.workers}")
 
+    def validate(self, *, check_n_seq: bool = True) -> dict:
+        """Check every option before anything is written (ConfigError naming the option):
+        counts, k against the partitions the demo will have (when known before the data
+        is built), the input files, the train presets with the overrides as the study will
+        apply them (``{seed,unit,seq}`` configs and their models resolved), the preprocess
+        settings and the claim on ``out``. Touches nothing; returns the resolved train
+        configs by role. ``check_n_seq``: also check ``n_seq`` against the k-subsets
+        (``demo --proportions`` validates blends instead)."""
+        import math
+
+        from megablocks_ablate.config import parse_count
+        from megablocks_ablate.utils.outputs import check_output_dir
+
+        for flag, text in (
+            ("--unit-tokens", self.unit_tokens),
+            ("--seed-tokens", self.seed_tokens),
+        ):
+            if parse_count(text, flag) < 1:
+                raise ConfigError(f"{flag}: expected a count >= 1, got {text!r}")
+        for flag, n, lo in (
+            ("--k", self.k, 1),
+            ("--n-seq", self.n_seq, 0),
+            ("--vocab-size", self.vocab_size, 1),
+        ):
+            if n < lo:
+                raise ConfigError(f"{flag}: expected an integer >= {lo}, got {n}")
+        if self.max_partitions is not None and self.max_partitions < 1:
+            raise ConfigError(
+                f"--max-partitions: expected an integer >= 1, got {self.max_partitions}"
+            )
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(
+                f"--heldout-fraction: expected a number in [0, 1), got {self.heldout_fraction}"
+            )
+        n_parts = known_partitions(self)
+        if n_parts is not None and n_parts < self.k:
+            raise ConfigError(
+                f"--k {self.k}: the demo has {n_parts} partition(s)"
+                + (" (--max-partitions)" if self.max_partitions == n_parts else "")
+                + f", fewer than k={self.k}; lower --k"
+            )
+        if check_n_seq and n_parts is not None and self.n_seq > math.comb(n_parts, self.k):
+            raise ConfigError(
+                f"--n-seq {self.n_seq}: more seq validation models than the "
+                f"{math.comb(n_parts, self.k)} {self.k}-subsets of {n_parts} partitions"
+            )
+        if self.corpus and not os.path.isfile(self.corpus):
+            raise ConfigError(f"--corpus: no such file: {self.corpus}")
+        if self.seed_corpus and not os.path.isfile(self.seed_corpus):
+            raise ConfigError(f"--seed-corpus: no such file: {self.seed_corpus}")
+        _check_eval_extra(self)
+        configs = _train_configs(self)
+        _preprocess_config(self, self.corpus or os.path.join(self.out, "corpus.jsonl"), "")
+        check_output_dir(
+            self.out, demo_kind(self), reuse=True, inputs=[self.corpus, self.seed_corpus]
+        )
+        return configs
+
     @property
     def unit_budget(self) -> int:
         """Tokens each unit model trains on: ``unit_passes`` x the base unit size."""
@@ -113,6 +171,88 @@ def eval_extra(s: DemoSettings) -> list[str]:
     return list(ood_sets(s).values()) + list(s.eval_extra)
 
 
+def known_partitions(s: DemoSettings) -> int | None:
+    """How many partitions the demo's study will have, when known before the data is
+    built (a built-in corpus, or ``--max-partitions``); an upper bound: partitions without
+    a full base unit are dropped later."""
+    if s.corpus:
+        return s.max_partitions
+    if s.builtin == "manpages":
+        from megablocks_ablate.corpora.manpages import DOMAINS
+    else:
+        from megablocks_ablate.corpora.stdlib import DOMAINS
+    return min(len(DOMAINS), s.max_partitions or len(DOMAINS))
+
+
+def demo_kind(s: DemoSettings) -> str:
+    """The output kind of ``s.out``: a manpages demo's corpus, tokenizer and data must never
+    be taken for (or reused by) a stdlib demo's in the same directory."""
+    return "demo" if s.corpus or s.builtin == "stdlib" else f"demo-{s.builtin}"
+
+
+def train_overrides(s: DemoSettings, seed_data: str) -> dict[str, list[str]]:
+    """``{seed,unit,seq}``: the overrides the study applies to each role's train preset."""
+    over = list(s.train_overrides)
+    unit = s.unit_tokens if s.unit_passes == 1 else s.unit_budget
+    return {
+        "seed": over
+        + [
+            f"data.manifest={seed_data}",
+            f"out_dir={os.path.join(s.out, 'seed')}",
+            f"train_tokens={s.seed_tokens}",
+        ],
+        "unit": over + [f"train_tokens={unit}"],
+        "seq": list(over),
+    }
+
+
+def _train_configs(s: DemoSettings) -> dict:
+    """The train presets ``<preset>_{seed,unit,seq}`` with the study's overrides, resolved
+    with their models (no data needed); ConfigError naming ``--preset`` or the override."""
+    from megablocks_ablate.ablate.runner.plan import load_train_config
+    from megablocks_ablate.config import known_presets, shipped_preset_dir
+
+    known = set(known_presets(shipped_preset_dir("train")))
+    roles = ("seed", "unit", "seq")
+    missing = [f"{s.preset}_{r}" for r in roles if f"{s.preset}_{r}" not in known]
+    if missing:
+        full = sorted(n.rsplit("_", 1)[0] for n in known if n.endswith("_seed"))
+        full = [n for n in full if all(f"{n}_{r}" in known for r in roles)]
+        raise ConfigError(
+            f"--preset {s.preset}: no train preset {', '.join(missing)} "
+            f"(presets with _seed, _unit and _seq: {', '.join(full)})"
+        )
+    seed_data = os.path.join(s.out, "seed_data")
+    configs = {}
+    for role, over in train_overrides(s, seed_data).items():
+        cfg = load_train_config(f"{role} model ({s.preset}_{role})", f"{s.preset}_{role}", over)
+        try:
+            cfg.model_config()
+        except MBAError as e:
+            raise ConfigError(f"{role} model ({s.preset}_{role}): {e}") from None
+        configs[role] = cfg
+    return configs
+
+
+def _preprocess_config(s: DemoSettings, corpus: str, tok_path: str):
+    """The preprocess config of the partitions (checked by :meth:`DemoSettings.validate`
+    with a placeholder tokenizer)."""
+    from megablocks_ablate.data.preprocess import PreprocessConfig
+
+    return PreprocessConfig.from_dict(
+        dict(
+            input=[corpus],
+            out=os.path.join(s.out, "data"),
+            tokenizer=tok_path,
+            partition_by=[s.partition_by],
+            order_by=s.order_by or (None if s.corpus else "order"),
+            unit_tokens=s.unit_tokens,
+            heldout_fraction=s.heldout_fraction,
+            workers=s.workers,
+        )
+    )
+
+
 def _check_eval_extra(s: DemoSettings) -> None:
     """Fail before any work when an ``--eval-extra`` file is missing (the study spec would
     only find out after the corpus, tokenizer and preprocess)."""
@@ -126,19 +266,16 @@ def _step(i: int, n: int, msg: str, t0: float) -> None:
     logger.info("[%d/%d] %s  (%.0f s)", i, n, msg, time.time() - t0)
 
 
-def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
-    """Corpus, tokenizer, preprocess; returns (data dir, seed data dir)."""
+def build_data(s: DemoSettings, t0: float, *, validated: bool = False) -> tuple[str, str]:
+    """Corpus, tokenizer, preprocess; returns (data dir, seed data dir). Every option is
+    checked first (:meth:`DemoSettings.validate`, unless the caller did: ``validated``)."""
     from megablocks_ablate.data.preprocess import PreprocessConfig, run_preprocess
     from megablocks_ablate.data.tokenizer import load_tokenizer, train_sentencepiece
 
-    _check_eval_extra(s)
-    # a manpages demo is its own kind of output: its corpus, tokenizer and data must never
-    # be taken for (or reused by) a stdlib demo's in the same directory
-    kind = "demo" if s.corpus or s.builtin == "stdlib" else f"demo-{s.builtin}"
-    claim_output_dir(s.out, kind, reuse=True, inputs=[s.corpus, s.seed_corpus])
+    if not validated:
+        s.validate(check_n_seq=False)
+    claim_output_dir(s.out, demo_kind(s), reuse=True, inputs=[s.corpus, s.seed_corpus])
     if s.corpus:
-        if not os.path.isfile(s.corpus):
-            raise ConfigError(f"--corpus: no such file: {s.corpus}")
         corpus, seed_corpus = s.corpus, s.seed_corpus
         _step(1, 6, f"corpus: {corpus} (partitions from field {s.partition_by!r})", t0)
     elif s.builtin == "manpages":
@@ -158,20 +295,7 @@ def build_data(s: DemoSettings, t0: float) -> tuple[str, str]:
     _step(2, 6, f"tokenizer: {tok_path} ({tok.vocab_size} pieces)", t0)
 
     data = os.path.join(s.out, "data")
-    run_preprocess(
-        PreprocessConfig.from_dict(
-            dict(
-                input=[corpus],
-                out=data,
-                tokenizer=tok_path,
-                partition_by=[s.partition_by],
-                order_by=s.order_by or (None if s.corpus else "order"),
-                unit_tokens=s.unit_tokens,
-                heldout_fraction=s.heldout_fraction,
-                workers=s.workers,
-            )
-        )
-    )
+    run_preprocess(_preprocess_config(s, corpus, tok_path))
     seed_data = data
     if seed_corpus:
         seed_data = os.path.join(s.out, "seed_data")
@@ -254,26 +378,16 @@ def study_spec(
             "a smaller --unit-tokens"
         )
     out = os.path.join(s.out, "study")
-    seed_dir = os.path.join(s.out, "seed")
-    over = list(s.train_overrides)
+    over = train_overrides(s, seed_data)
     return {
         "name": f"{s.builtin}-demo" if not s.corpus else f"demo-{os.path.basename(s.corpus)}",
         "data": data,
         "out_dir": out,
         "seed": {
             "config": f"{s.preset}_seed",
-            "overrides": over
-            + [
-                f"data.manifest={seed_data}",
-                f"out_dir={seed_dir}",
-                f"train_tokens={s.seed_tokens}",
-            ],
+            "overrides": over["seed"],
         },
-        "unit": {
-            "config": f"{s.preset}_unit",
-            "overrides": over
-            + [f"train_tokens={s.unit_tokens if s.unit_passes == 1 else s.unit_budget}"],
-        },
+        "unit": {"config": f"{s.preset}_unit", "overrides": over["unit"]},
         "partitions": partitions,
         "mixtures": {"k_subsets": s.k},
         "proxies": ["merged", "macro", "micro", "mean_ind", "ind_id"],
@@ -281,7 +395,7 @@ def study_spec(
         "validation": {
             "n": s.n_seq,
             "seed": 0,
-            "train": {"config": f"{s.preset}_seq", "overrides": list(over)},
+            "train": {"config": f"{s.preset}_seq", "overrides": over["seq"]},
         },
     }
 
@@ -295,7 +409,8 @@ def run_demo(s: DemoSettings) -> int:
     from megablocks_ablate.utils.atomic import atomic_write_text
 
     t0 = time.time()
-    data, seed_data = build_data(s, t0)
+    s.validate()  # every option, before the first write
+    data, seed_data = build_data(s, t0, validated=True)
     spec_path = os.path.join(s.out, "study.yaml")
     # its paths are relative to study.yaml (the demo's own files always): <out> can move
     spec = record_spec_paths(study_spec(s, data, seed_data), spec_path, inside=s.out)

@@ -521,8 +521,6 @@ def _objective(args: argparse.Namespace):
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    import yaml
-
     from megablocks_ablate.ablate.runner import load_study
     from megablocks_ablate.ablate.search import megatron_data_path, training_blend
     from megablocks_ablate.commands.study_outputs import check_optimize_out, study_inputs
@@ -577,7 +575,14 @@ def run_optimize(args: argparse.Namespace) -> int:
                 "export": {"train": train, "megatron": megatron},
             },
         )
-    s = result.search
+    _print_optimize(args, objective, result, out, train, megatron)
+    return 0
+
+
+def _print_optimize(args, objective, result, out: str, train: dict, megatron: str) -> None:
+    import yaml
+
+    m, s = result.mixture, result.search
     print(
         f"best blend by {args.proxy} ({objective.describe()}): {m.label} -> "
         f"{result.best.objective:.4f} [{result.best.kind}]; {s.calls} search points "
@@ -599,7 +604,6 @@ def run_optimize(args: argparse.Namespace) -> int:
     print("  train config data section:")
     print("    " + yaml.safe_dump(train, sort_keys=False).rstrip().replace("\n", "\n    "))
     print(f"  Megatron --data-path: {megatron}")
-    return 0
 
 
 def _blend_text(blend: dict[str, float]) -> str:

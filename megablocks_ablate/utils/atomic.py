@@ -1,7 +1,10 @@
 """Crash-safe file output: write to a temp name beside the target, fsync, rename.
 
 A reader (or a resumed run) therefore sees either the old file or the complete new
-one, never a half-written file, even after Ctrl-C or SIGKILL.
+one, never a half-written file, even after Ctrl-C or SIGKILL. When the write fails
+(disk full, read-only directory, a name too long), the temp file is removed and the
+:class:`OSError` propagates naming the target (its ``filename``), which the CLI shows as
+one ``error: <path>: <reason>`` line (docs/reliability.md "OS errors in one line").
 """
 
 from __future__ import annotations
@@ -41,24 +44,61 @@ def _umask() -> int:
     return mask
 
 
+def _is_tmp_of(name: object, path: str) -> bool:
+    """Whether ``name`` is one of :func:`tmp_path_for`'s temporary names for ``path``."""
+    if not isinstance(name, str):
+        return False
+    base = os.path.basename(name)
+    return base.startswith(f".{os.path.basename(path)}.") and base.endswith(".tmp")
+
+
+def name_target(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` naming the target ``path`` when it names no file or only our temp file (a
+    write's ENOSPC has no ``filename``; a failed rename names the temp file first)."""
+    path = os.fspath(path)
+    if e.filename is None or _is_tmp_of(e.filename, path):
+        e.filename = path
+        if e.filename2 is None or os.fspath(e.filename2) == path or _is_tmp_of(e.filename2, path):
+            e.filename2 = None
+    return e
+
+
 def tmp_path_for(path: str | os.PathLike) -> str:
     """A unique temporary name in the target's directory (same filesystem)."""
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.{_tmp_tag()}.", suffix=".tmp", dir=d
-    )
-    # mkstemp makes 0600 files; outputs get the usual umask-based mode (shared clusters)
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.{_tmp_tag()}.", suffix=".tmp", dir=d
+        )
+    except OSError as e:
+        name_target(e, path)
+        raise
+    try:
+        # mkstemp makes 0600 files; outputs get the usual umask-based mode (shared clusters)
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        name_target(e, path)
+        raise
+    finally:
+        os.close(fd)
     return tmp
 
 
 def commit_tmp(tmp: str, path: str | os.PathLike) -> None:
-    """fsync ``tmp`` and atomically rename it to ``path``."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """fsync ``tmp`` and atomically rename it to ``path``; on failure ``tmp`` is removed
+    and the OSError names ``path``."""
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        name_target(e, path)
+        raise
     fsync_dir(os.path.dirname(os.fspath(path)) or ".")
 
 
@@ -76,9 +116,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(os.fspath(path)) or ".")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            name_target(e, path)
         raise
 
 
