@@ -564,10 +564,13 @@ def export_hf(ckpt_dir: str, out_dir: str, tokenizer: str | None = None) -> str:
         load_model_checkpoint,
         staged_checkpoint_dir,
     )
+    from megablocks_ablate.model.loading import check_weights_match_config
     from megablocks_ablate.utils.outputs import write_marker
 
     state, cfg_dict, lineage = load_model_checkpoint(ckpt_dir)
     cfg = ModelConfig.from_dict(cfg_dict, _path=os.path.join(ckpt_dir, "config.json"))
+    with torch.device("meta"):
+        check_weights_match_config(state, cfg.build(), ckpt_dir)
     check_finite_state(
         state,
         os.path.join(ckpt_dir, "model.safetensors"),
