@@ -547,10 +547,10 @@ def run_optimize(args: argparse.Namespace) -> int:
     inputs = study_inputs(args.spec, study)
     check_optimize_out(out, inputs)  # before any merge: never replace a file we did not write
     # one optimize into one result at a time: a second is refused at once, naming this one
-    with output_lock(out, f"study optimize --out {out}"):
-        check_optimize_out(out, inputs)  # again, holding the lock
-        runner = _pool_runner(study, args)
-        try:
+    runner = _pool_runner(study, args)  # checks the window first: a refusal writes nothing
+    try:
+        with output_lock(out, f"study optimize --out {out}"):
+            check_optimize_out(out, inputs)  # again, holding the lock
             result = runner.optimize(
                 objective,
                 over=over,
@@ -560,21 +560,21 @@ def run_optimize(args: argparse.Namespace) -> int:
                 min_share=args.min_share,
                 regression=not args.no_regression,
             )
-        finally:
-            runner.close()
-        m = result.mixture
-        train = {"data": training_blend(m, study.manifest_dir)}
-        megatron = megatron_data_path(m, study.unit_paths)
-        check_optimize_out(out, inputs)  # a file that appeared meanwhile is not replaced
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        atomic_write_json(
-            out,
-            {
-                "request": request,
-                **result.to_dict(),
-                "export": {"train": train, "megatron": megatron},
-            },
-        )
+            m = result.mixture
+            train = {"data": training_blend(m, study.manifest_dir)}
+            megatron = megatron_data_path(m, study.unit_paths)
+            check_optimize_out(out, inputs)  # a file that appeared meanwhile is not replaced
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            atomic_write_json(
+                out,
+                {
+                    "request": request,
+                    **result.to_dict(),
+                    "export": {"train": train, "megatron": megatron},
+                },
+            )
+    finally:
+        runner.close()
     _print_optimize(args, objective, result, out, train, megatron)
     return 0
 
