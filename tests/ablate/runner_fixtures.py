@@ -16,6 +16,18 @@ from megablocks_ablate.ablate.store import ResultStore
 TINY = ["model_overrides=[vocab_size=384]", "checkpoint.every=2", "logging.every=2"]
 
 
+def tiny_demo_args(n_seq: int = 2, max_partitions: int = 3, *extra: str) -> list[str]:
+    """`demo` options for a tiny study on a synthetic corpus (fos partitions, year order,
+    tiny models, 6K-token units, an 8K-token seed): the CLI tests' shared settings."""
+    return [
+        *("--partition-by", "fos", "--order-by", "year", "--preset", "tiny"),
+        *("--vocab-size", "384", "--unit-tokens", "6k", "--unit-passes", "1"),
+        *("--seed-tokens", "8k", "--n-seq", str(n_seq)),
+        *("--max-partitions", str(max_partitions), "--heldout-fraction", "0.04"),
+        *("--workers", "1", *extra, "model_overrides=[vocab_size=384]"),
+    ]
+
+
 def tiny_settings(out: str, corpus: str) -> DemoSettings:
     return DemoSettings(
         out=out,

@@ -10,37 +10,14 @@ import math
 import os
 
 import pytest
+from runner_fixtures import tiny_demo_args
 
 from megablocks_ablate.ablate.demo import DemoSettings, study_spec
 from megablocks_ablate.ablate.spec import StudySpec
 from megablocks_ablate.ablate.store import ResultStore
 from megablocks_ablate.cli import main as cli_main
 
-TINY = [
-    "--partition-by",
-    "fos",
-    "--order-by",
-    "year",
-    "--preset",
-    "tiny",
-    "--vocab-size",
-    "384",
-    "--unit-tokens",
-    "6k",
-    "--unit-passes",
-    "1",
-    "--seed-tokens",
-    "8k",
-    "--n-seq",
-    "2",
-    "--max-partitions",
-    "3",
-    "--heldout-fraction",
-    "0.04",
-    "--workers",
-    "1",
-    "model_overrides=[vocab_size=384]",
-]
+TINY = tiny_demo_args()
 
 
 @pytest.mark.integration

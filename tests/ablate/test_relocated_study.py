@@ -16,40 +16,14 @@ import os
 import shutil
 
 import pytest
-from runner_fixtures import rows
+from runner_fixtures import rows, tiny_demo_args
 
 from megablocks_ablate.cli import main as cli_main
 from megablocks_ablate.utils.hashing import sha256_file
 
 pytestmark = pytest.mark.integration
 
-TINY = [
-    "--partition-by",
-    "fos",
-    "--order-by",
-    "year",
-    "--preset",
-    "tiny",
-    "--vocab-size",
-    "384",
-    "--unit-tokens",
-    "6k",
-    "--unit-passes",
-    "1",
-    "--seed-tokens",
-    "8k",
-    "--n-seq",
-    "0",
-    "--max-partitions",
-    "2",
-    "--heldout-fraction",
-    "0.04",
-    "--workers",
-    "1",
-    "--k",
-    "2",
-    "model_overrides=[vocab_size=384]",
-]
+TINY = tiny_demo_args(0, 2, "--k", "2")
 
 
 def _cli(capsys, *argv: str) -> str:
