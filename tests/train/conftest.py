@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -94,3 +95,26 @@ def tree_sha256(root: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return found
+
+
+def one_error_line(capsys) -> str:
+    """The one ``error: ...`` line the CLI printed (log lines go to stderr too)."""
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def read_complete(out_dir: str) -> dict:
+    """A finished run's COMPLETE.json."""
+    from megablocks_ablate.train import state as st
+
+    with open(os.path.join(out_dir, st.COMPLETE_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def assert_nothing_final(out_dir: str) -> None:
+    """Neither COMPLETE.json nor final/: the run was not certified."""
+    from megablocks_ablate.train import state as st
+
+    assert not os.path.exists(os.path.join(out_dir, st.COMPLETE_FILE))
+    assert not os.path.exists(os.path.join(out_dir, st.FINAL_DIR))

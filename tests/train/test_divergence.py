@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import flip_byte, tiny_overrides
+from conftest import assert_nothing_final, flip_byte, one_error_line, read_complete, tiny_overrides
 
 from megablocks_ablate.checkpoint import load_model_checkpoint, model_hash
 from megablocks_ablate.cli import main as cli_main
@@ -42,23 +42,6 @@ def _cfg(manifest, out, **extra) -> TrainConfig:
 def _metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
-def _complete(out_dir) -> dict:
-    with open(os.path.join(out_dir, st.COMPLETE_FILE), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _error(capsys) -> str:
-    """The one ``error: ...`` line the CLI printed (log lines go to stderr too)."""
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def _assert_nothing_final(out_dir):
-    assert not os.path.exists(os.path.join(out_dir, st.COMPLETE_FILE))
-    assert not os.path.exists(os.path.join(out_dir, st.FINAL_DIR))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -124,10 +107,10 @@ def test_diverged_run_stops_through_the_cli(train_manifest, tmp_path, capsys):
     out = str(tmp_path / "run")
     args = tiny_overrides(train_manifest, out, **{**SEED, **DIVERGE, "checkpoint.every": 1})
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert f"error: {out}: training diverged at step 2: the loss" in err
     assert "loss nan" in err and "nan_policy=stop" in err
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     # the step-1 checkpoint, written before the divergence, stays and is valid
     assert [s for s, _ in st.list_checkpoints(out)] == [1]
     st.load_train_checkpoint(st.step_dir(out, 1))
@@ -143,7 +126,7 @@ def test_first_nonfinite_parameter_is_named(train_manifest, tmp_path, monkeypatc
     msg = str(e.value)
     assert "at step 3: the gradient of layers.0.attn_out.weight is non-finite" in msg
     assert "grad norm nan" in msg and "layers.1" not in msg
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
 
 
 def test_skip_policy_finishes_and_records_the_skips(train_manifest, tmp_path, monkeypatch, caplog):
@@ -152,7 +135,7 @@ def test_skip_policy_finishes_and_records_the_skips(train_manifest, tmp_path, mo
     caplog.set_level(logging.WARNING, logger="megablocks_ablate")
     summary = train(_cfg(train_manifest, out, nan_policy="skip", **{"logging.every": 4}))
     assert summary["skipped_steps"] == [3, 5]
-    done = _complete(out)
+    done = read_complete(out)
     assert done["skipped_steps"] == [3, 5] and done["rollbacks"] == []
     assert st.is_complete(out) and done["final_loss"] is not None
     rows = {r["step"]: r for r in _metrics(out)}
@@ -171,7 +154,7 @@ def test_skip_policy_stops_after_nan_max_skips(train_manifest, tmp_path):
     cfg = _cfg(train_manifest, out, nan_policy="skip", nan_max_skips=2, **DIVERGE)
     with pytest.raises(NonFiniteError, match=r"at step 4: the loss .*nan_max_skips=2"):
         train(cfg)  # steps 2 and 3 skipped (the weights stay those making NaN), 4 stops
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     assert [(r["step"], r.get("skipped", False)) for r in _metrics(out)] == [
         (1, False),
         (2, True),
@@ -194,7 +177,7 @@ def test_rollback_policy_restores_the_last_checkpoint(
         for r in caplog.records
     )
     assert summary["rollbacks"] == [{"step": 5, "to": 4}]
-    assert _complete(out)["rollbacks"] == [{"step": 5, "to": 4}]
+    assert read_complete(out)["rollbacks"] == [{"step": 5, "to": 4}]
     # steps 5.. trained again from the step-4 state: the run is exactly the clean one
     a, b = _metrics(ref), _metrics(out)
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -210,13 +193,13 @@ def test_rollback_policy_stops_when_it_cannot_help(train_manifest, tmp_path, cap
         **{**SEED, **DIVERGE, "nan_policy": "rollback", "checkpoint.every": 1},
     )
     assert cli_main(["train", *args]) == 2  # step 2 diverges again from the step-1 state
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert "at step 2: the loss" in err and "diverged again" in err and "step-1" in err
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     out = str(tmp_path / "none")
     with pytest.raises(NonFiniteError, match="at step 2: .*no step checkpoint"):
         train(_cfg(train_manifest, out, nan_policy="rollback", **DIVERGE))
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -241,7 +224,7 @@ def _unit_args(manifest, out, init_from, unit="physics-0001"):
 
 
 def test_init_from_is_verified_and_its_hash_recorded(seed_final, train_manifest, tmp_path, capsys):
-    recorded = _complete(os.path.dirname(seed_final))["model_sha256"]
+    recorded = read_complete(os.path.dirname(seed_final))["model_sha256"]
     out = str(tmp_path / "unit")
     assert cli_main(["train", *_unit_args(train_manifest, out, seed_final)]) == 0
     capsys.readouterr()
@@ -254,9 +237,9 @@ def test_init_from_is_verified_and_its_hash_recorded(seed_final, train_manifest,
     flip_byte(weights)
     out = str(tmp_path / "unit2")
     assert cli_main(["train", *_unit_args(train_manifest, out, os.path.dirname(weights))]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: {weights}: sha256 ") and "COMPLETE.json" in err
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     assert st.list_checkpoints(out) == []
 
 
@@ -273,9 +256,9 @@ def test_corrupted_unit_data_is_refused(train_manifest, tmp_path, capsys):
     out = str(tmp_path / "run")
     args = tiny_overrides(m.root, out, kind="seq", **{"data.mixture": "[physics-0001]"})
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: {bin_path}: sha256 ") and "physics-0001" in err
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     # a unit outside the run's mixture is not read, so not checked
     out = str(tmp_path / "other")
     args = tiny_overrides(
@@ -297,10 +280,10 @@ def test_out_of_vocabulary_token_is_refused(train_manifest, tmp_path, capsys):
     out = str(tmp_path / "run")
     args = tiny_overrides(m.root, out, kind="unit", **{"data.unit": unit})
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: {bin_path}: ") and "token id 60000" in err
     assert "512" in err
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
 
 
 # ----------------------------------------------------------------------------- ranks agree
@@ -332,7 +315,7 @@ def test_ranks_agree_on_a_nan_seen_by_one_rank(train_manifest, tmp_path):
     out = str(tmp_path / "ddp")
     r = _torchrun(train_manifest, out, "2:loss@1,3:layers.0.attn_out.weight@1", nan_policy="skip")
     assert r.returncode == 0, r.stderr
-    assert _complete(out)["skipped_steps"] == [2, 3]
+    assert read_complete(out)["skipped_steps"] == [2, 3]
     assert "step 3: the gradient of layers.0.attn_out.weight" in r.stderr
     out = str(tmp_path / "fsdp")
     r = _torchrun(
@@ -342,11 +325,11 @@ def test_ranks_agree_on_a_nan_seen_by_one_rank(train_manifest, tmp_path):
     # one error per rank (their lines may interleave), the same on both
     assert r.stderr.count("training diverged at step 3: ") == 2, r.stderr
     assert r.stderr.count("at step 3: the gradient of layers.1.in_proj.weight is") == 2
-    _assert_nothing_final(out)
+    assert_nothing_final(out)
     out = str(tmp_path / "rollback")
     r = _torchrun(train_manifest, out, "3:loss@1", nan_policy="rollback", **{"checkpoint.every": 2})
     assert r.returncode == 0, r.stderr
-    assert _complete(out)["rollbacks"] == [{"step": 3, "to": 2}]
+    assert read_complete(out)["rollbacks"] == [{"step": 3, "to": 2}]
 
 
 @pytest.mark.integration

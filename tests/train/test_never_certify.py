@@ -12,7 +12,7 @@ import typing
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import assert_nothing_final, one_error_line, read_complete, tiny_overrides
 
 from megablocks_ablate.checkpoint import load_model_checkpoint, save_model_checkpoint
 from megablocks_ablate.cli import main as cli_main
@@ -34,21 +34,9 @@ def _cfg(manifest, out, **extra) -> TrainConfig:
     return TrainConfig.load(None, tiny_overrides(manifest, out, **{**SEED, **extra}))
 
 
-def _error(capsys) -> str:
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def _assert_not_certified(out_dir):
-    assert not os.path.exists(os.path.join(out_dir, st.COMPLETE_FILE))
-    assert not os.path.exists(os.path.join(out_dir, st.FINAL_DIR))
+    assert_nothing_final(out_dir)
     assert not st.is_complete(out_dir)
-
-
-def _complete(out_dir) -> dict:
-    with open(os.path.join(out_dir, st.COMPLETE_FILE), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def test_the_policies_covered_are_every_value_the_config_takes():
@@ -83,7 +71,7 @@ def test_skip_run_that_diverges_for_good_is_not_certified(train_manifest, tmp_pa
     extra = {**SEED, **DIVERGE, "nan_policy": "skip", "checkpoint.every": 1}
     args = tiny_overrides(train_manifest, out, **extra)
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: {out}: training ended on skipped steps: steps 2-8 of 8")
     assert "nan_policy=skip" in err and "final loss is undefined" in err
     assert "no final model or COMPLETE.json is written" in err
@@ -95,7 +83,7 @@ def test_skip_run_that_diverges_for_good_is_not_certified(train_manifest, tmp_pa
     assert not os.path.exists(tmp_path / "hf")
     # rerunning resumes from step 7 and refuses again: never certified
     assert cli_main(["train", *args]) == 2
-    assert "training ended on skipped steps: steps 2-8 of 8" in _error(capsys)
+    assert "training ended on skipped steps: steps 2-8 of 8" in one_error_line(capsys)
     _assert_not_certified(out)
 
 
@@ -113,14 +101,14 @@ def test_skip_run_whose_last_step_is_skipped_is_not_certified(
     monkeypatch.delenv(INJECT_ENV)
     summary = train(cfg)
     assert summary["start_step"] == 4 and summary["skipped_steps"] == []
-    assert math.isfinite(_complete(out)["final_loss"])
+    assert math.isfinite(read_complete(out)["final_loss"])
 
 
 def test_skip_run_that_recovers_is_still_certified(train_manifest, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     monkeypatch.setenv(INJECT_ENV, "3:loss,7:loss")  # skipped, then trained again
     train(_cfg(train_manifest, out, nan_policy="skip"))
-    done = _complete(out)
+    done = read_complete(out)
     assert done["skipped_steps"] == [3, 7] and math.isfinite(done["final_loss"])
 
 
@@ -168,7 +156,7 @@ def test_a_nan_last_step_never_leaves_an_undefined_final_loss(
     if policy == "rollback":
         summary = train(cfg)
         assert summary["rollbacks"] == [{"step": 8, "to": 4}]
-        assert math.isfinite(_complete(out)["final_loss"])
+        assert math.isfinite(read_complete(out)["final_loss"])
         return
     with pytest.raises(NonFiniteError, match="at step 8|step 8 of 8"):
         train(cfg)
@@ -217,7 +205,7 @@ def test_nan_init_from_is_refused_naming_file_and_tensor(
     _poison_weights(ckpt)
     out = str(tmp_path / "unit")
     assert cli_main(["train", *_unit_args(train_manifest, out, ckpt)]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     weights = os.path.join(ckpt, "model.safetensors")
     assert err == (
         f"error: {weights}: tensor 'layers.0.attn_out.weight' has 2 non-finite values "
@@ -236,13 +224,13 @@ def test_a_certified_seed_with_nan_weights_is_refused(seed_run, train_manifest, 
     shutil.copytree(seed_run, run)
     final = os.path.join(run, st.FINAL_DIR)
     _poison_weights(final, "embed.weight")
-    record = _complete(run)
+    record = read_complete(run)
     record["model_sha256"] = sha256_file(os.path.join(final, "model.safetensors"))
     with open(os.path.join(run, st.COMPLETE_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f)
     out = str(tmp_path / "unit")
     assert cli_main(["train", *_unit_args(train_manifest, out, run)]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(
         f"error: {final}/model.safetensors: tensor 'embed.weight' has 2 non-finite values"
     )
@@ -262,14 +250,14 @@ def test_nan_seed_optimizer_state_is_refused(seed_run, train_manifest, tmp_path,
     name = "layers.1.in_proj.weight/exp_avg_sq"
     tensors[name].view(-1)[0] = float("inf")
     save_file(tensors, path, metadata={"format": "pt"})
-    record = _complete(run)
+    record = read_complete(run)
     record["optimizer_sha256"] = sha256_file(path)
     with open(os.path.join(run, st.COMPLETE_FILE), "w", encoding="utf-8") as f:
         json.dump(record, f)
     out = str(tmp_path / "unit")
     args = _unit_args(train_manifest, out, run, init_optimizer="seed")
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: {path}: tensor '{name}' has 1 non-finite values (NaN/inf)")
     assert "optimizer state is broken" in err
     _assert_not_certified(out)
@@ -289,7 +277,7 @@ def test_a_step_checkpoint_with_nan_weights_is_not_resumed(train_manifest, tmp_p
     with open(state_file, "w", encoding="utf-8") as f:
         json.dump(state, f)
     assert cli_main(["train", *args]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(
         f"error: {step1}/model.safetensors: tensor 'norm.weight' has 2 non-finite values"
     )
