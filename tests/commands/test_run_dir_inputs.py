@@ -15,10 +15,8 @@ from megablocks_ablate.checkpoint import Lineage, model_hash, save_model_checkpo
 from megablocks_ablate.cli import main
 from megablocks_ablate.utils.hashing import sha256_file
 
+
 # A tiny-preset model over the 512-piece test tokenizer (as tests/evaluate uses).
-TINY = ["vocab_size=512", "max_seq_len=32", "init_std=0.1"]
-
-
 def _finished_run(ckpt: str, run: str) -> str:
     """A finished run directory around a copy of ``ckpt``: a step checkpoint, final/,
     and COMPLETE.json as train.state.save_final writes it."""
@@ -54,38 +52,6 @@ def _refused(capsys, rc: int, run: str, latest: str) -> None:
         f"error: {run} is a training run that has not finished (no final/); its latest "
         f"checkpoint is {latest}: pass that, or finish the run"
     ]
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, sp_model_path) -> str:
-    """A tiny-model checkpoint whose lineage records the test tokenizer."""
-    from megablocks_ablate.data.tokenizer import load_tokenizer
-    from megablocks_ablate.model.config import ModelConfig
-
-    torch.manual_seed(7)
-    cfg = ModelConfig.from_preset("tiny", TINY)
-    tok = load_tokenizer(sp_model_path)
-    path = str(tmp_path_factory.mktemp("ckpt") / "seed")
-    save_model_checkpoint(
-        path,
-        cfg.build().state_dict(),
-        cfg.to_dict(),
-        Lineage(
-            kind="seed",
-            tokenizer_fingerprint=tok.fingerprint,
-            extra={"tokenizer": sp_model_path},
-        ),
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def eval_set(tmp_path_factory, tiny_corpus) -> str:
-    path = str(tmp_path_factory.mktemp("evalset") / "bio.jsonl")
-    with open(tiny_corpus, encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
-        for line in list(f)[:4]:
-            out.write(json.dumps({"text": json.loads(line)["text"][:200]}) + "\n")
-    return path
 
 
 # ----------------------------------------------------------------------------- eval
