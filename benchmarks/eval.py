@@ -30,11 +30,13 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+
+import hf_compare  # noqa: E402  (benchmarks/gpu/hf_compare.py)
 
 from megablocks_ablate.evaluate import EvalSet, EvalSuite, evaluate  # noqa: E402
 from megablocks_ablate.evaluate.perplexity import DEFAULT_BATCH_TOKENS, rank_plan  # noqa: E402
 from megablocks_ablate.model import ModelConfig  # noqa: E402
-from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
 from megablocks_ablate.utils.benchmark_result import (  # noqa: E402
     check_writable,
     command_line,
@@ -66,16 +68,9 @@ def synthetic_suite(vocab: int, tokens: int, max_len: int, seed: int = 0) -> Eva
 
 
 def hf_model(cfg: ModelConfig, ours: torch.nn.Module, device, dtype):
-    from transformers import CohereConfig, CohereForCausalLM
-
-    fields = {
-        k: v
-        for k, v in to_hf_config(cfg).items()
-        if k not in ("architectures", "model_type", "torch_dtype")
-    }
-    hf = CohereForCausalLM(CohereConfig(**fields, attn_implementation="sdpa"))
-    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-    return hf.to(device=device, dtype=dtype).eval()
+    """transformers' model holding ours' weights, loaded strictly (``gpu/hf_compare``:
+    a key, shape or tie that does not match fails, never a silently random tensor)."""
+    return hf_compare.hf_model(cfg, ours, device, dtype)
 
 
 def hf_evaluate(hf, suite: EvalSuite, max_len: int, batch_tokens: int, device) -> tuple[float, int]:

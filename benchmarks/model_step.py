@@ -35,25 +35,23 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu"))
+
+import hf_compare
 
 from megablocks_ablate.model import ModelConfig
-from megablocks_ablate.model.hf import to_hf_config, to_hf_state_dict
-from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
+from megablocks_ablate.utils.benchmark_result import (
+    check_writable,
+    command_line,
+    write_result,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hf_model(cfg: ModelConfig, ours: torch.nn.Module):
-    from transformers import CohereConfig, CohereForCausalLM
-
-    fields = {
-        k: v
-        for k, v in to_hf_config(cfg).items()
-        if k not in ("architectures", "model_type", "torch_dtype")
-    }
-    hf = CohereForCausalLM(CohereConfig(**fields, attn_implementation="sdpa"))
-    hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
-    return hf
+    """transformers' model holding ours' weights, loaded strictly (``gpu/hf_compare``)."""
+    return hf_compare.hf_model(cfg, ours, torch.device("cpu"), torch.float32)
 
 
 def _train_step(model, opt, ids, labels, hf: bool):

@@ -340,6 +340,32 @@ def test_eval_row_fails_when_the_strict_load_refuses(monkeypatch):
     assert res["status"] == "failed" and "not timed (load refused)" in res["key"]["text"]
 
 
+def test_cpu_benchmarks_load_transformers_strictly(monkeypatch):
+    """benchmarks/eval.py and model_step.py compare against transformers through the same
+    strict load as the GPU row: a key that does not map is refused, never left random."""
+    pytest.importorskip("transformers")
+    import eval as bench_eval  # benchmarks/eval.py
+    import model_step
+
+    cfg, ours = _tiny_models()
+    hf = bench_eval.hf_model(cfg, ours, CPU, torch.float32)
+    assert torch.equal(hf.model.norm.weight, ours.norm.weight)
+    real = hf_compare.hf_state_dict
+
+    def drop_a_norm(state, cfg):
+        sd = real(state, cfg)
+        sd.pop("model.norm.weight")
+        return sd
+
+    monkeypatch.setattr(hf_compare, "hf_state_dict", drop_a_norm)
+    for build in (
+        lambda: bench_eval.hf_model(cfg, ours, CPU, torch.float32),
+        lambda: model_step._hf_model(cfg, ours),
+    ):
+        with pytest.raises(ValueError, match=r"strict=True.*model\.norm\.weight"):
+            build()
+
+
 def test_the_report_shows_a_failed_checks_figures_under_its_reason():
     import report
 
