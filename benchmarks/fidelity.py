@@ -18,6 +18,13 @@ the best proxy (by OOD mean):
 * mean regret (seq perplexity of the pick over seq's best, minus 1) <= 1%.
 
 Figures are read, not recomputed: they are exactly what the study's report shows.
+
+**Replicates.** ``--replicates SETTING=NAME,NAME,...`` groups studies of one setting
+that differ only in what should not matter (the data order of unit and seq models):
+for each target figure of the headline proxy it prints the mean, the sample standard
+deviation and the range over the replicates, and whether the *mean* meets the target.
+Between two such studies a per-domain mean moves by a few hundredths, so a setting is
+judged by its replicates' mean, not by one draw.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 from megablocks_ablate.utils.benchmark_result import check_writable, command_line, write_result
@@ -95,32 +103,88 @@ def best_proxy(summary: dict) -> str | None:
     return max(scored)[1] if scored else None
 
 
+# target name -> (limit, higher is better)
+TARGETS = {
+    f"OOD mean >= {OOD_MEAN_TARGET}": (OOD_MEAN_TARGET, True),
+    f"summary row >= {SUMMARY_TARGET}": (SUMMARY_TARGET, True),
+    f"pick in seq top 2 on >= {TOP2_TARGET:.0%} of OOD domains": (TOP2_TARGET, True),
+    f"mean regret <= {REGRET_TARGET:.0%}": (REGRET_TARGET, False),
+}
+
+
+def _met(key: str, v: float | None) -> bool:
+    limit, higher = TARGETS[key]
+    return v is not None and (v >= limit if higher else v <= limit)
+
+
 def targets(summary: dict, proxy: str | None = None) -> dict[str, tuple[float | None, bool]]:
     """The issue's targets for ``proxy`` (default: the headline proxy): name -> (value,
     met)."""
     p = proxy or summary.get("primary") or ""
-    regret = _decision(summary, p, "mean_regret")
-    checks = {
-        f"OOD mean >= {OOD_MEAN_TARGET}": (_r(summary, p, "ood", "mean", "pearson"), True),
-        f"summary row >= {SUMMARY_TARGET}": (_r(summary, p, "summary", "row", "pearson"), True),
-        f"pick in seq top 2 on >= {TOP2_TARGET:.0%} of OOD domains": (
-            _decision(summary, p, "share_top2"),
-            True,
-        ),
-        f"mean regret <= {REGRET_TARGET:.0%}": (regret, False),
-    }
-    limits = [OOD_MEAN_TARGET, SUMMARY_TARGET, TOP2_TARGET, REGRET_TARGET]
-    out = {}
-    for (name, (v, higher)), limit in zip(checks.items(), limits):
-        out[name] = (v, v is not None and (v >= limit if higher else v <= limit))
+    values = [
+        _r(summary, p, "ood", "mean", "pearson"),
+        _r(summary, p, "summary", "row", "pearson"),
+        _decision(summary, p, "share_top2"),
+        _decision(summary, p, "mean_regret"),
+    ]
+    return {key: (v, _met(key, v)) for key, v in zip(TARGETS, values)}
+
+
+def replicate_stats(results: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """Per target (of the headline proxy): mean, sample sd, min, max over ``names`` and
+    whether the mean meets the target. A figure missing from any replicate is skipped."""
+    out: dict[str, dict] = {}
+    first = results[names[0]]["targets"]
+    for key in first:
+        values = [results[n]["targets"][key][0] for n in names]
+        if any(v is None for v in values):
+            continue
+        vals = [float(v) for v in values]
+        mean = statistics.fmean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out[key] = {
+            "values": vals,
+            "mean": mean,
+            "sd": sd,
+            "min": min(vals),
+            "max": max(vals),
+            "n": len(vals),
+            "mean_met": _met(key, mean),
+        }
     return out
+
+
+def _replicate_lines(setting: str, stats: dict[str, dict]) -> list[str]:
+    lines = []
+    for key, st in stats.items():
+        pct = "regret" in key or "top 2" in key
+        f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+        lines.append(
+            f"{setting} ({st['n']} replicates): {key}: mean {f(st['mean'])} sd {f(st['sd'])} "
+            f"[{f(st['min'])}, {f(st['max'])}] {'met' if st['mean_met'] else 'NOT met'} by the mean"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("studies", nargs="+", help="NAME=REPORT_DIR")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument(
+        "--replicates",
+        action="append",
+        default=[],
+        metavar="SETTING=NAME,NAME,...",
+        help="studies (by NAME) that replicate one setting: mean, sd and range per target",
+    )
     args = ap.parse_args(argv)
+    groups: dict[str, list[str]] = {}
+    for item in args.replicates:
+        setting, _, names = item.partition("=")
+        members = [n for n in names.split(",") if n]
+        if not setting or len(members) < 2:
+            ap.error(f"--replicates: expected SETTING=NAME,NAME[,...], got {item!r}")
+        groups[setting] = members
     if args.json:
         check_writable(args.json, "fidelity")
     header = ["study", "proxy", *(c for c, _, _ in ROLE_CELLS), "pick in seq top 2", "regret"]
@@ -158,6 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             for k, (v, ok) in res["best_targets"].items()
         )
         print(f"{name}, best proxy ({res['best_proxy']}): {best}")
+    replicates = {}
+    for setting, members in groups.items():
+        unknown = [n for n in members if n not in result]
+        if unknown:
+            print(f"error: --replicates {setting}: no study named {unknown[0]!r}", file=sys.stderr)
+            return 2
+        replicates[setting] = {"studies": members, "targets": replicate_stats(result, members)}
+        print()
+        print("\n".join(_replicate_lines(setting, replicates[setting]["targets"])))
     if args.json:
         studies = {
             n: {
@@ -171,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             for n, r in result.items()
         }
-        write_result(args.json, "fidelity", {"studies": studies}, command_line(__file__, argv))
+        payload: dict = {"studies": studies}
+        if replicates:
+            payload["replicates"] = replicates
+        write_result(args.json, "fidelity", payload, command_line(__file__, argv))
     return 0
 
 

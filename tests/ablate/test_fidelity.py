@@ -61,3 +61,29 @@ def test_cli_writes_its_json_and_refuses_a_users_file(fid, report_dir, tmp_path,
         fid.main([f"s={report_dir}", "--json", str(mine)])
     assert mine.read_text() == "{}\n"
     assert fid.main([f"s={tmp_path / 'nothing'}"]) == 2
+
+
+def test_replicates_give_mean_sd_and_range_and_judge_the_mean(fid, report_dir, tmp_path, capsys):
+    summary = json.loads((report_dir / "summary.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    summary["summary_row"]["cells"]["arith/raw"]["pearson"]["merged"]["r"] = 0.951
+    summary["decisions"]["merged"] = {"share_top2": 1.0, "mean_regret": 0.02}
+    (other / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "f.json"
+    argv = [f"a={report_dir}", f"b={other}", "--replicates", "setting=a,b", "--json", str(out)]
+    assert fid.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "setting (2 replicates): summary row >= 0.97: mean 0.966 sd 0.021 [0.951, 0.981]" in text
+    rep = json.loads(out.read_text())["replicates"]["setting"]
+    assert rep["studies"] == ["a", "b"]
+    row = rep["targets"]["summary row >= 0.97"]
+    assert row["mean"] == pytest.approx(0.966) and row["mean_met"] is False  # 0.981 alone met it
+    assert row["sd"] == pytest.approx(0.0212132, abs=1e-6)
+    top2 = rep["targets"]["pick in seq top 2 on >= 90% of OOD domains"]
+    assert top2["mean"] == pytest.approx(0.9375) and top2["mean_met"] is True
+    regret = rep["targets"]["mean regret <= 1%"]
+    assert regret["values"] == [0.004, 0.02] and regret["mean_met"] is False
+    assert fid.main([f"a={report_dir}", "--replicates", "s=a,zz"]) == 2
+    with pytest.raises(SystemExit):
+        fid.main([f"a={report_dir}", "--replicates", "s=a"])
