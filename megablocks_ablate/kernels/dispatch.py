@@ -27,6 +27,15 @@ Tests and benchmarks switch in-process with :func:`kernel_backend`.
   is refused with a one-line :class:`ConfigError` naming ``MBA_ATTENTION`` (never a
   silent fallback: a benchmark that asks for cuDNN measures cuDNN or fails).
 
+``MBA_INPROJ_GRAD`` selects how a block's fused input-projection gradient is assembled
+(:func:`configured_inproj_grad`; re-read when the variable changes; in-process
+:func:`inproj_grad`):
+
+* ``autograd`` (default) -- the projection's output is split with ``Tensor.split`` and
+  autograd concatenates the pieces' gradients (``cat``) in backward.
+* ``buffer`` -- one gradient buffer per block backward, written in place by the RoPE,
+  SwiGLU and GELU backwards (:mod:`.inproj_grad`); the same numbers, no ``cat``.
+
 An environment variable rather than a model or train config field: the choice changes
 how a model is run, not what it is, and a config field would enter checkpoints'
 ``config.json`` and the runs' content keys.
@@ -45,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.kernels import cross_entropy as _ce
+from megablocks_ablate.kernels import inproj_grad as _inproj
 from megablocks_ablate.kernels import norm as _norm
 from megablocks_ablate.kernels import rope as _rope
 from megablocks_ablate.kernels import swiglu as _swiglu
@@ -278,6 +288,50 @@ _SDPA_KERNELS = {
 }
 
 
+# ---- in-projection gradient ------------------------------------------------------------
+
+INPROJ_GRAD_ENV = "MBA_INPROJ_GRAD"
+INPROJ_GRAD_MODES = ("autograd", "buffer")
+_inproj_override: str | None = None
+_inproj_env: tuple[str, str] | None = None  # (the variable's raw value, the checked mode)
+
+
+def _check_inproj_name(name: str, where: str) -> str:
+    if name not in INPROJ_GRAD_MODES:
+        raise ConfigError(f"{where}: expected one of {', '.join(INPROJ_GRAD_MODES)}, got {name!r}")
+    return name
+
+
+def configured_inproj_grad() -> str:
+    """``autograd`` (default) or ``buffer``: the in-process override, else ``MBA_INPROJ_GRAD``
+    (checked again only when its value changes: one dict lookup per block forward)."""
+    global _inproj_env
+    if _inproj_override is not None:
+        return _inproj_override
+    raw = os.environ.get(INPROJ_GRAD_ENV, "")
+    if _inproj_env is None or _inproj_env[0] != raw:
+        name = raw.strip().lower() or "autograd"
+        _inproj_env = (raw, _check_inproj_name(name, INPROJ_GRAD_ENV))
+    return _inproj_env[1]
+
+
+def set_inproj_grad(name: str | None) -> None:
+    """Override ``MBA_INPROJ_GRAD`` in this process; ``None`` follows the environment."""
+    global _inproj_override
+    _inproj_override = None if name is None else _check_inproj_name(name, "inproj grad")
+
+
+@contextlib.contextmanager
+def inproj_grad(name: str) -> Iterator[None]:
+    """``with inproj_grad("buffer"): ...`` -- temporarily force the in-projection gradient mode."""
+    previous = _inproj_override
+    set_inproj_grad(name)
+    try:
+        yield
+    finally:
+        set_inproj_grad(previous)
+
+
 # ---- the ops the model calls -----------------------------------------------------------
 
 
@@ -335,16 +389,45 @@ def rope(
     return _rope.rope_reference(x, cos, sin)
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` from ``[..., 2 * hidden]``; see :mod:`.swiglu`."""
+def rope_pair(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    n_q: int,
+    layout: str = "interleaved",
+    grad_into: _inproj.GradSlot | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope` on the q|k heads side by side (``[batch, seq, n_q + n_kv, head_dim]``),
+    returned as ``(q, k)`` (``MBA_INPROJ_GRAD=buffer``). Interleaved with full rotary: one
+    function whose backward takes ``dq``/``dk`` apart and writes ``dx`` into ``grad_into``
+    (no ``cat``); otherwise :func:`rope` then a split (``grad_into`` unused: the block's
+    split copies that gradient into its slice)."""
+    if layout == "interleaved" and 2 * cos.shape[-1] == x.shape[-1]:
+        if use_triton(x):
+            return _rope.rope_pair_triton(x, cos, sin, n_q, grad_into)
+        return _rope.rope_pair_reference(x, cos, sin, n_q, grad_into)
+    q, k = rope(x, cos, sin, layout).split([n_q, x.shape[2] - n_q], dim=2)
+    return q, k
+
+
+def swiglu(gate_up: torch.Tensor, grad_into: _inproj.GradSlot | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` from ``[..., 2 * hidden]``; see :mod:`.swiglu`. ``grad_into``:
+    the backward writes ``d gate_up`` there (:mod:`.inproj_grad`)."""
     if use_triton(gate_up):
-        return _swiglu.swiglu_triton(gate_up)
-    return _swiglu.swiglu_reference(gate_up)
+        if grad_into is None:
+            return _swiglu.swiglu_triton(gate_up)
+        return _swiglu.swiglu_triton(gate_up, grad_into)
+    if grad_into is None:
+        return _swiglu.swiglu_reference(gate_up)
+    return _swiglu.swiglu_reference(gate_up, grad_into)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU, GPT-NeoX's ``hidden_act: gelu``: PyTorch only (no kernel)."""
-    return F.gelu(x)
+def gelu(x: torch.Tensor, grad_into: _inproj.GradSlot | None = None) -> torch.Tensor:
+    """Exact (erf) GELU, GPT-NeoX's ``hidden_act: gelu``: PyTorch only (no kernel).
+    ``grad_into``: the backward writes ``dx`` there (:mod:`.inproj_grad`)."""
+    if grad_into is None:
+        return F.gelu(x)
+    return _inproj.gelu_into(x, grad_into)
 
 
 def linear_cross_entropy(

@@ -26,6 +26,16 @@ cross-entropy go through :mod:`megablocks_ablate.kernels.dispatch` (Triton on CU
 where a kernel covers the case, PyTorch references elsewhere). A plain ``nn.Module``:
 no distributed code here.
 
+The in-projection gradient (``MBA_INPROJ_GRAD``, :func:`dispatch.configured_inproj_grad`):
+under ``autograd`` (default) the splits of the projection's output (``qk | v | mlp_in``,
+then q/k after RoPE) are ``Tensor.split`` and their backwards ``cat``s; under ``buffer``
+the block splits through :func:`megablocks_ablate.kernels.inproj_grad.split`, and the
+RoPE, SwiGLU and GELU backwards write straight into one gradient buffer that goes to the
+GEMM's backward as it is (attention's ``dv``, and ``dqk`` behind ``qk_norm``, are copied
+into their slices). With two norms only the attention half (``qk | v``) is split this
+way; the MLP half has its own GEMM and no split. Not under ``torch.compile`` (which
+plans its own buffers) nor without grad (nothing to assemble).
+
 Activation checkpointing (:func:`checkpointed_blocks`): ``none`` keeps every block's
 activations for backward; ``full`` recomputes every block's forward in backward
 (only its input is kept); ``selective`` recomputes every other block (0, 2, 4, ...):
@@ -62,7 +72,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megablocks_ablate.errors import ConfigError
-from megablocks_ablate.kernels import dispatch
+from megablocks_ablate.kernels import dispatch, inproj_grad
 from megablocks_ablate.kernels.cross_entropy import IGNORE_INDEX
 from megablocks_ablate.kernels.rope import rope_tables
 
@@ -140,21 +150,71 @@ class Block(nn.Module):
         a = dispatch.attention(q, k, v.unflatten(-1, (cfg.n_kv_heads, cfg.head_dim)))
         return self.attn_out(a.flatten(-2))
 
-    def _mlp(self, mlp_in: torch.Tensor) -> torch.Tensor:
-        act = dispatch.swiglu(mlp_in) if self.cfg.mlp == "swiglu" else dispatch.gelu(mlp_in)
-        return self.mlp_out(act)
+    def _attention_slots(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        qk_slot: inproj_grad.GradSlot,
+    ) -> torch.Tensor:
+        """:meth:`_attention` on the views of :func:`inproj_grad.split`
+        (``MBA_INPROJ_GRAD=buffer``)."""
+        cfg = self.cfg
+        grad_into: inproj_grad.GradSlot | None = qk_slot
+        if self.qk_norm is not None:  # the norm's backward writes its own dqk: copied
+            qk, grad_into = self.qk_norm(qk), None
+        q, k = dispatch.rope_pair(
+            qk, cos, sin, cfg.n_heads, layout=cfg.rope_layout, grad_into=grad_into
+        )
+        a = dispatch.attention(q, k, v)
+        return self.attn_out(a.flatten(-2))
+
+    def _mlp(
+        self, mlp_in: torch.Tensor, grad_into: inproj_grad.GradSlot | None = None
+    ) -> torch.Tensor:
+        if self.cfg.mlp == "swiglu":
+            return self.mlp_out(dispatch.swiglu(mlp_in, grad_into))
+        return self.mlp_out(dispatch.gelu(mlp_in, grad_into))
+
+    def _parts(self, with_mlp: bool) -> list[inproj_grad.Part]:
+        """The in-projection output's pieces: ``qk`` and ``v`` as heads, then ``mlp_in``."""
+        cfg = self.cfg
+        qk, n_kv = cfg.q_dim + cfg.kv_dim, cfg.kv_dim // cfg.head_dim
+        parts: list[inproj_grad.Part] = [
+            (0, qk, (cfg.n_heads + n_kv, cfg.head_dim)),
+            (qk, qk + cfg.kv_dim, (n_kv, cfg.head_dim)),
+        ]
+        if with_mlp:
+            parts.append((qk + cfg.kv_dim, qk + cfg.kv_dim + cfg.mlp_in_dim, None))
+        return parts
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         sizes = [cfg.q_dim + 2 * cfg.kv_dim, cfg.mlp_in_dim]
+        buffer = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and dispatch.configured_inproj_grad() == "buffer"
+        )
         if self.mlp_norm is None:  # one norm, parallel: one fused input GEMM
-            qkv, mlp_in = self.in_proj(self.norm(x)).split(sizes, dim=-1)
+            y = self.in_proj(self.norm(x))
+            if buffer:
+                (qk, v, mlp_in), (qk_slot, _, mlp_slot) = inproj_grad.split(y, self._parts(True))
+                a = self._attention_slots(qk, v, cos, sin, qk_slot)
+                return x + (a + self._mlp(mlp_in, mlp_slot))
+            qkv, mlp_in = y.split(sizes, dim=-1)
             return x + (self._attention(qkv, cos, sin) + self._mlp(mlp_in))
         w_attn, w_mlp = self.in_proj.weight.split(sizes, dim=0)
         b_attn, b_mlp = (
             (None, None) if self.in_proj.bias is None else self.in_proj.bias.split(sizes)
         )
-        a = self._attention(F.linear(self.norm(x), w_attn, b_attn), cos, sin)
+        qkv = F.linear(self.norm(x), w_attn, b_attn)
+        if buffer:  # the attention half only: the MLP half is its own GEMM, no split
+            (qk, v), (qk_slot, _) = inproj_grad.split(qkv, self._parts(False))
+            a = self._attention_slots(qk, v, cos, sin, qk_slot)
+        else:
+            a = self._attention(qkv, cos, sin)
         if cfg.block == "sequential":
             x = x + a
             return x + self._mlp(F.linear(self.mlp_norm(x), w_mlp, b_mlp))
@@ -181,7 +241,7 @@ class Transformer(nn.Module):
         # None: follow the config's (deprecated) boolean; see set_activation_checkpointing
         self.activation_checkpointing: str | None = None
         self.reset_parameters()
-        if cfg.compile:
+        if cfg.compile:  # (the trainer's blocks: train/parallel.py build_model, apply_compile)
             for block in self.layers:
                 block.compile()
 

@@ -35,12 +35,13 @@ for is_ln in (True, False):
              "Rstd": "*fp32", "n_rows": "i32", "N": "i32", "w_rows": "i32", "n_programs": "i32",
              "IS_LN": "constexpr", "BLOCK": "constexpr"}, {"IS_LN": is_ln, "BLOCK": 2048})
 compile_(rope._rope_kernel, {"X": t, "Y": t, "Cos": "*fp32", "Sin": "*fp32", "T": "i32", "H": "i32",
-         "stride_b": "i32", "stride_t": "i32", "stride_h": "i32", "sign": "fp32", "HALF": "constexpr",
+         "stride_b": "i32", "stride_t": "i32", "stride_h": "i32", "ystride_b": "i32", "ystride_t": "i32",
+         "ystride_h": "i32", "sign": "fp32", "HALF": "constexpr",
          "BLOCK_H": "constexpr", "BLOCK_D": "constexpr"}, {"HALF": 64, "BLOCK_H": 32, "BLOCK_D": 64})
 compile_(swiglu._swiglu_fwd_kernel, {"GU": t, "OUT": t, "M": "i32", "stride_row": "i32", "BLOCK": "constexpr"},
          {"BLOCK": 1024})
 compile_(swiglu._swiglu_bwd_kernel, {"GU": t, "DOUT": t, "DGU": t, "M": "i32", "stride_row": "i32",
-         "BLOCK": "constexpr"}, {"BLOCK": 1024})
+         "stride_drow": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
 for grad in (False, True):
     compile_(ce._ce_chunk_kernel, {"Logits": t, "Labels": "*i64", "Nll": "*fp32", "V": "i32", "stride_row": "i32",
              "scale": "fp32", "ignore_index": "i32", "GRAD": "constexpr", "BLOCK": "constexpr"},
