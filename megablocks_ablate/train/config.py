@@ -187,6 +187,16 @@ class DistributedConfig(Config):
         "ranks (plain FSDP). Must divide the number of ranks",
         None,
     )
+    fsdp_reduce_every_micro_batch: bool = doc(
+        "fsdp: reduce-scatter gradients after every micro batch and accumulate the sharded "
+        "gradients (fp32), instead of accumulating unsharded gradients over the micro "
+        "batches and reduce-scattering once per optimizer step: no unsharded gradient of "
+        "the whole model kept per rank (each block's is freed once reduce-scattered), one "
+        "reduce-scatter per micro batch more (under HSDP the "
+        "all-reduce across shard groups still runs once per step). The same update to fp32 "
+        "rounding; nothing to do without gradient accumulation",
+        False,
+    )
 
     def validate(self) -> None:
         if self.fsdp_shard_size is not None and self.fsdp_shard_size < 1:
@@ -200,6 +210,7 @@ class DistributedConfig(Config):
                     ("fsdp_param_dtype", self.fsdp_param_dtype, "auto"),
                     ("fsdp_reduce_dtype", self.fsdp_reduce_dtype, "fp32"),
                     ("fsdp_shard_size", self.fsdp_shard_size, None),
+                    ("fsdp_reduce_every_micro_batch", self.fsdp_reduce_every_micro_batch, False),
                 )
                 if value != default
             ]

@@ -32,10 +32,17 @@ Decisions, and why:
   no-ops, and it still runs its fp32 ops (softmax, norms on CUDA, ...) in fp32.
   ``precision`` decides the compute dtype, so ``fsdp_param_dtype: bf16`` in a run that
   computes in fp32 is a ``ConfigError``.
-* **Gradient accumulation**: the trainer turns gradient sync off for all but the last
-  micro batch; FSDP2 then accumulates the unsharded gradients in ``fsdp_reduce_dtype``
-  (fp32), never in bf16, at the cost of one unsharded fp32 gradient of the model per
-  rank.
+* **Gradient accumulation** (:func:`micro_batch_sync`): by default gradient sync is off
+  for all but the last micro batch; FSDP2 then accumulates the unsharded gradients in
+  ``fsdp_reduce_dtype`` (fp32), never in bf16, at the cost of one unsharded fp32
+  gradient of the model per rank, and reduce-scatters once per step.
+  ``distributed.fsdp_reduce_every_micro_batch`` reduce-scatters after every micro batch
+  instead and accumulates the sharded gradients (fp32, in the sharded parameters'
+  ``.grad``): each block's unsharded gradient is freed once reduce-scattered, in
+  backward, for one reduce-scatter per micro batch more. Under HSDP the all-reduce
+  across shard groups stays once per step (``set_requires_all_reduce``: FSDP2 sums the
+  reduce-scattered shards and all-reduces the sum on the last micro batch). The update
+  is the same to fp32 rounding (tested on 2 gloo ranks, 1-D and HSDP meshes).
 * **Clipping** sees the sharded fp32 gradients (DTensors): the norm is a DTensor reduced
   over the shard dimension (``divergence.py``), and checkpoints gather the sharded fp32
   master weights (``get_model_state_dict``), never the bf16 copies.
@@ -54,6 +61,21 @@ started inside a one-rank group (``torchrun --nproc-per-node 1``, or a caller's 
 as ``benchmarks/gpu/train_step.py`` does) runs the FSDP2 path unsharded, with its
 mixed-precision policy: the numerics of an N-rank run, measurable on one device.
 
+**Compile** (``ModelConfig.compile``, :func:`apply_compile`): each block is compiled in
+place (``nn.Module.compile``: parameter names and the state dict keep their keys, no
+``_orig_mod.``) by :func:`wrap_model`, after the checkpointing policy is set and before
+``fully_shard`` / DDP, in torchtitan's order; the trainer builds its model with
+:func:`build_model`, which leaves the blocks eager for that. ``MBA_COMPILE_ORDER=
+model_init`` (read by :func:`compile_order` only) gives back the old order, the blocks
+compiled by ``Transformer.__init__``. Every other model (evaluation, merge scoring, the
+benchmarks' ``ModelConfig.build()``) is compiled by ``Transformer.__init__`` as before,
+whatever the order, and :func:`apply_compile` leaves a compiled block alone. Compilation
+is lazy (it traces at the first call) and ``nn.Module.compile`` compiles the module's
+``_call_impl``, which runs the hooks registered on the module at call time, so FSDP2's
+(dynamo-disabled) hooks run from inside the compiled call in both orders; torchtitan's
+``torch.compile(block)`` wrapper would keep them outside, at the cost of the
+``_orig_mod.`` keys.
+
 **Activation checkpointing** (the train config's ``activation_checkpointing``; the
 model applies it: ``model/transformer.py``): ``none``, ``selective`` (every other block)
 or ``full``. The old boolean ``ModelConfig.activation_checkpointing`` still loads and
@@ -64,7 +86,10 @@ means ``full``, with a deprecation warning (:func:`resolve_checkpointing`).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Sequence
 
@@ -270,6 +295,48 @@ def activation_estimate(
     return blocks + head
 
 
+# ---- compile ---------------------------------------------------------------------------
+
+COMPILE_ORDER_ENV = "MBA_COMPILE_ORDER"
+COMPILE_ORDERS = ("before_shard", "model_init")
+
+
+def compile_order() -> str:
+    """Where a training run's blocks are compiled (``ModelConfig.compile``): by
+    :func:`wrap_model` just before ``fully_shard`` / DDP (``before_shard``, the default)
+    or by ``Transformer.__init__`` (``model_init``, the old order). The one reader of
+    ``MBA_COMPILE_ORDER``."""
+    value = os.environ.get(COMPILE_ORDER_ENV, "").strip() or COMPILE_ORDERS[0]
+    if value not in COMPILE_ORDERS:
+        raise ConfigError(
+            f"{COMPILE_ORDER_ENV}: expected one of {', '.join(COMPILE_ORDERS)}, got {value!r}"
+        )
+    return value
+
+
+def build_model(mcfg, device=None):
+    """The trainer's model of ``mcfg``, freshly initialised. With ``compile: true`` under
+    ``before_shard`` its blocks are left eager (:func:`wrap_model` compiles them); its
+    ``cfg`` is still ``mcfg``, ``compile`` included."""
+    if not (mcfg.compile and compile_order() == "before_shard"):
+        return mcfg.build(device=device)
+    model = dataclasses.replace(mcfg, compile=False).build(device=device)
+    model.cfg = mcfg  # the blocks keep the copy: it differs in `compile` alone
+    return model
+
+
+def apply_compile(model) -> int:
+    """Compile each block of ``model`` in place (``nn.Module.compile``: the state dict's
+    keys do not change); a block already compiled is left as it is. Returns how many
+    were compiled here."""
+    fresh = [b for b in model.layers if getattr(b, "_compiled_call_impl", None) is None]
+    for block in fresh:
+        block.compile()
+    if fresh:
+        logger.info(f"compile: {len(fresh)} block(s) compiled in place, before wrapping")
+    return len(fresh)
+
+
 # ---- wrapping --------------------------------------------------------------------------
 
 
@@ -288,20 +355,39 @@ def apply_fsdp(model, env, dist_cfg, precision: str):
     fully_shard(model, mesh=mesh, mp_policy=mp)
     shape = " x ".join(map(str, mesh.shape))
     kind = "HSDP (replicate x shard)" if mesh.ndim == 2 else "FSDP"
+    when = "every micro batch" if dist_cfg.fsdp_reduce_every_micro_batch else "once per step"
     logger.info(
         f"FSDP2: {kind} mesh {shape}; parameters gathered in {param}, gradients reduced "
-        f"in {reduce}, master weights and optimizer state fp32"
+        f"in {reduce} ({when}), master weights and optimizer state fp32"
     )
     return model
 
 
+def micro_batch_sync(model, last: bool, every_micro_batch: bool = False):
+    """The context one micro batch's forward and backward run in, gradient sync set for
+    it: under FSDP2 a reduce-scatter on the ``last`` micro batch only, or on every one
+    with ``every_micro_batch`` (the all-reduce of HSDP still on the last only); under
+    DDP ``no_sync`` but on the last; nothing for a plain module."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last or every_micro_batch)
+        if every_micro_batch:
+            model.set_requires_all_reduce(last)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not last:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def wrap_model(model, cfg, env):
-    """The model as the run trains it: its activation-checkpointing policy set, then
-    FSDP2 (``parallel: fsdp`` inside a process group), DDP (several ranks) or as it is."""
+    """The model as the run trains it: its activation-checkpointing policy set, its
+    blocks compiled (``compile: true``; :func:`compile_order`), then FSDP2 (``parallel:
+    fsdp`` inside a process group), DDP (several ranks) or as it is."""
     import torch.distributed as dist
 
     policy = resolve_checkpointing(cfg.activation_checkpointing, model.cfg.activation_checkpointing)
     model.set_activation_checkpointing(policy)
+    if model.cfg.compile and compile_order() == "before_shard":
+        apply_compile(model)
     grouped = dist.is_available() and dist.is_initialized()
     fsdp = cfg.distributed.parallel == "fsdp" and (env.distributed or grouped)
     if computes_in_bf16(cfg.precision, env.device.type):

@@ -30,7 +30,6 @@ final weight is finite.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -76,7 +75,13 @@ from megablocks_ablate.train.metrics import (
     truncate_jsonl,
 )
 from megablocks_ablate.train.optim import build_optimizer, lr_at, set_lr
-from megablocks_ablate.train.parallel import computes_in_bf16, wrap_model
+from megablocks_ablate.train.parallel import (
+    build_model,
+    compile_order,
+    computes_in_bf16,
+    micro_batch_sync,
+    wrap_model,
+)
 from megablocks_ablate.utils.atomic import atomic_write_text
 from megablocks_ablate.utils.outputs import claim_output_dir
 from megablocks_ablate.utils.progress import progress
@@ -154,7 +159,7 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
         self.model_config = mcfg
-        return mcfg.build(device=self.env.device)
+        return build_model(mcfg, self.env.device)  # blocks compiled by _wrap (compile_order)
 
     def _verify_init(self, path: str) -> str:
         """The sha256 of ``init_from``'s weights, checked against the one the trainer
@@ -202,7 +207,7 @@ class Trainer:
         return digest
 
     def _wrap(self, model):
-        """Checkpointing policy, then FSDP2 / DDP / nothing: :func:`.parallel.wrap_model`."""
+        """Checkpointing policy, compile, FSDP2 / DDP / nothing: :func:`.parallel.wrap_model`."""
         return wrap_model(model, self.cfg, self.env)
 
     def _check_data(self) -> None:
@@ -324,6 +329,7 @@ class Trainer:
             logger.info(f"{self.out_dir}: training already complete, nothing to do")
             return {"out_dir": self.out_dir, "skipped": True}
         cfg.model_config()  # a seq_len the model cannot take is refused before any write
+        compile_order()  # and so is a bad MBA_COMPILE_ORDER
         if env.is_main:  # a run directory is ours to resume; anything else is refused
             claim_output_dir(
                 self.out_dir,
@@ -378,15 +384,15 @@ class Trainer:
 
     def _step_runner(self, model):
         """A function running optimizer step ``step`` (1-based): forward/backward passes
-        over ``grad_accum`` micro-batches (gradient sync only on the last), the
+        over ``grad_accum`` micro-batches (gradient sync only on the last, or under FSDP2
+        on each with ``distributed.fsdp_reduce_every_micro_batch``), the
         non-finite check (:mod:`.divergence`), then clipping and the optimizer step, or
         for a non-finite step only dropping the gradients; returns the step's check (the
         mean loss over ranks and the pre-clip gradient norm)."""
         cfg, env = self.cfg, self.env
         accum = cfg.grad_accum_steps(env.world_size)
         use_bf16 = computes_in_bf16(cfg.precision, env.device.type)
-        is_ddp = hasattr(model, "no_sync")
-        is_fsdp = hasattr(model, "set_requires_gradient_sync")
+        every_micro = cfg.distributed.fsdp_reduce_every_micro_batch
         named = [(n, p) for n, p in _unwrapped(model).named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -396,10 +402,7 @@ class Trainer:
             loss_sum = torch.zeros((), device=env.device)
             for micro in range(accum):
                 batch = torch.from_numpy(next(batches)).to(env.device, non_blocking=True)
-                last = micro == accum - 1
-                if is_fsdp:
-                    model.set_requires_gradient_sync(last)
-                sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+                sync = micro_batch_sync(model, micro == accum - 1, every_micro)
                 # Autocast stays on under FSDP2's bf16 policy: it casts the fp32
                 # residual stream meeting bf16 weights (train/parallel.py).
                 with sync, torch.autocast(env.device.type, torch.bfloat16, enabled=use_bf16):

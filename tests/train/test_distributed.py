@@ -3,7 +3,8 @@
 2 ranks x 2 micro batches of 2 sequences and 1 rank x 4 micro batches of 2 read the
 same global batch of 8, so the losses must agree (to float reassociation). Launched
 by torchrun, by mpiexec (MPICH from PyPI, mpi4py rendezvous) and as a simulated Slurm
-job step (SLURM_* variables), with DDP and with FSDP2.
+job step (SLURM_* variables), with DDP and with FSDP2; FSDP2 reduce-scattering after
+every micro batch trains the same weights as once per step.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from conftest import PYTHON, subprocess_env, tiny_overrides
 
+from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.train.distributed import detect_launcher, first_slurm_host
 
 pytestmark = pytest.mark.integration  # 2-process torchrun / mpiexec / Slurm runs
@@ -107,6 +110,32 @@ def test_torchrun_fsdp2_matches_single_process(reference, train_manifest, tmp_pa
     assert ckpt["model"]["embed.weight"].shape == (512, 64)
     assert ckpt["optim"]["state"]["embed.weight"]["exp_avg"].shape == (512, 64)
     assert ckpt["trainer"]["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+def test_torchrun_fsdp2_reduce_every_micro_batch_matches_default(train_manifest, tmp_path):
+    """``distributed.fsdp_reduce_every_micro_batch`` (2 ranks x 2 micro batches per step):
+    the trained weights equal the default's (one reduce-scatter per step) to fp32
+    rounding, and the run records the option with its config."""
+    from megablocks_ablate.checkpoint import load_model_checkpoint
+    from megablocks_ablate.train.state import FINAL_DIR, read_run_config
+
+    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", *TRAIN]
+    weights, logs = {}, {}
+    for every in (False, True):
+        out = str(tmp_path / f"every-{every}")
+        extra = {"distributed.parallel": "fsdp", "distributed.fsdp_reduce_every_micro_batch": every}
+        logs[every] = _run([*torchrun, *_overrides(train_manifest, out, **extra)])
+        assert read_run_config(out)["distributed"]["fsdp_reduce_every_micro_batch"] is every
+        weights[every] = load_model_checkpoint(os.path.join(out, FINAL_DIR))[0]
+    assert "gradients reduced in fp32 (once per step)" in logs[False]
+    assert "gradients reduced in fp32 (every micro batch)" in logs[True]
+    torch.manual_seed(1234)  # the run's seed: its initial weights
+    initial = ModelConfig.from_preset("tiny", ["vocab_size=512"]).build().state_dict()
+    assert set(weights[True]) == set(weights[False]) == set(initial)
+    for name, w in weights[False].items():
+        torch.testing.assert_close(weights[True][name], w, rtol=1e-5, atol=1e-6)
+    # training moved the weights far more than that tolerance: a real comparison
+    assert max((w - initial[n]).abs().max().item() for n, w in weights[False].items()) > 1e-3
 
 
 def _free_port() -> int:

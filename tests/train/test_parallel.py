@@ -6,8 +6,10 @@ multi-process runs on CPU with gloo: this file is also the worker those runs sta
 (``torchrun ... tests/train/test_parallel.py worker OUT``), checking on 2 ranks that
 FSDP2 gradients on the 1-D, (1 x 2) and (2 x 1) meshes equal one process's, that the
 bf16 policy computes with bf16 parameters while the sharded fp32 master weights are
-what the optimizer steps and checkpoints hold; and the real trainer under bf16 FSDP2
-and HSDP against one rank / one process.
+what the optimizer steps and checkpoints hold, that gradients accumulated over two
+micro batches (reduce-scattered once, or after every micro batch) equal one process's
+with the collectives each mode promises; and the real trainer under bf16 FSDP2 and
+HSDP against one rank / one process. (Compile: ``test_parallel_compile.py``.)
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def test_the_policy_object():
         (["distributed.fsdp_shard_size=8"], "fsdp_shard_size=8: applies to parallel=fsdp"),
         (["distributed.parallel=fsdp", "distributed.fsdp_param_dtype=fp16"], "expected one"),
         (["activation_checkpointing=some"], "activation_checkpointing"),
+        (
+            ["distributed.fsdp_reduce_every_micro_batch=true"],
+            r"distributed.fsdp_reduce_every_micro_batch=True: applies to parallel=fsdp only "
+            r"\(parallel is 'ddp'\)$",
+        ),
     ],
 )
 def test_config_errors(overrides, message):
@@ -102,13 +109,17 @@ def test_config_fields_load():
             "distributed.fsdp_param_dtype=fp32",
             "distributed.fsdp_reduce_dtype=bf16",
             "distributed.fsdp_shard_size=8",
+            "distributed.fsdp_reduce_every_micro_batch=true",
             "activation_checkpointing=selective",
         ],
     )
     d = cfg.distributed
     assert (d.fsdp_param_dtype, d.fsdp_reduce_dtype, d.fsdp_shard_size) == ("fp32", "bf16", 8)
+    assert d.fsdp_reduce_every_micro_batch is True
+    assert cfg.to_dict()["distributed"]["fsdp_reduce_every_micro_batch"] is True
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert DistributedConfig().fsdp_param_dtype == "auto"
+    assert DistributedConfig().fsdp_reduce_every_micro_batch is False
 
 
 # ---- meshes ----------------------------------------------------------------------------
@@ -387,12 +398,66 @@ def _check_bf16_policy(env, ids) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _counting(*names: str):
+    """Calls of the ``torch.distributed`` functions ``names`` (FSDP2 looks them up on
+    the module at each call), counted while the block runs."""
+    import torch.distributed as dist
+
+    counts = dict.fromkeys(names, 0)
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for n in names:
+        setattr(dist, n, counted(n))
+    try:
+        yield counts
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+
+
+def _check_micro_batches(env, ids) -> dict:
+    """Each rank's half of the batch in two micro batches, gradient sync set by
+    ``micro_batch_sync`` (once per step, or after every micro batch), on the 1-D and the
+    HSDP 2 x 1 meshes: the accumulated gradients equal one process's; per micro batch
+    the reduce-scatters and all-reduces run and the sharded gradients present after the
+    first are recorded."""
+    _, ref = _reference(_tiny(), ids)
+    found = {}
+    for shard in (None, 1):
+        for every in (False, True):
+            model = _fsdp_copy(env, "fp32", shard)
+            comms, sharded_grads = [], None
+            for i, micro in enumerate(_half(ids, env).chunk(2)):
+                with _counting("reduce_scatter_single", "all_reduce") as counts:
+                    with par.micro_batch_sync(model, i == 1, every):
+                        (model(micro[:, :-1], micro[:, 1:]) / 2).backward()
+                comms.append([counts["reduce_scatter_single"], counts["all_reduce"]])
+                if i == 0:
+                    sharded_grads = sum(p.grad is not None for p in model.parameters())
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad.full_tensor(), ref[name], rtol=1e-5, atol=1e-7)
+            found[f"{shard}/{every}"] = {"comms": comms, "sharded_grads": sharded_grads}
+    return found
+
+
 def _worker(out_dir: str) -> None:
     from megablocks_ablate.train.distributed import distributed_session
 
     with distributed_session("cpu", "gloo") as env:
         ids = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(2))
-        result = {"fp32": _check_fp32_meshes(env, ids), "bf16": _check_bf16_policy(env, ids)}
+        result = {
+            "fp32": _check_fp32_meshes(env, ids),
+            "bf16": _check_bf16_policy(env, ids),
+            "micro": _check_micro_batches(env, ids),
+        }
         with open(os.path.join(out_dir, f"rank{env.rank}.json"), "w", encoding="utf-8") as f:
             json.dump(result, f)
 
@@ -427,6 +492,16 @@ def test_fsdp2_meshes_and_bf16_policy_on_two_ranks(tmp_path):
         assert b["grad"] == {"type": "DTensor", "dtype": "torch.float32"}
         assert b["state_dtypes"] == ["torch.float32"]
         assert b["state_is_master"] and b["not_bf16_rounded"]
+        # 3 blocks + the root: 4 FSDP2 groups, each reducing its gradients in one call;
+        # a 1-rank shard group (HSDP 2 x 1) has no reduce-scatter to make
+        n, params = 4, len(list(_tiny().parameters()))
+        assert res["micro"] == {
+            "None/False": {"comms": [[0, 0], [n, 0]], "sharded_grads": 0},
+            "None/True": {"comms": [[n, 0], [n, 0]], "sharded_grads": params},
+            "1/False": {"comms": [[0, 0], [0, n]], "sharded_grads": 0},
+            # reduce-scattered shards summed, all-reduced once, on the last micro batch
+            "1/True": {"comms": [[0, 0], [0, n]], "sharded_grads": 0},
+        }
     # bf16 compute agrees with fp32 to bf16's precision
     mean_bf16 = sum(r["bf16"]["loss"] for r in ranks) / 2
     assert abs(mean_bf16 - ranks[0]["fp32"]["ref_loss"]) < 0.05
