@@ -166,6 +166,11 @@ def merge_into(
     elif backend == "cuda":
         if _ext.cuda is None:
             raise RuntimeError("merge_into: the CUDA extension _C_cuda is not built")
+        from megablocks_ablate.kernels.merge_switch import vector_loads_enabled
+
+        vec: dict[str, bool] = {}  # MBA_MERGE_VEC; a _C_cuda built before it has no such arg
+        if hasattr(_ext.cuda, "merge_vector_loads"):
+            vec["vector_loads"] = vector_loads_enabled()
         _ext.cuda.merge_into(
             flat.data_ptr(),
             codes[flat.dtype],
@@ -174,6 +179,7 @@ def merge_into(
             ws,
             flat.numel(),
             torch.cuda.current_stream(flat.device).cuda_stream,
+            **vec,
         )
     elif backend == "triton":
         from megablocks_ablate.kernels.merge_triton import merge_into_triton

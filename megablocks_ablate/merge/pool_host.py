@@ -310,8 +310,12 @@ class HostPool(RowPool):
         sizes = [x.element_size() for x in xs]
         if sizes != sorted(sizes, reverse=True):  # wider first keeps every view aligned
             raise ValueError("staged merge: members must come widest dtype first")
-        half = st.buf.numel() // 2 // sizes[0] * sizes[0]
-        chunk = max(1, half // sum(sizes))
+        # A chunk of a multiple of 8 elements in buffers of a multiple of 16 bytes keeps
+        # every member's view and every output slice 16-byte aligned: the merge kernels'
+        # vector loads (MBA_MERGE_VEC) apply to staged merges too.
+        half = st.buf.numel() // 2 // 16 * 16
+        chunk = half // sum(sizes)
+        chunk = max(1, chunk // 8 * 8 if chunk >= 8 else chunk)
         bufs = [_carve(st.buf[b * half : (b + 1) * half], xs, chunk) for b in (0, 1)]
         copy = st.stream
         free: list[torch.cuda.Event | None] = [None, None]  # compute finished with buffer b

@@ -346,3 +346,33 @@ def test_two_ranks_share_one_host_copy(two_ranks):
     # delta rows and the seed's file: each loaded once on the node too
     created = [x + y for x, y in zip(*(i["host_delta_created"] for i in two_ranks.infos))]
     assert created == [1] * 6
+
+
+def test_staged_merges_hand_the_kernels_16_byte_aligned_chunks(tmp_path, monkeypatch):
+    """Staged chunks are multiples of 8 elements in 16-byte-rounded buffers, so every
+    member view and output slice stays aligned for the kernels' vector loads."""
+    import megablocks_ablate.merge.pool_host as pool_host
+
+    _, ckpts = write_family(str(tmp_path))
+    seen: list[tuple[int, list[int]]] = []
+    real = pool_host.merge_into
+
+    def spy(out, xs, ws):
+        seen.append((out.data_ptr() % 16, [x.data_ptr() % 16 for x in xs]))
+        return real(out, xs, ws)
+
+    monkeypatch.setattr(pool_host, "merge_into", spy)
+    staged = HostPool.from_checkpoints(
+        ckpts,
+        dtype=torch.float32,
+        host_dir=str(tmp_path / "shm"),
+        staged=True,
+        staging_bytes=4 * 3 * 2 * 50 + 4,  # not a multiple of 16 on purpose
+    )
+    model = TinyLM(**CONFIG)
+    flat = staged.bind(model)
+    staged.merge_into(model, [0.3, 0.3, 0.4])
+    assert len(seen) > 1  # really staged, in several chunks
+    assert flat.data_ptr() % 16 == 0
+    assert all(o == 0 and set(xs) == {0} for o, xs in seen), seen
+    staged.close()
