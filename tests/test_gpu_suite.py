@@ -24,6 +24,7 @@ ROWS = [
     "ce_chunks",
     "train_130m",
     "train_1.1b",
+    "train_1.1b_compile",
     "train_1.1b_mb8",
     "eval",
     "merge_eval",

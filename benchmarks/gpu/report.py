@@ -27,6 +27,7 @@ ROW_TITLES = [
     ("ce_chunks", "(h) cross-entropy chunking vs the fixed rule"),
     ("train_130m", "(c) training step, 130m"),
     ("train_1.1b", "(c) training step, 1.1b"),
+    ("train_1.1b_compile", "(c) training step, 1.1b compiled"),
     ("train_1.1b_mb8", "(c) training step, 1.1b at micro batch 8"),
     ("eval", "(d) evaluation tokens/s"),
     ("merge_eval", "(e) merge-eval rate, in-memory pool"),

@@ -51,6 +51,9 @@ class RowSpec:
 
 DRY_TRAIN = ["--preset", "tiny_seed", "--model-override", "vocab_size=1024", "--steps", "5"]
 DRY_TRAIN += ["--skip", "2"]
+# the throughput switches timed as variants of train_1.1b (each against the row's own run)
+SWITCH_VARIANTS = ["--variant", "inproj_buffer:MBA_INPROJ_GRAD=buffer"]
+SWITCH_VARIANTS += ["--variant", "rs_every_mb:distributed.fsdp_reduce_every_micro_batch=true"]
 ROWS = [
     RowSpec(
         "env",
@@ -64,7 +67,7 @@ ROWS = [
     RowSpec(
         "build_ext",
         "build_ext.py",
-        70,
+        55,
         what="builds `_C_cuda` from a temp dir (torch JIT `cpp_extension.load`, else one "
         "nvcc command), installs it into the package, checks a merge on the GPU",
         target="imports and merges",
@@ -76,13 +79,15 @@ ROWS = [
     RowSpec(
         "merge_kernels",
         "merge_kernels.py",
-        30,
+        25,
         [],
         ["--params", "40000", "--reps", "1"],
         what="(a) CUDA and Triton merge kernels, N = 2/8 fp32 and 32 bf16 inputs of a "
-        "130m-sized vector, GB/s vs the copy bandwidth",
-        target=">= 70 % of copy bandwidth",
-        switch="CUDA half skipped (with build_ext's reason) when `_C_cuda` did not build",
+        "130m-sized vector, GB/s vs the copy bandwidth; each case timed with "
+        "`MBA_MERGE_VEC=off` and `auto`",
+        target=">= 70 % of copy bandwidth (auto); auto >= off for 32 bf16",
+        switch="`MBA_MERGE_VEC=auto|off` (default auto, both timed); CUDA half skipped (with "
+        "build_ext's reason) when `_C_cuda` did not build",
         modules=PACKAGE,
         optional=["triton"],
         uses_ext=True,
@@ -90,7 +95,7 @@ ROWS = [
     RowSpec(
         "triton_kernels",
         "triton_kernels.py",
-        50,
+        40,
         [],
         ["--reps", "1", "--warmup", "0"],
         what="(b) every Triton kernel, fwd and bwd, vs its PyTorch reference against fp32 "
@@ -104,7 +109,7 @@ ROWS = [
     RowSpec(
         "attention",
         "attention_backends.py",
-        20,
+        15,
         [],
         ["--reps", "1", "--warmup", "0"],
         what="(g) every attention backend that runs here (auto, sdpa, cudnn, flash2, fa3, "
@@ -131,7 +136,7 @@ ROWS = [
     RowSpec(
         "train_130m",
         "train_step.py",
-        40,
+        30,
         ["--name", "train_130m", "--preset", "130m_seed", "--data-cache", "{workdir}/data"],
         ["--name", "train_130m", *DRY_TRAIN, "--data-cache", "{workdir}/data"],
         what="(c) tokens/s and MFU of `train()` from `130m_seed` as it is (seq 2048, bf16), "
@@ -143,23 +148,44 @@ ROWS = [
     RowSpec(
         "train_1.1b",
         "train_step.py",
-        70,
+        100,
         ["--name", "train_1.1b", "--preset", "1.1b_seed", "--target-mfu", "0.45"]
-        + ["--data-cache", "{workdir}/data"],
+        + [*SWITCH_VARIANTS, "--variant-steps", "8", "--data-cache", "{workdir}/data"],
         ["--name", "train_1.1b", *DRY_TRAIN, "--override", "distributed.parallel=fsdp"]
-        + ["--variant", "ac_full:activation_checkpointing=full", "--variant-steps", "4"]
-        + ["--target-mfu", "0.45", "--data-cache", "{workdir}/data"],
+        + ["--variant", "ac_full:activation_checkpointing=full", *SWITCH_VARIANTS]
+        + ["--variant-steps", "4", "--target-mfu", "0.45", "--data-cache", "{workdir}/data"],
         what="(c) the same from `1.1b_seed` (micro batch 4 x 2): FSDP2 in a one-rank NCCL "
-        "group (device cuda:0)",
-        target="MFU >= 45 %",
-        switch="`--override`, `--variant NAME:KEY=VALUE` (`KEY` = `MBA_*`: environment)",
+        "group (device cuda:0); variants `inproj_buffer` (one in-projection gradient "
+        "buffer) and `rs_every_mb` (reduce-scatter per micro batch): tokens/s and peak "
+        "memory against the row's own run",
+        target="MFU >= 45 %; each variant's tokens/s >= the default's",
+        switch="`MBA_INPROJ_GRAD=autograd|buffer`, `distributed.fsdp_reduce_every_micro_batch`"
+        "; `--override`, `--variant NAME:KEY=VALUE` (`KEY` = `MBA_*`: environment)",
+        modules=TRAIN,
+        optional=["triton", "flash_attn"],
+    ),
+    RowSpec(
+        "train_1.1b_compile",
+        "train_step.py",
+        45,
+        ["--name", "train_1.1b_compile", "--preset", "1.1b_seed", "--model-override"]
+        + ["compile=true", "--skip", "4", "--variant", "compile_init:MBA_COMPILE_ORDER=model_init"]
+        + ["--baseline-row", "train_1.1b", "--data-cache", "{workdir}/data"],
+        ["--name", "train_1.1b_compile", *DRY_TRAIN, "--model-override", "compile=true"]
+        + ["--override", "distributed.parallel=fsdp", "--variant"]
+        + ["compile_init:MBA_COMPILE_ORDER=model_init", "--variant-steps", "4"]
+        + ["--baseline-row", "train_1.1b", "--data-cache", "{workdir}/data"],
+        what="(c) `1.1b_seed` with `compile=true`: blocks compiled before `fully_shard` "
+        "(default) and at model build (`compile_init` variant) against eager `train_1.1b`",
+        target="tokens/s >= eager's",
+        switch="`compile=true`, `MBA_COMPILE_ORDER=before_shard|model_init` (default before_shard)",
         modules=TRAIN,
         optional=["triton", "flash_attn"],
     ),
     RowSpec(
         "train_1.1b_mb8",
         "train_step.py",
-        35,
+        25,
         ["--name", "train_1.1b_mb8", "--preset", "1.1b_seed_mb8", "--accum", "1"]
         + ["--baseline-row", "train_1.1b", "--baseline-variant", "mb4:micro_batch=4"]
         + ["--data-cache", "{workdir}/data"],
@@ -176,7 +202,7 @@ ROWS = [
     RowSpec(
         "eval",
         "eval_rate.py",
-        45,
+        35,
         [],
         ["--presets", "tiny", "--tokens", "3000", "--rounds", "1", "--batch-tokens", "1024"],
         what="(d) `evaluate()` tokens/s, 130m and 1.1b, bf16; vs transformers' Cohere "
@@ -190,7 +216,7 @@ ROWS = [
     RowSpec(
         "merge_eval",
         "merge_eval.py",
-        30,
+        20,
         [],
         ["--preset", "tiny", "--units", "3", "--mixtures", "3", "--eval-tokens", "2000"]
         + ["--batch-tokens", "1024"],

@@ -302,7 +302,7 @@ def test_one_h100_runs_every_row_but_nccl():
     screen = preflight.render(info, list(d.values()), dry_run=False)
     assert "NVIDIA H100 80GB HBM3 (sm 9.0): 78.5 of 79.1 GiB free" in screen
     assert "major matches torch CUDA 12.8" in screen
-    assert "=> 11 of 12 rows will run, 1 skipped" in screen
+    assert "=> 12 of 13 rows will run, 1 skipped" in screen
     assert len(screen.splitlines()) <= 50  # one screen
 
 
