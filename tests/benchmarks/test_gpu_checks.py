@@ -321,10 +321,8 @@ def test_eval_row_passes_our_model_and_fails_a_broken_one(monkeypatch):
     assert res["details"]["runs"][0]["checks"]["per_token_fp32"]["rms"] > 1e-3  # the numbers
 
 
-def test_eval_row_fails_when_the_strict_load_refuses(monkeypatch):
-    pytest.importorskip("transformers")
-    import eval_rate
-
+def _drop_the_final_norm(monkeypatch):
+    """hf_compare.hf_state_dict without ``model.norm.weight``: a strict load must refuse."""
     real = hf_compare.hf_state_dict
 
     def drop_a_norm(state, cfg):
@@ -333,6 +331,13 @@ def test_eval_row_fails_when_the_strict_load_refuses(monkeypatch):
         return sd
 
     monkeypatch.setattr(hf_compare, "hf_state_dict", drop_a_norm)
+
+
+def test_eval_row_fails_when_the_strict_load_refuses(monkeypatch):
+    pytest.importorskip("transformers")
+    import eval_rate
+
+    _drop_the_final_norm(monkeypatch)
     args = type("A", (), {"tokens": 500, "rounds": 1, "batch_tokens": 512, "check_tokens": 100})
     r = eval_rate.run_preset("tiny", CPU, torch.float32, args, with_hf=True)
     assert r["strict_load"] is False and "model.norm.weight" in r["failures"][0]
@@ -350,14 +355,7 @@ def test_cpu_benchmarks_load_transformers_strictly(monkeypatch):
     cfg, ours = _tiny_models()
     hf = bench_eval.hf_model(cfg, ours, CPU, torch.float32)
     assert torch.equal(hf.model.norm.weight, ours.norm.weight)
-    real = hf_compare.hf_state_dict
-
-    def drop_a_norm(state, cfg):
-        sd = real(state, cfg)
-        sd.pop("model.norm.weight")
-        return sd
-
-    monkeypatch.setattr(hf_compare, "hf_state_dict", drop_a_norm)
+    _drop_the_final_norm(monkeypatch)
     for build in (
         lambda: bench_eval.hf_model(cfg, ours, CPU, torch.float32),
         lambda: model_step._hf_model(cfg, ours),
