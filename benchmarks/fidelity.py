@@ -158,7 +158,8 @@ def _replicate_lines(setting: str, stats: dict[str, dict]) -> list[str]:
     lines = []
     for key, st in stats.items():
         pct = "regret" in key or "top 2" in key
-        f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+        # 4 decimals: a mean judged against 0.97 must not print as 0.970 when it is 0.9697
+        f = (lambda v: f"{100 * v:.2f}%") if pct else (lambda v: f"{v:.4f}")
         lines.append(
             f"{setting} ({st['n']} replicates): {key}: mean {f(st['mean'])} sd {f(st['sd'])} "
             f"[{f(st['min'])}, {f(st['max'])}] {'met' if st['mean_met'] else 'NOT met'} by the mean"

@@ -74,7 +74,10 @@ def test_replicates_give_mean_sd_and_range_and_judge_the_mean(fid, report_dir, t
     argv = [f"a={report_dir}", f"b={other}", "--replicates", "setting=a,b", "--json", str(out)]
     assert fid.main(argv) == 0
     text = capsys.readouterr().out
-    assert "setting (2 replicates): summary row >= 0.97: mean 0.966 sd 0.021 [0.951, 0.981]" in text
+    assert (
+        "setting (2 replicates): summary row >= 0.97: mean 0.9660 sd 0.0212 [0.9510, 0.9810]"
+        in text
+    )
     rep = json.loads(out.read_text())["replicates"]["setting"]
     assert rep["studies"] == ["a", "b"]
     row = rep["targets"]["summary row >= 0.97"]
