@@ -28,11 +28,15 @@ ALIGNMENT = 16  # bytes: one uint4 / float4 / 8 bf16 per load
 _mode: str | None = None
 
 
-def _env_mode() -> str:
-    name = os.environ.get(ENV, "auto").strip().lower() or "auto"
+def _checked(name: str) -> str:
+    name = name.strip().lower()
     if name not in MODES:
         raise ConfigError(f"{ENV}: expected one of {', '.join(MODES)}, got {name!r}")
     return name
+
+
+def _env_mode() -> str:
+    return _checked(os.environ.get(ENV, "auto").strip() or "auto")
 
 
 def configured_mode() -> str:
@@ -46,13 +50,7 @@ def configured_mode() -> str:
 def set_mode(name: str | None) -> None:
     """Override ``MBA_MERGE_VEC`` in this process; ``None`` re-reads the environment."""
     global _mode
-    if name is None:
-        _mode = None
-        return
-    name = name.strip().lower()
-    if name not in MODES:
-        raise ConfigError(f"{ENV}: expected one of {', '.join(MODES)}, got {name!r}")
-    _mode = name
+    _mode = None if name is None else _checked(name)
 
 
 @contextlib.contextmanager
