@@ -123,6 +123,32 @@ class ScheduleConfig(Config):
 
 
 @dataclass
+class WeightAverageConfig(Config):
+    """Average the weights over the end of the run: ``final/`` holds the average
+    (:mod:`megablocks_ablate.train.weight_average`); step checkpoints keep the trained
+    weights and the average beside them, so a resume is exact."""
+
+    kind: Literal["none", "ema", "tail"] = doc(
+        "none: final/ holds the last step's weights; tail: the uniform mean of the weights "
+        "after every step from start_fraction on; ema: their exponential moving average",
+        "none",
+    )
+    start_fraction: float = doc(
+        "the average takes the weights after each step past this fraction of the run's steps",
+        0.5,
+    )
+    ema_decay: float = doc("ema: weight kept by the running average at each step", 0.9)
+
+    def validate(self) -> None:
+        if not 0 <= self.start_fraction < 1:
+            raise ConfigError(
+                f"weight_average.start_fraction: must be in [0, 1), got {self.start_fraction}"
+            )
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"weight_average.ema_decay: must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
 class CheckpointConfig(Config):
     every: int = doc(
         "save a resumable checkpoint every this many optimizer steps (0: only at the end)", 1000
@@ -247,6 +273,10 @@ class TrainConfig(Config):
     optimizer: OptimizerConfig = doc("AdamW settings", default_factory=OptimizerConfig)
     schedule: ScheduleConfig = doc(
         "learning-rate schedule: warmup, then decay", default_factory=ScheduleConfig
+    )
+    weight_average: WeightAverageConfig = doc(
+        "average the weights over the end of the run (final/ holds the average)",
+        default_factory=WeightAverageConfig,
     )
     grad_clip: float = doc("clip the global gradient L2 norm to this (0: off)", 1.0)
     nan_policy: Literal["stop", "skip", "rollback"] = doc(

@@ -10,6 +10,7 @@ A run directory holds::
         optimizer.safetensors             # AdamW moments/steps: "<param name>/<key>"
         optimizer.json                    # param groups (params by name), non-tensor state
         rng.safetensors                   # torch/CUDA/numpy RNG states of every rank
+        average.safetensors               # weight_average: the running average (full)
         trainer_state.json                # step, consumed samples, data state, config, hashes
       final/                              # the trained model (a model checkpoint), and
         optimizer.safetensors optimizer.json   # with checkpoint.final_optimizer its AdamW
@@ -62,6 +63,7 @@ STATE_FORMAT = "megablocks-ablate/train-state@1"
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_JSON = "optimizer.json"
 RNG_FILE = "rng.safetensors"
+AVERAGE_FILE = "average.safetensors"  # weight_average: the running average (full tensors)
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"  # the resolved TrainConfig of the run's latest start
 # a run directory's layout, named once in checkpoint/run_dir.py (which reads run dirs)
@@ -87,10 +89,22 @@ TRAJECTORY_FIELDS = (
     "init_from",
     "init_optimizer",
     "seed",
+    "weight_average",
 )
 # Trajectory fields added after checkpoints were first written: a saved config without
 # one was written under this value (the behaviour before the field existed).
-_TRAJECTORY_DEFAULTS = {"init_optimizer": "fresh"}
+_TRAJECTORY_DEFAULTS: dict[str, Any] = {
+    "init_optimizer": "fresh",
+    "weight_average": {"kind": "none"},
+}
+
+
+def _canonical(field: str, value: Any) -> Any:
+    """A trajectory field's value as compared: ``weight_average`` of kind none is just
+    that (its other settings change nothing)."""
+    if field == "weight_average" and isinstance(value, dict) and value.get("kind") == "none":
+        return {"kind": "none"}
+    return value
 
 
 # ----------------------------------------------------------------------------- layout
@@ -262,11 +276,13 @@ def save_train_checkpoint(
     optim_state: dict,
     rng_states: list[dict],
     trainer_state: dict,
+    average_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write one resumable checkpoint directory atomically (call on rank 0 only).
 
     ``rng_states`` holds one :func:`rng_state` per rank; ``trainer_state`` the JSON
-    trainer fields (step, consumed_samples, tokens_seen, data, config, world_size).
+    trainer fields (step, consumed_samples, tokens_seen, data, config, world_size);
+    ``average_state`` the ``weight_average`` running average, keyed like the model.
     """
     from safetensors.torch import save_file
 
@@ -279,13 +295,16 @@ def save_train_checkpoint(
             for k, v in s["tensors"].items()
         }
         save_file(rng_tensors, os.path.join(tmp, RNG_FILE))
+        hashed = [MODEL_FILE, OPTIM_TENSORS]
+        if average_state is not None:
+            tensors = {k: v.contiguous() for k, v in average_state.items()}
+            save_file(tensors, os.path.join(tmp, AVERAGE_FILE), metadata={"format": "pt"})
+            hashed.append(AVERAGE_FILE)
         state = dict(
             trainer_state,
             format=STATE_FORMAT,
             rng=[s["meta"] for s in rng_states],
-            sha256={
-                name: sha256_file(os.path.join(tmp, name)) for name in (MODEL_FILE, OPTIM_TENSORS)
-            },
+            sha256={name: sha256_file(os.path.join(tmp, name)) for name in hashed},
         )
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=1)
@@ -393,9 +412,10 @@ def trajectory_differences(saved_config: dict, config: dict) -> list[tuple[str, 
     as its value from before (:data:`_TRAJECTORY_DEFAULTS`). Empty when they match."""
     diffs = []
     for k in TRAJECTORY_FIELDS:
-        saved = saved_config.get(k, _TRAJECTORY_DEFAULTS.get(k))
-        if saved != config.get(k):
-            diffs += _leaf_differences(k, saved, config.get(k)) or [(k, saved, config.get(k))]
+        saved = _canonical(k, saved_config.get(k, _TRAJECTORY_DEFAULTS.get(k)))
+        now = _canonical(k, config.get(k, _TRAJECTORY_DEFAULTS.get(k)))
+        if saved != now:
+            diffs += _leaf_differences(k, saved, now) or [(k, saved, now)]
     return diffs
 
 
@@ -457,7 +477,8 @@ def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
     """Read and validate a step checkpoint.
 
     Returns ``{"trainer": trainer_state, "model": state_dict, "model_config": dict,
-    "lineage": Lineage, "optim": name-keyed optimizer state dict, "rng": [per-rank]}``.
+    "lineage": Lineage, "optim": name-keyed optimizer state dict, "rng": [per-rank],
+    "average": the weight_average state dict, or None}``.
     """
     state = read_trainer_state(directory)
     if verify:
@@ -491,6 +512,11 @@ def load_train_checkpoint(directory: str, verify: bool = True) -> dict:
         "lineage": lineage,
         "optim": optim,
         "rng": rng,
+        "average": (
+            _load_tensors(os.path.join(directory, AVERAGE_FILE))
+            if AVERAGE_FILE in state["sha256"]
+            else None
+        ),
     }
 
 

@@ -45,7 +45,6 @@ from megablocks_ablate.checkpoint import (
     MODEL_FILE,
     Lineage,
     check_finite_state,
-    load_model_checkpoint,
     resolve_checkpoint_dir,
 )
 from megablocks_ablate.errors import ConfigError, DataFormatError
@@ -68,6 +67,7 @@ from megablocks_ablate.train.divergence import (
     total_grad_norm,
 )
 from megablocks_ablate.train.init_state import FRESH, SEED, init_record, load_seed_optimizer
+from megablocks_ablate.train.init_weights import load_init_weights
 from megablocks_ablate.train.metrics import (
     MetricsLogger,
     ThroughputMeter,
@@ -82,17 +82,22 @@ from megablocks_ablate.train.parallel import (
     micro_batch_sync,
     wrap_model,
 )
+from megablocks_ablate.train.weight_average import WeightAverager
 from megablocks_ablate.utils.atomic import atomic_write_text
 from megablocks_ablate.utils.outputs import claim_output_dir
 from megablocks_ablate.utils.progress import progress
-from megablocks_ablate.utils.verify import verify_sha256
 
 logger = logging.getLogger(__name__)
 
-# Model-config fields that change how a model is run, not what it is.
-_RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "compile")
 # Testing hook: seconds to sleep after each step, so a test can kill a run mid-way.
 STEP_DELAY_ENV = "MBA_TRAIN_STEP_DELAY"
+
+
+def _full_cpu():
+    """State-dict options: full tensors (FSDP2 shards gathered), offloaded to the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -100,11 +105,6 @@ def train(cfg: TrainConfig) -> dict:
     ``cfg``; returns a summary. A finished run with other settings is refused."""
     with distributed_session(cfg.device, cfg.distributed.backend, cfg.distributed.timeout_s) as env:
         return Trainer(cfg, env).run()
-
-
-def _same_model(a: dict, b: dict) -> list[str]:
-    keys = (set(a) | set(b)) - set(_RUNTIME_MODEL_FIELDS)
-    return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
 def _unwrapped(model):
@@ -161,51 +161,6 @@ class Trainer:
         self.model_config = mcfg
         return build_model(mcfg, self.env.device)  # blocks compiled by _wrap (compile_order)
 
-    def _verify_init(self, path: str) -> str:
-        """The sha256 of ``init_from``'s weights, checked against the one the trainer
-        recorded when it wrote them (a run's ``final/``: COMPLETE.json; a step
-        checkpoint: trainer_state.json)."""
-        expected, source = st.recorded_model_sha256(path)
-        if expected is None:
-            logger.info(f"init_from {path}: no recorded sha256 to check its weights against")
-        return verify_sha256(
-            os.path.join(path, MODEL_FILE),
-            expected,
-            f"init_from in {source}" if source else "init_from",
-            "restore it, or train that model again",
-        )
-
-    def _load_init(self, model) -> str | None:
-        """Weights of ``init_from``, verified first; returns the sha256
-        of the verified bytes (the lineage's seed hash)."""
-        path = self.cfg.init_from
-        digest = self._on_main(lambda: self._verify_init(path))
-        state, config, lineage = load_model_checkpoint(path)
-        diff = _same_model(config, self.model_config.to_dict())
-        if diff:
-            raise ConfigError(
-                f"init_from {path}: its model config differs in {', '.join(diff)} "
-                f"(checkpoint {[config.get(k) for k in diff]} vs "
-                f"{[self.model_config.to_dict().get(k) for k in diff]})"
-            )
-        fp = lineage.tokenizer_fingerprint
-        if fp is not None and fp != self.manifest.tokenizer_fingerprint:
-            raise ConfigError(
-                f"init_from {path}: trained with tokenizer {fp}, but "
-                f"{self.cfg.data.manifest} uses {self.manifest.tokenizer_fingerprint}"
-            )
-        check_finite_state(
-            state,
-            os.path.join(path, MODEL_FILE),
-            f"the init_from checkpoint {path} holds broken weights and no run can start from "
-            "it: give another init_from, or train that model again",
-        )
-        try:
-            model.load_state_dict({k: v.to(self.env.device) for k, v in state.items()}, strict=True)
-        except RuntimeError as e:
-            raise DataFormatError(f"init_from {path}: weights do not fit the model ({e})") from None
-        return digest
-
     def _wrap(self, model):
         """Checkpointing policy, compile, FSDP2 / DDP / nothing: :func:`.parallel.wrap_model`."""
         return wrap_model(model, self.cfg, self.env)
@@ -233,15 +188,13 @@ class Trainer:
     # ---- state --------------------------------------------------------------------------
     def _full_states(self, model, optimizer):
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return (
-            get_model_state_dict(model, options=opts),
-            get_optimizer_state_dict(model, optimizer, options=opts),
+            get_model_state_dict(model, options=_full_cpu()),
+            get_optimizer_state_dict(model, optimizer, options=_full_cpu()),
         )
 
     def _restore(self, model, optimizer, ckpt: dict) -> None:
@@ -264,11 +217,23 @@ class Trainer:
         rng = ckpt["rng"]
         if len(rng) == self.env.world_size:
             st.set_rng_state(rng[self.env.rank])
+        average = ckpt["average"]
+        count = self.averager.saved_count(ckpt["trainer"], average is not None, self.resume_dir)
+        if count:
+            where = os.path.join(self.resume_dir, st.AVERAGE_FILE)
+            check_finite_state(average, where, f"{fix} to resume from an earlier one")
+            self.averager.restore(count, lambda: set_model_state_dict(model, average, options=opts))
 
     def _save(self, model, optimizer, step: int) -> None:
         import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         model_sd, optim_sd = self._full_states(model, optimizer)
+        average_sd = None
+        if self.averager.enabled and self.averager.count:
+            average_sd = self.averager.read(
+                lambda: get_model_state_dict(model, options=_full_cpu())
+            )
         rng = [st.rng_state()]
         if self.env.distributed:
             gathered = [None] * self.env.world_size
@@ -282,6 +247,7 @@ class Trainer:
                 lineage=self._lineage(step),
                 optim_state=optim_sd,
                 rng_states=rng,
+                average_state=average_sd,
                 trainer_state={
                     "step": step,
                     "consumed_samples": self.mix.consumed_samples,
@@ -291,6 +257,7 @@ class Trainer:
                     "config": self.cfg.to_dict(),
                     "nonfinite": self.guard.state_dict(),
                     **self.optimizer_init,
+                    **self.averager.trainer_state(),
                 },
             )
             st.prune_checkpoints(self.out_dir, self.cfg.checkpoint.keep_last)
@@ -355,12 +322,21 @@ class Trainer:
             st.check_compatible(ckpt["trainer"]["config"], cfg.to_dict(), self.resume_dir)
             self.seed_hash = ckpt["lineage"].seed_hash
         elif cfg.init_from:
-            self.seed_hash = self._load_init(model)
+            self.seed_hash = load_init_weights(
+                model,
+                cfg.init_from,
+                self.model_config.to_dict(),
+                self.manifest,
+                cfg.data.manifest,
+                env.device,
+                self._on_main,
+            )
         else:
             self.seed_hash = None
 
         model = self._wrap(model)
         optimizer = build_optimizer(model, cfg.optimizer, env.device)
+        self.averager = WeightAverager(cfg.weight_average, cfg.train_steps, model)
         start = 0
         if ckpt is not None:  # its own optimizer state, never init_from's again
             saved = ckpt["trainer"]  # (one from before init_optimizer existed started fresh)
@@ -477,6 +453,7 @@ class Trainer:
                     continue
                 if action is None:
                     self.guard.finite_step()
+                    self.averager.update(step + 1)
                 step += 1
                 bar.update(1)
                 if action == "skip" or step % cfg.logging.every == 0 or step == total:
@@ -560,24 +537,28 @@ class Trainer:
         return step
 
     def _finish(self, model, optimizer, total: int, loss: float | None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         self.guard.check_end(total, loss)  # the last step trained, its loss is defined
+        # collectives (every rank takes part); weight_average: final/ holds the average
+        model_sd = self.averager.read(lambda: get_model_state_dict(model, options=_full_cpu()))
         optim_sd = None
-        if self.cfg.checkpoint.final_optimizer:  # a collective: every rank takes part
-            model_sd, optim_sd = self._full_states(model, optimizer)
-        else:
-            model_sd = get_model_state_dict(
-                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        where = f"{self.out_dir}: the trained model after step {total}"  # before any write
+        if self.cfg.checkpoint.final_optimizer:
+            optim_sd = get_optimizer_state_dict(model, optimizer, options=_full_cpu())
+        what = "the averaged weights" if self.averager.enabled else "the trained model"
+        where = f"{self.out_dir}: {what} after step {total}"  # before any write
         self._on_main(lambda: check_finite_state(model_sd, where, NOT_CERTIFIED))
         if self.env.is_main:
+            lineage = self._lineage(total)
+            lineage.extra.update(self.averager.record())
             st.save_final(
                 self.out_dir,
                 model_sd,
                 self.model_config.to_dict(),
-                self._lineage(total),
+                lineage,
                 {
                     "step": total,
                     "tokens_seen": self._tokens(total),
@@ -586,6 +567,7 @@ class Trainer:
                     "units": list(self.weights),
                     **self.guard.state_dict(),
                     **self.optimizer_init,
+                    **self.averager.record(),
                 },
                 optim_state=optim_sd,
             )

@@ -183,3 +183,27 @@ def test_registry_key_changes_with_the_seed_optimizer_but_not_for_fresh(monkeypa
     assert len(before) == len(registry.TRAJECTORY_FIELDS) - 1
     monkeypatch.setattr(registry, "TRAJECTORY_FIELDS", before)
     assert registry.run_key(fresh, FakeManifest(), w, "s" * 64) == k_fresh
+
+
+def test_registry_key_changes_with_weight_averaging_but_not_for_none(monkeypatch):
+    """weight_average other than none is another model (new key); none keeps the key
+    runs trained before the field existed had, whatever its unused settings say."""
+    from megablocks_ablate.ablate.runner import registry
+    from megablocks_ablate.train.config import TrainConfig
+
+    class FakeManifest:
+        def __init__(self):
+            self.units = {"u-0000": {"bin": {"sha256": "b"}, "idx": {"sha256": "i"}}}
+
+    def key(*overrides):
+        cfg = TrainConfig.from_preset("tiny_unit", list(overrides))
+        return registry.run_key(cfg, FakeManifest(), {"u-0000": 1.0}, "s" * 64)
+
+    none = key()
+    assert key("weight_average.ema_decay=0.5") == none
+    tail = key("weight_average.kind=tail")
+    assert len({none, tail, key("weight_average.kind=ema")}) == 3
+    assert key("weight_average.kind=tail", "weight_average.start_fraction=0.75") != tail
+    before = tuple(f for f in registry.TRAJECTORY_FIELDS if f != "weight_average")
+    monkeypatch.setattr(registry, "TRAJECTORY_FIELDS", before)
+    assert key() == none

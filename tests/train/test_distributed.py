@@ -228,3 +228,36 @@ def test_detect_launcher():
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == "slurm"
     assert detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == "single"
     assert detect_launcher({}) == "single"
+
+
+def test_torchrun_fsdp2_weight_average_matches_single_process(train_manifest, tmp_path):
+    """``weight_average`` over FSDP2 shards (2 ranks): final/ equals the single-process
+    run's average; the step checkpoint holds the full averaged tensors; resuming from it
+    gives the uninterrupted run's final/ (the average restored into the shards)."""
+    from megablocks_ablate.checkpoint import load_model_checkpoint
+    from megablocks_ablate.train import state as st
+
+    extra = {
+        "weight_average.kind": "tail",
+        "weight_average.start_fraction": 0.25,  # steps 2..4
+        "checkpoint.every": 3,
+    }
+    single, fsdp = str(tmp_path / "single"), str(tmp_path / "fsdp")
+    _run([PYTHON, *TRAIN, *_overrides(train_manifest, single, **extra)])
+    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", "2", *TRAIN]
+    fsdp_over = _overrides(train_manifest, fsdp, **{"distributed.parallel": "fsdp", **extra})
+    _run([*torchrun, *fsdp_over])
+    a = load_model_checkpoint(os.path.join(single, st.FINAL_DIR))[0]
+    b = load_model_checkpoint(os.path.join(fsdp, st.FINAL_DIR))[0]
+    for name, w in a.items():
+        torch.testing.assert_close(b[name], w, rtol=1e-5, atol=1e-6, msg=name)
+    ckpt = st.load_train_checkpoint(st.step_dir(fsdp, 3))
+    assert ckpt["trainer"]["weight_average_steps"] == 2
+    assert ckpt["average"]["embed.weight"].shape == (512, 64)
+    shutil.rmtree(os.path.join(fsdp, st.FINAL_DIR))
+    os.remove(os.path.join(fsdp, st.COMPLETE_FILE))
+    log = _run([*torchrun, *fsdp_over])
+    assert "resuming" in log and "from step 3" in log
+    c = load_model_checkpoint(os.path.join(fsdp, st.FINAL_DIR))[0]
+    for name, w in b.items():
+        torch.testing.assert_close(c[name], w, rtol=0, atol=0, msg=name)

@@ -54,6 +54,8 @@ def run_key(cfg, manifest, weights: Mapping[str, float], seed_hash: str | None) 
     traj.pop("init_from", None)  # the seed's hash stands for it
     if traj.get("init_optimizer") == "fresh":  # keys from before the field keep their value
         traj.pop("init_optimizer")
+    if traj.get("weight_average", {}).get("kind") == "none":  # likewise (and its settings
+        traj.pop("weight_average")  # change nothing without averaging)
     traj.pop("model_overrides", None)  # folded into the resolved model below
     data = dict(traj.pop("data", {}))
     traj["model"] = ModelConfig.from_preset(cfg.model, cfg.model_overrides).to_dict()
