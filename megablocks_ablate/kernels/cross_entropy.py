@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 
 from megablocks_ablate import _ext
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.env_choice import env_choice
 
 try:
     import triton
@@ -263,12 +263,7 @@ class Chunking:
 
 def ce_chunk_mode() -> str:
     """``MBA_CE_CHUNKS``: ``auto`` (default) or ``legacy`` (the fixed rule before it)."""
-    mode = os.environ.get(CE_CHUNKS_ENV, "auto").strip().lower() or "auto"
-    if mode not in CE_CHUNK_MODES:
-        raise ConfigError(
-            f"{CE_CHUNKS_ENV}: expected one of {', '.join(CE_CHUNK_MODES)}, got {mode!r}"
-        )
-    return mode
+    return env_choice(CE_CHUNKS_ENV, CE_CHUNK_MODES, "auto")
 
 
 def _triton_block(vocab: int) -> int:

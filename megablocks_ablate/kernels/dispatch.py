@@ -58,16 +58,14 @@ from megablocks_ablate.kernels import inproj_grad as _inproj
 from megablocks_ablate.kernels import norm as _norm
 from megablocks_ablate.kernels import rope as _rope
 from megablocks_ablate.kernels import swiglu as _swiglu
+from megablocks_ablate.utils.env_choice import check_choice, env_choice
 
 BACKENDS = ("reference", "triton", "auto")
 _backend: str | None = None
 
 
 def _env_backend() -> str:
-    name = os.environ.get("MBA_KERNELS", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ConfigError(f"MBA_KERNELS: expected one of {', '.join(BACKENDS)}, got {name!r}")
-    return name
+    return env_choice("MBA_KERNELS", BACKENDS, "auto")
 
 
 def triton_available() -> bool:
@@ -172,17 +170,14 @@ _resolved: dict[tuple, str] = {}
 
 
 def _check_attention_name(name: str, where: str) -> str:
-    if name not in ATTENTION_BACKENDS:
-        raise ConfigError(f"{where}: expected one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    return name
+    return check_choice(name, ATTENTION_BACKENDS, where)
 
 
 def configured_attention() -> str:
     """The attention setting in force (``MBA_ATTENTION``, default ``auto``)."""
     global _attention
     if _attention is None:
-        name = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-        _attention = _check_attention_name(name, ATTENTION_ENV)
+        _attention = env_choice(ATTENTION_ENV, ATTENTION_BACKENDS, "auto")
     return _attention
 
 
@@ -297,9 +292,7 @@ _inproj_env: tuple[str, str] | None = None  # (the variable's raw value, the che
 
 
 def _check_inproj_name(name: str, where: str) -> str:
-    if name not in INPROJ_GRAD_MODES:
-        raise ConfigError(f"{where}: expected one of {', '.join(INPROJ_GRAD_MODES)}, got {name!r}")
-    return name
+    return check_choice(name, INPROJ_GRAD_MODES, where)
 
 
 def configured_inproj_grad() -> str:
@@ -310,8 +303,7 @@ def configured_inproj_grad() -> str:
         return _inproj_override
     raw = os.environ.get(INPROJ_GRAD_ENV, "")
     if _inproj_env is None or _inproj_env[0] != raw:
-        name = raw.strip().lower() or "autograd"
-        _inproj_env = (raw, _check_inproj_name(name, INPROJ_GRAD_ENV))
+        _inproj_env = (raw, env_choice(INPROJ_GRAD_ENV, INPROJ_GRAD_MODES))
     return _inproj_env[1]
 
 

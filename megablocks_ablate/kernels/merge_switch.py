@@ -17,10 +17,9 @@ pay for them.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 
-from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.env_choice import check_choice, env_choice
 
 ENV = "MBA_MERGE_VEC"
 MODES = ("auto", "off")
@@ -29,14 +28,11 @@ _mode: str | None = None
 
 
 def _checked(name: str) -> str:
-    name = name.strip().lower()
-    if name not in MODES:
-        raise ConfigError(f"{ENV}: expected one of {', '.join(MODES)}, got {name!r}")
-    return name
+    return check_choice(name, MODES, ENV)
 
 
 def _env_mode() -> str:
-    return _checked(os.environ.get(ENV, "auto").strip() or "auto")
+    return env_choice(ENV, MODES, "auto")
 
 
 def configured_mode() -> str:

@@ -89,13 +89,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import socket
 from collections.abc import Sequence
 
 import torch
 
 from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.utils.env_choice import env_choice
 
 logger = logging.getLogger(__name__)
 
@@ -306,12 +306,7 @@ def compile_order() -> str:
     :func:`wrap_model` just before ``fully_shard`` / DDP (``before_shard``, the default)
     or by ``Transformer.__init__`` (``model_init``, the old order). The one reader of
     ``MBA_COMPILE_ORDER``."""
-    value = os.environ.get(COMPILE_ORDER_ENV, "").strip() or COMPILE_ORDERS[0]
-    if value not in COMPILE_ORDERS:
-        raise ConfigError(
-            f"{COMPILE_ORDER_ENV}: expected one of {', '.join(COMPILE_ORDERS)}, got {value!r}"
-        )
-    return value
+    return env_choice(COMPILE_ORDER_ENV, COMPILE_ORDERS)
 
 
 def build_model(mcfg, device=None):
