@@ -20,6 +20,9 @@ figures a user acts on, for ``--proxy`` vs seq:
 * ``top-2``: share of OOD domains whose proxy pick is within seq's top 2;
   ``regret``: mean over OOD domains of seq(pick) / seq(best) - 1.
 
+``--per-domain`` also prints each OOD domain's Pearson for every pair and ceiling (the
+JSON always has them, ``per_domain``): where a gap to the ceiling sits.
+
 ``--retrained NAME=STUDY_DIR`` names a study whose seq models retrain those of the
 ``--seq`` study NAME under another data order (``validation.train.overrides:
 [data.seed=7]``): its seq models are then scored as if they were a proxy for NAME's.
@@ -77,8 +80,10 @@ def figures(table: an.ResultTable, proxy: str, n_boot: int, seed: int = 0) -> di
     row = dc.summary_row(table, [proxy], n_boot=n_boot, seed=seed)
     summ, spear = row.get(proxy), row.get(proxy, "spearman")
     ds = dc.decisions(table, proxy)
+    per_domain = {d: _num(v[proxy].r) for d, v in sorted(rt.per_domain.get(ROLE_OOD, {}).items())}
     return {
         "ood_mean": _corr(mean),
+        "per_domain": per_domain,
         "summary": _corr(summ),
         "summary_spearman": _corr(spear),
         "summary_domains": row.domains,
@@ -112,6 +117,18 @@ def _row(units: str, seq: str, f: dict) -> str:
     return f"| {units} | {seq} | {_cell(f['ood_mean'])} | {_cell(f['summary'])} | {top2} | {reg} |"
 
 
+def _print_per_domain(result: dict) -> None:
+    columns = {f"{u} / {s}": f for u, row in result["cells"].items() for s, f in row.items()}
+    columns.update({f"ceiling / {s}": f for s, f in result["ceilings"].items()})
+    domains = sorted({d for f in columns.values() for d in f["per_domain"]})
+    print("\nOOD Pearson per domain (units / seq reference)")
+    print("| domain | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for d in domains:
+        cells = [f["per_domain"].get(d) for f in columns.values()]
+        print(f"| {d} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+
+
 def _named(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proxy", default="merged", help="the proxy of the units studies")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument(
+        "--per-domain", action="store_true", help="also print each OOD domain's Pearson"
+    )
     args = ap.parse_args(argv)
     if args.json:
         check_writable(args.json, "cross_fidelity")
@@ -154,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         f["attenuation_ceiling"] = math.sqrt(r) if r is not None and r > 0 else None
         result["ceilings"][s] = f
         print(_row("seq retrained (noise ceiling)", s, f))
+    if args.per_domain:
+        _print_per_domain(result)
     if args.json:
         write_result(args.json, "cross_fidelity", result, command_line(__file__, argv))
     return 0

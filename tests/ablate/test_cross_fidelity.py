@@ -40,6 +40,8 @@ def test_crossed_takes_proxy_from_one_and_seq_from_the_other(cf, studies):
     assert same["ood_mean"]["r"] == pytest.approx(want.figure("merged", "ood", "mean").r)
     row = dc.summary_row(a, ["merged"], n_boot=0)
     assert same["summary"]["r"] == pytest.approx(row.get("merged").r)
+    per = [r for r in same["per_domain"].values() if r is not None]
+    assert same["ood_mean"]["r"] == pytest.approx(sum(per) / len(per))
     other = cf.figures(t, "merged", n_boot=0)
     assert other["summary"]["r"] != pytest.approx(same["summary"]["r"])
 
@@ -55,9 +57,10 @@ def test_cli_prints_the_grid_and_writes_json(cf, studies, tmp_path, capsys):
     out = tmp_path / "x.json"
     args = ["--units", f"A={studies['a']}", "--units", f"B={studies['b']}"]
     args += ["--seq", f"A={studies['a']}", "--retrained", f"A={studies['a']}"]
-    assert cf.main([*args, "--n-boot", "50", "--json", str(out)]) == 0
+    assert cf.main([*args, "--n-boot", "50", "--json", str(out), "--per-domain"]) == 0
     printed = capsys.readouterr().out
     assert "| A | A |" in printed and "| B | A |" in printed and "noise ceiling" in printed
+    assert "| domain | A / A | B / A | ceiling / A |" in printed
     data = json.loads(out.read_text())
     assert data["benchmark"] == "cross_fidelity" and set(data["cells"]) == {"A", "B"}
     assert data["ceilings"]["A"]["attenuation_ceiling"] == pytest.approx(1.0)
