@@ -25,7 +25,8 @@ sha256 and for finite weights, the units against the manifest, token ids against
 vocabulary); every step checks its loss and gradient norm before the optimizer steps,
 and a non-finite one stops, skips or rolls back by ``nan_policy`` (:mod:`.divergence`).
 ``final/`` and ``COMPLETE.json`` are written only when the last step trained and every
-final weight is finite.
+final weight is finite. With ``weight_average`` (:mod:`.weight_average`) ``final/`` holds
+the average of the weights over the end of the run; training itself is unchanged.
 """
 
 from __future__ import annotations
