@@ -107,6 +107,13 @@ def _canonical(field: str, value: Any) -> Any:
     return value
 
 
+def at_pre_field_value(field: str, value: Any) -> bool:
+    """Whether ``value`` of trajectory ``field`` is what runs recorded before the field
+    existed (:data:`_TRAJECTORY_DEFAULTS`): a record may then leave the field out and
+    read as it did (the registry's run keys do)."""
+    return field in _TRAJECTORY_DEFAULTS and _canonical(field, value) == _TRAJECTORY_DEFAULTS[field]
+
+
 # ----------------------------------------------------------------------------- layout
 
 

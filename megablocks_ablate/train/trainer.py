@@ -231,7 +231,7 @@ class Trainer:
 
         model_sd, optim_sd = self._full_states(model, optimizer)
         average_sd = None
-        if self.averager.enabled and self.averager.count:
+        if self.averager.count:  # 0 without averaging, or before its first step
             average_sd = self.averager.read(
                 lambda: get_model_state_dict(model, options=_full_cpu())
             )
@@ -337,7 +337,7 @@ class Trainer:
 
         model = self._wrap(model)
         optimizer = build_optimizer(model, cfg.optimizer, env.device)
-        self.averager = WeightAverager(cfg.weight_average, cfg.train_steps, model)
+        self.averager = WeightAverager(cfg.weight_average, cfg.train_steps, _unwrapped(model))
         start = 0
         if ckpt is not None:  # its own optimizer state, never init_from's again
             saved = ckpt["trainer"]  # (one from before init_optimizer existed started fresh)

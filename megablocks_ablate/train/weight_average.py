@@ -39,16 +39,16 @@ def start_step(cfg: WeightAverageConfig, total_steps: int) -> int:
 
 
 class WeightAverager:
-    """The running average of ``model``'s parameters (``model`` as wrapped for
-    training: a plain module, DDP or FSDP2). ``enabled`` is False for ``kind: none``,
-    and then every method but :meth:`record` is a no-op returning None."""
+    """The running average of ``module``'s parameters (the trained module itself, not a
+    DDP wrapper; under FSDP2 its sharded parameters). ``enabled`` is False for ``kind:
+    none``, and then nothing is averaged and :meth:`read` just reads."""
 
-    def __init__(self, cfg: WeightAverageConfig, total_steps: int, model: torch.nn.Module):
+    def __init__(self, cfg: WeightAverageConfig, total_steps: int, module: torch.nn.Module):
         self.cfg = cfg
         self.enabled = cfg.kind != NONE
         self.first = start_step(cfg, total_steps)
         self.count = 0  # steps the average covers
-        self._params = dict(getattr(model, "module", model).named_parameters())
+        self._params = dict(module.named_parameters())
         self._avg: dict[str, torch.Tensor] = {}
 
     # ---- the average --------------------------------------------------------------------

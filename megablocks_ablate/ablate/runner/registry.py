@@ -30,7 +30,12 @@ from dataclasses import dataclass
 
 from megablocks_ablate.errors import MBAError
 from megablocks_ablate.model.config import ModelConfig
-from megablocks_ablate.train.state import TRAJECTORY_FIELDS, is_complete, list_checkpoints
+from megablocks_ablate.train.state import (
+    TRAJECTORY_FIELDS,
+    at_pre_field_value,
+    is_complete,
+    list_checkpoints,
+)
 from megablocks_ablate.utils.atomic import atomic_write_json
 from megablocks_ablate.utils.hashing import sha256_json
 
@@ -52,10 +57,8 @@ def run_key(cfg, manifest, weights: Mapping[str, float], seed_hash: str | None) 
     d = cfg.to_dict()
     traj = {k: d[k] for k in TRAJECTORY_FIELDS if k in d}
     traj.pop("init_from", None)  # the seed's hash stands for it
-    if traj.get("init_optimizer") == "fresh":  # keys from before the field keep their value
-        traj.pop("init_optimizer")
-    if traj.get("weight_average", {}).get("kind") == "none":  # likewise (and its settings
-        traj.pop("weight_average")  # change nothing without averaging)
+    for k in [k for k, v in traj.items() if at_pre_field_value(k, v)]:
+        traj.pop(k)  # keys from before a field was added keep their value
     traj.pop("model_overrides", None)  # folded into the resolved model below
     data = dict(traj.pop("data", {}))
     traj["model"] = ModelConfig.from_preset(cfg.model, cfg.model_overrides).to_dict()
