@@ -20,6 +20,10 @@ figures a user acts on, for ``--proxy`` vs seq:
 * ``top-2``: share of OOD domains whose proxy pick is within seq's top 2;
   ``regret``: mean over OOD domains of seq(pick) / seq(best) - 1.
 
+A ``--units`` value ``DIR1+DIR2+...`` is an ensemble: the geometric mean of those
+studies' proxy perplexities (unit-model sets of one design, say two unit batch sizes),
+scored as one proxy.
+
 ``--per-domain`` also prints each OOD domain's Pearson for every pair and ceiling (the
 JSON always has them, ``per_domain``): where a gap to the ceiling sits.
 
@@ -53,6 +57,24 @@ def load(path: str) -> an.ResultTable:
         return read_study_table(path)
     except StoreError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def ensemble(tables: list[an.ResultTable], proxy: str) -> an.ResultTable:
+    """The first table with ``proxy`` replaced by the geometric mean of every table's
+    ``proxy`` (per domain, over the mixtures all of them scored): one proxy from
+    several unit-model sets of one design (other data orders or unit settings)."""
+    if any(proxy not in t.values for t in tables):
+        raise SystemExit(f"error: an ensemble member has no {proxy!r} scores")
+    first = tables[0].values[proxy]
+    mean: dict[str, dict[str, float]] = {}
+    for d, by_m in first.items():
+        for m in by_m:
+            logs = [
+                math.log(t.values[proxy][d][m]) for t in tables if m in t.values[proxy].get(d, {})
+            ]
+            if len(logs) == len(tables):
+                mean.setdefault(d, {})[m] = math.exp(sum(logs) / len(logs))
+    return dataclasses.replace(tables[0], values={**tables[0].values, proxy: mean})
 
 
 def crossed(units: an.ResultTable, seq: an.ResultTable, proxy: str) -> an.ResultTable:
@@ -158,18 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(again) - set(seqs))
     if unknown:
         raise SystemExit(f"error: --retrained {unknown[0]}: no --seq study of that name")
-    tables = {n: load(p) for n, p in {**units, **seqs}.items()}
+    seq_tables = {n: load(p) for n, p in seqs.items()}
+    unit_tables = {}
+    for n, p in units.items():  # DIR1+DIR2: the geometric mean of their proxy scores
+        members = [load(q) for q in p.split("+")]
+        unit_tables[n] = members[0] if len(members) == 1 else ensemble(members, args.proxy)
     result: dict = {"proxy": args.proxy, "cells": {}, "ceilings": {}}
     print(f"{args.proxy} vs seq; OOD mean and summary row: Pearson [95% interval]")
     print("| units | seq reference | OOD mean | summary row | pick in seq top 2 | mean regret |")
     print("|---|---|---|---|---|---|")
     for u in units:
         for s in seqs:
-            f = figures(crossed(tables[u], tables[s], args.proxy), args.proxy, args.n_boot)
+            f = figures(crossed(unit_tables[u], seq_tables[s], args.proxy), args.proxy, args.n_boot)
             result["cells"].setdefault(u, {})[s] = f
             print(_row(u, s, f))
     for s, path in again.items():
-        f = figures(retrained(tables[s], load(path)), RETRAINED, args.n_boot)
+        f = figures(retrained(seq_tables[s], load(path)), RETRAINED, args.n_boot)
         r = f["ood_mean"]["r"]
         f["attenuation_ceiling"] = math.sqrt(r) if r is not None and r > 0 else None
         result["ceilings"][s] = f

@@ -68,3 +68,35 @@ def test_cli_prints_the_grid_and_writes_json(cf, studies, tmp_path, capsys):
         cf.main([*args, "--retrained", f"Z={studies['b']}"])
     with pytest.raises(SystemExit, match="NAME=STUDY_DIR"):
         cf.main(["--units", "oops", "--seq", f"A={studies['a']}"])
+
+
+def test_an_ensemble_is_the_geometric_mean_of_its_members(cf, studies, tmp_path, capsys):
+    a, b = read_study_table(studies["a"]), read_study_table(studies["b"])
+    ens = cf.ensemble([a, b], "merged")
+    for d, by_m in ens.values["merged"].items():
+        for m, v in by_m.items():
+            want = (a.values["merged"][d][m] * b.values["merged"][d][m]) ** 0.5
+            assert v == pytest.approx(want)
+    assert ens.values[SEQ] == a.values[SEQ]  # only the proxy changes
+    same = cf.ensemble([a, a], "merged")
+    assert same.values["merged"]["p"] == pytest.approx(a.values["merged"]["p"])
+    out = tmp_path / "e.json"
+    args = ["--units", f"E={studies['a']}+{studies['b']}", "--seq", f"B={studies['b']}"]
+    assert cf.main([*args, "--n-boot", "0", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["cells"]["E"]["B"]
+    want = cf.figures(cf.crossed(ens, b, "merged"), "merged", n_boot=0)
+    assert got["ood_mean"]["r"] == pytest.approx(want["ood_mean"]["r"])
+    with pytest.raises(SystemExit, match="no 'nope' scores"):
+        cf.ensemble([a, b], "nope")
+
+
+def test_a_name_may_be_a_units_and_a_seq_study_of_other_directories(cf, studies, capsys):
+    """--units X=a --seq X=b: X's proxy comes from a, its seq models from b."""
+    a, b = read_study_table(studies["a"]), read_study_table(studies["b"])
+    assert (
+        cf.main(["--units", f"X={studies['a']}", "--seq", f"X={studies['b']}", "--n-boot", "0"])
+        == 0
+    )
+    want = cf.figures(cf.crossed(a, b, "merged"), "merged", n_boot=0)
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| X | X |")]
+    assert row and f"{want['ood_mean']['r']:.3f}" in row[0]
