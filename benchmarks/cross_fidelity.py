@@ -22,7 +22,9 @@ figures a user acts on, for ``--proxy`` vs seq:
 
 A ``--units`` value ``DIR1+DIR2+...`` is an ensemble: the geometric mean of those
 studies' proxy perplexities (unit-model sets of one design, say two unit batch sizes),
-scored as one proxy.
+scored as one proxy. A ``--seq`` value of that form is a reference averaged the same way
+over several sets of seq models (other data orders): what a proxy reads against the
+expected seq model rather than one training run of it.
 
 ``--per-domain`` also prints each OOD domain's Pearson for every pair and ceiling (the
 JSON always has them, ``per_domain``): where a gap to the ceiling sits.
@@ -75,6 +77,11 @@ def ensemble(tables: list[an.ResultTable], proxy: str) -> an.ResultTable:
             if len(logs) == len(tables):
                 mean.setdefault(d, {})[m] = math.exp(sum(logs) / len(logs))
     return dataclasses.replace(tables[0], values={**tables[0].values, proxy: mean})
+
+
+def _load_many(paths: str, proxy: str) -> an.ResultTable:
+    members = [load(p) for p in paths.split("+")]
+    return members[0] if len(members) == 1 else ensemble(members, proxy)
 
 
 def crossed(units: an.ResultTable, seq: an.ResultTable, proxy: str) -> an.ResultTable:
@@ -180,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(again) - set(seqs))
     if unknown:
         raise SystemExit(f"error: --retrained {unknown[0]}: no --seq study of that name")
-    seq_tables = {n: load(p) for n, p in seqs.items()}
-    unit_tables = {}
-    for n, p in units.items():  # DIR1+DIR2: the geometric mean of their proxy scores
-        members = [load(q) for q in p.split("+")]
-        unit_tables[n] = members[0] if len(members) == 1 else ensemble(members, args.proxy)
+    # DIR1+DIR2: one table holding the geometric mean of their proxy (or seq) scores
+    seq_tables = {n: _load_many(p, SEQ) for n, p in seqs.items()}
+    unit_tables = {n: _load_many(p, args.proxy) for n, p in units.items()}
     result: dict = {"proxy": args.proxy, "cells": {}, "ceilings": {}}
     print(f"{args.proxy} vs seq; OOD mean and summary row: Pearson [95% interval]")
     print("| units | seq reference | OOD mean | summary row | pick in seq top 2 | mean regret |")

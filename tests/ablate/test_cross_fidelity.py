@@ -86,6 +86,12 @@ def test_an_ensemble_is_the_geometric_mean_of_its_members(cf, studies, tmp_path,
     got = json.loads(out.read_text())["cells"]["E"]["B"]
     want = cf.figures(cf.crossed(ens, b, "merged"), "merged", n_boot=0)
     assert got["ood_mean"]["r"] == pytest.approx(want["ood_mean"]["r"])
+    # a seq reference of that form averages the seq models' perplexities
+    args = ["--units", f"A={studies['a']}", "--seq", f"M={studies['a']}+{studies['b']}"]
+    assert cf.main([*args, "--n-boot", "0", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["cells"]["A"]["M"]
+    want = cf.figures(cf.crossed(a, cf.ensemble([a, b], SEQ), "merged"), "merged", n_boot=0)
+    assert got["ood_mean"]["r"] == pytest.approx(want["ood_mean"]["r"])
     with pytest.raises(SystemExit, match="no 'nope' scores"):
         cf.ensemble([a, b], "nope")
 
