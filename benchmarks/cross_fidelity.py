@@ -26,6 +26,10 @@ scored as one proxy. A ``--seq`` value of that form is a reference averaged the 
 over several sets of seq models (other data orders): what a proxy reads against the
 expected seq model rather than one training run of it.
 
+``--blend ALPHA`` scores ``proxy^ALPHA x mean_ind^(1-ALPHA)`` instead of the proxy: a
+geometric blend with the mean of the unit models' own perplexities (beyond the paper;
+ALPHA picked by hand, not fitted, so judge it on more than one corpus).
+
 ``--per-domain`` also prints each OOD domain's Pearson for every pair and ceiling (the
 JSON always has them, ``per_domain``): where a gap to the ceiling sits.
 
@@ -79,8 +83,27 @@ def ensemble(tables: list[an.ResultTable], proxy: str) -> an.ResultTable:
     return dataclasses.replace(tables[0], values={**tables[0].values, proxy: mean})
 
 
-def _load_many(paths: str, proxy: str) -> an.ResultTable:
+def blend(table: an.ResultTable, alpha: float, proxy: str = "merged") -> an.ResultTable:
+    """``table`` with ``proxy`` replaced by ``proxy^alpha x mean_ind^(1-alpha)`` per domain
+    and mixture (the geometric blend with the mean of the unit models' perplexities)."""
+    mean_ind = table.values.get("mean_ind", {})
+    if proxy not in table.values or not mean_ind:
+        raise SystemExit(f"error: a blend needs the study's {proxy} and mean_ind scores")
+    mixed = {
+        d: {
+            m: math.exp(alpha * math.log(v) + (1 - alpha) * math.log(mean_ind[d][m]))
+            for m, v in by_m.items()
+            if m in mean_ind.get(d, {})
+        }
+        for d, by_m in table.values[proxy].items()
+    }
+    return dataclasses.replace(table, values={**table.values, proxy: mixed})
+
+
+def _load_many(paths: str, proxy: str, alpha: float | None = None) -> an.ResultTable:
     members = [load(p) for p in paths.split("+")]
+    if alpha is not None:
+        members = [blend(t, alpha, proxy) for t in members]
     return members[0] if len(members) == 1 else ensemble(members, proxy)
 
 
@@ -175,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retrained", action="append", default=[], metavar="NAME=STUDY_DIR")
     ap.add_argument("--proxy", default="merged", help="the proxy of the units studies")
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    ap.add_argument(
+        "--blend",
+        type=float,
+        metavar="ALPHA",
+        help="score proxy^ALPHA x mean_ind^(1-ALPHA) of each units study (after any + "
+        "ensemble's members are blended) instead of the proxy alone",
+    )
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument(
         "--per-domain", action="store_true", help="also print each OOD domain's Pearson"
@@ -182,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.json:
         check_writable(args.json, "cross_fidelity")
+    if args.blend is not None and not 0.0 <= args.blend <= 1.0:
+        raise SystemExit("error: --blend: ALPHA must lie in [0, 1]")
     units, seqs = _named(args.units, "--units"), _named(args.seq, "--seq")
     again = _named(args.retrained, "--retrained")
     unknown = sorted(set(again) - set(seqs))
@@ -189,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --retrained {unknown[0]}: no --seq study of that name")
     # DIR1+DIR2: one table holding the geometric mean of their proxy (or seq) scores
     seq_tables = {n: _load_many(p, SEQ) for n, p in seqs.items()}
-    unit_tables = {n: _load_many(p, args.proxy) for n, p in units.items()}
-    result: dict = {"proxy": args.proxy, "cells": {}, "ceilings": {}}
+    unit_tables = {n: _load_many(p, args.proxy, args.blend) for n, p in units.items()}
+    result: dict = {"proxy": args.proxy, "blend": args.blend, "cells": {}, "ceilings": {}}
     print(f"{args.proxy} vs seq; OOD mean and summary row: Pearson [95% interval]")
     print("| units | seq reference | OOD mean | summary row | pick in seq top 2 | mean regret |")
     print("|---|---|---|---|---|---|")

@@ -104,21 +104,6 @@ def merge_rule(
     return {k: seed[k] + factor[k] * sum(w * d[k] for d, w in zip(deltas, weights)) for k in seed}
 
 
-def blend(table, alpha: float) -> dict[str, dict[str, float]]:
-    """``merged^alpha x mean_ind^(1-alpha)`` per domain and mixture (both stored)."""
-    merged, mean_ind = table.values.get("merged", {}), table.values.get("mean_ind", {})
-    if not merged or not mean_ind:
-        raise SystemExit("error: --blend needs the study's merged and mean_ind rows")
-    return {
-        d: {
-            m: math.exp(alpha * math.log(v) + (1 - alpha) * math.log(mean_ind[d][m]))
-            for m, v in by_m.items()
-            if m in mean_ind.get(d, {})
-        }
-        for d, by_m in merged.items()
-    }
-
-
 # ----------------------------------------------------------------------------- models
 class Pool(NamedTuple):
     """The seed's weights and each unit model's displacement from it (fp32)."""
@@ -277,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             for m, v in by_m.items()
         )
     for a in args.blend:
-        values[f"blend{a:g}"] = blend(units_table, a)
+        values[f"blend{a:g}"] = cf.blend(units_table, a).values["merged"]
     values = {"merged (stored)": units_table.values["merged"], **values}
     result: dict = {"check_average_vs_stored_log": check, "proxies": {}}
     print("| proxy | seq reference | OOD mean | summary row | pick in seq top 2 | mean regret |")

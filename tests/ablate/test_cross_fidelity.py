@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from study_fixtures import fill_roles_store, load_benchmark
@@ -106,3 +107,34 @@ def test_a_name_may_be_a_units_and_a_seq_study_of_other_directories(cf, studies,
     want = cf.figures(cf.crossed(a, b, "merged"), "merged", n_boot=0)
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| X | X |")]
     assert row and f"{want['ood_mean']['r']:.3f}" in row[0]
+
+
+def _flat(values: dict) -> dict:
+    return {(d, m): v for d, by_m in values.items() for m, v in by_m.items()}
+
+
+def test_blend_is_a_geometric_mix_of_merged_and_mean_ind(cf, studies, tmp_path):
+    t = read_study_table(studies["a"])
+    merged, mean_ind = _flat(t.values["merged"]), _flat(t.values["mean_ind"])
+    assert _flat(cf.blend(t, 1.0).values["merged"]) == pytest.approx(merged)
+    assert _flat(cf.blend(t, 0.0).values["merged"]) == pytest.approx(
+        {k: mean_ind[k] for k in merged}
+    )
+    half = cf.blend(t, 0.5).values["merged"]
+    d, m = "p", next(iter(half["p"]))
+    assert half[d][m] == pytest.approx(
+        math.sqrt(t.values["merged"][d][m] * t.values["mean_ind"][d][m])
+    )
+    assert cf.blend(t, 0.5).values[SEQ] == t.values[SEQ]
+    out = tmp_path / "b.json"
+    args = ["--units", f"A={studies['a']}", "--seq", f"B={studies['b']}", "--n-boot", "0"]
+    assert cf.main([*args, "--blend", "0.5", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    want = cf.figures(
+        cf.crossed(cf.blend(t, 0.5), read_study_table(studies["b"]), "merged"), "merged", 0
+    )
+    assert got["blend"] == 0.5 and got["cells"]["A"]["B"]["ood_mean"]["r"] == pytest.approx(
+        want["ood_mean"]["r"]
+    )
+    with pytest.raises(SystemExit, match="ALPHA"):
+        cf.main([*args, "--blend", "2"])

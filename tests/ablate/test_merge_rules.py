@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-from study_fixtures import fill_roles_store, load_benchmark
-
-from megablocks_ablate.ablate.store import read_study_table
+from study_fixtures import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +17,6 @@ def mr():
 
 def _length(t: dict) -> float:
     return math.sqrt(sum(float(v.square().sum()) for v in t.values()))
-
-
-def _flat(values: dict) -> dict:
-    return {(d, m): v for d, by_m in values.items() for m, v in by_m.items()}
 
 
 def test_rules_against_their_definitions(mr):
@@ -57,20 +50,6 @@ def test_rules_against_their_definitions(mr):
         mr.merge_rule(seed, [d1, d2], [0.5, 0.6], "average")
     with pytest.raises(ValueError, match="unknown rule"):
         mr.merge_rule(seed, [d1, d2], w, "ties")
-
-
-def test_blend_is_a_geometric_mix_of_merged_and_mean_ind(mr, tmp_path):
-    os.makedirs(tmp_path / "s")
-    store, _, _ = fill_roles_store(str(tmp_path / "s" / "results.sqlite"))
-    store.close()
-    t = read_study_table(str(tmp_path / "s"))
-    merged, mean_ind = _flat(t.values["merged"]), _flat(t.values["mean_ind"])
-    assert _flat(mr.blend(t, 1.0)) == pytest.approx(merged)
-    assert _flat(mr.blend(t, 0.0)) == pytest.approx({k: mean_ind[k] for k in merged})
-    half = mr.blend(t, 0.5)
-    d, m = "p", next(iter(half["p"]))
-    want = math.sqrt(t.values["merged"][d][m] * t.values["mean_ind"][d][m])
-    assert half[d][m] == pytest.approx(want)
 
 
 def test_average_reproduces_the_studys_merged_rows(mr, base, tmp_path, capsys):
