@@ -30,6 +30,10 @@ expected seq model rather than one training run of it.
 geometric blend with the mean of the unit models' own perplexities (beyond the paper;
 ALPHA picked by hand, not fitted, so judge it on more than one corpus).
 
+``--fit-blend`` fits ALPHA instead, per cell, on half of the validated mixtures (the
+scaled merge's split; the mean of the OOD per-domain mean and the summary row over a
+grid) and prints the proxy and the fitted blend on the other half only.
+
 ``--per-domain`` also prints each OOD domain's Pearson for every pair and ceiling (the
 JSON always has them, ``per_domain``): where a gap to the ceiling sits.
 
@@ -98,6 +102,47 @@ def blend(table: an.ResultTable, alpha: float, proxy: str = "merged") -> an.Resu
         for d, by_m in table.values[proxy].items()
     }
     return dataclasses.replace(table, values={**table.values, proxy: mixed})
+
+
+BLEND_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+
+
+def fit_blend(units: an.ResultTable, seq: an.ResultTable, proxy: str, seed: int = 0) -> dict:
+    """Fit the blend weight on half of the validated mixtures, judge it on the other.
+
+    The mixtures both studies validated are split as the scaled merge splits them
+    (:func:`megablocks_ablate.ablate.runner.scaled.split_validation`); on the fit half
+    every ALPHA of :data:`BLEND_GRID` is scored by the mean of the OOD per-domain mean
+    and the summary row (the two ranking figures), ties to the larger ALPHA; on the
+    held-out half the figures of ``proxy`` (ALPHA 1) and of the fitted blend."""
+    from megablocks_ablate.ablate.report_scaled import held_out_table
+    from megablocks_ablate.ablate.runner.scaled import split_validation
+
+    table = crossed(units, seq, proxy)
+    fit, held = split_validation([m for m in seq.seq_mixtures if m in units.mixtures], seed)
+    grid = {}
+    for alpha in BLEND_GRID:
+        blended = crossed(blend(units, alpha, proxy), seq, proxy)
+        f = figures(held_out_table(blended, fit), proxy, n_boot=0)
+        vals = [f["ood_mean"]["r"], f["summary"]["r"]]
+        grid[alpha] = float(
+            sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
+        )
+    best = max(BLEND_GRID, key=lambda a: (grid[a], a))
+    return {
+        "alpha": best,
+        "grid": {str(a): v for a, v in grid.items()},
+        "fit_mixtures": fit,
+        "held_out_mixtures": held,
+        "held_out": {
+            proxy: figures(held_out_table(table, held), proxy, n_boot=0),
+            "blend": figures(
+                held_out_table(crossed(blend(units, best, proxy), seq, proxy), held),
+                proxy,
+                n_boot=0,
+            ),
+        },
+    }
 
 
 def _load_many(paths: str, proxy: str, alpha: float | None = None) -> an.ResultTable:
@@ -205,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         help="score proxy^ALPHA x mean_ind^(1-ALPHA) of each units study (after any + "
         "ensemble's members are blended) instead of the proxy alone",
     )
+    ap.add_argument(
+        "--fit-blend",
+        action="store_true",
+        help="per cell, also fit the blend weight on half of the validated mixtures and "
+        "print the proxy and the fitted blend on the other half",
+    )
     ap.add_argument("--json", help="also write the figures here")
     ap.add_argument(
         "--per-domain", action="store_true", help="also print each OOD domain's Pearson"
@@ -212,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.json:
         check_writable(args.json, "cross_fidelity")
+    if args.blend is not None and args.fit_blend:
+        raise SystemExit("error: --blend and --fit-blend: give one (a fixed or a fitted ALPHA)")
     if args.blend is not None and not 0.0 <= args.blend <= 1.0:
         raise SystemExit("error: --blend: ALPHA must lie in [0, 1]")
     units, seqs = _named(args.units, "--units"), _named(args.seq, "--seq")
@@ -231,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             f = figures(crossed(unit_tables[u], seq_tables[s], args.proxy), args.proxy, args.n_boot)
             result["cells"].setdefault(u, {})[s] = f
             print(_row(u, s, f))
+            if args.fit_blend:
+                fb = fit_blend(unit_tables[u], seq_tables[s], args.proxy)
+                f["fitted_blend"] = fb
+                ho = fb["held_out"]
+                print(_row(f"{u} (held-out half)", s, ho[args.proxy]))
+                print(_row(f"{u} blend {fb['alpha']:g} (held-out half)", s, ho["blend"]))
     for s, path in again.items():
         f = figures(retrained(seq_tables[s], load(path)), RETRAINED, args.n_boot)
         r = f["ood_mean"]["r"]

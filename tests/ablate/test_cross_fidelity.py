@@ -138,3 +138,34 @@ def test_blend_is_a_geometric_mix_of_merged_and_mean_ind(cf, studies, tmp_path):
     )
     with pytest.raises(SystemExit, match="ALPHA"):
         cf.main([*args, "--blend", "2"])
+
+
+def test_fit_blend_fits_on_one_half_and_judges_on_the_other(cf, tmp_path, capsys):
+    from megablocks_ablate.ablate.report_scaled import held_out_table
+
+    studies = {}
+    for name, seed in (("a", 3), ("b", 5)):  # 7 partitions: 21 pairs, ~10 per half
+        (tmp_path / name).mkdir()
+        store, _, _ = fill_roles_store(
+            store_path(str(tmp_path / name)), order=tuple("pqrstuv"), seed=seed
+        )
+        store.close()
+        studies[name] = str(tmp_path / name)
+    a, b = read_study_table(studies["a"]), read_study_table(studies["b"])
+    fb = cf.fit_blend(a, b, "merged")
+    assert fb["alpha"] in cf.BLEND_GRID and set(fb["grid"]) == {str(x) for x in cf.BLEND_GRID}
+    fit, held = fb["fit_mixtures"], fb["held_out_mixtures"]
+    assert not set(fit) & set(held) and sorted(fit + held) == sorted(b.seq_mixtures)
+    t = cf.crossed(a, b, "merged")
+    want = cf.figures(held_out_table(t, held), "merged", n_boot=0)
+    assert fb["held_out"]["merged"]["ood_mean"]["r"] == pytest.approx(want["ood_mean"]["r"])
+    blended = cf.crossed(cf.blend(a, fb["alpha"]), b, "merged")
+    best = cf.figures(held_out_table(blended, fit), "merged", n_boot=0)
+    assert best["ood_mean"]["r"] is not None and best["summary"]["r"] is not None
+    score = (best["ood_mean"]["r"] + best["summary"]["r"]) / 2
+    assert score == pytest.approx(max(fb["grid"].values()))
+    args = ["--units", f"A={studies['a']}", "--seq", f"B={studies['b']}", "--n-boot", "0"]
+    assert cf.main([*args, "--fit-blend"]) == 0
+    assert "| A (held-out half) | B |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give one"):
+        cf.main([*args, "--fit-blend", "--blend", "0.9"])
