@@ -72,19 +72,26 @@ def load(path: str) -> an.ResultTable:
 def ensemble(tables: list[an.ResultTable], proxy: str) -> an.ResultTable:
     """The first table with ``proxy`` replaced by the geometric mean of every table's
     ``proxy`` (per domain, over the mixtures all of them scored): one proxy from
-    several unit-model sets of one design (other data orders or unit settings)."""
+    several unit-model sets of one design (other data orders or unit settings).
+    ``mean_ind``, when every member has it, is averaged the same way, so a
+    :func:`blend` of the ensemble blends with the ensemble's own unit models."""
     if any(proxy not in t.values for t in tables):
         raise SystemExit(f"error: an ensemble member has no {proxy!r} scores")
-    first = tables[0].values[proxy]
+    values = dict(tables[0].values)
+    for name in (proxy, "mean_ind"):
+        if name == proxy or all(name in t.values for t in tables):
+            values[name] = _geometric_mean([t.values[name] for t in tables])
+    return dataclasses.replace(tables[0], values=values)
+
+
+def _geometric_mean(members: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     mean: dict[str, dict[str, float]] = {}
-    for d, by_m in first.items():
+    for d, by_m in members[0].items():
         for m in by_m:
-            logs = [
-                math.log(t.values[proxy][d][m]) for t in tables if m in t.values[proxy].get(d, {})
-            ]
-            if len(logs) == len(tables):
+            logs = [math.log(v[d][m]) for v in members if m in v.get(d, {})]
+            if len(logs) == len(members):
                 mean.setdefault(d, {})[m] = math.exp(sum(logs) / len(logs))
-    return dataclasses.replace(tables[0], values={**tables[0].values, proxy: mean})
+    return mean
 
 
 def blend(table: an.ResultTable, alpha: float, proxy: str = "merged") -> an.ResultTable:
@@ -124,10 +131,8 @@ def fit_blend(units: an.ResultTable, seq: an.ResultTable, proxy: str, seed: int 
     for alpha in BLEND_GRID:
         blended = crossed(blend(units, alpha, proxy), seq, proxy)
         f = figures(held_out_table(blended, fit), proxy, n_boot=0)
-        vals = [f["ood_mean"]["r"], f["summary"]["r"]]
-        grid[alpha] = float(
-            sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
-        )
+        vals = [v for v in (f["ood_mean"]["r"], f["summary"]["r"]) if v is not None]
+        grid[alpha] = sum(vals) / len(vals) if vals else 0.0
     best = max(BLEND_GRID, key=lambda a: (grid[a], a))
     return {
         "alpha": best,
@@ -147,9 +152,8 @@ def fit_blend(units: an.ResultTable, seq: an.ResultTable, proxy: str, seed: int 
 
 def _load_many(paths: str, proxy: str, alpha: float | None = None) -> an.ResultTable:
     members = [load(p) for p in paths.split("+")]
-    if alpha is not None:
-        members = [blend(t, alpha, proxy) for t in members]
-    return members[0] if len(members) == 1 else ensemble(members, proxy)
+    table = members[0] if len(members) == 1 else ensemble(members, proxy)
+    return table if alpha is None else blend(table, alpha, proxy)
 
 
 def crossed(units: an.ResultTable, seq: an.ResultTable, proxy: str) -> an.ResultTable:
@@ -226,7 +230,7 @@ def _print_per_domain(result: dict) -> None:
         print(f"| {d} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
 
 
-def _named(items: list[str], flag: str) -> dict[str, str]:
+def named(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items:
         name, _, path = item.partition("=")
@@ -247,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         "--blend",
         type=float,
         metavar="ALPHA",
-        help="score proxy^ALPHA x mean_ind^(1-ALPHA) of each units study (after any + "
-        "ensemble's members are blended) instead of the proxy alone",
+        help="score proxy^ALPHA x mean_ind^(1-ALPHA) of each units study (of a + "
+        "ensemble: both averaged over its members) instead of the proxy alone",
     )
     ap.add_argument(
         "--fit-blend",
@@ -267,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --blend and --fit-blend: give one (a fixed or a fitted ALPHA)")
     if args.blend is not None and not 0.0 <= args.blend <= 1.0:
         raise SystemExit("error: --blend: ALPHA must lie in [0, 1]")
-    units, seqs = _named(args.units, "--units"), _named(args.seq, "--seq")
-    again = _named(args.retrained, "--retrained")
+    units, seqs = named(args.units, "--units"), named(args.seq, "--seq")
+    again = named(args.retrained, "--retrained")
     unknown = sorted(set(again) - set(seqs))
     if unknown:
         raise SystemExit(f"error: --retrained {unknown[0]}: no --seq study of that name")

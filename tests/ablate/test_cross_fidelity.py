@@ -169,3 +169,16 @@ def test_fit_blend_fits_on_one_half_and_judges_on_the_other(cf, tmp_path, capsys
     assert "| A (held-out half) | B |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="give one"):
         cf.main([*args, "--fit-blend", "--blend", "0.9"])
+
+
+def test_a_blended_ensemble_blends_with_its_members_units(cf, studies):
+    """An ensemble averages mean_ind as well, so blending the ensemble (what
+    --fit-blend does) equals the ensemble of the blended members."""
+    a, b = read_study_table(studies["a"]), read_study_table(studies["b"])
+    ens = cf.ensemble([a, b], "merged")
+    got = _flat(cf.blend(ens, 0.7).values["merged"])
+    want = _flat(cf.ensemble([cf.blend(a, 0.7), cf.blend(b, 0.7)], "merged").values["merged"])
+    assert got == pytest.approx(want)
+    mean_ind = _flat(ens.values["mean_ind"])
+    a_ind, b_ind = _flat(a.values["mean_ind"]), _flat(b.values["mean_ind"])
+    assert mean_ind == pytest.approx({k: math.sqrt(a_ind[k] * b_ind[k]) for k in mean_ind})
