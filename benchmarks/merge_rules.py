@@ -113,21 +113,14 @@ class Pool(NamedTuple):
     deltas: dict[str, dict[str, torch.Tensor]]
 
 
-def load_pool(out_dir: str, units: Sequence[str]) -> Pool:
-    """The unit models the study's store scored (hash-checked), and the one seed they
-    record (hash-checked against their lineage)."""
+def load_pool(path: str, recorded: Mapping[str, dict], units: Sequence[str]) -> Pool:
+    """The unit models the store at ``path`` scored (``recorded``: their rows'
+    provenance; hash-checked), and the one seed they record (hash-checked against
+    their lineage)."""
     from megablocks_ablate.checkpoint import load_model_checkpoint, read_checkpoint_meta
     from megablocks_ablate.utils.paths import resolve_recorded
     from megablocks_ablate.utils.verify import verify_sha256
 
-    path = store_path(out_dir)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {out_dir}: no results.sqlite (expected a study out_dir)")
-    store = ResultStore(path)
-    try:
-        recorded = {r.subject: r.provenance for r in store.unit_results()}
-    finally:
-        store.close()
     dirs, seeds = {}, set()
     for u in units:
         prov = recorded.get(u)
@@ -156,25 +149,21 @@ def load_pool(out_dir: str, units: Sequence[str]) -> Pool:
 
 
 def score_rules(
-    spec: str, rules: Sequence[str], merged_rows: Mapping[str, dict]
+    study, pool: Pool, rules: Sequence[str], merged_rows: Mapping[str, dict]
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Perplexity per rule, domain and mixture (the mixtures of ``merged_rows``:
-    mixture -> merge weights)."""
-    from megablocks_ablate.ablate.runner.plan import load_study
+    mixture -> merge weights), each merge scored on ``study``'s evaluation sets."""
     from megablocks_ablate.ablate.runner.scoring import ScoreOptions, load_suite, study_window
     from megablocks_ablate.data.manifest import Manifest
     from megablocks_ablate.evaluate import evaluate
     from megablocks_ablate.model.loading import load_model
     from megablocks_ablate.utils.progress import progress
 
-    study = load_study(spec)
     window = study_window(study)
     suite, _ = load_suite(study, Manifest.load(study.manifest_dir), ScoreOptions(), window)
-    units = sorted({u for w in merged_rows.values() for u in w})
-    pool = load_pool(study.spec.out_dir, units)
     model, _ = load_model(pool.seed_dir)
     ratio_mean: dict[str, dict[str, float]] = {}
-    for per_tensor in (False, True):
+    for per_tensor in {r.endswith("-tensor") for r in rules if r.startswith("relnorm")}:
         ratios = [
             displacement_ratio([pool.deltas[u] for u in w], list(w.values()), per_tensor)
             for w in merged_rows.values()
@@ -185,7 +174,7 @@ def score_rules(
     with progress(total=len(jobs), desc="merge rules", unit="merge") as bar:
         for rule, m, w in jobs:
             deltas = [pool.deltas[u] for u in w]
-            ratios = ratio_mean[str(rule.endswith("-tensor"))]
+            ratios = ratio_mean.get(str(rule.endswith("-tensor")))
             model.load_state_dict(merge_rule(pool.seed, deltas, list(w.values()), rule, ratios))
             res = evaluate(model, suite, max_len=window, trained_len=window, name=f"{rule} {m}")
             for d, r in res.items():
@@ -236,23 +225,32 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --blend: ALPHA must lie in [0, 1]")
     rules = args.rule or list(RULES)
     from megablocks_ablate.ablate.runner.plan import load_study
+    from megablocks_ablate.errors import MBAError
 
-    out_dir = load_study(args.spec).spec.out_dir
-    units_table = cf.load(out_dir)
-    seqs = {n: cf.load(p) for n, p in cf._named(args.seq, "--seq").items()}
-    validated = sorted({m for t in seqs.values() for m in t.seq_mixtures})
-    store = ResultStore(store_path(out_dir))
     try:
-        merged_rows = {
-            r.subject: r.provenance["weights"]
-            for r in store.results("merged")
-            if r.subject in validated and r.provenance.get("weights")
-        }
-    finally:
-        store.close()
-    if not merged_rows:
-        raise SystemExit("error: the --seq studies share no validated mixture with the spec's")
-    values = score_rules(args.spec, rules, merged_rows)
+        study = load_study(args.spec)
+        out_dir = study.spec.out_dir
+        units_table = cf.load(out_dir)
+        seqs = {n: cf.load(p) for n, p in cf.named(args.seq, "--seq").items()}
+        validated = sorted({m for t in seqs.values() for m in t.seq_mixtures})
+        path = store_path(out_dir)
+        store = ResultStore(path)
+        try:
+            merged_rows = {
+                r.subject: r.provenance["weights"]
+                for r in store.results("merged")
+                if r.subject in validated and r.provenance.get("weights")
+            }
+            recorded = {r.subject: r.provenance for r in store.unit_results()}
+        finally:
+            store.close()
+        if not merged_rows:
+            raise SystemExit("error: the --seq studies share no validated mixture with the spec's")
+        units = sorted({u for w in merged_rows.values() for u in w})
+        pool = load_pool(path, recorded, units)
+        values = score_rules(study, pool, rules, merged_rows)
+    except MBAError as e:  # a missing or changed file, a non-finite score: say which
+        raise SystemExit(f"error: {e}") from None
     check = math.nan
     if "average" in values:
         stored = units_table.values["merged"]

@@ -52,11 +52,12 @@ def test_rules_against_their_definitions(mr):
         mr.merge_rule(seed, [d1, d2], w, "ties")
 
 
-def test_average_reproduces_the_studys_merged_rows(mr, base, tmp_path, capsys):
+def test_average_reproduces_the_studys_merged_rows(mr, base, tmp_path, capsys, monkeypatch):
     """End to end on the trained tiny study: the average rule re-merges the unit models
     from their files (hash-checked) and matches the stored merged rows; the norm rule
     moves further from the seed, so its scores differ."""
     spec, root, _ = base
+    monkeypatch.chdir(tmp_path)  # paths come from the spec, the store and the lineage files
     out = tmp_path / "rules.json"
     args = ["--spec", str(root / "study.yaml"), "--seq", f"own={spec['out_dir']}"]
     assert mr.main([*args, "--rule", "average", "--rule", "norm", "--json", str(out)]) == 0
