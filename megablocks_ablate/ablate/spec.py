@@ -20,7 +20,6 @@ two cases that keep the working directory: the shipped presets, and an older spe
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from megablocks_ablate.ablate.mixtures import Mixture
 from megablocks_ablate.ablate.spec_eval import EvalSpec, partitions_without_heldout, resolve_eval
 from megablocks_ablate.ablate.spec_names import study_spec_file
 from megablocks_ablate.ablate.spec_paths import map_spec_paths, resolve_spec_paths
+from megablocks_ablate.ablate.spec_proxies import FisherSpec, ScaledSpec
 from megablocks_ablate.config import (
     Config,
     doc,
@@ -41,7 +41,7 @@ from megablocks_ablate.errors import ConfigError, MBAError
 
 logger = logging.getLogger(__name__)
 
-ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id", "scaled"]
+ProxyName = Literal["merged", "macro", "micro", "mean_ind", "ind_id", "scaled", "fisher"]
 
 
 # ----------------------------------------------------------------------------- the file
@@ -116,26 +116,6 @@ class MixturesSpec(Config):
             or self.leave_one_out
             or self.add_one
         )
-
-
-@dataclass
-class ScaledSpec(Config):
-    """The ``scaled`` proxy (beyond the paper; runner/scaled.py): seed + lambda x
-    (merged - seed), lambda fitted on half of the validation mixtures."""
-
-    lambdas: list[float] = doc(
-        "the lambdas tried on the fit half (1 = the plain merge)",
-        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0],
-    )
-    split_seed: int = doc("seed of the fit / held-out split of the validation mixtures", 0)
-
-    def validate(self) -> None:
-        bad = [x for x in self.lambdas if not math.isfinite(x) or x <= 0]
-        if not self.lambdas or bad:
-            raise ConfigError(
-                f"scaled.lambdas: expected a non-empty list of finite numbers > 0, got "
-                f"{self.lambdas}"
-            )
 
 
 @dataclass
@@ -214,6 +194,10 @@ class StudySpec(Config):
     scaled: ScaledSpec = doc(
         "the scaled proxy's lambda grid and split (with proxies: [..., scaled])",
         default_factory=ScaledSpec,
+    )
+    fisher: FisherSpec = doc(
+        "the Fisher-weighted merge's settings (with proxies: [..., fisher])",
+        default_factory=FisherSpec,
     )
 
     @classmethod

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.runner.fisher import FISHER, fisher_and_score
 from megablocks_ablate.ablate.runner.plan import (
     ModelJob,
     Planner,
@@ -233,6 +234,9 @@ class StudyRunner:
                     scaled.lambdas,
                     scaled.split_seed,
                 )
+        if FISHER in self.study.spec.proxies and self.env.is_main:
+            with ResultStore(path) as store:
+                fisher_and_score(self.scorer(), store, plan, self.study.mixtures)
         barrier()
         if self.env.is_main:
             with ResultStore(path) as store:

@@ -1,0 +1,203 @@
+"""The ``fisher`` proxy (beyond the paper): each mixture's unit models merged
+parameter by parameter in proportion to their own data's Fisher information.
+
+See :mod:`megablocks_ablate.merge.fisher` for the rule and why it approximates a
+model trained on the union. Here the study gets it:
+
+1. for every unit (or partition-level) model a mixture merges, its diagonal empirical
+   Fisher on its own training sequences (the first ``fisher.sequences`` of its data
+   order, at the trained weights), computed once and kept in the model's run directory
+   (``fisher-s<N>-b<B>.safetensors``: the settings are in the name, and the file names
+   the sha256 of the weights it was computed for, checked on every read);
+2. every mixture merged by :func:`~megablocks_ablate.merge.fisher.fisher_merge` from the
+   seed (hash-checked against the units' lineage), the units' weights (hash-checked) and
+   those Fishers, each partition weighted as its seq model trains it
+   (:func:`fisher_weights`), and scored as proxy ``fisher``.
+
+Each row's provenance records the unit hashes, the weights, the Fisher files' settings
+and ``eps``; the store's meta ``fisher`` records the settings of its rows, and a run with
+other settings replaces them (the study wrote them, and they are no longer this proxy).
+The rows are comparable with ``merged`` (same mixtures, same suite).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from megablocks_ablate.ablate import mixtures as mx
+from megablocks_ablate.ablate.mixtures import Mixture
+from megablocks_ablate.ablate.runner.plan import ModelJob, RunPlan
+from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
+from megablocks_ablate.errors import ConfigError
+from megablocks_ablate.merge.fisher import (
+    empirical_fisher,
+    fisher_merge,
+    fisher_path,
+    load_fisher,
+    read_fisher_meta,
+    save_fisher,
+)
+from megablocks_ablate.utils.progress import progress
+
+logger = logging.getLogger(__name__)
+
+FISHER = "fisher"
+META_KEY = "fisher"  # the store's record of the settings its fisher rows were made with
+
+
+def _unit_sequences(job: ModelJob, n: int):
+    """The first ``n`` training sequences of ``job``'s data order (``seq_len + 1``
+    tokens each): what the model was trained on, in the order it saw them."""
+    from megablocks_ablate.train.data import build_mixture
+
+    mix, _, _ = build_mixture(job.cfg)
+    for i in range(min(n, len(mix))):
+        yield torch.from_numpy(mix[i])
+
+
+def ensure_fisher(
+    job: ModelJob, model_sha256: str, sequences: int, batch: int, device: str | torch.device
+) -> str:
+    """The path of ``job``'s Fisher file, computed now unless one for these exact
+    weights and settings is there. A file at that path that this program did not write,
+    or wrote for other weights, is refused, never replaced."""
+    from megablocks_ablate.model.loading import load_model
+
+    path = fisher_path(job.entry.out_dir, sequences, batch)
+    if os.path.exists(path):
+        meta = read_fisher_meta(path)
+        if meta is None:
+            raise ConfigError(f"{path}: exists and is not a Fisher file of ours; move it away")
+        if meta.get("model_sha256") != model_sha256:
+            raise ConfigError(
+                f"{path}: computed for other weights (sha256 {meta.get('model_sha256')}, "
+                f"the model's is {model_sha256}); delete it to recompute"
+            )
+        return path
+    model, _ = load_model(job.entry.model_dir, device)
+    fisher = empirical_fisher(model, _unit_sequences(job, sequences), batch)
+    save_fisher(
+        path,
+        fisher,
+        {
+            "model_sha256": model_sha256,
+            "sequences": sequences,
+            "batch": batch,
+            "seq_len": job.cfg.seq_len,
+            "unit": job.name,
+        },
+    )
+    logger.info("[fisher] %s: %d sequences -> %s", job.name, sequences, path)
+    return path
+
+
+def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequence[Mixture]):
+    """Compute the Fisher of every model the mixtures merge (where missing), then score
+    every mixture not yet in the store as proxy ``fisher``; returns how many were scored."""
+    from megablocks_ablate.ablate.runner.scaled import SEED_ROW, SeedRow
+    from megablocks_ablate.checkpoint import (
+        load_model_checkpoint,
+        read_checkpoint_meta,
+        trained_seq_len,
+    )
+    from megablocks_ablate.model.config import ModelConfig
+
+    study, spec = scorer.study, scorer.study.spec.fisher
+    settings = {"sequences": spec.sequences, "batch": spec.batch, "eps": spec.eps}
+    recorded = store.get_meta(META_KEY)
+    if recorded != settings:  # rows made with other settings are not this proxy
+        dropped = store.drop_proxy(FISHER)
+        if dropped:
+            logger.info(
+                "[fisher] settings changed %s -> %s: %d old rows replaced",
+                recorded,
+                settings,
+                dropped,
+            )
+        store.set_meta(META_KEY, settings)
+    todo = [m for m in mixtures if not store.done(m.id, FISHER, scorer.domains)]
+    if not todo:
+        return 0
+    weights = {m.id: fisher_weights(study, m) for m in todo}
+    needed = {u for w in weights.values() for u in w}
+    jobs = {j.name: j for j in plan.pool_jobs if j.name in needed}
+    if set(jobs) != needed:
+        raise ConfigError(f"fisher: no trained model for {sorted(needed - set(jobs))}")
+    hashes = {u: j.verified_sha256() for u, j in jobs.items()}
+    lineages = {u: read_checkpoint_meta(j.entry.model_dir)[1] for u, j in jobs.items()}
+    seed_hashes = {lin.seed_hash for lin in lineages.values()}
+    if len(seed_hashes) != 1 or None in seed_hashes:
+        raise ConfigError(
+            "fisher: the unit models do not record one seed they continue "
+            f"({sorted(map(str, seed_hashes))}); the Fisher merge moves from it"
+        )
+    seed_row = SeedRow(SEED_ROW, plan.seed_dir, str(seed_hashes.pop()))
+    seed_row.verified_sha256()
+    device = scorer.opt.device
+    paths = {}
+    with progress(total=len(jobs), desc="fisher", unit="model") as bar:
+        for u in sorted(jobs):
+            paths[u] = ensure_fisher(jobs[u], hashes[u], spec.sequences, spec.batch, device)
+            bar.update(1)
+    seed_state, config, _ = load_model_checkpoint(plan.seed_dir)
+    seed = {k: v.float() for k, v in seed_state.items()}
+    shapes = {k: v.shape for k, v in seed.items()}
+    deltas, fishers = {}, {}
+    for u in sorted(jobs):
+        state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
+        deltas[u] = {k: state[k].float() - seed[k] for k in seed}
+        fisher = load_fisher(paths[u], hashes[u], {k: shapes[k] for k in _param_names(config)})
+        fishers[u] = fisher
+    live = ModelConfig.from_dict(config).build(device="cpu")
+    trained = {
+        u: trained_seq_len(lin, live.cfg.max_seq_len, jobs[u].entry.model_dir)
+        for u, lin in lineages.items()
+    }
+    with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
+        for m in todo:
+            w = weights[m.id]
+            units = list(w)
+            state = fisher_merge(
+                seed,
+                [deltas[u] for u in units],
+                [fishers[u] for u in units],
+                [w[u] for u in units],
+                spec.eps,
+            )
+            live.load_state_dict(state)
+            model = live.to(device)
+            window_trained = min(trained[u] for u in units)
+            scores = scorer.evaluate(model, f"the Fisher merge of {m.label}", window_trained)
+            prov = make_provenance(
+                unit_hashes={u: hashes[u] for u in units},
+                weights=w,
+                eval_fingerprint=scorer.fingerprint,
+                proxies=[FISHER],
+                fisher=settings,
+                **scorer.window_provenance(window_trained),
+            )
+            store.add_results([Result(m.id, FISHER, d, s, prov) for d, s in scores.items()])
+            bar.update(1)
+    logger.info("[fisher] %d mixtures scored (eps %g)", len(todo), spec.eps)
+    return len(todo)
+
+
+def fisher_weights(study, mixture: Mixture) -> dict[str, float]:
+    """The merge weights of the Fisher merge: each partition an equal share (or the
+    mixture's), as its seq model trains: the partition-level models when the study
+    trains them (``merged``), else ``macro`` over the unit models (the same as
+    ``merged`` when every partition is one unit)."""
+    proxy = "merged" if study.partition_models else "macro"
+    return mx.proxy_weights(mixture, proxy, study.partition_models)
+
+
+def _param_names(config: dict) -> list[str]:
+    """The trainable parameter names of a model with this config (what a Fisher holds)."""
+    from megablocks_ablate.model.config import ModelConfig
+
+    model = ModelConfig.from_dict(config).build(device="meta")
+    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,60 @@
+"""Settings of the proxies beyond the paper: the scaled merge and the Fisher merge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megablocks_ablate.config import Config, doc
+from megablocks_ablate.errors import ConfigError
+
+
+@dataclass
+class ScaledSpec(Config):
+    """The ``scaled`` proxy (beyond the paper; runner/scaled.py): seed + lambda x
+    (merged - seed), lambda fitted on half of the validation mixtures."""
+
+    lambdas: list[float] = doc(
+        "the lambdas tried on the fit half (1 = the plain merge)",
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0],
+    )
+    split_seed: int = doc("seed of the fit / held-out split of the validation mixtures", 0)
+
+    def validate(self) -> None:
+        bad = [x for x in self.lambdas if not math.isfinite(x) or x <= 0]
+        if not self.lambdas or bad:
+            raise ConfigError(
+                f"scaled.lambdas: expected a non-empty list of finite numbers > 0, got "
+                f"{self.lambdas}"
+            )
+
+
+@dataclass
+class FisherSpec(Config):
+    """The ``fisher`` proxy (beyond the paper; runner/fisher.py): each parameter merged in
+    proportion to the unit models' diagonal Fisher on their own training data."""
+
+    sequences: int = doc(
+        "training sequences per unit model its Fisher is averaged over (the first of its "
+        "data order; 512 of 64 tokens is one pass over a 32K-token base unit)",
+        512,
+    )
+    batch: int = doc(
+        "sequences per squared gradient (1: the per-sequence empirical Fisher; 8 measured "
+        "as good on both built-in corpora at an eighth of the backward passes)",
+        8,
+    )
+    eps: float = doc(
+        "floor added to every Fisher, as a fraction of the tensor's mean Fisher over the "
+        "merged units (small: follow the Fisher; large: the plain average)",
+        0.01,
+    )
+
+    def validate(self) -> None:
+        if self.sequences < 1 or self.batch < 1:
+            raise ConfigError(
+                f"fisher.sequences and fisher.batch: expected integers >= 1, got "
+                f"{self.sequences} and {self.batch}"
+            )
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"fisher.eps: expected a finite number > 0, got {self.eps}")

@@ -1,0 +1,124 @@
+"""The ``fisher`` proxy in a study (ablate/runner/fisher.py): Fisher files per unit
+model, rows equal to the Fisher merge evaluated by hand, provenance, reruns, and the
+refusals that protect a user's files."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import yaml
+
+from megablocks_ablate.errors import ConfigError
+
+
+@pytest.mark.integration
+def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
+    from runner_fixtures import tiny_settings
+
+    from megablocks_ablate.ablate.demo import build_data, study_spec
+    from megablocks_ablate.ablate.report import write_report
+    from megablocks_ablate.ablate.runner import RunOptions, resolve, run_study
+    from megablocks_ablate.ablate.runner.fisher import _unit_sequences, ensure_fisher
+    from megablocks_ablate.ablate.spec import StudySpec
+    from megablocks_ablate.ablate.store import ResultStore
+    from megablocks_ablate.checkpoint import load_model_checkpoint
+    from megablocks_ablate.corpora.synthetic import write_corpus
+    from megablocks_ablate.evaluate import evaluate
+    from megablocks_ablate.merge.fisher import (
+        empirical_fisher,
+        fisher_merge,
+        fisher_path,
+        read_fisher_meta,
+    )
+    from megablocks_ablate.model.loading import load_model
+
+    corpus = write_corpus(str(tmp_path / "corpus.jsonl"), n_docs=600, seed=3)
+    s = tiny_settings(str(tmp_path), corpus)
+    data, seed_data = build_data(s, time.time())
+    spec = study_spec(s, data, seed_data)
+    spec["proxies"] = ["merged", "fisher"]
+    spec["fisher"] = {"sequences": 6, "batch": 2, "eps": 0.05}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runner = run_study(resolve(StudySpec.load(str(path))), RunOptions())
+    store_file = os.path.join(spec["out_dir"], "results.sqlite")
+    with ResultStore(store_file) as store:
+        rows = list(store.results("fisher"))
+        summary = write_report(store, str(tmp_path / "report"), n_boot=20, plots=False)
+    assert {r.subject for r in rows} == {m.id for m in runner.study.mixtures}
+    plan = runner.plan()
+    jobs = {j.name: j for j in plan.units}
+    m = next(m for m in runner.study.mixtures if len(m.units) > 1)
+    prov = next(r.provenance for r in rows if r.subject == m.id)
+    assert prov["fisher"] == {"sequences": 6, "batch": 2, "eps": 0.05}
+    assert set(prov["unit_hashes"]) == set(m.units) and prov["proxies"] == ["fisher"]
+    # the Fisher file: in the unit's run directory, naming the weights it was made for
+    fpath = fisher_path(jobs[m.units[0]].entry.out_dir, 6, 2)
+    meta = read_fisher_meta(fpath)
+    assert meta["model_sha256"] == jobs[m.units[0]].verified_sha256() and meta["sequences"] == 6
+    # recompute by hand: Fisher of each unit on its first 6 sequences, merge, evaluate
+    seed = load_model_checkpoint(plan.seed_dir)[0]
+    deltas, fishers = [], []
+    for u in m.units:
+        state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
+        deltas.append({k: state[k] - seed[k] for k in seed})
+        model, _ = load_model(jobs[u].entry.model_dir)
+        fishers.append(empirical_fisher(model, _unit_sequences(jobs[u], 6), 2))
+    w = [prov["weights"][u] for u in m.units]
+    merged = fisher_merge(seed, deltas, fishers, w, 0.05)
+    model, _ = load_model(jobs[m.units[0]].entry.model_dir)
+    model.load_state_dict(merged, strict=True)
+    direct = evaluate(model, runner.scorer().suite)
+    stored = {r.domain: r.score for r in rows if r.subject == m.id}
+    for d, res in direct.items():
+        assert stored[d].perplexity == pytest.approx(res.perplexity, rel=1e-5)
+    # it differs from the plain merge (the Fisher moved something)
+    with ResultStore(store_file) as store:
+        plain = {r.domain: r.score.perplexity for r in store.results("merged") if r.subject == m.id}
+    assert any(abs(plain[d] - stored[d].perplexity) > 1e-6 for d in plain)
+    # the report carries the proxy like any other
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "fisher" in md and "fisher" in summary.roles and "fisher" in summary.decisions
+    # a rerun reuses files and rows: nothing recomputed, nothing added
+    mtime = os.path.getmtime(fpath)
+    with ResultStore(store_file) as store:
+        before = store.count()
+    run_study(resolve(StudySpec.load(str(path))), RunOptions())
+    with ResultStore(store_file) as store:
+        assert store.count() == before
+    assert os.path.getmtime(fpath) == mtime
+    # other settings replace the rows (the study wrote them) and reuse nothing stale
+    spec["fisher"]["eps"] = 0.5
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_study(resolve(StudySpec.load(str(path))), RunOptions())
+    with ResultStore(store_file) as store:
+        assert store.count() == before and store.get_meta("fisher")["eps"] == 0.5
+        again = {r.domain: r.score.perplexity for r in store.results("fisher") if r.subject == m.id}
+        assert all(r.provenance["fisher"]["eps"] == 0.5 for r in store.results("fisher"))
+    assert any(abs(again[d] - stored[d].perplexity) > 1e-9 for d in again)
+    assert os.path.getmtime(fpath) == mtime  # eps is not the Fisher's: the file is reused
+    # a file at a Fisher path that is not ours, or is for other weights, is refused
+    job = jobs[m.units[0]]
+    with pytest.raises(ConfigError, match="other weights"):
+        ensure_fisher(job, "0" * 64, 6, 2, "cpu")
+    foreign = fisher_path(job.entry.out_dir, 7, 2)
+    with open(foreign, "w") as f:
+        f.write("a user's notes")
+    with pytest.raises(ConfigError, match="not a Fisher file of ours"):
+        ensure_fisher(job, job.verified_sha256(), 7, 2, "cpu")
+    with open(foreign) as f:
+        assert f.read() == "a user's notes"
+    assert torch.isfinite(torch.tensor([r.score.perplexity for r in rows])).all()
+
+
+def test_fisher_spec_checks():
+    from megablocks_ablate.ablate.spec_proxies import FisherSpec
+
+    assert FisherSpec().sequences == 512 and FisherSpec().eps == 0.01
+    with pytest.raises(ConfigError, match="fisher.eps"):
+        FisherSpec(eps=0.0)
+    with pytest.raises(ConfigError, match="fisher.sequences"):
+        FisherSpec(sequences=0)
