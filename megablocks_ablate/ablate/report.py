@@ -19,8 +19,9 @@ Written files (all atomically)::
 Correlations keep in-domain and out-of-domain points apart, as the paper's tables do
 (:mod:`.roles`): the headline is the headline proxy's out-of-domain per-domain mean and
 pooled coefficient and its in-domain figures; the role-blind all-domain pooled
-coefficient is a secondary line. The headline proxy is ``macro`` when a partition
-holds more than one unit, else ``merged`` (:func:`~.roles.headline_proxy`).
+coefficient is a secondary line. The headline proxy is ``fisher`` when the study scored
+it, else ``macro`` when a partition holds more than one unit, else ``merged``
+(:func:`~.roles.headline_proxy`).
 
 Every number is recomputed from the store (:func:`~.analysis.build_table`), so a
 report can be rebuilt at any time, also while a study is still running.

@@ -214,11 +214,20 @@ def role_table(
 def headline_proxy(table: ResultTable) -> tuple[str | None, str]:
     """The headline (and recommendation) proxy and, in one clause, why.
 
-    ``macro`` when a partition of any scored mixture holds more than one unit: it gives
-    every partition an equal share, as the seq models train (the paper's upsampling),
-    and is the paper's proxy for partitions of uneven size (§5.2). Otherwise
-    ``merged``: with one unit per partition merged, macro and micro are one merge.
+    ``fisher`` when the study scored it: a user asks for it (it is opt-in), and it is
+    the Fisher-weighted refinement of the macro merge, measured closer to seq than the
+    plain merge on both built-in corpora (docs/fidelity.md). Else ``macro`` when a
+    partition of any scored mixture holds more than one unit: it gives every partition
+    an equal share, as the seq models train (the paper's upsampling), and is the paper's
+    proxy for partitions of uneven size (§5.2). Otherwise ``merged``: with one unit per
+    partition merged, macro and micro are one merge.
     """
+    if "fisher" in table.proxies:
+        return "fisher", (
+            "the study asked for the Fisher-weighted merge (beyond the paper: each "
+            "parameter merged in proportion to the unit models' own Fisher); the paper's "
+            "merge is in the rows below"
+        )
     uneven = any(len(us) > 1 for m in table.mixtures.values() for _, us in m.groups)
     if uneven and "macro" in table.proxies:
         return "macro", (

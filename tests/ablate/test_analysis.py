@@ -265,6 +265,9 @@ def test_headline_proxy():
     assert proxy == "macro" and "more than one unit" in why
     t.proxies = ["merged"]
     assert rl.headline_proxy(t)[0] == "merged"
+    t.proxies = ["merged", "macro", "fisher"]  # asked for: it heads the report
+    proxy, why = rl.headline_proxy(t)
+    assert proxy == "fisher" and "Fisher" in why
 
 
 def test_median_true_rank_over_ood_domains_and_id_rows():

@@ -122,3 +122,19 @@ def test_fisher_spec_checks():
         FisherSpec(eps=0.0)
     with pytest.raises(ConfigError, match="fisher.sequences"):
         FisherSpec(sequences=0)
+
+
+def test_fisher_weights_give_each_partition_its_share():
+    """Units inside a partition share its weight (macro), as a seq model trains each
+    partition an equal share; with partition-level models, the paper's merged vector."""
+    from types import SimpleNamespace
+
+    from megablocks_ablate.ablate.mixtures import Mixture
+    from megablocks_ablate.ablate.runner.fisher import fisher_weights
+
+    m = Mixture.of({"a": ["a0", "a1"], "b": ["b0"]})
+    w = fisher_weights(SimpleNamespace(partition_models={}), m)
+    assert w == pytest.approx({"a0": 0.25, "a1": 0.25, "b0": 0.5})
+    models = {"a": "partition:a", "b": "b0"}
+    w = fisher_weights(SimpleNamespace(partition_models=models), m)
+    assert w == pytest.approx({"partition:a": 0.5, "b0": 0.5})
