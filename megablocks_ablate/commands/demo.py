@@ -83,6 +83,25 @@ def _proportions_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _study_args(p: argparse.ArgumentParser, d) -> None:
+    p.add_argument(
+        "--k", type=ct.positive_int, default=d.k, help=f"partitions per mixture (default: {d.k})"
+    )
+    p.add_argument(
+        "--n-seq",
+        type=ct.nonneg_int,
+        default=d.n_seq,
+        help=f"seq validation models (default: {d.n_seq})",
+    )
+    p.add_argument(
+        "--proxies",
+        type=ct.nonempty_csv,  # the names are checked by DemoSettings
+        default=",".join(d.proxies),
+        help=f"proxies the study scores, comma-separated (default: {','.join(d.proxies)}; "
+        "add merged to see the paper's plain merge beside the Fisher merge, ~50 s more)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from megablocks_ablate.ablate.demo import MANPAGES_HELDOUT_FRACTION, DemoSettings
 
@@ -115,15 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'general' text; with --corpus: the whole corpus)",
     )
     _budget_args(p, d)
-    p.add_argument(
-        "--k", type=ct.positive_int, default=d.k, help=f"partitions per mixture (default: {d.k})"
-    )
-    p.add_argument(
-        "--n-seq",
-        type=ct.nonneg_int,
-        default=d.n_seq,
-        help=f"seq validation models (default: {d.n_seq})",
-    )
+    _study_args(p, d)
     p.add_argument(
         "--max-partitions",
         type=ct.positive_int,
@@ -196,6 +207,7 @@ def settings(args: argparse.Namespace):
         or (PROPORTIONS_PARTITIONS if getattr(args, "proportions", False) else None),
         builtin=args.builtin,
         eval_extra=list(args.eval_extra),
+        proxies=[t.strip() for t in args.proxies.split(",")],
     )
 
 

@@ -31,13 +31,14 @@ def test_demo_on_a_user_corpus_end_to_end_and_rerun(tmp_path, capsys):
     for step in range(1, 7):  # progress narration is logged (stderr), the result printed
         assert f"[{step}/6]" in captured.err
     text = captured.out
-    assert "merged vs seq, pooled over domains: Pearson" in text
+    assert "headline proxy: fisher" in text  # the demo's merge: Fisher-weighted
+    assert "fisher vs seq, pooled over domains: Pearson" in text
     assert f"report: {os.path.join(out, 'study', 'report', 'report.md')}" in text
-    assert os.path.isfile(os.path.join(out, "study", "report", "scatter_merged.png"))
+    assert os.path.isfile(os.path.join(out, "study", "report", "scatter_fisher.png"))
     store = os.path.join(out, "study", "results.sqlite")
     with ResultStore(store) as s:
         counts = (s.count("results"), s.count("unit_results"))
-    assert counts == (3 * 3 * 3 + 2 * 3, 3 * 3)  # 3 pairs x 3 proxies x 3 domains + seq; units
+    assert counts == (3 * 3 + 2 * 3, 3 * 3)  # 3 pairs x fisher x 3 domains + seq; units
     # the written spec is a normal study spec
     spec = StudySpec.load(os.path.join(out, "study.yaml"))
     assert spec.mixtures.k_subsets == 2 and spec.validation.n == 2
@@ -202,3 +203,29 @@ def test_proportions_demo_checks_weighted_merges_against_seq_blends(tmp_path, ca
     for c in f["checks"].values():
         assert math.isfinite(c["seq"]) and c["seq"] > 1
     assert f["optimizer"]["best"]["objective"] <= f["optimizer"]["search"]["path"][0]["objective"]
+
+
+def test_demo_proxies_option(tmp_path, capsys):
+    """--proxies sets the study's proxies (default: the Fisher merge and the unit-model
+    baselines); an unknown or repeated name is refused before anything is written."""
+    from megablocks_ablate.ablate.demo import DEMO_PROXIES
+    from megablocks_ablate.commands.demo import settings
+
+    assert DemoSettings().proxies == list(DEMO_PROXIES) == ["fisher", "mean_ind", "ind_id"]
+    spec = study_spec(
+        DemoSettings(proxies=["merged", "fisher"]), "d", "s", {"a": ["a0"], "b": ["b0"]}
+    )
+    assert spec["proxies"] == ["merged", "fisher"]
+    out = str(tmp_path / "d")
+    for bad, what in (("merged,nope", "nope"), ("fisher,fisher", "fisher,fisher")):
+        rc = cli_main(["demo", "--out", out, "--proxies", bad, *TINY])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "--proxies: expected distinct names" in err and what in err
+    with pytest.raises(SystemExit):  # an empty list: refused by the parser
+        cli_main(["demo", "--out", out, "--proxies", ","])
+    assert not os.path.exists(out)
+    from megablocks_ablate.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--proxies", "merged, fisher"])
+    assert settings(args).proxies == ["merged", "fisher"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -98,27 +99,11 @@ def ensure_fisher(
 def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequence[Mixture]):
     """Compute the Fisher of every model the mixtures merge (where missing), then score
     every mixture not yet in the store as proxy ``fisher``; returns how many were scored."""
-    from megablocks_ablate.ablate.runner.scaled import SEED_ROW, SeedRow
-    from megablocks_ablate.checkpoint import (
-        load_model_checkpoint,
-        read_checkpoint_meta,
-        trained_seq_len,
-    )
     from megablocks_ablate.model.config import ModelConfig
 
     study, spec = scorer.study, scorer.study.spec.fisher
     settings = {"sequences": spec.sequences, "batch": spec.batch, "eps": spec.eps}
-    recorded = store.get_meta(META_KEY)
-    if recorded != settings:  # rows made with other settings are not this proxy
-        dropped = store.drop_proxy(FISHER)
-        if dropped:
-            logger.info(
-                "[fisher] settings changed %s -> %s: %d old rows replaced",
-                recorded,
-                settings,
-                dropped,
-            )
-        store.set_meta(META_KEY, settings)
+    _sync_settings(store, settings)
     todo = [m for m in mixtures if not store.done(m.id, FISHER, scorer.domains)]
     if not todo:
         return 0
@@ -127,6 +112,73 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     jobs = {j.name: j for j in plan.pool_jobs if j.name in needed}
     if set(jobs) != needed:
         raise ConfigError(f"fisher: no trained model for {sorted(needed - set(jobs))}")
+    inputs = _load_inputs(plan, jobs, spec, scorer.opt.device)
+    live = ModelConfig.from_dict(inputs.config).build(device="cpu").to(scorer.opt.device)
+    with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
+        for m in todo:
+            w = weights[m.id]
+            units = list(w)
+            live.load_state_dict(
+                fisher_merge(
+                    inputs.seed,
+                    [inputs.deltas[u] for u in units],
+                    [inputs.fishers[u] for u in units],
+                    [w[u] for u in units],
+                    spec.eps,
+                )
+            )
+            trained = min(inputs.trained[u] for u in units)
+            scores = scorer.evaluate(live, f"the Fisher merge of {m.label}", trained)
+            prov = make_provenance(
+                unit_hashes={u: inputs.hashes[u] for u in units},
+                weights=w,
+                eval_fingerprint=scorer.fingerprint,
+                proxies=[FISHER],
+                fisher=settings,
+                **scorer.window_provenance(trained),
+            )
+            store.add_results([Result(m.id, FISHER, d, s, prov) for d, s in scores.items()])
+            bar.update(1)
+    logger.info("[fisher] %d mixtures scored (eps %g)", len(todo), spec.eps)
+    return len(todo)
+
+
+def _sync_settings(store: ResultStore, settings: dict) -> None:
+    """Record the settings of the store's fisher rows; rows made with other settings are
+    not this proxy, so they are dropped (the study wrote them) and scored again."""
+    recorded = store.get_meta(META_KEY)
+    if recorded == settings:
+        return
+    dropped = store.drop_proxy(FISHER)
+    if dropped:
+        logger.info(
+            "[fisher] settings changed %s -> %s: %d old rows replaced", recorded, settings, dropped
+        )
+    store.set_meta(META_KEY, settings)
+
+
+@dataclass
+class _Inputs:
+    """What every Fisher merge of a study reads (fp32, CPU)."""
+
+    config: dict
+    seed: dict[str, torch.Tensor]
+    deltas: dict[str, dict[str, torch.Tensor]]  # unit -> unit - seed
+    fishers: dict[str, dict[str, torch.Tensor]]
+    hashes: dict[str, str]  # unit -> verified sha256 of its weights
+    trained: dict[str, int]  # unit -> the sequence length it was trained at
+
+
+def _load_inputs(plan: RunPlan, jobs: dict[str, ModelJob], spec, device) -> _Inputs:
+    """Hash-check the units and their one seed, compute missing Fishers, load it all."""
+    from megablocks_ablate.ablate.runner.scaled import SEED_ROW, SeedRow
+    from megablocks_ablate.checkpoint import (
+        load_model_checkpoint,
+        read_checkpoint_meta,
+        trained_seq_len,
+    )
+    from megablocks_ablate.model.config import ModelConfig
+
     hashes = {u: j.verified_sha256() for u, j in jobs.items()}
     lineages = {u: read_checkpoint_meta(j.entry.model_dir)[1] for u, j in jobs.items()}
     seed_hashes = {lin.seed_hash for lin in lineages.values()}
@@ -135,9 +187,7 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
             "fisher: the unit models do not record one seed they continue "
             f"({sorted(map(str, seed_hashes))}); the Fisher merge moves from it"
         )
-    seed_row = SeedRow(SEED_ROW, plan.seed_dir, str(seed_hashes.pop()))
-    seed_row.verified_sha256()
-    device = scorer.opt.device
+    SeedRow(SEED_ROW, plan.seed_dir, str(seed_hashes.pop())).verified_sha256()
     paths = {}
     with progress(total=len(jobs), desc="fisher", unit="model") as bar:
         for u in sorted(jobs):
@@ -145,45 +195,17 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
             bar.update(1)
     seed_state, config, _ = load_model_checkpoint(plan.seed_dir)
     seed = {k: v.float() for k, v in seed_state.items()}
-    shapes = {k: v.shape for k, v in seed.items()}
+    shapes = {k: seed[k].shape for k in _param_names(config)}
     deltas, fishers = {}, {}
     for u in sorted(jobs):
         state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
         deltas[u] = {k: state[k].float() - seed[k] for k in seed}
-        fisher = load_fisher(paths[u], hashes[u], {k: shapes[k] for k in _param_names(config)})
-        fishers[u] = fisher
-    live = ModelConfig.from_dict(config).build(device="cpu")
+        fishers[u] = load_fisher(paths[u], hashes[u], shapes)
+    max_len = ModelConfig.from_dict(config).max_seq_len
     trained = {
-        u: trained_seq_len(lin, live.cfg.max_seq_len, jobs[u].entry.model_dir)
-        for u, lin in lineages.items()
+        u: trained_seq_len(lin, max_len, jobs[u].entry.model_dir) for u, lin in lineages.items()
     }
-    with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
-        for m in todo:
-            w = weights[m.id]
-            units = list(w)
-            state = fisher_merge(
-                seed,
-                [deltas[u] for u in units],
-                [fishers[u] for u in units],
-                [w[u] for u in units],
-                spec.eps,
-            )
-            live.load_state_dict(state)
-            model = live.to(device)
-            window_trained = min(trained[u] for u in units)
-            scores = scorer.evaluate(model, f"the Fisher merge of {m.label}", window_trained)
-            prov = make_provenance(
-                unit_hashes={u: hashes[u] for u in units},
-                weights=w,
-                eval_fingerprint=scorer.fingerprint,
-                proxies=[FISHER],
-                fisher=settings,
-                **scorer.window_provenance(window_trained),
-            )
-            store.add_results([Result(m.id, FISHER, d, s, prov) for d, s in scores.items()])
-            bar.update(1)
-    logger.info("[fisher] %d mixtures scored (eps %g)", len(todo), spec.eps)
-    return len(todo)
+    return _Inputs(config, seed, deltas, fishers, hashes, trained)
 
 
 def fisher_weights(study, mixture: Mixture) -> dict[str, float]:
