@@ -280,7 +280,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     _train_a_few_steps(py, cli, work, env)
 
     shown = _run_quick_start(cli, work, env)
-    assert "merged vs seq" in shown["demo --preset"]
+    assert "fisher vs seq" in shown["demo --preset"]
     assert (work / "demo_out" / "study" / "results.sqlite").is_file()
     # the shipped spec by name, its paths read from the working directory (demo_out/)
     assert "concurrency+core" in shown["study plan"]

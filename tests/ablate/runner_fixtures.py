@@ -45,6 +45,8 @@ def tiny_settings(out: str, corpus: str) -> DemoSettings:
         train_overrides=TINY,
         workers=1,
         max_partitions=3,
+        # the paper's proxies (the demo's default is the Fisher merge, tested on its own)
+        proxies=["merged", "macro", "micro", "mean_ind", "ind_id"],
     )
 
 

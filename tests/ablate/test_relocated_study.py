@@ -23,7 +23,9 @@ from megablocks_ablate.utils.hashing import sha256_file
 
 pytestmark = pytest.mark.integration
 
-TINY = tiny_demo_args(0, 2, "--k", "2")
+# the paper's proxies (search and optimize merge with them) and the Fisher merge, whose
+# per-unit files must move with the study too
+TINY = tiny_demo_args(0, 2, "--k", "2", "--proxies", "merged,macro,micro,mean_ind,ind_id,fisher")
 
 
 def _cli(capsys, *argv: str) -> str:
