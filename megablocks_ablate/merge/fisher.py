@@ -165,6 +165,21 @@ def read_fisher_meta(path: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+def fisher_file_problem(path: str, model_sha256: str) -> tuple[str, str] | None:
+    """None when ``path`` is a Fisher file this program wrote for the weights hashing to
+    ``model_sha256``; else ``("foreign", why)`` (not one of ours) or ``("stale", why)``
+    (ours, for other weights)."""
+    meta = read_fisher_meta(path)
+    if meta is None:
+        return "foreign", f"{path}: not a Fisher file written by megablocks-ablate"
+    if meta.get("model_sha256") != model_sha256:
+        return "stale", (
+            f"{path}: computed for other weights (sha256 {meta.get('model_sha256')}, "
+            f"not {model_sha256}: the model changed since)"
+        )
+    return None
+
+
 def load_fisher(
     path: str, model_sha256: str, shapes: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
@@ -173,14 +188,9 @@ def load_fisher(
     ``shapes``. Anything else is a :class:`DataFormatError` naming the file."""
     from safetensors.torch import load_file
 
-    meta = read_fisher_meta(path)
-    if meta is None:
-        raise DataFormatError(f"{path}: not a Fisher file written by megablocks-ablate")
-    if meta.get("model_sha256") != model_sha256:
-        raise DataFormatError(
-            f"{path}: computed for the model with sha256 {meta.get('model_sha256')}, "
-            f"not {model_sha256} (the unit model changed since)"
-        )
+    problem = fisher_file_problem(path, model_sha256)
+    if problem is not None:
+        raise DataFormatError(problem[1])
     tensors = load_file(path)
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))

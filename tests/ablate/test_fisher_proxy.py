@@ -107,7 +107,9 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
     foreign = fisher_path(job.entry.out_dir, 7, 2)
     with open(foreign, "w") as f:
         f.write("a user's notes")
-    with pytest.raises(ConfigError, match="not a Fisher file of ours"):
+    with pytest.raises(
+        ConfigError, match="not a Fisher file written by megablocks-ablate; move it away"
+    ):
         ensure_fisher(job, job.verified_sha256(), 7, 2, "cpu")
     with open(foreign) as f:
         assert f.read() == "a user's notes"

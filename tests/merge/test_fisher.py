@@ -144,7 +144,7 @@ def test_file_round_trip_and_checks(tmp_path):
     got = fm.load_fisher(path, "abc", shapes)
     for k in f:
         torch.testing.assert_close(got[k], f[k])
-    with pytest.raises(DataFormatError, match="not abc2"):
+    with pytest.raises(DataFormatError, match="other weights .*not abc2"):
         fm.load_fisher(path, "abc2", shapes)
     with pytest.raises(DataFormatError, match="missing"):
         fm.load_fisher(path, "abc", {**shapes, "extra": torch.Size([1])})

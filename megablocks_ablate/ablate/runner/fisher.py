@@ -36,10 +36,10 @@ from megablocks_ablate.ablate.store import Result, ResultStore, make_provenance
 from megablocks_ablate.errors import ConfigError
 from megablocks_ablate.merge.fisher import (
     empirical_fisher,
+    fisher_file_problem,
     fisher_merge,
     fisher_path,
     load_fisher,
-    read_fisher_meta,
     save_fisher,
 )
 from megablocks_ablate.utils.progress import progress
@@ -70,15 +70,12 @@ def ensure_fisher(
 
     path = fisher_path(job.entry.out_dir, sequences, batch)
     if os.path.exists(path):
-        meta = read_fisher_meta(path)
-        if meta is None:
-            raise ConfigError(f"{path}: exists and is not a Fisher file of ours; move it away")
-        if meta.get("model_sha256") != model_sha256:
-            raise ConfigError(
-                f"{path}: computed for other weights (sha256 {meta.get('model_sha256')}, "
-                f"the model's is {model_sha256}); delete it to recompute"
-            )
-        return path
+        problem = fisher_file_problem(path, model_sha256)
+        if problem is None:
+            return path
+        kind, why = problem
+        hint = "move it away" if kind == "foreign" else "delete it to recompute"
+        raise ConfigError(f"{why}; {hint}")
     model, _ = load_model(job.entry.model_dir, device)
     fisher = empirical_fisher(model, _unit_sequences(job, sequences), batch)
     save_fisher(
