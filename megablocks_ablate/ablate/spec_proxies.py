@@ -50,7 +50,16 @@ class FisherSpec(Config):
         0.01,
     )
 
+    power: float = doc(
+        "exponent on each Fisher before merging (1: the minimiser of the quadratic model "
+        "of the summed losses; larger: each parameter follows the unit that constrains it "
+        "most more closely)",
+        1.0,
+    )
+
     def validate(self) -> None:
+        if not (math.isfinite(self.power) and self.power > 0):
+            raise ConfigError(f"fisher.power: expected a finite number > 0, got {self.power}")
         if self.sequences < 1 or self.batch < 1:
             raise ConfigError(
                 f"fisher.sequences and fisher.batch: expected integers >= 1, got "

@@ -96,30 +96,35 @@ def fisher_merge(
     fishers: Sequence[Tensors],
     weights: Sequence[float],
     eps: float,
+    power: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """``seed + sum_u w_u G_u d_u / sum_u w_u G_u`` per element, with
-    ``G_u = F_u + eps x`` the mean of the tensor's Fisher over these units. Tensors no
-    unit has a Fisher for (buffers) get the plain weighted average. ``weights`` must be
-    positive and sum to 1; ``eps`` > 0 (relative: scale-free)."""
+    ``G_u = F_u^power + eps x`` the mean of the tensor's ``F^power`` over these units.
+    Tensors no unit has a Fisher for (buffers) get the plain weighted average.
+    ``weights`` must be positive and sum to 1; ``eps`` > 0 (relative: scale-free);
+    ``power`` > 0 (1: the quadratic model's minimiser; 0 would be the plain average)."""
     if not (len(deltas) == len(fishers) == len(weights)) or not deltas:
         raise ValueError("fisher_merge: one delta, Fisher and weight per unit model")
     if any(not w > 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"fisher_merge: weights must be positive and sum to 1, got {weights}")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"fisher_merge: eps must be a finite number > 0, got {eps}")
+    if not (power > 0 and math.isfinite(power)):
+        raise ValueError(f"fisher_merge: power must be a finite number > 0, got {power}")
     out = {}
     for k, s in seed.items():
         if not all(k in f for f in fishers):
             out[k] = s + sum(w * d[k] for d, w in zip(deltas, weights))
             continue
-        floor = eps * sum(float(f[k].mean()) for f in fishers) / len(fishers)
+        curv = [f[k].float() if power == 1 else f[k].float().pow(power) for f in fishers]
+        floor = eps * sum(float(c.mean()) for c in curv) / len(curv)
         if floor <= 0:  # no unit's data moves this tensor: every G_u equal
             out[k] = s + sum(w * d[k] for d, w in zip(deltas, weights))
             continue
         num = torch.zeros_like(s, dtype=torch.float32)
         den = torch.zeros_like(s, dtype=torch.float32)
-        for d, f, w in zip(deltas, fishers, weights):
-            g = w * (f[k].float() + floor)
+        for d, c, w in zip(deltas, curv, weights):
+            g = w * (c + floor)
             num += g * d[k].float()
             den += g
         out[k] = (s.float() + num / den).to(s.dtype)

@@ -53,7 +53,7 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
     jobs = {j.name: j for j in plan.units}
     m = next(m for m in runner.study.mixtures if len(m.units) > 1)
     prov = next(r.provenance for r in rows if r.subject == m.id)
-    assert prov["fisher"] == {"sequences": 6, "batch": 2, "eps": 0.05}
+    assert prov["fisher"] == {"sequences": 6, "batch": 2, "eps": 0.05, "power": 1.0}
     assert set(prov["unit_hashes"]) == set(m.units) and prov["proxies"] == ["fisher"]
     # the Fisher file: in the unit's run directory, naming the weights it was made for
     fpath = fisher_path(jobs[m.units[0]].entry.out_dir, 6, 2)
@@ -124,6 +124,8 @@ def test_fisher_spec_checks():
         FisherSpec(eps=0.0)
     with pytest.raises(ConfigError, match="fisher.sequences"):
         FisherSpec(sequences=0)
+    with pytest.raises(ConfigError, match="fisher.power"):
+        FisherSpec(power=-1.0)
 
 
 def test_fisher_weights_give_each_partition_its_share():

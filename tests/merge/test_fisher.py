@@ -40,6 +40,20 @@ def test_merge_matches_the_elementwise_formula():
     torch.testing.assert_close(fm.fisher_merge(seed, deltas, fishers, w, eps)["w"], expect)
 
 
+def test_power_sharpens_the_fisher():
+    seed = {"w": _rand(0)}
+    deltas = [{"w": _rand(1)}, {"w": _rand(2)}]
+    fishers = [{"w": _rand(3).abs()}, {"w": _rand(4).abs()}]
+    w, eps = [0.5, 0.5], 0.01
+    squared = [{"w": f["w"].square()} for f in fishers]
+    torch.testing.assert_close(
+        fm.fisher_merge(seed, deltas, fishers, w, eps, power=2.0)["w"],
+        fm.fisher_merge(seed, deltas, squared, w, eps)["w"],
+    )
+    with pytest.raises(ValueError, match="power"):
+        fm.fisher_merge(seed, deltas, fishers, w, eps, power=0.0)
+
+
 def test_the_unit_whose_data_cares_keeps_its_move():
     """Where only unit 0's Fisher is large, the merge keeps unit 0's displacement (not
     half of it); where both are equal, it is the plain average."""

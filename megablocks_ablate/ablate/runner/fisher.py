@@ -99,7 +99,12 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     from megablocks_ablate.model.config import ModelConfig
 
     study, spec = scorer.study, scorer.study.spec.fisher
-    settings = {"sequences": spec.sequences, "batch": spec.batch, "eps": spec.eps}
+    settings = {
+        "sequences": spec.sequences,
+        "batch": spec.batch,
+        "eps": spec.eps,
+        "power": spec.power,
+    }
     _sync_settings(store, settings)
     todo = [m for m in mixtures if not store.done(m.id, FISHER, scorer.domains)]
     if not todo:
@@ -122,6 +127,7 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
                     [inputs.fishers[u] for u in units],
                     [w[u] for u in units],
                     spec.eps,
+                    spec.power,
                 )
             )
             trained = min(inputs.trained[u] for u in units)
