@@ -42,6 +42,7 @@ from megablocks_ablate.merge.fisher import (
     load_fisher,
     save_fisher,
 )
+from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.utils.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ def ensure_fisher(
 def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequence[Mixture]):
     """Compute the Fisher of every model the mixtures merge (where missing), then score
     every mixture not yet in the store as proxy ``fisher``; returns how many were scored."""
-    from megablocks_ablate.model.config import ModelConfig
-
     study, spec = scorer.study, scorer.study.spec.fisher
     settings = {
         "sequences": spec.sequences,
@@ -115,7 +114,7 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     if set(jobs) != needed:
         raise ConfigError(f"fisher: no trained model for {sorted(needed - set(jobs))}")
     inputs = _load_inputs(plan, jobs, spec, scorer.opt.device)
-    live = ModelConfig.from_dict(inputs.config).build(device="cpu").to(scorer.opt.device)
+    live = inputs.model_cfg.build(device="cpu").to(scorer.opt.device)
     with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
         for m in todo:
             w = weights[m.id]
@@ -164,7 +163,7 @@ def _sync_settings(store: ResultStore, settings: dict) -> None:
 class _Inputs:
     """What every Fisher merge of a study reads (fp32, CPU)."""
 
-    config: dict
+    model_cfg: ModelConfig
     seed: dict[str, torch.Tensor]
     deltas: dict[str, dict[str, torch.Tensor]]  # unit -> unit - seed
     fishers: dict[str, dict[str, torch.Tensor]]
@@ -180,7 +179,6 @@ def _load_inputs(plan: RunPlan, jobs: dict[str, ModelJob], spec, device) -> _Inp
         read_checkpoint_meta,
         trained_seq_len,
     )
-    from megablocks_ablate.model.config import ModelConfig
 
     hashes = {u: j.verified_sha256() for u, j in jobs.items()}
     lineages = {u: read_checkpoint_meta(j.entry.model_dir)[1] for u, j in jobs.items()}
@@ -198,17 +196,19 @@ def _load_inputs(plan: RunPlan, jobs: dict[str, ModelJob], spec, device) -> _Inp
             bar.update(1)
     seed_state, config, _ = load_model_checkpoint(plan.seed_dir)
     seed = {k: v.float() for k, v in seed_state.items()}
-    shapes = {k: seed[k].shape for k in _param_names(config)}
+    model_cfg = ModelConfig.from_dict(config)
+    names = [n for n, p in model_cfg.build(device="meta").named_parameters() if p.requires_grad]
+    shapes = {k: seed[k].shape for k in names}  # a Fisher holds one tensor per parameter
     deltas, fishers = {}, {}
     for u in sorted(jobs):
         state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
         deltas[u] = {k: state[k].float() - seed[k] for k in seed}
         fishers[u] = load_fisher(paths[u], hashes[u], shapes)
-    max_len = ModelConfig.from_dict(config).max_seq_len
+    max_len = model_cfg.max_seq_len
     trained = {
         u: trained_seq_len(lin, max_len, jobs[u].entry.model_dir) for u, lin in lineages.items()
     }
-    return _Inputs(config, seed, deltas, fishers, hashes, trained)
+    return _Inputs(model_cfg, seed, deltas, fishers, hashes, trained)
 
 
 def fisher_weights(study, mixture: Mixture) -> dict[str, float]:
@@ -218,11 +218,3 @@ def fisher_weights(study, mixture: Mixture) -> dict[str, float]:
     ``merged`` when every partition is one unit)."""
     proxy = "merged" if study.partition_models else "macro"
     return mx.proxy_weights(mixture, proxy, study.partition_models)
-
-
-def _param_names(config: dict) -> list[str]:
-    """The trainable parameter names of a model with this config (what a Fisher holds)."""
-    from megablocks_ablate.model.config import ModelConfig
-
-    model = ModelConfig.from_dict(config).build(device="meta")
-    return [n for n, p in model.named_parameters() if p.requires_grad]
