@@ -1,0 +1,208 @@
+"""Variants of the Fisher merge, scored on a finished study without touching it.
+
+    python benchmarks/fisher_variants.py VARIANT STUDY_SPEC --registry STUDY_DIR --out NAME
+        [--alpha A] [--lam L]
+
+An experiment harness for docs/fidelity.md, not package code: it runs the package's
+``study run`` with the ``fisher`` proxy, replacing, for this process only, either the
+Fisher each unit model is weighted by or the merge rule. VARIANT is one of
+
+* ``regmean``: the Linear layers merged by RegMean's rule, the displacement
+  ``(sum_u w_u d_u A_u) (sum_u w_u A_u)^-1`` with ``A_u`` the Gram matrix of the layer's
+  inputs on the unit's first ``fisher.sequences`` training sequences (off-diagonal
+  entries scaled by ``--alpha``); the embedding and norms by the diagonal Fisher merge;
+* ``seed``: the diagonal Fisher merge, with each unit's Fisher computed at the seed's
+  weights (on the unit's own sequences) instead of the unit model's;
+* ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed.
+
+The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
+its fisher rows dropped) and the spec with ``out_dir: NAME`` written next to it, so
+the new fisher rows are judged against the study's own seq models; the study itself
+is only read. Per-unit Gram matrices and seed Fishers are cached as safetensors in
+``NAME/variant-cache``. Compare with ``benchmarks/fidelity.py`` on ``NAME/report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import megablocks_ablate.ablate.runner.fisher as runner_fisher
+from megablocks_ablate.ablate.store import ResultStore
+from megablocks_ablate.cli import main as cli_main
+from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variant", choices=["regmean", "seed", "scaled"])
+    ap.add_argument("spec", help="the finished study's spec (YAML)")
+    ap.add_argument("--registry", required=True, help="the study directory holding its models")
+    ap.add_argument("--out", required=True, help="new out_dir name, next to the spec")
+    ap.add_argument("--alpha", type=float, default=0.9, help="regmean: off-diagonal scale")
+    ap.add_argument("--lam", type=float, default=1.5, help="scaled: the multiple")
+    return ap.parse_args(argv)
+
+
+def linear_names(model: torch.nn.Module) -> dict[str, str]:
+    """parameter name -> module name, for every Linear layer's weight."""
+    return {
+        f"{name}.weight": name
+        for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    }
+
+
+def input_grams(model, sequences, batch: int = 64) -> dict[str, torch.Tensor]:
+    """Mean of x x^T over every token's input x of each Linear layer."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for param, name in linear_names(model).items():
+
+        def hook(_mod, inputs, _out, key=param):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sums[key] = sums.get(key, 0) + x.T @ x
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    seqs = list(sequences)
+    model.train(False)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(seqs), batch):
+                tokens = torch.stack(seqs[i : i + batch]).long()
+                model(tokens[:, :-1], tokens[:, 1:])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (s / counts[k]).contiguous() for k, s in sums.items()}
+
+
+def regmean_merge(seed, deltas, grams, weights, alpha: float) -> dict[str, torch.Tensor]:
+    """For each tensor the Grams name (weights ``[out, in]``): ``seed + (sum_u w_u d_u A_u)
+    (sum_u w_u A_u)^-1``, the minimiser of ``sum_u w_u ||X_u (W - W_u)^T||^2`` over the
+    units' inputs, with each ``A_u``'s off-diagonal entries scaled by ``alpha``."""
+    out = {}
+    for k in grams[0]:
+        num = torch.zeros_like(deltas[0][k])
+        den = torch.zeros_like(grams[0][k])
+        for d, g, w in zip(deltas, grams, weights):
+            a = alpha * g[k] + (1 - alpha) * torch.diag(torch.diag(g[k]))
+            num += w * d[k] @ a
+            den += w * a
+        den += 1e-6 * torch.diag(den).mean() * torch.eye(den.shape[0])
+        out[k] = seed[k] + torch.linalg.solve(den, num.T).T  # num den^-1 (den symmetric)
+    return out
+
+
+def cached(path: str, compute) -> dict[str, torch.Tensor]:
+    if os.path.exists(path):
+        return load_file(path)
+    tensors = {k: v.contiguous() for k, v in compute().items()}
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return tensors
+
+
+def install(args, cache_dir: str):
+    """Replace the fisher runner's inputs or merge in this process; returns the undo."""
+    from megablocks_ablate.model.loading import load_model
+
+    grams_of: dict[int, dict[str, torch.Tensor]] = {}  # id(unit's deltas) -> its Grams
+    original_load = runner_fisher._load_inputs
+
+    def load_inputs(plan, jobs, spec, device):
+        inputs = original_load(plan, jobs, spec, device)
+        seed_model = None
+        for u, job in jobs.items():
+            sha = inputs.hashes[u]
+            if args.variant == "regmean":
+                model = load_model(job.entry.model_dir, device)[0]
+                grams_of[id(inputs.deltas[u])] = cached(
+                    os.path.join(cache_dir, f"grams-{sha}.safetensors"),
+                    lambda m=model, j=job: input_grams(
+                        m, runner_fisher._unit_sequences(j, spec.sequences)
+                    ),
+                )
+            elif args.variant == "seed":
+                if seed_model is None:
+                    seed_model = load_model(plan.seed_dir, device)[0]
+                seqs = runner_fisher._unit_sequences(job, spec.sequences)
+                inputs.fishers[u] = cached(
+                    os.path.join(cache_dir, f"seed-fisher-{sha}.safetensors"),
+                    lambda m=seed_model, s=seqs: empirical_fisher(m, s, spec.batch),
+                )
+        return inputs
+
+    def merge(seed, deltas, fishers, weights, eps, power=1.0):
+        out = fisher_merge(seed, deltas, fishers, weights, eps, power)
+        if args.variant == "scaled":
+            return {k: seed[k] + args.lam * (v - seed[k]) for k, v in out.items()}
+        if args.variant == "regmean":
+            grams = [grams_of[id(d)] for d in deltas]
+            out.update(regmean_merge(seed, deltas, grams, weights, args.alpha))
+        return out
+
+    saved = (runner_fisher._load_inputs, runner_fisher.fisher_merge)
+    runner_fisher._load_inputs = load_inputs
+    runner_fisher.fisher_merge = merge
+
+    def restore() -> None:
+        runner_fisher._load_inputs, runner_fisher.fisher_merge = saved
+
+    return restore
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with open(args.spec) as f:
+        spec = yaml.safe_load(f)
+    base = os.path.dirname(os.path.abspath(args.spec))
+    src = os.path.join(base, spec["out_dir"], "results.sqlite")
+    dst_dir = os.path.join(base, args.out)
+    if os.path.exists(dst_dir):
+        sys.exit(f"fisher_variants: {dst_dir} exists; choose another --out")
+    cache_dir = os.path.join(dst_dir, "variant-cache")
+    os.makedirs(cache_dir)
+    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    copy = sqlite3.connect(os.path.join(dst_dir, "results.sqlite"))
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+    with ResultStore(os.path.join(dst_dir, "results.sqlite")) as store:
+        store.drop_proxy(runner_fisher.FISHER)
+    spec["out_dir"] = args.out
+    spec["proxies"] = ["merged", "fisher"]
+    new_spec = os.path.join(base, args.out + ".yaml")
+    with open(new_spec, "w") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    restore = install(args, cache_dir)
+    try:
+        return cli_main(
+            [
+                "study",
+                "run",
+                new_spec,
+                "--registry",
+                args.registry,
+                "--report",
+                "--cpu-workers",
+                "1",
+            ]
+        )
+    finally:
+        restore()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
