@@ -13,6 +13,9 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
   entries scaled by ``--alpha``); the embedding and norms by the diagonal Fisher merge;
 * ``seed``: the diagonal Fisher merge, with each unit's Fisher computed at the seed's
   weights (on the unit's own sequences) instead of the unit model's;
+* ``path``: the diagonal Fisher merge with each unit's Fisher the mean of the two
+  above (at the seed's and at the unit's weights): the curvature along the unit's
+  training, by the trapezoid rule over its two ends;
 * ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed.
 
 The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
@@ -41,7 +44,7 @@ from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variant", choices=["regmean", "seed", "scaled"])
+    ap.add_argument("variant", choices=["regmean", "seed", "path", "scaled"])
     ap.add_argument("spec", help="the finished study's spec (YAML)")
     ap.add_argument("--registry", required=True, help="the study directory holding its models")
     ap.add_argument("--out", required=True, help="new out_dir name, next to the spec")
@@ -132,14 +135,20 @@ def install(args, cache_dir: str):
                         m, runner_fisher._unit_sequences(j, spec.sequences)
                     ),
                 )
-            elif args.variant == "seed":
+            elif args.variant in ("seed", "path"):
                 if seed_model is None:
                     seed_model = load_model(plan.seed_dir, device)[0]
                 seqs = runner_fisher._unit_sequences(job, spec.sequences)
-                inputs.fishers[u] = cached(
+                at_seed = cached(
                     os.path.join(cache_dir, f"seed-fisher-{sha}.safetensors"),
                     lambda m=seed_model, s=seqs: empirical_fisher(m, s, spec.batch),
                 )
+                if args.variant == "seed":
+                    inputs.fishers[u] = at_seed
+                else:
+                    inputs.fishers[u] = {
+                        k: 0.5 * (v + at_seed[k]) for k, v in inputs.fishers[u].items()
+                    }
         return inputs
 
     def merge(seed, deltas, fishers, weights, eps, power=1.0):

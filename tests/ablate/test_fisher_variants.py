@@ -107,6 +107,15 @@ def test_a_variant_scores_a_copy_and_leaves_the_study_alone(fv, base, monkeypatc
     assert all(a[3] != b[3] for a, b in zip(fisher_one, fisher_half))  # half-way: other scores
     with pytest.raises(SystemExit, match="exists"):
         fv.main([*argv, "--out", "v_one"])
+    # the Fisher along the path (seed and unit ends): other weights, so other scores,
+    # and the seed's Fishers cached beside the copy, not in the study's run directories
+    path_argv = ["path", str(root / "study.yaml"), "--registry", spec["out_dir"]]
+    assert fv.main([*path_argv, "--out", "v_path"]) == 0
+    fisher_path_rows = _rows(root / "v_path" / "results.sqlite", "fisher")
+    assert [r[:3] for r in fisher_path_rows] == [r[:3] for r in fisher_one]
+    assert any(a[3] != b[3] for a, b in zip(fisher_path_rows, fisher_one))
+    assert list((root / "v_path" / "variant-cache").glob("seed-fisher-*.safetensors"))
+    assert _rows(store) == before
     # the package's own fisher proxy (no variant installed) on the same study
     from megablocks_ablate.cli import main as cli_main
 
