@@ -16,6 +16,10 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
 * ``path``: the diagonal Fisher merge with each unit's Fisher the mean of the two
   above (at the seed's and at the unit's weights): the curvature along the unit's
   training, by the trapezoid rule over its two ends;
+* ``agree``: where every unit moved a parameter the same way, the curvature-weighted
+  *sum* of their moves, ``sum_u w_u G_u d_u / max_u w_u G_u`` (two units of equal
+  curvature: both moves added, as a seq model trained on both takes the steps of both;
+  one unit that dominates: its own move); elsewhere the Fisher merge;
 * ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed.
 
 The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
@@ -44,7 +48,7 @@ from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variant", choices=["regmean", "seed", "path", "scaled"])
+    ap.add_argument("variant", choices=["regmean", "seed", "path", "scaled", "agree"])
     ap.add_argument("spec", help="the finished study's spec (YAML)")
     ap.add_argument("--registry", required=True, help="the study directory holding its models")
     ap.add_argument("--out", required=True, help="new out_dir name, next to the spec")
@@ -106,6 +110,23 @@ def regmean_merge(seed, deltas, grams, weights, alpha: float) -> dict[str, torch
     return out
 
 
+def agree_merge(seed, deltas, fishers, weights, eps, power, fisher_merged):
+    """The ``agree`` variant: where all units' moves share a sign, ``sum_u w_u G_u d_u /
+    max_u w_u G_u`` with the Fisher merge's ``G_u``; elsewhere ``fisher_merged``."""
+    out = {}
+    for k, merged in fisher_merged.items():
+        curv = [f[k].float().pow(power) for f in fishers]
+        floor = eps * torch.stack(curv).mean()
+        wg = [w * (c + floor) for w, c in zip(weights, curv)]
+        signs = torch.stack([torch.sign(d[k]) for d in deltas])
+        same = (signs == signs[0]).all(dim=0) & (signs[0] != 0)
+        total = sum(g * d[k] for g, d in zip(wg, deltas))
+        den = torch.stack(wg).amax(dim=0)
+        summed = seed[k] + total / den.clamp_min(torch.finfo(den.dtype).tiny)
+        out[k] = torch.where(same & (den > 0), summed, merged)
+    return out
+
+
 def cached(path: str, compute) -> dict[str, torch.Tensor]:
     if os.path.exists(path):
         return load_file(path)
@@ -155,6 +176,8 @@ def install(args, cache_dir: str):
         out = fisher_merge(seed, deltas, fishers, weights, eps, power)
         if args.variant == "scaled":
             return {k: seed[k] + args.lam * (v - seed[k]) for k, v in out.items()}
+        if args.variant == "agree":
+            out.update(agree_merge(seed, deltas, fishers, weights, eps, power, out))
         if args.variant == "regmean":
             grams = [grams_of[id(d)] for d in deltas]
             out.update(regmean_merge(seed, deltas, grams, weights, args.alpha))

@@ -126,3 +126,17 @@ def test_a_variant_scores_a_copy_and_leaves_the_study_alone(fv, base, monkeypatc
     package_rows = _rows(root / "v_pkg" / "results.sqlite", "fisher")
     assert [r[:3] for r in package_rows] == [r[:3] for r in fisher_one]
     assert all(a[3] == pytest.approx(b[3], rel=1e-6) for a, b in zip(package_rows, fisher_one))
+
+
+def test_agree_adds_aligned_moves_and_keeps_the_fisher_merge_elsewhere(fv):
+    from megablocks_ablate.merge.fisher import fisher_merge
+
+    seed = {"w": torch.zeros(4)}
+    deltas = [{"w": torch.tensor([1.0, 1.0, 1.0, -1.0])}, {"w": torch.tensor([2.0, 3.0, 0.0, 1.0])}]
+    fishers = [{"w": torch.tensor([1.0, 1.0, 1.0, 1.0])}, {"w": torch.tensor([1.0, 1e6, 1.0, 1.0])}]
+    w, eps = [0.5, 0.5], 1e-9
+    merged = fisher_merge(seed, deltas, fishers, w, eps)
+    out = fv.agree_merge(seed, deltas, fishers, w, eps, 1.0, merged)["w"]
+    assert out[0] == pytest.approx(3.0)  # same sign, equal curvature: the two moves added
+    assert out[1] == pytest.approx(3.0, rel=1e-5)  # one unit dominates: about its own move
+    assert out[2] == merged["w"][2] and out[3] == merged["w"][3]  # a zero or opposite move
