@@ -93,6 +93,7 @@ DECISION_COLUMNS = [
     "seq_rank",
     "top_overlap",
     "regret",
+    "margin",
 ]
 RUN_FIRST = "run `megablocks-ablate study run SPEC` first"
 
@@ -412,16 +413,18 @@ class StudyResults:
         (:func:`~.ablate.decisions.decisions`): one row per out-of-domain domain (over the
         mixtures for which it is OOD) and a last ``summary`` row, with ``n`` mixtures,
         the ``pick`` and ``seq_best`` (ids and labels), the pick's ``seq_rank`` (1 =
-        seq's best), ``top_overlap`` (of the top 3) and ``regret`` (seq perplexity of the
-        pick / seq's best - 1). ``.attrs``: ``proxy`` and ``aggregate`` (share in seq's
-        top 2, median rank, mean top-3 overlap, mean and max regret over the domains)."""
+        seq's best), ``top_overlap`` (of the top 3), ``regret`` (seq perplexity of the
+        pick / seq's best - 1) and ``margin`` (the proxy's perplexity of its second-best /
+        of its pick - 1; under 1%: a close call). ``.attrs``: ``proxy`` and ``aggregate``
+        (share in seq's top 2, median rank, mean top-3 overlap, mean and max regret, close
+        calls over the domains)."""
         self._need_seq("decisions")
         p = self._proxy(proxy)
         ds = dc.decisions(self.table, p)
         rows = ds.domains + ([ds.summary] if ds.summary else [])
         records = [
             (d.row, d.n, d.pick, self._label(d.pick), d.seq_best, self._label(d.seq_best))
-            + (d.seq_rank, d.top_overlap, d.regret)
+            + (d.seq_rank, d.top_overlap, d.regret, d.margin)
             for d in rows
         ]
         df = _pandas().DataFrame.from_records(records, columns=DECISION_COLUMNS)

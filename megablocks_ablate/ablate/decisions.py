@@ -23,8 +23,16 @@ mixtures for which it is out of domain, and the summary row): the proxy's pick (
 lowest-perplexity mixture), the pick's rank under seq (1 = seq's best too; the paper's
 §A.5 "true rank"), how many of the proxy's top 3 are in seq's top 3, and the regret:
 the seq perplexity of the pick over the best seq perplexity, minus 1 (0.004 = the
-pick is 0.4% worse than what training every candidate would have found). A row needs
+pick is 0.4% worse than what training every candidate would have found), and the
+proxy's margin: the proxy perplexity of its second-best mixture over its pick's, minus
+1, how decisively the proxy prefers its pick. A row needs
 :data:`~.analysis.MIN_POINTS` mixtures.
+
+A pick with a margin under :data:`CLOSE_CALL` (1%) is a *close call*: over 100
+domain decisions of ten studies (two corpora x five data orders; docs/fidelity.md),
+12 of the 13 picks of the ``fisher`` proxy that fell outside seq's top 2 had a margin
+under 1%, against 1 of the 52 picks with a larger one. The report counts them; confirm
+a close call with a seq model rather than trusting the proxy's order.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ SCALES = ("raw", "log")
 VARIANTS = tuple(f"{a}/{s}" for a in AVERAGES for s in SCALES)
 HEADLINE_VARIANT = "arith/raw"
 TOP = 3  # top-k overlap of the decision figures
+CLOSE_CALL = 0.01  # a pick this close to the proxy's runner-up is a close call (measured above)
 
 
 def summary_domains(table: ResultTable) -> list[str]:
@@ -142,6 +151,12 @@ class Decision:
     seq_rank: int  # seq rank of the pick (1 = seq's best; ties share the better rank)
     top_overlap: int  # of the proxy's top TOP, how many are in seq's top TOP
     regret: float  # seq perplexity of the pick / best seq perplexity - 1
+    margin: float  # proxy perplexity of its second-best / of its pick - 1
+
+    @property
+    def close_call(self) -> bool:
+        """The proxy prefers its pick by less than :data:`CLOSE_CALL`."""
+        return self.margin < CLOSE_CALL
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -165,6 +180,7 @@ def decide(row: str, ids: Sequence[str], p: np.ndarray, s: np.ndarray) -> Decisi
         seq_rank=int(1 + np.sum(s < s[pick])),
         top_overlap=overlap,
         regret=float(s[pick] / s[best] - 1.0),
+        margin=float(p[order_p[1]] / p[pick] - 1.0),
     )
 
 
@@ -199,6 +215,11 @@ class DecisionSummary:
         return float(np.mean([d.top_overlap for d in self.domains])) if self.domains else math.nan
 
     @property
+    def close_calls(self) -> int:
+        """OOD domains whose pick is a close call (:data:`CLOSE_CALL`)."""
+        return sum(d.close_call for d in self.domains)
+
+    @property
     def median_rank(self) -> float:
         return float(np.median([d.seq_rank for d in self.domains])) if self.domains else math.nan
 
@@ -215,6 +236,8 @@ class DecisionSummary:
             "mean_top3_overlap": num(self.mean_overlap),
             "mean_regret": num(self.mean_regret),
             "max_regret": num(self.max_regret),
+            "close_calls": self.close_calls,
+            "close_call_margin": CLOSE_CALL,
         }
 
     def fmt(self) -> str:
@@ -227,7 +250,8 @@ class DecisionSummary:
                 f"pick in seq's top 2 on {top2}/{self.n} OOD domains, median seq rank "
                 f"{self.median_rank:g}, mean top-{TOP} overlap {self.mean_overlap:.2f}/{TOP}, "
                 f"mean regret {100 * self.mean_regret:.2f}% (max "
-                f"{100 * self.max_regret:.2f}%)"
+                f"{100 * self.max_regret:.2f}%), {self.close_calls} close call(s) (a pick "
+                f"within {100 * CLOSE_CALL:g}% of the proxy's runner-up)"
             )
         if self.summary:
             s = self.summary

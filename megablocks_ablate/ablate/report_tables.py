@@ -444,7 +444,7 @@ def _pct(v: float) -> str:
 
 def decisions_section(table: an.ResultTable, summary: ReportSummary) -> list[str]:
     """Per proxy and OOD domain (and the summary row): the pick's seq rank, top-3
-    overlap and regret; then each proxy's aggregate over the OOD domains."""
+    overlap, regret and margin; then each proxy's aggregate over the OOD domains."""
     proxies = [p for p in rl.ordered_proxies(table.proxies) if p in summary.decisions]
     if not proxies:
         return []
@@ -455,9 +455,11 @@ def decisions_section(table: an.ResultTable, summary: ReportSummary) -> list[str
         "Per out-of-domain domain (over the mixtures for which it is out of domain) and "
         "on the summary row: `seq rank/n` of the proxy's lowest-perplexity mixture (1 = "
         f"seq's best too; §A.5), how many of the proxy's top {dc.TOP} are in seq's top "
-        f"{dc.TOP}, and the regret: the seq perplexity of the pick over seq's best, "
-        "minus 1. Rows with fewer than "
-        f"{an.MIN_POINTS} validated mixtures are left out.",
+        f"{dc.TOP}, the regret: the seq perplexity of the pick over seq's best, "
+        "minus 1, and the proxy's margin: its perplexity of its second-best mixture over "
+        f"its pick's, minus 1 (**bold** under {100 * dc.CLOSE_CALL:g}%: a close call, "
+        "where the proxy's order is least reliable; confirm it with a seq model). Rows "
+        f"with fewer than {an.MIN_POINTS} validated mixtures are left out.",
         "",
     ]
     keys = [d for d in table.domains if any(d in _rows(summary, p) for p in proxies)]
@@ -470,7 +472,8 @@ def decisions_section(table: an.ResultTable, summary: ReportSummary) -> list[str
             cells.append(
                 "-"
                 if d is None
-                else f"{d.seq_rank}/{d.n}, {d.top_overlap}/{dc.TOP}, {_pct(d.regret)}"
+                else f"{d.seq_rank}/{d.n}, {d.top_overlap}/{dc.TOP}, {_pct(d.regret)}, "
+                + (f"**{_pct(d.margin)}**" if d.close_call else _pct(d.margin))
             )
         rows.append(["**summary row**" if key == dc.SUMMARY_ROW else key] + cells)
     for label, fn in (
@@ -478,6 +481,7 @@ def decisions_section(table: an.ResultTable, summary: ReportSummary) -> list[str
         ("**mean regret (OOD domains)**", lambda s: _pct(s.mean_regret)),
         ("**max regret (OOD domains)**", lambda s: _pct(s.max_regret)),
         (f"**mean top-{dc.TOP} overlap**", lambda s: f"{s.mean_overlap:.2f}"),
+        ("**close calls (OOD domains)**", lambda s: f"{s.close_calls} of {s.n}"),
     ):
         rows.append(
             [label] + [fn(summary.decisions[p]) if summary.decisions[p].n else "-" for p in proxies]

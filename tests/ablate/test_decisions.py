@@ -89,9 +89,25 @@ def test_decisions_rank_overlap_and_regret(table):
     assert ds.mean_regret == pytest.approx((0.1 + 2.0 + 0.0) / 3)
     assert ds.max_regret == pytest.approx(2.0) and ds.median_rank == 2
     assert ds.mean_overlap == pytest.approx(8 / 3)
+    # the proxy's margin: its second-best over its pick, minus 1 (x: a 6 over b 5)
+    assert (x.margin, y.margin, a.margin) == (pytest.approx(0.2), 1.5, 1.0)
+    assert ds.close_calls == 0 and not x.close_call
     line = ds.fmt()
     assert "top 2 on 2/3 OOD domains" in line and "mean regret 70.00%" in line
+    assert "0 close call(s)" in line
     assert json.loads(json.dumps(ds.to_json()))["share_top2"] == pytest.approx(2 / 3)
+
+
+def test_a_pick_within_one_percent_of_the_runner_up_is_a_close_call():
+    ids = ["m1", "m2", "m3", "m4"]
+    close = dc.decide("x", ids, np.array([1.005, 1.0, 2, 3]), np.array([1.0, 2, 3, 4]))
+    assert close is not None and close.pick == "m2" and close.margin == pytest.approx(0.005)
+    assert close.close_call and (close.seq_rank, close.regret) == (2, 1.0)
+    clear = dc.decide("x", ids, np.array([1.02, 1.0, 2, 3]), np.array([1.0, 2, 3, 4]))
+    assert clear is not None and not clear.close_call
+    ds = dc.DecisionSummary("merged", [close, clear], None)
+    assert ds.close_calls == 1 and ds.to_json()["close_calls"] == 1
+    assert "1 close call(s) (a pick within 1% of the proxy's runner-up)" in ds.fmt()
 
 
 def test_too_few_mixtures_give_no_decision_and_no_coefficient():
@@ -120,7 +136,15 @@ def test_report_shows_summary_row_decisions_and_n(tmp_path):
     assert f"({', '.join(ROLE_EXTRA)})" in md
     assert "## Decisions: how good is the proxy's pick under seq?" in md
     assert "**pick in seq's top 2 (OOD domains)**" in md
+    assert "**close calls (OOD domains)**" in md
     got = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    margins = [d["margin"] for d in got["decisions"]["merged"]["ood_domains"].values()]
+    closes = sum(m < dc.CLOSE_CALL for m in margins)
+    assert got["decisions"]["merged"]["close_calls"] == closes
+    section = md.split("## Decisions")[1].splitlines()
+    header = [c.strip() for c in next(ln for ln in section if ln.startswith("| row |")).split("|")]
+    row = next(ln for ln in section if ln.startswith("| **close calls (OOD domains)**"))
+    assert row.split("|")[header.index("merged")].strip() == f"{closes} of {len(margins)}"
     cell = got["summary_row"]["cells"]["arith/raw"]["pearson"]["merged"]
     assert cell["n"] == 6 and cell["lo"] is not None and cell["lo"] <= cell["r"] <= cell["hi"]
     assert got["decisions"]["merged"]["n_domains"] == len(ROLE_EXTRA)  # 3 OOD points elsewhere
