@@ -275,3 +275,19 @@ def decisions(
     sdoms = summary_domains(table) if domains is None else list(domains)
     summary = decide(SUMMARY_ROW, *summary_paired(table, proxy, sdoms)) if sdoms else None
     return DecisionSummary(proxy, rows, summary)
+
+
+def runner_up(
+    table: ResultTable, proxy: str, domains: Sequence[str], pick: str
+) -> tuple[str, float] | None:
+    """The mixture ``proxy`` ranks second by the recommendation's score (its
+    geometric-mean perplexity over ``domains``, as :func:`~.analysis.recommend`) and the
+    margin of ``pick`` over it: the runner-up's score over the pick's, minus 1 (under
+    :data:`CLOSE_CALL`: a close call). None without a score for ``pick`` or a second
+    mixture."""
+    scores = summary_values(table, proxy, domains, "geom")
+    others = sorted((v, m) for m, v in scores.items() if m != pick)
+    if pick not in scores or not others:
+        return None
+    value, mixture = others[0]
+    return mixture, value / scores[pick] - 1.0

@@ -19,6 +19,8 @@ summary.json (:meth:`ReportSummary.to_json`)::
                              "all": {"mean": {...}, "pooled": {...}}}}
     best_true_rank  {proxy: {"ood" | "id": {"median", "max", "n"}}} (§A.5)
     recommended     [mixture id, label, score];  files: the files written
+    runner_up       {"id", "label", "margin", "close_call"}: the headline proxy's second
+                    mixture by the same score, and the recommendation's margin over it
 
 A Corr is ``{"r", "lo", "hi", "n", "mixtures"}`` (null where undefined). ``roles.id.mean``
 (mean over domains of the coefficient over each domain's in-domain mixtures, often only
@@ -63,6 +65,7 @@ class ReportSummary:
     pooled: dict[str, dict[str, an.Corr]] = field(default_factory=dict)  # proxy -> method
     per_domain: dict[str, dict[str, an.Corr]] = field(default_factory=dict)  # row -> method
     recommended: tuple[str, str, float] | None = None  # (mixture id, label, score)
+    runner_up: tuple[str, str, float] | None = None  # (mixture id, label, margin of the pick)
     files: list[str] = field(default_factory=list)
     primary_reason: str = ""
     id_label: str = ID_DOMAIN
@@ -140,7 +143,10 @@ class ReportSummary:
                 f"Spearman {s.fmt()} (lower when {WHY_ALL_LOWER})"
             )
         if self.recommended:
-            lines.append(f"recommended mixture: {self.recommended[1]} ({self.recommended[0]})")
+            lines.append(
+                f"recommended mixture: {self.recommended[1]} ({self.recommended[0]})"
+                + _runner_up_note(self.runner_up)
+            )
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -174,6 +180,16 @@ class ReportSummary:
             "decisions": {p: d.to_json() for p, d in self.decisions.items()},
             "scaled": self.scaled,
             "recommended": list(self.recommended) if self.recommended else None,
+            "runner_up": (
+                {
+                    "id": self.runner_up[0],
+                    "label": self.runner_up[1],
+                    "margin": self.runner_up[2],
+                    "close_call": self.runner_up[2] < dc.CLOSE_CALL,
+                }
+                if self.runner_up
+                else None
+            ),
             "files": self.files,
         }
 
@@ -329,12 +345,30 @@ def headline_section(
     if rec:
         label = table.mixtures[rec[0]].label
         summary.recommended = (rec[0], label, rec[1])
+        second = dc.runner_up(table, primary, table.domains, rec[0]) if primary else None
+        if second:
+            summary.runner_up = (second[0], table.mixtures[second[0]].label, second[1])
         md.append("")
         md.append(
             f"**Recommended mixture** (lowest geometric-mean {primary} perplexity over "
-            f"{', '.join(table.domains)}): **{label}** (`{rec[0]}`, {rec[1]:.3f})."
+            f"{', '.join(table.domains)}): **{label}** (`{rec[0]}`, {rec[1]:.3f})"
+            + _runner_up_note(summary.runner_up)
+            + "."
         )
     return md
+
+
+def _runner_up_note(runner_up: tuple[str, str, float] | None) -> str:
+    """``; ahead of X by 0.42%`` (and the close-call warning when under CLOSE_CALL)."""
+    if runner_up is None:
+        return ""
+    note = f"; ahead of the runner-up {runner_up[1]} by {100 * runner_up[2]:.2f}%"
+    if runner_up[2] < dc.CLOSE_CALL:
+        note += (
+            f" (a close call, under {100 * dc.CLOSE_CALL:g}%: where the proxy's picks most "
+            "often miss; confirm it with a seq model)"
+        )
+    return note
 
 
 def _legend(table: an.ResultTable, rt: rl.RoleTable) -> str:

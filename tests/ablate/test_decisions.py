@@ -154,3 +154,13 @@ def test_report_shows_summary_row_decisions_and_n(tmp_path):
     ood_mean = summary.fig("merged", "ood", "mean", "pearson")
     assert ood_mean.per == "domains" and not math.isnan(ood_mean.lo)
     assert f"n={ood_mean.n} domains" in md
+
+
+def test_the_recommendation_says_how_far_ahead_of_its_runner_up_it_is():
+    from megablocks_ablate.ablate.report_tables import _runner_up_note
+
+    assert _runner_up_note(None) == ""
+    clear = _runner_up_note(("m2", "b+c", 0.02))
+    assert clear == "; ahead of the runner-up b+c by 2.00%"
+    close = _runner_up_note(("m2", "b+c", 0.004))
+    assert "by 0.40% (a close call, under 1%" in close and "seq model" in close

@@ -76,6 +76,19 @@ def test_numbers_equal_a_recomputation_from_the_store(report):
         m for m, _ in an.rank_mixtures(table, "macro", "wiki")
     ]
     assert summary.recommended[0] == an.recommend(table, "macro")[0]
+    # the runner-up by the same score (geometric mean over every domain), by hand
+    scores = {}
+    for mid in table.mixtures:
+        vals = [table.get("macro", d).get(mid) for d in table.domains]
+        if all(v is not None for v in vals):
+            scores[mid] = math.exp(sum(math.log(v) for v in vals) / len(vals))
+    ranked = sorted(scores, key=scores.get)
+    assert summary.runner_up is not None and summary.runner_up[0] == ranked[1]
+    margin = scores[ranked[1]] / scores[ranked[0]] - 1
+    assert summary.runner_up[2] == pytest.approx(margin)
+    got = json.loads((out / "summary.json").read_text())["runner_up"]
+    assert got["id"] == ranked[1] and got["close_call"] == (margin < 0.01)
+    assert f"ahead of the runner-up {got['label']} by {100 * margin:.2f}%" in summary.headline()
 
 
 def test_report_without_seq_results(tmp_path):
