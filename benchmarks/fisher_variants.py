@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 import megablocks_ablate.ablate.runner.fisher as runner_fisher
 from megablocks_ablate.ablate.store import ResultStore
 from megablocks_ablate.cli import main as cli_main
-from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge
+from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge, unit_curvatures
 
 
 def parse_args(argv=None):
@@ -115,15 +115,16 @@ def agree_merge(seed, deltas, fishers, weights, eps, power, fisher_merged):
     max_u w_u G_u`` with the Fisher merge's ``G_u``; elsewhere ``fisher_merged``."""
     out = {}
     for k, merged in fisher_merged.items():
-        curv = [f[k].float().pow(power) for f in fishers]
-        floor = eps * torch.stack(curv).mean()
-        wg = [w * (c + floor) for w, c in zip(weights, curv)]
+        curv = unit_curvatures(fishers, k, eps, power)
+        if curv is None:
+            out[k] = merged
+            continue
+        wg = [w * c for w, c in zip(weights, curv)]
         signs = torch.stack([torch.sign(d[k]) for d in deltas])
         same = (signs == signs[0]).all(dim=0) & (signs[0] != 0)
         total = sum(g * d[k] for g, d in zip(wg, deltas))
-        den = torch.stack(wg).amax(dim=0)
-        summed = seed[k] + total / den.clamp_min(torch.finfo(den.dtype).tiny)
-        out[k] = torch.where(same & (den > 0), summed, merged)
+        summed = seed[k] + total / torch.stack(wg).amax(dim=0)
+        out[k] = torch.where(same, summed, merged)
     return out
 
 
@@ -149,11 +150,11 @@ def install(args, cache_dir: str):
         for u, job in jobs.items():
             sha = inputs.hashes[u]
             if args.variant == "regmean":
-                model = load_model(job.entry.model_dir, device)[0]
                 grams_of[id(inputs.deltas[u])] = cached(
                     os.path.join(cache_dir, f"grams-{sha}.safetensors"),
-                    lambda m=model, j=job: input_grams(
-                        m, runner_fisher._unit_sequences(j, spec.sequences)
+                    lambda j=job: input_grams(
+                        load_model(j.entry.model_dir, device)[0],
+                        runner_fisher._unit_sequences(j, spec.sequences),
                     ),
                 )
             elif args.variant in ("seed", "path"):

@@ -113,22 +113,33 @@ def fisher_merge(
         raise ValueError(f"fisher_merge: power must be a finite number > 0, got {power}")
     out = {}
     for k, s in seed.items():
-        if not all(k in f for f in fishers):
-            out[k] = s + sum(w * d[k] for d, w in zip(deltas, weights))
-            continue
-        curv = [f[k].float() if power == 1 else f[k].float().pow(power) for f in fishers]
-        floor = eps * sum(float(c.mean()) for c in curv) / len(curv)
-        if floor <= 0:  # no unit's data moves this tensor: every G_u equal
+        curv = unit_curvatures(fishers, k, eps, power)
+        if curv is None:
             out[k] = s + sum(w * d[k] for d, w in zip(deltas, weights))
             continue
         num = torch.zeros_like(s, dtype=torch.float32)
         den = torch.zeros_like(s, dtype=torch.float32)
         for d, c, w in zip(deltas, curv, weights):
-            g = w * (c + floor)
+            g = w * c
             num += g * d[k].float()
             den += g
         out[k] = (s.float() + num / den).to(s.dtype)
     return out
+
+
+def unit_curvatures(
+    fishers: Sequence[Tensors], name: str, eps: float, power: float = 1.0
+) -> list[torch.Tensor] | None:
+    """Each unit's ``G_u = F_u^power + eps x`` (the mean of ``F^power`` over the units)
+    for tensor ``name`` (fp32), as :func:`fisher_merge` weights it; None when a unit has
+    no Fisher for it or no unit's data moves it (every ``G_u`` equal: the plain average)."""
+    if not all(name in f for f in fishers):
+        return None
+    curv = [f[name].float() if power == 1 else f[name].float().pow(power) for f in fishers]
+    floor = eps * sum(float(c.mean()) for c in curv) / len(curv)
+    if floor <= 0:
+        return None
+    return [c + floor for c in curv]
 
 
 # ----------------------------------------------------------------------------- the file
