@@ -201,8 +201,12 @@ def main(argv=None) -> int:
     base = os.path.dirname(os.path.abspath(args.spec))
     src = os.path.join(base, spec["out_dir"], "results.sqlite")
     dst_dir = os.path.join(base, args.out)
-    if os.path.exists(dst_dir):
-        sys.exit(f"fisher_variants: {dst_dir} exists; choose another --out")
+    new_spec = os.path.join(base, args.out + ".yaml")
+    for taken in (dst_dir, new_spec):  # both checked before anything is written
+        if os.path.exists(taken):
+            sys.exit(f"fisher_variants: {taken} exists; choose another --out")
+    if not os.path.exists(src):
+        sys.exit(f"fisher_variants: no results store {src} (run the study first)")
     cache_dir = os.path.join(dst_dir, "variant-cache")
     os.makedirs(cache_dir)
     source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
@@ -216,7 +220,6 @@ def main(argv=None) -> int:
         store.drop_proxy(runner_fisher.FISHER)
     spec["out_dir"] = args.out
     spec["proxies"] = ["merged", "fisher"]
-    new_spec = os.path.join(base, args.out + ".yaml")
     with open(new_spec, "w") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
     restore = install(args, cache_dir)

@@ -107,6 +107,11 @@ def test_a_variant_scores_a_copy_and_leaves_the_study_alone(fv, base, monkeypatc
     assert all(a[3] != b[3] for a, b in zip(fisher_one, fisher_half))  # half-way: other scores
     with pytest.raises(SystemExit, match="exists"):
         fv.main([*argv, "--out", "v_one"])
+    # a user's file named like the spec it would write: refused, untouched, nothing made
+    (root / "v_mine.yaml").write_text("mine\n")
+    with pytest.raises(SystemExit, match="v_mine.yaml exists"):
+        fv.main([*argv, "--out", "v_mine"])
+    assert (root / "v_mine.yaml").read_text() == "mine\n" and not (root / "v_mine").exists()
     # the Fisher along the path (seed and unit ends): other weights, so other scores,
     # and the seed's Fishers cached beside the copy, not in the study's run directories
     path_argv = ["path", str(root / "study.yaml"), "--registry", spec["out_dir"]]
