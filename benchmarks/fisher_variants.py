@@ -20,7 +20,14 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
   *sum* of their moves, ``sum_u w_u G_u d_u / max_u w_u G_u`` (two units of equal
   curvature: both moves added, as a seq model trained on both takes the steps of both;
   one unit that dominates: its own move); elsewhere the Fisher merge;
-* ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed.
+* ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed;
+* ``relnorm``: the diagonal Fisher merge with each tensor's displacement from the seed
+  stretched by ``(r / r_mean) ** --gamma``, where ``r`` is the weighted mean length of the
+  mixture's unit displacements over the length of the merged one (averaging units that
+  move different ways shortens the merge, a seq model trained on both does not shorten)
+  and ``r_mean`` its mean over every equal-weight pair of the study's units, so the
+  overall distance from the seed is kept and only one mixture's relative to another
+  changes (``merge_rules.py``'s ``relnorm-tensor``, on the Fisher merge).
 
 The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
 its fisher rows dropped) and the spec with ``out_dir: NAME`` written next to it, so
@@ -48,12 +55,13 @@ from megablocks_ablate.merge.fisher import empirical_fisher, fisher_merge, unit_
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("variant", choices=["regmean", "seed", "path", "scaled", "agree"])
+    ap.add_argument("variant", choices=["regmean", "seed", "path", "scaled", "agree", "relnorm"])
     ap.add_argument("spec", help="the finished study's spec (YAML)")
     ap.add_argument("--registry", required=True, help="the study directory holding its models")
     ap.add_argument("--out", required=True, help="new out_dir name, next to the spec")
     ap.add_argument("--alpha", type=float, default=0.9, help="regmean: off-diagonal scale")
     ap.add_argument("--lam", type=float, default=1.5, help="scaled: the multiple")
+    ap.add_argument("--gamma", type=float, default=1.0, help="relnorm: the exponent")
     return ap.parse_args(argv)
 
 
@@ -128,6 +136,40 @@ def agree_merge(seed, deltas, fishers, weights, eps, power, fisher_merged):
     return out
 
 
+def displacement_ratio(seed, deltas, merged, weights) -> dict[str, float]:
+    """Per tensor of ``merged``: the weighted mean length of the units' displacements over
+    the length of the merged displacement (1 where the latter is zero)."""
+    out = {}
+    for k, v in merged.items():
+        length = float((v - seed[k]).norm())
+        target = sum(w * float(d[k].norm()) for d, w in zip(deltas, weights))
+        out[k] = target / length if length > 0 else 1.0
+    return out
+
+
+def pair_ratio_mean(seed, deltas, fishers, eps, power) -> dict[str, float]:
+    """:func:`displacement_ratio` of the Fisher merge, averaged over every equal-weight
+    pair of units (``deltas``/``fishers``: unit -> tensors)."""
+    units = sorted(deltas)
+    ratios = []
+    for i, a in enumerate(units):
+        for b in units[i + 1 :]:
+            pair_d, pair_f, w = [deltas[a], deltas[b]], [fishers[a], fishers[b]], [0.5, 0.5]
+            merged = fisher_merge(seed, pair_d, pair_f, w, eps, power)
+            ratios.append(displacement_ratio(seed, pair_d, merged, w))
+    if not ratios:
+        raise SystemExit("fisher_variants: relnorm needs at least two unit models")
+    return {k: sum(r[k] for r in ratios) / len(ratios) for k in ratios[0]}
+
+
+def relnorm_merge(seed, deltas, weights, merged, ratio_mean, gamma) -> dict[str, torch.Tensor]:
+    """``merged``'s displacement, tensor by tensor, times ``(r / ratio_mean) ** gamma``."""
+    ratio = displacement_ratio(seed, deltas, merged, weights)
+    return {
+        k: seed[k] + (ratio[k] / ratio_mean[k]) ** gamma * (v - seed[k]) for k, v in merged.items()
+    }
+
+
 def cached(path: str, compute) -> dict[str, torch.Tensor]:
     if os.path.exists(path):
         return load_file(path)
@@ -142,6 +184,7 @@ def install(args, cache_dir: str):
     from megablocks_ablate.model.loading import load_model
 
     grams_of: dict[int, dict[str, torch.Tensor]] = {}  # id(unit's deltas) -> its Grams
+    ratio_mean: dict[str, float] = {}  # relnorm: tensor -> mean ratio over unit pairs
     original_load = runner_fisher._load_inputs
 
     def load_inputs(plan, jobs, spec, device):
@@ -171,6 +214,10 @@ def install(args, cache_dir: str):
                     inputs.fishers[u] = {
                         k: 0.5 * (v + at_seed[k]) for k, v in inputs.fishers[u].items()
                     }
+        if args.variant == "relnorm":
+            ratio_mean.update(
+                pair_ratio_mean(inputs.seed, inputs.deltas, inputs.fishers, spec.eps, spec.power)
+            )
         return inputs
 
     def merge(seed, deltas, fishers, weights, eps, power=1.0):
@@ -179,6 +226,8 @@ def install(args, cache_dir: str):
             return {k: seed[k] + args.lam * (v - seed[k]) for k, v in out.items()}
         if args.variant == "agree":
             out.update(agree_merge(seed, deltas, fishers, weights, eps, power, out))
+        if args.variant == "relnorm":
+            return relnorm_merge(seed, deltas, weights, out, ratio_mean, args.gamma)
         if args.variant == "regmean":
             grams = [grams_of[id(d)] for d in deltas]
             out.update(regmean_merge(seed, deltas, grams, weights, args.alpha))
