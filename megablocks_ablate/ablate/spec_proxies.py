@@ -56,8 +56,17 @@ class FisherSpec(Config):
         "most more closely)",
         1.0,
     )
+    stretch: float = doc(
+        "exponent gamma of the relative stretch (merge/stretch.py): each tensor's merged "
+        "displacement times (its shortening / the mean over pairs of the study's models) "
+        "** gamma, undoing part of the shortening averaging causes (0: the Fisher merge "
+        "as is)",
+        0.0,
+    )
 
     def validate(self) -> None:
+        if not (math.isfinite(self.stretch) and self.stretch >= 0):
+            raise ConfigError(f"fisher.stretch: expected a finite number >= 0, got {self.stretch}")
         if not (math.isfinite(self.power) and self.power > 0):
             raise ConfigError(f"fisher.power: expected a finite number > 0, got {self.power}")
         if self.sequences < 1 or self.batch < 1:

@@ -40,7 +40,7 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
     data, seed_data = build_data(s, time.time())
     spec = study_spec(s, data, seed_data)
     spec["proxies"] = ["merged", "fisher"]
-    spec["fisher"] = {"sequences": 6, "batch": 2, "eps": 0.05}
+    spec["fisher"] = {"sequences": 6, "batch": 2, "eps": 0.05, "stretch": 0.0}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     runner = run_study(resolve(StudySpec.load(str(path))), RunOptions())
@@ -100,6 +100,55 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
         assert all(r.provenance["fisher"]["eps"] == 0.5 for r in store.results("fisher"))
     assert any(abs(again[d] - stored[d].perplexity) > 1e-9 for d in again)
     assert os.path.getmtime(fpath) == mtime  # eps is not the Fisher's: the file is reused
+    # the stretch: rows replaced; each merge's displacement, tensor by tensor, times
+    # (its shortening / the mean shortening over every pair of the study's models) ** 0.5
+    spec["fisher"]["stretch"] = 0.5
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_study(resolve(StudySpec.load(str(path))), RunOptions())
+    from megablocks_ablate.ablate.runner.fisher import fisher_weights
+
+    models = sorted({u for mx in runner.study.mixtures for u in fisher_weights(runner.study, mx)})
+    with ResultStore(store_file) as store:
+        meta = store.get_meta("fisher")
+        stretched = {
+            r.domain: r.score.perplexity for r in store.results("fisher") if r.subject == m.id
+        }
+        provs = [r.provenance["fisher"] for r in store.results("fisher")]
+    assert meta["stretch"] == 0.5 and meta["stretch_reference"] == models
+    assert all(
+        p == {"sequences": 6, "batch": 2, "eps": 0.5, "power": 1.0, "stretch": 0.5} for p in provs
+    )
+    all_deltas, all_fishers = {}, {}
+    for u in models:
+        state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
+        all_deltas[u] = {k: state[k] - seed[k] for k in seed}
+        unit_model, _ = load_model(jobs[u].entry.model_dir)
+        all_fishers[u] = empirical_fisher(unit_model, _unit_sequences(jobs[u], 6), 2)
+
+    def lengths(ds, ws, merged_state):  # per tensor: mean unit move / merged move
+        return {
+            k: sum(w * float(d[k].norm()) for d, w in zip(ds, ws))
+            / float((merged_state[k] - seed[k]).norm())
+            for k in seed
+            if float((merged_state[k] - seed[k]).norm()) > 0
+        }
+
+    pair_ratios = []
+    for i, a in enumerate(models):
+        for b in models[i + 1 :]:
+            ds = [all_deltas[a], all_deltas[b]]
+            pm = fisher_merge(seed, ds, [all_fishers[a], all_fishers[b]], [0.5, 0.5], 0.5)
+            pair_ratios.append(lengths(ds, [0.5, 0.5], pm))
+    plain_fisher = fisher_merge(seed, deltas, fishers, w, 0.5)
+    ratio = lengths(deltas, w, plain_fisher)
+    by_hand = dict(plain_fisher)
+    for k, r in ratio.items():
+        mean = sum(p[k] for p in pair_ratios) / len(pair_ratios)
+        by_hand[k] = seed[k] + (r / mean) ** 0.5 * (plain_fisher[k] - seed[k])
+    model.load_state_dict(by_hand, strict=True)
+    for d, res in evaluate(model, runner.scorer().suite).items():
+        assert stretched[d] == pytest.approx(res.perplexity, rel=1e-5)
+    assert any(abs(stretched[d] - again[d]) > 1e-6 for d in again)
     # a file at a Fisher path that is not ours, or is for other weights, is refused
     job = jobs[m.units[0]]
     with pytest.raises(ConfigError, match="other weights"):
@@ -126,6 +175,10 @@ def test_fisher_spec_checks():
         FisherSpec(sequences=0)
     with pytest.raises(ConfigError, match="fisher.power"):
         FisherSpec(power=-1.0)
+    with pytest.raises(ConfigError, match="fisher.stretch"):
+        FisherSpec(stretch=-0.25)
+    with pytest.raises(ConfigError, match="fisher.stretch"):
+        FisherSpec(stretch=float("nan"))
 
 
 def test_fisher_weights_give_each_partition_its_share():

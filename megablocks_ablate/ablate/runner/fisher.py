@@ -12,7 +12,11 @@ model trained on the union. Here the study gets it:
 2. every mixture merged by :func:`~megablocks_ablate.merge.fisher.fisher_merge` from the
    seed (hash-checked against the units' lineage), the units' weights (hash-checked) and
    those Fishers, each partition weighted as its seq model trains it
-   (:func:`fisher_weights`), and scored as proxy ``fisher``.
+   (:func:`fisher_weights`), and scored as proxy ``fisher``;
+3. with ``fisher.stretch`` > 0, each merge's displacement stretched tensor by tensor
+   by its shortening relative to the mean over pairs of the study's models
+   (:mod:`megablocks_ablate.merge.stretch`; every model the study merges is loaded for
+   that reference, and its names are part of the recorded settings).
 
 Each row's provenance records the unit hashes, the weights, the Fisher files' settings
 and ``eps``; the store's meta ``fisher`` records the settings of its rows, and a run with
@@ -42,6 +46,7 @@ from megablocks_ablate.merge.fisher import (
     load_fisher,
     save_fisher,
 )
+from megablocks_ablate.merge.stretch import reference_shortening, stretch_merge
 from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.utils.progress import progress
 
@@ -98,37 +103,62 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     """Compute the Fisher of every model the mixtures merge (where missing), then score
     every mixture not yet in the store as proxy ``fisher``; returns how many were scored."""
     study, spec = scorer.study, scorer.study.spec.fisher
-    settings = {
+    settings: dict[str, object] = {
         "sequences": spec.sequences,
         "batch": spec.batch,
         "eps": spec.eps,
         "power": spec.power,
     }
+    reference_models: list[str] = []
+    if spec.stretch:  # the stretch is relative to pairs of every model the study merges
+        reference_models = sorted({u for m in mixtures for u in fisher_weights(study, m)})
+        if len(reference_models) < 2:
+            raise ConfigError(
+                "fisher.stretch: the study merges fewer than two models, so there is no "
+                "shortening to undo; set fisher.stretch=0"
+            )
+        settings["stretch"] = spec.stretch
+        settings["stretch_reference"] = reference_models
     _sync_settings(store, settings)
+    row_settings = {k: v for k, v in settings.items() if k != "stretch_reference"}
     todo = [m for m in mixtures if not store.done(m.id, FISHER, scorer.domains)]
     if not todo:
         return 0
     weights = {m.id: fisher_weights(study, m) for m in todo}
-    needed = {u for w in weights.values() for u in w}
+    needed = {u for w in weights.values() for u in w} | set(reference_models)
     jobs = {j.name: j for j in plan.pool_jobs if j.name in needed}
     if set(jobs) != needed:
         raise ConfigError(f"fisher: no trained model for {sorted(needed - set(jobs))}")
     inputs = _load_inputs(plan, jobs, spec, scorer.opt.device)
+
+    def merge(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
+        deltas = [inputs.deltas[u] for u in units]
+        fishers = [inputs.fishers[u] for u in units]
+        return fisher_merge(inputs.seed, deltas, fishers, w, spec.eps, spec.power)
+
+    reference: dict[str, float] = {}
+    if spec.stretch:
+        reference = reference_shortening(
+            inputs.seed,
+            {u: inputs.deltas[u] for u in reference_models},
+            lambda p: merge(p, [0.5, 0.5]),
+        )
     live = inputs.model_cfg.build(device="cpu").to(scorer.opt.device)
     with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
         for m in todo:
             w = weights[m.id]
             units = list(w)
-            live.load_state_dict(
-                fisher_merge(
+            merged = merge(units, [w[u] for u in units])
+            if spec.stretch:
+                merged = stretch_merge(
                     inputs.seed,
                     [inputs.deltas[u] for u in units],
-                    [inputs.fishers[u] for u in units],
                     [w[u] for u in units],
-                    spec.eps,
-                    spec.power,
+                    merged,
+                    reference,
+                    spec.stretch,
                 )
-            )
+            live.load_state_dict(merged)
             trained = min(inputs.trained[u] for u in units)
             scores = scorer.evaluate(live, f"the Fisher merge of {m.label}", trained)
             prov = make_provenance(
@@ -136,12 +166,18 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
                 weights=w,
                 eval_fingerprint=scorer.fingerprint,
                 proxies=[FISHER],
-                fisher=settings,
+                fisher=row_settings,
                 **scorer.window_provenance(trained),
             )
             store.add_results([Result(m.id, FISHER, d, s, prov) for d, s in scores.items()])
             bar.update(1)
-    logger.info("[fisher] %d mixtures scored (eps %g)", len(todo), spec.eps)
+    logger.info(
+        "[fisher] %d mixtures scored (eps %g, power %g, stretch %g)",
+        len(todo),
+        spec.eps,
+        spec.power,
+        spec.stretch,
+    )
     return len(todo)
 
 

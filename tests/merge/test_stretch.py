@@ -1,0 +1,80 @@
+"""merge/stretch.py: the shortening of a merge, its mean over pairs of models, and the
+relative stretch, against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megablocks_ablate.merge import stretch as st
+
+
+def _t(*v):
+    return {"w": torch.tensor(v, dtype=torch.float32)}
+
+
+SEED = _t(0.0, 0.0)
+
+
+def _average(seed, deltas, weights):
+    return {k: seed[k] + sum(w * d[k] for d, w in zip(deltas, weights)) for k in seed}
+
+
+def test_shortening_is_the_mean_move_over_the_merged_move():
+    x, y = _t(1.0, 0.0), _t(0.0, 1.0)
+    w = [0.5, 0.5]
+    # right angles, unit length: the average (0.5, 0.5) has length 1/sqrt 2
+    assert st.shortening(SEED, [x, y], _average(SEED, [x, y], w), w)["w"] == pytest.approx(
+        math.sqrt(2)
+    )
+    assert st.shortening(SEED, [x, x], _average(SEED, [x, x], w), w)["w"] == pytest.approx(1.0)
+    # opposite moves cancel to nothing: no direction to stretch, ratio 1
+    assert st.shortening(SEED, [x, _t(-1.0, 0.0)], SEED, w)["w"] == 1.0
+    # unequal weights and lengths: (0.25 x 2 + 0.75 x 1) / |(0.5, 0.75)|
+    a, b = _t(2.0, 0.0), _t(0.0, 1.0)
+    got = st.shortening(SEED, [a, b], _average(SEED, [a, b], [0.25, 0.75]), [0.25, 0.75])["w"]
+    assert got == pytest.approx(1.25 / math.hypot(0.5, 0.75))
+
+
+def test_reference_is_the_mean_over_every_pair_and_a_fixed_sample_of_many():
+    deltas = {"a": _t(1.0, 0.0), "b": _t(0.0, 1.0), "c": _t(1.0, 0.0)}
+    seen = []
+
+    def merge(pair):
+        seen.append(tuple(pair))
+        return _average(SEED, [deltas[u] for u in pair], [0.5, 0.5])
+
+    ref = st.reference_shortening(SEED, deltas, merge)["w"]
+    assert sorted(seen) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert ref == pytest.approx((math.sqrt(2) + 1.0 + math.sqrt(2)) / 3)
+    many = [f"u{i:02d}" for i in range(30)]  # 435 pairs
+    pairs = st.reference_pairs(many)
+    assert len(pairs) == st.MAX_PAIRS == len(set(pairs))
+    assert pairs == st.reference_pairs(list(reversed(many)))  # the same sample every time
+    assert all(a < b for a, b in pairs)
+    assert len(st.reference_pairs(many[:5])) == 10
+    with pytest.raises(ValueError, match="two models"):
+        st.reference_shortening(SEED, {"a": deltas["a"]}, merge)
+
+
+def test_stretch_moves_each_tensor_by_its_shortening_relative_to_the_reference():
+    x, y = _t(1.0, 0.0), _t(0.0, 1.0)
+    w = [0.5, 0.5]
+    merged = _average(SEED, [x, y], w)
+    ref = {"w": 1.2}
+    full = st.stretch_merge(SEED, [x, y], w, merged, ref, 1.0)["w"]
+    assert torch.allclose(full, merged["w"] * math.sqrt(2) / 1.2)
+    quarter = st.stretch_merge(SEED, [x, y], w, merged, ref, 0.25)["w"]
+    assert torch.allclose(quarter, merged["w"] * (math.sqrt(2) / 1.2) ** 0.25)
+    # from a seed that is not zero: the displacement is stretched, not the weights
+    seed = _t(3.0, -1.0)
+    moved = _average(seed, [x, y], w)
+    out = st.stretch_merge(seed, [x, y], w, moved, ref, 1.0)["w"]
+    assert torch.allclose(out, seed["w"] + (moved["w"] - seed["w"]) * math.sqrt(2) / 1.2)
+    # gamma 0, or a mixture of one model: the merge as it is
+    assert torch.equal(st.stretch_merge(SEED, [x, y], w, merged, ref, 0.0)["w"], merged["w"])
+    assert torch.equal(st.stretch_merge(SEED, [x], [1.0], _t(1.0, 0.0), ref, 1.0)["w"], x["w"])
+    with pytest.raises(ValueError, match="gamma"):
+        st.stretch_merge(SEED, [x, y], w, merged, ref, -0.5)
