@@ -29,7 +29,9 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
   overall distance from the seed is kept and only one mixture's relative to another
   changes (``merge_rules.py``'s ``relnorm-tensor``, on the Fisher merge).
 
-The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
+Every variant starts from the Fisher merge with ``fisher.stretch`` 0 (the package's
+stretch, :mod:`megablocks_ablate.merge.stretch`, is ``relnorm``); the study's other
+``fisher`` settings are kept. The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
 its fisher rows dropped) and the spec with ``out_dir: NAME`` written next to it, so
 the new fisher rows are judged against the study's own seq models; the study itself
 is only read. Per-unit Gram matrices and seed Fishers are cached as safetensors in
@@ -269,6 +271,9 @@ def main(argv=None) -> int:
         store.drop_proxy(runner_fisher.FISHER)
     spec["out_dir"] = args.out
     spec["proxies"] = ["merged", "fisher"]
+    # every variant is one of the Fisher merge as the package makes it without its
+    # relative stretch (relnorm is that stretch, re-done here)
+    spec["fisher"] = {**(spec.get("fisher") or {}), "stretch": 0.0}
     with open(new_spec, "w") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
     restore = install(args, cache_dir)

@@ -60,8 +60,9 @@ class FisherSpec(Config):
         "exponent gamma of the relative stretch (merge/stretch.py): each tensor's merged "
         "displacement times (its shortening / the mean over pairs of the study's models) "
         "** gamma, undoing part of the shortening averaging causes (0: the Fisher merge "
-        "as is)",
-        0.0,
+        "as is; 0.25 met all four fidelity targets on both built-in corpora over seven "
+        "data orders, four of them out of sample: docs/fidelity.md)",
+        0.25,
     )
 
     def validate(self) -> None:

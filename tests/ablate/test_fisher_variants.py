@@ -139,6 +139,15 @@ def test_a_variant_scores_a_copy_and_leaves_the_study_alone(fv, base, monkeypatc
     package_rows = _rows(root / "v_pkg" / "results.sqlite", "fisher")
     assert [r[:3] for r in package_rows] == [r[:3] for r in fisher_one]
     assert all(a[3] == pytest.approx(b[3], rel=1e-6) for a, b in zip(package_rows, fisher_one))
+    # the package's fisher.stretch is the harness's relnorm
+    assert pkg["fisher"]["stretch"] == 0.0  # the harness wrote its variants' spec so
+    pkg["fisher"]["stretch"], pkg["out_dir"] = 1.0, "v_pkg_stretch"
+    (root / "v_pkg_stretch.yaml").write_text(yaml.safe_dump(pkg, sort_keys=False))
+    argv_pkg = ["study", "run", str(root / "v_pkg_stretch.yaml"), "--registry", spec["out_dir"]]
+    assert cli_main(argv_pkg) == 0
+    stretched = _rows(root / "v_pkg_stretch" / "results.sqlite", "fisher")
+    assert [r[:3] for r in stretched] == [r[:3] for r in rel1]
+    assert all(a[3] == pytest.approx(b[3], rel=1e-6) for a, b in zip(stretched, rel1))
 
 
 def test_agree_adds_aligned_moves_and_keeps_the_fisher_merge_elsewhere(fv):
