@@ -27,11 +27,12 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
   move different ways shortens the merge, a seq model trained on both does not shorten)
   and ``r_mean`` its mean over every equal-weight pair of the study's units, so the
   overall distance from the seed is kept and only one mixture's relative to another
-  changes (``merge_rules.py``'s ``relnorm-tensor``, on the Fisher merge).
+  changes (``merge_rules.py``'s ``relnorm-tensor``, on the Fisher merge). This is the
+  package's ``fisher.stretch`` (:mod:`megablocks_ablate.merge.stretch`), set to
+  ``--gamma`` in the copy's spec; it was measured here before it was the default.
 
-Every variant starts from the Fisher merge with ``fisher.stretch`` 0 (the package's
-stretch, :mod:`megablocks_ablate.merge.stretch`, is ``relnorm``); the study's other
-``fisher`` settings are kept. The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
+Every variant but ``relnorm`` starts from the Fisher merge with ``fisher.stretch`` 0;
+the study's other ``fisher`` settings are kept. The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,
 its fisher rows dropped) and the spec with ``out_dir: NAME`` written next to it, so
 the new fisher rows are judged against the study's own seq models; the study itself
 is only read. Per-unit Gram matrices and seed Fishers are cached as safetensors in
@@ -138,40 +139,6 @@ def agree_merge(seed, deltas, fishers, weights, eps, power, fisher_merged):
     return out
 
 
-def displacement_ratio(seed, deltas, merged, weights) -> dict[str, float]:
-    """Per tensor of ``merged``: the weighted mean length of the units' displacements over
-    the length of the merged displacement (1 where the latter is zero)."""
-    out = {}
-    for k, v in merged.items():
-        length = float((v - seed[k]).norm())
-        target = sum(w * float(d[k].norm()) for d, w in zip(deltas, weights))
-        out[k] = target / length if length > 0 else 1.0
-    return out
-
-
-def pair_ratio_mean(seed, deltas, fishers, eps, power) -> dict[str, float]:
-    """:func:`displacement_ratio` of the Fisher merge, averaged over every equal-weight
-    pair of units (``deltas``/``fishers``: unit -> tensors)."""
-    units = sorted(deltas)
-    ratios = []
-    for i, a in enumerate(units):
-        for b in units[i + 1 :]:
-            pair_d, pair_f, w = [deltas[a], deltas[b]], [fishers[a], fishers[b]], [0.5, 0.5]
-            merged = fisher_merge(seed, pair_d, pair_f, w, eps, power)
-            ratios.append(displacement_ratio(seed, pair_d, merged, w))
-    if not ratios:
-        raise SystemExit("fisher_variants: relnorm needs at least two unit models")
-    return {k: sum(r[k] for r in ratios) / len(ratios) for k in ratios[0]}
-
-
-def relnorm_merge(seed, deltas, weights, merged, ratio_mean, gamma) -> dict[str, torch.Tensor]:
-    """``merged``'s displacement, tensor by tensor, times ``(r / ratio_mean) ** gamma``."""
-    ratio = displacement_ratio(seed, deltas, merged, weights)
-    return {
-        k: seed[k] + (ratio[k] / ratio_mean[k]) ** gamma * (v - seed[k]) for k, v in merged.items()
-    }
-
-
 def cached(path: str, compute) -> dict[str, torch.Tensor]:
     if os.path.exists(path):
         return load_file(path)
@@ -186,7 +153,6 @@ def install(args, cache_dir: str):
     from megablocks_ablate.model.loading import load_model
 
     grams_of: dict[int, dict[str, torch.Tensor]] = {}  # id(unit's deltas) -> its Grams
-    ratio_mean: dict[str, float] = {}  # relnorm: tensor -> mean ratio over unit pairs
     original_load = runner_fisher._load_inputs
 
     def load_inputs(plan, jobs, spec, device):
@@ -216,10 +182,6 @@ def install(args, cache_dir: str):
                     inputs.fishers[u] = {
                         k: 0.5 * (v + at_seed[k]) for k, v in inputs.fishers[u].items()
                     }
-        if args.variant == "relnorm":
-            ratio_mean.update(
-                pair_ratio_mean(inputs.seed, inputs.deltas, inputs.fishers, spec.eps, spec.power)
-            )
         return inputs
 
     def merge(seed, deltas, fishers, weights, eps, power=1.0):
@@ -228,8 +190,6 @@ def install(args, cache_dir: str):
             return {k: seed[k] + args.lam * (v - seed[k]) for k, v in out.items()}
         if args.variant == "agree":
             out.update(agree_merge(seed, deltas, fishers, weights, eps, power, out))
-        if args.variant == "relnorm":
-            return relnorm_merge(seed, deltas, weights, out, ratio_mean, args.gamma)
         if args.variant == "regmean":
             grams = [grams_of[id(d)] for d in deltas]
             out.update(regmean_merge(seed, deltas, grams, weights, args.alpha))
@@ -271,9 +231,10 @@ def main(argv=None) -> int:
         store.drop_proxy(runner_fisher.FISHER)
     spec["out_dir"] = args.out
     spec["proxies"] = ["merged", "fisher"]
-    # every variant is one of the Fisher merge as the package makes it without its
-    # relative stretch (relnorm is that stretch, re-done here)
-    spec["fisher"] = {**(spec.get("fisher") or {}), "stretch": 0.0}
+    # every variant is one of the Fisher merge without the package's relative stretch,
+    # but relnorm, which is that stretch at --gamma
+    stretch = args.gamma if args.variant == "relnorm" else 0.0
+    spec["fisher"] = {**(spec.get("fisher") or {}), "stretch": stretch}
     with open(new_spec, "w") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
     restore = install(args, cache_dir)

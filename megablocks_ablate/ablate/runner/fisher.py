@@ -46,7 +46,7 @@ from megablocks_ablate.merge.fisher import (
     load_fisher,
     save_fisher,
 )
-from megablocks_ablate.merge.stretch import reference_shortening, stretch_merge
+from megablocks_ablate.merge.stretch import reference_pairs, reference_shortening, stretch_merge
 from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.utils.progress import progress
 
@@ -103,22 +103,7 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     """Compute the Fisher of every model the mixtures merge (where missing), then score
     every mixture not yet in the store as proxy ``fisher``; returns how many were scored."""
     study, spec = scorer.study, scorer.study.spec.fisher
-    settings: dict[str, object] = {
-        "sequences": spec.sequences,
-        "batch": spec.batch,
-        "eps": spec.eps,
-        "power": spec.power,
-    }
-    reference_models: list[str] = []
-    if spec.stretch:  # the stretch is relative to pairs of every model the study merges
-        reference_models = sorted({u for m in mixtures for u in fisher_weights(study, m)})
-        if len(reference_models) < 2:
-            raise ConfigError(
-                "fisher.stretch: the study merges fewer than two models, so there is no "
-                "shortening to undo; set fisher.stretch=0"
-            )
-        settings["stretch"] = spec.stretch
-        settings["stretch_reference"] = reference_models
+    settings, reference_models = _settings(study, spec, mixtures)
     _sync_settings(store, settings)
     row_settings = {k: v for k, v in settings.items() if k != "stretch_reference"}
     todo = [m for m in mixtures if not store.done(m.id, FISHER, scorer.domains)]
@@ -130,35 +115,13 @@ def fisher_and_score(scorer, store: ResultStore, plan: RunPlan, mixtures: Sequen
     if set(jobs) != needed:
         raise ConfigError(f"fisher: no trained model for {sorted(needed - set(jobs))}")
     inputs = _load_inputs(plan, jobs, spec, scorer.opt.device)
-
-    def merge(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
-        deltas = [inputs.deltas[u] for u in units]
-        fishers = [inputs.fishers[u] for u in units]
-        return fisher_merge(inputs.seed, deltas, fishers, w, spec.eps, spec.power)
-
-    reference: dict[str, float] = {}
-    if spec.stretch:
-        reference = reference_shortening(
-            inputs.seed,
-            {u: inputs.deltas[u] for u in reference_models},
-            lambda p: merge(p, [0.5, 0.5]),
-        )
+    merge = _mixture_merge(inputs, spec, reference_models)
     live = inputs.model_cfg.build(device="cpu").to(scorer.opt.device)
     with progress(total=len(todo), desc="fisher merges", unit="merge") as bar:
         for m in todo:
             w = weights[m.id]
             units = list(w)
-            merged = merge(units, [w[u] for u in units])
-            if spec.stretch:
-                merged = stretch_merge(
-                    inputs.seed,
-                    [inputs.deltas[u] for u in units],
-                    [w[u] for u in units],
-                    merged,
-                    reference,
-                    spec.stretch,
-                )
-            live.load_state_dict(merged)
+            live.load_state_dict(merge(units, [w[u] for u in units]))
             trained = min(inputs.trained[u] for u in units)
             scores = scorer.evaluate(live, f"the Fisher merge of {m.label}", trained)
             prov = make_provenance(
@@ -245,6 +208,58 @@ def _load_inputs(plan: RunPlan, jobs: dict[str, ModelJob], spec, device) -> _Inp
         u: trained_seq_len(lin, max_len, jobs[u].entry.model_dir) for u, lin in lineages.items()
     }
     return _Inputs(model_cfg, seed, deltas, fishers, hashes, trained)
+
+
+def _settings(study, spec, mixtures: Sequence[Mixture]) -> tuple[dict[str, object], list[str]]:
+    """The settings the store's fisher rows are made with, and the models the stretch's
+    reference is taken over (every model the study's mixtures merge; none without it)."""
+    settings: dict[str, object] = {
+        "sequences": spec.sequences,
+        "batch": spec.batch,
+        "eps": spec.eps,
+        "power": spec.power,
+    }
+    if not spec.stretch:
+        return settings, []
+    reference_models = sorted({u for m in mixtures for u in fisher_weights(study, m)})
+    if len(reference_models) < 2:
+        raise ConfigError(
+            "fisher.stretch: the study merges fewer than two models, so there is no "
+            "shortening to undo; set fisher.stretch=0"
+        )
+    settings["stretch"] = spec.stretch
+    settings["stretch_reference"] = reference_models
+    return settings, reference_models
+
+
+def _mixture_merge(inputs: _Inputs, spec, reference_models: Sequence[str]):
+    """``merge(units, weights)``: the Fisher merge of those units, stretched
+    (:mod:`megablocks_ablate.merge.stretch`) when ``fisher.stretch`` > 0, relative to the
+    mean over pairs of ``reference_models``."""
+
+    def fisher(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
+        deltas = [inputs.deltas[u] for u in units]
+        fishers = [inputs.fishers[u] for u in units]
+        return fisher_merge(inputs.seed, deltas, fishers, w, spec.eps, spec.power)
+
+    if not spec.stretch:
+        return fisher
+    n_pairs = len(reference_pairs(reference_models))
+    with progress(total=n_pairs, desc="fisher stretch reference", unit="pair") as bar:
+
+        def pair_merge(pair: Sequence[str]) -> dict[str, torch.Tensor]:
+            bar.update(1)
+            return fisher(pair, [0.5, 0.5])
+
+        reference = reference_shortening(
+            inputs.seed, {u: inputs.deltas[u] for u in reference_models}, pair_merge
+        )
+
+    def stretched(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
+        deltas = [inputs.deltas[u] for u in units]
+        return stretch_merge(inputs.seed, deltas, w, fisher(units, w), reference, spec.stretch)
+
+    return stretched
 
 
 def fisher_weights(study, mixture: Mixture) -> dict[str, float]:
