@@ -58,14 +58,26 @@ class FisherSpec(Config):
     )
     stretch: float = doc(
         "exponent gamma of the relative stretch (merge/stretch.py): each tensor's merged "
-        "displacement times (its shortening / the mean over pairs of the study's models) "
+        "displacement times (its shortening / the mean over groups of the study's models "
+        "of the mixture's size) "
         "** gamma, undoing part of the shortening averaging causes (0: the Fisher merge "
         "as is; 0.25 met all four fidelity targets on both built-in corpora over seven "
         "data orders, four of them out of sample: docs/fidelity.md)",
         0.25,
     )
+    stretch_max_models: int = doc(
+        "the largest mixture, in merged models, the stretch applies to; larger ones get "
+        "the Fisher merge unstretched (2: measured to help on pairs on both built-in "
+        "corpora, and to hurt on triples in one study each: docs/fidelity.md)",
+        2,
+    )
 
     def validate(self) -> None:
+        if self.stretch_max_models < 2:
+            raise ConfigError(
+                f"fisher.stretch_max_models: expected an integer >= 2, got "
+                f"{self.stretch_max_models} (fisher.stretch=0 turns the stretch off)"
+            )
         if not (math.isfinite(self.stretch) and self.stretch >= 0):
             raise ConfigError(f"fisher.stretch: expected a finite number >= 0, got {self.stretch}")
         if not (math.isfinite(self.power) and self.power > 0):

@@ -15,10 +15,11 @@ Per tensor ``k`` of a mixture ``m``, the *shortening* is
 the weighted mean length of the merged units' displacements ``d_u`` over the length of
 the merged displacement ``D(m)`` (1 for one unit or parallel moves, larger the more the
 moves cancel). The stretched merge moves ``D_k(m) x (r_k(m) / rbar_k) ** gamma`` from the
-seed, where ``rbar_k`` is the mean shortening over every equal-weight pair of the
-study's models (:func:`reference_shortening`): the overall distance from the seed is
-kept, only how far one mixture goes relative to another changes. ``gamma`` 0 is the
-merge itself; 1 the full correction. A mixture of one model is that model, unstretched.
+seed, where ``rbar_k`` is the mean shortening over every equal-weight group of the
+study's models of the mixture's own size (pairs for a mixture of two models, triples
+for three: :func:`reference_shortening`): the overall distance from the seed of the
+mixtures of each size is kept, only how far one mixture goes relative to another of
+its size changes. ``gamma`` 0 is the merge itself; 1 the full correction. A mixture of one model is that model, unstretched.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import torch
 
 Tensors = Mapping[str, torch.Tensor]
 
-MAX_PAIRS = 256
-"""At most this many pairs of models form the reference (a fixed sample beyond it)."""
+MAX_GROUPS = 256
+"""At most this many groups of models form a reference (a fixed sample beyond it)."""
 
 
 def shortening(
@@ -49,30 +50,41 @@ def shortening(
     return out
 
 
-def reference_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
-    """Every pair of ``models`` (sorted), or a fixed sample of :data:`MAX_PAIRS` of them."""
-    pairs = list(itertools.combinations(sorted(models), 2))
-    if len(pairs) > MAX_PAIRS:
-        pairs = sorted(random.Random(0).sample(pairs, MAX_PAIRS))
-    return pairs
+def reference_groups(models: Sequence[str], size: int) -> list[tuple[str, ...]]:
+    """Every group of ``size`` of ``models`` (sorted), or a fixed sample of
+    :data:`MAX_GROUPS` of them."""
+    ordered = sorted(models)
+    if math.comb(len(ordered), size) <= MAX_GROUPS:
+        return list(itertools.combinations(ordered, size))
+    rng = random.Random(0)
+    seen: set[tuple[str, ...]] = set()
+    while len(seen) < MAX_GROUPS:
+        seen.add(tuple(sorted(rng.sample(ordered, size))))
+    return sorted(seen)
 
 
 def reference_shortening(
     seed: Tensors,
     deltas: Mapping[str, Tensors],
     merge: Callable[[Sequence[str]], Tensors],
+    size: int = 2,
 ) -> dict[str, float]:
-    """``rbar``: :func:`shortening` averaged over :func:`reference_pairs` of the models
-    in ``deltas``, each pair merged by ``merge([a, b])`` with equal weights."""
-    pairs = reference_pairs(list(deltas))
-    if not pairs:
-        raise ValueError("reference_shortening: needs at least two models")
+    """``rbar`` for mixtures of ``size`` models: :func:`shortening` averaged over
+    :func:`reference_groups` of the models in ``deltas``, each group merged by
+    ``merge(group)`` with equal weights."""
+    groups = reference_groups(list(deltas), size)
+    if size < 2 or not groups:
+        raise ValueError(
+            f"reference_shortening: needs groups of at least two of the {len(deltas)} "
+            f"models, got size {size}"
+        )
     total: dict[str, float] = {}
-    for a, b in pairs:
-        r = shortening(seed, [deltas[a], deltas[b]], merge([a, b]), [0.5, 0.5])
+    for group in groups:
+        members = [deltas[u] for u in group]
+        r = shortening(seed, members, merge(group), [1.0 / size] * size)
         for k, v in r.items():
             total[k] = total.get(k, 0.0) + v
-    return {k: v / len(pairs) for k, v in total.items()}
+    return {k: v / len(groups) for k, v in total.items()}
 
 
 def stretch_merge(

@@ -4,6 +4,7 @@ refusals that protect a user's files."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -101,7 +102,8 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
     assert any(abs(again[d] - stored[d].perplexity) > 1e-9 for d in again)
     assert os.path.getmtime(fpath) == mtime  # eps is not the Fisher's: the file is reused
     # the stretch: rows replaced; each merge's displacement, tensor by tensor, times
-    # (its shortening / the mean shortening over every pair of the study's models) ** 0.5
+    # (its shortening / the mean shortening over every group of the study's models of
+    # its size) ** 0.5
     spec["fisher"]["stretch"] = 0.5
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     run_study(resolve(StudySpec.load(str(path))), RunOptions())
@@ -115,9 +117,8 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
         }
         provs = [r.provenance["fisher"] for r in store.results("fisher")]
     assert meta["stretch"] == 0.5 and meta["stretch_reference"] == models
-    assert all(
-        p == {"sequences": 6, "batch": 2, "eps": 0.5, "power": 1.0, "stretch": 0.5} for p in provs
-    )
+    expected = {"sequences": 6, "batch": 2, "eps": 0.5, "power": 1.0}
+    assert all(p == {**expected, "stretch": 0.5, "stretch_max_models": 2} for p in provs)
     all_deltas, all_fishers = {}, {}
     for u in models:
         state = load_model_checkpoint(jobs[u].entry.model_dir)[0]
@@ -133,12 +134,12 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
             if float((merged_state[k] - seed[k]).norm()) > 0
         }
 
+    size = len(m.units)  # the reference: every equal-weight group of that many models
     pair_ratios = []
-    for i, a in enumerate(models):
-        for b in models[i + 1 :]:
-            ds = [all_deltas[a], all_deltas[b]]
-            pm = fisher_merge(seed, ds, [all_fishers[a], all_fishers[b]], [0.5, 0.5], 0.5)
-            pair_ratios.append(lengths(ds, [0.5, 0.5], pm))
+    for group in itertools.combinations(models, size):
+        ds = [all_deltas[u] for u in group]
+        gm = fisher_merge(seed, ds, [all_fishers[u] for u in group], [1 / size] * size, 0.5)
+        pair_ratios.append(lengths(ds, [1 / size] * size, gm))
     plain_fisher = fisher_merge(seed, deltas, fishers, w, 0.5)
     ratio = lengths(deltas, w, plain_fisher)
     by_hand = dict(plain_fisher)
@@ -179,6 +180,46 @@ def test_fisher_spec_checks():
         FisherSpec(stretch=-0.25)
     with pytest.raises(ConfigError, match="fisher.stretch"):
         FisherSpec(stretch=float("nan"))
+    with pytest.raises(ConfigError, match="fisher.stretch_max_models"):
+        FisherSpec(stretch_max_models=1)
+
+
+def test_the_stretch_applies_to_mixtures_of_at_most_stretch_max_models():
+    """``_mixture_merge`` on four models moving along different axes: a pair is
+    stretched against the mean over pairs, a triple is left as the Fisher merge by
+    default, and with ``stretch_max_models`` 3 is stretched against the mean over
+    triples; one model is itself."""
+    from megablocks_ablate.ablate.runner.fisher import _Inputs, _mixture_merge
+    from megablocks_ablate.ablate.spec_proxies import FisherSpec
+    from megablocks_ablate.merge.fisher import fisher_merge
+
+    axes = {"a": [1.0, 0, 0], "b": [0, 1.0, 0], "c": [0, 0, 1.0], "d": [1.0, 0, 0]}
+    seed = {"w": torch.zeros(3)}
+    deltas = {u: {"w": torch.tensor(v)} for u, v in axes.items()}
+    fishers = {u: {"w": torch.ones(3)} for u in axes}
+    inputs = _Inputs(None, seed, deltas, fishers, {}, {})  # type: ignore[arg-type]
+    models = sorted(axes)
+
+    def plain(units):
+        w = [1 / len(units)] * len(units)
+        return fisher_merge(seed, [deltas[u] for u in units], [fishers[u] for u in units], w, 0.01)
+
+    def ratio(units):  # mean move over merged move, equal weights
+        return 1 / float(plain(units)["w"].norm())
+
+    def mean_ratio(size):
+        groups = list(itertools.combinations(models, size))
+        return sum(ratio(g) for g in groups) / len(groups)
+
+    merge = _mixture_merge(inputs, FisherSpec(stretch=1.0), models)
+    pair = merge(["a", "b"], [0.5, 0.5])["w"]
+    assert torch.allclose(pair, plain(["a", "b"])["w"] * ratio(["a", "b"]) / mean_ratio(2))
+    triple = merge(["a", "b", "c"], [1 / 3] * 3)["w"]
+    assert torch.equal(triple, plain(["a", "b", "c"])["w"])  # 3 > stretch_max_models 2
+    assert torch.equal(merge(["a"], [1.0])["w"], deltas["a"]["w"])
+    wide = _mixture_merge(inputs, FisherSpec(stretch=1.0, stretch_max_models=3), models)
+    expected = plain(["a", "b", "c"])["w"] * ratio(["a", "b", "c"]) / mean_ratio(3)
+    assert torch.allclose(wide(["a", "b", "c"], [1 / 3] * 3)["w"], expected)
 
 
 def test_fisher_weights_give_each_partition_its_share():

@@ -50,13 +50,39 @@ def test_reference_is_the_mean_over_every_pair_and_a_fixed_sample_of_many():
     assert sorted(seen) == [("a", "b"), ("a", "c"), ("b", "c")]
     assert ref == pytest.approx((math.sqrt(2) + 1.0 + math.sqrt(2)) / 3)
     many = [f"u{i:02d}" for i in range(30)]  # 435 pairs
-    pairs = st.reference_pairs(many)
-    assert len(pairs) == st.MAX_PAIRS == len(set(pairs))
-    assert pairs == st.reference_pairs(list(reversed(many)))  # the same sample every time
+    pairs = st.reference_groups(many, 2)
+    assert len(pairs) == st.MAX_GROUPS == len(set(pairs))
+    assert pairs == st.reference_groups(list(reversed(many)), 2)  # the same sample each time
     assert all(a < b for a, b in pairs)
-    assert len(st.reference_pairs(many[:5])) == 10
-    with pytest.raises(ValueError, match="two models"):
+    assert len(st.reference_groups(many[:5], 2)) == 10
+    triples = st.reference_groups([f"u{i:02d}" for i in range(64)], 3)  # 41,664 triples
+    assert len(triples) == st.MAX_GROUPS == len(set(triples))
+    assert all(len(set(t)) == 3 and list(t) == sorted(t) for t in triples)
+    with pytest.raises(ValueError, match="at least two"):
         st.reference_shortening(SEED, {"a": deltas["a"]}, merge)
+    with pytest.raises(ValueError, match="at least two"):
+        st.reference_shortening(SEED, deltas, merge, size=4)  # no group of 4 of 3 models
+
+
+def test_a_mixture_of_three_is_judged_against_triples():
+    # three moves at right angles, equal weights: (1/3, 1/3, 1/3), length 1/sqrt 3
+    deltas = {
+        "a": _t(1.0, 0.0, 0.0),
+        "b": _t(0.0, 1.0, 0.0),
+        "c": _t(0.0, 0.0, 1.0),
+        "d": _t(1.0, 0.0, 0.0),
+    }
+    seed = _t(0.0, 0.0, 0.0)
+    merged = []
+
+    def merge(group):
+        merged.append(tuple(group))
+        return _average(seed, [deltas[u] for u in group], [1 / len(group)] * len(group))
+
+    ref = st.reference_shortening(seed, deltas, merge, size=3)["w"]
+    assert sorted(merged) == [("a", "b", "c"), ("a", "b", "d"), ("a", "c", "d"), ("b", "c", "d")]
+    # abc, bcd: 1 / (1/sqrt 3); abd, acd: 1 / |(2/3, 1/3, 0)| = 3 / sqrt 5
+    assert ref == pytest.approx((2 * math.sqrt(3) + 2 * 3 / math.sqrt(5)) / 4)
 
 
 def test_stretch_moves_each_tensor_by_its_shortening_relative_to_the_reference():

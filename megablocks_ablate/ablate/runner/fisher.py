@@ -14,7 +14,8 @@ model trained on the union. Here the study gets it:
    those Fishers, each partition weighted as its seq model trains it
    (:func:`fisher_weights`), and scored as proxy ``fisher``;
 3. with ``fisher.stretch`` > 0, each merge's displacement stretched tensor by tensor
-   by its shortening relative to the mean over pairs of the study's models
+   by its shortening relative to the mean over equal-weight groups of the study's
+   models of the mixture's size (mixtures of at most ``fisher.stretch_max_models``)
    (:mod:`megablocks_ablate.merge.stretch`; every model the study merges is loaded for
    that reference, and its names are part of the recorded settings).
 
@@ -46,7 +47,7 @@ from megablocks_ablate.merge.fisher import (
     load_fisher,
     save_fisher,
 )
-from megablocks_ablate.merge.stretch import reference_pairs, reference_shortening, stretch_merge
+from megablocks_ablate.merge.stretch import reference_groups, reference_shortening, stretch_merge
 from megablocks_ablate.model.config import ModelConfig
 from megablocks_ablate.utils.progress import progress
 
@@ -228,6 +229,7 @@ def _settings(study, spec, mixtures: Sequence[Mixture]) -> tuple[dict[str, objec
             "shortening to undo; set fisher.stretch=0"
         )
     settings["stretch"] = spec.stretch
+    settings["stretch_max_models"] = spec.stretch_max_models
     settings["stretch_reference"] = reference_models
     return settings, reference_models
 
@@ -235,7 +237,9 @@ def _settings(study, spec, mixtures: Sequence[Mixture]) -> tuple[dict[str, objec
 def _mixture_merge(inputs: _Inputs, spec, reference_models: Sequence[str]):
     """``merge(units, weights)``: the Fisher merge of those units, stretched
     (:mod:`megablocks_ablate.merge.stretch`) when ``fisher.stretch`` > 0, relative to the
-    mean over pairs of ``reference_models``."""
+    mean over equal-weight groups of ``reference_models`` of the mixture's size (each
+    size's reference computed the first time a mixture of that size is merged); a
+    mixture of more than ``fisher.stretch_max_models`` models is left unstretched."""
 
     def fisher(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
         deltas = [inputs.deltas[u] for u in units]
@@ -244,20 +248,28 @@ def _mixture_merge(inputs: _Inputs, spec, reference_models: Sequence[str]):
 
     if not spec.stretch:
         return fisher
-    n_pairs = len(reference_pairs(reference_models))
-    with progress(total=n_pairs, desc="fisher stretch reference", unit="pair") as bar:
+    references: dict[int, dict[str, float]] = {}
+    pool = {u: inputs.deltas[u] for u in reference_models}
 
-        def pair_merge(pair: Sequence[str]) -> dict[str, torch.Tensor]:
-            bar.update(1)
-            return fisher(pair, [0.5, 0.5])
+    def reference(size: int) -> dict[str, float]:
+        if size not in references:
+            n = len(reference_groups(reference_models, size))
+            desc = f"fisher stretch reference ({size} models)"
+            with progress(total=n, desc=desc, unit="group") as bar:
 
-        reference = reference_shortening(
-            inputs.seed, {u: inputs.deltas[u] for u in reference_models}, pair_merge
-        )
+                def group_merge(group: Sequence[str]) -> dict[str, torch.Tensor]:
+                    bar.update(1)
+                    return fisher(group, [1.0 / size] * size)
+
+                references[size] = reference_shortening(inputs.seed, pool, group_merge, size)
+        return references[size]
 
     def stretched(units: Sequence[str], w: Sequence[float]) -> dict[str, torch.Tensor]:
+        merged = fisher(units, w)
+        if not 2 <= len(units) <= spec.stretch_max_models:
+            return merged
         deltas = [inputs.deltas[u] for u in units]
-        return stretch_merge(inputs.seed, deltas, w, fisher(units, w), reference, spec.stretch)
+        return stretch_merge(inputs.seed, deltas, w, merged, reference(len(units)), spec.stretch)
 
     return stretched
 
