@@ -21,15 +21,14 @@ Fisher each unit model is weighted by or the merge rule. VARIANT is one of
   curvature: both moves added, as a seq model trained on both takes the steps of both;
   one unit that dominates: its own move); elsewhere the Fisher merge;
 * ``scaled``: the diagonal Fisher merge moved ``--lam`` times as far from the seed;
-* ``relnorm``: the diagonal Fisher merge with each tensor's displacement from the seed
-  stretched by ``(r / r_mean) ** --gamma``, where ``r`` is the weighted mean length of the
-  mixture's unit displacements over the length of the merged one (averaging units that
-  move different ways shortens the merge, a seq model trained on both does not shorten)
-  and ``r_mean`` its mean over every equal-weight pair of the study's units, so the
-  overall distance from the seed is kept and only one mixture's relative to another
-  changes (``merge_rules.py``'s ``relnorm-tensor``, on the Fisher merge). This is the
-  package's ``fisher.stretch`` (:mod:`megablocks_ablate.merge.stretch`), set to
-  ``--gamma`` in the copy's spec; it was measured here before it was the default.
+* ``relnorm``: the package's ``fisher.stretch`` (:mod:`megablocks_ablate.merge.stretch`)
+  set to ``--gamma`` in the copy's spec: each tensor's displacement from the seed
+  stretched by ``(r / r_mean) ** gamma``, ``r`` the weighted mean length of the mixture's
+  unit displacements over the length of the merged one and ``r_mean`` its mean over the
+  study's equal-weight groups of the mixture's size (``merge_rules.py``'s
+  ``relnorm-tensor``, on the Fisher merge; the spec's ``fisher.stretch_max_models``
+  applies). It was measured here before it was the default, with the
+  harness's own implementation (commit 1464576).
 
 Every variant but ``relnorm`` starts from the Fisher merge with ``fisher.stretch`` 0;
 the study's other ``fisher`` settings are kept. The study's store is copied into ``<spec dir>/NAME`` (its seq and merged rows kept,

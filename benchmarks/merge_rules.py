@@ -45,6 +45,7 @@ import cross_fidelity as cf
 
 from megablocks_ablate.ablate.analysis import SEQ
 from megablocks_ablate.ablate.store import ResultStore, store_path
+from megablocks_ablate.merge.stretch import shortening
 from megablocks_ablate.utils.benchmark_result import (
     check_writable,
     command_line,
@@ -64,13 +65,8 @@ def displacement_ratio(
     mean displacement is zero."""
     names = list(deltas[0])
     mean = {k: sum(w * d[k] for d, w in zip(deltas, weights)) for k in names}
-    if per_tensor:
-        out = {}
-        for k in names:
-            length = float(mean[k].norm())
-            target = sum(w * float(d[k].norm()) for d, w in zip(deltas, weights))
-            out[k] = target / length if length > 0 else 1.0
-        return out
+    if per_tensor:  # the package's stretch measures the same, from a seed (here: zero)
+        return shortening({k: torch.zeros_like(v) for k, v in mean.items()}, deltas, mean, weights)
 
     def total(t: Tensors) -> float:
         return math.sqrt(sum(float(v.double().square().sum()) for v in t.values()))

@@ -135,16 +135,16 @@ def test_fisher_rows_equal_the_merge_evaluated_by_hand(tmp_path):
         }
 
     size = len(m.units)  # the reference: every equal-weight group of that many models
-    pair_ratios = []
+    group_ratios = []
     for group in itertools.combinations(models, size):
         ds = [all_deltas[u] for u in group]
         gm = fisher_merge(seed, ds, [all_fishers[u] for u in group], [1 / size] * size, 0.5)
-        pair_ratios.append(lengths(ds, [1 / size] * size, gm))
+        group_ratios.append(lengths(ds, [1 / size] * size, gm))
     plain_fisher = fisher_merge(seed, deltas, fishers, w, 0.5)
     ratio = lengths(deltas, w, plain_fisher)
     by_hand = dict(plain_fisher)
     for k, r in ratio.items():
-        mean = sum(p[k] for p in pair_ratios) / len(pair_ratios)
+        mean = sum(p[k] for p in group_ratios) / len(group_ratios)
         by_hand[k] = seed[k] + (r / mean) ** 0.5 * (plain_fisher[k] - seed[k])
     model.load_state_dict(by_hand, strict=True)
     for d, res in evaluate(model, runner.scorer().suite).items():
